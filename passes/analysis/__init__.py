@@ -1,0 +1,1 @@
+"""Analysis passes: criteria that write ``node.meta["chop"]["saliency"]`` on weight nodes."""

@@ -1,0 +1,54 @@
+"""``fold``: bake the masks into the weights and erase the mask nodes.
+
+Each masked parameter is replaced by a new parameter holding ``weight * mask`` (the traced
+model's own tensor is left alone), the ``mul`` node's users read the weight node again, and the
+mask node and buffer are removed. The mask stays recorded in ``node.meta["chop"]["mask"]`` for
+reports. The folded graph computes exactly what the masked graph did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from chop.graph import Graph
+from chop.pass_base import Context, Pass, PassResult
+from passes.transform.mask import MASK_OF
+
+
+def fold_masks(graph: Graph) -> list[str]:
+    """Fold every mask node of ``graph``; returns the names of the folded parameters."""
+    folded = []
+    for mul in list(graph.module.graph.nodes):
+        name = mul.meta.get("chop", {}).get(MASK_OF)
+        if name is None:
+            continue
+        weight_node, mask_node = mul.args
+        with torch.no_grad():
+            weight = graph.parameter(name)
+            mask = graph.module.get_buffer(mask_node.target)
+            graph.replace_parameter(name, weight.detach() * mask)
+        mul.replace_all_uses_with(weight_node)
+        graph.module.graph.erase_node(mul)
+        if not mask_node.users:
+            graph.module.graph.erase_node(mask_node)
+            owner, _, attr = mask_node.target.rpartition(".")
+            delattr(graph.module.get_submodule(owner), attr)
+        folded.append(name)
+    graph.recompile()
+    return folded
+
+
+@dataclass(frozen=True)
+class Fold(Pass):
+    """Bake masks into weights (weight * mask) and remove the mask nodes."""
+
+    name: ClassVar[str] = "fold"
+    kind: ClassVar[Literal["export"]] = "export"
+    requires: ClassVar[tuple[str, ...]] = ("mask",)
+
+    def apply(self, graph: Graph, ctx: Context) -> PassResult:
+        folded = fold_masks(graph)
+        return PassResult(modified=bool(folded), info={"folded": len(folded)})

@@ -1,0 +1,1 @@
+"""Transform passes: rewrite the graph (``mask`` inserts mask-multiply nodes)."""

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import dataclasses
+
+from chop import registry
+from chop.pass_base import Pass
+
+
+def test_every_key_is_its_pass_name_and_a_frozen_pass():
+    for name, cls in registry.all_passes().items():
+        assert cls.name == name
+        assert issubclass(cls, Pass) and dataclasses.is_dataclass(cls)
+        assert cls.__dataclass_params__.frozen
+        assert cls.kind in ("analysis", "transform", "export")
+        assert (cls.__doc__ or "").strip(), f"{name} needs a one-line doc for `chop passes`"
+        for option, _, _, doc in cls.option_table():
+            assert doc, f"{name}.{option} needs a doc"
+
+
+def test_contract_pass_names_exist():
+    assert {"snip", "magnitude", "random", "mask", "fold"} <= set(registry.PASSES)
+
+
+def test_providers():
+    assert registry.providers("saliency") == ["snip", "magnitude", "random"]
+    assert registry.providers("mask") == ["mask"]

@@ -1,0 +1,72 @@
+"""Shared models and data for the tests: small, real, built in code (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import chop
+
+
+class ResidualCNN(nn.Module):
+    """Conv + BatchNorm + ReLU, a residual add, dropout and a linear head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(y + self.bn2(self.conv2(y)))
+        y = nn.functional.max_pool2d(y, 2).flatten(1)
+        return self.fc(self.drop(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes: tuple[int, ...] = (16, 32, 32, 4)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+@pytest.fixture
+def cnn() -> ResidualCNN:
+    torch.manual_seed(0)
+    return ResidualCNN()
+
+
+@pytest.fixture
+def cnn_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g))
+            for _ in range(3)]
+
+
+@pytest.fixture
+def cnn_graph(cnn: ResidualCNN, cnn_batches) -> chop.Graph:
+    return chop.trace(cnn, (cnn_batches[0][0][:2],))
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def mlp_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(3)]

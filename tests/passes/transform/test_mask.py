@@ -1,0 +1,152 @@
+"""mask: exact kept counts, deterministic ties, masked outputs, training keeps pruned weights at 0."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import chop
+from chop import meta
+from passes.transform.mask import Mask, kept_count
+
+PRUNABLE = ["conv1.weight", "conv2.weight", "fc.weight"]
+
+
+def masks(graph):
+    return {n.target: n.meta["chop"]["mask"] for n in graph.weight_nodes() if "mask" in n.meta["chop"]}
+
+
+def set_saliency(graph, fill):
+    for node in graph.weight_nodes():
+        meta.entries(node)["saliency"] = fill(graph.parameter(node))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
+def test_local_scope_keeps_round_of_each_layer(cnn_graph, cnn_batches, sparsity):
+    chop.run(cnn_graph, f"snip, mask{{sparsity={sparsity}, scope=local}}", data=cnn_batches)
+    got = masks(cnn_graph)
+    assert sorted(got) == PRUNABLE  # linear and conv weights only, by default
+    for name, mask in got.items():
+        assert int(mask.sum()) == math.floor((1 - sparsity) * mask.numel() + 0.5), name
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.95, 0.999])
+def test_global_scope_keeps_round_of_all_and_the_highest_scores(cnn_graph, cnn_batches, sparsity):
+    chop.run(cnn_graph, f"snip, mask{{sparsity={sparsity}}}", data=cnn_batches)
+    got = masks(cnn_graph)
+    total = sum(m.numel() for m in got.values())
+    assert sum(int(m.sum()) for m in got.values()) == math.floor((1 - sparsity) * total + 0.5)
+    scores = {n.target: n.meta["chop"]["saliency"] for n in cnn_graph.weight_nodes()}
+    kept = torch.cat([scores[k][got[k]] for k in got])
+    pruned = torch.cat([scores[k][~got[k]] for k in got])
+    if kept.numel() and pruned.numel():
+        assert kept.min() >= pruned.max()
+
+
+def test_tied_scores_are_broken_by_position_exactly(cnn_graph):
+    set_saliency(cnn_graph, lambda p: torch.zeros_like(p))  # all tied, like dead ReLUs
+    chop.run(cnn_graph, "mask{sparsity=0.75}")
+    got = masks(cnn_graph)
+    total = sum(m.numel() for m in got.values())
+    keep = math.floor(0.25 * total + 0.5)
+    flat = torch.cat([got[name].flatten() for name in PRUNABLE])  # graph order
+    assert flat[:keep].all() and not flat[keep:].any()
+
+
+def test_few_distinct_scores_keep_exact_counts(cnn_graph):
+    g = torch.Generator().manual_seed(0)
+    set_saliency(cnn_graph, lambda p: torch.randint(0, 3, p.shape, generator=g).float())
+    for sparsity in (0.2, 0.5, 0.8):
+        chop.run(cnn_graph, f"mask{{sparsity={sparsity}, scope=local}}")
+        for mask in masks(cnn_graph).values():
+            assert int(mask.sum()) == kept_count(mask.numel(), sparsity)
+
+
+def test_masked_graph_equals_the_eager_model_with_pruned_weights_zeroed(cnn, cnn_graph, cnn_batches):
+    chop.run(cnn_graph, "snip, mask{sparsity=0.8}", data=cnn_batches)
+    reference = copy.deepcopy(cnn).eval()
+    with torch.no_grad():
+        for name, mask in masks(cnn_graph).items():
+            reference.get_parameter(name).mul_(mask)
+    cnn_graph.eval()
+    x = cnn_batches[1][0]
+    torch.testing.assert_close(cnn_graph(x), reference(x))
+
+
+def test_masks_are_buffers_in_the_state_dict(cnn_graph, cnn_batches):
+    chop.run(cnn_graph, "magnitude, mask", data=cnn_batches)
+    state = cnn_graph.module.state_dict()
+    for name, mask in masks(cnn_graph).items():
+        assert state[f"{name}_mask"].dtype == torch.bool
+        assert torch.equal(state[f"{name}_mask"], mask)
+
+
+def test_masking_again_updates_masks_in_place(cnn_graph, cnn_batches):
+    chop.run(cnn_graph, "magnitude, mask{sparsity=0.5}, mask{sparsity=0.9}")
+    muls = [n for n in cnn_graph.module.graph.nodes if n.target is torch.ops.aten.mul.Tensor]
+    assert len(muls) == len(PRUNABLE)  # no second mul per weight
+    buffer = cnn_graph.module.get_buffer("fc.weight_mask")
+    assert torch.equal(buffer, masks(cnn_graph)["fc.weight"])
+    total = sum(m.numel() for m in masks(cnn_graph).values())
+    assert sum(int(m.sum()) for m in masks(cnn_graph).values()) == kept_count(total, 0.9)
+
+
+def test_optimizer_steps_keep_pruned_weights_at_zero(cnn_graph, cnn_batches):
+    chop.run(cnn_graph, "snip, mask{sparsity=0.9}", data=cnn_batches)
+    optimizer = torch.optim.Adam(cnn_graph.module.parameters(), lr=0.01, weight_decay=0.1)
+    for x, y in cnn_batches * 2:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(cnn_graph(x), y).backward()
+        for name, mask in masks(cnn_graph).items():
+            assert not cnn_graph.parameter(name).grad[~mask].any()  # no gradient through masks
+        optimizer.step()
+    # the weights the graph computes with (weight * mask) stay zero where pruned
+    reference = {name: cnn_graph.parameter(name).detach() * mask for name, mask in masks(cnn_graph).items()}
+    cnn_graph.eval()
+    x = cnn_batches[0][0]
+    out = cnn_graph(x)
+    chop.run(cnn_graph, "fold")
+    for name, value in reference.items():
+        assert torch.equal(cnn_graph.parameter(name), value)
+    torch.testing.assert_close(cnn_graph(x), out, rtol=0, atol=0)
+
+
+def test_include_exclude_and_role_options(cnn_graph, cnn_batches):
+    chop.run(cnn_graph, r"magnitude, mask{include='^conv', exclude='conv2'}")
+    assert sorted(masks(cnn_graph)) == ["conv1.weight"]
+    chop.run(cnn_graph, "mask{biases=true, norms=true, sparsity=0.5}")
+    assert {"bn1.weight", "bn1.bias", "conv1.bias", "fc.bias"} <= set(masks(cnn_graph))
+
+
+def test_embeddings_are_not_pruned_unless_asked():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    graph = chop.trace(model, (torch.randint(0, 10, (2, 3)),))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    assert sorted(masks(graph)) == ["2.weight"]
+    chop.run(graph, "mask{sparsity=0.5, embeddings=true}")
+    assert sorted(masks(graph)) == ["0.weight", "2.weight"]
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+def test_sparsity_out_of_range(sparsity):
+    with pytest.raises(chop.OptionError, match=rf"mask: sparsity={sparsity} is out of range; it must be in \[0, 1\)"):
+        Mask(sparsity=sparsity)
+
+
+def test_bad_regex_and_empty_selection(cnn_graph, cnn_batches):
+    with pytest.raises(chop.OptionError, match=r"mask: include='\(' is not a valid regex"):
+        Mask(include="(")
+    with pytest.raises(chop.OptionError, match="mask selected no weights of ResidualCNN.*prunable parameters are: conv1.weight, conv2.weight, fc.weight"):
+        chop.run(cnn_graph, "magnitude, mask{include=nothing}")
+
+
+def test_mask_without_saliency_names_the_passes_that_provide_it(cnn_graph):
+    with pytest.raises(chop.MissingMetadataError) as info:
+        chop.run(cnn_graph, "mask{sparsity=0.5}")
+    message = str(info.value)
+    assert "pass 'mask' needs 'saliency'" in message
+    assert "Run one of snip, magnitude, random before it" in message
