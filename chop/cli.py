@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.progress import TimeElapsedColumn
 from rich.table import Table
@@ -156,7 +157,7 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
     from chop.transform import transform
 
     err = Console(stderr=True)
-    display = _Display(err, enabled=not args.quiet)
+    display = _Display(err, enabled=not args.quiet and err.is_terminal)
     with _logging_to(err, args.quiet), display.progress:
         result = transform(
             args.config, args.checkpoint, outdir=args.outdir, overrides=args.set or (),
@@ -167,7 +168,9 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
         sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
     elif not args.quiet:
         _print_report(result.report, console)
-        console.print(f"wrote [bold]{result.outdir}[/bold]", highlight=False)
+        shown = os.path.relpath(result.outdir) if result.outdir.is_relative_to(os.getcwd()) \
+            else str(result.outdir)
+        console.print(f"wrote [bold]{escape(shown)}[/bold]", highlight=False, soft_wrap=True)
         console.print("  " + ", ".join(FILES), highlight=False)
     return 0
 
@@ -234,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except ChopError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, markup=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/bold red]: nothing was written", highlight=False)
@@ -243,9 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CHOP_TRACEBACK"):
             raise
         err.print(
-            f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}\nThis is a bug in "
-            "chop; rerun with CHOP_TRACEBACK=1 to see the traceback, and report it.",
-            highlight=False,
+            f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}\n"
+            "This is a bug in chop; rerun with CHOP_TRACEBACK=1 to see the traceback, and "
+            "report it.",
+            highlight=False, soft_wrap=True,
         )
         return 3
 

@@ -289,7 +289,7 @@ def _is_counter(arg: Any) -> bool:
 # -- the frontend --------------------------------------------------------------------------------
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Dim.AUTO on the batch dim of every tensor input, and on dim 1 of integer token inputs.
 
     Keyed by the forward's parameter names, the form torch.export documents for mixing
@@ -360,7 +360,7 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
     model.train()
     try:
         program = torch.export.export(
-            model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs)
+            model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs)
         )
     except Exception as e:
         text = str(e).strip()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -106,7 +105,7 @@ def api_graph(folder: Path, pipeline: str):
 
 
 @pytest.mark.parametrize("passes", ['["snip", "mask", "fold"]', '"snip, mask"'])
-def test_transform_end_to_end(project: Path, passes: str) -> None:
+def test_transform_end_to_end(project: Path, passes: str, capfd) -> None:
     config = write_config(project, passes)
     out = project / "out"
     result = run_cli("transform", "--config", str(config), str(project / "model.ckpt"),
@@ -161,13 +160,12 @@ def test_transform_end_to_end(project: Path, passes: str) -> None:
     assert "<svg" in html and "fc1" in html
     assert (out / "graph.dot").read_text().startswith("digraph")
 
-    shown = run_cli("report", str(out))
-    assert shown.returncode == 0 and "fc1.weight" in shown.stdout
-    for path in (out / "model.pt2", out / "weights.safetensors"):
-        shown = run_cli("report", str(path))
-        assert shown.returncode == 0, shown.stderr
-        assert "fc1.weight" in shown.stdout
-        assert f"{kept:,}" in shown.stdout.split("total")[1]  # zeros counted from the weights
+    capfd.readouterr()
+    for path in (out, out / "model.pt2", out / "weights.safetensors"):
+        assert main(["report", str(path)]) == 0
+        shown = capfd.readouterr().out
+        assert "fc1.weight" in shown
+        assert f"{kept:,}" in shown.split("total")[1]  # from masks, or zeros in the weights
 
 
 def test_transform_json_quiet_set_and_default_outdir(project: Path, capfd) -> None:
@@ -187,6 +185,23 @@ def test_transform_json_quiet_set_and_default_outdir(project: Path, capfd) -> No
     assert main(args) == 0  # a second run never overwrites the first
     capfd.readouterr()
     assert (project / "snip-out-2" / "report.json").is_file()
+
+
+def test_pt2_checkpoint_needs_no_model_section(project: Path, capfd) -> None:
+    first = project / "first"
+    assert main([*transform_args(project), "-o", str(first), "--quiet"]) == 0
+    config = project / "snip.toml"
+    text = config.read_text()
+    config.write_text(text[text.index("[data]"):].replace("sparsity = 0.8", "sparsity = 0.9"))
+    args = [*transform_args(project, ckpt="first/model.pt2"), "--json", "--quiet"]
+    assert main([*args, "-o", str(project / "again")]) == 0
+    report = json.loads(capfd.readouterr().out)
+    assert report["checkpoint"]["kind"] == "program"
+    assert set(os.listdir(project / "again")) == OUTPUTS
+    # the weights already pruned to 80% score zero, so 90% keeps a subset of the first masks
+    first_masks = load_file(first / "masks.safetensors")
+    for name, mask in load_file(project / "again" / "masks.safetensors").items():
+        assert not (mask & ~first_masks[name]).any()
 
 
 def test_report_of_checkpoint(project: Path, capfd) -> None:
@@ -220,7 +235,8 @@ def fails(args: list[str], out: Path, capfd, *needles: str) -> str:
     return flat
 
 
-def transform_args(project: Path, config: Path | None = None, ckpt: str = "model.ckpt") -> list[str]:
+def transform_args(project: Path, config: Path | None = None,
+                   ckpt: str = "model.ckpt") -> list[str]:
     return ["transform", "--config", str(config or project / "snip.toml"), str(project / ckpt)]
 
 
@@ -346,6 +362,7 @@ def test_existing_outdir_is_refused_then_forced(project: Path, capfd) -> None:
     assert os.listdir(out) == ["keep.txt"]
     assert main([*transform_args(project), "-o", str(out), "--force", "--quiet"]) == 0
     assert set(os.listdir(out)) == OUTPUTS
+    assert capfd.readouterr() == ("", "")  # --quiet: nothing but errors
 
 
 def test_outdir_holding_the_input_is_refused(project: Path, capfd) -> None:
