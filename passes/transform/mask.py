@@ -3,9 +3,17 @@
 Each selected weight node gets a bool mask buffer (``<param>_mask`` on the same submodule, so it
 is in ``state_dict`` and survives save/load) and a ``mul`` node right after it that the weight's
 users read instead. Masked entries then get zero gradient and contribute zero, so training needs
-no re-masking after optimizer steps. Exactly round((1 − sparsity)·N) weights are kept, N counted
-per layer (``scope=local``) or over all selected weights (``scope=global``); ties are broken
-deterministically by position (see :mod:`chop.select`). Running ``mask`` again updates the masks.
+no re-masking after optimizer steps. Running ``mask`` again updates the masks in place.
+
+Selection works on *units*: single weights (``granularity=element``) or R×C blocks of the 2-D
+weight (``"4x4"``, scored by the sum of their saliency; conv weights are seen as
+``[out, in·kh·kw]``). Exactly round((1 − sparsity)·N) units are kept, N counted per layer
+(``scope=local``) or over all selected layers (``scope=global``); ties are broken
+deterministically by position (see :mod:`chop.select`). With global scope, per-layer bounds
+(``min_sparsity``, ``max_sparsity``, ``min_keep``) are met exactly: layers whose share falls
+outside their bounds are fixed at the bound and the rest re-selected, until none is outside.
+``granularity="N:M"`` (e.g. ``"2:4"``) keeps the N highest-scoring of every M consecutive
+weights along the input dimension instead, so its sparsity is 1 − N/M by construction.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from chop.select import keep_masks
 
 log = logging.getLogger("chop")
 MASK_OF = "mask_of"  # meta["chop"] entry on an inserted mul node: the masked parameter's name
+_NM = re.compile(r"^(\d+):(\d+)$")
+_BLOCK = re.compile(r"^(\d+)x(\d+)$")
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -83,8 +93,106 @@ def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> None:
         mul.meta["val"] = node.meta["val"]
 
 
+def _as_matrix(node: Node, score: torch.Tensor) -> torch.Tensor:
+    """The weight as [out, in]: conv weights flattened, Conv1D/addmm weights ([in, out]) transposed."""
+    matrix = score.reshape(score.shape[0], -1) if score.dim() > 1 else score.reshape(1, -1)
+    return matrix.t() if meta.entries(node).get("op") == "addmm" else matrix
+
+
+def _from_matrix(node: Node, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if meta.entries(node).get("op") == "addmm":
+        matrix = matrix.t()
+    return matrix.reshape(shape)
+
+
+def _nm_mask(node: Node, score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest of every m consecutive scores along the input dimension."""
+    matrix = _as_matrix(node, score)
+    if matrix.shape[1] % m:
+        raise OptionError(
+            f"mask: granularity {n}:{m} needs the input dimension of {node.target} "
+            f"({matrix.shape[1]}) to be a multiple of {m}; exclude it with exclude='...' or "
+            "use another pattern"
+        )
+    groups = matrix.reshape(-1, m)
+    order = torch.argsort(groups, dim=1, descending=True, stable=True)[:, :n]
+    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
+    return _from_matrix(node, kept.reshape(matrix.shape), score.shape)
+
+
+def _block_scores(node: Node, score: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    matrix = _as_matrix(node, score)
+    rows, cols = matrix.shape
+    if rows % r or cols % c:
+        raise OptionError(
+            f"mask: granularity {r}x{c} needs {node.target}, seen as a {rows}x{cols} matrix, "
+            f"to divide into {r}x{c} blocks; exclude it with exclude='...' or use another block size"
+        )
+    return matrix.reshape(rows // r, r, cols // c, c).sum(dim=(1, 3))
+
+
+def _expand_blocks(node: Node, kept: torch.Tensor, r: int, c: int, shape: torch.Size) -> torch.Tensor:
+    matrix = kept.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return _from_matrix(node, matrix, shape)
+
+
+def layer_counts(
+    scores: list[torch.Tensor],
+    sparsity: float,
+    scope: str,
+    *,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+    min_keep: int = 0,
+) -> list[torch.Tensor]:
+    """Bool keep-masks over ``scores`` (one tensor of unit scores per layer) with exact counts.
+
+    Local scope keeps round((1 − sparsity)·N_l) per layer, global round((1 − sparsity)·N) over
+    all layers; either way each layer's count is clipped to its bounds
+    [max(round((1 − max_sparsity)·N_l), min_keep), round((1 − min_sparsity)·N_l)].
+
+    Global scope with bounds is one global ranking cut at the point r where the clipped counts
+    sum to the budget: F(r) = Σ_l clip(c_l(r)) grows by at most 1 per rank, so such an r exists.
+    Selecting the budget's top units gives c_l(r0); if F(r0) is below the budget then r > r0 and
+    every layer above its upper bound stays there, so those layers are fixed; if above, the
+    layers under their lower bound are fixed. The rest are re-selected, at most once per layer.
+    """
+    sizes = [s.numel() for s in scores]
+    upper = [kept_count(n, min_sparsity) for n in sizes]
+    lower = [min(n, max(kept_count(n, max_sparsity), min_keep)) for n in sizes]
+    if scope == "local":
+        return [keep_masks([s], min(max(kept_count(n, sparsity), lo), hi))[0]
+                for s, n, lo, hi in zip(scores, sizes, lower, upper)]
+    budget = min(max(kept_count(sum(sizes), sparsity), sum(lower)), sum(upper))
+    free, masks = list(range(len(scores))), {}
+    while free:
+        chosen = dict(zip(free, keep_masks([scores[i] for i in free], budget)))
+        counts = {i: int(m.sum()) for i, m in chosen.items()}
+        clipped = {i: min(max(k, lower[i]), upper[i]) for i, k in counts.items()}
+        excess = sum(clipped.values()) - budget
+        if excess == 0:
+            for i in free:
+                same = clipped[i] == counts[i]
+                masks[i] = chosen[i] if same else keep_masks([scores[i]], clipped[i])[0]
+            break
+        side = [i for i in free if (counts[i] > upper[i] if excess < 0 else counts[i] < lower[i])]
+        for i in side:
+            masks[i] = keep_masks([scores[i]], clipped[i])[0]
+            budget -= clipped[i]
+        free = [i for i in free if i not in side]
+    return [masks[i] for i in range(len(scores))]
+
+
 def mask_weights(
-    graph: Graph, nodes: list[Node], sparsity: float, scope: str = "global"
+    graph: Graph,
+    nodes: list[Node],
+    sparsity: float | None,
+    scope: str = "global",
+    *,
+    granularity: str = "element",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+    min_keep: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Mask ``nodes`` keeping the highest-saliency weights; returns the masks by name."""
     scores = []
@@ -96,18 +204,25 @@ def mask_weights(
                 "random) that scores it before mask"
             )
         scores.append(score)
-    if scope == "global":
-        masks = keep_masks(scores, kept_count(sum(s.numel() for s in scores), sparsity))
+    nm, block = _NM.match(granularity), _BLOCK.match(granularity)
+    if nm:
+        n, m = int(nm[1]), int(nm[2])
+        masks = [_nm_mask(node, s, n, m) for node, s in zip(nodes, scores)]
     else:
-        masks = [keep_masks([s], kept_count(s.numel(), sparsity))[0] for s in scores]
+        r, c = (int(block[1]), int(block[2])) if block else (1, 1)
+        units = [_block_scores(node, s, r, c) if block else s for node, s in zip(nodes, scores)]
+        kept = layer_counts(units, 0.9 if sparsity is None else sparsity, scope,
+                            min_sparsity=min_sparsity, max_sparsity=max_sparsity, min_keep=min_keep)
+        masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
+                 for node, k, s in zip(nodes, kept, scores)]
     for node, mask in zip(nodes, masks):
         insert_mask(graph, node, mask)
     graph.recompile()
     empty = [n.target for n, m in zip(nodes, masks) if m.numel() and not m.any()]
     if empty:
         log.warning(
-            "mask emptied %d layer(s): %s; the network may be disconnected (lower the sparsity "
-            "or use scope=local)", len(empty), ", ".join(empty),
+            "mask emptied %d layer(s): %s; the network may be disconnected (lower the sparsity, "
+            "set min_keep, or use scope=local)", len(empty), ", ".join(empty),
         )
     return {n.target: m for n, m in zip(nodes, masks)}
 
@@ -121,10 +236,18 @@ class Mask(Pass):
     requires: ClassVar[tuple[str, ...]] = ("saliency",)
     provides: ClassVar[tuple[str, ...]] = ("mask",)
 
-    sparsity: float = option(0.9, "fraction of the selected weights to prune, in [0, 1)")
+    sparsity: float | None = option(
+        None, "fraction of the selected weights to prune, in [0, 1); default 0.9 (N:M sets its own)"
+    )
     scope: Literal["global", "local"] = option(
         "global", "rank weights over all selected layers together, or per layer"
     )
+    granularity: str = option(
+        "element", "element, RxC blocks (e.g. '4x4'), or N:M along the input dim (e.g. '2:4')"
+    )
+    min_sparsity: float = option(0.0, "per-layer lower bound on sparsity (global scope)")
+    max_sparsity: float = option(1.0, "per-layer upper bound on sparsity (global scope)")
+    min_keep: int = option(0, "keep at least this many weights (or blocks) in every layer")
     include: str | None = option(None, "regex: only prune parameters whose name matches")
     exclude: str | None = option(None, "regex: never prune parameters whose name matches")
     biases: bool = option(False, "also prune biases")
@@ -132,11 +255,35 @@ class Mask(Pass):
     embeddings: bool = option(False, "also prune embedding tables (incl. tied output heads)")
 
     def check(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise OptionError(
                 f"mask: sparsity={self.sparsity} is out of range; it must be in [0, 1) "
                 "(0.9 prunes 90% and keeps 10%)"
             )
+        for key in ("min_sparsity", "max_sparsity"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise OptionError(f"mask: {key}={getattr(self, key)} must be in [0, 1]")
+        if self.min_sparsity > self.max_sparsity:
+            raise OptionError(
+                f"mask: min_sparsity={self.min_sparsity} is above max_sparsity={self.max_sparsity}"
+            )
+        if self.min_keep < 0:
+            raise OptionError(f"mask: min_keep={self.min_keep} must be 0 or more")
+        nm, block = _NM.match(self.granularity), _BLOCK.match(self.granularity)
+        if not (self.granularity == "element" or nm or block):
+            raise OptionError(
+                f"mask: granularity={self.granularity!r} is not one of: element, RxC blocks "
+                "(e.g. '4x4'), N:M (e.g. '2:4')"
+            )
+        if nm and not 0 < int(nm[1]) <= int(nm[2]):
+            raise OptionError(f"mask: granularity {self.granularity} needs 0 < N <= M")
+        if nm and self.sparsity is not None:
+            raise OptionError(
+                f"mask: granularity {self.granularity} fixes the sparsity at "
+                f"{1 - int(nm[1]) / int(nm[2]):g}; remove sparsity={self.sparsity}"
+            )
+        if block and (int(block[1]) < 1 or int(block[2]) < 1):
+            raise OptionError(f"mask: block granularity {self.granularity} needs sizes >= 1")
         for key in ("include", "exclude"):
             pattern = getattr(self, key)
             try:
@@ -156,6 +303,9 @@ class Mask(Pass):
                 + ", ".join(n.target for n in graph.weight_nodes()
                             if meta.entries(n).get("role") in ("linear", "conv"))
             )
-        masks = mask_weights(graph, nodes, self.sparsity, self.scope)
+        masks = mask_weights(
+            graph, nodes, self.sparsity, self.scope, granularity=self.granularity,
+            min_sparsity=self.min_sparsity, max_sparsity=self.max_sparsity, min_keep=self.min_keep,
+        )
         kept = {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
         return PassResult(modified=True, info={"kept": kept})

@@ -150,3 +150,118 @@ def test_mask_without_saliency_names_the_passes_that_provide_it(cnn_graph):
     message = str(info.value)
     assert "pass 'mask' needs 'saliency'" in message
     assert "Run one of snip, magnitude, random before it" in message
+
+
+def brute_force_counts(scores, budget, lower, upper):
+    """Reference for bounded global selection: walk the global ranking (score desc, position
+    asc) and stop at the first rank whose clipped per-layer counts sum to the budget."""
+    order = sorted(
+        ((float(v), layer, i) for layer, s in enumerate(scores) for i, v in enumerate(s.flatten())),
+        key=lambda t: (-t[0], t[1], t[2]),
+    )
+    counts = [0] * len(scores)
+
+    def clipped():
+        return [min(max(c, lo), hi) for c, lo, hi in zip(counts, lower, upper)]
+
+    for _, layer, _ in [(None, None, None)] + order:
+        if layer is not None:
+            counts[layer] += 1
+        if sum(clipped()) == budget:
+            return clipped()
+    raise AssertionError("no rank reaches the budget")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounded_global_selection_matches_brute_force(seed):
+    from passes.transform.mask import layer_counts
+
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.randint(0, 5, (n,), generator=g).float() * torch.rand(n, generator=g)
+              for n in (40, 7, 90, 15)]
+    scores[1] = torch.zeros(7)  # a layer of ties that global selection would empty
+    kw = dict(min_sparsity=0.3, max_sparsity=0.8, min_keep=3)
+    masks = layer_counts(scores, 0.6, "global", **kw)
+    sizes = [s.numel() for s in scores]
+    lower = [max(kept_count(n, 0.8), 3) for n in sizes]
+    upper = [kept_count(n, 0.3) for n in sizes]
+    expected = brute_force_counts(scores, kept_count(sum(sizes), 0.6), lower, upper)
+    assert [int(m.sum()) for m in masks] == expected
+    for s, m in zip(scores, masks):  # within a layer the highest scores are kept
+        if m.any() and (~m).any():
+            assert s[m].min() >= s[~m].max()
+
+
+def test_min_keep_prevents_an_emptied_layer(cnn_graph, cnn_batches, caplog):
+    chop.run(cnn_graph, "snip", data=cnn_batches)
+    meta.entries(cnn_graph.weight_node("conv1.weight"))["saliency"].zero_()
+    chop.run(cnn_graph, "mask{sparsity=0.5}")
+    assert not masks(cnn_graph)["conv1.weight"].any()
+    assert "mask emptied 1 layer(s): conv1.weight" in caplog.text
+    chop.run(cnn_graph, "mask{sparsity=0.5, min_keep=10}")
+    got = masks(cnn_graph)
+    assert int(got["conv1.weight"].sum()) == 10
+    assert sum(int(m.sum()) for m in got.values()) == kept_count(sum(m.numel() for m in got.values()), 0.5)
+
+
+def test_n_m_keeps_n_of_every_m_along_the_input_dimension(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "snip, mask{granularity='2:4'}", data=mlp_batches)
+    for node in graph.weight_nodes():
+        if "mask" not in node.meta["chop"]:
+            continue
+        mask = node.meta["chop"]["mask"]
+        score = node.meta["chop"]["saliency"]
+        groups, group_scores = mask.reshape(-1, 4), score.reshape(-1, 4)
+        assert (groups.sum(1) == 2).all()
+        kept_min = torch.where(groups, group_scores, torch.inf).min(1).values
+        pruned_max = torch.where(groups, -torch.inf, group_scores).max(1).values
+        assert (kept_min >= pruned_max).all()
+
+
+def test_n_m_on_gpt2_style_weights_uses_the_input_dimension():
+    class Conv1D(nn.Module):  # x @ W + b with W [in, out], like Hugging Face's Conv1D
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 3))
+            self.bias = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    graph = chop.trace(Conv1D(), (torch.randn(2, 8),))
+    chop.run(graph, "magnitude, mask{granularity='1:4'}")
+    mask = masks(graph)["weight"]  # [in=8, out=3]: groups of 4 run down each column
+    assert (mask.t().reshape(-1, 4).sum(1) == 1).all()
+
+
+def test_block_granularity_keeps_whole_blocks(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "snip, mask{granularity='4x4', sparsity=0.75, scope=local}", data=mlp_batches)
+    for name, mask in masks(graph).items():
+        blocks = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1] // 4, 4).permute(0, 2, 1, 3).flatten(2)
+        assert ((blocks.sum(-1) == 0) | (blocks.sum(-1) == 16)).all(), name
+        assert int(blocks.all(-1).sum()) == kept_count(blocks.shape[0] * blocks.shape[1], 0.75)
+
+
+def test_pattern_errors_name_the_layer(cnn_graph, cnn_batches):
+    with pytest.raises(chop.OptionError, match=r"granularity 2:4 needs the input dimension of conv1.weight \(27\) to be a multiple of 4"):
+        chop.run(cnn_graph, "magnitude, mask{granularity='2:4'}")
+    with pytest.raises(chop.OptionError, match=r"granularity 4x4 needs conv1.weight, seen as a 8x27 matrix"):
+        chop.run(cnn_graph, "magnitude, mask{granularity='4x4'}")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("granularity='2:4', sparsity=0.9", "granularity 2:4 fixes the sparsity at 0.5; remove sparsity=0.9"),
+        ("granularity=rows", "granularity='rows' is not one of: element, RxC blocks"),
+        ("granularity='5:4'", "granularity 5:4 needs 0 < N <= M"),
+        ("min_sparsity=0.8, max_sparsity=0.5", "min_sparsity=0.8 is above max_sparsity=0.5"),
+        ("max_sparsity=1.5", r"max_sparsity=1.5 must be in \[0, 1\]"),
+        ("min_keep=-1", "min_keep=-1 must be 0 or more"),
+    ],
+)
+def test_pattern_option_errors(options, message):
+    with pytest.raises(chop.OptionError, match=message):
+        chop.parse_pipeline(f"mask{{{options}}}")
