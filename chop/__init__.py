@@ -17,6 +17,7 @@ from chop.errors import (
 from chop.graph import Graph, PassRecord, trace
 from chop.manager import PassManager, parse_pipeline, run
 from chop.pass_base import Context, Pass, PassResult, option
+from chop import sparse_ops  # noqa: F401  registers chop::csr_linear, so sparse .pt2 files load
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,9 @@
 - ``chop transform --config CONFIG CKPT [-o OUTDIR] [--set section.key=value ...] [--quiet]
   [--json] [--force] [--trust-checkpoint]`` runs a config's pipeline on a checkpoint and writes
   the outputs (see :mod:`chop.transform`), with a progress display and a per-layer table.
+- ``chop train --config CONFIG CKPT_OR_OUTDIR [-o OUTDIR] [--set …] [--quiet] [--json]
+  [--force] [--trust-checkpoint]`` trains the masked model (see :mod:`chop.train`) with a
+  progress display and one line per epoch, then writes the same outputs.
 - ``chop report PATH`` prints the per-layer table of an output folder, a ``.pt2`` or a
   checkpoint.
 
@@ -79,13 +82,30 @@ def layer_table(report: dict[str, Any]) -> Table:
     table.add_column("parameters", justify="right", footer=f"{totals['numel']:,}")
     table.add_column("kept", justify="right", footer=f"{totals['kept']:,}")
     table.add_column("sparsity", footer=_bar(totals["sparsity"], True), no_wrap=True)
+    collapse = _collapse(report)
+    if collapse is not None:  # a collapse pass ran: effective weights per layer
+        table.add_column("effective", justify="right", no_wrap=True,
+                         footer=f"{collapse['totals']['effective']:,}")
     for layer in report["layers"]:
-        table.add_row(
+        cells = [
             layer["name"], layer["op"], "×".join(map(str, layer["shape"])),
             f"{layer['numel']:,}", f"{layer['kept']:,}",
             _bar(layer["sparsity"], layer.get("pruned", True)),
-        )
+        ]
+        if collapse is not None:
+            record = collapse["layers"].get(layer["name"])
+            flag = next((k for k in ("empty", "disconnected") if record and record[k]), "")
+            cells.append("" if record is None else
+                         Text(f"{record['effective']:,}" + (f" {flag}" if flag else ""),
+                              style="bold red" if flag else ""))
+        table.add_row(*cells)
     return table
+
+
+def _collapse(report: dict[str, Any]) -> dict[str, Any] | None:
+    from passes.analysis.collapse import report_summary
+
+    return report_summary(report)
 
 
 def _print_report(report: dict[str, Any], console: Console) -> None:
@@ -96,6 +116,11 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
         f"({1 - totals['nonzero'] / max(totals['parameters'], 1):.1%} sparse overall)",
         highlight=False,
     )
+    collapse = _collapse(report)
+    if collapse is not None:
+        from passes.analysis.collapse import summary_line
+
+        console.print(summary_line(collapse), highlight=False)
     steps = report.get("pipeline", [])
     if steps:
         console.print("pipeline: " + ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in steps),
@@ -175,6 +200,43 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from chop.save import FILES
+    from chop.train import train
+
+    err = Console(stderr=True)
+    shown_on = err if args.json else console  # keep stdout pure JSON with --json
+    display = _Display(err, enabled=not args.quiet and err.is_terminal)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        evaluation = record["eval_accuracy"]
+        shown_on.print(
+            f"epoch {record['epoch']}: loss {record['loss']:.4f}, train accuracy "
+            f"{record['train_accuracy']:.1%}"
+            + (f", eval accuracy {evaluation:.1%}" if evaluation is not None else "")
+            + f" ({record['seconds']:.1f}s)",
+            highlight=False,
+        )
+
+    with _logging_to(err, args.quiet), display.progress:
+        result = train(
+            args.config, args.source, outdir=args.outdir, overrides=args.set or (),
+            force=args.force, trust_checkpoint=args.trust_checkpoint, track=display.track,
+            on_pass=display.on_pass, on_stage=display.on_stage, on_epoch=on_epoch,
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
+    elif not args.quiet:
+        _print_report(result.report, console)
+        shown = os.path.relpath(result.outdir) if result.outdir.is_relative_to(os.getcwd()) \
+            else str(result.outdir)
+        console.print(f"wrote [bold]{escape(shown)}[/bold]", highlight=False, soft_wrap=True)
+        console.print("  " + ", ".join(FILES), highlight=False)
+    return 0
+
+
 def _report(args: argparse.Namespace, console: Console) -> int:
     from chop.report import read_report
 
@@ -214,6 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a pickled whole model (runs code from the file: trusted files only)")
     t.set_defaults(func=_transform)
+
+    tr = sub.add_parser(
+        "train", help="train a pruned model (a chop transform OUTDIR, or a checkpoint pruned "
+        "with the config's pipeline first) and write the outputs",
+        description="Train the masked model of CKPT_OR_OUTDIR with the [train] section of CONFIG "
+        "(masks stay applied), report accuracy per epoch, and write the same files as chop "
+        "transform into OUTDIR.",
+    )
+    tr.add_argument("--config", required=True, metavar="CONFIG", help="the TOML config")
+    tr.add_argument("source", metavar="CKPT_OR_OUTDIR",
+                    help="a chop transform output folder, or a checkpoint (the config's pipeline "
+                    "runs first)")
+    tr.add_argument("-o", "--outdir", metavar="OUTDIR",
+                    help="output folder (default: a new <config-stem>-trained-out folder next to "
+                    "CONFIG)")
+    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set train.epochs=3")
+    tr.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    tr.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
+    tr.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
+    tr.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow a pickled whole model (runs code from the file: trusted files "
+                    "only)")
+    tr.set_defaults(func=_train)
 
     r = sub.add_parser("report", help="print the per-layer table of an output folder, .pt2 or "
                        "checkpoint")

@@ -75,6 +75,7 @@ class Config:
     data: DataSpec
     passes: list[Pass]
     overrides: dict[str, Any] = field(default_factory=dict)
+    train: Any = None  # chop.train.TrainSpec of a [train] section (read by `chop train`)
 
     @property
     def folder(self) -> Path:
@@ -82,7 +83,7 @@ class Config:
         return self.path.parent
 
 
-_SECTIONS = {"model", "data", "pipeline", "passes"}
+_SECTIONS = {"model", "data", "pipeline", "passes", "train"}
 _MODEL_KEYS = {"source": "a string", "kwargs": "a table"}
 _DATA_KEYS = {
     "source": "a string",
@@ -185,8 +186,14 @@ class _Validator:
                     f"sections: {', '.join(sorted(_SECTIONS))}",
                 )
         passes = self.passes(raw)
+        train = None
+        if "train" in raw:
+            from chop.train import parse_train  # chop.train builds on this module
+
+            train = parse_train(self, raw)
         return Config(
-            self.path, self.model(raw), self.data(raw, passes), passes, dict(self.overrides)
+            self.path, self.model(raw), self.data(raw, passes), passes, dict(self.overrides),
+            train,
         )
 
     def model(self, raw: dict[str, Any]) -> ModelSpec | None:

@@ -35,22 +35,25 @@ def load_batches(spec: DataSpec, folder: Path) -> list[Batch]:
     """The batches of ``spec`` (``spec.batches`` of them), reading files relative to ``folder``."""
     if is_reference(spec.source):
         return _from_callable(spec, folder)
+    inputs, targets, where = read_source(spec, folder)
+    return batched(inputs, targets, spec, where)
+
+
+def read_source(spec: DataSpec, folder: Path) -> tuple[Any, Any, str]:
+    """All samples of a file, ``digits`` or ``synthetic`` source, unbatched, with a description
+    of where they came from (for messages). ``module:callable`` sources yield batches instead:
+    use :func:`load_batches`."""
     if spec.source == "digits":
-        inputs, targets = _digits()
-        where = "digits"
-    elif spec.source == "synthetic":
-        inputs, targets = _synthetic(spec)
-        where = "synthetic"
-    elif Path(spec.source).suffix.lower() in _SUFFIXES:
+        return (*_digits(), "digits")
+    if spec.source == "synthetic":
+        return (*_synthetic(spec), "synthetic")
+    if Path(spec.source).suffix.lower() in _SUFFIXES:
         path = folder / spec.source
-        inputs, targets = _read_file(path)
-        where = str(path)
-    else:
-        raise ConfigError(
-            f"data.source = {spec.source!r} is not a data file ({', '.join(_SUFFIXES)}), "
-            "\"digits\", \"synthetic\" or \"module:callable\""
-        )
-    return _batched(inputs, targets, spec, where)
+        return (*_read_file(path), str(path))
+    raise ConfigError(
+        f"data.source = {spec.source!r} is not a data file ({', '.join(_SUFFIXES)}), "
+        "\"digits\", \"synthetic\" or \"module:callable\""
+    )
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +121,7 @@ def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
     return content["inputs"], content["targets"]
 
 
-def _batched(inputs: Any, targets: Any, spec: DataSpec, where: str) -> list[Batch]:
+def batched(inputs: Any, targets: Any, spec: DataSpec, where: str) -> list[Batch]:
     tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
     if not all(isinstance(t, torch.Tensor) for t in [*tensors, targets]):
         raise DataError(f"{where}: \"inputs\" and \"targets\" must be tensors")

@@ -28,9 +28,11 @@ change a parameter in place (``fold`` replaces the parameters it folds).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -211,6 +213,19 @@ class Graph:
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    def copy(self) -> Graph:
+        """An independent copy: its own parameters, buffers and chop metadata, same mode."""
+        with self.mode(batch_norm=True, dropout=True):  # the copy records train-mode arguments
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
+                module = copy.deepcopy(self.module)
+        for node in module.graph.nodes:  # fx copies node.meta shallowly
+            if "chop" in node.meta:
+                node.meta["chop"] = dict(node.meta["chop"])
+        twin = Graph(module, training=self.training, name=self.name)
+        twin.history = list(self.history)
+        return twin
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
@@ -245,8 +260,9 @@ class Graph:
                         ops.append(str(_packet(user)).removeprefix("aten."))
             role = min(roles, key=_ROLE_ORDER.index) if roles else "other"
             entry = meta.entries(node)
-            entry["role"] = role
-            entry["op"] = ops[roles.index(role)] if roles else "other"
+            if "role" not in entry:  # a copy keeps its roles (its users may be mask nodes now)
+                entry["role"] = role
+                entry["op"] = ops[roles.index(role)] if roles else "other"
         for node in self.module.graph.nodes:
             spec = _MODE_ARGS.get(_packet(node)) if node.op == "call_function" else None
             if spec is not None:

@@ -11,6 +11,10 @@ Entries on weight nodes (``get_attr`` nodes of parameters):
 - ``op`` (str, owner: :func:`chop.trace`): the ATen op that consumes it, e.g. ``"conv2d"``.
 - ``saliency`` (float tensor of the weight's shape, owner: criterion passes such as ``snip``).
 - ``mask`` (bool tensor of the weight's shape, True = kept, owner: the ``mask`` pass).
+- ``channel_groups`` (dict dim -> LongTensor of the group id of each index, -1 = none; owner:
+  the ``channel-groups`` pass).
+- ``effective`` (bool tensor of the weight's shape: kept weights on an input -> output path;
+  owner: the ``collapse`` pass).
 """
 
 from __future__ import annotations
@@ -49,12 +53,27 @@ def _string(value: Any, weight: torch.Tensor) -> str | None:
     return None if isinstance(value, str) else f"expected a string, got {type(value).__name__}"
 
 
+def _group_ids(value: Any, weight: torch.Tensor) -> str | None:
+    if not isinstance(value, dict):
+        return f"expected a dict of dim -> group ids, got {type(value).__name__}"
+    for dim, ids in value.items():
+        if not isinstance(dim, int) or not 0 <= dim < weight.dim():
+            return f"dim {dim!r} is not a dim of the weight {tuple(weight.shape)}"
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.shape != (weight.shape[dim],):
+            return f"dim {dim}: expected {weight.shape[dim]} group ids (long), got {ids!r:.60}"
+    return None
+
+
 ROLE = MetaKey("role", "chop.trace", _string)
 OP = MetaKey("op", "chop.trace", _string)
 SALIENCY = MetaKey("saliency", "criterion passes", _tensor_like(lambda d: d.is_floating_point, "float"))
 MASK = MetaKey("mask", "the mask pass", _tensor_like(lambda d: d == torch.bool, "bool"))
+CHANNEL_GROUPS = MetaKey("channel_groups", "the channel-groups pass", _group_ids)
+EFFECTIVE = MetaKey("effective", "the collapse pass", _tensor_like(lambda d: d == torch.bool, "bool"))
 
-KEYS: dict[str, MetaKey] = {k.name: k for k in (ROLE, OP, SALIENCY, MASK)}
+KEYS: dict[str, MetaKey] = {
+    k.name: k for k in (ROLE, OP, SALIENCY, MASK, CHANNEL_GROUPS, EFFECTIVE)
+}
 
 
 def entries(node: Node) -> dict[str, Any]:

@@ -15,8 +15,19 @@ PASSES: dict[str, str] = {
     "snip": "passes.analysis.snip:Snip",
     "magnitude": "passes.analysis.magnitude:Magnitude",
     "random": "passes.analysis.random:Random",
+    "snip2": "passes.analysis.snip2:Snip2",
+    "exact-salience": "passes.analysis.exact_salience:ExactSalience",
+    "synflow": "passes.analysis.synflow:Synflow",
+    "grasp": "passes.analysis.grasp:Grasp",
+    "gradient": "passes.analysis.gradient:Gradient",
+    "snip-momentum": "passes.analysis.snip_momentum:SnipMomentum",
     "mask": "passes.transform.mask:Mask",
+    "iterative-snip": "passes.transform.iterative_snip:IterativeSnip",
+    "collapse": "passes.analysis.collapse:Collapse",
     "fold": "passes.export.fold:Fold",
+    "channel-groups": "passes.analysis.channel_groups:ChannelGroupsPass",
+    "shrink": "passes.export.shrink:Shrink",
+    "sparse": "passes.export.sparse:Sparse",
 }
 
 

@@ -88,10 +88,13 @@ def graph_layers(graph: Graph, *, matrices: bool = False) -> list[dict[str, Any]
         weight = graph.parameter(node)
         extra = matrices and weight.is_floating_point() and weight.dim() >= 2
         if "mask" in entry or entry.get("role") in LAYER_ROLES or extra:
-            layers.append(layer_record(
+            record = layer_record(
                 node.target, entry.get("op", "other"), entry.get("role", "other"),
                 graph.parameter(node).detach(), entry.get("mask"), entry.get("saliency"),
-            ))
+            )
+            if "effective" in entry:  # the collapse pass ran: kept weights on an in->out path
+                record["effective"] = int(entry["effective"].sum())
+            layers.append(record)
     return layers
 
 

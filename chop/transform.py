@@ -72,7 +72,7 @@ def transform(
 
     on_stage("loading the checkpoint")
     ckpt = load_checkpoint(ckpt_path, trust=trust_checkpoint)
-    model = _model(config, ckpt)
+    model = build(config, ckpt)
 
     on_stage("loading data")
     try:
@@ -83,11 +83,11 @@ def transform(
 
     on_stage("tracing")
     if ckpt.program is not None:
-        graph = _program_graph(ckpt, config)
+        graph = program_graph(ckpt, config)
         keys = list(graph.module.state_dict())
     else:
         assert model is not None
-        graph = _trace(model, inputs)
+        graph = trace_inputs(model, inputs)
         keys = list(model.state_dict())
 
     PassManager(config.passes).run(graph, batches, track=track, on_pass=on_pass)
@@ -104,7 +104,7 @@ def transform(
     return Result(out, report, graph)
 
 
-def _model(config: Config, ckpt: Checkpoint) -> nn.Module | None:
+def build(config: Config, ckpt: Checkpoint) -> nn.Module | None:
     """The model to trace: built from ``[model]`` and loaded, or the checkpoint's own."""
     if ckpt.state_dict is None:
         if config.model is not None:
@@ -124,13 +124,14 @@ def _model(config: Config, ckpt: Checkpoint) -> nn.Module | None:
     return model
 
 
-def _trace(model: nn.Module, inputs: Any) -> Graph:
+def trace_inputs(model: nn.Module, inputs: Any) -> Graph:
+    """Trace ``model`` on one batch's inputs (a tensor, a tuple/list, or a dict of kwargs)."""
     if isinstance(inputs, dict):
         return trace(model, (), kwargs=inputs)
     return trace(model, tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs)
 
 
-def _program_graph(ckpt: Checkpoint, config: Config) -> Graph:
+def program_graph(ckpt: Checkpoint, config: Config) -> Graph:
     """A graph over a ``.pt2`` program's module; its batch size must fit the data's."""
     assert ckpt.program is not None
     module = ckpt.program.module()

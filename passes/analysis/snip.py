@@ -4,8 +4,19 @@ The saliency of weight w is |∂L/∂m| at m = 1 for the masked weight w·m, whi
 with g = ∂L/∂w. Over several batches the default is |Σ_b g_b ⊙ w| (``abs-of-sum``, as SynFlow
 and FORCE compute it: the gradient of the summed loss); ``sum-of-abs`` gives Σ_b |g_b ⊙ w|
 (Mikler's reproduction). One forward and one backward per batch, on the graph itself (no copy).
-Scoring leaves parameters, buffers and ``requires_grad`` flags bit-identical. On a masked graph
-g is zero where the mask is, so pruned weights score 0 (iterative SNIP relies on this).
+Scoring leaves parameters, buffers, ``requires_grad`` flags and ``.grad`` bit-identical. On a
+masked graph g is zero where the mask is, so pruned weights score 0 (iterative SNIP relies on
+this).
+
+Which weights are scored (``params``): every floating parameter by default, so that ``mask`` can
+also select biases and norm weights (``mask{biases=true, norms=true}``) without re-scoring; the
+extra cost is one multiply per bias/norm entry. ``params=prunable`` scores only what ``mask``
+selects by default (linear and conv weights), which saves the memory of large embedding tables;
+``mask`` then refuses to select the unscored weights.
+
+``normalize`` divides every score by Σ score over all scored weights (the ranking, and so the
+mask, is unchanged); the sum is reported as ``normalizer`` in the pass's info (and so in
+``graph.history`` and the report).
 """
 
 from __future__ import annotations
@@ -16,11 +27,18 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from chop.data import call, cross_entropy, take
-from chop.errors import DataError, OptionError
+from chop.data import take
+from chop.errors import OptionError
 from chop.graph import Graph
 from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import scored_nodes, write_saliency
+from passes.analysis.common import (
+    PARAMS_DOC,
+    Params,
+    accumulated_gradients,
+    normalize_saliency,
+    scored_nodes,
+    store_saliency,
+)
 
 
 def snip_saliency(
@@ -31,48 +49,18 @@ def snip_saliency(
     batches: int = 1,
     bn: str = "eval",
     accumulate: str = "abs-of-sum",
+    params: Params = "all",
     track: Callable[[Iterable, int | None, str], Iterable] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Write SNIP saliency on every floating-point weight node; returns the scores by name."""
-    loss = loss or cross_entropy
-    nodes = scored_nodes(graph)
-    params = [graph.parameter(n) for n in nodes]
-    flags = [p.requires_grad for p in params]
-    saved = [(b, b.clone()) for b in graph.module.buffers()]
-    sums = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+    """Write SNIP saliency on the scored weight nodes; returns the scores by name."""
+    nodes = scored_nodes(graph, params)
     batches_iter = take(data, batches, "snip")
     if track is not None:
         batches_iter = track(batches_iter, batches, "snip")
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with graph.mode(batch_norm=bn == "train", dropout=False):
-            for inputs, targets in batches_iter:
-                value = loss(call(graph.module, inputs), targets)
-                if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                    raise DataError(
-                        f"snip: the loss must return a scalar tensor, got "
-                        f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))}"
-                    )
-                grads = torch.autograd.grad(value, params, allow_unused=True)
-                with torch.no_grad():
-                    for total, grad, p in zip(sums, grads, params):
-                        if grad is None:
-                            continue
-                        if accumulate == "abs-of-sum":
-                            total.add_(grad)
-                        else:
-                            total.add_((grad * p).abs_())
-    finally:
-        with torch.no_grad():
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            for buffer, copy in saved:
-                buffer.copy_(copy)
-    if accumulate == "abs-of-sum":
-        with torch.no_grad():
-            sums = [total.mul_(p).abs_() for total, p in zip(sums, params)]
-    return write_saliency(nodes, sums)
+    sums = accumulated_gradients(
+        graph, nodes, batches_iter, loss, bn=bn, accumulate=accumulate, who="snip"
+    )
+    return store_saliency(graph, nodes, sums)
 
 
 @dataclass(frozen=True)
@@ -88,6 +76,8 @@ class Snip(Pass):
     accumulate: Literal["abs-of-sum", "sum-of-abs"] = option(
         "abs-of-sum", "over batches: |Σ g·w| (SynFlow/FORCE) or Σ |g·w| (Mikler)"
     )
+    params: Literal["all", "prunable"] = option("all", PARAMS_DOC)
+    normalize: bool = option(False, "divide scores by their sum (ranking unchanged; sum reported)")
 
     def check(self) -> None:
         if self.batches < 1:
@@ -95,7 +85,10 @@ class Snip(Pass):
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         scores = snip_saliency(
-            graph, ctx.data, ctx.loss,
-            batches=self.batches, bn=self.bn, accumulate=self.accumulate, track=ctx.track,
+            graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn,
+            accumulate=self.accumulate, params=self.params, track=ctx.track,
         )
-        return PassResult(modified=False, info={"scored": len(scores)})
+        info: dict[str, Any] = {"scored": len(scores)}
+        if self.normalize:
+            info["normalizer"] = normalize_saliency(scored_nodes(graph, self.params))
+        return PassResult(modified=False, info=info)

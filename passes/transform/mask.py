@@ -7,7 +7,9 @@ no re-masking after optimizer steps. Running ``mask`` again updates the masks in
 
 Selection works on *units*: single weights (``granularity=element``) or R×C blocks of the 2-D
 weight (``"4x4"``, scored by the sum of their saliency; conv weights are seen as
-``[out, in·kh·kw]``). Exactly round((1 − sparsity)·N) units are kept, N counted per layer
+``[out, in·kh·kw]``), or whole channels / attention heads (``channel``, ``head``: the groups of
+the ``channel-groups`` analysis, scored by their members' summed saliency, removed from every
+coupled layer so that ``shrink`` can cut them out). Exactly round((1 − sparsity)·N) units are kept, N counted per layer
 (``scope=local``) or over all selected layers (``scope=global``); ties are broken
 deterministically by position (see :mod:`chop.select`). With global scope, per-layer bounds
 (``min_sparsity``, ``max_sparsity``, ``min_keep``) are met exactly: layers whose share falls
@@ -183,6 +185,38 @@ def layer_counts(
     return [masks[i] for i in range(len(scores))]
 
 
+def _structured_masks(
+    graph: Graph, nodes: list[Node], sparsity: float, scope: str, granularity: str, *,
+    min_keep: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Masks removing whole channels or heads: the channel groups (``channel-groups``) that
+    produce a selected layer are scored by their members' summed saliency (SNAP-it) and selected
+    like weights, per group (local) or over all groups (global); unprunable channels are kept
+    and not counted. Every coupled layer of a removed channel is masked."""
+    from passes.analysis.channel_groups import stored_channel_groups
+    from passes.analysis.group_select import group_masks, group_scores, require_granularity
+
+    groups = stored_channel_groups(graph)
+    if granularity == "head":  # heads cover the attention projections; leave the other layers
+        heads = {m.name for g in groups if g.kind == "head" for m in g.members}
+        nodes = [n for n in nodes if n.target in heads] or nodes
+    names = {n.target for n in nodes}
+    require_granularity(groups, [n.target for n in nodes], granularity)
+    scores = {
+        gid: score for gid, score in group_scores(graph, groups, granularity=granularity).items()
+        if any(m.name in names and m.role == "out" for m in groups[gid].members)
+        and bool(groups[gid].prunable.any())
+    }
+    free = {gid: scores[gid][groups[gid].prunable] for gid in scores}
+    kept = layer_counts(list(free.values()), sparsity, scope, min_keep=min_keep)
+    keep = {}
+    for gid, chosen in zip(free, kept):
+        decision = torch.ones(groups[gid].size, dtype=torch.bool)
+        decision[groups[gid].prunable] = chosen
+        keep[gid] = decision
+    return group_masks(graph, groups, keep)
+
+
 def mask_weights(
     graph: Graph,
     nodes: list[Node],
@@ -199,13 +233,22 @@ def mask_weights(
     for node in nodes:
         score = meta.entries(node).get("saliency")
         if score is None:
+            from chop.registry import providers
+
             raise MissingMetadataError(
-                f"weight {node.target} has no saliency; run a criterion (snip, magnitude, "
-                "random) that scores it before mask"
+                f"weight {node.target} has no saliency; run a criterion that scores it before "
+                f"mask ({', '.join(providers('saliency'))})"
             )
         scores.append(score)
     nm, block = _NM.match(granularity), _BLOCK.match(granularity)
-    if nm:
+    if granularity in ("channel", "head"):
+        masks_by_name = _structured_masks(
+            graph, nodes, 0.9 if sparsity is None else sparsity, scope, granularity,
+            min_keep=min_keep,
+        )
+        nodes = [graph.weight_node(name) for name in masks_by_name]
+        masks = list(masks_by_name.values())
+    elif nm:
         n, m = int(nm[1]), int(nm[2])
         masks = [_nm_mask(node, s, n, m) for node, s in zip(nodes, scores)]
     else:
@@ -243,7 +286,7 @@ class Mask(Pass):
         "global", "rank weights over all selected layers together, or per layer"
     )
     granularity: str = option(
-        "element", "element, RxC blocks (e.g. '4x4'), or N:M along the input dim (e.g. '2:4')"
+        "element", "element, channel, head, RxC blocks (e.g. '4x4'), or N:M (e.g. '2:4')"
     )
     min_sparsity: float = option(0.0, "per-layer lower bound on sparsity (global scope)")
     max_sparsity: float = option(1.0, "per-layer upper bound on sparsity (global scope)")
@@ -270,10 +313,10 @@ class Mask(Pass):
         if self.min_keep < 0:
             raise OptionError(f"mask: min_keep={self.min_keep} must be 0 or more")
         nm, block = _NM.match(self.granularity), _BLOCK.match(self.granularity)
-        if not (self.granularity == "element" or nm or block):
+        if not (self.granularity in ("element", "channel", "head") or nm or block):
             raise OptionError(
-                f"mask: granularity={self.granularity!r} is not one of: element, RxC blocks "
-                "(e.g. '4x4'), N:M (e.g. '2:4')"
+                f"mask: granularity={self.granularity!r} is not one of: element, channel, head, "
+                "RxC blocks (e.g. '4x4'), N:M (e.g. '2:4')"
             )
         if nm and not 0 < int(nm[1]) <= int(nm[2]):
             raise OptionError(f"mask: granularity {self.granularity} needs 0 < N <= M")

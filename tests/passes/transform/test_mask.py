@@ -149,7 +149,7 @@ def test_mask_without_saliency_names_the_passes_that_provide_it(cnn_graph):
         chop.run(cnn_graph, "mask{sparsity=0.5}")
     message = str(info.value)
     assert "pass 'mask' needs 'saliency'" in message
-    assert "Run one of snip, magnitude, random before it" in message
+    assert "Run one of snip, magnitude, random, " in message
 
 
 def brute_force_counts(scores, budget, lower, upper):
@@ -255,7 +255,7 @@ def test_pattern_errors_name_the_layer(cnn_graph, cnn_batches):
     ("options", "message"),
     [
         ("granularity='2:4', sparsity=0.9", "granularity 2:4 fixes the sparsity at 0.5; remove sparsity=0.9"),
-        ("granularity=rows", "granularity='rows' is not one of: element, RxC blocks"),
+        ("granularity=rows", "granularity='rows' is not one of: element, channel, head, RxC blocks"),
         ("granularity='5:4'", "granularity 5:4 needs 0 < N <= M"),
         ("min_sparsity=0.8, max_sparsity=0.5", "min_sparsity=0.8 is above max_sparsity=0.5"),
         ("max_sparsity=1.5", r"max_sparsity=1.5 must be in \[0, 1\]"),
@@ -265,3 +265,35 @@ def test_pattern_errors_name_the_layer(cnn_graph, cnn_batches):
 def test_pattern_option_errors(options, message):
     with pytest.raises(chop.OptionError, match=message):
         chop.parse_pipeline(f"mask{{{options}}}")
+
+
+@pytest.mark.parametrize(("name", "granularity"), [("vgg", "channel"), ("resnet", "channel"), ("bert", "head")])
+def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granularity):
+    import zoo
+    from passes.analysis.channel_groups import stored_channel_groups
+
+    model, graph = zoo.trace(name)
+    args, kwargs = zoo.ZOO[name].inputs(5)
+    chop.run(graph, f"random{{seed=1}}, mask{{granularity={granularity}, sparsity=0.5, scope=local}}")
+    groups = stored_channel_groups(graph)
+    chosen = [g for g in groups if g.kind == granularity and bool(g.prunable.any())]
+    assert chosen
+    for group in chosen:  # each unit is kept in every producing layer or removed from all
+        out = [m for m in group.members if m.role == "out" and m.name in masks(graph)]
+        removed = 0
+        for unit in range(group.size):
+            kept = {bool(masks(graph)[m.name].index_select(m.dim, m.index[unit]).any()) for m in out}
+            assert len(kept) == 1
+            removed += not kept.pop()
+        free = int(group.prunable.sum())
+        assert removed == free - kept_count(free, 0.5), group.layers("out")
+    before = zoo.output(graph(*args, **kwargs))
+    params = sum(p.numel() for p in graph.module.parameters())
+    chop.run(graph, "shrink")
+    torch.testing.assert_close(zoo.output(graph(*args, **kwargs)), before, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in graph.module.parameters()) < params
+
+
+def test_head_granularity_on_a_cnn_names_the_layer(cnn_graph):
+    with pytest.raises(chop.OptionError, match="granularity=head: the model has no attention heads.*layer conv1.weight"):
+        chop.run(cnn_graph, "magnitude, mask{granularity=head}")

@@ -1,0 +1,207 @@
+"""``channel-groups``: find the groups of channels that must be removed together.
+
+Built on :func:`passes.analysis.coupling.trace_channels`. A *unit* is one removable channel (or
+one attention head): a connected component of the coupling graph, i.e. every position, in every
+coupled layer, that must go when it goes. A :class:`Group` gathers the units that touch the same
+parameters — e.g. the 64 output channels of ``conv1`` together with ``bn1`` and the input columns
+of ``conv2`` — so a group is a set of coupled layers with ``size`` channels, and each
+:class:`Member` maps each of those channels to the indices it owns in one parameter dim
+(a block of columns for a flatten into a linear, ``head_dim`` rows for a head).
+
+Units that touch something chop cannot shrink are *unprunable*, with the reason
+(``Group.blocked``); ``ChannelGroups.unprunable()`` lists them per group.
+
+Where the result lives:
+
+- ``graph.module.meta["chop"]["channel_groups"]``: the :class:`ChannelGroups` object (graph-level,
+  read it with :func:`stored_channel_groups`, which recomputes it if the graph changed since);
+- ``node.meta["chop"]["channel_groups"]`` on every member weight node: ``{dim: LongTensor}`` giving
+  each index's group id (-1: in no group), so the pass manager can match ``requires``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import networkx as nx
+import torch
+
+from chop import meta
+from chop.graph import Graph
+from chop.pass_base import Context, Pass, PassResult
+from passes.analysis.coupling import Flow, trace_channels
+
+KEY = "channel_groups"
+
+
+@dataclass
+class Member:
+    """One parameter (or buffer) dim of a group: ``index[u]`` are the indices channel ``u`` owns."""
+
+    name: str
+    dim: int
+    kind: str  # "parameter" or "buffer"
+    role: str  # "out" (rows of a producer), "in" (columns of a consumer), "channel" (per-channel)
+    index: list[torch.Tensor]
+
+
+@dataclass
+class Group:
+    """Channels that live in the same coupled layers; ``size`` of them, removable one by one."""
+
+    id: int
+    kind: str  # "channel" or "head"
+    members: list[Member]
+    units: list[int]  # unit id (component of the coupling graph) of each channel
+    blocked: list[str | None]  # why channel u cannot be removed, or None
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    @property
+    def prunable(self) -> torch.Tensor:
+        """Bool, one per channel: True where the channel may be removed."""
+        return torch.tensor([b is None for b in self.blocked], dtype=torch.bool)
+
+    def layers(self, role: str | None = None) -> list[str]:
+        """Parameter names of the members (optionally of one role)."""
+        return [m.name for m in self.members if role is None or m.role == role]
+
+
+@dataclass
+class ChannelGroups:
+    """The result of :func:`channel_groups`."""
+
+    groups: list[Group]
+    coupling: nx.Graph  # atoms (channel positions) joined by "must go together" edges
+    flow: Flow = field(repr=False)
+    unit_of: dict[int, int] = field(repr=False)  # atom -> unit
+    fingerprint: tuple = field(default=(), repr=False)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, group_id: int) -> Group:
+        return self.groups[group_id]
+
+    def unprunable(self) -> list[tuple[int, int, str]]:
+        """``(group id, channels, reason)`` for every reason some channels cannot be removed."""
+        out = []
+        for g in self.groups:
+            counts: dict[str, int] = defaultdict(int)
+            for reason in g.blocked:
+                if reason is not None:
+                    counts[reason] += 1
+            out += [(g.id, n, reason) for reason, n in counts.items()]
+        return out
+
+    def of(self, name: str, role: str | None = None) -> list[Group]:
+        """The groups parameter ``name`` is a member of (optionally with a given role)."""
+        return [g for g in self.groups
+                if any(m.name == name and (role is None or m.role == role) for m in g.members)]
+
+
+def _fingerprint(graph: Graph) -> tuple:
+    nodes = tuple((n.name, str(n.target), str(n.args)) for n in graph.module.graph.nodes)
+    shapes = tuple((k, tuple(v.shape)) for k, v in graph.module.state_dict().items())
+    return nodes, shapes
+
+
+def channel_groups(graph: Graph) -> ChannelGroups:
+    """Find the channel groups of ``graph`` (no side effects; see :class:`ChannelGroups`)."""
+    flow = trace_channels(graph)
+    unit_of: dict[int, int] = {}
+    unit_blocked: dict[int, str | None] = {}
+    unit_head: dict[int, bool] = {}
+    for u, component in enumerate(sorted(nx.connected_components(flow.coupling), key=min)):
+        reasons = [flow.blocked[a] for a in sorted(component) if a in flow.blocked]
+        unit_blocked[u] = reasons[0] if reasons else None
+        unit_head[u] = any(a in flow.heads for a in component)
+        for a in component:
+            unit_of[a] = u
+    # the indices each unit owns in each member dim
+    owned: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+    for key, record in flow.members.items():
+        for i, a in enumerate(record.atoms.tolist()):
+            if a >= 0:
+                owned[unit_of[a]][key].append(i)
+    by_signature: dict[tuple, list[int]] = {}
+    for u in sorted(owned):  # units are numbered in graph order
+        by_signature.setdefault(tuple(sorted(owned[u])), []).append(u)
+    groups = []
+    for signature, units in by_signature.items():
+        units.sort(key=lambda u: [owned[u][k][0] for k in signature])
+        members = [
+            Member(name, dim, flow.members[name, dim].kind, flow.members[name, dim].role,
+                   [torch.tensor(owned[u][name, dim], dtype=torch.long) for u in units])
+            for name, dim in signature
+        ]
+        order = {"out": 0, "channel": 1, "in": 2}
+        members.sort(key=lambda m: order[m.role])
+        kind = "head" if any(unit_head[u] for u in units) else "channel"
+        groups.append(Group(len(groups), kind, members, units, [unit_blocked[u] for u in units]))
+    return ChannelGroups(groups, flow.coupling, flow, unit_of, _fingerprint(graph))
+
+
+def store(graph: Graph, groups: ChannelGroups) -> None:
+    """Record ``groups`` on the graph module and each member weight node (see the module doc)."""
+    graph.module.meta.setdefault("chop", {})[KEY] = groups
+    per_param: dict[str, dict[int, torch.Tensor]] = {}
+    params = dict(graph.module.named_parameters())
+    for g in groups:
+        for m in g.members:
+            if m.kind != "parameter":
+                continue
+            ids = per_param.setdefault(m.name, {}).setdefault(
+                m.dim, torch.full((params[m.name].shape[m.dim],), -1, dtype=torch.long))
+            for index in m.index:
+                ids[index] = g.id
+    for node in graph.weight_nodes():
+        entry = meta.entries(node)
+        entry.pop(KEY, None)
+        if node.target in per_param:
+            entry[KEY] = per_param[node.target]
+
+
+def forget(graph: Graph) -> None:
+    """Drop stored channel groups (after a pass changed the shapes they describe)."""
+    graph.module.meta.get("chop", {}).pop(KEY, None)
+    for node in graph.weight_nodes():
+        meta.entries(node).pop(KEY, None)
+
+
+def stored_channel_groups(graph: Graph) -> ChannelGroups:
+    """The stored :class:`ChannelGroups` if still current, else freshly computed (and stored)."""
+    found = graph.module.meta.get("chop", {}).get(KEY)
+    if isinstance(found, ChannelGroups) and found.fingerprint == _fingerprint(graph):
+        return found
+    groups = channel_groups(graph)
+    store(graph, groups)
+    return groups
+
+
+@dataclass(frozen=True)
+class ChannelGroupsPass(Pass):
+    """Find the channels (and attention heads) that must be removed together."""
+
+    name: ClassVar[str] = "channel-groups"
+    kind: ClassVar[Literal["analysis"]] = "analysis"
+    provides: ClassVar[tuple[str, ...]] = (KEY,)
+
+    def apply(self, graph: Graph, ctx: Context) -> PassResult:
+        groups = channel_groups(graph)
+        store(graph, groups)
+        unprunable = groups.unprunable()
+        return PassResult(modified=False, info={
+            "groups": len(groups),
+            "channels": sum(g.size for g in groups),
+            "prunable": sum(int(g.prunable.sum()) for g in groups),
+            "heads": sum(g.size for g in groups if g.kind == "head"),
+            "unprunable": [{"group": g, "channels": n, "reason": r} for g, n, r in unprunable],
+        })

@@ -1,0 +1,160 @@
+"""``iterative-snip``: prune before training in ``steps`` rounds of SNIP (SNIP-it / FORCE).
+
+Round t = 1..T keeps the fraction keep^(t/T) of the selected weights (keep = 1 − sparsity), so
+the last round keeps exactly round(keep·N), as ``mask`` counts it. Each round re-scores the
+*masked* network with :func:`~passes.analysis.snip.snip_saliency` and re-masks with the
+``mask`` pass (same selection options: ``sparsity``, ``scope``, ``include``/``exclude``…).
+
+- Without ``allow_regrowth`` (SNIP-it, Verdenius et al. 2020): on a masked graph the gradient of a
+  pruned weight is zero, so its saliency is 0; pruned weights are moreover ranked below every
+  kept one while selecting (:func:`pruned_last`), so a tie at 0 (dead units) cannot bring one
+  back. Each round's mask is a subset of the previous one.
+- With ``allow_regrowth`` (FORCE, de Jorge et al. 2021): the saliency is |θ ⊙ ∂L/∂(θ ⊙ c)|, the
+  gradient with respect to the *masked* weight times the *original* weight, so a pruned weight
+  whose connection would lower the loss scores > 0 and may return. snip differentiates with
+  respect to θ, which on ``θ ⊙ c`` gives ``c ⊙ ∂L/∂(θ ⊙ c)``; :func:`straight_through` therefore
+  computes each masked weight as ``θ − stop_grad(θ ⊙ ¬c)`` while scoring — the same values, but
+  ∂/∂θ = ∂L/∂(θ ⊙ c) — so snip's |g ⊙ θ| is exactly FORCE's saliency.
+
+The graph's existing masks (from an earlier ``mask``) are the starting point. The data must be
+re-iterable (a list or a DataLoader): every round scores on the same first ``batches`` batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from chop import meta
+from chop.errors import OptionError
+from chop.graph import Graph
+from chop.pass_base import Context, PassResult, option
+from passes.analysis.snip import snip_saliency
+from passes.transform.mask import MASK_OF, Mask
+
+
+def step_sparsity(sparsity: float, step: int, steps: int) -> float:
+    """Sparsity after round ``step`` of ``steps``: 1 − keep^(step/steps), exactly ``sparsity``
+    at the last round."""
+    return sparsity if step >= steps else 1.0 - (1.0 - sparsity) ** (step / steps)
+
+
+@contextmanager
+def pruned_last(graph: Graph) -> Iterator[None]:
+    """While inside, the saliency of every masked-out weight reads −1 (below any real score,
+    which is ≥ 0), so a selection never prefers a pruned weight to a kept one; the true scores
+    are restored on exit."""
+    saved = []
+    for node in graph.weight_nodes():
+        entry = meta.entries(node)
+        score, mask = entry.get("saliency"), entry.get("mask")
+        if score is not None and mask is not None:
+            saved.append((entry, score))
+            entry["saliency"] = torch.where(mask, score, torch.full_like(score, -1.0))
+    try:
+        yield
+    finally:
+        for entry, score in saved:
+            entry["saliency"] = score
+
+
+@contextmanager
+def straight_through(graph: Graph) -> Iterator[None]:
+    """While inside, every ``mul(θ, c)`` mask node computes ``θ − (θ ⊙ ¬c)`` with the second
+    term a constant buffer: the same value, but the gradient with respect to θ is the gradient
+    with respect to the masked weight (see the module doc). Restored on exit."""
+    changed = []
+    module = graph.module
+    try:
+        for mul in list(module.graph.nodes):
+            name = mul.meta.get("chop", {}).get(MASK_OF)
+            if name is None:
+                continue
+            weight_node, mask_node = mul.args
+            with torch.no_grad():
+                offset = graph.parameter(name).detach() * ~module.get_buffer(mask_node.target)
+            buffer = f"_chop_offset_{len(changed)}"
+            module.register_buffer(buffer, offset, persistent=False)
+            with module.graph.inserting_before(mul):
+                offset_node = module.graph.get_attr(buffer)
+            mul.target = torch.ops.aten.sub.Tensor
+            mul.args = (weight_node, offset_node)
+            changed.append((mul, mask_node, offset_node, buffer))
+        graph.recompile()
+        yield
+    finally:
+        for mul, mask_node, offset_node, buffer in changed:
+            mul.target = torch.ops.aten.mul.Tensor
+            mul.args = (mul.args[0], mask_node)
+            module.graph.erase_node(offset_node)
+            delattr(module, buffer)
+        graph.recompile()
+
+
+@dataclass(frozen=True)
+class IterativeSnip(Mask):
+    """Prune in `steps` rounds of SNIP on the masked network, keeping keep^(t/T) (SNIP-it/FORCE)."""
+
+    name: ClassVar[str] = "iterative-snip"
+    kind: ClassVar[Literal["transform"]] = "transform"
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ("saliency", "mask")
+
+    steps: int = option(5, "rounds of scoring and masking (1 = one-shot snip + mask)")
+    allow_regrowth: bool = option(
+        False, "FORCE: score the masked network's weights so pruned weights may return"
+    )
+    batches: int = option(1, "batches of data to score on in each round")
+    bn: Literal["eval", "train"] = option("eval", "BatchNorm mode while scoring")
+    accumulate: Literal["abs-of-sum", "sum-of-abs"] = option(
+        "abs-of-sum", "over batches: |Σ g·w| (SynFlow/FORCE) or Σ |g·w| (Mikler)"
+    )
+
+    def check(self) -> None:
+        try:
+            super().check()
+        except OptionError as e:
+            raise OptionError(f"{self.name}: {str(e).removeprefix('mask: ')}") from None
+        if ":" in self.granularity:
+            raise OptionError(
+                f"{self.name}: granularity={self.granularity!r} fixes the sparsity of every "
+                "round; use element or RxC block granularity (or run snip, mask for N:M)"
+            )
+        if self.steps < 1:
+            raise OptionError(f"{self.name}: steps={self.steps} must be at least 1")
+        if self.batches < 1:
+            raise OptionError(f"{self.name}: batches={self.batches} must be at least 1")
+
+    def mask_pass(self, sparsity: float) -> Mask:
+        """The ``mask`` pass of one round: this pass's selection options at ``sparsity``."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(Mask)}
+        return Mask(**{**options, "sparsity": sparsity})
+
+    def apply(self, graph: Graph, ctx: Context) -> PassResult:
+        target = 0.9 if self.sparsity is None else self.sparsity  # mask's default
+        rounds = []
+        for step in range(1, self.steps + 1):
+            scoring = straight_through(graph) if self.allow_regrowth else _nothing()
+            with scoring:
+                snip_saliency(
+                    graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn,
+                    accumulate=self.accumulate, track=ctx.track,
+                )
+            selecting = _nothing() if self.allow_regrowth else pruned_last(graph)
+            with selecting:
+                result = self.mask_pass(step_sparsity(target, step, self.steps)).apply(
+                    graph, ctx
+                )
+            kept = result.info["kept"]
+            rounds.append(sum(k for k, _ in kept.values()))
+        return PassResult(modified=True, info={"kept": kept, "rounds": rounds})
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

@@ -1,0 +1,205 @@
+"""channel-groups: coupled layers and index maps on the zoo, unprunable channels, scoring, masks,
+granularity checks."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import chop
+from chop import registry
+from chop.meta import CHANNEL_GROUPS
+from passes.analysis.channel_groups import KEY, channel_groups, stored_channel_groups
+from passes.analysis.group_select import (
+    GranularityError,
+    group_masks,
+    group_scores,
+    require_granularity,
+)
+
+from zoo import trace
+
+
+def group_with(groups, name, role="out"):
+    found = groups.of(name, role)
+    assert len(found) == 1, (name, role, found)
+    return found[0]
+
+
+def index_of(group, name, dim):
+    (member,) = [m for m in group.members if m.name == name and m.dim == dim]
+    return [t.tolist() for t in member.index]
+
+
+def test_vgg_conv_bn_relu_chain_and_flatten_into_linear():
+    _, graph = trace("vgg")
+    groups = channel_groups(graph)
+    first = group_with(groups, "features.0.weight")
+    assert first.size == 16 and bool(first.prunable.all())
+    assert {(m.name, m.dim, m.role) for m in first.members} == {
+        ("features.0.weight", 0, "out"), ("features.0.bias", 0, "out"),
+        ("features.1.weight", 0, "channel"), ("features.1.bias", 0, "channel"),
+        ("features.1.running_mean", 0, "channel"), ("features.1.running_var", 0, "channel"),
+        ("features.3.weight", 1, "in"),
+    }
+    last = group_with(groups, "features.10.weight")  # 32 channels of 4×4 flattened into fc
+    assert index_of(last, "classifier.0.weight", 1) == [list(range(16 * c, 16 * c + 16)) for c in range(32)]
+    head = group_with(groups, "classifier.3.weight")
+    assert not head.prunable.any() and "model output" in head.blocked[0]
+    assert sorted(g.size for g in groups) == sorted([16, 16, 32, 32, 64, 10])
+
+
+def test_resnet_residual_adds_share_one_group_with_the_shortcut():
+    _, graph = trace("resnet")
+    groups = channel_groups(graph)
+    stream = group_with(groups, "stem.0.weight")
+    assert set(stream.layers("out")) == {"stem.0.weight", "layer1.b.0.weight"}
+    assert set(stream.layers("in")) == {"layer1.a.0.weight", "layer2.a.0.weight", "layer2.short.0.weight"}
+    down = group_with(groups, "layer2.short.0.weight")
+    assert set(down.layers("out")) == {"layer2.b.0.weight", "layer2.short.0.weight"}
+    assert down.layers("in") == ["fc.weight"] and down.size == 32
+
+
+def test_mobilenet_depthwise_and_grouped_convs():
+    _, graph = trace("mobilenet")
+    groups = channel_groups(graph)
+    stem = group_with(groups, "stem.0.weight")
+    dw = [m for m in stem.members if m.name == "dw1.0.weight"]
+    assert dw and dw[0].role == "channel" and stem.size == 16  # depthwise follows its input
+    # grouped 1×1 (4 groups of 6 inputs): input channel j is removed from every group at once,
+    # which joins the inverted residual stream (pw1 + project) in units of 4 channels
+    stream = group_with(groups, "pw1.0.weight")
+    assert set(stream.layers("out")) == {"pw1.0.weight", "project.0.weight"}
+    assert index_of(stream, "pw1.0.weight", 0) == [[j, j + 6, j + 12, j + 18] for j in range(6)]
+    assert index_of(stream, "grouped.0.weight", 1) == [[j] for j in range(6)]
+    out = group_with(groups, "grouped.0.weight")
+    assert index_of(out, "grouped.0.weight", 0) == [[j, j + 8, j + 16, j + 24] for j in range(8)]
+
+
+def test_inception_concat_and_split_map_index_ranges():
+    _, graph = trace("inception")
+    groups = channel_groups(graph)
+    assert index_of(group_with(groups, "b1.weight"), "mix.weight", 1) == [[i] for i in range(8)]
+    assert index_of(group_with(groups, "b3.weight"), "mix.weight", 1) == [[i] for i in range(8, 20)]
+    assert index_of(group_with(groups, "bp.weight"), "mix.weight", 1) == [[i] for i in range(20, 24)]
+    halves = groups.of("mix.weight", "out")
+    assert [index_of(g, "mix.weight", 0) for g in halves] == [[[i] for i in range(8)],
+                                                              [[i] for i in range(8, 16)]]
+    assert [g.layers("in") for g in halves] == [["fc.weight"], ["side.weight"]]
+
+
+def test_bert_heads_ffn_and_unprunable_hidden_stream():
+    _, graph = trace("bert")
+    groups = channel_groups(graph)
+    prefix = "bert.encoder.layer.0.attention."
+    heads = group_with(groups, prefix + "self.query.weight")
+    assert heads.kind == "head" and heads.size == 4
+    rows = [list(range(8 * h, 8 * h + 8)) for h in range(4)]
+    for name in ("self.query.weight", "self.key.weight", "self.value.weight", "self.value.bias"):
+        assert index_of(heads, prefix + name, 0) == rows
+    assert index_of(heads, prefix + "output.dense.weight", 1) == rows
+    ffn = group_with(groups, "bert.encoder.layer.1.intermediate.dense.weight")
+    assert ffn.kind == "channel" and ffn.size == 64 and bool(ffn.prunable.all())
+    hidden = group_with(groups, prefix + "output.dense.weight")
+    assert not hidden.prunable.any() and "not tracked" in hidden.blocked[0]
+
+
+def test_gpt2_fused_qkv_split_into_heads():
+    _, graph = trace("gpt2")
+    groups = channel_groups(graph)
+    heads = group_with(groups, "transformer.h.1.attn.c_attn.weight")
+    assert heads.kind == "head" and heads.size == 4
+    expected = [list(range(8 * h, 8 * h + 8)) + list(range(32 + 8 * h, 40 + 8 * h))
+                + list(range(64 + 8 * h, 72 + 8 * h)) for h in range(4)]
+    got = [sorted(x) for x in index_of(heads, "transformer.h.1.attn.c_attn.weight", 1)]
+    assert got == expected  # Conv1D weight is [in, out]: heads are columns
+    rows = [list(range(8 * h, 8 * h + 8)) for h in range(4)]
+    assert index_of(heads, "transformer.h.1.attn.c_proj.weight", 0) == rows
+    assert group_with(groups, "transformer.h.0.mlp.c_fc.weight").size == 128
+    wte = group_with(groups, "transformer.wte.weight")  # tied head: output + embedding
+    assert not wte.prunable.any()
+
+
+def test_an_op_it_does_not_understand_makes_its_channels_unprunable():
+    _, graph = trace("opaque")
+    groups = channel_groups(graph)
+    conv2 = group_with(groups, "conv2.weight")
+    assert not conv2.prunable.any()
+    assert "cumsum" in conv2.blocked[0] and "not understood" in conv2.blocked[0]
+    assert bool(group_with(groups, "conv1.weight").prunable.all())
+    reasons = [r for _, _, r in groups.unprunable()]
+    assert any("cumsum" in r for r in reasons) and any("model output" in r for r in reasons)
+
+
+def test_the_pass_stores_groups_on_the_graph_and_weight_nodes():
+    assert registry.get("channel-groups").name == "channel-groups"
+    _, graph = trace("resnet")
+    chop.run(graph, "channel-groups")
+    info = graph.history[-1].info
+    assert info["groups"] == 5 and info["channels"] == 16 + 16 + 32 + 32 + 10
+    assert info["prunable"] == info["channels"] - 10
+    stored = graph.module.meta["chop"][KEY]
+    assert stored_channel_groups(graph) is stored
+    entry = graph.weight_node("layer1.a.0.weight").meta["chop"][KEY]
+    assert set(entry) == {0, 1} and CHANNEL_GROUPS.check(entry, graph.parameter("layer1.a.0.weight")) is None
+    assert entry[1].unique().tolist() == [group_with(stored, "stem.0.weight").id]
+    assert CHANNEL_GROUPS.check({0: torch.zeros(3, dtype=torch.long)}, torch.zeros(4, 2)) is not None
+
+
+def test_group_scores_sum_member_saliency():
+    _, graph = trace("mlp")
+    groups = channel_groups(graph)
+    g = torch.Generator().manual_seed(0)
+    sal = {}
+    for node in graph.weight_nodes():
+        sal[node.target] = torch.rand(graph.parameter(node).shape, generator=g)
+        node.meta["chop"]["saliency"] = sal[node.target]
+    scores = group_scores(graph, groups)
+    first = group_with(groups, "fc1.weight")
+    expected = sal["fc1.weight"].sum(1) + sal["fc1.bias"] + sal["fc2.weight"].sum(0)
+    torch.testing.assert_close(scores[first.id], expected.double())
+
+
+def test_group_masks_remove_whole_rows_columns_and_blocks():
+    _, graph = trace("vgg")
+    groups = channel_groups(graph)
+    last = group_with(groups, "features.10.weight")
+    keep = torch.ones(last.size, dtype=torch.bool)
+    keep[[3, 7]] = False
+    masks = group_masks(graph, groups, {last.id: keep})
+    assert set(masks) == {"features.10.weight", "classifier.0.weight"}  # conv/linear roles only
+    conv = masks["features.10.weight"]
+    assert not conv[[3, 7]].any() and conv.sum() == conv.numel() - 2 * conv[0].numel()
+    fc = masks["classifier.0.weight"]
+    dropped = [c for c in range(fc.shape[1]) if not fc[:, c].any()]
+    assert dropped == list(range(48, 64)) + list(range(112, 128)) and fc[:, ~torch.isin(
+        torch.arange(fc.shape[1]), torch.tensor(dropped))].all()
+    with_norms = group_masks(graph, groups, {last.id: keep}, roles=("linear", "conv", "norm"))
+    assert with_norms["features.11.weight"].tolist() == keep.tolist()
+
+
+def test_bad_keep_vectors_and_granularities_name_the_layer():
+    _, graph = trace("vgg")
+    groups = channel_groups(graph)
+    out = group_with(groups, "classifier.3.weight")
+    cannot = r"cannot remove channel 0 .*classifier\.3\.weight.*model output"
+    with pytest.raises(GranularityError, match=cannot):
+        group_masks(graph, groups, {out.id: torch.zeros(out.size, dtype=torch.bool)})
+    with pytest.raises(GranularityError, match="has 16 channels"):
+        group_masks(graph, groups, {0: torch.ones(3, dtype=torch.bool)})
+    no_heads = r"granularity=head: .*no attention heads.*features\.0\.weight"
+    with pytest.raises(GranularityError, match=no_heads):
+        require_granularity(groups, ["features.0.weight"], "head")
+    require_granularity(groups, ["features.0.weight", "classifier.3.weight"], "channel")
+
+    _, bert = trace("bert")
+    groups = channel_groups(bert)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    require_granularity(groups, [query], "head")
+    with pytest.raises(GranularityError, match=rf"layer {query}.*no channel group.*granularity=head"):
+        require_granularity(groups, [query], "channel")
+    dense = "bert.encoder.layer.0.output.dense.weight"  # rows feed the LayerNorm'd stream
+    require_granularity(groups, [dense], "channel")  # its input columns are FFN channels
+    with pytest.raises(GranularityError, match=rf"granularity=head: layer {dense}"):
+        require_granularity(groups, [dense], "head")

@@ -1,0 +1,68 @@
+"""snip-momentum: alpha·previous + beta·|w ⊙ g|, from data or from the training loop's .grad."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import chop
+from passes.analysis.snip_momentum import SnipMomentum
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def eager_snip(model, x, y):
+    model = copy.deepcopy(model).eval()
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(params.values()))
+    return {name: (g * p).abs().detach() for (name, p), g in zip(params.items(), grads)}
+
+
+def test_momentum_over_steps_from_data(mlp, mlp_batches, saliency_of):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "snip-momentum", data=mlp_batches[:1])
+    first = eager_snip(mlp, *mlp_batches[0])
+    for name, value in saliency_of(graph).items():  # no previous score: beta·|w·g|
+        torch.testing.assert_close(value, first[name], rtol=1e-5, atol=1e-8)
+    chop.run(graph, "snip-momentum{alpha=0.5, beta=2.0}", data=mlp_batches[1:])
+    second = eager_snip(mlp, *mlp_batches[1])
+    for name, value in saliency_of(graph).items():
+        expected = 0.5 * first[name] + 2.0 * second[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_source_grad_reads_the_training_loops_gradients(mlp, mlp_batches, saliency_of):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    x, y = mlp_batches[0]
+    nn.functional.cross_entropy(graph.module(x), y).backward()  # a training step's backward
+    grads = {name: p.grad.clone() for name, p in mlp.named_parameters()}
+    expected = {name: (p.detach() * p.grad).abs() for name, p in mlp.named_parameters()}
+    chop.run(graph, "snip-momentum{source=grad}")
+    for name, value in saliency_of(graph).items():
+        assert torch.equal(value, expected[name])
+    for name, p in mlp.named_parameters():
+        assert torch.equal(p.grad, grads[name])
+    chop.run(graph, "mask{sparsity=0.9}")
+    assert graph.weight_node("layers.0.weight").meta["chop"]["mask"].sum() > 0
+
+
+def test_source_grad_without_gradients_says_what_to_do(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    with pytest.raises(chop.DataError, match=r"call loss.backward\(\) before scoring"):
+        chop.run(graph, "snip-momentum{source=grad}")
+
+
+def test_scoring_from_data_leaves_the_model_bit_identical(bn_cnn, cnn_batches, unchanged):
+    graph = chop.trace(bn_cnn, (cnn_batches[0][0],))
+    with unchanged(bn_cnn):
+        chop.run(graph, "snip-momentum{bn=train}, snip-momentum", data=cnn_batches)
+
+
+def test_options():
+    with pytest.raises(chop.OptionError, match="alpha must be >= 0"):
+        SnipMomentum(alpha=-1.0)
+    with pytest.raises(chop.OptionError, match="batches=0"):
+        SnipMomentum(batches=0)

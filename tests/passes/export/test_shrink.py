@@ -1,0 +1,240 @@
+"""shrink: masked ↔ shrunk equivalence on the zoo, exact parameter counts, .pt2 round trip,
+constants carried into the next bias (and kept where padding makes that inexact)."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import chop
+from chop.save import export_program
+from passes.analysis.channel_groups import channel_groups
+from passes.analysis.group_select import group_masks
+from passes.export.shrink import shrink
+from passes.transform.mask import insert_mask
+
+from zoo import ZOO, output, prune_half, trace
+
+
+def removed_of(groups, keep, name):
+    """Channels removed from the group whose producers include weight ``name``."""
+    (group,) = groups.of(name, "out")
+    return int((~keep[group.id]).sum()) if group.id in keep else 0
+
+
+def kept_of(groups, keep, name):
+    (group,) = groups.of(name, "out")
+    return group.size - removed_of(groups, keep, name)
+
+
+# Parameter counts written from each architecture: k(name) = channels kept in the group that
+# `name` produces (for grouped/merged units, units kept).
+def vgg_params(k):
+    c = [k("features.0.weight"), k("features.3.weight"), k("features.7.weight"), k("features.10.weight")]
+    hidden = k("classifier.0.weight")
+    convs = sum(cout * cin * 9 + cout + 2 * cout for cin, cout in zip([3] + c[:-1], c))
+    return convs + hidden * c[3] * 16 + hidden + 10 * hidden + 10
+
+
+def resnet_params(k):
+    r, a1, a2, d = (k("stem.0.weight"), k("layer1.a.0.weight"), k("layer2.a.0.weight"),
+                    k("layer2.b.0.weight"))
+    conv_bn = lambda cin, cout, ks: cout * cin * ks * ks + 2 * cout  # noqa: E731
+    return (conv_bn(3, r, 3) + conv_bn(r, a1, 3) + conv_bn(a1, r, 3) + conv_bn(r, a2, 3)
+            + conv_bn(a2, d, 3) + conv_bn(r, d, 1) + d * 10 + 10)
+
+
+def mobilenet_params(k):
+    s, p, e, g = k("stem.0.weight"), 4 * k("pw1.0.weight"), k("expand.0.weight"), 4 * k("grouped.0.weight")
+    return (3 * 9 * s + 2 * s + 9 * s + 2 * s + s * p + 2 * p + p * e + 2 * e + 9 * e + 2 * e
+            + e * p + 2 * p + g * (p // 4) + 2 * g + 10 * g + 10)
+
+
+def inception_params(k):
+    s, b1, b3, bp = k("stem.weight"), k("b1.weight"), k("b3.weight"), k("bp.weight")
+    (mix_a, mix_b), side = k("mix.weight"), k("side.weight")
+    return (27 * s + s + s * b1 + b1 + 9 * s * b3 + b3 + s * bp + bp
+            + (b1 + b3 + bp) * (mix_a + mix_b) + mix_a + mix_b + mix_b * side + side
+            + 10 * (mix_a + side) + 10)
+
+
+def mlp_params(k):
+    a, b = k("fc1.weight"), k("fc2.weight")
+    return 64 * a + a + a * b + b + 10 * b + 10
+
+
+def transformer_params(dense, heads_removed, ffn_removed, pooler_removed=0, hidden=32, head_dim=8):
+    per_head = 3 * (hidden * head_dim + head_dim) + head_dim * hidden  # q, k, v rows; out columns
+    per_ffn = hidden + 1 + hidden
+    return dense - per_head * heads_removed - per_ffn * ffn_removed - (hidden + 1 + 3) * pooler_removed
+
+
+def expected_params(name, model, groups, keep):
+    k = lambda layer: kept_of(groups, keep, layer)  # noqa: E731
+    if name == "inception":
+        halves = groups.of("mix.weight", "out")
+        k = lambda layer: ([h.size - int((~keep[h.id]).sum()) for h in halves]  # noqa: E731
+                           if layer == "mix.weight" else kept_of(groups, keep, layer))
+    if name in ("bert", "gpt2"):
+        dense = sum(p.numel() for p in model.parameters())
+        heads = sum(int((~keep[g.id]).sum()) for g in groups if g.kind == "head" and g.id in keep)
+        ffn_layers = ("intermediate.dense.weight", "mlp.c_fc.weight")
+        ffn = sum(int((~keep[g.id]).sum()) for g in groups if g.id in keep
+                  and any(n.endswith(ffn_layers) for n in g.layers("out")))
+        pooler = removed_of(groups, keep, "bert.pooler.dense.weight") if name == "bert" else 0
+        return transformer_params(dense, heads, ffn, pooler)
+    return {"vgg": vgg_params, "resnet": resnet_params, "mobilenet": mobilenet_params,
+            "inception": inception_params, "mlp": mlp_params}[name](k)
+
+
+def masked(name):
+    """Zoo model ``name`` traced, with the lowest-scoring half of every group masked out."""
+    model, graph = trace(name)
+    groups = channel_groups(graph)
+    keep = prune_half(graph, groups)
+    for param, mask in group_masks(graph, groups, keep).items():
+        insert_mask(graph, graph.weight_node(param), mask)
+    graph.recompile()
+    return model, graph, groups, keep
+
+
+def new_inputs(name):
+    args, kwargs = ZOO[name].inputs(5)
+    if kwargs:  # a new sequence length as well
+        args, kwargs = (), {k: torch.cat([v, v[:, :3]], 1) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet", "inception", "mlp", "bert", "gpt2"])
+def test_shrunk_equals_masked_with_exact_parameter_counts_and_pt2_round_trip(name, tmp_path):
+    model, graph, groups, keep = masked(name)
+    assert keep and any((~k).any() for k in keep.values())
+    args, kwargs = new_inputs(name)
+    with torch.no_grad():
+        expected = output(graph(*args, **kwargs))
+    chop.run(graph, "shrink")
+    with torch.no_grad():
+        got = output(graph(*args, **kwargs))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    params = sum(p.numel() for p in graph.module.parameters())
+    assert params == expected_params(name, model, groups, keep)
+    info = graph.history[-1].info
+    assert info["total"]["params"] == (sum(p.numel() for p in model.parameters()), params)
+    assert info["removed"] == {gid: int((~k).sum()) for gid, k in keep.items() if (~k).any()}
+    for layer, stats in info["layers"].items():
+        assert stats["params"][1] <= stats["params"][0] and stats["flops"][1] <= stats["flops"][0]
+    assert info["total"]["flops"][1] < info["total"]["flops"][0]
+
+    example = ZOO[name].inputs(3)
+    program = export_program(graph, example[1] if example[1] else example[0])
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(output(loaded(*args, **kwargs)), got)
+
+
+def test_vgg_flops_and_params_per_layer():
+    _, graph, groups, keep = masked("vgg")
+    report = shrink(graph)
+    c0, c1 = kept_of(groups, keep, "features.0.weight"), kept_of(groups, keep, "features.3.weight")
+    assert report["layers"]["features.3.weight"]["params"] == (16 * 16 * 9 + 16, c1 * c0 * 9 + c1)
+    assert report["layers"]["features.3.weight"]["flops"] == (2 * 16 * 16 * 9 * 256, 2 * c1 * c0 * 9 * 256)
+
+
+def producer_only_masks(graph, groups):
+    """Zero the producer rows of every other prunable channel, leaving readers' columns alone:
+    removed channels then output act(bn(bias)), a constant the next layer must absorb."""
+    masks = {}
+    for g in groups:
+        for m in g.members:
+            if m.role == "out" and m.name.endswith("weight"):
+                mask = masks.setdefault(m.name, torch.ones_like(graph.parameter(m.name), dtype=torch.bool))
+                for u in range(0, g.size, 2):
+                    if g.prunable[u]:
+                        mask.index_fill_(m.dim, m.index[u], False)
+    for name, mask in masks.items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+
+
+def test_constants_of_removed_channels_go_into_the_next_bias_except_behind_padding():
+    model, graph = trace("vgg")
+    groups = channel_groups(graph)
+    producer_only_masks(graph, groups)
+    args, _ = new_inputs("vgg")
+    with torch.no_grad():
+        expected = graph(*args)
+    bias_before = graph.parameter("classifier.0.bias").detach().clone()
+    report = shrink(graph)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected, rtol=1e-4, atol=1e-5)
+    sizes = {name: tuple(p.shape) for name, p in graph.module.named_parameters()}
+    # channels read by padded 3×3 convs stay; the last conv feeds a linear through flatten: goes
+    assert sizes["features.0.weight"][0] == 16 and sizes["features.3.weight"][0] == 16
+    assert sizes["features.7.weight"][0] == 32 and sizes["features.10.weight"][0] == 16
+    assert sizes["classifier.0.weight"] == (32, 16 * 16) and sizes["classifier.3.weight"] == (10, 32)
+    assert not torch.allclose(graph.parameter("classifier.3.bias"), model.classifier[3].bias)
+    assert report["removed"] == {groups.of("features.10.weight", "out")[0].id: 16,
+                                 groups.of("classifier.0.weight", "out")[0].id: 32}
+    assert bias_before.shape != graph.parameter("classifier.0.bias").shape
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "mlp"])
+def test_constants_into_unpadded_convs_and_linears(name):
+    _, graph = trace(name)
+    groups = channel_groups(graph)
+    producer_only_masks(graph, groups)
+    args, _ = new_inputs(name)
+    with torch.no_grad():
+        expected = graph(*args)
+    report = shrink(graph)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected, rtol=1e-4, atol=1e-5)
+    assert report["total"]["params"][1] < report["total"]["params"][0]
+    if name == "mobilenet":  # pw1 feeds 1×1 convs only: half its units go, bias absorbs them
+        assert graph.parameter("pw1.0.weight").shape[0] == 12
+
+
+def test_without_compensation_channels_with_constant_readers_stay():
+    _, graph = trace("mlp")
+    producer_only_masks(graph, channel_groups(graph))
+    report = shrink(graph, compensate=False)
+    assert report["removed"] == {} and report["total"]["params"][0] == report["total"]["params"][1]
+
+
+def test_unprunable_channels_stay_and_shrinking_twice_changes_nothing():
+    _, graph = trace("opaque")
+    groups = channel_groups(graph)
+    keep = {groups.of("conv1.weight", "out")[0].id: torch.arange(8) % 2 == 0}
+    masks = group_masks(graph, groups, keep)
+    masks["conv2.weight"][:4] = False  # conv2's channels meet cumsum over channels: they stay
+    for name, mask in masks.items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    args, _ = new_inputs("opaque")
+    with torch.no_grad():
+        expected = graph(*args)
+    chop.run(graph, "shrink")
+    assert graph.parameter("conv2.weight").shape == (8, 4, 1, 1)
+    assert graph.parameter("conv1.weight").shape == (4, 3, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected)
+    chop.run(graph, "shrink")
+    assert not graph.history[-1].modified
+
+
+def test_a_tensor_is_never_emptied():
+    _, graph = trace("opaque")
+    node = graph.weight_node("conv2.weight")  # nothing reads conv1's channels any more
+    insert_mask(graph, node, torch.zeros_like(graph.parameter(node), dtype=torch.bool))
+    graph.recompile()
+    args, _ = new_inputs("opaque")
+    with torch.no_grad():
+        expected = graph(*args)
+    shrink(graph)
+    assert graph.parameter("conv1.weight").shape[0] == 1
+    assert graph.parameter("conv2.weight").shape == (8, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected)

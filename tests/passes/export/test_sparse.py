@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chop
+from chop import sparse_ops
+from chop.save import export_program
+from passes.export.sparse import SPARSE, Sparse
+from passes.transform.mask import insert_mask
+
+pytest.importorskip("scipy")
+
+
+class FlatMLP(nn.Module):
+    """Images flattened into a two-layer MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 96)
+        self.fc2 = nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def masks_of(graph: chop.Graph) -> dict[str, torch.Tensor]:
+    return {n.target: n.meta["chop"]["mask"].clone()
+            for n in graph.weight_nodes() if "mask" in n.meta["chop"]}
+
+
+def csr_dense(graph: chop.Graph, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense matrix the CSR buffers of parameter ``name`` hold, rebuilt by torch."""
+    state = graph.module.state_dict()
+    crow, col, values = (state[f"{name}_{k}"] for k in ("crow_indices", "col_indices", "values"))
+    rows = torch.repeat_interleave(torch.arange(shape[0]), crow.long().diff())
+    assert crow[0] == 0 and crow.numel() == shape[0] + 1 and rows.numel() == values.numel()
+    dense = torch.zeros(shape)
+    dense[rows, col.long()] = values
+    return dense
+
+
+def test_mlp_with_flatten_stores_exactly_the_kept_weights_and_matches_the_masked_graph():
+    torch.manual_seed(0)
+    model = FlatMLP()
+    x = torch.randn(5, 1, 8, 8)
+    graph = chop.trace(model, (x[:2],))
+    chop.run(graph, "magnitude, mask{sparsity=0.9, scope=local}")
+    graph.eval()
+    masked = graph(x)
+    masks = masks_of(graph)
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    chop.run(graph, "sparse{mode=all}")
+    torch.testing.assert_close(graph(x), masked)
+    torch.testing.assert_close(graph(x[:1]), masked[:1])  # batch 1 takes the matvec path
+    state = graph.module.state_dict()
+    assert set(state) == {f"fc{i}.{k}" for i in (1, 2) for k in
+                          ("bias", "weight_values", "weight_col_indices", "weight_crow_indices")}
+    info = graph.history[-1].info
+    for name, shape in (("fc1.weight", (96, 64)), ("fc2.weight", (10, 96))):
+        kept = int(masks[name].sum())
+        assert kept == round(0.1 * masks[name].numel())
+        assert state[f"{name}_values"].numel() == kept
+        torch.testing.assert_close(csr_dense(graph, name, shape), weights[name] * masks[name])
+        row = info["layers"][name]
+        assert (row["decision"], row["params_before"], row["params_after"]) == ("csr", shape[0] * shape[1], kept)
+        assert (row["flops_before"], row["flops_after"]) == (2 * shape[0] * shape[1], 2 * kept)
+    assert info["total"]["params_after"] == sum(int(m.sum()) for m in masks.values())
+    assert not any(n.op == "get_attr" and n.target.endswith(("weight", "_mask"))
+                   for n in graph.module.graph.nodes)
+    for name, value in model.named_parameters():  # the traced model is left alone
+        assert torch.equal(value, weights[name])
+
+
+def test_cnn_keeps_convs_dense_with_folded_masks_and_converts_the_head(cnn, cnn_graph, cnn_batches):
+    chop.run(cnn_graph, "magnitude, mask{sparsity=0.8, scope=local}")
+    cnn_graph.eval()
+    x = cnn_batches[1][0]
+    masked = cnn_graph(x)
+    masks = masks_of(cnn_graph)
+    chop.run(cnn_graph, "sparse{mode=all}", data=cnn_batches)  # data: the pass checks outputs too
+    torch.testing.assert_close(cnn_graph(x), masked)
+    layers = cnn_graph.history[-1].info["layers"]
+    assert {k: v["decision"] for k, v in layers.items()} == {
+        "conv1.weight": "dense", "conv2.weight": "dense", "fc.weight": "csr"}
+    assert "conv" in layers["conv1.weight"]["reason"]
+    assert not any(k.endswith("_mask") for k in cnn_graph.module.state_dict())  # folded
+    assert not cnn_graph.parameter("conv2.weight")[~masks["conv2.weight"]].any()
+
+
+def test_auto_keeps_low_sparsity_and_small_layers_dense(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.95, scope=local, include='layers\\.0'}, "
+                    "mask{sparsity=0.3, scope=local, include='layers\\.1'}")
+    graph.eval()
+    x = mlp_batches[1][0]
+    masked = graph(x)
+    chop.run(graph, "sparse{min_sparsity=0.7, min_numel=0}")
+    layers = graph.history[-1].info["layers"]
+    assert layers["layers.0.weight"]["decision"] == "csr"
+    assert layers["layers.1.weight"]["decision"] == "dense"
+    assert "sparsity 0.300 < min_sparsity 0.7" in layers["layers.1.weight"]["reason"]
+    assert layers["layers.1.weight"]["params_after"] == 32 * 32
+    assert "layers.2.weight" not in layers  # never masked: untouched
+    torch.testing.assert_close(graph(x), masked)
+
+    small = chop.trace(mlp, (x,))
+    chop.run(small, "magnitude, mask{sparsity=0.95}, sparse")  # default min_numel=65536
+    rows = small.history[-1].info["layers"]
+    assert all(r["decision"] == "dense" and "min_numel" in r["reason"] for r in rows.values())
+    assert small.history[-1].info["total"]["csr"] == 0
+
+
+def test_measure_mode_times_both_kernels_and_keeps_the_faster(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=measure, timing=true}",
+             data=mlp_batches)
+    info = graph.history[-1].info
+    assert info["model_latency_before_us"] > 0 and info["model_latency_after_us"] > 0
+    for row in info["layers"].values():
+        faster = row["latency_after_us"] < row["latency_before_us"]
+        assert row["decision"] == ("csr" if faster else "dense"), row
+        assert "measured at batch 1" in row["reason"]
+
+
+@pytest.mark.parametrize("which", ["bert", "gpt2"])
+def test_transformers_match_the_masked_graph_and_reexport(which):
+    from tests.test_transformers import bert, gpt2, token_batches
+
+    model, labels = (bert(), 3) if which == "bert" else (gpt2(), None)
+    batches = token_batches(labels)
+    graph = chop.trace(model, (), kwargs=batches[0][0])
+    chop.run(graph, "magnitude, mask{sparsity=0.9}")
+    graph.eval()
+    other = {"input_ids": torch.randint(0, 120, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    masked = graph(**other).logits
+    masks = masks_of(graph)
+    chop.run(graph, "sparse{mode=all}")
+    torch.testing.assert_close(graph(**other).logits, masked)  # new batch and sequence length
+    layers = graph.history[-1].info["layers"]
+    assert set(layers) == set(masks) and all(r["decision"] == "csr" for r in layers.values())
+    if which == "gpt2":  # Conv1D weights are (in, out): stored transposed, as (out, in) CSR
+        assert {r["op"] for r in layers.values()} == {"addmm"}
+        name = "transformer.h.0.attn.c_attn.weight"
+        assert layers[name]["shape"] == (32, 96)
+        crow = graph.module.state_dict()[f"{name}_crow_indices"]
+        assert crow.numel() == 96 + 1 and int(crow[-1]) == int(masks[name].sum())
+    nodes = [n for n in graph.module.graph.nodes if SPARSE in n.meta.get("chop", {})]
+    assert len(nodes) == len(masks)
+    if which == "gpt2":
+        program = export_program(graph, other)  # the custom op has a fake kernel: re-exportable
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.export.load(buffer).module()(**other).logits, masked)
+
+
+def test_state_dict_round_trip_into_a_fresh_sparse_graph(mlp_batches):
+    from tests.conftest import MLP
+
+    x = mlp_batches[0][0]
+
+    def sparse_graph(seed: int) -> chop.Graph:
+        torch.manual_seed(seed)
+        graph = chop.trace(MLP(), (x,))
+        chop.run(graph, "magnitude, mask{sparsity=0.8, scope=local}, sparse{mode=all}")
+        return graph.eval()
+
+    a, b = sparse_graph(0), sparse_graph(1)
+    assert not torch.allclose(a(x), b(x))
+    buffer = io.BytesIO()
+    torch.save(a.module.state_dict(), buffer)
+    buffer.seek(0)
+    b.module.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_csr_linear_any_leading_shape_gradients_and_fallback(monkeypatch):
+    torch.manual_seed(0)
+    weight, mask, bias = torch.randn(24, 40), torch.rand(24, 40) < 0.2, torch.randn(24)
+    csr = sparse_ops.to_csr(weight, mask)
+    for shape in ((1, 40), (7, 40), (2, 3, 40), (0, 40)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = sparse_ops.csr_linear(x, *csr, 24, bias)
+        reference = F.linear(x, weight * mask, bias)
+        torch.testing.assert_close(y, reference)
+        if x.numel():
+            g = torch.randn_like(y)
+            torch.testing.assert_close(torch.autograd.grad(y, x, g)[0],
+                                       torch.autograd.grad(reference, x, g)[0])
+    torch.library.opcheck(torch.ops.chop.csr_linear.default, (torch.randn(3, 40), *csr, 24, bias))
+    monkeypatch.setattr(sparse_ops, "_sparsetools", lambda: None)  # scipy's public API instead
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 24, None), F.linear(x, weight * mask))
+    torch.testing.assert_close(sparse_ops.csr_linear(x[:1], *csr, 24, None), F.linear(x[:1], weight * mask))
+
+
+def test_bad_inputs_are_clear_errors(cnn_graph, monkeypatch):
+    with pytest.raises(chop.MissingMetadataError, match="pass 'sparse' needs 'mask'.*Run one of mask"):
+        chop.run(cnn_graph, "sparse")
+    with pytest.raises(chop.OptionError, match="min_sparsity=1.5 is out of range"):
+        Sparse(min_sparsity=1.5)
+    with pytest.raises(chop.OptionError, match="mode='fast' is not valid"):
+        chop.run(cnn_graph, "magnitude, mask, sparse{mode=fast}")
+    with pytest.raises(chop.OptionError, match="timing_batch=0"):
+        Sparse(timing_batch=0)
+    monkeypatch.setattr(sparse_ops, "have_scipy", lambda: False)
+    with pytest.raises(chop.PassError, match=r"pass 'sparse'.*needs scipy.*chop\[sparse\]"):
+        chop.run(cnn_graph, "magnitude, mask, sparse")
+    csr = sparse_ops.to_csr(torch.randn(4, 8), torch.ones(4, 8, dtype=torch.bool))
+    with pytest.raises(chop.PassError, match="float32/float64 inputs matching the weights"):
+        sparse_ops.csr_linear(torch.randn(2, 8, dtype=torch.float64), *csr, 4, None)
+
+
+def test_two_four_detection_and_semi_structured_refused_off_cuda():
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert sparse_ops.is_two_four(mask)
+    assert not sparse_ops.is_two_four(torch.ones(2, 8, dtype=torch.bool))
+    assert not sparse_ops.is_two_four(torch.ones(2, 6, dtype=torch.bool))
+    tensor, why = sparse_ops.semi_structured(torch.randn(2, 8), mask)
+    assert tensor is None and "CUDA" in why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured needs a CUDA GPU")
+def test_two_four_masks_use_semi_structured_weights_on_cuda():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 semi-structured sparsity needs compute capability >= 8.0")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).half().cuda()
+    x = torch.randn(64, 128, dtype=torch.half, device="cuda")
+    graph = chop.trace(model, (x,))
+    for node in graph.weight_nodes():
+        weight = graph.parameter(node)
+        if weight.dim() == 2:  # keep the 2 largest of every 4 along the input dim
+            top = weight.detach().abs().reshape(weight.shape[0], -1, 4).topk(2, -1).indices
+            mask = torch.zeros(weight.shape[0], weight.shape[1] // 4, 4, dtype=torch.bool,
+                               device="cuda").scatter_(-1, top, True)
+            insert_mask(graph, node, mask.reshape(weight.shape))
+    graph.recompile()
+    graph.eval()
+    with torch.no_grad():
+        masked = graph(x)
+        chop.run(graph, "sparse{mode=all}")
+        layers = graph.history[-1].info["layers"]
+        assert {r["decision"] for r in layers.values()} == {"semi-structured"}, layers
+        torch.testing.assert_close(graph(x), masked, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet", "inception", "mlp", "opaque"])
+def test_zoo_sparse_matches_the_masked_graph(name):
+    import zoo
+
+    _, graph = zoo.trace(name)
+    chop.run(graph, "magnitude, mask{sparsity=0.9}")
+    args, kwargs = zoo.ZOO[name].inputs(5)
+    masked = zoo.output(graph(*args, **kwargs))
+    chop.run(graph, "sparse{mode=all}")
+    torch.testing.assert_close(zoo.output(graph(*args, **kwargs)), masked)
+    layers = graph.history[-1].info["layers"]
+    assert all((r["decision"] == "csr") == (r["op"] in ("linear", "addmm")) for r in layers.values())
+    assert not any(k.endswith("_mask") for k in graph.module.state_dict())

@@ -1,0 +1,252 @@
+"""A model zoo for the structured-pruning tests: small, built in code, one of each coupling kind.
+
+Each entry says how to build the model and its inputs (``inputs(batch)``), so tests can trace
+with one batch size and check with another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class VGG(nn.Module):
+    """conv-BN-ReLU ×4 with two max-pools, flatten, two linears (channels -> feature blocks)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 16, 32, 32), hidden: int = 64,
+                 classes: int = 10, size: int = 16):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            if i % 2 == 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = w
+        self.features = nn.Sequential(*layers)
+        spatial = size // 2 ** (len(widths) // 2)
+        self.classifier = nn.Sequential(nn.Linear(cin * spatial * spatial, hidden), nn.ReLU(),
+                                        nn.Dropout(0.2), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.a = conv_bn(cin, cout, 3, stride)
+        self.b = conv_bn(cout, cout, 3)
+        self.short = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.b(F.relu(self.a(x))) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """A stem, an identity block, a downsampling block with a 1×1 shortcut, global pooling."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.layer1 = Block(16, 16, 1)
+        self.layer2 = Block(16, 32, 2)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class MobileNet(nn.Module):
+    """Depthwise-separable blocks and an inverted residual (expand, depthwise, project, add),
+    plus a grouped 1×1 conv."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.dw1 = conv_bn(16, 16, 3, groups=16)
+        self.pw1 = conv_bn(16, 24, 1)
+        self.expand = conv_bn(24, 48, 1)
+        self.dw2 = conv_bn(48, 48, 3, groups=48)
+        self.project = conv_bn(48, 24, 1)
+        self.grouped = conv_bn(24, 32, 1, groups=4)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.stem(x))
+        x = F.relu6(self.pw1(F.relu6(self.dw1(x))))
+        x = x + self.project(F.relu6(self.dw2(F.relu6(self.expand(x)))))
+        x = F.relu(self.grouped(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class Inception(nn.Module):
+    """Parallel branches concatenated along channels, and a split of one conv's channels."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.Conv2d(16, 8, 1)
+        self.b3 = nn.Conv2d(16, 12, 3, padding=1)
+        self.bp = nn.Conv2d(16, 4, 1)
+        self.mix = nn.Conv2d(24, 16, 1)
+        self.side = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        pool = F.max_pool2d(x, 3, 1, 1)
+        x = torch.cat([F.relu(self.b1(x)), F.relu(self.b3(x)), F.relu(self.bp(pool))], 1)
+        a, b = self.mix(x).split([8, 8], dim=1)
+        x = torch.cat([F.relu(a), F.relu(self.side(F.relu(b)))], 1)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class FlatMLP(nn.Module):
+    """Flatten an image, three linears."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 48)
+        self.fc2 = nn.Linear(48, 32)
+        self.fc3 = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc3(F.gelu(self.fc2(x)))
+
+
+class Opaque(nn.Module):
+    """A cumulative sum over channels: an op channel-groups does not understand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv1(x))
+        y = torch.cumsum(self.conv2(y), dim=1)
+        return self.fc(y.mean((2, 3)))
+
+
+def bert() -> nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def gpt2() -> nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def images(batch: int, size: int = 16, channels: int = 3) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(batch)
+    return (torch.randn(batch, channels, size, size, generator=g),), {}
+
+
+def tokens(batch: int, seq: int = 10) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 120, (batch, seq), generator=g)
+    return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@dataclass
+class Entry:
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple[tuple, dict]]
+
+
+ZOO: dict[str, Entry] = {
+    "vgg": Entry(VGG, images),
+    "resnet": Entry(ResNet, images),
+    "mobilenet": Entry(MobileNet, images),
+    "inception": Entry(Inception, images),
+    "mlp": Entry(FlatMLP, lambda b: images(b, size=8, channels=1)),
+    "bert": Entry(bert, tokens),
+    "gpt2": Entry(gpt2, tokens),
+    "opaque": Entry(Opaque, images),
+}
+
+
+_TRACED: dict[str, tuple[nn.Module, Any]] = {}
+
+
+def trace(name: str) -> tuple[nn.Module, Any]:
+    """Zoo model ``name`` (seeded) and a fresh :class:`chop.Graph` of it in eval mode, with
+    BatchNorm statistics and biases made non-trivial so that they matter in equivalence checks.
+
+    torch.export runs once per model per session; each call wraps a deep copy of that traced
+    module (its own parameters), so tests may edit their graph freely.
+    """
+    import chop
+
+    if name not in _TRACED:
+        torch.manual_seed(0)
+        model = ZOO[name].build().eval()
+        with torch.no_grad():
+            for key, buffer in model.named_buffers():
+                if key.endswith("running_mean"):
+                    buffer.copy_(torch.randn_like(buffer) * 0.1)
+                elif key.endswith("running_var"):
+                    buffer.copy_(torch.rand_like(buffer) + 0.5)
+            for key, param in model.named_parameters():
+                if key.endswith("bias"):
+                    param.copy_(torch.randn_like(param) * 0.1)
+        args, kwargs = ZOO[name].inputs(2)
+        graph = chop.trace(model, args, kwargs)
+        _TRACED[name] = (model, graph)
+    model, graph = _TRACED[name]
+    return model, graph.copy()
+
+
+def prune_half(graph: Any, groups: Any, seed: int = 0, granularity: str | None = None
+               ) -> dict[int, torch.Tensor]:
+    """Keep decisions removing the lowest-scoring half of each group's prunable channels, with
+    random saliency on every conv/linear weight (scored with ``group_scores``)."""
+    from chop import meta
+    from passes.analysis.group_select import group_scores
+
+    g = torch.Generator().manual_seed(seed)
+    for node in graph.weight_nodes():
+        if meta.entries(node).get("role") in ("linear", "conv"):
+            meta.entries(node)["saliency"] = torch.rand(graph.parameter(node).shape, generator=g)
+    keep = {}
+    for gid, score in group_scores(graph, groups, granularity=granularity).items():
+        group = groups[gid]
+        prunable = group.prunable
+        if not prunable.any():
+            continue
+        score = score.masked_fill(~prunable, float("inf"))
+        decision = torch.ones(group.size, dtype=torch.bool)
+        decision[score.argsort()[: int(prunable.sum()) // 2]] = False
+        keep[gid] = decision
+    return keep
+
+
+def output(result: Any) -> torch.Tensor:
+    """The main output tensor of a zoo model (``.logits`` of a transformers output)."""
+    return result.logits if hasattr(result, "logits") else result
+
