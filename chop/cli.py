@@ -122,6 +122,13 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
 
         console.print(summary_line(collapse), highlight=False)
     steps = report.get("pipeline", [])
+    for step in steps:  # shrink and sparse report [before, after] sizes
+        total = (step.get("info") or {}).get("total", {})
+        if isinstance(total.get("params"), list):
+            (p0, p1), (f0, f1) = total["params"], total.get("flops", (0, 0))
+            flops = f", FLOPs {f0:,} -> {f1:,} ({f0 / max(f1, 1):.2f}x fewer)" if f0 else ""
+            console.print(f"{step['name']}: parameters {p0:,} -> {p1:,} "
+                          f"({p0 / max(p1, 1):.2f}x smaller){flops}", highlight=False)
     if steps:
         console.print("pipeline: " + ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in steps),
                       highlight=False)

@@ -33,6 +33,7 @@ from passes.transform.mask import MASK_OF
 
 log = logging.getLogger("chop")
 
+RESHAPING = ("shrink", "sparse")  # passes after which the original model class no longer fits
 FILES = ("model.pt2", "weights.safetensors", "masks.safetensors", "report.json",
          "sparsity.html", "graph.dot")
 
@@ -155,7 +156,9 @@ def write_outputs(
         out: OUTDIR, already validated with :func:`check_outdir`.
         inputs: one batch's inputs: the export's example and the check's input.
         keys: the original state-dict keys, in order: ``weights.safetensors`` holds exactly
-            these, so it loads into the original model class with ``strict=True``.
+            these, so it loads into the original model class with ``strict=True``. After
+            ``shrink`` or ``sparse``, which change shapes and storage, it holds the graph's own
+            state dict instead, and that check is skipped (``model.pt2`` is still checked).
         model: the original model, if there is one: ``weights.safetensors`` is checked by
             loading it into a copy and comparing outputs.
     """
@@ -167,6 +170,11 @@ def write_outputs(
     if any(n.meta.get("chop", {}).get(MASK_OF) for n in graph.module.graph.nodes):
         fold_masks(graph)
     state = graph.module.state_dict()
+    reshaped = [r.name for r in graph.history if r.name in RESHAPING]
+    if reshaped:  # shrunk tensors / CSR buffers: the graph's own state dict, not the model's
+        keys, model = [k for k in state if not k.endswith("_guards_fn")], None
+        log.info("%s changed the parameters' shapes or storage: weights.safetensors holds the "
+                 "graph's own state dict; load model.pt2 to run it", ", ".join(reshaped))
     missing = [k for k in keys if k not in state]
     if missing:
         raise OutputError(f"the pruned graph lost parameters {missing[:5]}; this is a bug in chop")

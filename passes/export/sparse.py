@@ -159,7 +159,8 @@ def sparsify(
         kept = int(mask.sum())
         row: dict[str, Any] = {
             "shape": tuple(weight.shape), "sparsity": 1 - kept / max(mask.numel(), 1),
-            "params_before": weight.numel(), "flops_before": 2 * weight.numel(),
+            "params": [weight.numel(), weight.numel()],
+            "flops": [2 * weight.numel(), 2 * weight.numel()],  # per input row: [before, after]
             "op": meta.entries(weight_node).get("op", "other"),
         }
         rows[name] = row
@@ -189,13 +190,13 @@ def sparsify(
                 row.update(decision="dense", reason=why)
                 continue
             _replace_with_semi_structured(graph, mul, name, tensor, uses)
-            row.update(decision="semi-structured", reason="2:4 mask on CUDA",
-                       params_after=kept, flops_after=2 * kept)
+            row.update(decision="semi-structured", reason="2:4 mask on CUDA")
+            row["params"][1], row["flops"][1] = kept, 2 * kept
             continue
         csr = to_csr(w, m)
         if timing or mode == "measure":
             dense_s, sparse_s = _time_layer((w * m).contiguous(), csr, timing_batch)
-            row.update(latency_before_us=dense_s * 1e6, latency_after_us=sparse_s * 1e6)
+            row["latency_us"] = [dense_s * 1e6, sparse_s * 1e6]
         if mode == "measure":
             take = sparse_s < dense_s
             reason = (f"measured at batch {timing_batch}: csr {sparse_s * 1e6:.1f} µs vs "
@@ -210,23 +211,20 @@ def sparsify(
             take, reason = True, f"sparsity {row['sparsity']:.3f} >= min_sparsity {min_sparsity}"
         if not take:
             row.update(decision="dense", reason=reason)
-            if "latency_after_us" in row:
-                row["latency_after_us"] = row["latency_before_us"]
+            if "latency_us" in row:
+                row["latency_us"][1] = row["latency_us"][0]
             continue
         _replace_with_csr(graph, mul, name, csr, tuple(w.shape), uses)
-        row.update(decision="csr", reason=reason, params_after=kept, flops_after=2 * kept)
-    for row in rows.values():
-        row.setdefault("params_after", row["params_before"])
-        row.setdefault("flops_after", row["flops_before"])
+        row.update(decision="csr", reason=reason)
+        row["params"][1], row["flops"][1] = kept, 2 * kept
     fold_masks(graph)  # the layers kept dense
     return rows
 
 
 def totals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Sums of the per-layer parameters, FLOPs (and latencies, when timed) of ``rows``."""
-    keys = ["params_before", "params_after", "flops_before", "flops_after",
-            "latency_before_us", "latency_after_us"]
-    total = {k: sum(r[k] for r in rows.values()) for k in keys
+    total = {k: [sum(r[k][0] for r in rows.values()), sum(r[k][1] for r in rows.values())]
+             for k in ("params", "flops", "latency_us")
              if rows and all(k in r for r in rows.values())}
     total["layers"] = len(rows)
     total["csr"] = sum(r["decision"] == "csr" for r in rows.values())
@@ -246,12 +244,12 @@ def _check_and_time(graph: Graph, ctx: Context, apply: Any, timing: bool) -> tup
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         before = run()
         if timing:
-            info["model_latency_before_us"] = median_seconds(run) * 1e6
+            info["model_latency_us"] = [median_seconds(run) * 1e6]
     result = apply()
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         after = run()
         if timing:
-            info["model_latency_after_us"] = median_seconds(run) * 1e6
+            info["model_latency_us"].append(median_seconds(run) * 1e6)
     a, b = (torch.utils._pytree.tree_leaves(o) for o in (after, before))
     for x, y in zip(a, b):
         if isinstance(x, torch.Tensor) and not torch.allclose(x, y, rtol=1e-4, atol=1e-5):

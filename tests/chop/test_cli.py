@@ -168,6 +168,36 @@ def test_transform_end_to_end(project: Path, passes: str, capfd) -> None:
         assert f"{kept:,}" in shown.split("total")[1]  # from masks, or zeros in the weights
 
 
+@pytest.mark.parametrize(
+    ("passes", "extra", "pipeline"),
+    [
+        ('["snip", "mask", "shrink"]', 'granularity = "channel"\n', "mask{granularity=channel, sparsity=0.8}, shrink"),
+        ('["snip", "mask", "sparse"]', '\n[passes.sparse]\nmode = "all"\n', "mask{sparsity=0.8}, sparse{mode=all}"),
+    ],
+    ids=["shrink", "sparse"],
+)
+def test_transform_writes_shrunk_and_sparse_models(project: Path, passes, extra, pipeline) -> None:
+    config = write_config(project, passes, name="structured.toml")
+    config.write_text(config.read_text().replace('scope = "global"\n', 'scope = "global"\n' + extra, 1))
+    out = project / "out"
+    result = run_cli("transform", "--config", str(config), str(project / "model.ckpt"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    graph, _ = api_graph(project, "snip{batches=2}, " + pipeline)
+    graph.eval()
+    x = torch.randn(5, 1, 6, 6)
+    program = torch.export.load(out / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), graph.module(x))
+    weights = load_file(out / "weights.safetensors")  # the smaller model's own state dict
+    assert weights.keys() == graph.module.state_dict().keys()
+    stored = sum(t.numel() for k, t in weights.items() if t.is_floating_point())
+    dense = sum(p.numel() for p in _tiny_class(project)().parameters())
+    assert stored < dense
+    before, after = graph.history[-1].info["total"]["params"]
+    assert after < before
+    assert f"{graph.history[-1].name}: parameters {before:,} -> {after:,}" in result.stdout
+
+
 def test_transform_json_quiet_set_and_default_outdir(project: Path, capfd) -> None:
     config = project / "snip.toml"
     args = ["transform", "--config", str(config), str(project / "model.ckpt"), "--json",

@@ -68,9 +68,9 @@ def test_mlp_with_flatten_stores_exactly_the_kept_weights_and_matches_the_masked
         assert state[f"{name}_values"].numel() == kept
         torch.testing.assert_close(csr_dense(graph, name, shape), weights[name] * masks[name])
         row = info["layers"][name]
-        assert (row["decision"], row["params_before"], row["params_after"]) == ("csr", shape[0] * shape[1], kept)
-        assert (row["flops_before"], row["flops_after"]) == (2 * shape[0] * shape[1], 2 * kept)
-    assert info["total"]["params_after"] == sum(int(m.sum()) for m in masks.values())
+        assert (row["decision"], row["params"]) == ("csr", [shape[0] * shape[1], kept])
+        assert row["flops"] == [2 * shape[0] * shape[1], 2 * kept]
+    assert info["total"]["params"][1] == sum(int(m.sum()) for m in masks.values())
     assert not any(n.op == "get_attr" and n.target.endswith(("weight", "_mask"))
                    for n in graph.module.graph.nodes)
     for name, value in model.named_parameters():  # the traced model is left alone
@@ -105,7 +105,7 @@ def test_auto_keeps_low_sparsity_and_small_layers_dense(mlp, mlp_batches):
     assert layers["layers.0.weight"]["decision"] == "csr"
     assert layers["layers.1.weight"]["decision"] == "dense"
     assert "sparsity 0.300 < min_sparsity 0.7" in layers["layers.1.weight"]["reason"]
-    assert layers["layers.1.weight"]["params_after"] == 32 * 32
+    assert layers["layers.1.weight"]["params"][1] == 32 * 32
     assert "layers.2.weight" not in layers  # never masked: untouched
     torch.testing.assert_close(graph(x), masked)
 
@@ -121,9 +121,9 @@ def test_measure_mode_times_both_kernels_and_keeps_the_faster(mlp, mlp_batches):
     chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=measure, timing=true}",
              data=mlp_batches)
     info = graph.history[-1].info
-    assert info["model_latency_before_us"] > 0 and info["model_latency_after_us"] > 0
+    assert len(info["model_latency_us"]) == 2 and min(info["model_latency_us"]) > 0
     for row in info["layers"].values():
-        faster = row["latency_after_us"] < row["latency_before_us"]
+        faster = row["latency_us"][1] < row["latency_us"][0]
         assert row["decision"] == ("csr" if faster else "dense"), row
         assert "measured at batch 1" in row["reason"]
 
