@@ -246,6 +246,12 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "conv1.weight" in result.stdout and "95.0%" in result.stdout
     assert set(os.listdir(tmp_path / "out")) == OUTPUTS
+    # the README's training command on that output (one epoch here, to keep the test short)
+    result = run_cli("train", "--config", "examples/lenet5_snip.toml", str(tmp_path / "out"),
+                     "-o", str(tmp_path / "trained"), "--set", "train.epochs=1")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1: loss" in result.stdout + result.stderr
+    assert set(os.listdir(tmp_path / "trained")) == OUTPUTS
 
 
 # -- bad input: non-zero exit, a readable message, no traceback, nothing in OUTDIR ----------------
