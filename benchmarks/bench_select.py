@@ -1,0 +1,149 @@
+"""Benchmark exact global top-k selection: chop.select vs torch.cat + torch.kthvalue.
+
+Builds ``--numel`` float32 SNIP-like scores (|N(0,1)| times a per-layer scale,
+10% exact zeros) split over 100 tensors of varied sizes, three of them larger
+than 2**24 elements (torch.quantile's limit). Times, side by side in this
+process (median of ``--repeats`` interleaved runs):
+
+* ``kth_largest``: the exact threshold only;
+* ``keep_masks``: threshold plus the final boolean masks;
+* ``torch.cat + torch.kthvalue``: the threshold from one concatenated copy (the
+  cat is included, since a user needs it).
+
+Peak extra memory is measured per method in a fresh subprocess, as the RSS
+high-water mark after one run minus the RSS right after allocating the scores
+(Linux VmHWM, reset via /proc/self/clear_refs; else ``ru_maxrss``). For
+``keep_masks`` it includes the returned masks (1 byte per score). The
+thresholds of both approaches are checked to agree.
+
+Usage: ``python benchmarks/bench_select.py [--numel N] [--repeats R] [--threads T]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chop.select import keep_masks, kth_largest  # noqa: E402
+
+METHODS = ("kth_largest", "keep_masks", "cat+kthvalue")
+
+
+def build_scores(numel: int, seed: int) -> list[torch.Tensor]:
+    """100 float32 tensors totalling ``numel`` elements, three of 20% each."""
+    gen = torch.Generator().manual_seed(seed)
+    big = [numel // 5] * 3
+    weights = torch.rand(97, generator=gen) + 0.05
+    rest = numel - sum(big)
+    small = (weights / weights.sum() * rest).long().tolist()
+    small[-1] += rest - sum(small)
+    scores = []
+    for i, n in enumerate(big[:1] + small[:48] + big[1:2] + small[48:] + big[2:]):
+        s = torch.empty(n)
+        for part in s.split(1 << 20):  # small temporaries, so the RSS baseline is just the scores
+            torch.randn(part.shape, generator=gen, out=part).abs_().mul_(10.0 ** (i % 7 - 3))
+            part[torch.rand(part.shape, generator=gen) < 0.1] = 0.0
+        scores.append(s)
+    return scores
+
+
+def run_method(method: str, scores: list[torch.Tensor], k: int) -> float:
+    """Runs one method and returns its threshold value."""
+    if method == "kth_largest":
+        return kth_largest(scores, k)[0]
+    if method == "keep_masks":
+        masks = keep_masks(scores, k)
+        assert sum(int(m.count_nonzero()) for m in masks) == k
+        return float("nan")
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    return torch.kthvalue(flat, flat.numel() - k + 1).values.item()
+
+
+def reset_peak_rss() -> bool:
+    """Returns freed heap to the OS, then resets the RSS high-water mark (Linux); False if unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # so freed build temporaries are not reused "for free"
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib(reset: bool) -> float:
+    """VmHWM if it could be reset, else the process-lifetime ``ru_maxrss``."""
+    if reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child(args: argparse.Namespace) -> None:
+    """Measures one method's peak extra RSS in this (fresh) process."""
+    scores = build_scores(args.numel, args.seed)
+    reset = reset_peak_rss()
+    base = peak_rss_mib(reset)
+    run_method(args.child, scores, int(args.keep * args.numel))
+    print(json.dumps({"extra_mib": peak_rss_mib(reset) - base}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=100_000_000, help="total number of scores")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument("--keep", type=float, default=0.1, help="fraction of scores kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        child(args)
+        return
+
+    scores = build_scores(args.numel, args.seed)
+    k = int(args.keep * args.numel)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    thresholds: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for method in METHODS:
+            start = time.perf_counter()
+            value = run_method(method, scores, k)
+            times[method].append(time.perf_counter() - start)
+            thresholds.setdefault(method, value)
+    assert thresholds["kth_largest"] == thresholds["cat+kthvalue"], thresholds
+    extra = {}
+    for method in METHODS:
+        cmd = [sys.executable, __file__, "--numel", str(args.numel), "--keep", str(args.keep)]
+        cmd += ["--seed", str(args.seed), "--threads", str(args.threads), "--child", method]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        extra[method] = json.loads(out.splitlines()[-1])["extra_mib"]
+
+    score_mib = sum(s.numel() * s.element_size() for s in scores) / 2**20
+    sizes = sorted((s.numel() for s in scores), reverse=True)
+    print(f"scores: {args.numel:,} float32 in {len(scores)} tensors ({score_mib:.0f} MiB; "
+          f"largest {sizes[0]:,}, smallest {sizes[-1]:,}); k = {k:,}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"threshold: {thresholds['kth_largest']!r} (identical for both methods)\n")
+    ref = statistics.median(times["cat+kthvalue"])
+    print("| method | median s | speedup vs kthvalue | peak extra MiB | scores MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for method in METHODS:
+        med = statistics.median(times[method])
+        print(f"| {method} | {med:.3f} | {ref / med:.1f}x | {extra[method]:.0f} | {score_mib:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
