@@ -185,7 +185,6 @@ def _logging_to(console: Console, quiet: bool) -> Iterator[None]:
 
 
 def _transform(args: argparse.Namespace, console: Console) -> int:
-    from chop.save import FILES
     from chop.transform import transform
 
     err = Console(stderr=True)
@@ -196,6 +195,14 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
             force=args.force, trust_checkpoint=args.trust_checkpoint,
             track=display.track, on_pass=display.on_pass, on_stage=display.on_stage,
         )
+    return _finish(args, result, console)
+
+
+def _finish(args: argparse.Namespace, result: Any, console: Console) -> int:
+    """Print what a transform or train run produced: the report as JSON, or the table and
+    where the files went."""
+    from chop.save import FILES
+
     if args.json:
         sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
     elif not args.quiet:
@@ -208,7 +215,6 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from chop.save import FILES
     from chop.train import train
 
     err = Console(stderr=True)
@@ -233,15 +239,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             force=args.force, trust_checkpoint=args.trust_checkpoint, track=display.track,
             on_pass=display.on_pass, on_stage=display.on_stage, on_epoch=on_epoch,
         )
-    if args.json:
-        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
-    elif not args.quiet:
-        _print_report(result.report, console)
-        shown = os.path.relpath(result.outdir) if result.outdir.is_relative_to(os.getcwd()) \
-            else str(result.outdir)
-        console.print(f"wrote [bold]{escape(shown)}[/bold]", highlight=False, soft_wrap=True)
-        console.print("  " + ", ".join(FILES), highlight=False)
-    return 0
+    return _finish(args, result, console)
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:

@@ -54,7 +54,7 @@ from chop.pruner import mask_nodes
 from chop.report import build_report
 from chop.save import check_outdir, default_outdir, write_outputs
 from chop.sources import is_reference
-from chop.transform import Result, build, program_graph, trace_inputs
+from chop.transform import Result, _noop, build, program_graph, trace_inputs
 from passes.transform.mask import insert_mask
 
 log = logging.getLogger("chop")
@@ -249,10 +249,6 @@ def train_graph(
 
 
 # -- the command ---------------------------------------------------------------------------------
-
-
-def _noop(description: str) -> None:
-    return None
 
 
 def _from_outdir(folder: Path, config: Config, inputs: Any, trust: bool
