@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -190,6 +191,29 @@ def grads_or_zeros(
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
+def _owned(grad: torch.Tensor, uses: Counter) -> bool:
+    """Whether ``grad`` may be edited in place: it alone covers its whole storage, densely (a
+    transposed layout is fine), and no other returned gradient shares that storage (``uses``:
+    autograd can hand two parameters the same tensor, e.g. for ``(a + b) * x``, and returns
+    stride-0 expanded gradients for parameters that are only summed)."""
+    storage = grad.untyped_storage()
+    order = sorted(range(grad.dim()), key=grad.stride, reverse=True)
+    return (uses[storage.data_ptr()] == 1 and grad.storage_offset() == 0
+            and storage.nbytes() == grad.numel() * grad.element_size()
+            and grad.permute(order).is_contiguous())
+
+
+def _score(total: torch.Tensor, p: torch.Tensor, times_weight: bool, owned: bool) -> torch.Tensor:
+    """|total ⊙ p| (or |total|) in p's memory layout: in place when ``total`` is owned and already
+    has that layout (one pass, no fresh memory), else into a new tensor shaped like ``p``."""
+    out = total if owned and total.stride() == p.stride() else torch.empty_like(p)
+    if times_weight:
+        torch.mul(total, p, out=out)
+    elif out is not total:
+        out.copy_(total)
+    return out.abs_()
+
+
 def accumulated_gradients(
     graph: Graph,
     nodes: list[Node],
@@ -203,23 +227,31 @@ def accumulated_gradients(
 ) -> list[torch.Tensor]:
     """|Σ_b g_b ⊙ w| (``abs-of-sum``) or Σ_b |g_b ⊙ w| (``sum-of-abs``) for each node, with
     g_b = ∂L_b/∂w; without ``times_weight`` the same with g_b alone (|Σ g_b|, Σ |g_b|).
-    One forward and backward per batch on the graph itself; the model is left bit-identical."""
+
+    One forward and backward per batch on the graph itself; the model is left bit-identical.
+    The first batch's own gradients become the running sums (no zero-filled accumulators:
+    filling fresh memory cost more than the rest of the bookkeeping on BERT-base), and the final
+    |sum ⊙ w| is one pass written in the weight's layout."""
     with scoring(graph, nodes, bn=bn) as params:
-        sums = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        sums: list[torch.Tensor | None] = [None] * len(params)
         for value in batch_losses(graph.module, batches, loss, who):
             grads = torch.autograd.grad(value, params, allow_unused=True)
+            uses = Counter(g.untyped_storage().data_ptr() for g in grads if g is not None)
             with torch.no_grad():
-                for total, grad, p in zip(sums, grads, params):
+                for i, (grad, p) in enumerate(zip(grads, params)):
                     if grad is None:
                         continue
-                    if accumulate == "abs-of-sum":
-                        total.add_(grad)
-                    else:
-                        total.add_((grad * p if times_weight else grad).abs_())
-    if accumulate == "abs-of-sum":
-        with torch.no_grad():
-            sums = [(t.mul_(p) if times_weight else t).abs_() for t, p in zip(sums, params)]
-    return sums
+                    if accumulate == "sum-of-abs":
+                        grad = _score(grad, p, times_weight, _owned(grad, uses))
+                    elif sums[i] is None and not _owned(grad, uses):
+                        grad = grad.clone()  # the first term becomes the running sum
+                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+    with torch.no_grad():
+        return [
+            torch.zeros_like(p) if t is None
+            else _score(t, p, times_weight, owned=True) if accumulate == "abs-of-sum" else t
+            for t, p in zip(sums, params)
+        ]
 
 
 # -- a functional view of the graph ---------------------------------------------------------------

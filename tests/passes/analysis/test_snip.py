@@ -113,3 +113,47 @@ def test_snip_rejects_a_non_scalar_loss(cnn_graph, cnn_batches):
 def test_batches_out_of_range():
     with pytest.raises(chop.OptionError, match="snip: batches=0 must be at least 1"):
         Snip(batches=0)
+
+
+class SharedGradients(nn.Module):
+    """Autograd hands `a` and `b` one gradient tensor ((a + b) * x), and `scale` (only summed)
+    a stride-0 expanded one: accumulation must not write through either in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4))
+        self.b = nn.Parameter(torch.randn(4))
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.scale = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return ((self.a + self.b) * x) @ self.w + self.scale.sum()
+
+
+@pytest.mark.parametrize("accumulate", ["abs-of-sum", "sum-of-abs"])
+@pytest.mark.parametrize("criterion", ["snip", "gradient"])
+def test_shared_and_expanded_gradients(accumulate, criterion):
+    torch.manual_seed(0)
+    model = SharedGradients()
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(2)]
+    graph = chop.trace(model, (batches[0][0],))
+    chop.run(graph, f"{criterion}{{batches=2, accumulate={accumulate}}}", data=batches)
+    params = dict(model.named_parameters())
+    totals = {name: torch.zeros_like(p) for name, p in params.items()}
+    for x, y in batches:
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(params.values()))
+        for (name, p), g in zip(params.items(), grads):
+            term = g * p if criterion == "snip" else g
+            totals[name] += term if accumulate == "abs-of-sum" else term.abs()
+    for name, value in saliency(graph).items():
+        torch.testing.assert_close(value, totals[name].abs().detach(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_saliency_keeps_the_weight_layout(mlp, mlp_batches):
+    transposed = mlp.layers[1].weight  # a weight stored transposed: its grad comes back that way
+    with torch.no_grad():
+        mlp.layers[1].weight = nn.Parameter(transposed.detach().t().contiguous().t())
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "snip{batches=2}", data=mlp_batches)
+    for node in graph.weight_nodes():
+        assert node.meta["chop"]["saliency"].stride() == graph.parameter(node).stride(), node.target

@@ -1,0 +1,182 @@
+"""How much does the ``snip`` pass cost next to one plain forward+backward of the model?
+
+For each model this script times, on the same batch:
+
+- **eager**: one forward+backward of the original ``nn.Module`` in eval mode (BatchNorm on its
+  running stats, dropout off: the mode SNIP scores in), cross-entropy loss, ``loss.backward()``,
+  with grads set to None before each run;
+- **snip**: ``chop.run(graph, "snip", data=[(inputs, targets)])`` on the graph ``chop.trace``
+  captured from that model once, untimed, in train mode as a fresh model is (so the pass's own
+  switch to eval mode and back is part of its cost).
+
+After two warm-up rounds, the two are run alternately (eager, snip, snip, eager, ...) so that a
+shared machine's noise falls on both, and the medians are compared against the target
+snip / eager <= 1.15. The script asserts that scoring left every parameter, buffer and
+``requires_grad`` flag bit-identical, ``.grad`` unset and the graph back in train mode.
+
+Run it from the repository root::
+
+    python benchmarks/bench_snip.py                      # BERT-base and a ResNet-18-style CNN
+    python benchmarks/bench_snip.py --models bert --batch 8 --seq 128 --repeats 9 --verbose
+
+The defaults (BERT 8x64, CNN batch 64) take about 1-2 s per eager step on 2 idle CPU cores. When
+other processes share the cores, torch's OpenMP threads stall and single runs vary by 3-10x:
+raise --repeats, read --verbose (every run, the median of the per-pair ratios, the ratio of the
+fastest runs), or measure CPU time of one thread (--threads 1 --clock cpu), which other processes
+barely disturb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chop
+from chop.data import call, logits_of
+
+TARGET = 1.15
+WARMUP = 2  # untimed rounds: the second snip still touches fresh memory (the old scores are alive)
+
+
+class Block(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, identity or strided 1x1 conv+BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.short = nn.Sequential(conv, nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images (3x3 stem, no max-pool): 11.2M parameters."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        conv = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.stem = nn.Sequential(conv, nn.BatchNorm2d(64), nn.ReLU())
+        widths = [(64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1),
+                  (128, 256, 2), (256, 256, 1), (256, 512, 2), (512, 512, 1)]
+        self.blocks = nn.Sequential(*(Block(*w) for w in widths))
+        self.head = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def bert_case(batch: int, seq: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig())  # BERT-base: 768 wide, 12 layers, 12 heads
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[: batch // 2, seq * 3 // 4 :] = 0  # pad some rows, so the attention mask matters
+    return model, {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (batch,))
+
+
+def cnn_case(batch: int):
+    return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+
+def eager_step(model: nn.Module, inputs, targets: torch.Tensor) -> None:
+    F.cross_entropy(logits_of(call(model, inputs)), targets).backward()
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
+    state = model.state_dict(keep_vars=True)
+    return {k: (v.detach().clone(), v.requires_grad) for k, v in state.items()}
+
+
+def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: int, clock) -> dict:
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), None)
+    graph = chop.trace(model, args, kwargs)  # untimed; starts in train mode, like the model
+    model.eval()
+    runs = {
+        "eager": lambda: eager_step(model, inputs, targets),
+        "snip": lambda: chop.run(graph, "snip", data=[(inputs, targets)]),
+    }
+    before = snapshot(model)
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for i in range(WARMUP + repeats):
+        for key in (("eager", "snip") if i % 2 == 0 else ("snip", "eager")):
+            model.zero_grad(set_to_none=True)
+            start = clock()
+            runs[key]()
+            times[key].append(clock() - start)
+            if key == "snip":
+                assert all(p.grad is None for p in model.parameters()), "snip set .grad"
+    model.zero_grad(set_to_none=True)
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for key, (value, flag) in before.items():
+        assert torch.equal(value, after[key][0]) and flag == after[key][1], f"snip changed {key}"
+    assert graph.training, "snip left the graph in eval mode"
+    eager, snip = times["eager"][WARMUP:], times["snip"][WARMUP:]
+    return {
+        "model": name, "params": sum(p.numel() for p in model.parameters()),
+        "batch": next(iter(inputs.values())).shape if isinstance(inputs, dict) else inputs.shape,
+        "eager": statistics.median(eager), "snip": statistics.median(snip),
+        "runs": {"eager": eager, "snip": snip},
+        "paired": statistics.median(s / e for s, e in zip(snip, eager)),
+        "fastest": min(snip) / min(eager),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="bert,cnn", help="comma-separated, from: bert, cnn")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved")
+    parser.add_argument("--batch", type=int, default=8, help="BERT batch size")
+    parser.add_argument("--seq", type=int, default=64, help="BERT sequence length")
+    parser.add_argument("--cnn-batch", type=int, default=64, help="CNN batch size (32x32 images)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: untouched)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: time.process_time (all threads)")
+    parser.add_argument("--verbose", action="store_true", help="print every run and more ratios")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    clock = time.perf_counter if opts.clock == "wall" else time.process_time
+    cases = {
+        "bert": ("BERT-base (seq-cls)", lambda: bert_case(opts.batch, opts.seq)),
+        "cnn": ("ResNet-18 (32x32)", lambda: cnn_case(opts.cnn_batch)),
+    }
+    rows = []
+    for key in opts.models.split(","):
+        if key not in cases:
+            parser.error(f"unknown model {key!r}; choose from {', '.join(cases)}")
+        torch.manual_seed(0)
+        name, make = cases[key]
+        rows.append(bench(name, *make(), opts.repeats, clock))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {opts.clock} clock, "
+          f"median of {opts.repeats}\n")
+    print("| model | params | batch | eager fwd+bwd s | snip s | ratio | target |")
+    print("|---|---:|---|---:|---:|---:|---|")
+    for r in rows:
+        ratio = r["snip"] / r["eager"]
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {'x'.join(map(str, r['batch']))} | "
+              f"{r['eager']:.3f} | {r['snip']:.3f} | {ratio:.3f} | "
+              f"<= {TARGET} {'ok' if ratio <= TARGET else 'MISSED'} |")
+    for r in rows if opts.verbose else ():
+        print(f"\n{r['model']}: median of per-pair ratios {r['paired']:.3f}, "
+              f"ratio of fastest runs {r['fastest']:.3f}")
+        for key, values in r["runs"].items():
+            print(f"  {key:5s} " + " ".join(f"{v:.3f}" for v in values))
+
+
+if __name__ == "__main__":
+    main()
