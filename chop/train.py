@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from chop import datasets
+from chop import datasets, meta
 from chop.checkpoint import CheckpointError, load_checkpoint
 from chop.config import Config, DataSpec, _show, _Validator, load_config
 from chop.data import call, cross_entropy, logits_of
@@ -68,6 +68,12 @@ _TRAIN_KEYS = {
     "momentum": "a number in [0, 1)",
     "seed": "an integer",
     "eval_fraction": "a number in [0, 1)",
+    "prune_sparsity": "a number in [0, 1)",
+    "prune_criterion": "a scoring pass, e.g. \"magnitude\" or \"snip{batches=1}\"",
+    "prune_schedule": "\"exp\", \"cos\", \"cube\" or \"linear\"",
+    "prune_start": "an integer of at least 0 (optimizer steps)",
+    "prune_end": "an integer of at least prune_start (optimizer steps)",
+    "prune_frequency": "a positive integer (optimizer steps)",
 }
 
 
@@ -83,6 +89,13 @@ class TrainSpec:
     momentum: float = 0.0
     seed: int = 0
     eval_fraction: float = 0.2
+    # pruning during training (chop.pruner.Pruner), on when prune_sparsity is set
+    prune_sparsity: float | None = None
+    prune_criterion: str = "magnitude"
+    prune_schedule: str = "cube"
+    prune_start: int = 0
+    prune_end: int = 0
+    prune_frequency: int = 1
 
 
 def parse_train(validator: _Validator, raw: dict[str, Any]) -> TrainSpec:
@@ -102,15 +115,27 @@ def parse_train(validator: _Validator, raw: dict[str, Any]) -> TrainSpec:
             "momentum": number and 0 <= value < 1,
             "seed": integer,
             "eval_fraction": number and 0 <= value < 1,
+            "prune_sparsity": number and 0 <= value < 1,
+            "prune_criterion": isinstance(value, str) and bool(value.strip()),
+            "prune_schedule": value in ("exp", "cos", "cube", "linear"),
+            "prune_start": integer and value >= 0,
+            "prune_end": integer and value >= table.get("prune_start", 0),
+            "prune_frequency": integer and value >= 1,
         }[name]
         if not ok:
             raise validator.error(key, f"expected {_TRAIN_KEYS[name]}, got {_show(value)}")
         values[name] = float(value) if name in ("lr", "weight_decay", "momentum",
-                                                "eval_fraction") else value
+                                                "eval_fraction", "prune_sparsity") else value
     if "momentum" in values and values.get("optimizer", "adam") != "sgd":
         raise validator.error(
             "train.momentum", "momentum is an option of optimizer = \"sgd\"; remove it or set "
             "optimizer = \"sgd\""
+        )
+    prune = [k for k in values if k.startswith("prune_") and k != "prune_sparsity"]
+    if prune and "prune_sparsity" not in values:
+        raise validator.error(
+            f"train.{prune[0]}", "pruning during training needs train.prune_sparsity, the target "
+            "it raises the sparsity to; set it, or remove the prune_* keys"
         )
     return TrainSpec(**values)
 
@@ -212,6 +237,7 @@ def train_graph(
         optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     inputs, targets = train
     generator = torch.Generator().manual_seed(spec.seed)
+    pruner = _pruner(graph, spec, loss)
     records = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)  # dropout
@@ -226,16 +252,24 @@ def train_graph(
             )
             for index in items:
                 y = targets[index]
-                outputs = call(graph.module, _take(inputs, index))
+                x = _take(inputs, index)
+                if pruner is not None:
+                    pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
+                outputs = call(graph.module, x)
                 value = loss(outputs, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
+                if pruner is not None:
+                    pruner.on_before_optimizer_step()
                 optimizer.step()
+                if pruner is not None:
+                    pruner.on_after_optimizer_step()
                 total_loss += float(value.detach()) * len(index)
                 correct += int((logits_of(outputs).detach().argmax(-1) == y).sum())
             graph.eval()
             record = {
                 "epoch": epoch,
+                **({"sparsity": pruner.sparsity} if pruner is not None else {}),
                 "loss": total_loss / len(targets),
                 "train_accuracy": correct / len(targets),
                 "eval_accuracy": (accuracy(graph, *evaluation, batch_size)
@@ -246,6 +280,27 @@ def train_graph(
             if on_epoch is not None:
                 on_epoch(record)
     return records
+
+
+def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None) -> Any:
+    """The :class:`~chop.pruner.Pruner` of ``[train] prune_*`` (None without prune_sparsity).
+    Its schedule starts at the sparsity the graph's masks already have, so progressive pruning
+    never gives a pruned weight back."""
+    if spec.prune_sparsity is None:
+        return None
+    from chop.pruner import Pruner
+
+    masks = [meta.entries(n)["mask"] for n in graph.weight_nodes() if "mask" in meta.entries(n)]
+    numel = sum(m.numel() for m in masks)
+    initial = 1.0 - sum(int(m.sum()) for m in masks) / numel if numel else 0.0
+    pruner = Pruner(
+        graph, spec.prune_sparsity, criterion=spec.prune_criterion,
+        schedule=spec.prune_schedule, start_step=spec.prune_start, end_step=spec.prune_end,
+        frequency=spec.prune_frequency, initial_sparsity=min(initial, spec.prune_sparsity),
+        loss=loss,
+    )
+    pruner.on_train_begin()
+    return pruner
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -123,6 +123,11 @@ def run_error(args: list[str], capfd) -> str:
     ("optimizer = \"adamw\"\n", "train.optimizer: expected \"adam\" or \"sgd\""),
     ("momentum = 0.9\n", "momentum is an option of optimizer = \"sgd\""),
     ("eval_fraction = 1.5\n", "train.eval_fraction: expected a number in [0, 1)"),
+    ("prune_end = 10\n", "pruning during training needs train.prune_sparsity"),
+    ("prune_sparsity = 0.95\nprune_schedule = \"steep\"\n",
+     "train.prune_schedule: expected \"exp\", \"cos\", \"cube\" or \"linear\""),
+    ("prune_sparsity = 0.95\nprune_start = 5\nprune_end = 2\n",
+     "train.prune_end: expected an integer of at least prune_start"),
 ])
 def test_bad_train_section(project: Path, capfd, extra: str, expected: str) -> None:
     config = project / "bad.toml"
@@ -132,6 +137,21 @@ def test_bad_train_section(project: Path, capfd, extra: str, expected: str) -> N
                      str(out)], capfd)
     assert expected in err and "bad.toml" in err
     assert not out.exists()
+
+
+def test_train_prunes_along_a_schedule_from_the_masks_it_starts_with(project: Path, capfd) -> None:
+    config = project / "gradual.toml"
+    config.write_text(PRUNE + TRAIN.replace("epochs = 1", "epochs = 2") + (
+        "prune_sparsity = 0.97\nprune_criterion = \"snip\"\nprune_schedule = \"linear\"\n"
+        "prune_start = 0\nprune_end = 8\nprune_frequency = 2\n"))
+    out = project / "out"
+    assert main(["train", "--config", str(config), str(project / "lenet5.ckpt"), "-o", str(out),
+                 "--json"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    history = report["train"]["history"]
+    assert history[-1]["sparsity"] == pytest.approx(0.97, abs=1e-4)
+    masks = check_outputs(out, sparsity=0.97)  # exact kept counts at the target
+    assert masks
 
 
 def test_bad_sources(project: Path, capfd) -> None:
