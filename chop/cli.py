@@ -127,8 +127,11 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
         if isinstance(total.get("params"), list):
             (p0, p1), (f0, f1) = total["params"], total.get("flops", (0, 0))
             flops = f", FLOPs {f0:,} -> {f1:,} ({f0 / max(f1, 1):.2f}x fewer)" if f0 else ""
+            timed = total.get("model_latency_us") or (step.get("info") or {}).get("model_latency_us")
+            latency = (f", latency {timed[0]:,.0f} -> {timed[1]:,.0f} us "
+                       f"({timed[0] / max(timed[1], 1e-9):.2f}x faster)") if timed else ""
             console.print(f"{step['name']}: parameters {p0:,} -> {p1:,} "
-                          f"({p0 / max(p1, 1):.2f}x smaller){flops}", highlight=False)
+                          f"({p0 / max(p1, 1):.2f}x smaller){flops}{latency}", highlight=False)
     if steps:
         console.print("pipeline: " + ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in steps),
                       highlight=False)

@@ -30,6 +30,7 @@ from chop.graph import Graph
 from chop.pass_base import Context, Pass, PassResult, option
 from passes.analysis.channel_groups import ChannelGroups, channel_groups, forget
 from passes.analysis.coupling import Consumer, Flow
+from passes.export.common import checked_export
 from passes.export.constants import channel_constants
 from passes.export.fold import fold_masks
 from passes.transform.mask import MASK_OF
@@ -321,8 +322,12 @@ class Shrink(Pass):
     compensate: bool = option(
         True, "fold the constant output of a removed channel into the next layer's bias "
               "(where exact); off: keep such channels")
+    timing: bool = option(False, "with data: measure the model's latency before and after")
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        report = shrink(graph, compensate=self.compensate)
+        report, timed = checked_export(
+            graph, ctx, lambda: shrink(graph, compensate=self.compensate), self.timing, "shrunk"
+        )
+        report["total"].update(timed)
         params = report["total"]["params"]
         return PassResult(modified=params[1] != params[0], info=report)

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from chop import data as chop_data
 from chop import meta
-from chop.errors import OptionError, PassError
+from chop.errors import OptionError
 from chop.graph import Graph
 from chop.pass_base import Context, Pass, PassResult, option
 from chop.sparse_ops import csr_linear, median_seconds, require_scipy, semi_structured, to_csr
+from passes.export.common import checked_export
 from passes.export.fold import fold_masks
 from passes.transform.mask import MASK_OF
 
@@ -232,34 +232,6 @@ def totals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _check_and_time(graph: Graph, ctx: Context, apply: Any, timing: bool) -> tuple[Any, dict]:
-    """Run ``apply()``; with data, compare the first batch's outputs before and after."""
-    if ctx.data is None:
-        return apply(), {}
-    inputs = next(iter(ctx.data))[0]
-    info: dict[str, Any] = {}
-    def run() -> Any:
-        return chop_data.call(graph.module, inputs)
-
-    with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
-        before = run()
-        if timing:
-            info["model_latency_us"] = [median_seconds(run) * 1e6]
-    result = apply()
-    with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
-        after = run()
-        if timing:
-            info["model_latency_us"].append(median_seconds(run) * 1e6)
-    a, b = (torch.utils._pytree.tree_leaves(o) for o in (after, before))
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) and not torch.allclose(x, y, rtol=1e-4, atol=1e-5):
-            raise PassError(
-                f"the sparse graph's outputs differ from the masked graph's (max abs difference "
-                f"{(x - y).abs().max().item():.3g}); this is a bug in chop, please report it"
-            )
-    return result, info
-
-
 @dataclass(frozen=True)
 class Sparse(Pass):
     """Store masked linear weights as CSR (scipy kernel on CPU; 2:4 on CUDA) where faster."""
@@ -289,8 +261,8 @@ class Sparse(Pass):
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         require_scipy()
-        rows, info = _check_and_time(graph, ctx, lambda: sparsify(
+        rows, info = checked_export(graph, ctx, lambda: sparsify(
             graph, self.mode, self.min_sparsity, self.min_numel, self.timing, self.timing_batch,
-        ), self.timing)
+        ), self.timing, "sparse")
         info.update(layers=rows, total=totals(rows))
         return PassResult(modified=bool(rows), info=info)

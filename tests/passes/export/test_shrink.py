@@ -238,3 +238,14 @@ def test_a_tensor_is_never_emptied():
     assert graph.parameter("conv2.weight").shape == (8, 1, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(graph(*args), expected)
+
+
+def test_shrink_pass_checks_and_times_itself_with_data():
+    model, graph = trace("vgg")
+    args, _ = ZOO["vgg"].inputs(4)
+    chop.run(graph, "random{seed=2}, mask{granularity=channel, sparsity=0.5, scope=local}")
+    chop.run(graph, "shrink{timing=true}", data=[(args[0], torch.zeros(4, dtype=torch.long))])
+    total = graph.history[-1].info["total"]
+    before, after = total["params"]
+    assert after < before
+    assert len(total["model_latency_us"]) == 2 and min(total["model_latency_us"]) > 0
