@@ -58,7 +58,8 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,18 @@ from passes.transform.mask import MASK_OF, insert_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+
+@contextmanager
+def quiet_chop() -> Iterator[None]:
+    """Only errors from the ``chop`` logger while a block runs."""
+    logger = logging.getLogger("chop")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 def _example_models() -> Any:
     """``examples/models.py`` (not a package), imported under a name of its own."""
@@ -295,11 +308,8 @@ def collapse_scan(
     are nested), an assumption for the iterative ones (synflow, iterative-snip)."""
     data = data or load_data()
     seeds = range(seeds) if isinstance(seeds, int) else seeds
-    quiet = logging.getLogger("chop")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the mask pass warns on every empty layer
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    try:
+    with quiet_chop():  # the mask pass warns on every emptied layer
         for model in models:
             for seed in seeds:
                 base = chop.trace(build(model, seed), (data.train[0][:2],))
@@ -327,8 +337,6 @@ def collapse_scan(
                         "disconnected_layers": (summary(dead)["empty"] + summary(dead)["disconnected"]
                                                 if dead is not None else []),
                     })
-    finally:
-        quiet.setLevel(level)
     return out
 
 
@@ -355,11 +363,8 @@ def effective_fractions(
     analysis), masks only: ``{model: {criterion: {str(sparsity): [fraction per seed]}}}``."""
     data = data or load_data()
     seeds = range(seeds) if isinstance(seeds, int) else seeds
-    quiet = logging.getLogger("chop")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    try:
+    with quiet_chop():  # the mask pass warns on every emptied layer
         for model in models:
             for seed in seeds:
                 base = chop.trace(build(model, seed), (data.train[0][:2],))
@@ -373,8 +378,6 @@ def effective_fractions(
                         fraction = collapse_summary(graph)["totals"]["effective_fraction"] or 0.0
                         out.setdefault(model, {}).setdefault(criterion, {}).setdefault(
                             str(sparsity), []).append(fraction)
-    finally:
-        quiet.setLevel(level)
     return out
 
 

@@ -256,6 +256,21 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _output_options(parser: argparse.ArgumentParser, suffix: str, example: str) -> None:
+    """The options ``transform`` and ``train`` share: where and how to write the outputs."""
+    parser.add_argument("-o", "--outdir", metavar="OUTDIR",
+                        help=f"output folder (default: a new <config-stem>{suffix} folder next "
+                        "to CONFIG)")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example}")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
+    parser.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a pickled whole model (runs code from the file: trusted "
+                        "files only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``chop`` (subcommands register themselves here)."""
     parser = argparse.ArgumentParser(
@@ -274,15 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, metavar="CONFIG", help="the TOML config")
     t.add_argument("checkpoint", metavar="CKPT",
                    help="a state dict (.pt/.pth/.ckpt/.bin, .safetensors) or a torch.export .pt2")
-    t.add_argument("-o", "--outdir", metavar="OUTDIR",
-                   help="output folder (default: a new <config-stem>-out folder next to CONFIG)")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set passes.mask.sparsity=0.95")
-    t.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    t.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
-    t.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
-    t.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a pickled whole model (runs code from the file: trusted files only)")
+    _output_options(t, "-out", "passes.mask.sparsity=0.95")
     t.set_defaults(func=_transform)
 
     tr = sub.add_parser(
@@ -296,17 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("source", metavar="CKPT_OR_OUTDIR",
                     help="a chop transform output folder, or a checkpoint (the config's pipeline "
                     "runs first)")
-    tr.add_argument("-o", "--outdir", metavar="OUTDIR",
-                    help="output folder (default: a new <config-stem>-trained-out folder next to "
-                    "CONFIG)")
-    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                    help="override a config value, e.g. --set train.epochs=3")
-    tr.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    tr.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
-    tr.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
-    tr.add_argument("--trust-checkpoint", action="store_true",
-                    help="allow a pickled whole model (runs code from the file: trusted files "
-                    "only)")
+    _output_options(tr, "-trained-out", "train.epochs=3")
     tr.set_defaults(func=_train)
 
     r = sub.add_parser("report", help="print the per-layer table of an output folder, .pt2 or "
