@@ -1,4 +1,4 @@
-"""Benchmark exact global top-k selection: chop.select vs torch.cat + torch.kthvalue.
+"""Benchmark exact global top-k selection: chop.kernels.select vs torch.cat + torch.kthvalue.
 
 Builds ``--numel`` float32 SNIP-like scores (|N(0,1)| times a per-layer scale,
 10% exact zeros) split over 100 tensors of varied sizes, three of them larger
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chop.select import keep_masks, kth_largest  # noqa: E402
+from chop.kernels.select import keep_masks, kth_largest  # noqa: E402
 
 METHODS = ("kth_largest", "keep_masks", "cat+kthvalue")
 

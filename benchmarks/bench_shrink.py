@@ -27,10 +27,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chop  # noqa: E402
 from chop import meta  # noqa: E402
-from passes.analysis.channel_groups import channel_groups  # noqa: E402
-from passes.analysis.group_select import group_masks, group_scores  # noqa: E402
-from passes.export.shrink import shrink  # noqa: E402
-from passes.transform.mask import insert_mask  # noqa: E402
+from chop.passes.analysis.channel_groups import channel_groups  # noqa: E402
+from chop.passes.analysis.group_select import group_masks, group_scores  # noqa: E402
+from chop.passes.export.shrink import shrink  # noqa: E402
+from chop.ir.masks import insert_mask  # noqa: E402
 
 
 class VGG(nn.Module):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import chop
-from chop.data import call, logits_of
+from chop.pipeline.batches import call, logits_of
 
 TARGET = 1.15
 WARMUP = 2  # untimed rounds: the second snip still touches fresh memory (the old scores are alive)

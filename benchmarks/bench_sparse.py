@@ -42,8 +42,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chop  # noqa: E402
-from chop.sparse_ops import csr_linear, median_seconds, to_csr  # noqa: E402
-from passes.transform.mask import insert_mask  # noqa: E402
+from chop.kernels.csr import csr_linear, to_csr  # noqa: E402
+from chop.kernels.timing import median_seconds  # noqa: E402
+from chop.ir.masks import insert_mask  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 METHODS = ("dense", "chop csr", "torch csr")

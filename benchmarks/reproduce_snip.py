@@ -6,7 +6,7 @@ reproduce"):
 - **Data.** scikit-learn's bundled ``load_digits`` (1797 samples, scaled to [0, 1], shaped
   ``(1, 8, 8)``), split once into 1297 train / 500 test samples, stratified, ``random_state=0``.
   The SNIP batch is a fixed set of 128 training samples (the same for every criterion and seed).
-- **Models.** ``mlp``: LeNet-300-100 (:class:`chop.models.LeNet300100`, 64 -> 300 -> 100 -> 10);
+- **Models.** ``mlp``: LeNet-300-100 (:class:`chop.cli.models.LeNet300100`, 64 -> 300 -> 100 -> 10);
   ``lenet5``: the LeNet-5 of ``examples/models.py`` adapted to 8×8 inputs (3×3 convs with 6 and
   16 channels, then 64 -> 120 -> 84 -> 10). Weights He-initialised (kaiming normal, fan-in,
   ReLU gain), biases zero; the seed fixes the initialisation, the random criteria and the
@@ -27,7 +27,7 @@ reproduce"):
   ============== ============================================================================
 
 - **Training.** The masked graph (``mul(weight, mask)`` nodes) is trained with
-  :func:`chop.train.train_graph` — the loop of ``chop train`` — with Adam (lr 3e-3, batch 64)
+  :func:`chop.training.loop.train_graph` — the loop of ``chop train`` — with Adam (lr 3e-3, batch 64)
   for ``--epochs`` epochs; the test accuracy after the last epoch is reported (no early stopping,
   nothing selected on the test set).
 - **Outputs** (in ``--out``): ``reproduction.md`` (accuracy mean ± std over seeds per model and
@@ -68,12 +68,12 @@ import torch
 from torch import nn
 
 import chop
-from chop import meta
-from chop.graph import Graph
-from chop.models import LeNet300100
-from chop.train import TrainSpec, accuracy, train_graph
-from passes.analysis.collapse import collapse_summary, effective_masks
-from passes.transform.mask import MASK_OF, insert_mask
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.cli.models import LeNet300100
+from chop.training.loop import TrainSpec, accuracy, train_graph
+from chop.passes.analysis.collapse import collapse_summary, effective_masks
+from chop.ir.masks import MASK_OF, insert_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,9 +139,9 @@ def load_data(split_seed: int = 0) -> Data:
     drawn with ``split_seed``."""
     from sklearn.model_selection import train_test_split
 
-    from chop.datasets import _digits
+    from chop.cli.datasets import digits
 
-    inputs, targets = _digits()
+    inputs, targets = digits()
     train_idx, test_idx = train_test_split(
         torch.arange(len(targets)).numpy(), test_size=TEST_SIZE, stratify=targets.numpy(),
         random_state=split_seed,

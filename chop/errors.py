@@ -1,7 +1,16 @@
-"""Typed errors. Every message says what went wrong, where, and how to fix it.
+"""Every error chop raises, in one place. Each message says what went wrong, where, and how to
+fix it.
 
-All chop errors derive from :class:`ChopError`, so ``except chop.ChopError`` catches every user
-error while programming errors (bugs) still surface as ordinary exceptions.
+Two families, told apart by the command line and by callers:
+
+- :class:`ChopError` and its subclasses are *mistakes of the caller*: a bad option, config,
+  checkpoint, data or output folder. ``except chop.ChopError`` catches all of them; the CLI
+  prints the message and exits with status 2.
+- :class:`InternalError` is *a bug in chop*: one of chop's own consistency checks failed, or an
+  unexpected exception escaped a pass (the pass manager wraps it, keeping the original chained).
+  The CLI prints one line and exits with status 3.
+
+This module imports nothing from chop, so every layer can use it.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from collections.abc import Iterable
 
 
 class ChopError(Exception):
-    """Base class of every error chop raises on purpose."""
+    """Base class of every user-facing error: the input, not chop, needs fixing."""
 
 
 class TraceError(ChopError):
@@ -26,12 +35,12 @@ class OptionError(ChopError):
     """A pass option is unknown, of the wrong type, or out of range."""
 
 
+class GranularityError(OptionError):
+    """A structured granularity (channel, head, N:M, blocks) cannot be applied to a layer."""
+
+
 class MissingMetadataError(ChopError):
     """A pass needs metadata that neither the graph nor an earlier pass provides."""
-
-
-class LintError(ChopError):
-    """The graph or its chop metadata is inconsistent after a pass."""
 
 
 class DataError(ChopError):
@@ -39,7 +48,40 @@ class DataError(ChopError):
 
 
 class PassError(ChopError):
-    """A pass failed; the message names the pass, the passes before it and the node."""
+    """A pass cannot do what was asked on this graph (the message names the pass, the passes
+    before it and the node)."""
+
+
+class CollapseError(ChopError):
+    """The collapse analysis cannot run on this graph."""
+
+
+class ConfigError(ChopError):
+    """The config file (or a ``--set`` override) is missing, malformed or inconsistent."""
+
+
+class CheckpointError(ChopError):
+    """A checkpoint is missing, corrupt, unsafe to load, or does not match the model."""
+
+
+class OutputError(ChopError):
+    """The output folder cannot be used."""
+
+
+class ReportError(ChopError):
+    """A report cannot be read or built from the given path."""
+
+
+class InternalError(Exception):
+    """A bug in chop: its own check failed, or an unexpected exception escaped a pass.
+
+    Not a :class:`ChopError`: ``except chop.ChopError`` must not swallow bugs. When the pass
+    manager wraps an exception, the original is chained as ``__cause__``.
+    """
+
+
+class LintError(InternalError):
+    """The graph or its chop metadata is inconsistent after a pass (the pass has a bug)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -1,5 +1,5 @@
 """The pass library: ``analysis`` (criteria), ``transform`` (mask), ``export`` (fold).
 
-Passes are found by name through :mod:`chop.registry`; import a class from its module to use it
-as an object, e.g. ``from passes.transform.mask import Mask``.
+Passes are found by name through :mod:`chop.pipeline.registry`; import a class from its module to use it
+as an object, e.g. ``from chop.passes.transform.mask import Mask``.
 """

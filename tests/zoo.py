@@ -226,8 +226,8 @@ def prune_half(graph: Any, groups: Any, seed: int = 0, granularity: str | None =
                ) -> dict[int, torch.Tensor]:
     """Keep decisions removing the lowest-scoring half of each group's prunable channels, with
     random saliency on every conv/linear weight (scored with ``group_scores``)."""
-    from chop import meta
-    from passes.analysis.group_select import group_scores
+    from chop.ir import meta
+    from chop.passes.analysis.group_select import group_scores
 
     g = torch.Generator().manual_seed(seed)
     for node in graph.weight_nodes():

@@ -1,6 +1,6 @@
 """``channel-groups``: find the groups of channels that must be removed together.
 
-Built on :func:`passes.analysis.coupling.trace_channels`. A *unit* is one removable channel (or
+Built on :func:`chop.passes.analysis.coupling.trace_channels`. A *unit* is one removable channel (or
 one attention head): a connected component of the coupling graph, i.e. every position, in every
 coupled layer, that must go when it goes. A :class:`Group` gathers the units that touch the same
 parameters — e.g. the 64 output channels of ``conv1`` together with ``bn1`` and the input columns
@@ -27,11 +27,11 @@ from typing import ClassVar, Literal
 
 import networkx as nx
 import torch
+from chop.passes.analysis.coupling import Flow, trace_channels
 
-from chop import meta
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult
-from passes.analysis.coupling import Flow, trace_channels
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.pipeline.pass_base import Context, Pass, PassResult
 
 KEY = "channel_groups"
 
@@ -167,13 +167,6 @@ def store(graph: Graph, groups: ChannelGroups) -> None:
         entry.pop(KEY, None)
         if node.target in per_param:
             entry[KEY] = per_param[node.target]
-
-
-def forget(graph: Graph) -> None:
-    """Drop stored channel groups (after a pass changed the shapes they describe)."""
-    graph.module.meta.get("chop", {}).pop(KEY, None)
-    for node in graph.weight_nodes():
-        meta.entries(node).pop(KEY, None)
 
 
 def stored_channel_groups(graph: Graph) -> ChannelGroups:

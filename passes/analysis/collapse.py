@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -39,11 +39,11 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from chop import meta
-from chop.data import call, take
-from chop.errors import ChopError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult
+from chop.errors import CollapseError
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.pipeline.batches import call, take
+from chop.pipeline.pass_base import Context, Pass, PassResult
 
 log = logging.getLogger("chop")
 aten = torch.ops.aten
@@ -55,9 +55,6 @@ _MAX_POOL_TO_AVG = {
     aten.max_pool3d.default: aten.avg_pool3d.default,
 }
 
-
-class CollapseError(ChopError):
-    """The connectivity analysis cannot run on this graph."""
 
 
 def _swap(owner: nn.Module, store: str, attr: str, value: Any, saved: list) -> None:

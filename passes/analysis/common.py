@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from chop import meta
-from chop.data import call, cross_entropy
 from chop.errors import DataError
-from chop.graph import Graph
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.ir.masks import select_weights
+from chop.pipeline.batches import batch_loss
 
 Params = Literal["all", "prunable"]
 PARAMS_DOC = (
@@ -45,8 +46,6 @@ def scored_nodes(graph: Graph, params: Params = "all") -> list[Node]:
     saves the work and memory of scoring the rest (embedding tables can be most of a model).
     """
     if params == "prunable":
-        from passes.transform.mask import select_weights  # the one definition of "prunable"
-
         return [n for n in select_weights(graph) if graph.parameter(n).is_floating_point()]
     return [n for n in graph.weight_nodes() if graph.parameter(n).is_floating_point()]
 
@@ -85,7 +84,7 @@ def previous_saliency(nodes: list[Node]) -> list[torch.Tensor] | None:
 
 def saliency_source(graph: Graph) -> str:
     """The name of the last pass in ``graph.history`` that provides saliency (or "unknown")."""
-    from chop import registry
+    from chop.pipeline import registry
 
     for record in reversed(graph.history):
         try:
@@ -172,16 +171,10 @@ def batch_losses(
     *,
     temperature: float = 1.0,
 ) -> Iterator[torch.Tensor]:
-    """The scalar loss of ``module`` on each batch, checking that the loss is a scalar."""
-    loss = loss or cross_entropy
+    """The scalar loss of ``module`` on each batch (see :func:`~chop.pipeline.batches.batch_loss`)."""
     for inputs, targets in batches:
-        value = loss(scaled_outputs(call(module, inputs), temperature, who), targets)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise DataError(
-                f"{who}: the loss must return a scalar tensor, got "
-                f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))}"
-            )
-        yield value
+        yield batch_loss(module, inputs, targets, loss, who,
+                         transform=lambda out: scaled_outputs(out, temperature, who))
 
 
 def grads_or_zeros(

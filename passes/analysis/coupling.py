@@ -33,8 +33,8 @@ import sympy
 import torch
 from torch.fx import Node
 
-from chop.graph import Graph
-from passes.transform.mask import MASK_OF
+from chop.ir.graph import Graph
+from chop.ir.masks import mask_of
 
 log = logging.getLogger("chop")
 aten = torch.ops.aten
@@ -257,7 +257,7 @@ class _Tracer:
             return None
         if arg.op == "get_attr" and (arg.target in self.params or arg.target in self.buffers):
             return arg.target
-        return arg.meta.get("chop", {}).get(MASK_OF)
+        return mask_of(arg)
 
     def tag(self, arg: Any) -> Tag | None:
         return self.tags.get(arg) if isinstance(arg, Node) else None
@@ -295,7 +295,7 @@ class _Tracer:
         for node in self.graph.module.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.meta.get("chop", {}).get(MASK_OF):
+            if mask_of(node):
                 continue  # a mask node is transparent: its users read the weight
             for arg in _nodes_in((node.args, node.kwargs)):
                 name = self.param_of(arg)

@@ -20,12 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-
-from chop.data import take
-from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     batch_losses,
@@ -40,6 +35,11 @@ from passes.analysis.common import (
     spearman,
     store_saliency,
 )
+
+from chop.errors import OptionError
+from chop.ir.graph import Graph
+from chop.pipeline.batches import take
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def exact_salience(
@@ -127,6 +127,9 @@ class ExactSalience(Pass):
         for key in ("batches", "chunk", "max_weights"):
             if getattr(self, key) < 1:
                 raise OptionError(f"exact-salience: {key}={getattr(self, key)} must be at least 1")
+
+    def data_batches(self) -> int:
+        return self.batches
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         nodes = scored_nodes(graph, self.params)

@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-
-from chop.data import take
-from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     accumulated_gradients,
     scored_nodes,
     store_saliency,
 )
+
+from chop.errors import OptionError
+from chop.ir.graph import Graph
+from chop.pipeline.batches import take
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def gradient_saliency(
@@ -63,6 +63,9 @@ class Gradient(Pass):
     def check(self) -> None:
         if self.batches < 1:
             raise OptionError(f"gradient: batches={self.batches} must be at least 1")
+
+    def data_batches(self) -> int:
+        return self.batches
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         scores = gradient_saliency(

@@ -9,7 +9,7 @@ highest saliency, so the saliency stored here is the negated GraSP score,
 
 and ``grasp, mask{sparsity=s}`` prunes exactly the weights GraSP prunes (the SynFlow authors'
 GraSP implementation uses the same ``θ ⊙ Hg``, keep-highest form). The saliency may be negative;
-``chop.select`` ranks negative floats exactly.
+``chop.kernels.select`` ranks negative floats exactly.
 
 Computation, as in the reference implementation: g = Σ_b ∂L_b/∂θ over the batches (no graph kept),
 then Hg = Σ_b ∂/∂θ (∂L_b/∂θ · g), one Hessian-vector product per batch (double backward); the
@@ -25,12 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-
-from chop.data import take
-from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     batch_losses,
@@ -40,6 +35,11 @@ from passes.analysis.common import (
     scoring,
     store_saliency,
 )
+
+from chop.errors import OptionError
+from chop.ir.graph import Graph
+from chop.pipeline.batches import take
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def grasp_saliency(
@@ -97,6 +97,9 @@ class Grasp(Pass):
                 f"grasp: temperature={self.temperature} must be positive (GraSP uses 200; "
                 "1 means no scaling)"
             )
+
+    def data_batches(self) -> int:
+        return self.batches
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         scores = grasp_saliency(

@@ -17,17 +17,14 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
+from chop.passes.analysis.channel_groups import ChannelGroups, Group
 
-from chop import meta
-from chop.errors import MissingMetadataError, OptionError
-from chop.graph import Graph
-from passes.analysis.channel_groups import ChannelGroups, Group
+from chop.errors import GranularityError, MissingMetadataError
+from chop.ir import meta
+from chop.ir.graph import Graph
 
 Granularity = Literal["channel", "head"]
 
-
-class GranularityError(OptionError):
-    """A structured granularity cannot be applied to a layer (or to the model)."""
 
 
 def matches(group: Group, granularity: Granularity) -> bool:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from chop.passes.analysis.common import effective_weight, scored_nodes, write_saliency
 
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult
-from passes.analysis.common import effective_weight, scored_nodes, write_saliency
+from chop.ir.graph import Graph
+from chop.pipeline.pass_base import Context, Pass, PassResult
 
 
 def magnitude_saliency(graph: Graph) -> dict[str, torch.Tensor]:

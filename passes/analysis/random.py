@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from chop.passes.analysis.common import scored_nodes, write_saliency
 
-from chop import meta
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import scored_nodes, write_saliency
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def random_saliency(graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -26,12 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-
-from chop.data import take
-from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     accumulated_gradients,
@@ -39,6 +34,11 @@ from passes.analysis.common import (
     scored_nodes,
     store_saliency,
 )
+
+from chop.errors import OptionError
+from chop.ir.graph import Graph
+from chop.pipeline.batches import take
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def snip_saliency(
@@ -82,6 +82,9 @@ class Snip(Pass):
     def check(self) -> None:
         if self.batches < 1:
             raise OptionError(f"snip: batches={self.batches} must be at least 1")
+
+    def data_batches(self) -> int:
+        return self.batches
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         scores = snip_saliency(

@@ -25,12 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-
-from chop.data import take
-from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     batch_losses,
@@ -40,6 +35,11 @@ from passes.analysis.common import (
     scoring,
     store_saliency,
 )
+
+from chop.errors import OptionError
+from chop.ir.graph import Graph
+from chop.pipeline.batches import take
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 _BUDGET = 1 << 24  # entries of one batch of one-hot / Rademacher vectors
 
@@ -169,6 +169,9 @@ class Snip2(Pass):
         for key in ("batches", "samples", "chunk", "max_weights"):
             if getattr(self, key) < 1:
                 raise OptionError(f"snip2: {key}={getattr(self, key)} must be at least 1")
+
+    def data_batches(self) -> int:
+        return self.batches
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         scores = snip2_saliency(

@@ -22,19 +22,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-
-from chop import meta
-from chop.data import take
-from chop.errors import DataError, OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     accumulated_gradients,
     scored_nodes,
     store_saliency,
 )
+
+from chop.errors import DataError, OptionError
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.pipeline.batches import take
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def snip_momentum_saliency(
@@ -99,6 +99,11 @@ class SnipMomentum(Pass):
                 f"snip-momentum: alpha={self.alpha}, beta={self.beta}; alpha must be >= 0 and "
                 "beta > 0 (INC uses alpha=0.9, beta=1.0)"
             )
+
+    accumulates: ClassVar[bool] = True
+
+    def data_batches(self) -> int:
+        return self.batches if self.source == "data" else 0
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         scores = snip_momentum_saliency(

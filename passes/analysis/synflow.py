@@ -9,7 +9,7 @@ R = the sum of all outputs, the score is |∂R/∂θ ⊙ θ|.
 The iterative schedule: SynFlow prunes a little at a time, re-scoring the masked network, so
 that no layer collapses. Iteration t = 1..T scores the network masked by m_{t−1} (m_0: all kept)
 and, for t < T, keeps the top keep^(t/T) fraction of the *prunable* weights (``mask``'s default
-selection: linear and conv weights, ranked globally, ``chop.select.keep_masks``) as m_t, where
+selection: linear and conv weights, ranked globally, ``chop.kernels.select.keep_masks``) as m_t, where
 keep = 1 − ``sparsity``. The saliency written is the score of iteration T; weights outside
 m_{T−1} score 0. So ``mask{sparsity=s}`` afterwards — with the same ``s``, ``scope=global``
 and the default selection (no ``include``/``exclude``/``biases``/``norms``/``embeddings``) —
@@ -28,13 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch.fx import Node
-
-from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from chop.select import keep_masks
-from passes.analysis.common import (
+from chop.passes.analysis.common import (
     PARAMS_DOC,
     Params,
     dtype_hint,
@@ -43,6 +37,13 @@ from passes.analysis.common import (
     scored_nodes,
     store_saliency,
 )
+from torch.fx import Node
+
+from chop.errors import OptionError
+from chop.ir.graph import Graph
+from chop.ir.masks import select_weights
+from chop.kernels.select import keep_masks, kept_count
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 
 def example_ones(graph: Graph, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -76,8 +77,6 @@ def synflow_saliency(
     track: Callable[[Iterable, int | None, str], Iterable] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write the SynFlow saliency of the last of ``iterations`` rounds on the scored nodes."""
-    from passes.transform.mask import kept_count, select_weights
-
     nodes = scored_nodes(graph, params)
     scored = set(nodes)
     prunable = [n for n in select_weights(graph) if n in scored]

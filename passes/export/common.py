@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from chop import data as chop_data
-from chop.errors import PassError
-from chop.graph import Graph
-from chop.pass_base import Context
-from chop.sparse_ops import median_seconds
+from chop.errors import InternalError
+from chop.ir.graph import Graph
+from chop.kernels.timing import median_seconds
+from chop.pipeline.batches import call
+from chop.pipeline.pass_base import Context
 
 
 def checked_export(
@@ -26,7 +26,7 @@ def checked_export(
     info: dict[str, Any] = {}
 
     def run() -> Any:
-        return chop_data.call(graph.module, inputs)
+        return call(graph.module, inputs)
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         before = run()
@@ -40,7 +40,7 @@ def checked_export(
     a, b = (torch.utils._pytree.tree_leaves(o) for o in (after, before))
     for x, y in zip(a, b):
         if isinstance(x, torch.Tensor) and not torch.allclose(x, y, rtol=1e-4, atol=1e-5):
-            raise PassError(
+            raise InternalError(
                 f"the {who} graph's outputs differ from the masked graph's (max abs difference "
                 f"{(x - y).abs().max().item():.3g}); this is a bug in chop, please report it"
             )

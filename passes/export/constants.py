@@ -13,10 +13,10 @@ unknown. ``shrink`` carries the constant of a removed channel into the next laye
 from __future__ import annotations
 
 import torch
+from chop.passes.analysis.coupling import Flow, Step
 from torch.fx import Node
 
-from chop.graph import Graph
-from passes.analysis.coupling import Flow, Step
+from chop.ir.graph import Graph
 
 Const = tuple[torch.Tensor, torch.Tensor]  # (value, known) in tag space
 

@@ -13,18 +13,16 @@ from typing import ClassVar, Literal
 
 import torch
 
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult
-from passes.transform.mask import MASK_OF
+from chop.ir.graph import Graph
+from chop.ir.masks import mask_nodes, mask_of
+from chop.pipeline.pass_base import Context, Pass, PassResult
 
 
 def fold_masks(graph: Graph) -> list[str]:
     """Fold every mask node of ``graph``; returns the names of the folded parameters."""
     folded = []
-    for mul in list(graph.module.graph.nodes):
-        name = mul.meta.get("chop", {}).get(MASK_OF)
-        if name is None:
-            continue
+    for mul in list(mask_nodes(graph)):
+        name = mask_of(mul)
         weight_node, mask_node = mul.args
         with torch.no_grad():
             weight = graph.parameter(name)

@@ -21,19 +21,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from chop.passes.analysis.channel_groups import ChannelGroups, channel_groups
+from chop.passes.analysis.coupling import Consumer, Flow
+from chop.passes.export.common import checked_export
+from chop.passes.export.constants import channel_constants
+from chop.passes.export.fold import fold_masks
 from torch.fx import Node
 
-from chop import meta
 from chop.errors import PassError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from passes.analysis.channel_groups import ChannelGroups, channel_groups, forget
-from passes.analysis.coupling import Consumer, Flow
-from passes.export.common import checked_export
-from passes.export.constants import channel_constants
-from passes.export.fold import fold_masks
-from passes.transform.mask import MASK_OF
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.ir.masks import add_tensor, is_masked, weight_name
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 log = logging.getLogger("chop")
 aten = torch.ops.aten
@@ -128,13 +127,7 @@ def _set_size_args(node: Node, dims: tuple[int, ...], sizes: list[int], start: i
 
 def _new_bias(graph: Graph, c: Consumer, delta: torch.Tensor) -> str:
     """Give consumer ``c`` a bias parameter (it had none) and return its name."""
-    owner_name, _, _ = c.weight.rpartition(".")
-    owner = graph.module.get_submodule(owner_name)
-    attr = "bias"
-    while hasattr(owner, attr):
-        attr += "_"
-    owner.register_parameter(attr, nn.Parameter(delta.clone()))
-    name = f"{owner_name}.{attr}" if owner_name else attr
+    name = add_tensor(graph, c.weight, "bias", delta.clone(), parameter=True)
     with graph.module.graph.inserting_before(c.node):
         node = graph.module.graph.get_attr(name)
     node.meta["val"] = delta
@@ -156,7 +149,7 @@ def _layers(graph: Graph) -> dict[str, tuple[Node, int]]:
         packet = getattr(node.target, "overloadpacket", None)
         if packet not in (aten.linear, aten.addmm, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution):
             continue
-        name = _weight_name(graph, node.args[2] if packet is aten.addmm else node.args[1])
+        name = weight_name(graph, node.args[2] if packet is aten.addmm else node.args[1])
         out = node.meta.get("val")
         if name is None or not isinstance(out, torch.Tensor):
             continue
@@ -169,7 +162,7 @@ def _stats(graph: Graph, layers: dict[str, tuple[Node, int]]) -> dict[str, dict[
     stats = {}
     for name, (node, positions) in layers.items():
         weight = graph.module.get_parameter(name)
-        bias = _weight_name(graph, _bias_arg(node))
+        bias = weight_name(graph, _bias_arg(node))
         params = weight.numel() + (graph.module.get_parameter(bias).numel() if bias else 0)
         stats[name] = {"params": params, "flops": 2 * weight.numel() * positions}
     return stats
@@ -186,14 +179,6 @@ def _hint(size: Any) -> int:
         return size
     hint = size.node.hint
     return int(hint) if hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
-
-
-def _weight_name(graph: Graph, arg: Any) -> str | None:
-    if not isinstance(arg, Node):
-        return None
-    if arg.op == "get_attr":
-        return arg.target
-    return arg.meta.get("chop", {}).get(MASK_OF)
 
 
 def _refresh_shapes(graph: Graph) -> None:
@@ -220,7 +205,7 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
     parameters of the graph, and the FLOPs of those layers) and ``removed`` (channels or heads
     removed, per group id of ``channel_groups(graph)`` before shrinking).
     """
-    if any(n.meta.get("chop", {}).get(MASK_OF) for n in graph.module.graph.nodes):
+    if is_masked(graph):
         fold_masks(graph)
     layers_at = _layers(graph)
     before = _stats(graph, layers_at)
@@ -240,7 +225,7 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
             delta = _delta(weight, c, consts[c.input][0], cut & _slice_columns(weight, c))
             if not delta.any():
                 continue
-            bias = _weight_name(graph, _bias_arg(c.node))
+            bias = weight_name(graph, _bias_arg(c.node))
             if bias is None:
                 new_biases[_new_bias(graph, c, delta.to(weight.dtype))] = c
             else:
@@ -294,7 +279,6 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
             node.kwargs = {}
     graph.recompile()
     _refresh_shapes(graph)
-    forget(graph)
 
     after = _stats(graph, layers_at)
     layers = {name: {"params": (b["params"], after.get(name, {}).get("params", 0)),
@@ -318,6 +302,8 @@ class Shrink(Pass):
 
     name: ClassVar[str] = "shrink"
     kind: ClassVar[Literal["export"]] = "export"
+    preserves: ClassVar[tuple[str, ...]] = ("saliency", "mask")  # sliced with their weights
+    reshapes: ClassVar[bool] = True
 
     compensate: bool = option(
         True, "fold the constant output of a removed channel into the next layer's bias "

@@ -6,7 +6,7 @@ Each masked weight whose users are all linear-like (``aten.linear(x, W, b)``, GP
 - **csr**: its kept entries (exactly ``mask.sum()`` of them) become three buffers on the weight's
   module — ``<attr>_values``, ``<attr>_col_indices``, ``<attr>_crow_indices`` — and every user
   becomes one ``chop.csr_linear(x, values, col_indices, crow_indices, out, bias)`` call (see
-  :mod:`chop.sparse_ops`; scipy's CSR kernel on CPU). The dense parameter and the mask are
+  :mod:`chop.kernels.csr`; scipy's CSR kernel on CPU). The dense parameter and the mask are
   removed, so ``state_dict`` holds the non-zeros only;
 - **semi-structured** (CUDA only): a 2:4 mask along the input dim becomes a
   ``torch.sparse.to_sparse_semi_structured`` parameter read by ``aten.linear``;
@@ -31,17 +31,18 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from chop.passes.export.common import checked_export
+from chop.passes.export.fold import fold_masks
 from torch import nn
 from torch.fx import Node
 
-from chop import meta
 from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from chop.sparse_ops import csr_linear, median_seconds, require_scipy, semi_structured, to_csr
-from passes.export.common import checked_export
-from passes.export.fold import fold_masks
-from passes.transform.mask import MASK_OF
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.ir.masks import add_tensor, mask_nodes, mask_of
+from chop.kernels.csr import csr_linear, require_scipy, semi_structured, to_csr
+from chop.kernels.timing import median_seconds
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 aten = torch.ops.aten
 SPARSE = "sparse"  # meta["chop"] entry on a csr_linear node: {"weight", "format", "shape", "nnz"}
@@ -72,24 +73,16 @@ def _time_layer(weight: torch.Tensor, csr: tuple, batch: int) -> tuple[float, fl
     return dense, sparse
 
 
-def _register(module: nn.Module, attr: str, value: torch.Tensor) -> str:
-    while hasattr(module, attr):
-        attr += "_"
-    module.register_buffer(attr, value)
-    return attr
-
-
 def _replace_with_csr(
     graph: Graph, mul: Node, name: str, csr: tuple, shape: tuple[int, int], uses: list
 ) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = graph.module.get_submodule(owner_name)
+    attr = name.rpartition(".")[2]
     g = graph.module.graph
     getters = []
     for suffix, tensor in zip(("values", "col_indices", "crow_indices"), csr):
-        buffer = _register(owner, f"{attr}_{suffix}", tensor)
+        buffer = add_tensor(graph, name, f"{attr}_{suffix}", tensor)
         with g.inserting_before(mul):
-            getters.append(g.get_attr(f"{owner_name}.{buffer}" if owner_name else buffer))
+            getters.append(g.get_attr(buffer))
     out_features = shape[0]
     for user, (x, bias, _) in uses:
         with g.inserting_before(user):
@@ -108,15 +101,11 @@ def _replace_with_csr(
 
 def _replace_with_semi_structured(graph: Graph, mul: Node, name: str, tensor: torch.Tensor,
                                   uses: list) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = graph.module.get_submodule(owner_name)
-    new = attr + "_semi_structured"
-    while hasattr(owner, new):
-        new += "_"
-    owner.register_parameter(new, nn.Parameter(tensor, requires_grad=False))
+    new = add_tensor(graph, name, name.rpartition(".")[2] + "_semi_structured",
+                     nn.Parameter(tensor, requires_grad=False), parameter=True)
     g = graph.module.graph
     with g.inserting_before(mul):
-        getter = g.get_attr(f"{owner_name}.{new}" if owner_name else new)
+        getter = g.get_attr(new)
     for user, (x, bias, _) in uses:
         with g.inserting_before(user):
             node = g.call_function(aten.linear.default, (x, getter, bias))
@@ -149,10 +138,8 @@ def sparsify(
 ) -> dict[str, dict[str, Any]]:
     """Convert the masked weights of ``graph`` as the module doc says; returns a row per weight."""
     rows: dict[str, dict[str, Any]] = {}
-    for mul in list(graph.module.graph.nodes):
-        name = mul.meta.get("chop", {}).get(MASK_OF)
-        if name is None:
-            continue
+    for mul in list(mask_nodes(graph)):
+        name = mask_of(mul)
         weight_node, mask_node = mul.args
         weight = graph.parameter(name).detach()
         mask = graph.module.get_buffer(mask_node.target)
@@ -238,6 +225,8 @@ class Sparse(Pass):
 
     name: ClassVar[str] = "sparse"
     kind: ClassVar[Literal["export"]] = "export"
+    preserves: ClassVar[tuple[str, ...]] = ("saliency", "mask")
+    reshapes: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("mask",)
 
     mode: Literal["auto", "all", "measure"] = option(

@@ -2,7 +2,7 @@
 
 Round t = 1..T keeps the fraction keep^(t/T) of the selected weights (keep = 1 − sparsity), so
 the last round keeps exactly round(keep·N), as ``mask`` counts it. Each round re-scores the
-*masked* network with :func:`~passes.analysis.snip.snip_saliency` and re-masks with the
+*masked* network with :func:`~chop.passes.analysis.snip.snip_saliency` and re-masks with the
 ``mask`` pass (same selection options: ``sparsity``, ``scope``, ``include``/``exclude``…).
 
 - Without ``allow_regrowth`` (SNIP-it, Verdenius et al. 2020): on a masked graph the gradient of a
@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from chop.passes.analysis.snip import snip_saliency
+from chop.passes.transform.mask import Mask
 
-from chop import meta
 from chop.errors import OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, PassResult, option
-from passes.analysis.snip import snip_saliency
-from passes.transform.mask import MASK_OF, Mask
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.ir.masks import mask_nodes, mask_of
+from chop.pipeline.pass_base import Context, PassResult, option
 
 
 def step_sparsity(sparsity: float, step: int, steps: int) -> float:
@@ -71,10 +72,8 @@ def straight_through(graph: Graph) -> Iterator[None]:
     changed = []
     module = graph.module
     try:
-        for mul in list(module.graph.nodes):
-            name = mul.meta.get("chop", {}).get(MASK_OF)
-            if name is None:
-                continue
+        for mul in list(mask_nodes(graph)):
+            name = mask_of(mul)
             weight_node, mask_node = mul.args
             with torch.no_grad():
                 offset = graph.parameter(name).detach() * ~module.get_buffer(mask_node.target)
@@ -104,6 +103,7 @@ class IterativeSnip(Mask):
     kind: ClassVar[Literal["transform"]] = "transform"
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ("saliency", "mask")
+    preserves: ClassVar[tuple[str, ...]] = ("channel_groups",)
 
     steps: int = option(5, "rounds of scoring and masking (1 = one-shot snip + mask)")
     allow_regrowth: bool = option(
@@ -129,6 +129,9 @@ class IterativeSnip(Mask):
             raise OptionError(f"{self.name}: steps={self.steps} must be at least 1")
         if self.batches < 1:
             raise OptionError(f"{self.name}: batches={self.batches} must be at least 1")
+
+    def data_batches(self) -> int:
+        return self.batches
 
     def mask_pass(self, sparsity: float) -> Mask:
         """The ``mask`` pass of one round: this pass's selection options at ``sparsity``."""

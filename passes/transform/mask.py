@@ -11,7 +11,7 @@ weight (``"4x4"``, scored by the sum of their saliency; conv weights are seen as
 the ``channel-groups`` analysis, scored by their members' summed saliency, removed from every
 coupled layer so that ``shrink`` can cut them out). Exactly round((1 − sparsity)·N) units are kept, N counted per layer
 (``scope=local``) or over all selected layers (``scope=global``); ties are broken
-deterministically by position (see :mod:`chop.select`). With global scope, per-layer bounds
+deterministically by position (see :mod:`chop.kernels.select`). With global scope, per-layer bounds
 (``min_sparsity``, ``max_sparsity``, ``min_keep``) are met exactly: layers whose share falls
 outside their bounds are fixed at the bound and the rest re-selected, until none is outside.
 ``granularity="N:M"`` (e.g. ``"2:4"``) keeps the N highest-scoring of every M consecutive
@@ -21,7 +21,6 @@ weights along the input dimension instead, so its sparsity is 1 − N/M by const
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -29,70 +28,16 @@ from typing import ClassVar, Literal
 import torch
 from torch.fx import Node
 
-from chop import meta
 from chop.errors import MissingMetadataError, OptionError
-from chop.graph import Graph
-from chop.pass_base import Context, Pass, PassResult, option
-from chop.select import keep_masks
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.ir.masks import insert_mask, select_weights
+from chop.kernels.select import keep_masks, kept_count
+from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 log = logging.getLogger("chop")
-MASK_OF = "mask_of"  # meta["chop"] entry on an inserted mul node: the masked parameter's name
 _NM = re.compile(r"^(\d+):(\d+)$")
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
-
-
-def kept_count(numel: int, sparsity: float) -> int:
-    """round((1 − sparsity)·numel), halves rounded up."""
-    return min(numel, math.floor((1.0 - sparsity) * numel + 0.5))
-
-
-def select_weights(
-    graph: Graph,
-    include: str | None = None,
-    exclude: str | None = None,
-    *,
-    biases: bool = False,
-    norms: bool = False,
-    embeddings: bool = False,
-) -> list[Node]:
-    """Weight nodes to prune: linear and conv weights (plus the roles asked for), filtered by
-    ``include``/``exclude`` regexes searched in the parameter name."""
-    roles = {"linear", "conv"} | {r for r, on in
-                                  (("bias", biases), ("norm", norms), ("embedding", embeddings)) if on}
-    return [
-        n for n in graph.weight_nodes()
-        if meta.entries(n).get("role") in roles
-        and (include is None or re.search(include, n.target))
-        and (exclude is None or not re.search(exclude, n.target))
-    ]
-
-
-def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> None:
-    """Mask weight ``node`` with ``mask`` (bool, True = kept): add or update its mask buffer and
-    its ``mul`` node. Records the mask in ``node.meta["chop"]["mask"]``."""
-    name = node.target
-    mask = mask.to(torch.bool)
-    meta.entries(node)["mask"] = mask
-    for user in node.users:
-        if user.meta.get("chop", {}).get(MASK_OF) == name:  # already masked: update the buffer
-            graph.module.get_buffer(user.args[1].target).copy_(mask)
-            return
-    owner_name, _, attr = name.rpartition(".")
-    owner = graph.module.get_submodule(owner_name)
-    buffer = f"{attr}_mask"
-    while hasattr(owner, buffer):  # e.g. a model pruned with torch.nn.utils.prune before
-        buffer += "_"
-    owner.register_buffer(buffer, mask.clone())
-    target = f"{owner_name}.{buffer}" if owner_name else buffer
-    graph_ = graph.module.graph
-    with graph_.inserting_after(node):
-        mask_node = graph_.get_attr(target)
-    with graph_.inserting_after(mask_node):
-        mul = graph_.call_function(torch.ops.aten.mul.Tensor, (node, mask_node))
-    node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
-    meta.entries(mul)[MASK_OF] = name
-    if "val" in node.meta:
-        mul.meta["val"] = node.meta["val"]
 
 
 def _as_matrix(node: Node, score: torch.Tensor) -> torch.Tensor:
@@ -193,8 +138,12 @@ def _structured_masks(
     produce a selected layer are scored by their members' summed saliency (SNAP-it) and selected
     like weights, per group (local) or over all groups (global); unprunable channels are kept
     and not counted. Every coupled layer of a removed channel is masked."""
-    from passes.analysis.channel_groups import stored_channel_groups
-    from passes.analysis.group_select import group_masks, group_scores, require_granularity
+    from chop.passes.analysis.channel_groups import stored_channel_groups
+    from chop.passes.analysis.group_select import (
+        group_masks,
+        group_scores,
+        require_granularity,
+    )
 
     groups = stored_channel_groups(graph)
     if granularity == "head":  # heads cover the attention projections; leave the other layers
@@ -233,7 +182,7 @@ def mask_weights(
     for node in nodes:
         score = meta.entries(node).get("saliency")
         if score is None:
-            from chop.registry import providers
+            from chop.pipeline.registry import providers
 
             raise MissingMetadataError(
                 f"weight {node.target} has no saliency; run a criterion that scores it before "
@@ -278,6 +227,7 @@ class Mask(Pass):
     kind: ClassVar[Literal["transform"]] = "transform"
     requires: ClassVar[tuple[str, ...]] = ("saliency",)
     provides: ClassVar[tuple[str, ...]] = ("mask",)
+    preserves: ClassVar[tuple[str, ...]] = ("saliency", "channel_groups")
 
     sparsity: float | None = option(
         None, "fraction of the selected weights to prune, in [0, 1); default 0.9 (N:M sets its own)"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from passes.transform.mask import kept_count
+from chop.kernels.select import kept_count
 
 pytest.importorskip("sklearn")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import chop
-from chop import registry
-from chop.meta import CHANNEL_GROUPS
-from passes.analysis.channel_groups import KEY, channel_groups, stored_channel_groups
-from passes.analysis.group_select import (
+from chop.pipeline import registry
+from chop.ir.meta import CHANNEL_GROUPS
+from chop.passes.analysis.channel_groups import KEY, channel_groups, stored_channel_groups
+from chop.passes.analysis.group_select import (
     GranularityError,
     group_masks,
     group_scores,

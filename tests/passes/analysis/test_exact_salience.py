@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import chop
-from passes.analysis.common import ranks, spearman
-from passes.analysis.exact_salience import ExactSalience
+from chop.passes.analysis.common import ranks, spearman
+from chop.passes.analysis.exact_salience import ExactSalience
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import chop
-from passes.analysis.gradient import Gradient
+from chop.passes.analysis.gradient import Gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 import chop
-from passes.analysis.grasp import Grasp
+from chop.passes.analysis.grasp import Grasp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import chop
-from passes.analysis.snip import Snip, snip_saliency
+from chop.passes.analysis.snip import Snip, snip_saliency
 
 
 def eager_snip(model, batches, loss_fn=nn.functional.cross_entropy, accumulate="abs-of-sum"):

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 import chop
-from passes.analysis.snip2 import Snip2
+from chop.passes.analysis.snip2 import Snip2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +52,7 @@ def test_exact_hessian_diagonal(tiny, tiny_batches, saliency_of):
 
 
 def test_exact_diagonal_on_a_cnn_matches_single_hessian_vector_products(bn_cnn, cnn_batches):
-    from passes.analysis.snip2 import hessian_diagonal_exact
+    from chop.passes.analysis.snip2 import hessian_diagonal_exact
 
     model = copy.deepcopy(bn_cnn).eval()
     x, y = cnn_batches[0]
@@ -106,7 +106,7 @@ def test_options():
 
 
 def test_hutchinson_diagonal_converges_to_the_exact_one(tiny, tiny_batches):
-    from passes.analysis.snip2 import hessian_diagonal_hutchinson
+    from chop.passes.analysis.snip2 import hessian_diagonal_hutchinson
 
     _, exact = reference_snip2(tiny, tiny_batches[:1])
     model = copy.deepcopy(tiny).double()

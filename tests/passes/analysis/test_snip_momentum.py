@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import chop
-from passes.analysis.snip_momentum import SnipMomentum
+from chop.passes.analysis.snip_momentum import SnipMomentum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

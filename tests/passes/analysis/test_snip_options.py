@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import chop
-from passes.analysis.snip import Snip
+from chop.passes.analysis.snip import Snip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

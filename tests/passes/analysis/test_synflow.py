@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import chop
-from passes.analysis.synflow import Synflow
+from chop.passes.analysis.synflow import Synflow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import chop
-from chop.save import export_program
-from passes.analysis.channel_groups import channel_groups
-from passes.analysis.group_select import group_masks
-from passes.export.shrink import shrink
-from passes.transform.mask import insert_mask
+from chop.cli.outputs import export_program
+from chop.passes.analysis.channel_groups import channel_groups
+from chop.passes.analysis.group_select import group_masks
+from chop.passes.export.shrink import shrink
+from chop.ir.masks import insert_mask
 
 from zoo import ZOO, output, prune_half, trace
 

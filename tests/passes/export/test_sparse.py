@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import chop
-from chop import sparse_ops
-from chop.save import export_program
-from passes.export.sparse import SPARSE, Sparse
-from passes.transform.mask import insert_mask
+from chop.kernels import csr as sparse_ops
+from chop.cli.outputs import export_program
+from chop.passes.export.sparse import SPARSE, Sparse
+from chop.ir.masks import insert_mask
 
 pytest.importorskip("scipy")
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import chop
-from chop import meta
-from passes.transform.mask import Mask, kept_count
+from chop.ir import meta
+from chop.kernels.select import kept_count
+from chop.passes.transform.mask import Mask
 
 PRUNABLE = ["conv1.weight", "conv2.weight", "fc.weight"]
 
@@ -174,7 +175,7 @@ def brute_force_counts(scores, budget, lower, upper):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_bounded_global_selection_matches_brute_force(seed):
-    from passes.transform.mask import layer_counts
+    from chop.passes.transform.mask import layer_counts
 
     g = torch.Generator().manual_seed(seed)
     scores = [torch.randint(0, 5, (n,), generator=g).float() * torch.rand(n, generator=g)
@@ -270,7 +271,7 @@ def test_pattern_option_errors(options, message):
 @pytest.mark.parametrize(("name", "granularity"), [("vgg", "channel"), ("resnet", "channel"), ("bert", "head")])
 def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granularity):
     import zoo
-    from passes.analysis.channel_groups import stored_channel_groups
+    from chop.passes.analysis.channel_groups import stored_channel_groups
 
     model, graph = zoo.trace(name)
     args, kwargs = zoo.ZOO[name].inputs(5)

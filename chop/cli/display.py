@@ -1,0 +1,142 @@
+"""What the terminal shows: the per-layer table, the summary lines, progress, and chop's log."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from chop.cli.spine import Hooks
+from chop.cli.viz import colour
+from chop.passes.analysis.collapse import report_summary, summary_line
+
+
+def _bar(sparsity: float, pruned: bool, width: int = 10) -> Text:
+    if not pruned:
+        return Text(f"{sparsity:6.1%} ", style="dim") + Text("·" * width, style="dim")
+    filled = round(sparsity * width)
+    return (Text(f"{sparsity:6.1%} ") + Text("█" * filled, style=colour(sparsity))
+            + Text("░" * (width - filled), style="dim"))
+
+
+def layer_table(report: dict[str, Any]) -> Table:
+    """The per-layer table of a report: layer, op, shape, parameters, kept, sparsity, totals."""
+    totals = report["totals"]
+    table = Table(title=f"{report.get('model', 'model')}: per-layer sparsity", show_footer=True,
+                  title_justify="left", header_style="bold", footer_style="bold")
+    table.add_column("layer", footer="total", no_wrap=True)
+    table.add_column("op", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("parameters", justify="right", footer=f"{totals['numel']:,}")
+    table.add_column("kept", justify="right", footer=f"{totals['kept']:,}")
+    table.add_column("sparsity", footer=_bar(totals["sparsity"], True), no_wrap=True)
+    collapse = report_summary(report)
+    if collapse is not None:  # a collapse pass ran: effective weights per layer
+        table.add_column("effective", justify="right", no_wrap=True,
+                         footer=f"{collapse['totals']['effective']:,}")
+    for layer in report["layers"]:
+        cells = [
+            layer["name"], layer["op"], "×".join(map(str, layer["shape"])),
+            f"{layer['numel']:,}", f"{layer['kept']:,}",
+            _bar(layer["sparsity"], layer.get("pruned", True)),
+        ]
+        if collapse is not None:
+            record = collapse["layers"].get(layer["name"])
+            flag = next((k for k in ("empty", "disconnected") if record and record[k]), "")
+            cells.append("" if record is None else
+                         Text(f"{record['effective']:,}" + (f" {flag}" if flag else ""),
+                              style="bold red" if flag else ""))
+        table.add_row(*cells)
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    console.print(layer_table(report))
+    totals = report["totals"]
+    console.print(
+        f"model: {totals['nonzero']:,} of {totals['parameters']:,} parameters non-zero "
+        f"({1 - totals['nonzero'] / max(totals['parameters'], 1):.1%} sparse overall)",
+        highlight=False,
+    )
+    collapse = report_summary(report)
+    if collapse is not None:
+        console.print(summary_line(collapse), highlight=False)
+    steps = report.get("pipeline", [])
+    for step in steps:  # shrink and sparse report [before, after] sizes
+        total = (step.get("info") or {}).get("total", {})
+        if isinstance(total.get("params"), list):
+            (p0, p1), (f0, f1) = total["params"], total.get("flops", (0, 0))
+            flops = f", FLOPs {f0:,} -> {f1:,} ({f0 / max(f1, 1):.2f}x fewer)" if f0 else ""
+            timed = total.get("model_latency_us") or (step.get("info") or {}).get("model_latency_us")
+            latency = (f", latency {timed[0]:,.0f} -> {timed[1]:,.0f} us "
+                       f"({timed[0] / max(timed[1], 1e-9):.2f}x faster)") if timed else ""
+            console.print(f"{step['name']}: parameters {p0:,} -> {p1:,} "
+                          f"({p0 / max(p1, 1):.2f}x smaller){flops}{latency}", highlight=False)
+    if steps:
+        console.print("pipeline: " + ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in steps),
+                      highlight=False)
+
+
+class Display:
+    """Rich progress over the steps, the passes and each pass's batches (on stderr)."""
+
+    def __init__(self, console: Console, enabled: bool):
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+            disable=not enabled,
+        )
+        self.step = self.progress.add_task("starting", total=None)
+        self.passes: Any = None
+
+    def on_stage(self, description: str) -> None:
+        self.progress.update(self.step, description=description)
+
+    def on_pass(self, p: Any, index: int, count: int) -> None:
+        if self.passes is None:
+            self.progress.update(self.step, description="running the pipeline")
+            self.passes = self.progress.add_task("passes", total=count)
+        self.progress.update(self.passes, completed=index, description=f"pass {p}")
+
+    def hooks(self, **more: Any) -> Hooks:
+        """This display as a command's :class:`~chop.cli.spine.Hooks`."""
+        return Hooks(on_stage=self.on_stage, track=self.track, on_pass=self.on_pass, **more)
+
+    def track(self, items: Iterable, total: int | None, description: str) -> Iterator:
+        task = self.progress.add_task(f"  {description} batches", total=total)
+        try:
+            for item in items:
+                yield item
+                self.progress.advance(task)
+        finally:
+            self.progress.remove_task(task)
+
+
+@contextmanager
+def logging_to(console: Console, quiet: bool) -> Iterator[None]:
+    """Show chop's warnings (errors only when quiet) on ``console``; restore the logger after."""
+    logger = logging.getLogger("chop")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers[:] = [RichHandler(console=console, show_time=False, show_path=False)]
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]

@@ -1,0 +1,230 @@
+"""The ``chop`` command line.
+
+- ``chop --version``; ``chop passes`` lists every pass with its options and one line of doc.
+- ``chop transform --config CONFIG CKPT [-o OUTDIR] [--set section.key=value ...] [--quiet]
+  [--json] [--force] [--trust-checkpoint]`` runs a config's pipeline on a checkpoint and writes
+  the outputs (see :mod:`chop.cli.spine`), with a progress display and a per-layer table.
+- ``chop train --config CONFIG CKPT_OR_OUTDIR [-o OUTDIR] [--set …] [--quiet] [--json]
+  [--force] [--trust-checkpoint]`` trains the masked model (see :mod:`chop.cli.train`) with a
+  progress display and one line per epoch, then writes the same outputs.
+- ``chop report PATH`` prints the per-layer table of an output folder, a ``.pt2`` or a
+  checkpoint.
+
+User errors (:class:`~chop.errors.ChopError`) print a short message and exit with status 2,
+without a traceback. Anything else is a bug: a one-line message and status 3 (set
+``CHOP_TRACEBACK=1`` to see the traceback). Ctrl-C exits with status 130 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+from chop.errors import ChopError
+
+if TYPE_CHECKING:  # rich, torch and the rest load only when a command runs: --help is instant
+    from rich.console import Console
+
+
+def _passes(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from chop.pipeline import registry
+
+    for name, cls in registry.all_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        flow = "".join(
+            f"; {label}: {', '.join(keys)}"
+            for label, keys in (("requires", cls.requires), ("provides", cls.provides)) if keys
+        )
+        console.print(f"[bold]{name}[/bold] [dim]({cls.kind}{flow})[/dim]  {doc}", highlight=False)
+        table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=False)
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, style="cyan")
+        table.add_column()
+        for option, kind, default, help_ in cls.option_table():
+            table.add_row(f"    {option}={default!r}", kind, help_)
+        if table.row_count:
+            console.print(table, highlight=False)
+    return 0
+
+
+def _transform(args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Console
+
+    from chop.cli.commands import transform
+    from chop.cli.display import Display, logging_to
+
+    err = Console(stderr=True)
+    display = Display(err, enabled=not args.quiet and err.is_terminal)
+    with logging_to(err, args.quiet), display.progress:
+        result = transform(
+            args.config, args.checkpoint, outdir=args.outdir, overrides=args.set or (),
+            force=args.force, trust_checkpoint=args.trust_checkpoint, hooks=display.hooks(),
+        )
+    return _finish(args, result, console)
+
+
+def _finish(args: argparse.Namespace, result: Any, console: Console) -> int:
+    """Print what a transform or train run produced: the report as JSON, or the table and
+    where the files went."""
+    from rich.markup import escape
+
+    from chop.cli.display import print_report
+    from chop.cli.outputs import FILES
+
+    if args.json:
+        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
+    elif not args.quiet:
+        print_report(result.report, console)
+        shown = os.path.relpath(result.outdir) if result.outdir.is_relative_to(os.getcwd()) \
+            else str(result.outdir)
+        console.print(f"wrote [bold]{escape(shown)}[/bold]", highlight=False, soft_wrap=True)
+        console.print("  " + ", ".join(FILES), highlight=False)
+    return 0
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Console
+
+    from chop.cli.commands import train
+    from chop.cli.display import Display, logging_to
+
+    err = Console(stderr=True)
+    shown_on = err if args.json else console  # keep stdout pure JSON with --json
+    display = Display(err, enabled=not args.quiet and err.is_terminal)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        evaluation = record["eval_accuracy"]
+        shown_on.print(
+            f"epoch {record['epoch']}: loss {record['loss']:.4f}, train accuracy "
+            f"{record['train_accuracy']:.1%}"
+            + (f", eval accuracy {evaluation:.1%}" if evaluation is not None else "")
+            + f" ({record['seconds']:.1f}s)",
+            highlight=False,
+        )
+
+    with logging_to(err, args.quiet), display.progress:
+        result = train(
+            args.config, args.source, outdir=args.outdir, overrides=args.set or (),
+            force=args.force, trust_checkpoint=args.trust_checkpoint,
+            hooks=display.hooks(on_epoch=on_epoch),
+        )
+    return _finish(args, result, console)
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from chop.cli.display import print_report
+    from chop.cli.report import read_report
+
+    report = read_report(args.path, trust=args.trust_checkpoint)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        print_report(report, console)
+    return 0
+
+
+def _output_options(parser: argparse.ArgumentParser, suffix: str, example: str) -> None:
+    """The options ``transform`` and ``train`` share: where and how to write the outputs."""
+    parser.add_argument("-o", "--outdir", metavar="OUTDIR",
+                        help=f"output folder (default: a new <config-stem>{suffix} folder next "
+                        "to CONFIG)")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example}")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
+    parser.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a pickled whole model (runs code from the file: trusted "
+                        "files only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``chop`` (subcommands register themselves here)."""
+    parser = argparse.ArgumentParser(
+        prog="chop", description="SNIP pruning for PyTorch, as a compiler pipeline over torch.fx."
+    )
+    parser.add_argument("--version", action="version", version=f"chop {version('chop')}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("passes", help="list every pass with its options")
+    p.set_defaults(func=_passes)
+
+    t = sub.add_parser(
+        "transform", help="prune a checkpoint with a TOML config and write the outputs",
+        description="Run the pipeline of CONFIG on CKPT and write model.pt2, weights.safetensors, "
+        "masks.safetensors, report.json, sparsity.html and graph.dot into OUTDIR.",
+    )
+    t.add_argument("--config", required=True, metavar="CONFIG", help="the TOML config")
+    t.add_argument("checkpoint", metavar="CKPT",
+                   help="a state dict (.pt/.pth/.ckpt/.bin, .safetensors) or a torch.export .pt2")
+    _output_options(t, "-out", "passes.mask.sparsity=0.95")
+    t.set_defaults(func=_transform)
+
+    tr = sub.add_parser(
+        "train", help="train a pruned model (a chop transform OUTDIR, or a checkpoint pruned "
+        "with the config's pipeline first) and write the outputs",
+        description="Train the masked model of CKPT_OR_OUTDIR with the [train] section of CONFIG "
+        "(masks stay applied), report accuracy per epoch, and write the same files as chop "
+        "transform into OUTDIR.",
+    )
+    tr.add_argument("--config", required=True, metavar="CONFIG", help="the TOML config")
+    tr.add_argument("source", metavar="CKPT_OR_OUTDIR",
+                    help="a chop transform output folder, or a checkpoint (the config's pipeline "
+                    "runs first)")
+    _output_options(tr, "-trained-out", "train.epochs=3")
+    tr.set_defaults(func=_train)
+
+    r = sub.add_parser("report", help="print the per-layer table of an output folder, .pt2 or "
+                       "checkpoint")
+    r.add_argument("path", metavar="PATH", help="an OUTDIR, a report.json, a .pt2 or a checkpoint")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a pickled whole model (trusted files only)")
+    r.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``chop`` console script; returns the exit status (see the module doc)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True)
+    show_traceback = bool(os.environ.get("CHOP_TRACEBACK"))
+    try:
+        return args.func(args, Console())
+    except ChopError as e:
+        if show_traceback:
+            raise
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/bold red]: nothing was written", highlight=False)
+        return 130
+    except Exception as e:  # a bug: one line, the traceback on request
+        if show_traceback:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        err.print(
+            f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(first)} — this is "
+            "a bug in chop; rerun with CHOP_TRACEBACK=1 to see the traceback, and report it.",
+            highlight=False, soft_wrap=True,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

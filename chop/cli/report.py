@@ -1,0 +1,201 @@
+"""The per-layer sparsity report: a plain, JSON-ready dict.
+
+``build_report`` describes a pruned :class:`~chop.ir.graph.Graph` (what ``report.json`` holds);
+``read_report`` describes whatever ``chop report PATH`` is given: an output folder (its
+``report.json``), a ``.pt2`` program or a checkpoint (sparsity counted from zero weights).
+
+A *layer* is a weight node that has a mask, or whose role is ``linear``, ``conv`` or
+``embedding``. Each layer record holds ``name`` (the parameter), ``layer`` (its module),
+``op``, ``role``, ``shape``, ``numel``, ``kept``, ``sparsity``, ``pruned`` (it has a mask) and
+``saliency`` (min, p50, mean, p90, max; None when no criterion ran). Quantiles use the exact
+radix selection of :mod:`chop.kernels.select`, since ``torch.quantile`` fails above 2**24 elements.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chop.errors import ReportError
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.kernels.select import kth_largest
+
+LAYER_ROLES = ("linear", "conv", "embedding")
+
+
+
+def versions() -> dict[str, str]:
+    """Versions of chop, torch and Python, for reproducibility."""
+    return {"chop": version("chop"), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def quantile(score: torch.Tensor, q: float) -> float:
+    """The lower ``q``-quantile of ``score``, exact at any size (no ``torch.quantile``)."""
+    n = score.numel()
+    k = n - int(q * (n - 1))  # the (n - k + 1)-th smallest is the k-th largest
+    return kth_largest([score.detach().float()], k)[0]
+
+
+def saliency_summary(score: torch.Tensor | None) -> dict[str, float] | None:
+    """min, p50, mean, p90 and max of a saliency tensor (None passes through)."""
+    if score is None or score.numel() == 0:
+        return None
+    s = score.detach().float()
+    return {
+        "min": float(s.min()), "p50": quantile(s, 0.5), "mean": float(s.mean()),
+        "p90": quantile(s, 0.9), "max": float(s.max()),
+    }
+
+
+def layer_record(
+    name: str, op: str, role: str, weight: torch.Tensor,
+    mask: torch.Tensor | None = None, saliency: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """One layer's entry; ``kept`` counts the mask, or non-zero weights when there is none."""
+    numel = weight.numel()
+    kept = int(mask.sum()) if mask is not None else int(torch.count_nonzero(weight))
+    return {
+        "name": name,
+        "layer": name.rpartition(".")[0] or name,
+        "op": op,
+        "role": role,
+        "shape": list(weight.shape),
+        "numel": numel,
+        "kept": kept,
+        "sparsity": 1.0 - kept / numel if numel else 0.0,
+        "pruned": mask is not None,
+        "saliency": saliency_summary(saliency),
+    }
+
+
+def graph_layers(graph: Graph, *, matrices: bool = False) -> list[dict[str, Any]]:
+    """Layer records of every masked or weight-bearing (linear/conv/embedding) weight node;
+    with ``matrices``, also of every other floating-point parameter of 2 or more dimensions
+    (a foreign ``.pt2`` may use weights through ops chop does not classify, e.g. a mask mul)."""
+    layers = []
+    for node in graph.weight_nodes():
+        entry = meta.entries(node)
+        weight = graph.parameter(node)
+        extra = matrices and weight.is_floating_point() and weight.dim() >= 2
+        if "mask" in entry or entry.get("role") in LAYER_ROLES or extra:
+            record = layer_record(
+                node.target, entry.get("op", "other"), entry.get("role", "other"),
+                graph.parameter(node).detach(), entry.get("mask"), entry.get("saliency"),
+            )
+            if "effective" in entry:  # the collapse pass ran: kept weights on an in->out path
+                record["effective"] = int(entry["effective"].sum())
+            layers.append(record)
+    return layers
+
+
+def totals(layers: list[dict[str, Any]], parameters: int, nonzero: int) -> dict[str, Any]:
+    """Sums over ``layers``, plus the whole model's parameter and non-zero counts."""
+    numel = sum(layer["numel"] for layer in layers)
+    kept = sum(layer["kept"] for layer in layers)
+    return {
+        "layers": len(layers),
+        "numel": numel,
+        "kept": kept,
+        "sparsity": 1.0 - kept / numel if numel else 0.0,
+        "parameters": parameters,
+        "nonzero": nonzero,
+    }
+
+
+def _graph_counts(graph: Graph) -> tuple[int, int]:
+    """All parameters of the graph, and how many are non-zero once masks apply."""
+    parameters = nonzero = 0
+    for node in graph.weight_nodes():
+        weight = graph.parameter(node).detach()
+        mask = meta.entries(node).get("mask")
+        parameters += weight.numel()
+        nonzero += int(torch.count_nonzero(weight if mask is None else weight * mask))
+    return parameters, nonzero
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else list(value.shape)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def build_report(graph: Graph, **context: Any) -> dict[str, Any]:
+    """The report of a pruned graph: model name, ``context`` (config, checkpoint, data…), the
+    pipeline with every option and its time (from ``graph.history``), layers, totals, versions."""
+    layers = graph_layers(graph)
+    return _jsonable({
+        "model": graph.name,
+        **context,
+        "pipeline": [
+            {"name": r.name, "options": r.options, "seconds": r.seconds,
+             "modified": r.modified, "info": r.info}
+            for r in graph.history
+        ],
+        "layers": layers,
+        "totals": totals(layers, *_graph_counts(graph)),
+        "versions": versions(),
+    })
+
+
+def _zeros_are_pruned(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Without masks (a .pt2 or a checkpoint), a layer with zero weights counts as pruned."""
+    for layer in layers:
+        layer["pruned"] = layer["kept"] < layer["numel"]
+    return layers
+
+
+def _state_dict_report(path: Path, state: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
+    ops = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+    layers = _zeros_are_pruned([
+        layer_record(k, ops.get(v.dim(), "other"), "conv" if v.dim() > 2 else "linear", v)
+        for k, v in state.items() if v.is_floating_point() and v.dim() >= 2
+    ])
+    floats = [v for v in state.values() if v.is_floating_point()]
+    counts = (sum(v.numel() for v in floats), sum(int(torch.count_nonzero(v)) for v in floats))
+    return {"model": name, "source": str(path), "layers": layers, "totals": totals(layers, *counts)}
+
+
+def read_report(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """The report of an output folder, a ``report.json``, a ``.pt2`` or a checkpoint
+    (``trust`` as in :func:`~chop.cli.checkpoint.load_checkpoint`)."""
+    from chop.cli.checkpoint import (
+        load_checkpoint,  # checkpoint imports nothing from here
+    )
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+        if not path.is_file():
+            raise ReportError(
+                f"{path.parent} has no report.json; pass a chop transform output folder, a "
+                ".pt2 or a checkpoint"
+            )
+    if path.suffix == ".json":
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ReportError(f"cannot read report {path}: {e}") from None
+        if not isinstance(report, dict) or "layers" not in report:
+            raise ReportError(f"{path} is not a chop report (it has no \"layers\")")
+        return report
+    ckpt = load_checkpoint(path, trust=trust)
+    if ckpt.program is not None:
+        graph = Graph(ckpt.program.module(), training=False, name=path.stem)
+        layers = _zeros_are_pruned(graph_layers(graph, matrices=True))
+        return {"model": path.stem, "source": str(path), "layers": layers,
+                "totals": totals(layers, *_graph_counts(graph))}
+    state = ckpt.state_dict if ckpt.state_dict is not None else ckpt.module.state_dict()
+    return _state_dict_report(path, state, path.stem)

@@ -1,0 +1,404 @@
+"""The IR: :func:`trace` captures a model with torch.export into a :class:`Graph`.
+
+A :class:`Graph` wraps the fx ``GraphModule`` that ``torch.export`` produces (``graph.module``).
+In that module every parameter appears once as a ``get_attr`` node whose target is the
+parameter's qualified name, exactly as in ``model.state_dict()``: these are the *weight nodes*
+every pass works on. The ops are ATen ops (``aten.linear``, ``aten.conv2d``, ``aten.batch_norm``,
+…), one vocabulary for every pass to recognise.
+
+Three things torch.export does not give us, and :class:`Graph` adds:
+
+- **A dynamic batch.** torch.export specialises every shape unless told otherwise; :func:`trace`
+  marks the batch dimension of every tensor input (and the sequence dimension of integer token
+  inputs) as dynamic, so a graph traced with a batch of 2 runs and trains with a batch of 64.
+- **Train and eval modes.** An exported graph bakes the ``training`` flag of ``batch_norm``,
+  the ``train`` flag of ``dropout`` and the ``dropout_p`` of attention into its nodes, and the
+  module's own ``eval()`` raises. :func:`trace` exports in train mode, records the train-mode
+  value of each such argument, and :meth:`Graph.train` / :meth:`Graph.eval` rewrite them in
+  place (including BatchNorm's ``num_batches_tracked`` counter, which eval mode must not bump).
+  ``graph.module.train()`` / ``.eval()`` are routed to the same switch.
+- **Weight roles.** Each weight node records in ``node.meta["chop"]`` how it is used
+  (``role``: linear, conv, embedding, norm, bias, other; ``op``: the consuming ATen op), which
+  is what decides the default prunable set.
+
+Like ``ExportedProgram.module()``, ``graph.module`` shares parameter and buffer tensors with the
+traced model: training the graph trains the model's parameters. chop passes themselves never
+change a parameter in place (``fold`` replaces the parameters it folds).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import types
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule, Node
+
+from chop.errors import LintError, TraceError
+from chop.ir import meta
+
+log = logging.getLogger("chop")
+aten = torch.ops.aten
+
+# How each ATen op uses its parameter arguments: op packet -> {argument index: role}.
+_PARAM_USES: dict[Any, dict[int, str]] = {
+    aten.linear: {1: "linear", 2: "bias"},
+    aten.addmm: {0: "bias", 2: "linear"},  # Hugging Face Conv1D (GPT-2): x @ W + b, W is [in, out]
+    aten.mm: {1: "linear"},
+    aten.matmul: {1: "linear"},
+    aten.embedding: {0: "embedding"},
+    aten.batch_norm: {1: "norm", 2: "bias"},
+    aten.instance_norm: {1: "norm", 2: "bias"},
+    aten.layer_norm: {2: "norm", 3: "bias"},
+    aten.group_norm: {2: "norm", 3: "bias"},
+    aten.rms_norm: {2: "norm"},
+    **{
+        op: {1: "conv", 2: "bias"}
+        for op in (
+            aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution,
+            aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+        )
+    },
+}
+# When a parameter has several uses, the most specific role wins (a tied embedding/lm-head
+# weight is an embedding; pruning it would prune the input embedding too).
+_ROLE_ORDER = ("embedding", "norm", "bias", "conv", "linear", "other")
+
+# Arguments that differ between train and eval mode: op packet -> (kind, index, keyword).
+_MODE_ARGS: dict[Any, tuple[str, int, str]] = {
+    aten.batch_norm: ("batch_norm", 5, "training"),
+    aten.dropout: ("dropout", 2, "train"),
+    aten.feature_dropout: ("dropout", 2, "train"),
+    aten.alpha_dropout: ("dropout", 2, "train"),
+    aten.feature_alpha_dropout: ("dropout", 2, "train"),
+    aten.scaled_dot_product_attention: ("dropout", 4, "dropout_p"),
+}
+_MODE_KEY = "chop_mode"  # node.meta entry: (kind, index, keyword, train-mode value, eval value)
+
+
+def _packet(node: Node) -> Any:
+    return getattr(node.target, "overloadpacket", None)
+
+
+def _get_arg(node: Node, index: int, keyword: str, default: Any = None) -> Any:
+    if keyword in node.kwargs:
+        return node.kwargs[keyword]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _set_arg(node: Node, index: int, keyword: str, value: Any) -> None:
+    if keyword in node.kwargs or len(node.args) <= index:
+        node.update_kwarg(keyword, value)
+    else:
+        node.update_arg(index, value)
+
+
+@dataclass
+class PassRecord:
+    """One pass run on a graph: what ran, with which options, for how long."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    modified: bool
+    info: dict[str, Any] = field(default_factory=dict)
+    reshaped: bool = False  # the pass changed parameter shapes or storage (``Pass.reshapes``)
+
+
+class Graph:
+    """A captured model: the fx ``GraphModule`` plus the state chop keeps beside it.
+
+    Attributes:
+        module: the fx GraphModule, callable like the model (same inputs, same outputs).
+        history: the passes run on this graph so far, in order (:class:`PassRecord`).
+        name: the traced model's class name, for messages and reports.
+    """
+
+    def __init__(self, module: GraphModule, *, training: bool = True, name: str = "model"):
+        self.module = module
+        self.name = name
+        self.history: list[PassRecord] = []
+        self._mode = (True, True)  # (batch_norm, dropout) as traced
+        self._annotate()
+        graph = self
+
+        def _train(gm: GraphModule, mode: bool = True) -> GraphModule:
+            graph.train(mode)
+            return gm
+
+        def _eval(gm: GraphModule) -> GraphModule:
+            graph.train(False)
+            return gm
+
+        module.train = types.MethodType(_train, module)  # type: ignore[method-assign]
+        module.eval = types.MethodType(_eval, module)  # type: ignore[method-assign]
+        self.train(training)
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def weight_nodes(self) -> list[Node]:
+        """The ``get_attr`` nodes of parameters, in graph order; ``node.target`` is the name."""
+        params = dict(self.module.named_parameters())
+        return [n for n in self.module.graph.nodes if n.op == "get_attr" and n.target in params]
+
+    def weight_node(self, name: str) -> Node:
+        """The weight node of parameter ``name`` (a ``state_dict`` key)."""
+        for node in self.weight_nodes():
+            if node.target == name:
+                return node
+        raise KeyError(f"{self.name} has no parameter named {name!r}")
+
+    def parameter(self, node: Node | str) -> nn.Parameter:
+        """The parameter behind a weight node (or a parameter name)."""
+        return self.module.get_parameter(node if isinstance(node, str) else node.target)
+
+    def replace_parameter(self, name: str, value: torch.Tensor) -> None:
+        """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone."""
+        owner, _, attr = name.rpartition(".")
+        module = self.module.get_submodule(owner)
+        old = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+
+    # -- modes -------------------------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:
+        """True when batch_norm and dropout both run in train mode."""
+        return all(self._mode)
+
+    def train(self, mode: bool = True) -> Graph:
+        """Switch batch_norm and dropout to train (``mode=True``) or eval mode."""
+        self._set_mode(batch_norm=mode, dropout=mode)
+        return self
+
+    def eval(self) -> Graph:
+        """Switch batch_norm and dropout to eval mode."""
+        return self.train(False)
+
+    @contextmanager
+    def mode(self, *, batch_norm: bool, dropout: bool) -> Iterator[Graph]:
+        """Run a block with batch_norm and dropout in the given modes, then restore them."""
+        before = self._mode
+        self._set_mode(batch_norm=batch_norm, dropout=dropout)
+        try:
+            yield self
+        finally:
+            self._set_mode(batch_norm=before[0], dropout=before[1])
+
+    def _set_mode(self, *, batch_norm: bool, dropout: bool) -> None:
+        nn.Module.train(self.module, batch_norm and dropout)
+        if (batch_norm, dropout) == self._mode:
+            return
+        train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
+        for node in self.module.graph.nodes:
+            record = node.meta.get(_MODE_KEY)
+            if record is None:
+                continue
+            kind, index, keyword, train_value, eval_value = record
+            value = train_value if train[kind] else eval_value
+            if kind == "counter":
+                node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
+            elif _get_arg(node, index, keyword) != value:
+                _set_arg(node, index, keyword, value)
+        self._mode = (batch_norm, dropout)
+        self.module.recompile()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def copy(self) -> Graph:
+        """An independent copy: its own parameters, buffers and chop metadata, same mode."""
+        with self.mode(batch_norm=True, dropout=True):  # the copy records train-mode arguments
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
+                module = copy.deepcopy(self.module)
+        for node in module.graph.nodes:  # fx copies node.meta shallowly
+            if "chop" in node.meta:
+                node.meta["chop"] = dict(node.meta["chop"])
+        twin = Graph(module, training=self.training, name=self.name)
+        twin.history = list(self.history)
+        return twin
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def recompile(self) -> None:
+        """Regenerate the module's code after a pass edited the graph."""
+        self.module.recompile()
+
+    def lint(self) -> None:
+        """Check the fx graph and every chop metadata entry; raise :class:`LintError`."""
+        try:
+            self.module.graph.lint()
+        except Exception as e:  # fx raises RuntimeError/AssertionError with its own text
+            raise LintError(f"the fx graph of {self.name} is malformed: {e}") from e
+        found = []
+        for node in self.weight_nodes():
+            found += meta.problems(node, self.parameter(node))
+        if found:
+            more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+            raise LintError("inconsistent chop metadata: " + "; ".join(found[:5]) + more)
+
+    def _annotate(self) -> None:
+        """Merge tied weights into one node, record weight roles and the train/eval-dependent
+        arguments of the traced graph."""
+        self._merge_tied_weights()
+        for node in self.weight_nodes():
+            roles, ops = [], []
+            for user in node.users:
+                uses = _PARAM_USES.get(_packet(user), {})
+                for index, arg in enumerate(user.args):
+                    if arg is node and index in uses:
+                        roles.append(uses[index])
+                        ops.append(str(_packet(user)).removeprefix("aten."))
+            role = min(roles, key=_ROLE_ORDER.index) if roles else "other"
+            entry = meta.entries(node)
+            if "role" not in entry:  # a copy keeps its roles (its users may be mask nodes now)
+                entry["role"] = role
+                entry["op"] = ops[roles.index(role)] if roles else "other"
+        for node in self.module.graph.nodes:
+            spec = _MODE_ARGS.get(_packet(node)) if node.op == "call_function" else None
+            if spec is not None:
+                kind, index, keyword = spec
+                train_value = _get_arg(node, index, keyword, 0.0)
+                if kind == "batch_norm":  # without running stats BatchNorm always uses batch stats
+                    eval_value = train_value if _get_arg(node, 3, "running_mean") is None else False
+                else:
+                    eval_value = 0.0 if isinstance(train_value, float) else False
+                node.meta[_MODE_KEY] = (kind, index, keyword, train_value, eval_value)
+            elif node.target is aten.add_.Tensor and _is_counter(node.args[0]):
+                node.meta[_MODE_KEY] = ("counter", 0, "", aten.add_.Tensor, aten.add.Tensor)
+
+
+    def _merge_tied_weights(self) -> None:
+        """torch.export emits one get_attr per *name* of a tied parameter (GPT-2's wte and
+        lm_head); keep one node per parameter, named by its first name in ``state_dict``."""
+        first = {id(p): name for name, p in self.module.named_parameters()}
+        kept: dict[str, Node] = {}
+        for node in list(self.module.graph.find_nodes(op="get_attr")):
+            try:
+                name = first[id(self.module.get_parameter(node.target))]
+            except AttributeError:
+                continue  # a buffer
+            if name not in kept:
+                kept[name] = node
+                node.target = name
+            else:
+                node.replace_all_uses_with(kept[name])
+                self.module.graph.erase_node(node)
+        self.module.recompile()
+
+
+def _is_counter(arg: Any) -> bool:
+    return isinstance(arg, Node) and arg.op == "get_attr" and str(arg.target).endswith(
+        "num_batches_tracked"
+    )
+
+
+# -- the frontend --------------------------------------------------------------------------------
+
+
+def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Dim.AUTO on the batch dim of every tensor input, and on dim 1 of integer token inputs.
+
+    Keyed by the forward's parameter names, the form torch.export documents for mixing
+    positional and keyword inputs.
+    """
+
+    def spec(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: Dim.AUTO}
+        if x.dim() == 2 and not x.is_floating_point() and x.dtype != torch.bool:
+            dims[1] = Dim.AUTO  # (batch, sequence) token ids / attention masks
+        return dims
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.items()}
+
+
+def _widen_batch_of_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """torch.export specialises size-1 dims, so trace a batch of 1 as a batch of 2."""
+    leaves = [
+        x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)
+    ]
+    if not leaves or any(x.dim() == 0 or x.shape[0] != 1 for x in leaves):
+        return args, kwargs
+
+    def widen(x: Any) -> Any:
+        return torch.cat([x, x]) if isinstance(x, torch.Tensor) else x
+
+    return torch.utils._pytree.tree_map(widen, (args, kwargs))
+
+
+_HINTS = (
+    ("cache", "The model builds a key/value cache: build it with `use_cache=False` in its "
+     "config (or pass use_cache=False in kwargs)."),
+    ("data-dependent", "The model branches on tensor *values* (e.g. `if x.sum() > 0`): rewrite "
+     "that branch with torch.where/torch.cond, or choose example inputs that avoid it."),
+    ("Constraints violated", "The model fixes a size that chop marks dynamic (the batch, or the "
+     "sequence length of token inputs): check that the example inputs have a realistic batch "
+     "and sequence length, and that the model does not hard-code them."),
+)
+
+
+def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | None = None) -> Graph:
+    """Capture ``model`` as a :class:`Graph` with torch.export.
+
+    Args:
+        model: the model; exported in train mode (so dropout probabilities are recorded) and
+            left in the mode it was in. The graph starts in that mode too.
+        example_inputs: one positional input or a tuple of them, as the model's forward takes.
+        kwargs: keyword inputs (e.g. ``input_ids``, ``attention_mask`` for a transformer).
+
+    Returns:
+        The graph; ``graph.module(*example_inputs, **kwargs)`` equals ``model(...)``, and the
+        batch dimension (plus the sequence dimension of integer token inputs) is dynamic.
+
+    Raises:
+        TraceError: torch.export could not capture the model; the message says why and what
+            to try, and the original exception is chained.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"chop.trace needs a torch.nn.Module, got {type(model).__name__}")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(kwargs or {})
+    args, kwargs = _widen_batch_of_one(args, kwargs)
+    name = type(model).__name__
+    was_training = model.training
+    model.train()
+    try:
+        program = torch.export.export(
+            model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs)
+        )
+    except Exception as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        hints = [hint for key, hint in _HINTS if key.lower() in text.lower()] or [
+            "Check that the example inputs are what the model's forward expects (a tuple of "
+            "positional inputs, kwargs for keyword inputs), and that the model runs eagerly on "
+            "them; see the chained torch.export error below for the line that failed."
+        ]
+        raise TraceError(
+            f"torch.export could not capture {name}: {type(e).__name__}: {first}\n"
+            f"What to try: {' '.join(hints)}"
+        ) from e
+    finally:
+        model.train(was_training)
+    graph = Graph(program.module(), training=was_training, name=name)
+    for node in graph.module.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
+            log.warning(
+                "%s: input %r keeps a fixed batch size of %d (the model's code fixes it); the "
+                "graph only accepts that batch size", name, node.name, value.shape[0],
+            )
+    return graph

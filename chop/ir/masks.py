@@ -1,0 +1,144 @@
+"""The rewrite helpers every pass shares: mask nodes, prunable weights, new attributes.
+
+A *mask node* is ``mul(weight, mask)`` inserted right after a weight node; the weight's users
+read the ``mul`` instead, and ``mul.meta["chop"]["mask_of"]`` names the masked parameter. The
+mask itself is a bool buffer ``<param>_mask`` on the parameter's own submodule, so it is in
+``state_dict`` and survives save and load. Masked entries then get zero gradient and contribute
+zero: training needs no re-masking after optimizer steps.
+
+Which weights are *prunable* by default (linear and conv weights, as roles recorded by
+:func:`chop.trace`) is decided here once, for the ``mask`` pass, the criteria's
+``params=prunable`` and the training hooks alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Node
+
+from chop.ir import meta
+from chop.ir.graph import Graph
+
+MASK_OF = "mask_of"  # meta["chop"] entry on an inserted mul node: the masked parameter's name
+PRUNABLE_ROLES = ("linear", "conv")
+
+
+def mask_of(node: Any) -> str | None:
+    """The parameter a mask ``mul`` node masks, or None for any other node (or value)."""
+    return node.meta.get("chop", {}).get(MASK_OF) if isinstance(node, Node) else None
+
+
+def mask_nodes(graph: Graph) -> Iterator[Node]:
+    """Every mask ``mul`` node of ``graph``, in graph order."""
+    return (n for n in graph.module.graph.nodes if mask_of(n) is not None)
+
+
+def is_masked(graph: Graph) -> bool:
+    """Whether ``graph`` has any mask node."""
+    return next(mask_nodes(graph), None) is not None
+
+
+def weight_name(graph: Graph, arg: Any) -> str | None:
+    """The parameter an op argument reads: a weight node's target, or the parameter behind a
+    mask node; None for anything else (activations, constants, buffers)."""
+    if not isinstance(arg, Node):
+        return None
+    if arg.op == "get_attr":
+        return arg.target if isinstance(arg.target, str) and _is_parameter(graph, arg.target) else None
+    return mask_of(arg)
+
+
+def _is_parameter(graph: Graph, name: str) -> bool:
+    try:
+        graph.module.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def fresh_attribute(owner: nn.Module, attr: str) -> str:
+    """``attr``, or ``attr`` followed by as many ``_`` as needed to be a new name on ``owner``
+    (e.g. a model already pruned with ``torch.nn.utils.prune`` has ``weight_mask``)."""
+    while hasattr(owner, attr):
+        attr += "_"
+    return attr
+
+
+def add_tensor(graph: Graph, beside: str, attr: str, value: torch.Tensor, *,
+               parameter: bool = False, persistent: bool = True) -> str:
+    """Register ``value`` as a new buffer (or parameter) named after ``attr`` on the submodule
+    that owns ``beside`` (a qualified name); returns the new tensor's qualified name."""
+    owner_name, _, _ = beside.rpartition(".")
+    owner = graph.module.get_submodule(owner_name)
+    attr = fresh_attribute(owner, attr)
+    if parameter:
+        owner.register_parameter(attr, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+    else:
+        owner.register_buffer(attr, value, persistent=persistent)
+    return f"{owner_name}.{attr}" if owner_name else attr
+
+
+def select_weights(
+    graph: Graph,
+    include: str | None = None,
+    exclude: str | None = None,
+    *,
+    biases: bool = False,
+    norms: bool = False,
+    embeddings: bool = False,
+) -> list[Node]:
+    """Weight nodes to prune: linear and conv weights (plus the roles asked for), filtered by
+    ``include``/``exclude`` regexes searched in the parameter name."""
+    roles = set(PRUNABLE_ROLES) | {
+        r for r, on in (("bias", biases), ("norm", norms), ("embedding", embeddings)) if on
+    }
+    return [
+        n for n in graph.weight_nodes()
+        if meta.entries(n).get("role") in roles
+        and (include is None or re.search(include, n.target))
+        and (exclude is None or not re.search(exclude, n.target))
+    ]
+
+
+def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> None:
+    """Mask weight ``node`` with ``mask`` (bool, True = kept): add or update its mask buffer and
+    its ``mul`` node. Records the mask in ``node.meta["chop"]["mask"]``. Call
+    ``graph.recompile()`` after the last one."""
+    name = node.target
+    mask = mask.to(torch.bool)
+    meta.entries(node)["mask"] = mask
+    for user in node.users:
+        if mask_of(user) == name:  # already masked: update the buffer
+            graph.module.get_buffer(user.args[1].target).copy_(mask)
+            return
+    target = add_tensor(graph, name, f"{name.rpartition('.')[2]}_mask", mask.clone())
+    fx = graph.module.graph
+    with fx.inserting_after(node):
+        mask_node = fx.get_attr(target)
+    with fx.inserting_after(mask_node):
+        mul = fx.call_function(torch.ops.aten.mul.Tensor, (node, mask_node))
+    node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+    meta.entries(mul)[MASK_OF] = name
+    if "val" in node.meta:
+        mul.meta["val"] = node.meta["val"]
+
+
+def restore_masks(graph: Graph) -> None:
+    """Insert a mask node for every weight whose ``mask`` metadata has none (e.g. after
+    ``fold``), so the graph computes with its masks again."""
+    for node in graph.weight_nodes():
+        mask = meta.entries(node).get("mask")
+        if mask is not None and not any(mask_of(u) == node.target for u in node.users):
+            insert_mask(graph, node, mask)
+    graph.recompile()
+
+
+def current_masks(graph: Graph) -> dict[str, torch.Tensor]:
+    """The bool mask of every masked parameter, by name (from the ``mask`` metadata)."""
+    return {n.target: meta.entries(n)["mask"] for n in graph.weight_nodes()
+            if "mask" in meta.entries(n)}

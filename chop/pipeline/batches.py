@@ -1,0 +1,151 @@
+"""Batches and losses: how passes feed data to a graph.
+
+A batch is ``(inputs, targets)``. ``inputs`` is one tensor, a tuple/list of positional inputs,
+or a dict of keyword inputs (``{"input_ids": ..., "attention_mask": ...}``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from chop.errors import ChopError, DataError
+
+
+def call(module: Callable, inputs: Any) -> Any:
+    """Call ``module`` on one batch's ``inputs`` (tensor, tuple/list, or dict of kwargs)."""
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return module(*inputs)
+    return module(inputs)
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits in a model's outputs: a tensor, ``.logits``/``["logits"]``, or the first item."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if hasattr(outputs, "logits") and outputs.logits is not None:
+        return outputs.logits
+    if isinstance(outputs, dict) and "logits" in outputs:
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise DataError(
+        f"cannot find logits in the model's outputs ({type(outputs).__name__}); pass "
+        "loss=callable(outputs, targets) that computes the loss from them"
+    )
+
+
+def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Default loss: cross-entropy of the logits against integer class targets.
+
+    Sequence logits ``(batch, seq, classes)`` with targets ``(batch, seq)`` are flattened;
+    targets equal to -100 are ignored, as in Hugging Face models.
+    """
+    logits = logits_of(outputs)
+    if not isinstance(targets, torch.Tensor):
+        raise DataError(
+            f"the default cross-entropy loss needs integer class targets as a tensor, got "
+            f"{type(targets).__name__}; pass loss=callable(outputs, targets) for other targets"
+        )
+    if logits.dim() > 2 and targets.dim() == logits.dim() - 1:
+        logits, targets = logits.flatten(0, -2), targets.flatten()
+    if logits.shape[0] != targets.shape[0]:
+        raise DataError(
+            f"logits of shape {tuple(logits.shape)} do not match targets of shape "
+            f"{tuple(targets.shape)}: the default loss is cross-entropy over classes, so targets "
+            "must be class indices with the batch shape; pass loss=callable(outputs, targets) "
+            "for other targets"
+        )
+    return F.cross_entropy(logits, targets)
+
+
+def take(data: Iterable | None, count: int, who: str) -> Iterator[tuple[Any, Any]]:
+    """Yield the first ``count`` ``(inputs, targets)`` batches of ``data``, checking each."""
+    if data is None:
+        raise DataError(
+            f"{who} needs data: pass data=... to chop.run, an iterable of (inputs, targets) "
+            "batches (a list of tuples or a DataLoader)"
+        )
+    seen = 0
+    for batch in itertools.islice(iter(data), count):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise DataError(
+                f"{who}: batch {seen} is a {type(batch).__name__}, not an (inputs, targets) pair; "
+                "data must yield (inputs, targets) batches"
+            )
+        seen += 1
+        yield batch[0], batch[1]
+    if seen < count:
+        raise DataError(
+            f"{who} asked for {count} batches but data gave {seen}; lower the pass's `batches` "
+            "option or provide more batches"
+        )
+
+
+def batch_loss(
+    module: Callable,
+    inputs: Any,
+    targets: Any,
+    loss: Callable[[Any, Any], Any] | None,
+    who: str,
+    *,
+    transform: Callable[[Any], Any] | None = None,
+) -> torch.Tensor:
+    """``loss(module(inputs), targets)`` (cross-entropy when ``loss`` is None), checked to be a
+    scalar tensor. ``transform`` may rewrite the outputs first (e.g. temperature scaling).
+
+    A failure here is a problem with the data or the loss, not with chop: the model failing on
+    ``inputs``, or the loss raising, becomes a :class:`DataError` that says which and how to
+    fix it, with the original exception chained.
+    """
+    try:
+        outputs = call(module, inputs)
+    except ChopError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{who}: the model failed on a batch of the data: {type(e).__name__}: "
+            f"{_first_line(e)}. Check that each batch's inputs have the structure, dtype and "
+            f"per-sample shape of the example inputs the model was traced with ({describe(inputs)})"
+        ) from e
+    if transform is not None:
+        outputs = transform(outputs)
+    try:
+        value = (loss or cross_entropy)(outputs, targets)
+    except ChopError:
+        raise
+    except Exception as e:
+        which = "the default cross-entropy loss" if loss is None else "the loss"
+        raise DataError(
+            f"{who}: {which} raised {type(e).__name__}: {_first_line(e)}. Check the targets "
+            f"({describe(targets)})"
+            + (" or pass loss=callable(outputs, targets)" if loss is None else
+               " and the loss function")
+        ) from e
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise DataError(
+            f"{who}: the loss must return a scalar tensor, got "
+            f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))}"
+        )
+    return value
+
+
+def describe(value: Any) -> str:
+    """A short description of a batch's inputs or targets: tensor shapes and dtypes."""
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]

@@ -1,0 +1,267 @@
+"""The pass manager: parse a pipeline, check it, run it pass by pass.
+
+A pipeline is a string, one pass or a list of passes (objects, or names/strings)::
+
+    "snip{batches=2}, mask{sparsity=0.9, scope=global}, fold"
+
+Option values in a string are TOML-like: ``true``/``false``, integers, floats, and strings, bare
+(``scope=global``) or quoted (``include='layer\\.[0-3]'``; quote anything with ``,{}=`` or spaces).
+
+Before anything runs, :class:`PassManager` checks that every key a pass ``requires`` is carried
+by the graph already or provided by an earlier pass, and otherwise names the passes that provide
+it. While running it times each pass, lints the graph after each one, records a
+:class:`~chop.ir.graph.PassRecord` in ``graph.history``, and wraps failures with the pass name, the
+passes before it and the node the pass was working on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from chop.errors import ChopError, InternalError, MissingMetadataError, PipelineError
+from chop.ir import meta
+from chop.ir.graph import Graph, PassRecord
+from chop.pipeline import registry
+from chop.pipeline.pass_base import Context, Pass
+
+log = logging.getLogger("chop")
+
+_TOKEN = re.compile(
+    r"""\s*(?:(?P<quoted>"[^"]*"|'[^']*')|(?P<punct>[{}=,])|(?P<bare>[^\s{}=,"']+))"""
+)
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    """``(kind, text, column)`` tokens of a pipeline string."""
+    tokens, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            raise _syntax(text, pos, "an unterminated quote")
+        kind = match.lastgroup or "bare"
+        tokens.append((kind, match.group(kind), match.start(kind)))
+        pos = match.end()
+    return tokens
+
+
+def _syntax(text: str, column: int, found: str, expected: str = "") -> PipelineError:
+    want = f"expected {expected}, found {found}" if expected else f"found {found}"
+    return PipelineError(
+        f"cannot parse pipeline at column {column + 1}: {want}\n  {text}\n  {' ' * column}^\n"
+        "Write passes as name{option=value, ...} separated by commas, e.g. "
+        "\"snip{batches=2}, mask{sparsity=0.9, scope=global}, fold\"."
+    )
+
+
+def _value(kind: str, text: str) -> Any:
+    if kind == "quoted":
+        return text[1:-1]
+    if text in ("true", "false"):
+        return text == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse a pipeline string into pass objects."""
+    tokens = _tokens(text) + [("end", "the end", len(text))]
+    passes, i = [], 0
+
+    def expect(kinds: tuple[str, ...], texts: tuple[str, ...] | None, what: str) -> tuple:
+        nonlocal i
+        kind, value, column = tokens[i]
+        if kind not in kinds or (texts is not None and value not in texts):
+            shown = "the end" if kind == "end" else repr(value)
+            raise _syntax(text, column, shown, what)
+        i += 1
+        return tokens[i - 1]
+
+    if tokens[0][0] == "end":
+        raise PipelineError("the pipeline is empty; name at least one pass, e.g. \"snip, mask\"")
+    while True:
+        _, name, column = expect(("bare",), None, "a pass name")
+        options: dict[str, Any] = {}
+        if tokens[i][1] == "{" and tokens[i][0] == "punct":
+            i += 1
+            while not (tokens[i][0] == "punct" and tokens[i][1] == "}"):
+                _, key, _ = expect(("bare",), None, "an option name")
+                expect(("punct",), ("=",), "'='")
+                kind, raw, _ = expect(("bare", "quoted"), None, "a value")
+                options[key] = _value(kind, raw)
+                if tokens[i][1] != "}":
+                    expect(("punct",), (",",), "',' or '}'")
+            i += 1
+        passes.append(registry.get(name).from_options(options))
+        kind, value, _ = expect(("punct", "end"), (",", "the end"), "',' or the end")
+        if kind == "end":
+            return passes
+
+
+def as_passes(pipeline: str | Pass | Sequence[Pass | str]) -> list[Pass]:
+    """Normalise any accepted pipeline form to a list of pass objects."""
+    if isinstance(pipeline, str):
+        return parse_pipeline(pipeline)
+    if isinstance(pipeline, Pass):
+        return [pipeline]
+    if isinstance(pipeline, type) and issubclass(pipeline, Pass):
+        return [pipeline()]
+    if not isinstance(pipeline, Sequence):
+        raise PipelineError(
+            f"a pipeline is a string, a pass, or a list of passes; got {type(pipeline).__name__}"
+        )
+    passes: list[Pass] = []
+    for item in pipeline:
+        if isinstance(item, (str, Pass)) or (isinstance(item, type) and issubclass(item, Pass)):
+            passes += as_passes(item)
+        else:
+            raise PipelineError(
+                f"pipeline items must be pass objects or strings; got {type(item).__name__}: "
+                f"{item!r}"
+            )
+    if not passes:
+        raise PipelineError("the pipeline is empty; name at least one pass, e.g. \"snip, mask\"")
+    return passes
+
+
+def carried(graph: Graph) -> set[str]:
+    """The ``node.meta["chop"]`` keys some weight node of ``graph`` already carries."""
+    keys: set[str] = set()
+    for node in graph.weight_nodes():
+        keys.update(node.meta.get("chop", {}))
+    return keys
+
+
+def invalidate(graph: Graph, p: Pass) -> list[str]:
+    """Drop the analysis keys that pass ``p`` (which changed the graph) does not preserve, from
+    every weight node and from the graph-level store; returns the keys dropped."""
+    if p.preserves == "all":
+        return []
+    stale = [k for k in meta.ANALYSES if k not in p.preserves and k not in p.provides]
+    dropped = set()
+    for node in graph.weight_nodes():
+        entry = node.meta.get("chop", {})
+        for key in stale:
+            if entry.pop(key, None) is not None:
+                dropped.add(key)
+    store = graph.module.meta.get("chop", {})
+    for key in stale:
+        if store.pop(key, None) is not None:
+            dropped.add(key)
+    return sorted(dropped)
+
+
+class PassManager:
+    """Runs a list of passes on graphs; see the module doc for what it checks and records."""
+
+    def __init__(self, pipeline: str | Pass | Sequence[Pass | str]):
+        self.passes = as_passes(pipeline)
+
+    def check(self, graph: Graph | None = None) -> None:
+        """Raise :class:`MissingMetadataError` if a pass needs a key that neither ``graph``
+        carries nor an earlier pass provides (no graph: check the pipeline on its own, as for
+        a freshly traced model)."""
+        available = carried(graph) if graph is not None else set()
+        for index, p in enumerate(self.passes):
+            for key in p.requires:
+                if key not in available:
+                    before = [q.name for q in self.passes[:index]]
+                    providers = registry.providers(key)
+                    fix = (f"Run one of {', '.join(providers)} before it, e.g. "
+                           f"\"{providers[0]}, {p.name}\"." if providers else
+                           f"No registered pass provides {key!r}: add the pass that writes it.")
+                    raise MissingMetadataError(
+                        f"pass {p.name!r} needs {key!r}, which the graph does not carry and no "
+                        f"earlier pass in the pipeline provides "
+                        f"(passes before it: {', '.join(before) or 'none'}). {fix}"
+                    )
+            available.update(p.provides)
+            if p.preserves != "all":
+                available = {k for k in available
+                             if k not in meta.ANALYSES or k in p.preserves or k in p.provides}
+
+    def data_batches(self) -> int:
+        """The most ``(inputs, targets)`` batches any pass of the pipeline reads."""
+        return max((p.data_batches() for p in self.passes), default=0)
+
+    def run(
+        self,
+        graph: Graph,
+        data: Iterable | None = None,
+        loss: Callable[[Any, Any], Any] | None = None,
+        *,
+        track: Callable[[Iterable, int | None, str], Iterable] | None = None,
+        on_pass: Callable[[Pass, int, int], None] | None = None,
+    ) -> Graph:
+        """Run every pass on ``graph`` in order and return it.
+
+        Args:
+            graph: the graph, edited in place.
+            data: ``(inputs, targets)`` batches for passes that need data (e.g. ``snip``).
+            loss: ``loss(outputs, targets)``; None means cross-entropy.
+            track: progress wrapper for long loops (see :class:`~chop.pipeline.pass_base.Context`).
+            on_pass: called as ``on_pass(pass, index, count)`` before each pass starts.
+        """
+        self.check(graph)
+        ctx = Context(data=data, loss=loss)
+        if track is not None:
+            ctx.track = track
+        for index, p in enumerate(self.passes):
+            if on_pass is not None:
+                on_pass(p, index, len(self.passes))
+            ctx.node = None
+            start = time.perf_counter()
+            try:
+                result = p.apply(graph, ctx)
+                if result.modified:
+                    invalidate(graph, p)
+                graph.lint()
+            except Exception as e:
+                wrapped = _wrap(e, p, ctx)
+                if wrapped is e:
+                    raise
+                raise wrapped from e
+            seconds = time.perf_counter() - start
+            graph.history.append(PassRecord(p.name, p.options(), seconds, result.modified,
+                                            result.info, reshaped=p.reshapes))
+            log.info("%s: %.3fs%s", p, seconds, "" if result.modified else " (no change)")
+            ctx.before.append(p.name)
+        return graph
+
+
+def _wrap(error: Exception, p: Pass, ctx: Context) -> Exception:
+    """``error`` with the pass, the passes before it and the node in front of its message: the
+    same type for chop's own errors (user mistakes and chop's internal checks), an
+    :class:`InternalError` for anything else (a bug). Chained to the original by the caller."""
+    where = f"pass {p.name!r}"
+    where += f" (after the following passes: {', '.join(ctx.before)})" if ctx.before else ""
+    where += f" while processing node {ctx.node.name} ({ctx.node.target})" if ctx.node else ""
+    if isinstance(error, (ChopError, InternalError)):
+        try:
+            wrapped: Exception = type(error)(f"{where}: {error}")
+        except TypeError:  # a subclass with another constructor: keep it as it is
+            return error
+    else:
+        wrapped = InternalError(f"{where} failed: {type(error).__name__}: {error}")
+    wrapped.pass_name = p.name  # type: ignore[attr-defined]
+    return wrapped
+
+
+def run(
+    graph: Graph,
+    pipeline: str | Pass | Sequence[Pass | str],
+    data: Iterable | None = None,
+    loss: Callable[[Any, Any], Any] | None = None,
+    **kwargs: Any,
+) -> Graph:
+    """Run ``pipeline`` on ``graph``; see :class:`PassManager`. Returns ``graph``."""
+    return PassManager(pipeline).run(graph, data, loss, **kwargs)

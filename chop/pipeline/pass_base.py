@@ -1,0 +1,216 @@
+"""The pass contract.
+
+A pass is a small frozen dataclass: its fields are its options, with types and defaults; its
+class attributes say who it is (``name``, kebab-case), what ``kind`` it is (analysis, transform
+or export), which ``node.meta["chop"]`` keys it ``requires`` and which it ``provides``. Its one
+method, :meth:`Pass.apply`, edits a :class:`~chop.ir.graph.Graph` and returns a :class:`PassResult`.
+The real work lives in a plain function beside the class that other code can call directly::
+
+    @dataclass(frozen=True)
+    class Magnitude(Pass):
+        \"\"\"Saliency |w|.\"\"\"
+        name: ClassVar[str] = "magnitude"
+        kind: ClassVar[str] = "analysis"
+        provides: ClassVar[tuple[str, ...]] = ("saliency",)
+
+        def apply(self, graph, ctx):
+            return PassResult(modified=bool(magnitude_saliency(graph)))
+
+Options are checked when the pass is built — from Python, a pipeline string or a TOML table —
+against the field types (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``),
+then by the pass's own :meth:`Pass.check` for ranges. Every failure is an
+:class:`~chop.errors.OptionError` that names the pass, the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch.fx import Node
+
+from chop.errors import OptionError, did_you_mean
+
+if typing.TYPE_CHECKING:
+    from chop.ir.graph import Graph
+
+
+def option(default: Any, doc: str) -> Any:
+    """A pass option: its default and a one-line doc shown by ``chop passes``."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graph, plus facts for reports and logs."""
+
+    modified: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _identity_track(items: Iterable, total: int | None, description: str) -> Iterable:
+    return items
+
+
+@dataclass
+class Context:
+    """What a pass may use besides the graph.
+
+    Attributes:
+        data: an iterable of ``(inputs, targets)`` batches; ``inputs`` is a tensor, a tuple of
+            positional inputs, or a dict of keyword inputs.
+        loss: ``loss(outputs, targets) -> scalar tensor``; None means cross-entropy.
+        track: wraps a long loop for progress display: ``track(items, total, description)``.
+        before: names of the passes that already ran in this pipeline.
+        node: the node a pass is working on, named in error messages (see :meth:`visiting`).
+    """
+
+    data: Iterable | None = None
+    loss: Callable[[Any, Any], Any] | None = None
+    track: Callable[[Iterable, int | None, str], Iterable] = _identity_track
+    before: list[str] = field(default_factory=list)
+    node: Node | None = None
+
+    @contextmanager
+    def visiting(self, node: Node) -> Iterator[Node]:
+        """Mark ``node`` as the one being worked on; an error raised inside keeps it marked."""
+        previous, self.node = self.node, node
+        yield node
+        self.node = previous
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every pass. Subclasses are frozen dataclasses; see the module doc."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[Literal["analysis", "transform", "export"]]
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    preserves: ClassVar[tuple[str, ...] | Literal["all"]] = "all"
+    reshapes: ClassVar[bool] = False
+    accumulates: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        hints = _option_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = _coerce(value, hints[f.name])
+            if checked is _INVALID:
+                raise OptionError(
+                    f"{self.name}: option {f.name}={value!r} is not valid; "
+                    f"expected {_describe(hints[f.name])}"
+                )
+            object.__setattr__(self, f.name, checked)
+        self.check()
+
+    def check(self) -> None:
+        """Range checks beyond the field types; raise :class:`OptionError` with the fix."""
+
+    def apply(self, graph: Graph, ctx: Context) -> PassResult:
+        """Run the pass on ``graph`` (in place)."""
+        raise NotImplementedError
+
+    def data_batches(self) -> int:
+        """How many ``(inputs, targets)`` batches of ``ctx.data`` the pass reads (0: none)."""
+        return 0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Pass:
+        """Build the pass from a mapping of option names to values, rejecting unknown names."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in known:
+                allowed = ", ".join(known) if known else "none"
+                raise OptionError(
+                    f"{cls.name} has no option {key!r}{did_you_mean(key, known)}; "
+                    f"its options are: {allowed}"
+                )
+        return cls(**options)
+
+    @classmethod
+    def option_table(cls) -> list[tuple[str, str, Any, str]]:
+        """``(name, type, default, doc)`` for every option, for ``chop passes`` and docs."""
+        hints = _option_hints(cls)
+        return [
+            (f.name, _describe(hints[f.name], short=True), f.default, f.metadata.get("doc", ""))
+            for f in dataclasses.fields(cls)
+        ]
+
+    def options(self) -> dict[str, Any]:
+        """The options this pass was built with, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        changed = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        }
+        inner = ", ".join(f"{k}={_format(v)}" for k, v in changed.items())
+        return f"{self.name}{{{inner}}}" if inner else self.name
+
+
+_INVALID = object()
+
+
+def _option_hints(cls: type) -> dict[str, Any]:
+    """The evaluated type of each option field (string annotations resolved in the class's
+    module, with the names of :mod:`typing` available, so locally defined passes work too)."""
+    namespace = sys.modules[cls.__module__].__dict__
+    return {
+        f.name: eval(f.type, dict(vars(typing)), dict(namespace)) if isinstance(f.type, str) else f.type
+        for f in dataclasses.fields(cls)
+    }
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` converted to ``hint`` where that is lossless (int -> float), else _INVALID."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for alternative in typing.get_args(hint):
+            result = _coerce(value, alternative)
+            if result is not _INVALID:
+                return result
+        return _INVALID
+    if origin is Literal:
+        return value if value in typing.get_args(hint) and not isinstance(value, bool) else _INVALID
+    if hint is type(None):
+        return value if value is None else _INVALID
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _INVALID
+    if hint is str:
+        return value if isinstance(value, str) else _INVALID
+    return value  # types we do not check (callables and the like)
+
+
+def _describe(hint: Any, short: bool = False) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return ("|" if short else " or ").join(_describe(a, short) for a in typing.get_args(hint))
+    if origin is Literal:
+        if short:
+            return "|".join(str(a) for a in typing.get_args(hint))
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and not value.replace("-", "").replace("_", "").isalnum():
+        return repr(value)
+    return str(value)

@@ -1,0 +1,294 @@
+"""Pruning during training: a :class:`Schedule` of sparsity over steps, and a framework-agnostic
+:class:`Pruner` with step hooks that any training loop (or a Hugging Face callback) calls.
+
+::
+
+    pruner = Pruner(model, 0.9, criterion="snip", schedule="cube", start_step=100,
+                    end_step=1000, frequency=100, data=scoring_batches)
+    pruner.on_train_begin()
+    for step, (x, y) in enumerate(loader):
+        pruner.on_step_begin(step, (x, y))
+        loss_fn(model(x), y).backward()
+        pruner.on_before_optimizer_step()
+        optimizer.step()
+        pruner.on_after_optimizer_step()
+        optimizer.zero_grad()
+
+**Scoring** always runs the registry's passes on a :class:`~chop.ir.graph.Graph`: the criterion
+(any analysis pass that provides ``saliency``: ``snip``, ``magnitude``, ``random``,
+``snip-momentum``…, written as a pipeline item such as ``"snip{batches=2}"``), then ``mask`` with
+the step's sparsity and the ``mask_options`` (scope, include/exclude…). So the kept counts are
+exact at every pruning step, as ``mask`` counts them, and progressive pruning never returns a
+pruned weight (pruned weights are ranked below kept ones, :func:`pruned_last`; so start the
+schedule's ``initial_sparsity`` at the sparsity the model already has). The criterion runs at
+each pruning step in :meth:`Pruner.on_step_begin`; an accumulating criterion (``snip-momentum``)
+runs at every step in :meth:`Pruner.on_before_optimizer_step` instead, where the training loop's
+``.grad`` exists (``score_every_step``).
+
+**Two kinds of model.**
+
+- A :class:`~chop.ir.graph.Graph` (you train ``graph.module``): masks are ``mul(weight, mask)`` nodes
+  in the graph, so pruned weights get zero gradient and contribute zero; nothing needs re-applying
+  after an optimizer step.
+- A plain ``nn.Module``: the Pruner traces it once with :func:`chop.trace` (on ``example_inputs``,
+  the first batch of ``data``, or the batch given to :meth:`Pruner.on_step_begin`); the graph
+  shares the module's parameters, so scores computed on it are the module's. The masks are kept
+  as bool tensors and applied by multiplying the parameters **in place** right after each pruning
+  step and after every optimizer step; pruned gradients are zeroed before the optimizer step, so
+  momentum and Adam moments of pruned weights stay zero. We chose this over
+  ``torch.nn.utils.parametrize`` because parametrizations rename the parameters in ``state_dict``
+  (``…parametrizations.weight.original``), which breaks checkpoints, optimizers built earlier
+  and tracing, while in-place masking leaves the module exactly as it was, only sparser.
+
+**Modes.** ``progressive`` raises the sparsity along the schedule; ``pattern-lock`` never prunes,
+it freezes the masks the model starts with (``masks=``, else the graph's ``mask`` metadata, else
+the non-zero pattern of the selected weights) and keeps them applied while fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from chop.errors import DataError, OptionError
+from chop.ir import meta
+from chop.ir.graph import Graph
+from chop.ir.masks import insert_mask, select_weights
+from chop.passes.transform.iterative_snip import pruned_last
+from chop.passes.transform.mask import Mask
+from chop.pipeline import registry
+from chop.pipeline.manager import as_passes, run
+from chop.pipeline.pass_base import Pass
+from chop.training.schedule import Curve, Schedule
+
+
+def criterion_pass(criterion: str | Pass) -> Pass:
+    """The criterion as a pass object: a registered analysis pass that provides ``saliency``,
+    given as an object or a pipeline item (``"snip{batches=2}"``)."""
+    passes = as_passes(criterion)
+    if len(passes) != 1 or passes[0].kind != "analysis" or "saliency" not in passes[0].provides:
+        scoring = [name for name in registry.providers("saliency")
+                   if registry.get(name).kind == "analysis"]
+        raise OptionError(
+            f"criterion {criterion!s} is not one criterion pass; use one of {', '.join(scoring)}"
+            " (with options if needed, e.g. \"snip{batches=2}\")"
+        )
+    return passes[0]
+
+
+class Pruner:
+    """Prune a model during training along a :class:`Schedule`; see the module doc.
+
+    Args:
+        model: a :class:`~chop.ir.graph.Graph` or a plain ``nn.Module`` (trained by the caller).
+        sparsity: the target sparsity of the selected weights, in [0, 1).
+        criterion: the criterion pass (name, pipeline item like ``"snip{batches=2}"``, or
+            object); ignored in ``pattern-lock`` mode.
+        schedule: the curve: ``exp``, ``cos``, ``cube`` or ``linear`` (see :class:`Schedule`).
+        start_step, end_step, frequency, initial_sparsity: the :class:`Schedule`.
+        mode: ``progressive`` (prune along the schedule) or ``pattern-lock`` (freeze the masks).
+        mask_options: options of the ``mask`` pass run at each pruning step (``scope``,
+            ``include``, ``exclude``, ``biases``…; not ``sparsity``).
+        data: ``(inputs, targets)`` batches the criterion scores on (re-iterable); None means
+            the batch given to :meth:`on_step_begin`.
+        loss: ``loss(outputs, targets)`` for the criterion; None means cross-entropy.
+        example_inputs: inputs to trace a plain module with (else the first batch's inputs).
+        masks: ``pattern-lock`` only: the masks to freeze, by parameter name.
+        score_every_step: run the criterion at every step up to end_step (in
+            :meth:`on_before_optimizer_step`, when the step's gradients exist) and mask on the
+            accumulated scores at pruning steps, as accumulating criteria need; None means
+            True for ``snip-momentum`` (e.g. ``"snip-momentum{source=grad}"``, which reads the
+            training loop's ``.grad``), else score only at pruning steps.
+    """
+
+    def __init__(
+        self,
+        model: Graph | nn.Module,
+        sparsity: float,
+        *,
+        criterion: str | Pass = "magnitude",
+        schedule: Curve = "cube",
+        start_step: int = 0,
+        end_step: int = 0,
+        frequency: int = 1,
+        initial_sparsity: float = 0.0,
+        mode: Literal["progressive", "pattern-lock"] = "progressive",
+        mask_options: Mapping[str, Any] | None = None,
+        data: Iterable | None = None,
+        loss: Callable[[Any, Any], torch.Tensor] | None = None,
+        example_inputs: Any = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        score_every_step: bool | None = None,
+    ):
+        if not isinstance(model, (Graph, nn.Module)):
+            raise OptionError(f"Pruner needs a chop.Graph or an nn.Module, got {type(model).__name__}")
+        if mode not in ("progressive", "pattern-lock"):
+            raise OptionError(f"Pruner: unknown mode {mode!r}; use 'progressive' or 'pattern-lock'")
+        if masks is not None and mode != "pattern-lock":
+            raise OptionError("Pruner: masks= is for mode='pattern-lock'; progressive pruning "
+                              "computes its masks with the criterion")
+        options = dict(mask_options or {})
+        if "sparsity" in options:
+            raise OptionError("Pruner: give the sparsity as Pruner(model, sparsity), not in "
+                              "mask_options (the schedule sets it at each step)")
+        self.mask_options = options
+        Mask.from_options({**options, "sparsity": sparsity})  # validate now, not mid-training
+        self.schedule = Schedule(sparsity, schedule, start_step, end_step, frequency,
+                                 initial_sparsity)
+        self.criterion = criterion_pass(criterion) if mode == "progressive" else None
+        self.mode = mode
+        if score_every_step is None:
+            score_every_step = self.criterion is not None and self.criterion.accumulates
+        self.score_every_step = score_every_step
+        self.data, self.loss, self.example_inputs = data, loss, example_inputs
+        self.model = model
+        self.graph: Graph | None = model if isinstance(model, Graph) else None
+        self.step = 0  # optimizer steps taken (used when hooks get no step)
+        self.sparsity = 0.0  # the sparsity of the last pruning step
+        self.history: list[dict[str, Any]] = []  # one record per pruning step
+        self._locked = dict(masks) if masks is not None else None
+        self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
+        self._batch: Any = None  # the batch given to the current step
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def on_train_begin(self, batch: Any = None) -> None:
+        """Before the first step: in ``pattern-lock`` mode, freeze and apply the masks."""
+        if self.mode == "pattern-lock":
+            graph = self._graph(batch)
+            locked = self._locked if self._locked is not None else self._current_masks(graph)
+            for name, mask in locked.items():
+                insert_mask(graph, graph.weight_node(name), mask)
+            graph.recompile()
+            self._keep(locked)
+
+    def on_step_begin(self, step: int | None = None, batch: Any = None) -> None:
+        """Before step ``step`` (default: the count of optimizer steps so far): prune when the
+        schedule's sparsity has risen. ``batch`` (``(inputs, targets)``) is used to trace a
+        plain module and, when ``data`` is None, to score."""
+        if step is not None:
+            self.step = step
+        self._batch = batch
+        if not self.score_every_step:
+            self._maybe_prune(score=True)
+
+    def on_before_optimizer_step(self) -> None:
+        """After backward: with ``score_every_step``, score (and prune when due); then zero
+        the gradients of pruned weights (plain modules)."""
+        if self.score_every_step and self.mode == "progressive" and (
+            self.step <= self.schedule.end_step
+        ):
+            self.score(self._batch)
+            self._maybe_prune(score=False)
+        if isinstance(self.model, Graph):
+            return
+        with torch.no_grad():
+            for name, mask in self._masks.items():
+                grad = self.model.get_parameter(name).grad
+                if grad is not None:
+                    grad.mul_(mask)
+
+    def on_after_optimizer_step(self) -> None:
+        """After the optimizer step: re-apply the masks (plain modules); count the step."""
+        self.apply_masks()
+        self.step += 1
+
+    # -- work --------------------------------------------------------------------------------
+
+    def score(self, batch: Any = None) -> None:
+        """Run the criterion on the graph (on ``data``, else on ``batch``)."""
+        assert self.criterion is not None
+        run(self._graph(batch), [self.criterion], data=self._data(batch), loss=self.loss)
+
+    def prune(self, sparsity: float, batch: Any = None, *, score: bool = True
+              ) -> dict[str, torch.Tensor]:
+        """Mask to ``sparsity`` now, scoring first unless ``score`` is False (the saliency
+        already on the graph is used); returns the masks by name."""
+        graph = self._graph(batch)
+        data = self._data(batch)
+        if score:
+            self.score(batch)
+        step_mask = Mask.from_options({**self.mask_options, "sparsity": sparsity})
+        with pruned_last(graph):
+            run(graph, [step_mask], data=data, loss=self.loss)
+        masks = self._current_masks(graph, pattern=False)
+        self._keep(masks)
+        self.sparsity = sparsity
+        kept = sum(int(m.sum()) for m in masks.values())
+        self.history.append({"step": self.step, "sparsity": sparsity, "kept": kept,
+                             "numel": sum(m.numel() for m in masks.values())})
+        return masks
+
+    def apply_masks(self) -> None:
+        """Multiply the plain module's pruned parameters by their masks, in place."""
+        if isinstance(self.model, Graph):
+            return
+        with torch.no_grad():
+            for name, mask in self._masks.items():
+                self.model.get_parameter(name).mul_(mask)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current masks (bool, True = kept) by parameter name."""
+        if self.graph is None:
+            return {}
+        return self._current_masks(self.graph, pattern=False)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _maybe_prune(self, *, score: bool) -> None:
+        """Prune when the schedule's sparsity at this step is above the current one."""
+        if self.mode != "progressive" or self.schedule.last_pruning_step(self.step) is None:
+            return  # nothing is pruned before start_step
+        target = self.schedule.sparsity_at(self.step)
+        if target > self.sparsity:
+            self.prune(target, self._batch, score=score)
+
+    def _data(self, batch: Any) -> Iterable | None:
+        return self.data if self.data is not None else ([batch] if batch is not None else None)
+
+    def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
+        if isinstance(self.model, Graph):
+            return
+        self._masks = {
+            name: mask.to(self.model.get_parameter(name).device) for name, mask in masks.items()
+        }
+        self.apply_masks()
+
+    def _current_masks(self, graph: Graph, pattern: bool = True) -> dict[str, torch.Tensor]:
+        """Masks in the graph's metadata; with ``pattern`` and none there, the non-zero
+        pattern of the weights ``mask_options`` selects."""
+        found = {n.target: meta.entries(n)["mask"] for n in graph.weight_nodes()
+                 if "mask" in meta.entries(n)}
+        if found or not pattern:
+            return found
+        options = Mask.from_options({**self.mask_options, "sparsity": 0.0})
+        nodes = select_weights(graph, options.include, options.exclude, biases=options.biases,
+                               norms=options.norms, embeddings=options.embeddings)
+        return {n.target: graph.parameter(n).detach() != 0 for n in nodes}
+
+    def _graph(self, batch: Any) -> Graph:
+        """The graph to score on; a plain module is traced on first use."""
+        if self.graph is not None:
+            return self.graph
+        assert isinstance(self.model, nn.Module)
+        inputs = self.example_inputs
+        if inputs is None and self.data is not None:
+            inputs = next(iter(self.data))[0]
+        if inputs is None and batch is not None:
+            inputs = batch[0]
+        if inputs is None:
+            raise DataError(
+                "Pruner: to prune a plain nn.Module it traces it once, which needs example "
+                "inputs: pass example_inputs=..., data=[(inputs, targets), ...], or the step's "
+                "batch to on_step_begin(step, batch)"
+            )
+        from chop.cli.spine import (
+            trace_inputs,  # one batch's inputs -> chop.trace arguments
+        )
+
+        self.graph = trace_inputs(self.model, inputs)
+        return self.graph

@@ -1,0 +1,97 @@
+"""chop.cli.report: per-layer records, exact quantiles, and reading reports back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import chop
+from chop.cli.report import ReportError, build_report, quantile, read_report, saliency_summary
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def pruned_graph():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 5, (8,))
+    graph = chop.trace(Net(), x)
+    chop.run(graph, "snip, mask{sparsity=0.75}", data=[(x, y)])
+    return graph
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_quantile_matches_torch(q: float) -> None:
+    score = torch.randn(1001)
+    assert quantile(score, q) == torch.quantile(score, q, interpolation="lower").item()
+
+
+def test_saliency_summary() -> None:
+    summary = saliency_summary(torch.arange(11.0))
+    assert summary == {"min": 0.0, "p50": 5.0, "mean": 5.0, "p90": 9.0, "max": 10.0}
+    assert saliency_summary(None) is None
+
+
+def test_build_report() -> None:
+    graph = pruned_graph()
+    report = build_report(graph, checkpoint={"sha256": "abc"})
+    assert report["model"] == "Net" and report["checkpoint"] == {"sha256": "abc"}
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == ["conv.weight", "fc.weight"]  # biases and norms are not layers
+    conv = report["layers"][0]
+    assert conv["op"] == "conv2d" and conv["role"] == "conv" and conv["layer"] == "conv"
+    assert conv["shape"] == [4, 1, 3, 3] and conv["numel"] == 36 and conv["pruned"] is True
+    mask = graph.weight_node("conv.weight").meta["chop"]["mask"]
+    assert conv["kept"] == int(mask.sum()) and conv["sparsity"] == 1 - conv["kept"] / 36
+    totals = report["totals"]
+    assert totals["numel"] == 36 + 320 and totals["kept"] == round(0.25 * 356)
+    assert totals["parameters"] == sum(p.numel() for p in Net().parameters())
+    assert [s["name"] for s in report["pipeline"]] == ["snip", "mask"]
+    assert report["pipeline"][1]["options"]["scope"] == "global"
+    json.dumps(report)  # JSON-ready
+
+
+def test_read_report_of_each_kind(tmp_path: Path) -> None:
+    graph = pruned_graph()
+    report = build_report(graph)
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert read_report(tmp_path)["totals"] == report["totals"]
+
+    state = {k: v.clone() for k, v in Net().state_dict().items()}
+    state["fc.weight"][:, :10] = 0
+    save_file(state, tmp_path / "w.safetensors")
+    layers = {layer["name"]: layer for layer in read_report(tmp_path / "w.safetensors")["layers"]}
+    assert layers["fc.weight"]["kept"] == 5 * 54 and layers["fc.weight"]["pruned"]
+    assert not layers["conv.weight"]["pruned"]
+
+    graph.eval()
+    x = torch.randn(3, 1, 4, 4)
+    torch.export.save(torch.export.export(graph.module, (x,)), tmp_path / "masked.pt2")
+    layers = read_report(tmp_path / "masked.pt2")["layers"]  # weights used through mask muls
+    assert [layer["name"] for layer in layers] == ["conv.weight", "fc.weight"]
+    chop.run(graph, "fold")
+    torch.export.save(torch.export.export(graph.module, (x,)), tmp_path / "folded.pt2")
+    report = read_report(tmp_path / "folded.pt2")
+    assert [layer["op"] for layer in report["layers"]] == ["conv2d", "linear"]
+    assert report["totals"]["kept"] == build_report(graph)["totals"]["kept"]
+
+
+def test_read_report_errors(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="has no report.json"):
+        read_report(tmp_path)
+    (tmp_path / "x.json").write_text("[1]")
+    with pytest.raises(ReportError, match="not a chop report"):
+        read_report(tmp_path / "x.json")

@@ -1,0 +1,137 @@
+"""chop.trace and chop.Graph: capture, weight nodes, dynamic batch, train/eval, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import chop
+from chop.ir import meta
+
+
+def test_trace_matches_model_in_both_modes(cnn, cnn_batches):
+    x = cnn_batches[0][0]
+    graph = chop.trace(cnn, (x,))
+    assert graph.training and cnn.training  # the model's mode is kept, and the graph starts in it
+    cnn.eval()
+    graph.eval()
+    torch.testing.assert_close(graph(x), cnn(x), rtol=0, atol=0)
+
+
+def test_weight_nodes_are_parameters_named_as_in_state_dict(cnn, cnn_graph):
+    names = [n.target for n in cnn_graph.weight_nodes()]
+    assert names == [name for name, _ in cnn.named_parameters()]
+    assert set(names) <= set(cnn.state_dict())
+    assert all(n.op == "get_attr" for n in cnn_graph.weight_nodes())
+    roles = {n.target: meta.entries(n)["role"] for n in cnn_graph.weight_nodes()}
+    assert roles["conv1.weight"] == "conv" and roles["fc.weight"] == "linear"
+    assert roles["bn1.weight"] == "norm" and roles["conv1.bias"] == "bias"
+    assert meta.entries(cnn_graph.weight_node("conv1.weight"))["op"] == "conv2d"
+
+
+def test_batch_dimension_is_dynamic_and_the_graph_trains(cnn):
+    graph = chop.trace(cnn, (torch.randn(2, 3, 8, 8),))
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 10, (64,))
+    optimizer = torch.optim.SGD(graph.module.parameters(), lr=0.1)
+    before = cnn.fc.weight.detach().clone()
+    loss = nn.functional.cross_entropy(graph(x), y)
+    loss.backward()
+    optimizer.step()
+    assert graph(x).shape == (64, 10)
+    assert not torch.equal(cnn.fc.weight, before)  # shared parameters were trained
+
+
+def test_batch_of_one_example_still_gives_a_dynamic_batch(mlp):
+    graph = chop.trace(mlp, (torch.randn(1, 16),))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(graph(x), mlp(x))
+
+
+def test_eval_switches_batch_norm_and_dropout_without_touching_buffers(cnn, cnn_batches):
+    x = cnn_batches[0][0]
+    graph = chop.trace(cnn, (x,))
+    graph.eval()
+    stats = {k: v.clone() for k, v in cnn.state_dict().items() if "bn" in k}
+    outputs = [graph(x) for _ in range(2)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)  # dropout is off
+    for key, value in stats.items():  # running stats and num_batches_tracked unchanged
+        assert torch.equal(cnn.state_dict()[key], value), key
+    graph.train()
+    graph(x)
+    assert int(cnn.bn1.num_batches_tracked) == 1
+    assert not torch.equal(cnn.bn1.running_mean, stats["bn1.running_mean"])
+
+
+def test_train_mode_matches_eager_train_mode(cnn, cnn_batches):
+    cnn.drop.p = 0.0  # dropout's randomness aside, train mode must compute what eager computes
+    x = cnn_batches[0][0]
+    graph = chop.trace(cnn, (x,))
+    reference = type(cnn)()
+    reference.load_state_dict(cnn.state_dict())
+    reference.drop.p = 0.0
+    torch.testing.assert_close(graph(x), reference(x))
+    torch.testing.assert_close(cnn.bn1.running_mean, reference.bn1.running_mean)
+
+
+def test_module_train_and_eval_are_routed_to_the_graph(cnn_graph, cnn_batches):
+    x = cnn_batches[0][0]
+    assert cnn_graph.module.eval() is cnn_graph.module
+    assert not cnn_graph.training and not cnn_graph.module.training
+    torch.testing.assert_close(cnn_graph(x), cnn_graph(x), rtol=0, atol=0)
+    cnn_graph.module.train()
+    assert cnn_graph.training
+
+
+def test_mode_context_restores(cnn_graph):
+    with cnn_graph.mode(batch_norm=False, dropout=False):
+        assert not cnn_graph.training
+    assert cnn_graph.training
+
+
+def test_model_traced_in_eval_mode_can_train(cnn, cnn_batches):
+    cnn.eval()
+    x = cnn_batches[0][0]
+    graph = chop.trace(cnn, (x,))
+    assert not graph.training and not cnn.training
+    torch.testing.assert_close(graph(x), cnn(x), rtol=0, atol=0)
+    graph.train()
+    graph(x)
+    assert int(cnn.bn1.num_batches_tracked) == 1
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # branches on a tensor value: torch.export cannot capture this
+            return self.fc(x)
+        return x
+
+
+def test_untraceable_model_gets_a_trace_error_with_the_cause_chained():
+    with pytest.raises(chop.TraceError) as info:
+        chop.trace(DataDependent(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert message.startswith("torch.export could not capture DataDependent")
+    assert "What to try" in message and "torch.cond" in message
+    assert info.value.__cause__ is not None
+
+
+def test_wrong_example_inputs_are_a_trace_error(mlp):
+    with pytest.raises(chop.TraceError, match="could not capture MLP"):
+        chop.trace(mlp, (torch.randn(2, 16), torch.randn(2, 16)))
+
+
+def test_trace_rejects_non_modules():
+    with pytest.raises(chop.TraceError, match="needs a torch.nn.Module, got function"):
+        chop.trace(lambda x: x, (torch.randn(2),))
+
+
+def test_lint_reports_inconsistent_metadata(cnn_graph):
+    node = cnn_graph.weight_node("fc.weight")
+    meta.entries(node)["mask"] = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(chop.LintError, match=r"fc.weight.*'mask'.*shape \(3,\) differs"):
+        cnn_graph.lint()

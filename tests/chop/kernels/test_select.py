@@ -1,0 +1,234 @@
+"""Tests for chop.kernels.select against independent references.
+
+Small inputs are checked against a pure-Python ranking (descending value, ties
+by position in (tensor, row-major) order); large ones against torch.kthvalue on
+a single tensor plus explicit tie-order checks.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from chop.kernels.select import keep_masks, kth_largest
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def reference_mask(scores: list[torch.Tensor], k: int) -> list[bool]:
+    """Kept flags in concatenated row-major order, via Python's (stable) sort."""
+    values = [v for s in scores for v in s.detach().double().reshape(-1).tolist()]
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    keep = [False] * len(values)
+    for i in order[:k]:
+        keep[i] = True
+    return keep
+
+
+def flat_mask(masks: list[torch.Tensor]) -> list[bool]:
+    return [bool(v) for m in masks for v in m.reshape(-1).tolist()]
+
+
+def check(scores: list[torch.Tensor], k: int) -> None:
+    """keep_masks equals the reference and kth_largest is consistent with it."""
+    masks = keep_masks(scores, k)
+    assert [m.shape for m in masks] == [s.shape for s in scores]
+    assert all(m.dtype == torch.bool for m in masks)
+    assert sum(int(m.sum()) for m in masks) == k
+    assert flat_mask(masks) == reference_mask(scores, k)
+    if k:
+        t, r = kth_largest(scores, k)
+        values = torch.cat([s.detach().double().reshape(-1) for s in scores])
+        assert int((values > t).sum()) + r == k
+        assert 1 <= r <= int((values == t).sum())
+
+
+def random_scores(rng: torch.Generator, dtype: torch.dtype, kind: str) -> list[torch.Tensor]:
+    def randint(low: int, high: int, size: tuple[int, ...] = ()) -> torch.Tensor:
+        return torch.randint(low, high, size, generator=rng)
+
+    shapes = [tuple(randint(1, 9, (int(randint(1, 4)),)).tolist()) for _ in range(int(randint(1, 6)))]
+    out = []
+    for shape in shapes:
+        if kind == "normal":  # mixed signs
+            s = torch.randn(shape, generator=rng, dtype=torch.float64)
+        elif kind == "few":  # few distinct values, heavy ties
+            s = randint(-2, 3, shape).double()
+        elif kind == "zeros":
+            s = torch.zeros(shape, dtype=torch.float64)
+        elif kind == "negative":
+            s = -torch.rand(shape, generator=rng, dtype=torch.float64) - 0.5
+        else:  # "wide": |x| over many binades, plus exact zeros
+            s = torch.randn(shape, generator=rng, dtype=torch.float64).abs() * 2.0 ** randint(-30, 30, shape)
+            s[torch.rand(shape, generator=rng) < 0.3] = 0.0
+        out.append(s.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "few", "zeros", "negative", "wide"])
+def test_matches_reference(dtype: torch.dtype, kind: str) -> None:
+    rng = torch.Generator().manual_seed(DTYPES.index(dtype) * 10 + len(kind))
+    for _ in range(25):
+        scores = random_scores(rng, dtype, kind)
+        total = sum(s.numel() for s in scores)
+        for k in {0, 1, total // 2, total - 1, total, int(torch.randint(0, total + 1, (1,), generator=rng))}:
+            check(scores, max(k, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference_16_bit_digits(dtype: torch.dtype) -> None:
+    # > 2**15 entries in total switches from 8-bit to 16-bit digits.
+    gen = torch.Generator().manual_seed(DTYPES.index(dtype))
+    normal = [torch.randn(n, generator=gen).to(dtype) for n in (30_000, 7, 4_000)]
+    few = [torch.randint(-3, 4, (n,), generator=gen).to(dtype) / 4 for n in (20_000, 15_000)]
+    for scores in (normal, few):
+        for k in (1, 17_000, 34_000):
+            check(scores, k)
+
+
+def test_all_zeros_keeps_first_entries() -> None:
+    scores = [torch.zeros(3), torch.zeros(2, 4)]
+    masks = keep_masks(scores, 5)
+    assert masks[0].tolist() == [True, True, True]
+    assert masks[1].tolist() == [[True, True, False, False], [False] * 4]
+    assert kth_largest(scores, 5) == (0.0, 5)
+
+
+def test_ties_follow_tensor_then_row_major_order() -> None:
+    a = torch.tensor([[1.0, 2.0], [2.0, 0.5]])
+    b = torch.tensor([2.0, 3.0, 2.0])
+    t, r = kth_largest([a, b], 3)
+    assert (t, r) == (2.0, 2)  # 3.0 kept, then the first two 2.0s: both in `a`
+    masks = keep_masks([a, b], 3)
+    assert masks[0].tolist() == [[False, True], [True, False]]
+    assert masks[1].tolist() == [False, True, False]
+
+
+def test_negative_zero_ties_with_positive_zero() -> None:
+    scores = [torch.tensor([0.0, -0.0, 1.0, -1.0]), torch.tensor([-0.0, 0.0])]
+    assert kth_largest(scores, 3) == (0.0, 2)
+    assert flat_mask(keep_masks(scores, 3)) == [True, True, True, False, False, False]
+    only_neg_zero = [torch.tensor([-1.0, -0.0, 2.0, -0.0, 0.0])]
+    assert kth_largest(only_neg_zero, 3) == (0.0, 2)
+    assert flat_mask(keep_masks(only_neg_zero, 3)) == [False, True, True, True, False]
+
+
+def test_infinities_are_ranked() -> None:
+    scores = [torch.tensor([float("-inf"), 1.0, float("inf"), float("inf")])]
+    assert kth_largest(scores, 1) == (float("inf"), 1)
+    assert kth_largest(scores, 4) == (float("-inf"), 1)
+    check(scores, 3)
+
+
+def test_float64_exact_in_low_bits() -> None:
+    # Distinct only in the lowest mantissa bits: a float32 cast would merge them all.
+    base = torch.tensor(1.0, dtype=torch.float64)
+    values = torch.stack([base + i * torch.finfo(torch.float64).eps for i in range(64)])
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    scores = [values[perm[:40]], values[perm[40:]].reshape(4, 6)]
+    for k in (1, 7, 33, 63):
+        t, r = kth_largest(scores, k)
+        assert (t, r) == (values[64 - k].item(), 1)
+        check(scores, k)
+
+
+def test_mixed_dtypes_compare_exactly() -> None:
+    scores = [torch.tensor([1.0, 1.0001], dtype=torch.float32), torch.tensor([1.0], dtype=torch.float16)]
+    assert kth_largest(scores, 2) == (1.0, 1)
+    check(scores, 2)
+
+
+def test_non_contiguous_and_requires_grad() -> None:
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(1)).t()
+    w = torch.randn(3, 4, requires_grad=True)
+    check([x, w], 11)
+    assert keep_masks([x], 3)[0].is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_edges(dtype: torch.dtype) -> None:
+    scores = [torch.tensor([1.0, -2.0], dtype=dtype), torch.tensor([[0.5]], dtype=dtype)]
+    assert flat_mask(keep_masks(scores, 0)) == [False] * 3
+    assert flat_mask(keep_masks(scores, 3)) == [True] * 3
+    assert kth_largest(scores, 0) == (float("inf"), 0)
+    assert kth_largest(scores, 3) == (-2.0, 1)
+    assert keep_masks([], 0) == []
+    assert kth_largest([], 0) == (float("inf"), 0)
+
+
+@pytest.mark.parametrize("fn", [keep_masks, kth_largest])
+@pytest.mark.parametrize("k", [-1, 4])
+def test_k_out_of_range(fn, k: int) -> None:
+    with pytest.raises(ValueError, match=r"0 <= k <= 3"):
+        fn([torch.ones(3)], k)
+    with pytest.raises(ValueError, match=r"0 <= k <= 0"):
+        fn([], 1)
+
+
+@pytest.mark.parametrize("fn", [keep_masks, kth_largest])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_raises(fn, dtype: torch.dtype) -> None:
+    for k in (0, 1, 3):
+        with pytest.raises(ValueError, match="NaN scores cannot be ranked"):
+            fn([torch.tensor([1.0, 2.0], dtype=dtype), torch.tensor([float("nan")], dtype=dtype)], k)
+    # A NaN whose payload sits only in the low bits shares the top-16-bit bin with +inf.
+    payload = torch.tensor([0x7F800001, 0x3F800000], dtype=torch.int32).view(torch.float32)
+    for size in (0, 40_000):  # 8-bit and 16-bit digits
+        with pytest.raises(ValueError, match="NaN"):
+            fn([torch.ones(size), payload], 1)
+
+
+def test_non_float_rejected() -> None:
+    with pytest.raises(TypeError):
+        keep_masks([torch.arange(3)], 1)
+
+
+def test_more_than_2_pow_24_elements() -> None:
+    n = 17_000_000  # > 2**24: torch.quantile refuses this tensor
+    x = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        torch.quantile(x, 0.5)
+    for k in (1, 123_457, n // 2):
+        t, r = kth_largest([x], k)
+        assert t == torch.kthvalue(x, n - k + 1).values.item()
+        assert int((x > t).sum()) + r == k
+    masks = keep_masks([x[:5], x[5:]], n // 2)
+    assert sum(int(m.sum()) for m in masks) == n // 2
+
+
+def test_ties_cross_chunk_boundaries() -> None:
+    # 2**24 + extra zeros with a few ones: the kept zeros must be the first ones.
+    n = (1 << 24) + 1000
+    x = torch.zeros(n)
+    ones = torch.tensor(random.Random(0).sample(range(n), 50))
+    x[ones] = 1.0
+    k = 50 + 9_000_000  # tie quota runs out in the middle of a chunk
+    assert kth_largest([x], k) == (0.0, 9_000_000)
+    mask = keep_masks([torch.zeros(10), x], k + 10)[1]
+    assert int(mask.sum()) == k and bool(mask[ones].all())
+    kept_zero = mask & (x == 0)
+    last = int(kept_zero.nonzero().max())
+    assert int(kept_zero[: last + 1].sum()) == 9_000_000 and not bool(kept_zero[last + 1 :].any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_heavy_bin_streaming_path(dtype: torch.dtype) -> None:
+    # > 2**22 entries share the chosen bin, so the next pass streams instead of gathering.
+    gen = torch.Generator().manual_seed(0)
+    if dtype == torch.float32:  # values in [1, 1 + 2**-7): one top-16-bit bin
+        bits = torch.randint(0, 1 << 16, (5_000_000,), generator=gen, dtype=torch.int32)
+        x = (bits | 0x3F800000).view(dtype)
+    else:  # values 1 + j * 2**-52: same top 32 bits, so two streaming passes
+        bits = torch.randint(0, 1 << 20, (5_000_000,), generator=gen)
+        x = (bits | 0x3FF0000000000000).view(dtype)
+    y = torch.rand(1000, generator=gen, dtype=dtype) * 4
+    for k in (10, 2_500_000, 4_999_999):
+        t, r = kth_largest([y, x], k)
+        both = torch.cat([y, x])
+        assert t == torch.kthvalue(both, both.numel() - k + 1).values.item()
+        assert int((both > t).sum()) + r == k
+        masks = keep_masks([y, x], k)
+        assert sum(int(m.sum()) for m in masks) == k

@@ -1,0 +1,131 @@
+"""Pipelines: parsing, option checking, requirements, timing and failure wrapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chop
+from chop.pipeline.manager import as_passes, parse_pipeline
+from chop.passes.analysis.snip import Snip
+from chop.passes.export.fold import Fold
+from chop.passes.transform.mask import Mask
+
+
+def test_pipeline_string_builds_typed_passes():
+    passes = parse_pipeline("snip{batches=2}, mask{sparsity=0.5, scope=global}, fold")
+    assert passes == [Snip(batches=2), Mask(sparsity=0.5, scope="global"), Fold()]
+    assert [str(p) for p in passes] == ["snip{batches=2}", "mask{sparsity=0.5}", "fold"]
+
+
+def test_values_are_typed_like_toml():
+    (mask,) = parse_pipeline("mask{sparsity=0, include='a,b{c}=d', biases=true}")
+    assert mask.sparsity == 0.0 and isinstance(mask.sparsity, float)  # int widened to float
+    assert mask.include == "a,b{c}=d" and mask.biases is True
+
+
+def test_pipeline_forms_are_equivalent():
+    assert as_passes([Snip(), "mask{sparsity=0.5}", Fold]) == as_passes("snip, mask{sparsity=0.5}, fold")
+    assert as_passes(Fold()) == [Fold()]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("snip, mask{sparsity=0.9", r"column 24: expected ',' or '}', found the end"),
+        ("snip mask", r"column 6: expected ',' or the end, found 'mask'"),
+        ("mask{sparsity 0.9}", r"expected '=', found '0.9'"),
+        ("mask{include='abc}", r"an unterminated quote"),
+        ("", r"the pipeline is empty"),
+    ],
+)
+def test_syntax_errors_point_at_the_column(text, message):
+    with pytest.raises(chop.PipelineError, match=message):
+        parse_pipeline(text)
+
+
+def test_unknown_pass_lists_known_passes():
+    with pytest.raises(chop.PipelineError, match=r"unknown pass 'snp' \(did you mean 'snip'\?\); known passes: snip, magnitude, random, "):
+        parse_pipeline("snp, mask")
+
+
+def test_unknown_option_lists_allowed_options():
+    with pytest.raises(chop.OptionError, match=r"mask has no option 'sparsty' \(did you mean 'sparsity'\?\); its options are: sparsity, scope, granularity, "):
+        parse_pipeline("mask{sparsty=0.9}")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mask{sparsity=high}", r"mask: option sparsity='high' is not valid; expected float"),
+        ("mask{scope=everywhere}", r"scope='everywhere' is not valid; expected one of 'global', 'local'"),
+        ("snip{batches=1.5}", r"snip: option batches=1.5 is not valid; expected int"),
+        ("mask{biases=1}", r"option biases=1 is not valid; expected bool"),
+    ],
+)
+def test_ill_typed_options(text, message):
+    with pytest.raises(chop.OptionError, match=message):
+        parse_pipeline(text)
+
+
+def test_bad_pipeline_objects():
+    with pytest.raises(chop.PipelineError, match="pipeline items must be pass objects or strings; got int"):
+        as_passes([Snip(), 3])
+    with pytest.raises(chop.PipelineError, match="a pipeline is a string, a pass, or a list of passes; got dict"):
+        as_passes({"snip": {}})
+
+
+def test_requirements_are_checked_before_anything_runs(cnn_graph, cnn_batches):
+    with pytest.raises(chop.MissingMetadataError, match=r"pass 'fold' needs 'mask'.*passes before it: snip"):
+        chop.run(cnn_graph, "snip, fold", data=cnn_batches)
+    assert cnn_graph.history == []
+    assert not any("saliency" in n.meta["chop"] for n in cnn_graph.weight_nodes())
+
+
+def test_history_records_each_pass_with_options_and_time(cnn_graph, cnn_batches):
+    chop.run(cnn_graph, "snip{batches=2}, mask{sparsity=0.5}, fold", data=cnn_batches)
+    records = cnn_graph.history
+    assert [r.name for r in records] == ["snip", "mask", "fold"]
+    assert records[0].options["batches"] == 2 and records[0].options["accumulate"] == "abs-of-sum"
+    assert all(r.seconds > 0 for r in records)
+    assert [r.modified for r in records] == [False, True, True]
+    assert records[1].info["kept"]["fc.weight"][1] == 1280
+
+
+def test_failures_name_the_pass_the_passes_before_and_the_node(cnn_graph, cnn_batches):
+    x, _ = cnn_batches[0]
+    bad = [(x, torch.randint(0, 10, (3,)))]  # 6 outputs, 3 targets
+    with pytest.raises(chop.DataError, match=r"^pass 'snip' \(after the following passes: magnitude\): logits of shape \(6, 10\) do not match targets of shape \(3,\)"):
+        chop.run(cnn_graph, "magnitude, snip", data=bad)
+
+    def broken_loss(outputs, targets):
+        raise RuntimeError("boom")
+
+    # the user's own loss failing is a mistake in the input (exit 2), not a bug in chop
+    with pytest.raises(chop.DataError, match=r"^pass 'snip': snip: the loss raised RuntimeError: boom") as info:
+        chop.run(cnn_graph, "snip", data=cnn_batches, loss=broken_loss)
+    assert isinstance(info.value.__cause__, chop.DataError)
+    assert isinstance(info.value.__cause__.__cause__, RuntimeError)
+
+
+def test_failure_while_visiting_a_node_names_it(cnn_graph):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class Explode(chop.Pass):
+        name: ClassVar[str] = "explode"
+        kind: ClassVar[str] = "analysis"
+
+        def apply(self, graph, ctx):
+            for node in graph.weight_nodes():
+                with ctx.visiting(node):
+                    if node.target == "conv2.weight":
+                        raise ValueError("bad weight")
+            return chop.PassResult(False)
+
+    # an unexpected exception inside a pass is a bug: InternalError, not a ChopError
+    with pytest.raises(chop.InternalError, match=r"pass 'explode' while processing node conv2_weight \(conv2.weight\) failed: ValueError: bad weight") as info:
+        chop.run(cnn_graph, [Explode()])
+    assert not isinstance(info.value, chop.ChopError)
+    assert isinstance(info.value.__cause__, ValueError)

@@ -1,0 +1,86 @@
+"""SNIPCallback inside a real transformers.Trainer run (tiny BERT from a config, CPU); chop
+imports without transformers."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chop.errors import DataError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
+
+
+def tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def dataset(count: int = 24):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 120, (12,), generator=g),
+             "attention_mask": torch.ones(12, dtype=torch.long),
+             "labels": int(torch.randint(0, 3, (), generator=g))} for _ in range(count)]
+
+
+def trainer(model, data, callback, tmp_path, steps: int):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1000,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+
+
+def test_snip_callback_prunes_at_the_first_step_and_keeps_exact_sparsity(tmp_path):
+    from chop.training.hf import SNIPCallback
+
+    model, data = tiny_bert(), dataset()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = SNIPCallback(representative_batch=transformers.default_data_collator(data[:8]),
+                            sparsity=0.8, mask_options={"scope": "local"})
+    trainer(model, data, callback, tmp_path, steps=3).train()
+
+    masks = callback.masks
+    assert masks and all(".weight" in k and "embeddings" not in k for k in masks)
+    for name, mask in masks.items():
+        weight = model.get_parameter(name)
+        assert int(mask.sum()) == math.floor(0.2 * mask.numel() + 0.5), name
+        assert torch.count_nonzero(weight[~mask]) == 0, name  # still pruned after 3 Adam steps
+        assert torch.count_nonzero(weight[mask]) == int(mask.sum())
+        assert not torch.equal(weight, before[name])  # and it trained
+    assert set(model.state_dict()) == set(before)  # no renamed or extra parameters/buffers
+    history = callback.pruner.history
+    assert [h["step"] for h in history] == [0]
+
+
+def test_snip_callback_checks_its_batch():
+    from chop.training.hf import SNIPCallback
+
+    with pytest.raises(DataError, match="labels"):
+        SNIPCallback(representative_batch={"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(DataError, match="dict"):
+        SNIPCallback(representative_batch=[1, 2])
+
+
+def test_chop_imports_without_transformers():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import chop, chop.training.pruner, chop.cli.commands, chop.cli.main\n"
+        "try:\n"
+        "    import chop.training.hf\n"
+        "except chop.ChopError as e:\n"
+        "    assert 'pip install chop[hf]' in str(e); print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

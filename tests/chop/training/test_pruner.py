@@ -1,0 +1,183 @@
+"""Pruner and Schedule: every curve hits its target at end_step exactly and follows its formula at
+each pruning step (exact kept counts); pattern-lock keeps masks; plain modules and chop graphs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chop
+from chop.ir import meta
+from chop.errors import DataError, OptionError
+from chop.training.pruner import Pruner
+from chop.training.schedule import CURVES, Schedule
+
+FORMULAS = {  # the curves, written independently of chop.training.pruner
+    "linear": lambda s0, sf, p: s0 + (sf - s0) * p,
+    "cube": lambda s0, sf, p: sf + (s0 - sf) * (1 - p) ** 3,
+    "cos": lambda s0, sf, p: s0 + (sf - s0) * (1 - math.cos(math.pi * p / 2)),
+    "exp": lambda s0, sf, p: 1 - (1 - s0) * ((1 - sf) / (1 - s0)) ** p,
+}
+
+
+def kept(n: int, s: float) -> int:
+    return math.floor((1 - s) * n + 0.5)
+
+
+@pytest.mark.parametrize("curve", CURVES)
+@pytest.mark.parametrize(("start", "end", "freq", "s0"), [(0, 10, 3, 0.0), (5, 25, 4, 0.2)])
+def test_schedule_follows_the_formula_and_ends_exactly_on_target(curve, start, end, freq, s0):
+    target = 0.97
+    schedule = Schedule(target, curve, start, end, freq, s0)
+    steps = schedule.pruning_steps()
+    assert steps[0] == start and steps[-1] == end
+    assert steps[:-1] == list(range(start, end, freq))
+    for step in range(end + 5):
+        last = max([t for t in steps if t <= step], default=None)
+        if last is None:
+            expected = s0
+        elif last == end:
+            expected = target
+        else:
+            expected = FORMULAS[curve](s0, target, (last - start) / (end - start))
+        assert schedule.sparsity_at(step) == pytest.approx(expected, abs=1e-12)
+    assert schedule.sparsity_at(end) == target  # exactly, not approximately
+    values = [schedule.sparsity_at(t) for t in steps]
+    assert values == sorted(values)
+
+
+def test_schedule_rejects_bad_settings():
+    for kwargs in ({"curve": "sigmoid"}, {"start_step": 5, "end_step": 2}, {"frequency": 0},
+                   {"initial": 0.99}):
+        with pytest.raises(OptionError):
+            Schedule(0.9, **kwargs)
+    with pytest.raises(OptionError, match="range"):
+        Schedule(1.0)
+
+
+def train(pruner: Pruner, module: torch.nn.Module, batches, steps: int) -> list[int]:
+    """A plain training loop calling the hooks; returns the total kept count after each step."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    pruner.on_train_begin()
+    counts = []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        pruner.on_step_begin(step, (x, y))
+        F.cross_entropy(module(x), y).backward()
+        pruner.on_before_optimizer_step()
+        optimizer.step()
+        pruner.on_after_optimizer_step()
+        optimizer.zero_grad()
+        counts.append(sum(int(m.sum()) for m in pruner.masks.values()))
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["module", "graph"])
+@pytest.mark.parametrize("curve", ["cube", "exp"])
+def test_pruner_exact_counts_at_every_pruning_step(mlp, mlp_batches, kind, curve):
+    target = 0.9
+    graph = chop.trace(mlp, (mlp_batches[0][0],)) if kind == "graph" else None
+    model = graph if graph is not None else mlp
+    module = graph.module if graph is not None else mlp
+    pruner = Pruner(model, target, criterion="snip", schedule=curve, start_step=1, end_step=7,
+                    frequency=2, initial_sparsity=0.3, data=mlp_batches[:1])
+    counts = train(pruner, module, mlp_batches, 10)
+    total = sum(p.numel() for n, p in mlp.named_parameters() if n.endswith("weight"))
+    schedule = pruner.schedule
+    assert counts[0] == 0  # no mask before start_step
+    for step, count in enumerate(counts[1:], start=1):
+        assert count == kept(total, schedule.sparsity_at(step)), step
+    assert [h["step"] for h in pruner.history] == [1, 3, 5, 7]
+    assert pruner.history[-1]["kept"] == kept(total, target)
+    masks = pruner.masks
+    for name, mask in masks.items():  # the weights really are zero where pruned, after training
+        weight = (graph.parameter(name) * graph.module.get_buffer(name.replace(".weight", ".weight_mask"))
+                  if graph is not None else mlp.get_parameter(name))
+        assert torch.count_nonzero(weight[~mask]) == 0
+    names = list(masks)
+    assert names == ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+
+
+def test_progressive_pruning_never_returns_a_weight(mlp, mlp_batches):
+    pruner = Pruner(mlp, 0.95, criterion="magnitude", schedule="linear", start_step=0,
+                    end_step=4, frequency=1, initial_sparsity=0.5, example_inputs=mlp_batches[0][0])
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    previous = None
+    for step in range(5):
+        x, y = mlp_batches[step % 3]
+        pruner.on_step_begin(step)
+        F.cross_entropy(mlp(x), y).backward()
+        pruner.on_before_optimizer_step()
+        optimizer.step()
+        pruner.on_after_optimizer_step()
+        optimizer.zero_grad()
+        masks = pruner.masks
+        if previous is not None:
+            assert all(not (masks[k] & ~previous[k]).any() for k in masks)
+        previous = {k: v.clone() for k, v in masks.items()}
+
+
+def test_pattern_lock_keeps_masks_on_a_plain_module(mlp, mlp_batches):
+    g = torch.Generator().manual_seed(0)
+    locked = {f"layers.{i}.weight": torch.rand(mlp.layers[i].weight.shape, generator=g) < 0.3
+              for i in range(3)}
+    pruner = Pruner(mlp, 0.9, mode="pattern-lock", masks=locked, example_inputs=mlp_batches[0][0])
+    train(pruner, mlp, mlp_batches, 4)
+    for name, mask in locked.items():
+        weight = mlp.get_parameter(name)
+        assert torch.equal(weight != 0, mask)
+        assert torch.equal(pruner.masks[name], mask)
+    assert not pruner.history  # pattern-lock never prunes
+
+
+def test_pattern_lock_on_a_graph_uses_its_masks_and_zero_pattern(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "snip, mask{sparsity=0.8}", data=mlp_batches)
+    before = {n.target: meta.entries(n)["mask"].clone() for n in graph.weight_nodes()
+              if "mask" in meta.entries(n)}
+    pruner = Pruner(graph, 0.99, mode="pattern-lock")
+    train(pruner, graph.module, mlp_batches, 3)
+    assert pruner.masks.keys() == before.keys()
+    assert all(torch.equal(pruner.masks[k], before[k]) for k in before)
+
+    torch.manual_seed(0)
+    plain = type(mlp)()
+    with torch.no_grad():  # a model pruned elsewhere: its zeros are the pattern
+        plain.layers[1].weight[:, :16] = 0
+    pruner = Pruner(plain, 0.9, mode="pattern-lock", example_inputs=mlp_batches[0][0])
+    train(pruner, plain, mlp_batches, 3)
+    assert int((plain.layers[1].weight == 0).sum()) == 32 * 16
+
+
+def test_pruner_errors_say_what_to_do(mlp, mlp_batches):
+    with pytest.raises(OptionError, match="criterion"):
+        Pruner(mlp, 0.9, criterion="mask")
+    with pytest.raises(OptionError, match="mask_options"):
+        Pruner(mlp, 0.9, mask_options={"sparsity": 0.5})
+    with pytest.raises(OptionError, match="scope"):
+        Pruner(mlp, 0.9, mask_options={"scope": "everywhere"})
+    with pytest.raises(OptionError, match="pattern-lock"):
+        Pruner(mlp, 0.9, masks={})
+    pruner = Pruner(mlp, 0.9, criterion="magnitude")
+    with pytest.raises(DataError, match="example_inputs"):
+        pruner.on_step_begin(0)
+    pruner = Pruner(mlp, 0.9, criterion="snip", example_inputs=mlp_batches[0][0])
+    with pytest.raises(DataError, match="needs data"):
+        pruner.on_step_begin(0)
+
+
+def test_snip_momentum_scores_every_step_from_the_training_gradients(mlp, mlp_batches):
+    pruner = Pruner(mlp, 0.8, criterion="snip-momentum{source=grad}", schedule="linear",
+                    start_step=2, end_step=6, frequency=2, example_inputs=mlp_batches[0][0])
+    assert pruner.score_every_step
+    counts = train(pruner, mlp, mlp_batches, 8)
+    total = sum(mlp.layers[i].weight.numel() for i in range(3))
+    assert counts[:4] == [0, 0, 0, 0]  # linear from 0 at step 2: the first cut is at step 4
+    assert counts[4] == counts[5] == kept(total, 0.4)
+    assert counts[6] == counts[7] == kept(total, 0.8)
+    assert [h["step"] for h in pruner.history] == [4, 6]
+    for name, mask in pruner.masks.items():
+        assert torch.count_nonzero(mlp.get_parameter(name)[~mask]) == 0
