@@ -31,7 +31,7 @@ from chop.cli.models import build_model
 from chop.cli.outputs import check_outdir, default_outdir, write_outputs
 from chop.cli.report import build_report
 from chop.errors import CheckpointError, ChopError, ConfigError
-from chop.ir.graph import Graph, trace
+from chop.ir.graph import Graph, trace_inputs
 from chop.pipeline.manager import PassManager
 from chop.pipeline.pass_base import Pass
 
@@ -141,13 +141,6 @@ def write(graph: Graph, config: Config, out: Path, example: Any, keys: Sequence[
     )
     write_outputs(graph, report, out, example, keys, model)
     return Result(out, report, graph)
-
-
-def trace_inputs(model: nn.Module, inputs: Any) -> Graph:
-    """Trace ``model`` on one batch's inputs (a tensor, a tuple/list, or a dict of kwargs)."""
-    if isinstance(inputs, dict):
-        return trace(model, (), kwargs=inputs)
-    return trace(model, tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs)
 
 
 def program_graph(ckpt: Checkpoint, config: Config) -> Graph:

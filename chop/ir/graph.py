@@ -402,3 +402,10 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
                 "graph only accepts that batch size", name, node.name, value.shape[0],
             )
     return graph
+
+
+def trace_inputs(model: nn.Module, inputs: Any) -> Graph:
+    """Trace ``model`` on one batch's inputs (a tensor, a tuple/list, or a dict of kwargs)."""
+    if isinstance(inputs, dict):
+        return trace(model, (), kwargs=inputs)
+    return trace(model, tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs)

@@ -55,7 +55,7 @@ from torch import nn
 
 from chop.errors import DataError, OptionError
 from chop.ir import meta
-from chop.ir.graph import Graph
+from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import insert_mask, select_weights
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask
@@ -286,9 +286,5 @@ class Pruner:
                 "inputs: pass example_inputs=..., data=[(inputs, targets), ...], or the step's "
                 "batch to on_step_begin(step, batch)"
             )
-        from chop.cli.spine import (
-            trace_inputs,  # one batch's inputs -> chop.trace arguments
-        )
-
         self.graph = trace_inputs(self.model, inputs)
         return self.graph
