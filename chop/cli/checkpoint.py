@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
             with _quiet_torch_export():
                 program = torch.export.load(path)
         except Exception as e:
-            raise _corrupt(path, e) from None
+            raise _corrupt(path, e) from e
         return Checkpoint(path, digest, program=program)
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -107,7 +107,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
         try:
             return Checkpoint(path, digest, state_dict=load_file(path))
         except Exception as e:
-            raise _corrupt(path, e) from None
+            raise _corrupt(path, e) from e
     if suffix not in _STATE_SUFFIXES:
         raise CheckpointError(
             f"checkpoint {path}: unknown file type {suffix!r}; chop reads state dicts "
@@ -118,21 +118,21 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     except Exception as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
-            raise _corrupt(path, e) from None
+            raise _corrupt(path, e) from e
         if not trust:
             raise CheckpointError(
                 f"checkpoint {path} contains pickled Python objects ({found.group(1)}), e.g. a "
                 "whole nn.Module saved with torch.save(model). Loading it runs code from the "
                 "file, so chop refuses by default. Save model.state_dict() instead, or rerun "
                 "with --trust-checkpoint if you trust where the file came from."
-            ) from None
+            ) from e
         try:
             content = torch.load(path, weights_only=False, map_location="cpu")
         except Exception as e2:
             raise CheckpointError(
                 f"checkpoint {path} could not be unpickled even with --trust-checkpoint: "
                 f"{type(e2).__name__}: {e2}; the classes it was saved with must be importable"
-            ) from None
+            ) from e2
     if isinstance(content, nn.Module):
         return Checkpoint(path, digest, module=content)
     return Checkpoint(path, digest, state_dict=_unwrap(path, content))

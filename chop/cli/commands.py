@@ -105,7 +105,7 @@ def train(
         train_set, eval_set = split(inputs, targets, spec.eval_fraction, spec.seed)
         example = take_samples(train_set[0], torch.arange(min(2, len(train_set[1]))))
     except DataError as e:
-        raise DataError(f"{config.path}: [data]: {e}") from None
+        raise DataError(f"{config.path}: [data]: {e}") from e
 
     hooks.on_stage("loading the model")
     if path.is_dir():
@@ -160,7 +160,7 @@ def _from_outdir(folder: Path, config: Config, inputs: Any, trust: bool
     try:
         masks = load_file(masks_file)
     except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {masks_file}: {e}") from None
+        raise CheckpointError(f"cannot read {masks_file}: {e}") from e
     names = {n.target for n in graph.weight_nodes()}
     for name, mask in masks.items():
         if name not in names:

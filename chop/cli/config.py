@@ -126,9 +126,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(
             f"{path} is not valid TOML: {e}. Fix the syntax there (strings need quotes, "
             "tables are written [name], lists [a, b])."
-        ) from None
+        ) from e
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
     applied = apply_overrides(raw, overrides)
     return _Validator(path, applied).config(raw)
 
@@ -277,7 +277,7 @@ class _Validator:
             try:
                 parsed += parse_pipeline(item)
             except (PipelineError, OptionError) as e:
-                raise self.error("pipeline.passes", str(e)) from None
+                raise self.error("pipeline.passes", str(e)) from e
         tables = self.table(raw, "passes", None)
         names = [p.name for p in parsed]
         for name, options in tables.items():

@@ -103,7 +103,7 @@ def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
         raise DataError(
             f"cannot read data file {path}: {type(e).__name__}: {str(e).splitlines()[0]}; it "
             "must be a dict saved with torch.save, numpy.savez or safetensors"
-        ) from None
+        ) from e
     if not isinstance(content, dict):
         raise DataError(
             f"data file {path} holds a {type(content).__name__}; it must hold a dict with "
@@ -187,7 +187,7 @@ def _from_callable(spec: DataSpec, folder: Path) -> list[Batch]:
         raise DataError(
             f"data.source = {spec.source!r} returned a {type(data).__name__}, not an iterable "
             f"of (inputs, targets) batches ({e})"
-        ) from None
+        ) from e
 
 
 def load_samples(spec: DataSpec, folder: Path) -> tuple[Any, torch.Tensor]:
@@ -203,7 +203,7 @@ def load_samples(spec: DataSpec, folder: Path) -> tuple[Any, torch.Tensor]:
             raise DataError(
                 f"data.source = {spec.source!r}: cannot join its batches into one training set "
                 f"({e}); its batches must hold tensors of the same shapes but the batch size"
-            ) from None
+            ) from e
     inputs, targets, where = read_source(spec, folder)
     everything = dataclasses.replace(spec, batch_size=len(targets), batches=1, shuffle=False)
     return batched(inputs, targets, everything, where)[0]

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from chop.cli.viz import layer_graph, render_html, to_dot
-from chop.errors import OutputError
+from chop.errors import InternalError, OutputError
 from chop.ir import meta
 from chop.ir.graph import Graph, dynamic_shapes
 from chop.ir.masks import is_masked
 from chop.passes.export.fold import fold_masks
-from chop.pipeline.batches import call
+from chop.pipeline.batches import call, check_same_outputs
 
 log = logging.getLogger("chop")
 
@@ -92,23 +92,6 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def _leaves(outputs: Any) -> list[torch.Tensor]:
-    return [x for x in torch.utils._pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
-
-
-def _check_same(what: str, got: Any, expected: Any) -> None:
-    a, b = _leaves(got), _leaves(expected)
-    try:
-        assert len(a) == len(b), f"{len(a)} outputs instead of {len(b)}"
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-    except AssertionError as e:
-        raise OutputError(
-            f"{what} does not reproduce the pruned graph's outputs: {str(e).splitlines()[0]}. "
-            "This is a bug in chop; please report it with the config."
-        ) from None
-
-
 def export_program(graph: Graph, inputs: Any) -> torch.export.ExportedProgram:
     """``graph.module`` exported in eval mode with a dynamic batch (as :func:`chop.trace` marks
     it), so the program runs without chop and accepts any batch size."""
@@ -120,10 +103,11 @@ def export_program(graph: Graph, inputs: Any) -> torch.export.ExportedProgram:
                 graph.module, args, kwargs,
                 dynamic_shapes=dynamic_shapes(graph.module, args, kwargs),
             )
-        except Exception as e:
-            raise OutputError(
+        except Exception as e:  # the pruned graph is chop's own making: failing to export is a bug
+            raise InternalError(
                 f"re-exporting the pruned {graph.name} failed: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
+                f"{str(e).splitlines()[0] if str(e) else ''}; this is a bug in chop, please "
+                "report it with the model and the pipeline"
             ) from e
 
 
@@ -186,13 +170,13 @@ def write_outputs(
         (tmp / "sparsity.html").write_text(render_html(report, layers), encoding="utf-8")
         (tmp / "graph.dot").write_text(to_dot(layers, report.get("model", "model")), "utf-8")
         with torch.no_grad():
-            _check_same("model.pt2", call(torch.export.load(tmp / "model.pt2").module(), inputs),
+            check_same_outputs("model.pt2", call(torch.export.load(tmp / "model.pt2").module(), inputs),
                         expected)
             if model is not None:
                 copy = _copy(model)
                 if copy is not None:
                     copy.load_state_dict(load_file(tmp / "weights.safetensors"), strict=True)
-                    _check_same("weights.safetensors", call(copy.eval(), inputs), expected)
+                    check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
     log.info("wrote %s", ", ".join(FILES))
 
 
@@ -201,6 +185,7 @@ def _copy(model: nn.Module) -> nn.Module | None:
 
     try:
         return copy.deepcopy(model)
-    except Exception:  # a model that cannot be copied is simply not checked this way
-        log.debug("cannot deepcopy %s; skipping the weights.safetensors check", type(model))
+    except (TypeError, RuntimeError, AttributeError, copy.Error) as e:  # e.g. unpicklable state
+        log.warning("cannot copy %s to check weights.safetensors against it (%s: %s); "
+                    "model.pt2 is still checked", type(model).__name__, type(e).__name__, e)
         return None

@@ -187,7 +187,7 @@ def read_report(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ReportError(f"cannot read report {path}: {e}") from None
+            raise ReportError(f"cannot read report {path}: {e}") from e
         if not isinstance(report, dict) or "layers" not in report:
             raise ReportError(f"{path} is not a chop report (it has no \"layers\")")
         return report

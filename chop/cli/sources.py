@@ -47,16 +47,16 @@ def import_callable(source: str, folder: Path, key: str) -> Callable[..., Any]:
                 f"{key} = {source!r}: no module named {module_name!r} in {folder} or on "
                 f"PYTHONPATH; put {module_name.replace('.', '/')}.py next to the config or fix "
                 "the name"
-            ) from None
+            ) from e
         raise ConfigError(
             f"{key} = {source!r}: importing {module_name} failed: {e}{_where(e)}; install the "
             "missing package or fix the import"
-        ) from None
+        ) from e
     except Exception as e:  # the user's module raised while importing
         raise ConfigError(
             f"{key} = {source!r}: importing {module_name} failed: {type(e).__name__}: {e}"
             f"{_where(e)}"
-        ) from None
+        ) from e
     finally:
         sys.path.remove(str(folder))
     target: Any = module
@@ -82,4 +82,4 @@ def call_user(fn: Callable[..., Any], kwargs: dict[str, Any], key: str, source: 
         raise ConfigError(
             f"{key} = {source!r}: calling {getattr(fn, '__name__', source)}({shown}) failed: "
             f"{type(e).__name__}: {e}{_where(e)}"
-        ) from None
+        ) from e

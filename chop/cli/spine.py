@@ -114,7 +114,7 @@ def load_data(config: Config) -> list[tuple[Any, Any]]:
     try:
         return load_batches(config.data, config.folder)
     except ChopError as e:
-        raise type(e)(f"{config.path}: [data]: {e}") from None
+        raise type(e)(f"{config.path}: [data]: {e}") from e
 
 
 def capture(loaded: Loaded, config: Config, inputs: Any) -> tuple[Graph, list[str]]:

@@ -1,0 +1,10 @@
+"""Kernels: tensor algorithms that know nothing of graphs or passes.
+
+- :mod:`~chop.kernels.select`: exact top-k selection over many score tensors (a radix select on
+  the floats' bits, in bounded memory), the kept count of a sparsity.
+- :mod:`~chop.kernels.csr`: the ``chop::csr_linear`` custom op (CSR weight times dense input)
+  and the CUDA 2:4 semi-structured conversion.
+- :mod:`~chop.kernels.timing`: median wall time of a call.
+
+Imports only :mod:`chop.errors` (and torch).
+"""

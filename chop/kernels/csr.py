@@ -219,7 +219,7 @@ def semi_structured(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
         return None, "the mask is not 2:4 along the input dim"
     try:
         return convert(weight.detach() * mask.to(weight.device)), ""
-    except Exception as e:  # unsupported dtype, shape, or GPU (compute capability < 8.0)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # dtype, shape, GPU
         return None, f"to_sparse_semi_structured refused: {str(e).splitlines()[0] if str(e) else e}"
 
 

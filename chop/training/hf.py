@@ -123,16 +123,19 @@ class SNIPCallback(TrainerCallback):
         self.pruner.on_train_begin()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        assert self.pruner is not None
-        self.pruner.on_step_begin(state.global_step)
+        self._started().on_step_begin(state.global_step)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        assert self.pruner is not None
-        self.pruner.on_before_optimizer_step()
+        self._started().on_before_optimizer_step()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        assert self.pruner is not None
-        self.pruner.on_after_optimizer_step()
+        self._started().on_after_optimizer_step()
+
+    def _started(self) -> Pruner:
+        if self.pruner is None:
+            raise ChopError("SNIPCallback: a step hook ran before on_train_begin; add the "
+                            "callback to the Trainer before trainer.train() starts")
+        return self.pruner
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

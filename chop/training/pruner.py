@@ -200,7 +200,9 @@ class Pruner:
 
     def score(self, batch: Any = None) -> None:
         """Run the criterion on the graph (on ``data``, else on ``batch``)."""
-        assert self.criterion is not None
+        if self.criterion is None:
+            raise OptionError("Pruner: mode='pattern-lock' never scores; use mode='progressive' "
+                              "with a criterion to score")
         run(self._graph(batch), [self.criterion], data=self._data(batch), loss=self.loss)
 
     def prune(self, sparsity: float, batch: Any = None, *, score: bool = True
@@ -274,7 +276,6 @@ class Pruner:
         """The graph to score on; a plain module is traced on first use."""
         if self.graph is not None:
             return self.graph
-        assert isinstance(self.model, nn.Module)
         inputs = self.example_inputs
         if inputs is None and self.data is not None:
             inputs = next(iter(self.data))[0]

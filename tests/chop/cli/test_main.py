@@ -424,3 +424,36 @@ def test_subprocess_error_has_no_traceback(project: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "corrupt" in result.stderr
     assert not (project / "out").exists()
+
+
+def test_a_bug_inside_a_pass_exits_3_with_one_line(project: Path, capfd, monkeypatch) -> None:
+    from chop.passes.transform.mask import Mask
+
+    def buggy(self, graph, ctx):
+        return graph.no_such_attribute  # an AttributeError: a bug, not a user mistake
+
+    monkeypatch.setattr(Mask, "apply", buggy)
+    monkeypatch.delenv("CHOP_TRACEBACK", raising=False)
+    out = project / "out"
+    assert main([*transform_args(project), "-o", str(out)]) == 3
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("internal error: InternalError: pass 'mask' (after the following "
+                               "passes: snip) failed: AttributeError")
+    assert "CHOP_TRACEBACK=1" in lines[0] and "bug" in lines[0]
+    assert not out.exists()
+
+    monkeypatch.setenv("CHOP_TRACEBACK", "1")  # the traceback on request, the original chained
+    with pytest.raises(chop.InternalError) as info:
+        main([*transform_args(project), "-o", str(out)])
+    assert isinstance(info.value.__cause__, AttributeError)
+
+
+def test_a_user_mistake_inside_a_pass_exits_2(project: Path, capfd, monkeypatch) -> None:
+    monkeypatch.delenv("CHOP_TRACEBACK", raising=False)
+    torch.save({"inputs": torch.randn(40, 1, 6, 6), "targets": torch.randint(0, 10, (40, 3))},
+               project / "batches.pt")  # one row of targets per sample: not class indices
+    assert main([*transform_args(project), "-o", str(project / "out")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: pass 'snip'") and "targets" in err and "Traceback" not in err

@@ -187,10 +187,8 @@ def test_non_float_rejected() -> None:
 
 
 def test_more_than_2_pow_24_elements() -> None:
-    n = 17_000_000  # > 2**24: torch.quantile refuses this tensor
+    n = 17_000_000  # > 2**24: beyond what torch.quantile accepted (torch <= 2.13)
     x = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(RuntimeError):
-        torch.quantile(x, 0.5)
     for k in (1, 123_457, n // 2):
         t, r = kth_largest([x], k)
         assert t == torch.kthvalue(x, n - k + 1).values.item()
