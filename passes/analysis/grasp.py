@@ -13,97 +13,58 @@ GraSP implementation uses the same ``θ ⊙ Hg``, keep-highest form). The salien
 
 Computation, as in the reference implementation: g = Σ_b ∂L_b/∂θ over the batches (no graph kept),
 then Hg = Σ_b ∂/∂θ (∂L_b/∂θ · g), one Hessian-vector product per batch (double backward); the
-logits are divided by ``temperature`` (200 in GraSP) in both passes. Hg is taken over the scored
-weights: ``params=prunable`` restricts g to linear and conv weights, as the reference code does;
-the default ``all`` also includes biases and norm weights. The model is left bit-identical.
+logits are divided by ``temperature`` (200 in GraSP) in both passes, so each batch costs two
+forwards, a backward and a double backward. Hg is taken over the scored weights:
+``params=prunable`` restricts g to linear and conv weights, as the reference code does; the
+default ``all`` also includes biases and norm weights. The model is left bit-identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from chop.passes.analysis.common import (
-    PARAMS_DOC,
-    Params,
-    batch_losses,
-    differentiable_twice,
-    grads_or_zeros,
-    scored_nodes,
-    scoring,
-    store_saliency,
-)
+from torch.fx import Node
 
 from chop.errors import OptionError
 from chop.ir.graph import Graph
-from chop.pipeline.batches import take
-from chop.pipeline.pass_base import Context, Pass, PassResult, option
-
-
-def grasp_saliency(
-    graph: Graph,
-    data: Iterable,
-    loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    *,
-    batches: int = 1,
-    bn: str = "eval",
-    temperature: float = 200.0,
-    params: Params = "all",
-) -> dict[str, torch.Tensor]:
-    """Write saliency θ ⊙ Hg (the negated GraSP score) on the scored weight nodes."""
-    nodes = scored_nodes(graph, params)
-    chosen = list(take(data, batches, "grasp"))  # read twice: once for g, once for Hg
-    with scoring(graph, nodes, bn=bn) as weights, differentiable_twice():
-        g = [torch.zeros_like(w) for w in weights]
-        for value in batch_losses(graph.module, chosen, loss, "grasp", temperature=temperature):
-            for total, grad in zip(g, torch.autograd.grad(value, weights, allow_unused=True)):
-                if grad is not None:
-                    total.add_(grad.detach())
-        hg = [torch.zeros_like(w) for w in weights]
-        for value in batch_losses(graph.module, chosen, loss, "grasp", temperature=temperature):
-            grads = torch.autograd.grad(value, weights, create_graph=True, allow_unused=True)
-            z = sum(
-                (grad * v).sum() for grad, v in zip(grads, g)
-                if grad is not None and grad.requires_grad
-            )
-            if isinstance(z, torch.Tensor) and z.requires_grad:  # else H g = 0 (a linear model)
-                for total, h in zip(hg, grads_or_zeros(
-                        torch.autograd.grad(z, weights, allow_unused=True), weights)):
-                    total.add_(h)
-        scores = [(w.detach() * h).detach() for w, h in zip(weights, hg)]
-    return store_saliency(graph, nodes, scores)
+from chop.passes.analysis.criterion import DataCriterion
+from chop.passes.analysis.scoring import Grads, backward_sums
+from chop.pipeline.pass_base import Context, option
 
 
 @dataclass(frozen=True)
-class Grasp(Pass):
+class Grasp(DataCriterion):
     """GraSP: saliency θ ⊙ Hg (the negated GraSP score, so mask keeps what GraSP keeps)."""
 
     name: ClassVar[str] = "grasp"
-    kind: ClassVar[Literal["analysis"]] = "analysis"
-    provides: ClassVar[tuple[str, ...]] = ("saliency",)
 
-    batches: int = option(1, "batches of data (two forwards and a double backward each)")
-    bn: Literal["eval", "train"] = option("eval", "BatchNorm mode while scoring")
     temperature: float = option(200.0, "divide the logits by this before the loss (GraSP: 200)")
-    params: Literal["all", "prunable"] = option("all", PARAMS_DOC)
 
     def check(self) -> None:
-        if self.batches < 1:
-            raise OptionError(f"grasp: batches={self.batches} must be at least 1")
+        super().check()
         if not self.temperature > 0:
             raise OptionError(
                 f"grasp: temperature={self.temperature} must be positive (GraSP uses 200; "
                 "1 means no scaling)"
             )
 
-    def data_batches(self) -> int:
-        return self.batches
+    def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
+        first, again = itertools.tee(ctx.data)  # read twice: once for g, once for Hg
+        how = {"bn": self.bn, "accumulate": "sum", "temperature": self.temperature}
+        g = backward_sums(graph, nodes, first, ctx.loss, self.name, times_weight=False, **how)
 
-    def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        scores = grasp_saliency(
-            graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn,
-            temperature=self.temperature, params=self.params,
-        )
-        return PassResult(modified=False, info={"scored": len(scores)})
+        def hessian_times_g(grads: Grads, weights: list) -> Grads:
+            z = sum((grad * v).sum() for grad, v in zip(grads, g)
+                    if grad is not None and grad.requires_grad)
+            if not (isinstance(z, torch.Tensor) and z.requires_grad):
+                return [None] * len(weights)  # H g = 0: the loss is linear in the weights
+            return torch.autograd.grad(z, weights, allow_unused=True)
+
+        return backward_sums(graph, nodes, again, ctx.loss, self.name, second=hessian_times_g,
+                             **how)
+
+
+grasp_saliency = Grasp.compute

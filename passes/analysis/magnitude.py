@@ -1,31 +1,26 @@
-"""``magnitude``: saliency |w| (of the effective, masked weight)."""
+"""``magnitude``: saliency |w| (of the effective, masked weight); no data needed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from chop.passes.analysis.common import effective_weight, scored_nodes, write_saliency
+from torch.fx import Node
 
 from chop.ir.graph import Graph
-from chop.pipeline.pass_base import Context, Pass, PassResult
-
-
-def magnitude_saliency(graph: Graph) -> dict[str, torch.Tensor]:
-    """Write saliency |w| on every scored weight node; returns the scores by name."""
-    nodes = scored_nodes(graph)
-    return write_saliency(nodes, [effective_weight(graph, n).abs() for n in nodes])
+from chop.passes.analysis.criterion import Criterion, effective_weight
+from chop.pipeline.pass_base import Context
 
 
 @dataclass(frozen=True)
-class Magnitude(Pass):
+class Magnitude(Criterion):
     """Magnitude criterion: saliency |w|; no data needed."""
 
     name: ClassVar[str] = "magnitude"
-    kind: ClassVar[Literal["analysis"]] = "analysis"
-    provides: ClassVar[tuple[str, ...]] = ("saliency",)
 
-    def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        scores = magnitude_saliency(graph)
-        return PassResult(modified=False, info={"scored": len(scores)})
+    def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
+        return [effective_weight(graph, n).abs() for n in nodes]
+
+
+magnitude_saliency = Magnitude.compute

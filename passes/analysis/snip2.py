@@ -3,7 +3,8 @@
 Removing weight w changes the loss by L(w = 0) − L(w) ≈ −g·w + ½·H_ww·w² (Taylor to second
 order, g = ∂L/∂w, H_ww the Hessian's diagonal entry), so the saliency is |g·w − ½·H_ww·w²|;
 without the second term it is SNIP. Over several batches both terms are summed before the
-absolute value (like snip's ``abs-of-sum``).
+absolute value (like snip's ``abs-of-sum``): per batch, the term g − ½·diag(H)·w from a
+double backward, times w.
 
 The Hessian diagonal (``hessian``):
 
@@ -20,26 +21,17 @@ The model is left bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from chop.passes.analysis.common import (
-    PARAMS_DOC,
-    Params,
-    batch_losses,
-    differentiable_twice,
-    grads_or_zeros,
-    scored_nodes,
-    scoring,
-    store_saliency,
-)
+from torch.fx import Node
 
 from chop.errors import OptionError
 from chop.ir.graph import Graph
-from chop.pipeline.batches import take
-from chop.pipeline.pass_base import Context, Pass, PassResult, option
+from chop.passes.analysis.criterion import DataCriterion
+from chop.passes.analysis.scoring import Grads, backward_sums
+from chop.pipeline.pass_base import Context, option
 
 _BUDGET = 1 << 24  # entries of one batch of one-hot / Rademacher vectors
 
@@ -99,63 +91,13 @@ def hessian_diagonal_hutchinson(
     return [e / samples for e in estimate]
 
 
-def snip2_saliency(
-    graph: Graph,
-    data: Iterable,
-    loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    *,
-    batches: int = 1,
-    bn: str = "eval",
-    hessian: str = "exact",
-    samples: int = 100,
-    seed: int = 0,
-    chunk: int = 256,
-    max_weights: int = 100_000,
-    params: Params = "all",
-    track: Callable[[Iterable, int | None, str], Iterable] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Write saliency |Σ_b (g_b·w − ½·diag(H_b)·w²)| on the scored weight nodes."""
-    nodes = scored_nodes(graph, params)
-    count = sum(graph.parameter(n).numel() for n in nodes)
-    if hessian == "exact" and count > max_weights:
-        raise OptionError(
-            f"snip2: hessian=exact needs one Hessian row per weight, and {graph.name} has {count} "
-            f"scored weights, above max_weights={max_weights}; use hessian=hutchinson (with "
-            f"samples=...), params=prunable, or raise max_weights"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    chosen = take(data, batches, "snip2")
-    if track is not None:
-        chosen = track(chosen, batches, "snip2")
-    with scoring(graph, nodes, bn=bn) as weights, differentiable_twice():
-        first = [torch.zeros_like(w) for w in weights]
-        second = [torch.zeros_like(w) for w in weights]
-        for value in batch_losses(graph.module, chosen, loss, "snip2"):
-            grads = torch.autograd.grad(value, weights, create_graph=True, allow_unused=True)
-            if hessian == "exact":
-                diagonal = [hessian_diagonal_exact(g, w, chunk) for g, w in zip(grads, weights)]
-            else:
-                diagonal = hessian_diagonal_hutchinson(grads, weights, samples, generator, chunk)
-            for f, s, g, h in zip(first, second, grads_or_zeros(grads, weights), diagonal):
-                f.add_(g.detach())
-                s.add_(h)
-        scores = [
-            (f * w.detach() - 0.5 * s * w.detach().square()).abs()
-            for f, s, w in zip(first, second, weights)
-        ]
-    return store_saliency(graph, nodes, scores)
-
-
 @dataclass(frozen=True)
-class Snip2(Pass):
+class Snip2(DataCriterion):
     """Second-order SNIP |g·w − ½·H_ww·w²|, Hessian diagonal exact or by Hutchinson."""
 
     name: ClassVar[str] = "snip2"
-    kind: ClassVar[Literal["analysis"]] = "analysis"
-    provides: ClassVar[tuple[str, ...]] = ("saliency",)
+    counts: ClassVar[tuple[str, ...]] = ("batches", "samples", "chunk", "max_weights")
 
-    batches: int = option(1, "batches of data to score on")
-    bn: Literal["eval", "train"] = option("eval", "BatchNorm mode while scoring")
     hessian: Literal["exact", "hutchinson"] = option(
         "exact", "Hessian diagonal: exact (small models) or Hutchinson's estimate E(z ⊙ Hz)"
     )
@@ -163,20 +105,28 @@ class Snip2(Pass):
     seed: int = option(0, "seed of the Rademacher samples")
     chunk: int = option(256, "Hessian rows (or samples) computed per batched double backward")
     max_weights: int = option(100_000, "hessian=exact refuses models with more scored weights")
-    params: Literal["all", "prunable"] = option("all", PARAMS_DOC)
 
-    def check(self) -> None:
-        for key in ("batches", "samples", "chunk", "max_weights"):
-            if getattr(self, key) < 1:
-                raise OptionError(f"snip2: {key}={getattr(self, key)} must be at least 1")
+    def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
+        count = sum(graph.parameter(n).numel() for n in nodes)
+        if self.hessian == "exact" and count > self.max_weights:
+            raise OptionError(
+                f"snip2: hessian=exact needs one Hessian row per weight, and {graph.name} has "
+                f"{count} scored weights, above max_weights={self.max_weights}; use "
+                "hessian=hutchinson (with samples=...), params=prunable, or raise max_weights"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
 
-    def data_batches(self) -> int:
-        return self.batches
+        def taylor(grads: Grads, weights: list) -> Grads:  # g − ½·diag(H)·w, times w by the loop
+            if self.hessian == "exact":
+                diagonal = [hessian_diagonal_exact(g, w, self.chunk) for g, w in zip(grads, weights)]
+            else:
+                diagonal = hessian_diagonal_hutchinson(
+                    list(grads), weights, self.samples, generator, self.chunk)
+            return [None if g is None else g.detach() - 0.5 * h * w.detach()
+                    for g, h, w in zip(grads, diagonal, weights)]
 
-    def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        scores = snip2_saliency(
-            graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn, hessian=self.hessian,
-            samples=self.samples, seed=self.seed, chunk=self.chunk,
-            max_weights=self.max_weights, params=self.params, track=ctx.track,
-        )
-        return PassResult(modified=False, info={"scored": len(scores)})
+        return backward_sums(graph, nodes, ctx.data, ctx.loss, self.name, bn=self.bn,
+                             second=taylor)
+
+
+snip2_saliency = Snip2.compute

@@ -23,27 +23,23 @@ Scores are float64 (``dtype``) and kept in float64: they span many orders of mag
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from chop.passes.analysis.common import (
-    PARAMS_DOC,
-    Params,
-    dtype_hint,
-    functional_forward,
-    functional_state,
-    scored_nodes,
-    store_saliency,
-)
 from torch.fx import Node
 
 from chop.errors import OptionError
 from chop.ir.graph import Graph
 from chop.ir.masks import select_weights
 from chop.kernels.select import keep_masks, kept_count
-from chop.pipeline.pass_base import Context, Pass, PassResult, option
+from chop.passes.analysis.criterion import Criterion
+from chop.passes.analysis.functional import (
+    dtype_hint,
+    functional_forward,
+    functional_state,
+)
+from chop.pipeline.pass_base import Context, option
 
 
 def example_ones(graph: Graph, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -65,43 +61,6 @@ def example_ones(graph: Graph, dtype: torch.dtype) -> tuple[tuple, dict]:
         return tuple(leaves), {}
     args, kwargs = torch.utils._pytree.tree_unflatten(leaves, spec)
     return tuple(args), dict(kwargs)
-
-
-def synflow_saliency(
-    graph: Graph,
-    *,
-    sparsity: float = 0.9,
-    iterations: int = 100,
-    dtype: str = "float64",
-    params: Params = "all",
-    track: Callable[[Iterable, int | None, str], Iterable] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Write the SynFlow saliency of the last of ``iterations`` rounds on the scored nodes."""
-    nodes = scored_nodes(graph, params)
-    scored = set(nodes)
-    prunable = [n for n in select_weights(graph) if n in scored]
-    cast = torch.float64 if dtype == "float64" else None
-    weights, buffers = functional_state(graph, cast)
-    weights = {name: w.abs() for name, w in weights.items()}
-    buffers = {name: b.abs() if b.is_floating_point() else b for name, b in buffers.items()}
-    args, kwargs = example_ones(graph, cast or next(iter(weights.values())).dtype)
-    keep = 1.0 - sparsity
-    total = sum(weights[n.target].numel() for n in prunable)
-    rounds = 1 if sparsity == 0.0 else iterations
-    masks: dict[str, torch.Tensor] = {}
-    steps = range(1, rounds + 1)
-    if track is not None:
-        steps = track(steps, rounds, "synflow")
-    scores: list[torch.Tensor] = []
-    with graph.mode(batch_norm=False, dropout=False), dtype_hint("synflow", cast):
-        for t in steps:
-            scores = _scores(graph, nodes, weights, buffers, masks, args, kwargs)
-            if t < rounds:
-                by_node = dict(zip(nodes, scores))
-                chosen = [by_node[n] for n in prunable]
-                kept = keep_masks(chosen, kept_count(total, 1.0 - keep ** (t / rounds)))
-                masks = {n.target: m for n, m in zip(prunable, kept)}
-    return store_saliency(graph, nodes, scores)
 
 
 def _scores(
@@ -133,34 +92,51 @@ def _scores(
 
 
 @dataclass(frozen=True)
-class Synflow(Pass):
+class Synflow(Criterion):
     """SynFlow (data-free): |∂R/∂θ ⊙ θ| of the |θ| network, pruned iteratively to `sparsity`."""
 
     name: ClassVar[str] = "synflow"
-    kind: ClassVar[Literal["analysis"]] = "analysis"
-    provides: ClassVar[tuple[str, ...]] = ("saliency",)
+    counts: ClassVar[tuple[str, ...]] = ("iterations",)
 
     sparsity: float = option(0.9, "target sparsity of the following mask pass: set the same value")
     iterations: int = option(100, "scoring rounds T; round t keeps keep^(t/T) (1: one-shot)")
     dtype: Literal["float64", "model"] = option(
         "float64", "compute in float64 (SynFlow's choice: R overflows float32) or the model's dtype"
     )
-    params: Literal["all", "prunable"] = option("all", PARAMS_DOC)
 
     def check(self) -> None:
+        super().check()
         if not 0.0 <= self.sparsity < 1.0:
             raise OptionError(
                 f"synflow: sparsity={self.sparsity} is out of range; it must be in [0, 1) and "
                 "equal the sparsity of the mask pass that follows"
             )
-        if self.iterations < 1:
-            raise OptionError(f"synflow: iterations={self.iterations} must be at least 1")
 
-    def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        scores = synflow_saliency(
-            graph, sparsity=self.sparsity, iterations=self.iterations, dtype=self.dtype,
-            params=self.params, track=ctx.track,
-        )
-        return PassResult(
-            modified=False, info={"scored": len(scores), "sparsity": self.sparsity}
-        )
+    def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
+        scored = set(nodes)
+        prunable = [n for n in select_weights(graph) if n in scored]
+        cast = torch.float64 if self.dtype == "float64" else None
+        weights, buffers = functional_state(graph, cast)
+        weights = {name: w.abs() for name, w in weights.items()}
+        buffers = {name: b.abs() if b.is_floating_point() else b for name, b in buffers.items()}
+        args, kwargs = example_ones(graph, cast or next(iter(weights.values())).dtype)
+        keep = 1.0 - self.sparsity
+        total = sum(weights[n.target].numel() for n in prunable)
+        rounds = 1 if self.sparsity == 0.0 else self.iterations
+        masks: dict[str, torch.Tensor] = {}
+        scores: list[torch.Tensor] = []
+        with graph.mode(batch_norm=False, dropout=False), dtype_hint(self.name, cast):
+            for t in ctx.track(range(1, rounds + 1), rounds, self.name):
+                scores = _scores(graph, nodes, weights, buffers, masks, args, kwargs)
+                if t < rounds:
+                    by_node = dict(zip(nodes, scores))
+                    chosen = [by_node[n] for n in prunable]
+                    kept = keep_masks(chosen, kept_count(total, 1.0 - keep ** (t / rounds)))
+                    masks = {n.target: m for n, m in zip(prunable, kept)}
+        return scores
+
+    def info(self, graph: Graph, nodes: list[Node], scores: list[torch.Tensor]) -> dict[str, Any]:
+        return {"sparsity": self.sparsity}
+
+
+synflow_saliency = Synflow.compute

@@ -1,5 +1,6 @@
-"""Fixtures for the criterion tests: a tiny MLP small enough for full Hessians, a CNN with
-non-trivial BatchNorm statistics, and a check that scoring leaves a model bit-identical."""
+"""Fixtures for the criterion tests: a tiny MLP and a one-layer attention model small enough for
+full Hessians, a CNN with non-trivial BatchNorm statistics, and a check that scoring leaves a
+model bit-identical."""
 
 from __future__ import annotations
 
@@ -34,6 +35,34 @@ def tiny_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(4)
     return [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g))
             for _ in range(2)]
+
+
+class Attention(nn.Module):
+    """One two-head self-attention layer through F.scaled_dot_product_attention (243
+    parameters). On 4-d inputs even the CPU picks a fused kernel, which has no double backward:
+    the second-order criteria must switch to the math kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)  # (batch, heads, seq, 4)
+        return self.head(y.transpose(1, 2).flatten(2).mean(1))
+
+
+@pytest.fixture
+def attention() -> Attention:
+    torch.manual_seed(0)
+    return Attention()
+
+
+@pytest.fixture
+def attention_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(6)
+    return [(torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4,), generator=g))]
 
 
 @pytest.fixture

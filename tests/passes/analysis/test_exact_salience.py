@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import chop
-from chop.passes.analysis.common import ranks, spearman
 from chop.passes.analysis.exact_salience import ExactSalience
+from chop.passes.analysis.ranks import ranks, spearman
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import chop
 from chop.passes.analysis.grasp import Grasp
@@ -29,17 +30,20 @@ def reference_grasp_score(model, batches, temperature):
         return sum(nn.functional.cross_entropy(out / temperature, y)
                    for out, (_, y) in zip(outputs, batches))
 
-    hessian = torch.autograd.functional.hessian(loss, flat)
-    (g,) = torch.autograd.grad(loss(flat.requires_grad_()), flat)
+    with sdpa_kernel([SDPBackend.MATH]):  # attention differentiated twice
+        hessian = torch.autograd.functional.hessian(loss, flat)
+        (g,) = torch.autograd.grad(loss(flat.requires_grad_()), flat)
     score = -flat.detach() * (hessian @ g)
     return {n: s.view(p.shape) for n, s, p in zip(names, score.split(sizes), params)}
 
 
-@pytest.mark.parametrize("temperature", [1.0, 200.0])
-def test_grasp_is_minus_the_papers_score(tiny, tiny_batches, temperature, saliency_of):
-    graph = chop.trace(tiny, (tiny_batches[0][0],))
-    chop.run(graph, Grasp(batches=2, temperature=temperature), data=tiny_batches)
-    expected = reference_grasp_score(tiny, tiny_batches, temperature)
+@pytest.mark.parametrize("which, temperature", [("tiny", 1.0), ("tiny", 200.0), ("attention", 1.0)])
+def test_grasp_is_minus_the_papers_score(request, which, temperature, saliency_of):
+    """Also through attention, whose fused kernels have no double backward."""
+    model, batches = request.getfixturevalue(which), request.getfixturevalue(f"{which}_batches")
+    graph = chop.trace(model, (batches[0][0],))
+    chop.run(graph, Grasp(batches=len(batches), temperature=temperature), data=batches)
+    expected = reference_grasp_score(model, batches, temperature)
     got = saliency_of(graph)
     assert got.keys() == expected.keys()
     for name in got:
@@ -61,12 +65,44 @@ def test_mask_removes_the_weights_with_the_highest_grasp_score(tiny, tiny_batche
     assert (flat < 0).any() and (flat > 0).any()  # the saliency really has both signs
 
 
-def test_grasp_leaves_the_model_bit_identical(bn_cnn, cnn_batches, unchanged, saliency_of):
+def grasp_by_hessian_vector_product(model, batches, temperature):
+    """θ ⊙ Hg with BatchNorm on batch statistics and dropout off, from
+    torch.autograd.functional.hvp of the summed loss (float64): no full Hessian."""
+    model = copy.deepcopy(model).double().train()
+    model.drop.p = 0.0
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def loss(*values):
+        pieces = dict(zip(names, values))
+        return sum(nn.functional.cross_entropy(functional_call(model, pieces, (x.double(),))
+                                               / temperature, y) for x, y in batches)
+
+    _, g = torch.autograd.functional.vjp(loss, params)  # g = ∂L/∂θ
+    _, hg = torch.autograd.functional.hvp(loss, params, g)
+    return {n: p * h for n, p, h in zip(names, params, hg)}
+
+
+def test_grasp_with_batch_statistics_leaves_the_model_bit_identical(
+    bn_cnn, cnn_batches, unchanged, saliency_of
+):
     graph = chop.trace(bn_cnn, (cnn_batches[0][0],))
     with unchanged(bn_cnn):
         chop.run(graph, "grasp{bn=train, batches=2}", data=cnn_batches)
-    assert all(torch.isfinite(s).all() for s in saliency_of(graph).values())
-    chop.run(graph, "mask{sparsity=0.9}")
+    expected = grasp_by_hessian_vector_product(bn_cnn, cnn_batches[:2], 200.0)
+    got = saliency_of(graph)
+    assert got.keys() == expected.keys()
+    scale = max(e.abs().max() for e in expected.values())  # conv biases before BN: g = 0
+    for name in got:
+        torch.testing.assert_close(got[name].double(), expected[name], rtol=1e-3,
+                                   atol=1e-5 * scale, msg=name)
+    chop.run(graph, "mask{sparsity=0.9}")  # keeps the highest θ ⊙ Hg over linear and conv weights
+    names = ["conv1.weight", "conv2.weight", "fc.weight"]
+    flat = torch.cat([got[n].reshape(-1) for n in names])
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    kept[flat.argsort(descending=True)[: round(0.1 * flat.numel())]] = True
+    masks = torch.cat([graph.weight_node(n).meta["chop"]["mask"].reshape(-1) for n in names])
+    assert torch.equal(masks, kept)
 
 
 def test_grasp_options_and_errors(tiny, tiny_batches):

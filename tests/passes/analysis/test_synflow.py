@@ -70,12 +70,21 @@ def test_synflow_equals_the_reference_and_mask_keeps_its_final_mask(
     assert graph.history[0].info["sparsity"] == sparsity
 
 
-def test_iterations_matter(mlp, mlp_batches, saliency_of):
-    one = chop.trace(mlp, (mlp_batches[0][0],))
-    chop.run(one, "synflow{sparsity=0.98, iterations=1}, mask{sparsity=0.98}")
-    many = chop.trace(mlp, (mlp_batches[0][0],))
-    chop.run(many, "synflow{sparsity=0.98, iterations=20}, mask{sparsity=0.98}")
-    assert one.history[-1].info["kept"] != many.history[-1].info["kept"]
+def test_iterations_avoid_the_layer_collapse_of_one_shot_synflow(mlp, mlp_batches):
+    """SynFlow's argument: one-shot scores conserve flow per layer, so the largest layers score
+    lowest per weight and a global 98% mask empties them; iterating keeps every layer alive."""
+    x = mlp_batches[0][0]
+    prunable = ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    kept = {}
+    for iterations in (1, 20):
+        graph = chop.trace(mlp, (x,))
+        chop.run(graph, f"synflow{{sparsity=0.98, iterations={iterations}}}, mask{{sparsity=0.98}}")
+        _, masks = reference_synflow(mlp, x.shape, prunable, 0.98, iterations)
+        for name in prunable:
+            assert torch.equal(graph.weight_node(name).meta["chop"]["mask"], masks[name]), name
+        kept[iterations] = {name: k for name, (k, _) in graph.history[-1].info["kept"].items()}
+    assert kept[1] == {"layers.0.weight": 0, "layers.1.weight": 0, "layers.2.weight": 33}
+    assert min(kept[20].values()) > 0 and sum(kept[20].values()) == 33
 
 
 def test_synflow_is_data_free_and_leaves_the_model_bit_identical(bn_cnn, cnn_batches, unchanged):

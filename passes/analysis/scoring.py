@@ -1,0 +1,170 @@
+"""The autograd scoring loop every gradient-based criterion shares.
+
+:func:`backward_sums` runs one forward and one backward per batch on the graph itself and sums a
+per-batch term over the batches: the gradient g_b (``snip``, ``gradient``, ``snip-momentum``,
+GraSP's g), or, with ``second``, a term computed from gradients that keep their graph, so that
+it can differentiate them again (``snip2``'s Hessian diagonal, GraSP's Hessian-vector product).
+It runs inside :func:`scoring`, which leaves parameters, buffers, ``requires_grad`` flags,
+``.grad`` and the graph's mode bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.fx import Node
+
+from chop.errors import DataError
+from chop.ir.graph import Graph
+from chop.pipeline.batches import batch_loss
+
+Loss = Callable[[Any, Any], torch.Tensor]
+Batch = tuple[Any, Any]
+Grads = Sequence[torch.Tensor | None]
+Accumulate = Literal["abs-of-sum", "sum-of-abs", "sum"]
+
+
+@contextmanager
+def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[list[nn.Parameter]]:
+    """Score ``nodes``' parameters on the graph itself: yields them with ``requires_grad`` on,
+    BatchNorm in ``bn`` mode and dropout off; afterwards restores the flags, every buffer
+    (BatchNorm running statistics and counters) and the graph's mode. Use only
+    ``torch.autograd.grad`` inside, never ``backward()``, so ``.grad`` stays untouched."""
+    params = [graph.parameter(n) for n in nodes]
+    flags = [p.requires_grad for p in params]
+    saved = [(b, b.clone()) for b in graph.module.buffers()]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with graph.mode(batch_norm=bn == "train", dropout=False):
+            yield params
+    finally:
+        with torch.no_grad():
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            for buffer, original in saved:
+                buffer.copy_(original)
+
+
+@contextmanager
+def differentiable_twice() -> Iterator[None]:
+    """Run attention with the math kernel: the fused CPU/GPU kernels have no double backward,
+    which second-order criteria (Hessian-vector products) need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def scaled_outputs(outputs: Any, temperature: float, who: str) -> Any:
+    """The model's outputs with the logits divided by ``temperature``: a logits tensor, or a
+    copy of a dict-like output (a Hugging Face ``ModelOutput``) with its ``logits`` scaled."""
+    if temperature == 1.0:
+        return outputs
+    if isinstance(outputs, torch.Tensor):
+        return outputs / temperature
+    if isinstance(outputs, dict) and isinstance(outputs.get("logits"), torch.Tensor):
+        scaled = copy.copy(outputs)
+        scaled["logits"] = outputs["logits"] / temperature
+        return scaled
+    raise DataError(
+        f"{who}: temperature={temperature} divides the model's logits, but the model returns a "
+        f"{type(outputs).__name__} without a 'logits' entry; pass temperature=1 and a loss that "
+        "scales the logits itself"
+    )
+
+
+def batch_losses(
+    module: Callable,
+    batches: Iterable[Batch],
+    loss: Loss | None,
+    who: str,
+    *,
+    temperature: float = 1.0,
+) -> Iterator[torch.Tensor]:
+    """The scalar loss of ``module`` on each batch (see :func:`~chop.pipeline.batches.batch_loss`)."""
+    for inputs, targets in batches:
+        yield batch_loss(module, inputs, targets, loss, who,
+                         transform=lambda out: scaled_outputs(out, temperature, who))
+
+
+def backward_sums(
+    graph: Graph,
+    nodes: list[Node],
+    batches: Iterable[Batch],
+    loss: Loss | None,
+    who: str,
+    *,
+    bn: str = "eval",
+    accumulate: Accumulate = "abs-of-sum",
+    times_weight: bool = True,
+    second: Callable[[Grads, list[nn.Parameter]], Grads] | None = None,
+    temperature: float = 1.0,
+) -> list[torch.Tensor]:
+    """For each node, the per-batch terms t_b summed over ``batches``: |Σ_b t_b ⊙ w|
+    (``abs-of-sum``), Σ_b |t_b ⊙ w| (``sum-of-abs``) or Σ_b t_b ⊙ w (``sum``), without ⊙ w
+    unless ``times_weight``. t_b is the gradient g_b = ∂L_b/∂w; with ``second``, the gradients
+    keep their graph (``create_graph``, attention on the math kernel) and t_b is
+    ``second(grads, weights)`` (None: 0), which may differentiate them again. The logits are
+    divided by ``temperature`` before the loss. A weight the loss does not use scores 0.
+
+    One forward and backward per batch on the graph itself; the model is left bit-identical.
+    The first batch's own terms become the running sums (no zero-filled accumulators: filling
+    fresh memory cost more than the rest of the bookkeeping on BERT-base), and the final
+    |sum ⊙ w| is one pass written in the weight's layout."""
+    twice = second is not None
+    with scoring(graph, nodes, bn=bn) as params, differentiable_twice() if twice else nullcontext():
+        sums: list[torch.Tensor | None] = [None] * len(params)
+        for value in batch_losses(graph.module, batches, loss, who, temperature=temperature):
+            terms = torch.autograd.grad(value, params, allow_unused=True, create_graph=twice)
+            if second is not None:
+                terms = [None if t is None else t.detach() for t in second(terms, params)]
+            uses = Counter(t.untyped_storage().data_ptr() for t in terms if t is not None)
+            with torch.no_grad():
+                for i, (term, p) in enumerate(zip(terms, params, strict=True)):
+                    if term is None:
+                        continue
+                    if accumulate == "sum-of-abs":
+                        term = _finish(term, p, times_weight, _owned(term, uses))
+                    elif sums[i] is None and not _owned(term, uses):
+                        term = term.clone()  # the first term becomes the running sum
+                    sums[i] = term if sums[i] is None else sums[i].add_(term)
+    with torch.no_grad():
+        return [
+            torch.zeros_like(p) if t is None
+            else t if accumulate == "sum-of-abs"
+            else _finish(t, p, times_weight, owned=True, absolute=accumulate == "abs-of-sum")
+            for t, p in zip(sums, params)
+        ]
+
+
+def _owned(grad: torch.Tensor, uses: Counter) -> bool:
+    """Whether ``grad`` may be edited in place: it alone covers its whole storage, densely (a
+    transposed layout is fine), and no other returned gradient shares that storage (``uses``:
+    autograd can hand two parameters the same tensor, e.g. for ``(a + b) * x``, and returns
+    stride-0 expanded gradients for parameters that are only summed)."""
+    storage = grad.untyped_storage()
+    order = sorted(range(grad.dim()), key=grad.stride, reverse=True)
+    return (uses[storage.data_ptr()] == 1 and grad.storage_offset() == 0
+            and storage.nbytes() == grad.numel() * grad.element_size()
+            and grad.permute(order).is_contiguous())
+
+
+def _finish(
+    total: torch.Tensor, p: torch.Tensor, times_weight: bool, owned: bool, absolute: bool = True
+) -> torch.Tensor:
+    """|total ⊙ p| (or |total|; without ``absolute`` the signed value) in p's memory layout: in
+    place when ``total`` is owned and already has that layout (one pass, no fresh memory), else
+    into a new tensor shaped like ``p``."""
+    out = total if owned and total.stride() == p.stride() else torch.empty_like(p)
+    if times_weight:
+        torch.mul(total, p, out=out)
+    elif out is not total:
+        out.copy_(total)
+    return out.abs_() if absolute else out
