@@ -250,3 +250,111 @@ def output(result: Any) -> torch.Tensor:
     """The main output tensor of a zoo model (``.logits`` of a transformers output)."""
     return result.logits if hasattr(result, "logits") else result
 
+
+def traced_flow(model: nn.Module, *args: torch.Tensor) -> tuple[Any, Any]:
+    """``model`` traced in eval mode with ``args``, and its channel flow (``trace_channels``)."""
+    import chop
+    from chop.passes.analysis.flow import trace_channels
+
+    graph = chop.trace(model.eval(), args)
+    return graph, trace_channels(graph)
+
+
+# -- processes ---------------------------------------------------------------------------------
+# The distributed tests run a module-level function of their own file on 2 ranks of a real gloo
+# process group. Starting processes (and importing torch in them) takes seconds, so one pool of
+# ranks serves the whole session (the ``ranks`` fixture of tests/conftest.py); each call gets a
+# fresh process group with its own collective timeout.
+
+
+def _rank_main(rank: int, world: int, tasks: Any, results: Any) -> None:
+    """A rank of :class:`Ranks`: runs ``fn(rank, world, *args)`` for each task it is sent."""
+    import datetime
+    import importlib.util
+    import pickle
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    modules: dict[str, Any] = {}
+    while (task := tasks.get()) is not None:
+        path, name, args, store, timeout = pickle.loads(task)
+        try:
+            if path not in modules:
+                spec = importlib.util.spec_from_file_location(f"ranks_{len(modules)}", path)
+                modules[path] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(modules[path])
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                    world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout))
+            try:
+                outcome = ("ok", getattr(modules[path], name)(rank, world, *args))
+            finally:
+                dist.destroy_process_group()
+        except BaseException as e:  # reported to the test, which decides
+            outcome = ("error", type(e).__name__, str(e), traceback.format_exc())
+        results.put(pickle.dumps((rank, outcome)))
+
+
+class Ranks:
+    """``world`` processes that run test functions on the ranks of a gloo process group.
+
+    ``run(fn, *args)`` calls the module-level function ``fn(rank, world, *args)`` of a test file
+    on every rank inside a fresh process group (collectives give up after ``timeout`` seconds)
+    and returns the ranks' results in rank order; a rank that raises fails the test with its
+    traceback, unless ``check=False``: then each rank's ``("ok", result)`` or ``("error", type
+    name, message, traceback)`` is returned. Ranks that do not answer within ``deadline``
+    seconds are killed and the test fails (never hangs).
+    """
+
+    def __init__(self, world: int = 2):
+        import multiprocessing
+        import tempfile
+
+        context = multiprocessing.get_context("spawn")
+        self.world, self._calls = world, 0
+        self._dir = tempfile.TemporaryDirectory()
+        self._tasks = [context.Queue() for _ in range(world)]
+        self._results = context.Queue()
+        self._procs = [context.Process(target=_rank_main, args=(r, world, self._tasks[r],
+                                                                self._results), daemon=True)
+                       for r in range(world)]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable, *args: Any, timeout: float = 60.0, deadline: float = 120.0,
+            check: bool = True) -> list[Any]:
+        import os
+        import pickle
+        import queue
+
+        self._calls += 1
+        store = os.path.join(self._dir.name, f"store{self._calls}")
+        task = pickle.dumps((fn.__code__.co_filename, fn.__name__, args, store, timeout))
+        for tasks in self._tasks:
+            tasks.put(task)
+        outcomes: list[Any] = [None] * self.world
+        for _ in range(self.world):
+            try:
+                rank, outcome = pickle.loads(self._results.get(timeout=deadline))
+            except queue.Empty:
+                self.close()
+                raise AssertionError(f"the ranks did not finish {fn.__name__} in {deadline} s"
+                                     ) from None
+            outcomes[rank] = outcome
+        if not check:
+            return outcomes
+        for rank, outcome in enumerate(outcomes):
+            if outcome[0] == "error":
+                raise AssertionError(f"rank {rank} raised {outcome[1]}: {outcome[2]}\n{outcome[3]}")
+        return [outcome[1] for outcome in outcomes]
+
+    def close(self) -> None:
+        for tasks in self._tasks:
+            tasks.put(None)
+        for p in self._procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        self._dir.cleanup()

@@ -89,13 +89,15 @@ def _packet(node: Node) -> Any:
     return getattr(node.target, "overloadpacket", None)
 
 
-def _get_arg(node: Node, index: int, keyword: str, default: Any = None) -> Any:
+def node_arg(node: Node, index: int, keyword: str, default: Any = None) -> Any:
+    """Argument ``keyword`` of an op node, given by keyword or at position ``index``."""
     if keyword in node.kwargs:
         return node.kwargs[keyword]
     return node.args[index] if len(node.args) > index else default
 
 
-def _set_arg(node: Node, index: int, keyword: str, value: Any) -> None:
+def set_node_arg(node: Node, index: int, keyword: str, value: Any) -> None:
+    """Set argument ``keyword`` of an op node where it was given (keyword or position)."""
     if keyword in node.kwargs or len(node.args) <= index:
         node.update_kwarg(keyword, value)
     else:
@@ -207,8 +209,8 @@ class Graph:
             value = train_value if train[kind] else eval_value
             if kind == "counter":
                 node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
-            elif _get_arg(node, index, keyword) != value:
-                _set_arg(node, index, keyword, value)
+            elif node_arg(node, index, keyword) != value:
+                set_node_arg(node, index, keyword, value)
         self._mode = (batch_norm, dropout)
         self.module.recompile()
 
@@ -268,9 +270,9 @@ class Graph:
             spec = _MODE_ARGS.get(_packet(node)) if node.op == "call_function" else None
             if spec is not None:
                 kind, index, keyword = spec
-                train_value = _get_arg(node, index, keyword, 0.0)
+                train_value = node_arg(node, index, keyword, 0.0)
                 if kind == "batch_norm":  # without running stats BatchNorm always uses batch stats
-                    eval_value = train_value if _get_arg(node, 3, "running_mean") is None else False
+                    eval_value = train_value if node_arg(node, 3, "running_mean") is None else False
                 else:
                     eval_value = 0.0 if isinstance(train_value, float) else False
                 node.meta[_MODE_KEY] = (kind, index, keyword, train_value, eval_value)

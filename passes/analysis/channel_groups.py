@@ -1,6 +1,6 @@
 """``channel-groups``: find the groups of channels that must be removed together.
 
-Built on :func:`chop.passes.analysis.coupling.trace_channels`. A *unit* is one removable channel (or
+Built on :func:`chop.passes.analysis.flow.trace_channels`. A *unit* is one removable channel (or
 one attention head): a connected component of the coupling graph, i.e. every position, in every
 coupled layer, that must go when it goes. A :class:`Group` gathers the units that touch the same
 parameters — e.g. the 64 output channels of ``conv1`` together with ``bn1`` and the input columns
@@ -14,7 +14,9 @@ Units that touch something chop cannot shrink are *unprunable*, with the reason
 Where the result lives:
 
 - ``graph.module.meta["chop"]["channel_groups"]``: the :class:`ChannelGroups` object (graph-level,
-  read it with :func:`stored_channel_groups`, which recomputes it if the graph changed since);
+  plain data that survives ``Graph.copy()``; read it with :func:`stored_channel_groups`, which
+  recomputes it when the graph's ops or member shapes changed since, e.g. after a plain
+  ``shrink(graph)`` outside the pass manager; the manager drops it itself);
 - ``node.meta["chop"]["channel_groups"]`` on every member weight node: ``{dim: LongTensor}`` giving
   each index's group id (-1: in no group), so the pass manager can match ``requires``.
 """
@@ -27,10 +29,11 @@ from typing import ClassVar, Literal
 
 import networkx as nx
 import torch
-from chop.passes.analysis.coupling import Flow, trace_channels
 
 from chop.ir import meta
 from chop.ir.graph import Graph
+from chop.ir.masks import mask_of
+from chop.passes.analysis.flow import Flow, trace_channels
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 KEY = "channel_groups"
@@ -73,13 +76,11 @@ class Group:
 
 @dataclass
 class ChannelGroups:
-    """The result of :func:`channel_groups`."""
+    """The result of :func:`channel_groups`: plain data (no fx nodes), safe to copy."""
 
     groups: list[Group]
-    coupling: nx.Graph  # atoms (channel positions) joined by "must go together" edges
-    flow: Flow = field(repr=False)
-    unit_of: dict[int, int] = field(repr=False)  # atom -> unit
-    fingerprint: tuple = field(default=(), repr=False)
+    unit_of: torch.Tensor = field(repr=False)  # unit id of each atom (channel position)
+    signature: tuple = field(default=(), repr=False)  # what the groups were computed from
 
     def __iter__(self):
         return iter(self.groups)
@@ -107,30 +108,34 @@ class ChannelGroups:
                 if any(m.name == name and (role is None or m.role == role) for m in g.members)]
 
 
-def _fingerprint(graph: Graph) -> tuple:
-    nodes = tuple((n.name, str(n.target), str(n.args)) for n in graph.module.graph.nodes)
-    shapes = tuple((k, tuple(v.shape)) for k, v in graph.module.state_dict().items())
-    return nodes, shapes
+def _signature(graph: Graph, names: set[str]) -> tuple:
+    """The graph's ops (mask nodes aside) and the shapes of the member tensors ``names``: cheap
+    to compare, and changed by anything that changes the groups (shrink, sparse, a new op)."""
+    ops = tuple(n.target for n in graph.module.graph.nodes
+                if n.op == "call_function" and mask_of(n) is None)
+    tensors = {**dict(graph.module.named_buffers()), **dict(graph.module.named_parameters())}
+    return ops, {name: tuple(tensors[name].shape) if name in tensors else None for name in names}
 
 
-def channel_groups(graph: Graph) -> ChannelGroups:
-    """Find the channel groups of ``graph`` (no side effects; see :class:`ChannelGroups`)."""
-    flow = trace_channels(graph)
-    unit_of: dict[int, int] = {}
+def channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups:
+    """Find the channel groups of ``graph`` (no side effects; see :class:`ChannelGroups`);
+    ``flow``: ``trace_channels(graph)`` if the caller has it already."""
+    flow = trace_channels(graph) if flow is None else flow
+    unit_of = torch.full((flow.coupling.number_of_nodes(),), -1, dtype=torch.long)
     unit_blocked: dict[int, str | None] = {}
     unit_head: dict[int, bool] = {}
     for u, component in enumerate(sorted(nx.connected_components(flow.coupling), key=min)):
         reasons = [flow.blocked[a] for a in sorted(component) if a in flow.blocked]
         unit_blocked[u] = reasons[0] if reasons else None
         unit_head[u] = any(a in flow.heads for a in component)
-        for a in component:
-            unit_of[a] = u
+        unit_of[list(component)] = u
     # the indices each unit owns in each member dim
     owned: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+    units_of = unit_of.tolist()
     for key, record in flow.members.items():
         for i, a in enumerate(record.atoms.tolist()):
             if a >= 0:
-                owned[unit_of[a]][key].append(i)
+                owned[units_of[a]][key].append(i)
     by_signature: dict[tuple, list[int]] = {}
     for u in sorted(owned):  # units are numbered in graph order
         by_signature.setdefault(tuple(sorted(owned[u])), []).append(u)
@@ -146,7 +151,8 @@ def channel_groups(graph: Graph) -> ChannelGroups:
         members.sort(key=lambda m: order[m.role])
         kind = "head" if any(unit_head[u] for u in units) else "channel"
         groups.append(Group(len(groups), kind, members, units, [unit_blocked[u] for u in units]))
-    return ChannelGroups(groups, flow.coupling, flow, unit_of, _fingerprint(graph))
+    names = {name for name, _ in flow.members}
+    return ChannelGroups(groups, unit_of, _signature(graph, names))
 
 
 def store(graph: Graph, groups: ChannelGroups) -> None:
@@ -172,7 +178,7 @@ def store(graph: Graph, groups: ChannelGroups) -> None:
 def stored_channel_groups(graph: Graph) -> ChannelGroups:
     """The stored :class:`ChannelGroups` if still current, else freshly computed (and stored)."""
     found = graph.module.meta.get("chop", {}).get(KEY)
-    if isinstance(found, ChannelGroups) and found.fingerprint == _fingerprint(graph):
+    if isinstance(found, ChannelGroups) and found.signature == _signature(graph, set(found.signature[1])):
         return found
     groups = channel_groups(graph)
     store(graph, groups)

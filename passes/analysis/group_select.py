@@ -17,14 +17,13 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
-from chop.passes.analysis.channel_groups import ChannelGroups, Group
 
 from chop.errors import GranularityError, MissingMetadataError
 from chop.ir import meta
 from chop.ir.graph import Graph
+from chop.passes.analysis.channel_groups import ChannelGroups, Group
 
 Granularity = Literal["channel", "head"]
-
 
 
 def matches(group: Group, granularity: Granularity) -> bool:
@@ -37,12 +36,12 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
     """A score per channel (or head) of every group: the sum of its members' ``key`` entries
     (SNAP-it's node saliency: the rows it produces, the columns that read it, its norm
     parameters). Members without the entry contribute nothing; a group none of whose members
-    carries it is left out. Unprunable channels score like the others (check ``prunable``)."""
+    carries it is left out. Unprunable channels score like the others (check ``prunable``).
+    No group of ``granularity``: an empty dict."""
     nodes = {n.target: n for n in graph.weight_nodes()}
+    chosen = [g for g in groups if granularity is None or matches(g, granularity)]
     out: dict[int, torch.Tensor] = {}
-    for g in groups:
-        if granularity is not None and not matches(g, granularity):
-            continue
+    for g in chosen:
         score, found = torch.zeros(g.size, dtype=torch.float64), False
         for m in g.members:
             value = meta.entries(nodes[m.name]).get(key) if m.name in nodes else None
@@ -53,7 +52,7 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
             score += torch.stack([per_index[i].sum() for i in m.index])
         if found:
             out[g.id] = score
-    if not out:
+    if chosen and not out:
         raise MissingMetadataError(
             f"no channel group of {graph.name} has a {key!r} entry; run a criterion (snip, "
             "magnitude, random) before scoring groups")

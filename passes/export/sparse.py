@@ -31,8 +31,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from chop.passes.export.common import checked_export
-from chop.passes.export.fold import fold_masks
 from torch import nn
 from torch.fx import Node
 
@@ -42,6 +40,8 @@ from chop.ir.graph import Graph
 from chop.ir.masks import add_tensor, mask_nodes, mask_of
 from chop.kernels.csr import csr_linear, require_scipy, semi_structured, to_csr
 from chop.kernels.timing import median_seconds
+from chop.passes.export.common import checked_export
+from chop.passes.export.fold import fold_masks
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 aten = torch.ops.aten

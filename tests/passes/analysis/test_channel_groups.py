@@ -1,24 +1,20 @@
-"""channel-groups: coupled layers and index maps on the zoo, unprunable channels, scoring, masks,
-granularity checks."""
+"""channel-groups: coupled layers and index maps on the zoo, unprunable channels, where the
+result is stored, and that it survives a copy and notices a changed graph."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from torch import nn
 
 import chop
-from chop.pipeline import registry
+from chop.ir.masks import insert_mask
 from chop.ir.meta import CHANNEL_GROUPS
 from chop.passes.analysis.channel_groups import KEY, channel_groups, stored_channel_groups
-from chop.passes.analysis.group_select import (
-    GranularityError,
-    group_masks,
-    group_scores,
-    require_granularity,
-)
+from chop.passes.export.shrink import shrink
+from chop.pipeline import registry
 
-from zoo import trace
+from zoo import ZOO, trace
 
 
 def group_with(groups, name, role="out"):
@@ -147,59 +143,59 @@ def test_the_pass_stores_groups_on_the_graph_and_weight_nodes():
     assert CHANNEL_GROUPS.check({0: torch.zeros(3, dtype=torch.long)}, torch.zeros(4, 2)) is not None
 
 
-def test_group_scores_sum_member_saliency():
-    _, graph = trace("mlp")
-    groups = channel_groups(graph)
-    g = torch.Generator().manual_seed(0)
-    sal = {}
-    for node in graph.weight_nodes():
-        sal[node.target] = torch.rand(graph.parameter(node).shape, generator=g)
-        node.meta["chop"]["saliency"] = sal[node.target]
-    scores = group_scores(graph, groups)
-    first = group_with(groups, "fc1.weight")
-    expected = sal["fc1.weight"].sum(1) + sal["fc1.bias"] + sal["fc2.weight"].sum(0)
-    torch.testing.assert_close(scores[first.id], expected.double())
+def summary(groups):
+    return [(g.id, g.kind, g.units, g.blocked,
+             [(m.name, m.dim, m.kind, m.role, [i.tolist() for i in m.index]) for m in g.members])
+            for g in groups]
 
 
-def test_group_masks_remove_whole_rows_columns_and_blocks():
-    _, graph = trace("vgg")
-    groups = channel_groups(graph)
-    last = group_with(groups, "features.10.weight")
-    keep = torch.ones(last.size, dtype=torch.bool)
-    keep[[3, 7]] = False
-    masks = group_masks(graph, groups, {last.id: keep})
-    assert set(masks) == {"features.10.weight", "classifier.0.weight"}  # conv/linear roles only
-    conv = masks["features.10.weight"]
-    assert not conv[[3, 7]].any() and conv.sum() == conv.numel() - 2 * conv[0].numel()
-    fc = masks["classifier.0.weight"]
-    dropped = [c for c in range(fc.shape[1]) if not fc[:, c].any()]
-    assert dropped == list(range(48, 64)) + list(range(112, 128)) and fc[:, ~torch.isin(
-        torch.arange(fc.shape[1]), torch.tensor(dropped))].all()
-    with_norms = group_masks(graph, groups, {last.id: keep}, roles=("linear", "conv", "norm"))
-    assert with_norms["features.11.weight"].tolist() == keep.tolist()
+def sequential():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    return chop.trace(model, (torch.randn(2, 4),))
 
 
-def test_bad_keep_vectors_and_granularities_name_the_layer():
-    _, graph = trace("vgg")
-    groups = channel_groups(graph)
-    out = group_with(groups, "classifier.3.weight")
-    cannot = r"cannot remove channel 0 .*classifier\.3\.weight.*model output"
-    with pytest.raises(GranularityError, match=cannot):
-        group_masks(graph, groups, {out.id: torch.zeros(out.size, dtype=torch.bool)})
-    with pytest.raises(GranularityError, match="has 16 channels"):
-        group_masks(graph, groups, {0: torch.ones(3, dtype=torch.bool)})
-    no_heads = r"granularity=head: .*no attention heads.*features\.0\.weight"
-    with pytest.raises(GranularityError, match=no_heads):
-        require_granularity(groups, ["features.0.weight"], "head")
-    require_granularity(groups, ["features.0.weight", "classifier.3.weight"], "channel")
+@pytest.mark.parametrize("name", ["sequential", "resnet", "bert"])
+def test_a_copy_after_channel_groups_runs_and_carries_the_same_groups(name):
+    graph = sequential() if name == "sequential" else trace(name)[1]
+    chop.run(graph, "channel-groups")
+    twin = graph.copy()
+    stored = twin.module.meta["chop"][KEY]
+    assert stored is not graph.module.meta["chop"][KEY]
+    assert stored_channel_groups(twin) is stored  # carried over and still current
+    assert summary(stored) == summary(graph.module.meta["chop"][KEY]) == summary(channel_groups(twin))
+    args, kwargs = ((torch.randn(3, 4),), {}) if name == "sequential" else ZOO[name].inputs(3)
+    with torch.no_grad():
+        expected = graph(*args, **kwargs)
+        got = twin(*args, **kwargs)
+    torch.testing.assert_close(getattr(got, "logits", got), getattr(expected, "logits", expected))
 
-    _, bert = trace("bert")
-    groups = channel_groups(bert)
-    query = "bert.encoder.layer.0.attention.self.query.weight"
-    require_granularity(groups, [query], "head")
-    with pytest.raises(GranularityError, match=rf"layer {query}.*no channel group.*granularity=head"):
-        require_granularity(groups, [query], "channel")
-    dense = "bert.encoder.layer.0.output.dense.weight"  # rows feed the LayerNorm'd stream
-    require_granularity(groups, [dense], "channel")  # its input columns are FFN channels
-    with pytest.raises(GranularityError, match=rf"granularity=head: layer {dense}"):
-        require_granularity(groups, [dense], "head")
+
+def test_stored_groups_survive_masks_and_are_recomputed_after_a_plain_shrink():
+    graph = sequential()
+    chop.run(graph, "channel-groups")
+    stored = graph.module.meta["chop"][KEY]
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[:, 3] = False  # the second layer no longer reads channel 3 of the first
+    insert_mask(graph, graph.weight_node("2.weight"), mask)
+    graph.recompile()
+    assert stored_channel_groups(graph) is stored  # mask nodes do not change the groups
+    shrink(graph)  # outside the pass manager: nothing drops the stored groups but the check
+    fresh = stored_channel_groups(graph)
+    assert fresh is not stored and graph.module.meta["chop"][KEY] is fresh
+    assert group_with(fresh, "0.weight").size == 7
+
+
+def test_stored_groups_are_recomputed_after_an_op_is_added():
+    graph = sequential()
+    chop.run(graph, "channel-groups")
+    stored = graph.module.meta["chop"][KEY]
+    relu = next(n for n in graph.module.graph.nodes if n.name == "relu")
+    with graph.module.graph.inserting_after(relu):
+        cumsum = graph.module.graph.call_function(torch.ops.aten.cumsum.default, (relu, 1))
+    relu.replace_all_uses_with(cumsum, delete_user_cb=lambda user: user is not cumsum)
+    cumsum.meta["val"] = relu.meta["val"]
+    graph.recompile()
+    fresh = stored_channel_groups(graph)
+    assert fresh is not stored and not group_with(fresh, "0.weight").prunable.any()
+    assert "cumsum" in group_with(fresh, "0.weight").blocked[0]

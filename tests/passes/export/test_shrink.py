@@ -3,16 +3,15 @@ constants carried into the next bias (and kept where padding makes that inexact)
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import chop
 from chop.cli.outputs import export_program
+from chop.ir.masks import insert_mask
 from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.shrink import shrink
-from chop.ir.masks import insert_mask
 
 from zoo import ZOO, output, prune_half, trace
 
@@ -123,7 +122,7 @@ def test_shrunk_equals_masked_with_exact_parameter_counts_and_pt2_round_trip(nam
     info = graph.history[-1].info
     assert info["total"]["params"] == (sum(p.numel() for p in model.parameters()), params)
     assert info["removed"] == {gid: int((~k).sum()) for gid, k in keep.items() if (~k).any()}
-    for layer, stats in info["layers"].items():
+    for stats in info["layers"].values():
         assert stats["params"][1] <= stats["params"][0] and stats["flops"][1] <= stats["flops"][0]
     assert info["total"]["flops"][1] < info["total"]["flops"][0]
 
@@ -241,7 +240,7 @@ def test_a_tensor_is_never_emptied():
 
 
 def test_shrink_pass_checks_and_times_itself_with_data():
-    model, graph = trace("vgg")
+    _, graph = trace("vgg")
     args, _ = ZOO["vgg"].inputs(4)
     chop.run(graph, "random{seed=2}, mask{granularity=channel, sparsity=0.5, scope=local}")
     chop.run(graph, "shrink{timing=true}", data=[(args[0], torch.zeros(4, dtype=torch.long))])
@@ -249,3 +248,40 @@ def test_shrink_pass_checks_and_times_itself_with_data():
     before, after = total["params"]
     assert after < before
     assert len(total["model_latency_us"]) == 2 and min(total["model_latency_us"]) > 0
+
+
+class InPlace(torch.nn.Module):
+    """In-place activations and an in-place residual add (EfficientNet/MobileNetV3 style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2, self.fc = torch.nn.Conv2d(8, 8, 1), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.hardswish(self.bn1(self.conv1(x)), inplace=True)
+        y = self.conv2(x)
+        y.add_(x)
+        torch.nn.functional.silu(y, inplace=True)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_in_place_ops_shrink_like_their_out_of_place_ops():
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    graph = chop.trace(model, ZOO["vgg"].inputs(2)[0])
+    groups = channel_groups(graph)
+    (group,) = groups.of("conv1.weight", "out")
+    assert set(group.layers("out")) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"}
+    assert group.prunable.all()
+    for name, mask in group_masks(graph, groups, {group.id: torch.arange(8) % 2 == 0}).items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    args, _ = new_inputs("vgg")
+    with torch.no_grad():
+        expected = graph(*args)
+    shrink(graph)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in graph.module.parameters()) == (
+        4 * 3 * 9 + 4 + 2 * 4) + (4 * 4 + 4) + (10 * 4 + 10)

@@ -1,0 +1,93 @@
+"""Elementwise ops: channels pass position by position. Operands that both carry channels join
+their atoms where they meet (a residual add); an untracked operand may only broadcast along the
+channel dims. A constant is computed with the op itself on one value per channel."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.fx import Node
+
+from chop.passes.analysis.flow.rule import (
+    Const,
+    Moved,
+    Rule,
+    Step,
+    Unsupported,
+    aten,
+    register,
+    shape_of,
+    unknown,
+)
+
+if TYPE_CHECKING:
+    from chop.ir.graph import Graph
+    from chop.passes.analysis.flow.walk import Walk
+
+# values pass unchanged (dropout: constants are computed in eval mode)
+register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.clone, aten.contiguous,
+         aten.alias, aten.detach, aten.lift_fresh_copy, aten._to_copy, aten.to, aten.type_as)(Moved)
+
+
+class Computed(Rule):
+    """An op applied per position: the constant is the op on the operands' constants."""
+
+    def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
+        shape = consts[step.inputs[0]][0].shape
+        known = torch.ones(shape, dtype=torch.bool)
+        args = []
+        for a in node.args:
+            if isinstance(a, Node):
+                value, k = consts[a] if a in consts else unknown(shape)
+                known &= k
+                args.append(value.clone())  # an in-place op (relu_) must not change its input's
+            else:
+                args.append(a)
+        try:
+            value = node.target(*args, **node.kwargs)
+        except (RuntimeError, TypeError, ValueError, IndexError):  # refuses the tag-space layout
+            return unknown(shape)
+        if value.shape != shape:
+            return unknown(shape)
+        return value.float(), known & torch.isfinite(value)
+
+
+@register(aten.relu, aten.relu6, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardtanh,
+          aten.hardswish, aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.softplus,
+          aten.neg, aten.abs, aten.exp, aten.sqrt, aten.rsqrt, aten.square, aten.erf, aten.sin,
+          aten.cos, aten.log, aten.clamp, aten.clamp_min, aten.clamp_max)
+class Unary(Computed):
+    def visit(self, walk: Walk, node: Node) -> None:
+        walk.same(node, Step(self, [node.args[0]]))
+
+
+@register(aten.add, aten.sub, aten.mul, aten.div, aten.pow, aten.maximum, aten.minimum)
+class Binary(Computed):
+    def visit(self, walk: Walk, node: Node) -> None:
+        ndim = len(shape_of(node))
+        tagged, other = [], []
+        for a in node.args[:2]:
+            if not isinstance(a, Node):
+                continue
+            shift = ndim - len(shape_of(a))
+            if a in walk.tags:
+                t = walk.tags[a]
+                tagged.append((a, tuple(d + shift for d in t.dims), t.atoms))
+            else:
+                other.append((a, shift))
+        if not tagged:
+            raise Unsupported("carries channels in an operand other than the first two")
+        _, dims, atoms = tagged[0]
+        for _, d, at in tagged[1:]:
+            if d != dims or at.shape != atoms.shape:
+                raise Unsupported(f"combines channels along {dims} with channels along {d}")
+            walk.join(atoms, at)
+        for a, shift in other:
+            shape = shape_of(a)
+            for d in dims:
+                if d - shift >= 0 and shape[d - shift] != 1:
+                    raise Unsupported(
+                        f"combines these channels with {a.name}, whose channels are not tracked "
+                        "(e.g. a residual stream normalised by layer_norm, or a model input)")
+        walk.set(node, dims, atoms, Step(self, [t[0] for t in tagged]))

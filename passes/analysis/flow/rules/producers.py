@@ -1,0 +1,204 @@
+"""Weight ops (linear, addmm, convolutions): their output channels are fresh atoms, the rows of
+the weight; the channels they read index the weight's input dim. A channel whose weight rows are
+all zero outputs the constant ``bias[c]``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch.fx import Node
+
+from chop.ir.graph import node_arg, set_node_arg
+from chop.passes.analysis.flow.rule import (
+    Const,
+    Consumer,
+    Cut,
+    Rule,
+    Step,
+    Unsupported,
+    aten,
+    packet,
+    register,
+    shape_of,
+    tensor,
+    value_of,
+)
+
+if TYPE_CHECKING:
+    from chop.ir.graph import Graph
+    from chop.passes.analysis.flow.walk import Walk
+
+
+class Producer(Rule):
+    """The weight layout shrink and the constants analysis ask about."""
+
+    creates = True
+    out_dim: ClassVar[int]  # weight dim of the output channels
+    in_dim: ClassVar[int]  # weight dim of the input channels
+    bias_at: ClassVar[int]  # argument index of the bias
+
+    def operands(self, node: Node) -> tuple[Any, Any, Any]:
+        """``(input, weight, bias)`` arguments of ``node`` (bias None when absent)."""
+        return node.args[0], node.args[1], node_arg(node, self.bias_at, "bias")
+
+    def channel_dim(self, ndim: int) -> int:
+        """The output dim that carries channels."""
+        raise NotImplementedError
+
+    def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
+        """Whether each input position of ``c`` is read by a nonzero weight."""
+        raise NotImplementedError
+
+    def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
+              gone: torch.Tensor) -> torch.Tensor:
+        """What the input positions ``gone`` (holding constant ``value``) add to each output."""
+        raise NotImplementedError
+
+    def set_bias(self, node: Node, bias: Node) -> None:
+        set_node_arg(node, self.bias_at, "bias", bias)
+
+    def names(self, walk: Walk, weight: Any, bias: Any) -> tuple[str, str | None]:
+        w, b = walk.param_of(weight), walk.param_of(bias)
+        if w is None or w not in walk.params or (bias is not None and b is None):
+            raise Unsupported("its weight or bias is computed, not a parameter")
+        return w, b
+
+    def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
+        weight = graph.module.get_parameter(step.info["weight"]).detach()
+        bias = tensor(graph, step.info["bias"])
+        rows = weight.movedim(self.out_dim, 0).reshape(weight.shape[self.out_dim], -1)
+        value = bias.float().clone() if bias is not None else torch.zeros(len(rows))
+        return value, ~(rows != 0).any(1)
+
+
+class Matmul(Producer):
+    """Linear and addmm: the input's channel positions meet the weight's input dim."""
+
+    def visit(self, walk: Walk, node: Node) -> None:
+        x, weight, bias = self.operands(node)
+        w, b = self.names(walk, weight, bias)
+        tag = walk.single(x, self.channel_dim(len(shape_of(x))))
+        if tag is not None:
+            walk.member(w, self.in_dim, tag.atoms, "in")
+            walk.consumers.append(Consumer(node, w, x, self))
+        out = walk.space(w, self.out_dim)
+        walk.member(w, self.out_dim, out, "out")
+        if bias is not None and value_of(bias) is not None and value_of(bias).shape[-1] == len(out):
+            walk.member(b, value_of(bias).dim() - 1, out, "out")
+        elif bias is not None:
+            raise Unsupported("its bias does not have one entry per output channel")
+        ndim = len(shape_of(node))
+        walk.set(node, (ndim - 1,), out, Step(self, [], info={"weight": w, "bias": b}))
+
+    def channel_dim(self, ndim: int) -> int:
+        return ndim - 1
+
+
+
+@register(aten.linear)
+class Linear(Matmul):
+    out_dim, in_dim, bias_at = 0, 1, 2
+
+    def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.detach() != 0).any(0)
+
+    def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
+              gone: torch.Tensor) -> torch.Tensor:
+        return weight.detach().double() @ _where(gone, value)
+
+
+@register(aten.addmm)
+class Addmm(Matmul):
+    """``addmm(bias, x, weight)``: the weight is ``[in, out]`` (GPT-2's Conv1D)."""
+
+    out_dim, in_dim, bias_at = 1, 0, 0
+
+    def operands(self, node: Node) -> tuple[Any, Any, Any]:
+        return node.args[1], node.args[2], node.args[0]
+
+    def visit(self, walk: Walk, node: Node) -> None:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            raise Unsupported("addmm with beta/alpha other than 1")
+        super().visit(walk, node)
+
+    def channel_dim(self, ndim: int) -> int:
+        return 1
+
+    def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.detach() != 0).any(1)
+
+    def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
+              gone: torch.Tensor) -> torch.Tensor:
+        return _where(gone, value) @ weight.detach().double()
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+class Conv(Producer):
+    """Grouped convs join the same relative channel of every group; a depthwise conv (one input
+    channel per group) follows its input's channels instead of making new ones. A padded conv
+    sees a constant input channel only away from the borders: no exact fold into its bias."""
+
+    out_dim, in_dim, bias_at = 0, 1, 2
+
+    def visit(self, walk: Walk, node: Node) -> None:
+        x, weight, bias = self.operands(node)
+        if packet(node) is aten.convolution:
+            if node.args[6]:
+                raise Unsupported("transposed convolution")
+            padding, groups = node.args[4], node.args[8]
+        else:
+            padding, groups = node_arg(node, 4, "padding", 0), node_arg(node, 6, "groups", 1)
+        w, b = self.names(walk, weight, bias)
+        out_c, in_g = walk.params[w].shape[:2]
+        padded = padding == "same" or (not isinstance(padding, str) and any(
+            p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding])))
+        tag = walk.single(x, 1)
+        info = {"weight": w, "bias": b}
+        if groups > 1 and in_g == 1 and tag is not None:  # depthwise (channel multiplier k)
+            k = out_c // (in_g * groups)
+            out = tag.atoms.repeat_interleave(k)
+            walk.member(w, 0, out, "channel")
+            walk.member(b, 0, out, "channel")
+            step = Step(self, [x], lambda ts: ts[0].repeat_interleave(k), {**info, "depthwise": True})
+            return walk.set(node, (1,), out, step)
+        if tag is not None:
+            for g in range(1, groups):  # grouped: the same relative index goes in every group
+                walk.join(tag.atoms[:in_g], tag.atoms[g * in_g:(g + 1) * in_g])
+            walk.member(w, 1, tag.atoms[:in_g], "in")
+            walk.consumers.append(Consumer(node, w, x, self, groups, folds=not padded))
+        out = walk.space(w, 0)
+        out_g = out_c // groups
+        for g in range(1, groups):
+            walk.join(out[:out_g], out[g * out_g:(g + 1) * out_g])
+        walk.member(w, 0, out, "out")
+        walk.member(b, 0, out, "out")
+        walk.set(node, (1,), out, Step(self, [], info=info))
+
+    def channel_dim(self, ndim: int) -> int:
+        return 1
+
+    def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
+        out_g = weight.shape[0] // c.groups
+        rows = (weight.detach() != 0).flatten(2).any(2)  # [out, in_per_group]
+        return torch.cat([rows[g * out_g:(g + 1) * out_g].any(0) for g in range(c.groups)])
+
+    def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
+              gone: torch.Tensor) -> torch.Tensor:
+        out_g, in_g = weight.shape[0] // c.groups, weight.shape[1]
+        summed = weight.detach().double().flatten(2).sum(2)  # a constant input meets the whole kernel
+        v = _where(gone, value)
+        return torch.cat([summed[g * out_g:(g + 1) * out_g] @ v[g * in_g:(g + 1) * in_g]
+                          for g in range(c.groups)])
+
+    def rewrite(self, node: Node, step: Step, cut: Cut) -> None:
+        if step.info.get("depthwise") and cut.any(step.inputs[0]):
+            kept = int((~cut.gone(step.inputs[0])).sum())
+            if packet(node) is aten.convolution:
+                node.update_arg(8, kept)
+            else:
+                set_node_arg(node, 6, "groups", kept)
+
+
+def _where(gone: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return torch.where(gone, value.double(), torch.zeros((), dtype=torch.float64))

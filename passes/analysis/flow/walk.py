@@ -1,0 +1,237 @@
+"""The walk: visit every node once in graph order and keep the books (atoms, coupling, members,
+consumers, heads, blocking); each op's meaning comes from its rule (see the package doc)."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.fx import Node
+
+import chop.passes.analysis.flow.rules  # noqa: F401  (registers every rule)
+from chop.ir.graph import Graph
+from chop.ir.masks import mask_of
+from chop.passes.analysis.flow.rule import Consumer, Step, Tag, Unsupported, rule_for
+
+log = logging.getLogger("chop")
+
+
+@dataclass
+class MemberRecord:
+    """A parameter (or buffer) dim indexed by channels: ``atoms[i]`` is index i's atom (-1: none)."""
+
+    name: str
+    dim: int
+    kind: str  # "parameter" or "buffer"
+    role: str  # "out" (a producer's rows), "in" (a consumer's columns), "channel" (per-channel)
+    atoms: torch.Tensor
+
+
+@dataclass
+class Flow:
+    """The result of :func:`trace_channels`. ``steps`` holds every node a rule visited (a tuple
+    result's step is its getitem nodes'); ``parts`` the tags of tuple results, per item."""
+
+    tags: dict[Node, Tag]
+    steps: dict[Node, Step]
+    consumers: list[Consumer]
+    members: dict[tuple[str, int], MemberRecord]
+    coupling: nx.Graph
+    blocked: dict[int, str]
+    heads: set[int]
+    parts: dict[Node, list[tuple[Tag | None, Step | None]]]
+
+
+def nodes_in(value: Any) -> list[Node]:
+    out: list[Node] = []
+    torch.fx.node.map_arg(value, out.append)
+    return out
+
+
+class Walk:
+    """The bookkeeping rules write through while :func:`trace_channels` walks a graph."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.params = dict(graph.module.named_parameters())
+        self.buffers = dict(graph.module.named_buffers())
+        self.tags: dict[Node, Tag] = {}
+        self.steps: dict[Node, Step] = {}
+        self.parts: dict[Node, list[tuple[Tag | None, Step | None]]] = {}
+        self.consumers: list[Consumer] = []
+        self.members: dict[tuple[str, int], MemberRecord] = {}
+        self.coupling = nx.Graph()
+        self.blocked: dict[int, str] = {}
+        self.heads: set[int] = set()
+        self.spaces: dict[tuple[str, int], torch.Tensor] = {}
+        self.uses: dict[str, set[Node]] = {}
+        self.current: Node | None = None
+        self.count = 0
+
+    # -- atoms, members, blocking -------------------------------------------------------------
+
+    def new_atoms(self, n: int, origin: str) -> torch.Tensor:
+        atoms = torch.arange(self.count, self.count + n)
+        self.coupling.add_nodes_from((int(a), {"origin": origin, "index": i})
+                                     for i, a in enumerate(atoms))
+        self.count += n
+        return atoms
+
+    def space(self, name: str, dim: int) -> torch.Tensor:
+        """The atoms of a weight's output dim (shared by every use of the weight)."""
+        if (name, dim) not in self.spaces:
+            size = self.params[name].shape[dim]
+            self.spaces[name, dim] = self.new_atoms(size, f"{name}[dim {dim}]")
+        return self.spaces[name, dim]
+
+    def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Atoms at the same position of ``a`` and ``b`` must be removed together."""
+        pairs = {(x, y) for x, y in zip(a.flatten().tolist(), b.flatten().tolist()) if x != y}
+        self.coupling.add_edges_from(pairs)
+
+    def join_rows(self, atoms: torch.Tensor, dim: int) -> None:
+        """Each index along ``dim`` goes as one unit (a head, a group of channels)."""
+        for i in range(atoms.shape[dim]):
+            row = atoms.select(dim, i).flatten()
+            self.join(row[:1].expand_as(row), row)
+
+    def member(self, name: str | None, dim: int, atoms: torch.Tensor, role: str,
+               index: torch.Tensor | None = None) -> None:
+        """Record that ``name``'s ``dim`` is indexed by ``atoms`` (at ``index``, default all)."""
+        if name is None:
+            return
+        if self.current is not None:
+            self.uses.setdefault(name, set()).add(self.current)
+        kind = "parameter" if name in self.params else "buffer"
+        tensor = self.params.get(name, self.buffers.get(name))
+        key = (name, dim)
+        if key not in self.members:
+            self.members[key] = MemberRecord(name, dim, kind, role,
+                                             torch.full((tensor.shape[dim],), -1, dtype=torch.long))
+        record = self.members[key]
+        index = torch.arange(len(atoms)) if index is None else index
+        old = record.atoms[index]
+        seen = old >= 0
+        self.join(old[seen], atoms[seen])
+        record.atoms[index[~seen]] = atoms[~seen]
+
+    def block(self, atoms: torch.Tensor, reason: str) -> None:
+        for a in atoms.flatten().unique().tolist():
+            self.blocked.setdefault(int(a), reason)
+
+    def block_inputs(self, node: Node, reason: str) -> None:
+        for arg in nodes_in((node.args, node.kwargs)):
+            if arg in self.tags:
+                self.block(self.tags[arg].atoms, reason)
+        log.debug("channel-groups: %s", reason)
+
+    def set(self, node: Node, dims: tuple[int, ...], atoms: torch.Tensor, step: Step) -> None:
+        self.tags[node] = Tag(tuple(dims), atoms)
+        self.steps[node] = step
+
+    def same(self, node: Node, step: Step) -> None:
+        """``node`` carries its first operand's channels unchanged."""
+        tag = self.first(node)
+        self.set(node, tag.dims, tag.atoms, step)
+
+    # -- lookups for rules ---------------------------------------------------------------------
+
+    def param_of(self, arg: Any) -> str | None:
+        """The parameter or buffer ``arg`` reads (through a mask node), else None."""
+        if not isinstance(arg, Node):
+            return None
+        if arg.op == "get_attr" and (arg.target in self.params or arg.target in self.buffers):
+            return arg.target
+        return mask_of(arg)
+
+    def tag(self, arg: Any) -> Tag | None:
+        return self.tags.get(arg) if isinstance(arg, Node) else None
+
+    def first(self, node: Node) -> Tag:
+        """The tag of ``node``'s first operand, the one whose channels the op moves."""
+        tag = self.tag(node.args[0])
+        if tag is None:
+            raise Unsupported("carries channels in an operand other than the first")
+        return tag
+
+    def single(self, arg: Any, dim: int) -> Tag | None:
+        """The tag of ``arg`` if it carries channels only along ``dim`` (None if untracked)."""
+        tag = self.tag(arg)
+        if tag is not None and tag.dims != (dim,):
+            raise Unsupported(f"expects channels along dim {dim} only, found them along {tag.dims}")
+        return tag
+
+    # -- the walk -----------------------------------------------------------------------------
+
+    def run(self) -> Flow:
+        for node in self.graph.module.graph.nodes:
+            if node.op == "output":
+                for arg in nodes_in(node.args):
+                    if arg in self.tags:
+                        self.block(self.tags[arg].atoms,
+                                   f"{arg.name} reaches the model output (its channels are "
+                                   "outputs of the model)")
+            elif node.op == "call_module":
+                if any(a in self.tags for a in nodes_in((node.args, node.kwargs))):
+                    self.block_inputs(node, f"{node.name}: call_module {node.target} is opaque")
+            elif node.op == "call_function":
+                self.visit(node)
+        self.check_uses()
+        return Flow(self.tags, self.steps, self.consumers, self.members, self.coupling,
+                    self.blocked, self.heads, self.parts)
+
+    def visit(self, node: Node) -> None:
+        rule = rule_for(node)
+        tracked = any(a in self.tags or a in self.parts for a in nodes_in((node.args, node.kwargs)))
+        if not tracked and not (rule is not None and rule.creates):
+            return
+        self.current = node
+        try:
+            if node.target is operator.getitem:
+                self.getitem(node)
+            elif rule is None:
+                raise Unsupported("this op is not understood by channel-groups")
+            else:
+                rule.visit(self, node)
+        except Unsupported as e:
+            self.block_inputs(node, f"{node.name} ({node.target}): {e}")
+            self.tags.pop(node, None)
+            self.steps.pop(node, None)
+            self.parts.pop(node, None)
+
+    def getitem(self, node: Node) -> None:
+        """An item of a tuple result (split, batch_norm, max_pool with indices)."""
+        source, index = node.args
+        if source not in self.parts:
+            raise Unsupported("indexes a tensor (getitem) along its channels")
+        tag, step = self.parts[source][index]
+        if tag is not None and step is not None:
+            self.set(node, tag.dims, tag.atoms, step)
+
+    def check_uses(self) -> None:
+        """A member tensor also read by an op the flow does not model (a tied embedding, a
+        weight reused by hand) cannot be sliced: block its channels."""
+        readers: dict[str, set[Node]] = {}
+        for node in self.graph.module.graph.nodes:
+            if node.op != "call_function" or mask_of(node):
+                continue  # a mask node is transparent: its users read the weight
+            for arg in nodes_in((node.args, node.kwargs)):
+                name = self.param_of(arg)
+                if name is not None:
+                    readers.setdefault(name, set()).add(node)
+        for (name, _), record in self.members.items():
+            others = readers.get(name, set()) - self.uses.get(name, set())
+            if others:
+                other = min(others, key=lambda n: n.name)
+                self.block(record.atoms[record.atoms >= 0],
+                           f"{name} is also read by {other.name} ({other.target}), which "
+                           "channel-groups does not track")
+
+
+def trace_channels(graph: Graph) -> Flow:
+    """Follow every conv/linear/addmm output channel through ``graph``; see the package doc."""
+    return Walk(graph).run()

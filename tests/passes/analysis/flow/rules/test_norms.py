@@ -1,0 +1,86 @@
+"""Norm rules: BatchNorm's members and its exact eval-mode constant; layer_norm and softmax pass
+channels along other dims only, with no constant."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chop.passes.analysis.flow.rules.norms import BatchNorm
+from chop.passes.export.constants import channel_constants
+
+from zoo import traced_flow
+
+
+def node(graph, name):
+    return next(n for n in graph.module.graph.nodes if n.name == name)
+
+
+def test_batch_norm_members_and_its_eval_constant_match_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    conv, bn = model[0], model[1]
+    with torch.no_grad():
+        conv.weight[2] = 0
+        bn.running_mean.copy_(torch.randn(4))
+        bn.running_var.copy_(torch.rand(4) + 0.5)
+        bn.weight.copy_(torch.randn(4))
+        bn.bias.copy_(torch.randn(4))
+    x = torch.randn(2, 3, 6, 6)
+    graph, flow = traced_flow(model, x)
+    atoms = flow.members["0.weight", 0].atoms.tolist()
+    for name in ("1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        assert flow.members[name, 0].role == "channel" and flow.members[name, 0].atoms.tolist() == atoms
+    norm = next(n for n, step in flow.steps.items() if isinstance(step.rule, BatchNorm))
+    value, known = channel_constants(graph, flow)[norm]
+    assert known.tolist() == [False, False, True, False]
+    expected = ((conv.bias[2] - bn.running_mean[2]) / torch.sqrt(bn.running_var[2] + bn.eps)
+                * bn.weight[2] + bn.bias[2])
+    torch.testing.assert_close(value[2], expected.detach(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # and that is what the model computes for every input
+        torch.testing.assert_close(model[:2](x)[:, 2], expected.expand(2, 4, 4), rtol=1e-6, atol=1e-6)
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):  # x: [batch, seq, 4]
+        y = self.fc1(x)
+        a = F.layer_norm(y, (6,))  # over the channels
+        b = F.layer_norm(y.transpose(1, 2), (3,)).transpose(1, 2)  # over the sequence
+        return self.fc2(a + b.softmax(1))
+
+
+def test_layer_norm_over_the_channels_blocks_and_over_other_dims_passes_without_constant():
+    model = Normed()
+    with torch.no_grad():
+        model.fc1.weight[0] = 0
+    graph, flow = traced_flow(model, torch.randn(2, 3, 4))
+    atoms = flow.members["fc1.weight", 0].atoms.tolist()
+    (reason,) = {flow.blocked.get(a) for a in atoms}
+    assert reason == ("layer_norm (aten.layer_norm.default): layer_norm normalises over these "
+                      "channels: removing one changes the others")
+    consts = channel_constants(graph, flow)
+    assert consts[node(graph, "linear")][1][0]  # fc1's channel 0 is its bias...
+    for name in ("layer_norm_1", "softmax"):  # ...and stays channel-wise, but not constant
+        assert flow.tags[node(graph, name)].atoms.tolist() == atoms
+        assert not consts[node(graph, name)][1].any()
+    assert node(graph, "layer_norm") not in flow.tags
+
+
+def test_softmax_over_the_channels_blocks():
+    class Soft(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).softmax(-1))
+
+    _, flow = traced_flow(Soft(), torch.randn(2, 4))
+    (reason,) = {flow.blocked.get(a) for a in flow.members["fc1.weight", 0].atoms.tolist()}
+    assert reason == ("softmax (aten.softmax.int): softmax normalises over these channels: "
+                      "removing one changes the others")
