@@ -123,3 +123,18 @@ def test_nothing_named_passes_is_installed(tmp_path: Path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None", "chop.passes.analysis.snip"]
+
+
+def test_tests_never_import_another_test_module():
+    """Shared helpers live in conftest.py fixtures and tests/zoo.py; a test module imported by
+    another runs its module-level code twice and couples unrelated tests."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                last = name.split(".")[-1]
+                if name.split(".")[0] == "tests" or last.startswith("test_") or last == "conftest":
+                    offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []

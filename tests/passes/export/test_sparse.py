@@ -4,14 +4,13 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import chop
-from chop.kernels import csr as sparse_ops
 from chop.cli.outputs import export_program
-from chop.passes.export.sparse import SPARSE, Sparse
 from chop.ir.masks import insert_mask
+from chop.kernels import csr as sparse_ops
+from chop.passes.export.sparse import SPARSE, Sparse
 
 pytest.importorskip("scipy")
 
@@ -116,25 +115,45 @@ def test_auto_keeps_low_sparsity_and_small_layers_dense(mlp, mlp_batches):
     assert small.history[-1].info["total"]["csr"] == 0
 
 
-def test_measure_mode_times_both_kernels_and_keeps_the_faster(mlp, mlp_batches):
-    graph = chop.trace(mlp, (mlp_batches[0][0],))
-    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=measure, timing=true}",
-             data=mlp_batches)
+def test_measure_mode_keeps_the_kernel_that_is_faster_by_far():
+    """Decisions whose outcome is not in doubt on any machine: a 2048×2048 layer keeping 0.2%
+    of its weights is many times faster as CSR at batch 1, a 4×8 layer keeping 75% is faster
+    dense (a sparse call's fixed cost alone exceeds the dense multiply). One thread: on a loaded
+    machine a multi-threaded kernel's barriers can stall for milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _measure_mode_decisions()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_mode_decisions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                          nn.Linear(2048, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(4, 8)
+    graph = chop.trace(model, (x,))
+    chop.run(graph, "magnitude, mask{include='^2\\.', sparsity=0.998}, "
+             "mask{include='^6\\.', sparsity=0.25}, sparse{mode=measure, timing=true}",
+             data=[(x, torch.zeros(4, dtype=torch.long))])
     info = graph.history[-1].info
     assert len(info["model_latency_us"]) == 2 and min(info["model_latency_us"]) > 0
-    for row in info["layers"].values():
-        faster = row["latency_us"][1] < row["latency_us"][0]
-        assert row["decision"] == ("csr" if faster else "dense"), row
+    rows = info["layers"]
+    assert rows["2.weight"]["decision"] == "csr", rows["2.weight"]
+    assert rows["6.weight"]["decision"] == "dense", rows["6.weight"]
+    for row in rows.values():
         assert "measured at batch 1" in row["reason"]
 
 
 @pytest.mark.parametrize("which", ["bert", "gpt2"])
 def test_transformers_match_the_masked_graph_and_reexport(which):
-    from tests.test_transformers import bert, gpt2, token_batches
+    import zoo
 
-    model, labels = (bert(), 3) if which == "bert" else (gpt2(), None)
-    batches = token_batches(labels)
-    graph = chop.trace(model, (), kwargs=batches[0][0])
+    torch.manual_seed(0)
+    model = zoo.bert() if which == "bert" else zoo.gpt2()
+    args, kwargs = zoo.tokens(4, 12)
+    graph = chop.trace(model, args, kwargs=kwargs)
     chop.run(graph, "magnitude, mask{sparsity=0.9}")
     graph.eval()
     other = {"input_ids": torch.randint(0, 120, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
@@ -161,13 +180,13 @@ def test_transformers_match_the_masked_graph_and_reexport(which):
 
 
 def test_state_dict_round_trip_into_a_fresh_sparse_graph(mlp_batches):
-    from tests.conftest import MLP
-
     x = mlp_batches[0][0]
 
     def sparse_graph(seed: int) -> chop.Graph:
         torch.manual_seed(seed)
-        graph = chop.trace(MLP(), (x,))
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                              nn.Linear(32, 4))
+        graph = chop.trace(model, (x,))
         chop.run(graph, "magnitude, mask{sparsity=0.8, scope=local}, sparse{mode=all}")
         return graph.eval()
 
@@ -178,26 +197,6 @@ def test_state_dict_round_trip_into_a_fresh_sparse_graph(mlp_batches):
     buffer.seek(0)
     b.module.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
-
-
-def test_csr_linear_any_leading_shape_gradients_and_fallback(monkeypatch):
-    torch.manual_seed(0)
-    weight, mask, bias = torch.randn(24, 40), torch.rand(24, 40) < 0.2, torch.randn(24)
-    csr = sparse_ops.to_csr(weight, mask)
-    for shape in ((1, 40), (7, 40), (2, 3, 40), (0, 40)):
-        x = torch.randn(*shape, requires_grad=True)
-        y = sparse_ops.csr_linear(x, *csr, 24, bias)
-        reference = F.linear(x, weight * mask, bias)
-        torch.testing.assert_close(y, reference)
-        if x.numel():
-            g = torch.randn_like(y)
-            torch.testing.assert_close(torch.autograd.grad(y, x, g)[0],
-                                       torch.autograd.grad(reference, x, g)[0])
-    torch.library.opcheck(torch.ops.chop.csr_linear.default, (torch.randn(3, 40), *csr, 24, bias))
-    monkeypatch.setattr(sparse_ops, "_sparsetools", lambda: None)  # scipy's public API instead
-    x = torch.randn(4, 40)
-    torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 24, None), F.linear(x, weight * mask))
-    torch.testing.assert_close(sparse_ops.csr_linear(x[:1], *csr, 24, None), F.linear(x[:1], weight * mask))
 
 
 def test_bad_inputs_are_clear_errors(cnn_graph, monkeypatch):
@@ -212,18 +211,6 @@ def test_bad_inputs_are_clear_errors(cnn_graph, monkeypatch):
     monkeypatch.setattr(sparse_ops, "have_scipy", lambda: False)
     with pytest.raises(chop.PassError, match=r"pass 'sparse'.*needs scipy.*chop\[sparse\]"):
         chop.run(cnn_graph, "magnitude, mask, sparse")
-    csr = sparse_ops.to_csr(torch.randn(4, 8), torch.ones(4, 8, dtype=torch.bool))
-    with pytest.raises(chop.PassError, match="float32/float64 inputs matching the weights"):
-        sparse_ops.csr_linear(torch.randn(2, 8, dtype=torch.float64), *csr, 4, None)
-
-
-def test_two_four_detection_and_semi_structured_refused_off_cuda():
-    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
-    assert sparse_ops.is_two_four(mask)
-    assert not sparse_ops.is_two_four(torch.ones(2, 8, dtype=torch.bool))
-    assert not sparse_ops.is_two_four(torch.ones(2, 6, dtype=torch.bool))
-    tensor, why = sparse_ops.semi_structured(torch.randn(2, 8), mask)
-    assert tensor is None and "CUDA" in why
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured needs a CUDA GPU")

@@ -1,0 +1,187 @@
+"""chop.ir.masks: mask nodes (insert, update, restore after fold), new attribute names, the
+parameter behind an argument, and which weights are prunable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chop
+from chop.ir import masks, meta
+from chop.passes.export.fold import fold_masks
+
+
+def random_mask(shape, seed: int, keep: float = 0.5) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < keep
+
+
+def mlp_reference(mlp, x: torch.Tensor, applied: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The MLP's forward with some weights multiplied by their masks, written out by hand."""
+    for i, layer in enumerate(mlp.layers):
+        weight = layer.weight * applied.get(f"layers.{i}.weight", 1)
+        x = F.linear(x, weight, layer.bias)
+        if i < len(mlp.layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
+@pytest.fixture
+def mlp_graph(mlp, mlp_batches) -> chop.Graph:
+    return chop.trace(mlp, (mlp_batches[0][0],))
+
+
+def test_insert_mask_reroutes_the_users_and_records_the_mask(mlp, mlp_graph, mlp_batches):
+    x = mlp_batches[0][0]
+    node = mlp_graph.weight_node("layers.1.weight")
+    mask = random_mask((32, 32), 0)
+    assert not masks.is_masked(mlp_graph)
+    masks.insert_mask(mlp_graph, node, mask.float())  # any dtype: stored as bool
+    mlp_graph.recompile()
+    mlp_graph.lint()
+    (mul,) = masks.mask_nodes(mlp_graph)
+    assert masks.is_masked(mlp_graph)
+    assert masks.mask_of(mul) == "layers.1.weight"
+    assert list(node.users) == [mul]  # every other user now reads the mul
+    assert meta.entries(node)["mask"].dtype == torch.bool
+    assert torch.equal(meta.entries(node)["mask"], mask)
+    buffer = mlp_graph.module.get_buffer("layers.1.weight_mask")
+    assert buffer.dtype == torch.bool and torch.equal(buffer, mask)
+    assert "layers.1.weight_mask" in mlp_graph.module.state_dict()
+    torch.testing.assert_close(mlp_graph(x), mlp_reference(mlp, x, {"layers.1.weight": mask}))
+
+
+def test_insert_mask_twice_updates_the_one_buffer(mlp, mlp_graph, mlp_batches):
+    x = mlp_batches[1][0]
+    node = mlp_graph.weight_node("layers.0.weight")
+    first, second = random_mask((32, 16), 1), random_mask((32, 16), 2)
+    masks.insert_mask(mlp_graph, node, first)
+    masks.insert_mask(mlp_graph, node, second)
+    mlp_graph.recompile()
+    assert len(list(masks.mask_nodes(mlp_graph))) == 1
+    buffers = [k for k in mlp_graph.module.state_dict() if "mask" in k]
+    assert buffers == ["layers.0.weight_mask"]
+    assert torch.equal(mlp_graph.module.get_buffer("layers.0.weight_mask"), second)
+    assert torch.equal(meta.entries(node)["mask"], second)
+    torch.testing.assert_close(mlp_graph(x), mlp_reference(mlp, x, {"layers.0.weight": second}))
+
+
+def test_restore_masks_after_fold_computes_with_the_masks_again(mlp, mlp_graph, mlp_batches):
+    x = mlp_batches[2][0]
+    chosen = {"layers.0.weight": random_mask((32, 16), 3), "layers.2.weight": random_mask((4, 32), 4)}
+    for name, mask in chosen.items():
+        masks.insert_mask(mlp_graph, mlp_graph.weight_node(name), mask)
+    mlp_graph.recompile()
+    assert sorted(fold_masks(mlp_graph)) == sorted(chosen)
+    assert not masks.is_masked(mlp_graph)
+    assert masks.current_masks(mlp_graph).keys() == chosen.keys()  # the metadata survives fold
+
+    masks.restore_masks(mlp_graph)
+    mlp_graph.lint()
+    assert sorted(masks.mask_of(n) for n in masks.mask_nodes(mlp_graph)) == sorted(chosen)
+    for name, mask in chosen.items():
+        assert torch.equal(mlp_graph.module.get_buffer(f"{name}_mask"), mask)
+    # the folded weights are zero where masked anyway; new weights show the masks really apply
+    with torch.no_grad():
+        for name in chosen:
+            mlp_graph.parameter(name).fill_(0.5)
+    expected = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for name in chosen:
+            expected.get_parameter(name).fill_(0.5)
+    torch.testing.assert_close(mlp_graph(x), mlp_reference(expected, x, chosen))
+
+    masks.restore_masks(mlp_graph)  # nothing left to restore: no second mask node
+    assert len(list(masks.mask_nodes(mlp_graph))) == len(chosen)
+
+
+def test_fresh_attribute_appends_underscores_until_the_name_is_new():
+    owner = nn.Linear(2, 2)
+    assert masks.fresh_attribute(owner, "weight_mask") == "weight_mask"
+    owner.register_buffer("weight_mask", torch.ones(2, 2))
+    assert masks.fresh_attribute(owner, "weight_mask") == "weight_mask_"
+    owner.register_buffer("weight_mask_", torch.ones(2, 2))
+    assert masks.fresh_attribute(owner, "weight_mask") == "weight_mask__"
+    assert masks.fresh_attribute(owner, "weight") == "weight_"  # parameters count too
+
+
+def test_add_tensor_names_buffers_and_parameters_beside_a_weight(mlp_graph):
+    module = mlp_graph.module
+    first = masks.add_tensor(mlp_graph, "layers.1.weight", "extra", torch.ones(3))
+    second = masks.add_tensor(mlp_graph, "layers.1.weight", "extra", torch.zeros(3))
+    assert (first, second) == ("layers.1.extra", "layers.1.extra_")
+    assert torch.equal(module.get_buffer(first), torch.ones(3))
+    assert torch.equal(module.get_buffer(second), torch.zeros(3))
+    hidden = masks.add_tensor(mlp_graph, "layers.1.weight", "scratch", torch.ones(2),
+                              persistent=False)
+    state = module.state_dict()
+    assert first in state and second in state and hidden not in state
+    name = masks.add_tensor(mlp_graph, "layers.2.weight", "scale", torch.ones(4), parameter=True)
+    assert name == "layers.2.scale"
+    assert isinstance(module.get_parameter(name), nn.Parameter)
+    top = masks.add_tensor(mlp_graph, "toplevel", "toplevel", torch.ones(1))
+    assert top == "toplevel" and torch.equal(module.get_buffer("toplevel"), torch.ones(1))
+
+
+def test_weight_name_sees_through_mask_nodes_only(cnn_graph):
+    node = cnn_graph.weight_node("fc.weight")
+    assert masks.weight_name(cnn_graph, node) == "fc.weight"
+    masks.insert_mask(cnn_graph, node, torch.ones_like(cnn_graph.parameter(node), dtype=torch.bool))
+    cnn_graph.recompile()
+    (mul,) = masks.mask_nodes(cnn_graph)
+    assert masks.weight_name(cnn_graph, mul) == "fc.weight"
+    linear = next(iter(mul.users))
+    assert masks.weight_name(cnn_graph, linear.args[1]) == "fc.weight"
+    assert masks.weight_name(cnn_graph, linear.args[0]) is None  # an activation
+    buffers = [n for n in cnn_graph.module.graph.nodes
+               if n.op == "get_attr" and str(n.target).endswith("running_mean")]
+    assert buffers and masks.weight_name(cnn_graph, buffers[0]) is None
+    mask_attr = mul.args[1]
+    assert masks.weight_name(cnn_graph, mask_attr) is None  # the mask buffer is no weight
+    assert masks.weight_name(cnn_graph, "fc.weight") is None  # not a node
+    assert masks.mask_of("fc.weight") is None and masks.mask_of(linear) is None
+
+
+def test_select_weights_roles_and_regexes(cnn_graph):
+    def names(**kwargs):
+        return [n.target for n in masks.select_weights(cnn_graph, **kwargs)]
+
+    assert names() == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert names(biases=True) == ["conv1.weight", "conv1.bias", "bn1.bias", "conv2.weight",
+                                  "conv2.bias", "bn2.bias", "fc.weight", "fc.bias"]
+    assert names(norms=True) == ["conv1.weight", "bn1.weight", "conv2.weight", "bn2.weight",
+                                 "fc.weight"]
+    assert names(include=r"^conv") == ["conv1.weight", "conv2.weight"]
+    assert names(exclude=r"conv1") == ["conv2.weight", "fc.weight"]
+    assert names(include="conv", exclude="2") == ["conv1.weight"]
+    assert names(include="weight$", biases=True, exclude="^fc") == ["conv1.weight", "conv2.weight"]
+
+
+def test_select_weights_embeddings_only_on_request():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    graph = chop.trace(Tagger(), (torch.randint(0, 20, (2, 5)),))
+    assert [n.target for n in masks.select_weights(graph)] == ["head.weight"]
+    assert [n.target for n in masks.select_weights(graph, embeddings=True)] == [
+        "embed.weight", "head.weight"]
+
+
+def test_current_masks_lists_every_recorded_mask(mlp_graph):
+    assert masks.current_masks(mlp_graph) == {}
+    chosen = {"layers.0.weight": random_mask((32, 16), 5), "layers.2.weight": random_mask((4, 32), 6)}
+    for name, mask in chosen.items():
+        masks.insert_mask(mlp_graph, mlp_graph.weight_node(name), mask)
+    mlp_graph.recompile()
+    found = masks.current_masks(mlp_graph)
+    assert list(found) == list(chosen)
+    assert all(torch.equal(found[k], chosen[k]) and found[k].dtype == torch.bool for k in chosen)

@@ -1,0 +1,182 @@
+"""chop.training.loop: the seeded eval split, sample indexing for any input structure, eval-mode
+accuracy, and the training loop over a masked graph (masks hold, one record per epoch, the loss
+falls on an easy task, pruning while training)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chop
+from chop.errors import DataError
+from chop.ir.masks import current_masks
+from chop.passes.export.fold import fold_masks
+from chop.training.loop import TrainSpec, accuracy, split, take_samples, train_graph
+
+
+def easy_task(count: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 features, 4 classes given by a fixed linear map: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 16, generator=g)
+    teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(99))
+    return x, (x @ teacher).argmax(-1)
+
+
+def test_take_samples_indexes_every_tensor_of_any_structure():
+    index = torch.tensor([2, 0])
+    ids, mask = torch.arange(12).reshape(4, 3), torch.ones(4, 3, dtype=torch.bool)
+    taken = take_samples({"input_ids": ids, "attention_mask": mask, "n": 3}, index)
+    assert set(taken) == {"input_ids", "attention_mask", "n"}
+    assert torch.equal(taken["input_ids"], ids[[2, 0]]) and taken["n"] == 3
+    assert torch.equal(taken["attention_mask"], mask[[2, 0]])
+    a, b = take_samples((ids, ids * 10), index)
+    assert torch.equal(a, ids[[2, 0]]) and torch.equal(b, ids[[2, 0]] * 10)
+    assert torch.equal(take_samples(ids, index), ids[[2, 0]])
+
+
+@pytest.mark.parametrize(("count", "fraction", "held"), [(10, 0.2, 2), (10, 0.25, 3), (7, 0.5, 4),
+                                                         (3, 0.34, 1)])
+def test_split_sizes_disjoint_and_complete(count, fraction, held):
+    inputs = {"x": torch.arange(count) * 10}
+    targets = torch.arange(count)
+    (train_in, train_t), (eval_in, eval_t) = split(inputs, targets, fraction, seed=0)
+    assert len(eval_t) == held and len(train_t) == count - held
+    assert sorted(torch.cat([train_t, eval_t]).tolist()) == list(range(count))
+    assert torch.equal(train_in["x"], train_t * 10) and torch.equal(eval_in["x"], eval_t * 10)
+
+
+def test_split_is_seeded():
+    x, y = torch.randn(50, 3), torch.arange(50)
+    first, again, other = (split(x, y, 0.3, seed) for seed in (1, 1, 2))
+    assert torch.equal(first[1][1], again[1][1]) and torch.equal(first[0][0], again[0][0])
+    assert not torch.equal(first[1][1], other[1][1])
+
+
+def test_split_without_eval_keeps_every_sample_for_training():
+    y = torch.arange(5)
+    (_, train_t), evaluation = split(y.float(), y, 0.0, seed=0)
+    assert evaluation is None and sorted(train_t.tolist()) == list(range(5))
+
+
+@pytest.mark.parametrize(("count", "fraction", "left"), [(3, 0.1, "no eval"), (2, 0.9, "no training")])
+def test_split_refuses_a_fraction_that_empties_a_side(count, fraction, left):
+    with pytest.raises(DataError, match=rf"eval_fraction = {fraction} of {count} samples leaves {left} samples"):
+        split(torch.zeros(count, 2), torch.zeros(count), fraction, seed=0)
+
+
+def test_accuracy_is_the_eval_mode_hand_count(cnn, cnn_graph):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 3, 8, 8, generator=g)  # batches of 4: 4, 4, 5 (no batch of 1)
+    cnn.eval()
+    with torch.no_grad():
+        predicted = cnn(x).argmax(-1)
+    targets = torch.where(torch.arange(13) % 3 == 0, (predicted + 1) % 10, predicted)
+    expected = int((predicted == targets).sum()) / 13
+    assert expected == pytest.approx(8 / 13)
+    assert cnn_graph.training
+    assert accuracy(cnn_graph, x, targets, batch_size=4) == expected
+    assert cnn_graph.training  # the mode is restored
+    assert accuracy(cnn_graph, x, targets, batch_size=13) == expected
+
+
+def test_train_graph_keeps_masks_and_learns(mlp):
+    x, y = easy_task()
+    graph = chop.trace(mlp, (x[:2],))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    masks = {k: v.clone() for k, v in current_masks(graph).items()}
+    before = {k: graph.parameter(k).detach().clone() for k in masks}
+    seen, tracked = [], []
+
+    def track(items, total, description):
+        tracked.append((total, description))
+        return items
+
+    records = train_graph(graph, (x[:80], y[:80]), (x[80:], y[80:]),
+                          TrainSpec(lr=0.01, epochs=4, seed=0), batch_size=16,
+                          track=track, on_epoch=seen.append)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and seen == records
+    assert set(records[0]) == {"epoch", "loss", "train_accuracy", "eval_accuracy", "seconds"}
+    assert tracked == [(5, f"epoch {e}/4") for e in range(1, 5)]
+    losses = [r["loss"] for r in records]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.8 * losses[0]
+    assert records[-1]["train_accuracy"] > records[0]["train_accuracy"]
+    assert 0.0 <= records[-1]["eval_accuracy"] <= 1.0
+    assert records[-1]["eval_accuracy"] == accuracy(graph, x[80:], y[80:], 16)
+    assert not graph.training  # left in eval mode
+    for name, mask in masks.items():  # masked entries get no gradient: Adam leaves them alone
+        weight = graph.parameter(name).detach()
+        assert torch.equal(weight[~mask], before[name][~mask])
+        assert not torch.equal(weight[mask], before[name][mask])  # the kept ones trained
+    assert all(torch.equal(current_masks(graph)[k], masks[k]) for k in masks)
+    fold_masks(graph)
+    for name, mask in masks.items():
+        assert torch.count_nonzero(graph.parameter(name)[~mask]) == 0
+
+
+def test_one_sgd_epoch_equals_a_plain_loop_in_the_seeded_order(mlp):
+    x, y = easy_task(48)
+    reference = copy.deepcopy(mlp)  # the graph shares (and trains) mlp's own parameters
+    graph = chop.trace(mlp, (x[:2],))
+    spec = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.01, epochs=1, seed=3)
+    (record,) = train_graph(graph, (x, y), None, spec, batch_size=16)
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+    total = 0.0
+    for start in range(0, 48, 16):
+        index = order[start:start + 16]
+        loss = F.cross_entropy(reference(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * 16
+    assert record["loss"] == pytest.approx(total / 48, rel=1e-5)
+    assert record["eval_accuracy"] is None
+    for name, value in reference.named_parameters():
+        torch.testing.assert_close(graph.parameter(name), value)
+
+
+def test_a_last_batch_of_one_joins_the_one_before():
+    """A batch of 1 would fail in BatchNorm's train mode; the loop never makes one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    x, y = easy_task(17)
+    graph = chop.trace(model, (x[:2],))
+    tracked = []
+    records = train_graph(graph, (x, y), (x, y), TrainSpec(epochs=1), batch_size=8,
+                          track=lambda items, total, what: tracked.append(total) or items)
+    assert tracked == [2] and len(records) == 1  # 8 + 9, not 8 + 8 + 1
+    assert records[0]["eval_accuracy"] == accuracy(graph, x, y, 8)
+
+
+def test_train_graph_seeds_dropout_and_leaves_the_global_rng_alone(cnn, cnn_batches):
+    x = torch.cat([b[0] for b in cnn_batches])
+    y = torch.cat([b[1] for b in cnn_batches])
+
+    def run(global_seed: int) -> float:
+        graph = chop.trace(copy.deepcopy(cnn), (x[:2],))
+        torch.manual_seed(global_seed)
+        loss = train_graph(graph, (x, y), None, TrainSpec(epochs=1, seed=5), batch_size=6)[0]["loss"]
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # the global RNG stream is not consumed
+        return loss
+
+    assert run(1) == run(2)
+
+
+def test_train_graph_prunes_along_the_schedule(mlp):
+    x, y = easy_task(64)
+    graph = chop.trace(mlp, (x[:2],))
+    spec = TrainSpec(lr=0.01, epochs=2, prune_sparsity=0.8, prune_schedule="linear",
+                     prune_start=0, prune_end=4, prune_frequency=2)
+    records = train_graph(graph, (x, y), None, spec, batch_size=16)  # 4 steps per epoch
+    masks = current_masks(graph)
+    assert set(masks) == {"layers.0.weight", "layers.1.weight", "layers.2.weight"}
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * total)
+    assert [r["sparsity"] for r in records][-1] == pytest.approx(0.8)
