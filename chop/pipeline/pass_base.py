@@ -3,18 +3,36 @@
 A pass is a small frozen dataclass: its fields are its options, with types and defaults; its
 class attributes say who it is (``name``, kebab-case), what ``kind`` it is (analysis, transform
 or export), which ``node.meta["chop"]`` keys it ``requires`` and which it ``provides``. Its one
-method, :meth:`Pass.apply`, edits a :class:`~chop.ir.graph.Graph` and returns a :class:`PassResult`.
-The real work lives in a plain function beside the class that other code can call directly::
+method, :meth:`Pass.apply`, edits a :class:`~chop.ir.graph.Graph` and returns a
+:class:`PassResult`. The work itself is a plain function others can call, or, for a family of
+passes, a base class's hook (every criterion fills in ``Criterion.scores``, see
+:mod:`chop.passes.analysis.criterion`)::
 
     @dataclass(frozen=True)
-    class Magnitude(Pass):
-        \"\"\"Saliency |w|.\"\"\"
-        name: ClassVar[str] = "magnitude"
-        kind: ClassVar[str] = "analysis"
-        provides: ClassVar[tuple[str, ...]] = ("saliency",)
+    class Fold(Pass):
+        \"\"\"Bake masks into weights (weight * mask) and remove the mask nodes.\"\"\"
+        name: ClassVar[str] = "fold"
+        kind: ClassVar[str] = "export"
+        requires: ClassVar[tuple[str, ...]] = ("mask",)
 
         def apply(self, graph, ctx):
-            return PassResult(modified=bool(magnitude_saliency(graph)))
+            folded = fold_masks(graph)
+            return PassResult(modified=bool(folded), info={"folded": len(folded)})
+
+What the rest of chop must know about a pass is declared as a class attribute, never guessed
+from its name:
+
+- ``preserves``: the metadata keys that stay valid when the pass changes the graph (``"all"``,
+  the default, for passes that change nothing analyses depend on). After a pass that reports
+  ``modified``, the pass manager drops every other analysis key (``saliency``, ``mask``,
+  ``channel_groups``, ``effective``: :data:`chop.ir.meta.ANALYSES`), so no later pass reads a
+  stale analysis.
+- ``reshapes``: the pass changes parameter shapes or storage (``shrink``, ``sparse``), so the
+  original model class no longer loads the graph's state dict.
+- ``accumulates``: the pass adds to the saliency already on the graph (``snip-momentum``), so a
+  training loop runs it at every step rather than only when it prunes.
+- :meth:`Pass.data_batches`: how many ``(inputs, targets)`` batches the pass reads (0: none),
+  so callers can check and load data before running anything.
 
 Options are checked when the pass is built — from Python, a pipeline string or a TOML table —
 against the field types (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``),
