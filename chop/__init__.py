@@ -38,6 +38,7 @@ from chop.errors import (
     CollapseError,
     ConfigError,
     DataError,
+    DistributedError,
     GranularityError,
     InternalError,
     LintError,
@@ -70,8 +71,9 @@ _LAZY = {
 
 __all__ = [
     "ChopError", "CheckpointError", "CollapseError", "ConfigError", "DataError",
-    "GranularityError", "InternalError", "LintError", "MissingMetadataError", "OptionError",
-    "OutputError", "PassError", "PipelineError", "ReportError", "TraceError", *_LAZY,
+    "DistributedError", "GranularityError", "InternalError", "LintError", "MissingMetadataError",
+    "OptionError", "OutputError", "PassError", "PipelineError", "ReportError", "TraceError",
+    *_LAZY,
 ]
 
 

@@ -72,6 +72,12 @@ class ReportError(ChopError):
     """A report cannot be read or built from the given path."""
 
 
+class DistributedError(ChopError):
+    """A collective of the torch.distributed process group failed or timed out (another rank
+    failed, is stuck, or called a different collective), or the ranks disagree on what they
+    reduce. The message names the collective and this rank; look at the other ranks' errors."""
+
+
 class InternalError(Exception):
     """A bug in chop: its own check failed, or an unexpected exception escaped a pass.
 

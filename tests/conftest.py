@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+import zoo
 from torch import nn
 
 import chop
@@ -70,3 +73,12 @@ def mlp_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(2)
     return [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
             for _ in range(3)]
+
+
+@pytest.fixture(scope="session")
+def ranks() -> Iterator[zoo.Ranks]:
+    """Two processes running test functions as the ranks of a gloo process group (zoo.Ranks),
+    started once per session."""
+    pool = zoo.Ranks(2)
+    yield pool
+    pool.close()

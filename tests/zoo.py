@@ -142,6 +142,171 @@ class Opaque(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth (mode "row"): drop whole examples of a residual branch
+    with probability ``p`` in training, scaling the rest."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return x * noise.bernoulli_(survival).div_(survival)
+
+
+class SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: a per-channel scale from the pooled feature map."""
+
+    def __init__(self, channels: int, squeezed: int, gate: type[nn.Module] = nn.Hardsigmoid):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeezed, 1), nn.Conv2d(squeezed, channels, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.gate = gate(inplace=True) if gate is nn.Hardsigmoid else gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.gate(self.fc2(self.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return scale * x
+
+
+class MobileNetV3(nn.Module):
+    """MobileNetV3's inverted residual with in-place hardswish, squeeze-excitation and the
+    classifier's in-place dropout (torchvision, ``inplace=True`` everywhere)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 16), nn.Hardswish(inplace=True))
+        self.expand = nn.Sequential(*conv_bn(16, 32, 1), nn.Hardswish(inplace=True))
+        self.dw = nn.Sequential(*conv_bn(32, 32, 3, groups=32), nn.Hardswish(inplace=True))
+        self.se = SqueezeExcite(32, 8)
+        self.project = conv_bn(32, 16, 1)
+        self.head = nn.Sequential(nn.Linear(16, 24), nn.Hardswish(inplace=True),
+                                  nn.Dropout(0.2, inplace=True), nn.Linear(24, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet's MBConv: in-place SiLU, squeeze-excitation with a sigmoid gate and
+    stochastic depth on the residual branch."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 16), nn.SiLU(inplace=True))
+        self.expand = nn.Sequential(*conv_bn(16, 48, 1), nn.SiLU(inplace=True))
+        self.dw = nn.Sequential(*conv_bn(48, 48, 3, groups=48), nn.SiLU(inplace=True))
+        self.se = SqueezeExcite(48, 4, nn.Sigmoid)
+        self.project = conv_bn(48, 16, 1)
+        self.drop = StochasticDepth(0.2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.drop(self.project(self.se(self.dw(self.expand(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt's block: depthwise 7×7, channels-last LayerNorm, an MLP, layer scale and
+    stochastic depth on the residual branch."""
+
+    def __init__(self, classes: int = 10, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.scale = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+        self.drop = StochasticDepth(0.1)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        x = x + self.drop(self.scale * y)
+        return self.fc(x.mean((2, 3)))
+
+
+class ViT(nn.Module):
+    """torchvision's ViT: a patch conv, a class token concatenated in front, a position
+    embedding, and encoder blocks with ``nn.MultiheadAttention`` and an MLP."""
+
+    def __init__(self, classes: int = 10, dim: int = 32, heads: int = 4, layers: int = 2,
+                 size: int = 16, patch: int = 4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim) * 0.1)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln1": nn.LayerNorm(dim), "attn": nn.MultiheadAttention(dim, heads, 0.1, batch_first=True),
+            "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim),
+        }) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        for b in self.blocks:
+            y = b["ln1"](x)
+            x = x + b["attn"](y, y, y, need_weights=False)[0]
+            x = x + b["fc2"](F.gelu(b["fc1"](b["ln2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention: a fused qkv projection split into (3, heads, head_dim), q @ kᵀ
+    plus a relative position bias table (one column per head) indexed by a buffer, softmax,
+    @ v."""
+
+    def __init__(self, classes: int = 10, dim: int = 16, heads: int = 4, window: int = 4):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.1)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                            indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+        self.register_buffer("index", (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten())
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)  # [b, n = window², dim]
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        bias = self.table[self.index].view(n, n, -1).permute(2, 0, 1).contiguous()
+        attn = (attn + bias.unsqueeze(0)).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.fc(x.mean(1))
+
+
+class Recurrent(nn.Module):
+    """An embedding, a 2-layer bidirectional LSTM, a GRU and a linear head."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(120, 8)
+        self.lstm = nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True, dropout=0.3)
+        self.gru = nn.GRU(12, 5, batch_first=True)
+        self.fc = nn.Linear(5, classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x, _ = self.lstm(self.embed(input_ids))
+        x, _ = self.gru(x)
+        return self.fc(x[:, -1])
+
+
 def bert() -> nn.Module:
     import transformers
 
@@ -188,6 +353,11 @@ ZOO: dict[str, Entry] = {
     "bert": Entry(bert, tokens),
     "gpt2": Entry(gpt2, tokens),
     "opaque": Entry(Opaque, images),
+    "mobilenetv3": Entry(MobileNetV3, images),
+    "efficientnet": Entry(EfficientNet, images),
+    "convnext": Entry(ConvNeXt, images),
+    "vit": Entry(ViT, images),
+    "swin": Entry(WindowAttention, lambda b: images(b, size=8)),
 }
 
 
@@ -312,14 +482,16 @@ class Ranks:
         import multiprocessing
         import tempfile
 
-        context = multiprocessing.get_context("spawn")
         self.world, self._calls = world, 0
         self._dir = tempfile.TemporaryDirectory()
-        self._tasks = [context.Queue() for _ in range(world)]
-        self._results = context.Queue()
-        self._procs = [context.Process(target=_rank_main, args=(r, world, self._tasks[r],
-                                                                self._results), daemon=True)
-                       for r in range(world)]
+        self._context = multiprocessing.get_context("spawn")
+        self._start()
+
+    def _start(self) -> None:
+        self._tasks = [self._context.Queue() for _ in range(self.world)]
+        self._results = self._context.Queue()
+        self._procs = [self._context.Process(target=_rank_main, daemon=True, args=(
+            r, self.world, self._tasks[r], self._results)) for r in range(self.world)]
         for p in self._procs:
             p.start()
 
@@ -338,8 +510,9 @@ class Ranks:
         for _ in range(self.world):
             try:
                 rank, outcome = pickle.loads(self._results.get(timeout=deadline))
-            except queue.Empty:
-                self.close()
+            except queue.Empty:  # stuck: start fresh ranks for the next test
+                self._stop()
+                self._start()
                 raise AssertionError(f"the ranks did not finish {fn.__name__} in {deadline} s"
                                      ) from None
             outcomes[rank] = outcome
@@ -350,11 +523,14 @@ class Ranks:
                 raise AssertionError(f"rank {rank} raised {outcome[1]}: {outcome[2]}\n{outcome[3]}")
         return [outcome[1] for outcome in outcomes]
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         for tasks in self._tasks:
             tasks.put(None)
         for p in self._procs:
-            p.join(5)
+            p.join(1)
             if p.is_alive():
                 p.kill()
+
+    def close(self) -> None:
+        self._stop()
         self._dir.cleanup()

@@ -30,23 +30,40 @@ to ``t`` that must be kept. Extra memory is O(one chunk + one histogram), never
 a copy of all scores: tensors are streamed in chunks of ``_CHUNK`` elements
 through reusable buffers (which also avoids the page-fault cost of fresh large
 temporaries), and digits of small tensors are packed together so each
-``bincount`` sees a full buffer. Every pass is "local histogram per chunk,
-summed", so the small int64 histograms could be all-reduced across processes.
-Masks are then ``score > t`` plus the first ``r`` entries ``== t``.
+``bincount`` sees a full buffer. Masks are then ``score > t`` plus the first
+``r`` entries ``== t``.
 
 Ordering conventions: ties are broken by position (index of the tensor in the
 list, then row-major flat index within it). ``-0.0`` and ``+0.0`` are treated as
 *equal* (as ``==`` does), so they tie and are kept in position order. NaN cannot
 be ranked and raises ``ValueError``. Tensors of different floating dtypes are
 compared in their promoted dtype (an exact upcast).
+
+**Across processes.** Every pass is "local histogram per chunk, summed", so the
+same selection runs on scores that no process holds whole: each process passes
+its :class:`Piece` of every tensor (its box of the whole tensor: local scores,
+the whole shape, the box's offset) and a ``reduce`` callable that sums an int64
+vector over the processes (:func:`chop.kernels.distributed.count_reducer`).
+Each pass all-reduces its histogram (and the NaN and zero counts), so every
+process finds the same ``(t, r)``. Ties must still be broken in the *whole*
+(tensor, row-major) order, which interleaves the boxes (a column-sharded weight
+alternates between processes row by row), so with pieces the first ``r`` ties
+are found by a second exact selection: the ``r`` smallest global positions
+among the entries ``== t`` (positions as float64, exact below 2**53), giving a
+cut position ``p``. Masks are ``score > t`` or (``score == t`` and position
+``<= p``): a function of the entry alone, so copies of a piece (``counted=False``,
+e.g. replicated placements) get the same mask as the one that is counted. The
+masks are bit-identical to one process selecting over the whole tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -68,60 +85,117 @@ _ORDERS = {
 }
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums an int64 CPU vector over processes
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One process's box of a score tensor that is split over processes.
+
+    ``local`` holds the scores of the entries ``offset[d] <= i_d < offset[d] + local.shape[d]``
+    of a tensor of ``shape``. ``counted=False`` marks a copy of a box that another process
+    counts (a replicated placement): it gets its mask but adds nothing to the counts.
+    """
+
+    local: torch.Tensor
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    counted: bool = True
+
+    @property
+    def numel(self) -> int:
+        """Entries of the whole tensor."""
+        return math.prod(self.shape)
+
+
+def whole_numel(score: torch.Tensor | Piece) -> int:
+    """Entries of the whole tensor a score (or a :class:`Piece` of one) stands for."""
+    return score.numel if isinstance(score, Piece) else score.numel()
+
+
+def mask_counts(
+    masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor | Piece], *,
+    reduce: Reduce | None = None,
+) -> list[int]:
+    """Kept entries of each whole tensor: the masks' True counts, summed over processes with
+    ``reduce`` (copies, ``counted=False``, count nothing)."""
+    counts = [int(torch.count_nonzero(m)) if not isinstance(s, Piece) or s.counted else 0
+              for m, s in zip(masks, scores, strict=True)]
+    return _summed(counts, reduce)
+
+
 def kept_count(numel: int, sparsity: float) -> int:
     """How many of ``numel`` entries a sparsity keeps: round((1 − sparsity)·numel), halves up."""
     return min(numel, math.floor((1.0 - sparsity) * numel + 0.5))
 
 
-def keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+def keep_masks(
+    scores: Sequence[torch.Tensor | Piece], k: int, *, reduce: Reduce | None = None
+) -> list[torch.Tensor]:
     """Boolean masks keeping exactly the ``k`` largest scores over all tensors.
 
     Args:
-        scores: Floating-point score tensors (any shapes, no NaN).
-        k: Number of entries to keep in total, ``0 <= k <= total numel``.
+        scores: Floating-point score tensors (any shapes, no NaN), or this process's
+            :class:`Piece` of each (every process passes the same tensors in the same order).
+        k: Number of entries to keep in total, ``0 <= k <= total numel`` (of the whole tensors).
+        reduce: With pieces spread over processes: sums an int64 vector over them (see the
+            module doc); None when this process holds every piece.
 
     Returns:
-        Contiguous bool tensors shaped like ``scores``; exactly ``k`` entries are
-        True. Among entries equal to the threshold, those first in (tensor index,
-        row-major index) order are kept.
+        Contiguous bool tensors shaped like ``scores`` (like each piece's ``local``); exactly
+        ``k`` entries of the whole tensors are True. Among entries equal to the threshold,
+        those first in (tensor index, row-major index of the whole tensor) order are kept.
 
     Raises:
         ValueError: If ``k`` is out of range or any score is NaN.
         TypeError: If a tensor is not floating point.
     """
-    total = _validate(scores, k)
+    pieces = _pieces(scores)
+    total = _validate(pieces, k)
+    counted = [p.local for p in pieces if p.counted]
     if k in (0, total):
-        _raise_if_nan(scores)
-        return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in scores]
-    dtype = _common_dtype(scores)
-    t, ties, n_eq = _select(scores, k, dtype)
+        _raise_if_nan(counted, reduce)
+        return [torch.full(p.local.shape, k > 0, dtype=torch.bool, device=p.local.device)
+                for p in pieces]
+    dtype = _common_dtype([p.local for p in pieces])
+    t, ties, n_eq = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
     all_ties = ties == n_eq
+    bases = list(itertools.accumulate((p.numel for p in pieces), initial=0))
+    cut = None  # with pieces: the last kept position among the ties
+    if not all_ties and any(isinstance(s, Piece) for s in scores):
+        cut = _tie_cut(pieces, bases, t, ties, dtype, reduce)
     masks = []
-    for s in scores:
-        mask = torch.empty(s.numel(), dtype=torch.bool, device=s.device)
-        for start, c in _float_chunks(s, dtype):
+    for p, base in zip(pieces, bases):
+        mask = torch.empty(p.local.numel(), dtype=torch.bool, device=p.local.device)
+        for start, c in _float_chunks(p.local, dtype):
             m = mask[start : start + c.numel()]
             if all_ties:
                 torch.ge(c, t, out=m)
                 continue
             torch.gt(c, t, out=m)
-            if ties:
-                eq = c == t
+            eq = c == t
+            if cut is not None:
+                index = eq.nonzero().squeeze(1)
+                eq[index[_positions(p, base, index + start) > cut]] = False
+            elif ties:
                 n = int(torch.count_nonzero(eq))
                 if n > ties:  # the quota runs out inside this chunk
                     eq &= eq.cumsum(0, dtype=torch.int32) <= ties
-                m |= eq
                 ties -= min(n, ties)
-        masks.append(mask.view(s.shape))
+            else:
+                continue
+            m |= eq
+        masks.append(mask.view(p.local.shape))
     return masks
 
 
-def kth_largest(scores: Sequence[torch.Tensor], k: int) -> tuple[float, int]:
+def kth_largest(
+    scores: Sequence[torch.Tensor | Piece], k: int, *, reduce: Reduce | None = None
+) -> tuple[float, int]:
     """Exact threshold for keeping the ``k`` largest scores over all tensors.
 
     Args:
-        scores: Floating-point score tensors (any shapes, no NaN).
-        k: Number of entries to keep in total, ``0 <= k <= total numel``.
+        scores, k, reduce: as for :func:`keep_masks`.
 
     Returns:
         ``(t, r)``: the k-th largest value ``t`` and the number ``r >= 1`` of
@@ -134,18 +208,25 @@ def kth_largest(scores: Sequence[torch.Tensor], k: int) -> tuple[float, int]:
         ValueError: If ``k`` is out of range or any score is NaN.
         TypeError: If a tensor is not floating point.
     """
-    _validate(scores, k)
+    pieces = _pieces(scores)
+    total = _validate(pieces, k)
+    counted = [p.local for p in pieces if p.counted]
     if k == 0:
-        _raise_if_nan(scores)
+        _raise_if_nan(counted, reduce)
         return float("inf"), 0
-    t, ties, _ = _select(scores, k, _common_dtype(scores))
+    dtype = _common_dtype([p.local for p in pieces])
+    t, ties, _ = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
     return t, ties
 
 
-def _select(scores: Sequence[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[float, int, int | None]:
-    """Radix selection; returns ``(t, r, n_eq)`` with n_eq = #entries == t if known."""
+def _select(
+    chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int, dtype: torch.dtype,
+    reduce: Reduce | None,
+) -> tuple[float, int, int | None]:
+    """Radix selection over the float tensors ``chunks()`` yields (each at most ``_CHUNK``
+    entries of ``dtype``; ``total``: an upper bound of their number over all processes, the
+    same on each); returns ``(t, r, n_eq)`` with n_eq = #entries == t if known."""
     int_dtype, width, inf_top = _LAYOUT[dtype]
-    total = sum(s.numel() for s in scores)
     bits = 8 if total <= _SMALL else 16
     scratch = _Scratch(int_dtype, min(_CHUNK, total), bits)
 
@@ -154,31 +235,70 @@ def _select(scores: Sequence[torch.Tensor], k: int, dtype: torch.dtype) -> tuple
     def pieces() -> Iterable[torch.Tensor]:
         if cands is not None:
             return cands
-        return (c.view(int_dtype) for s in scores for _, c in _float_chunks(s, dtype))
+        return (c.view(int_dtype) for c in chunks())
 
     key, above, match = 0, 0, None  # key: unsigned bits chosen so far
     for shift in range(width - bits, -1, -bits):
         for c in pieces():
             scratch.add_digits(c if match is None else scratch.matching(c, *match), shift)
         hist = scratch.histogram()
+        if reduce is not None:
+            hist = reduce(hist)
         top = shift == width - bits
         if top:  # bins at or above +inf's (either sign) may hold NaN: then check exactly
             inf, sign = inf_top >> (16 - bits), 1 << (bits - 1)
             if int(hist[inf:sign].sum() + hist[sign | inf :].sum()):
-                _raise_if_nan(scores)
+                _raise_if_nan(chunks(), reduce)
         negative = not top and bool(key >> (width - shift - bits - 1))  # sign bit of the key so far
         digit, n_bin, n_above = _pick(hist, k - above, top, negative)
         above += n_above
         key = key << bits | digit
         match = (shift, _signed(key, width - shift))  # entries whose bits >= shift equal key
         if shift and n_bin <= _CHUNK:  # few enough: gather them rather than rescan everything
-            device = scores[0].device
-            cands = [torch.cat([scratch.matching(c, *match).to(device) for c in pieces()])]
+            found = [scratch.matching(c, *match) for c in pieces()]
+            cands = [torch.cat([f.to(found[0].device) for f in found])] if found else []
             match = None
     t = torch.tensor(_signed(key, width), dtype=int_dtype).view(dtype).item()
     if key == 1 << (width - 1):  # -0.0 ties with +0.0, which the keys ranked above it
-        above = sum(int(torch.count_nonzero(c > 0)) for s in scores for _, c in _float_chunks(s, dtype))
+        (above,) = _summed([sum(int(torch.count_nonzero(c > 0)) for c in chunks())], reduce)
     return (0.0 if t == 0 else t), k - above, (None if t == 0 else n_bin)
+
+
+def _tie_cut(
+    pieces: list[Piece], bases: list[int], t: float, ties: int, dtype: torch.dtype,
+    reduce: Reduce | None,
+) -> int:
+    """The position of the ``ties``-th entry equal to ``t`` in the whole (tensor, row-major)
+    order: an exact selection of the ``ties`` largest ``total − position`` (float64, exact)."""
+    total = bases[-1]
+    if total >= 1 << 53:
+        raise ValueError(f"cannot order {total} scores by position exactly (at most 2**53)")
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for p, base in zip(pieces, bases):
+            if p.counted:
+                for start, c in _float_chunks(p.local, dtype):
+                    index = (c == t).nonzero().squeeze(1)
+                    if index.numel():
+                        yield (total - _positions(p, base, index + start)).to(torch.float64)
+
+    value, _, _ = _select(chunks, total, ties, torch.float64, reduce)
+    return total - int(value)
+
+
+def _positions(p: Piece, base: int, index: torch.Tensor) -> torch.Tensor:
+    """Positions in the whole order (``base``: the entries of the tensors before) of the local
+    row-major indices ``index`` of piece ``p``."""
+    strides = [math.prod(p.shape[d + 1 :]) for d in range(len(p.shape))]
+    start = base + sum(o * s for o, s in zip(p.offset, strides))
+    local = p.local.shape
+    if tuple(local[1:]) == tuple(p.shape[1:]):  # whole rows: one contiguous run
+        return index + start
+    out = torch.full_like(index, start)
+    for d in reversed(range(len(local))):
+        out += index % local[d] * strides[d]
+        index = index // local[d]
+    return out
 
 
 def _pick(hist: torch.Tensor, k: int, top: bool, negative: bool) -> tuple[int, int, int]:
@@ -258,7 +378,7 @@ class _Scratch:
         for buf in self._bufs.values():
             self._flush(buf)
         hist, self._hist = self._hist, None
-        return hist
+        return torch.zeros(1 << self._bits, dtype=torch.int64) if hist is None else hist
 
 
 def _float_chunks(s: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
@@ -266,6 +386,25 @@ def _float_chunks(s: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, to
     flat = s.detach().reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
         yield start, flat[start : start + _CHUNK].to(dtype)
+
+
+def _chunks_of(
+    tensors: list[torch.Tensor], dtype: torch.dtype
+) -> Callable[[], Iterator[torch.Tensor]]:
+    """The chunks of ``tensors`` in ``dtype``, as a function that streams them again each call."""
+    return lambda: (c for s in tensors for _, c in _float_chunks(s, dtype))
+
+
+def _pieces(scores: Sequence[torch.Tensor | Piece]) -> list[Piece]:
+    return [s if isinstance(s, Piece) else Piece(s, tuple(s.shape), (0,) * s.dim())
+            for s in scores]
+
+
+def _summed(counts: list[int], reduce: Reduce | None) -> list[int]:
+    """``counts`` summed over the processes (unchanged without ``reduce``)."""
+    if reduce is None:
+        return counts
+    return reduce(torch.tensor(counts, dtype=torch.int64)).tolist()
 
 
 def _signed(value: int, bits: int) -> int:
@@ -280,17 +419,23 @@ def _common_dtype(scores: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype if dtype in _LAYOUT else torch.float32  # e.g. float8 upcasts exactly
 
 
-def _validate(scores: Sequence[torch.Tensor], k: int) -> int:
-    for s in scores:
-        if not s.is_floating_point():
-            raise TypeError(f"scores must be floating-point tensors, got {s.dtype}")
-    total = sum(s.numel() for s in scores)
+def _validate(pieces: Sequence[Piece], k: int) -> int:
+    for p in pieces:
+        if not p.local.is_floating_point():
+            raise TypeError(f"scores must be floating-point tensors, got {p.local.dtype}")
+        if len(p.offset) != len(p.shape) or p.local.dim() != len(p.shape) or any(
+            o < 0 or o + n > size for o, n, size in zip(p.offset, p.local.shape, p.shape)
+        ):
+            raise ValueError(f"a piece of shape {tuple(p.local.shape)} at offset {p.offset} "
+                             f"does not fit in a tensor of shape {p.shape}")
+    total = sum(p.numel for p in pieces)
     k = operator.index(k)
     if not 0 <= k <= total:
         raise ValueError(f"k must satisfy 0 <= k <= {total} (the total number of scores), got k={k}")
     return total
 
 
-def _raise_if_nan(scores: Sequence[torch.Tensor]) -> None:
-    if any(bool(torch.isnan(s).any()) for s in scores):
+def _raise_if_nan(tensors: Iterable[torch.Tensor], reduce: Reduce | None) -> None:
+    (nan,) = _summed([sum(int(torch.count_nonzero(torch.isnan(s))) for s in tensors)], reduce)
+    if nan:
         raise ValueError("NaN scores cannot be ranked; replace or remove NaN values before selecting")

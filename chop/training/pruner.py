@@ -40,6 +40,16 @@ runs at every step in :meth:`Pruner.on_before_optimizer_step` instead, where the
   (``…parametrizations.weight.original``), which breaks checkpoints, optimizers built earlier
   and tracing, while in-place masking leaves the module exactly as it was, only sparser.
 
+**Sharded models.** A module whose parameters are DTensors (FSDP2's ``fully_shard``, a
+tensor-parallel plan) is not traced: it is scored on the module itself, one local shard per
+rank, and selected exactly over the shards with all-reduced histograms
+(:mod:`chop.training.sharded`); the masks are those one process would make on the whole model,
+and each rank keeps and applies the masks of its own shards (:attr:`Pruner.masks` is this
+rank's shards). Every rank calls the same hooks. Supported criteria: ``magnitude``, ``snip``,
+``gradient``, ``snip-momentum``; element granularity. With a process group and an unsharded
+model, the criteria sum their scores over the ranks' batches (``distributed=auto``), so every
+rank makes the same masks.
+
 **Modes.** ``progressive`` raises the sparsity along the schedule; ``pattern-lock`` never prunes,
 it freezes the masks the model starts with (``masks=``, else the graph's ``mask`` metadata, else
 the non-zero pattern of the selected weights) and keeps them applied while fine-tuning.
@@ -57,12 +67,14 @@ from chop.errors import DataError, OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import insert_mask, select_weights
+from chop.kernels.distributed import local
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask
 from chop.pipeline import registry
 from chop.pipeline.manager import as_passes, run
 from chop.pipeline.pass_base import Pass
 from chop.training.schedule import Curve, Schedule
+from chop.training.sharded import ShardedModel, is_sharded
 
 
 def criterion_pass(criterion: str | Pass) -> Pass:
@@ -96,7 +108,8 @@ class Pruner:
             the batch given to :meth:`on_step_begin`.
         loss: ``loss(outputs, targets)`` for the criterion; None means cross-entropy.
         example_inputs: inputs to trace a plain module with (else the first batch's inputs).
-        masks: ``pattern-lock`` only: the masks to freeze, by parameter name.
+        masks: ``pattern-lock`` only: the masks to freeze, by parameter name (on a sharded
+            model: whole, or this rank's shard).
         score_every_step: run the criterion at every step up to end_step (in
             :meth:`on_before_optimizer_step`, when the step's gradients exist) and mask on the
             accumulated scores at pruning steps, as accumulating criteria need; None means
@@ -135,7 +148,7 @@ class Pruner:
             raise OptionError("Pruner: give the sparsity as Pruner(model, sparsity), not in "
                               "mask_options (the schedule sets it at each step)")
         self.mask_options = options
-        Mask.from_options({**options, "sparsity": sparsity})  # validate now, not mid-training
+        selection = Mask.from_options({**options, "sparsity": sparsity})  # validate now
         self.schedule = Schedule(sparsity, schedule, start_step, end_step, frequency,
                                  initial_sparsity)
         self.criterion = criterion_pass(criterion) if mode == "progressive" else None
@@ -146,6 +159,8 @@ class Pruner:
         self.data, self.loss, self.example_inputs = data, loss, example_inputs
         self.model = model
         self.graph: Graph | None = model if isinstance(model, Graph) else None
+        self.sharded = (ShardedModel(model, selection)
+                        if self.graph is None and is_sharded(model) else None)
         self.step = 0  # optimizer steps taken (used when hooks get no step)
         self.sparsity = 0.0  # the sparsity of the last pruning step
         self.history: list[dict[str, Any]] = []  # one record per pruning step
@@ -157,7 +172,11 @@ class Pruner:
 
     def on_train_begin(self, batch: Any = None) -> None:
         """Before the first step: in ``pattern-lock`` mode, freeze and apply the masks."""
-        if self.mode == "pattern-lock":
+        if self.mode == "pattern-lock" and self.sharded is not None:
+            self._keep({name: self.sharded.local_mask(name, mask) for name, mask in
+                        (self._locked if self._locked is not None
+                         else self.sharded.pattern()).items()})
+        elif self.mode == "pattern-lock":
             graph = self._graph(batch)
             locked = self._locked if self._locked is not None else self._current_masks(graph)
             for name, mask in locked.items():
@@ -189,7 +208,7 @@ class Pruner:
             for name, mask in self._masks.items():
                 grad = self.model.get_parameter(name).grad
                 if grad is not None:
-                    grad.mul_(mask)
+                    local(grad).mul_(mask)
 
     def on_after_optimizer_step(self) -> None:
         """After the optimizer step: re-apply the masks (plain modules); count the step."""
@@ -203,12 +222,18 @@ class Pruner:
         if self.criterion is None:
             raise OptionError("Pruner: mode='pattern-lock' never scores; use mode='progressive' "
                               "with a criterion to score")
+        if self.sharded is not None:
+            self.sharded.score(self.criterion, self._data(batch), self.loss)
+            return
         run(self._graph(batch), [self.criterion], data=self._data(batch), loss=self.loss)
 
     def prune(self, sparsity: float, batch: Any = None, *, score: bool = True
               ) -> dict[str, torch.Tensor]:
         """Mask to ``sparsity`` now, scoring first unless ``score`` is False (the saliency
-        already on the graph is used); returns the masks by name."""
+        already on the graph is used); returns the masks by name (on a sharded model, this
+        rank's shard of each)."""
+        if self.sharded is not None:
+            return self._prune_sharded(sparsity, batch, score)
         graph = self._graph(batch)
         data = self._data(batch)
         if score:
@@ -219,22 +244,26 @@ class Pruner:
         masks = self._current_masks(graph, pattern=False)
         self._keep(masks)
         self.sparsity = sparsity
-        kept = sum(int(m.sum()) for m in masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
         self.history.append({"step": self.step, "sparsity": sparsity, "kept": kept,
                              "numel": sum(m.numel() for m in masks.values())})
         return masks
 
     def apply_masks(self) -> None:
-        """Multiply the plain module's pruned parameters by their masks, in place."""
+        """Multiply the plain module's pruned parameters (their local shards) by their masks,
+        in place."""
         if isinstance(self.model, Graph):
             return
         with torch.no_grad():
             for name, mask in self._masks.items():
-                self.model.get_parameter(name).mul_(mask)
+                local(self.model.get_parameter(name)).mul_(mask)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """The current masks (bool, True = kept) by parameter name."""
+        """The current masks (bool, True = kept) by parameter name; on a sharded model, this
+        rank's shard of each."""
+        if self.sharded is not None:
+            return dict(self._masks)
         if self.graph is None:
             return {}
         return self._current_masks(self.graph, pattern=False)
@@ -249,6 +278,18 @@ class Pruner:
         if target > self.sparsity:
             self.prune(target, self._batch, score=score)
 
+    def _prune_sharded(self, sparsity: float, batch: Any, score: bool) -> dict[str, torch.Tensor]:
+        if score:
+            self.score(batch)
+        options = Mask.from_options({**self.mask_options, "sparsity": sparsity})
+        masks = self.sharded.select(sparsity, options, self._masks)
+        self._keep(masks)
+        self.sparsity = sparsity
+        kept, numel = self.sharded.counts(masks)
+        self.history.append({"step": self.step, "sparsity": sparsity, "kept": kept,
+                             "numel": numel})
+        return masks
+
     def _data(self, batch: Any) -> Iterable | None:
         return self.data if self.data is not None else ([batch] if batch is not None else None)
 
@@ -256,7 +297,8 @@ class Pruner:
         if isinstance(self.model, Graph):
             return
         self._masks = {
-            name: mask.to(self.model.get_parameter(name).device) for name, mask in masks.items()
+            name: mask.to(local(self.model.get_parameter(name)).device)
+            for name, mask in masks.items()
         }
         self.apply_masks()
 

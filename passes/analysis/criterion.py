@@ -16,7 +16,15 @@ it is given. The base does the rest:
   node loses the saliency an earlier criterion left (``params=prunable`` leaves no stale scores);
 - info: ``{"scored": number of scored weight tensors}``, the criterion's :meth:`Criterion.info`, and
   ``normalizer`` when ``normalize`` is on;
-- the plain-function form, :meth:`Criterion.compute` (``snip_saliency = Snip.compute``).
+- the plain-function form, :meth:`Criterion.compute` (``snip_saliency = Snip.compute``);
+- data parallelism (:class:`DataCriterion`'s ``distributed``): with a ``torch.distributed``
+  process group, each rank scores its own batches and the criterion sums what they accumulate
+  over the ranks before its final step (``backward_sums(..., over_ranks=...)``,
+  :meth:`DataCriterion.sum_over_ranks`), so every rank stores the same saliency; the info then
+  has ``ranks``;
+- sharded models: :meth:`Criterion.score_module` scores the local shards of an eager module
+  whose parameters are DTensors (FSDP2, tensor parallel), which cannot be traced; criteria that
+  can override :meth:`Criterion.module_scores`.
 
 A complete criterion::
 
@@ -28,7 +36,7 @@ A complete criterion::
 
         def scores(self, graph, nodes, ctx):
             return backward_sums(graph, nodes, ctx.data, ctx.loss, self.name, bn=self.bn,
-                                 times_weight=False)
+                                 times_weight=False, over_ranks=self.data_parallel())
 
 Add it to :data:`chop.pipeline.registry.PASSES` and it runs in pipelines, in the Pruner and from
 the command line. The autograd scoring loop is :func:`~chop.passes.analysis.scoring.backward_sums`.
@@ -42,12 +50,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 from torch.fx import Node
 
 from chop.errors import OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import select_weights
+from chop.kernels import distributed as dist
+from chop.pipeline import registry
 from chop.pipeline.batches import take
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
@@ -96,6 +107,43 @@ class Criterion(Pass, ABC):
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
         """The score of each of ``nodes`` (a float tensor of the weight's shape), in order.
         ``ctx.data`` yields the pass's ``data_batches()`` batches (see the module doc)."""
+
+    def module_scores(
+        self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
+        previous: list[torch.Tensor | None],
+    ) -> list[torch.Tensor]:
+        """The score of each parameter's local shard (``to_local()`` of a DTensor, a plain
+        tensor whole), computed eagerly on ``module``, for models whose parameters are sharded
+        (FSDP2, tensor parallel). ``previous``: the scores the parameters had (None: none),
+        for accumulating criteria. The default refuses: override it where the criterion can."""
+        able = [name for name, cls in registry.all_passes().items()
+                if issubclass(cls, Criterion) and cls.module_scores is not Criterion.module_scores]
+        raise OptionError(
+            f"{self.name} cannot score a sharded model (DTensor parameters from fully_shard or "
+            f"a tensor-parallel plan), which is scored on the module itself; use one of: "
+            f"{', '.join(able)}"
+        )
+
+    def score_module(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        data: Iterable | None = None,
+        loss: Callable[[Any, Any], torch.Tensor] | None = None,
+        previous: list[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`module_scores` with this pass's batches of ``data``: the local-shard scores
+        of ``params`` of an eager (sharded) module."""
+        if self.normalize:
+            raise OptionError(
+                f"{self.name}: normalize=true is not supported on sharded models; drop it (it "
+                "does not change the mask)"
+            )
+        ctx = Context(data=data, loss=loss)
+        count = self.data_batches()
+        if count:
+            ctx.data = ctx.track(take(data, count, self.name), count, self.name)
+        return self.module_scores(module, params, ctx, previous or [None] * len(params))
 
     def info(self, graph: Graph, nodes: list[Node], scores: list[torch.Tensor]) -> dict[str, Any]:
         """Facts for the pass's info beyond ``scored``; runs before the scores are stored, so
@@ -150,8 +198,28 @@ class DataCriterion(Criterion):
 
     counts: ClassVar[tuple[str, ...]] = ("batches",)
 
-    batches: int = option(1, "batches of data to score on")
+    batches: int = option(1, "batches of data to score on (with a process group: per rank)")
     bn: Literal["eval", "train"] = option("eval", "BatchNorm mode while scoring")
+    distributed: Literal["auto", "off"] = option(
+        "auto", "with a torch.distributed process group (auto), sum over the ranks, so each "
+        "rank scores all ranks' batches and masks alike; off: this rank's batches only"
+    )
 
     def data_batches(self) -> int:
         return self.batches
+
+    def data_parallel(self) -> bool:
+        """Whether the scores are summed over the ranks of a process group."""
+        return self.distributed == "auto" and dist.active()
+
+    def sum_over_ranks(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` over the ranks in place when :meth:`data_parallel` (every rank must
+        pass the same shapes in the same order)."""
+        if self.data_parallel():
+            dist.sum_over_ranks(tensors, what=f"{self.name}: summing the scores over the ranks")
+
+    def _score(self, graph: Graph, ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        scores, info = super()._score(graph, ctx)
+        if self.data_parallel():
+            info["ranks"] = dist.world_size()
+        return scores, info

@@ -4,7 +4,8 @@ What SNIP (first order) and ``snip2`` (second order) approximate, computed by br
 forward per weight, batched ``chunk`` ablations at a time with ``torch.func.vmap`` over the graph
 evaluated on substituted weights (``torch.func.functional_call``), so the graph's own tensors are
 never touched. Over several batches the loss is summed before the absolute value, as in snip's
-``abs-of-sum``. Weights that are already zero (masked) score exactly 0.
+``abs-of-sum``; with a process group (``distributed=auto``) the sums of all the ranks' batches
+are added up before it. Weights that are already zero (masked) score exactly 0.
 
 For small models and for validating the approximations: when the graph already carries saliency
 from another criterion (``snip, exact-salience``), the pass reports the Spearman rank correlation
@@ -93,6 +94,7 @@ class ExactSalience(DataCriterion):
                         own, dims = buffers, (0, None, None)
                     out = torch.func.vmap(ablated, in_dims=dims)(batch, own, name)
                     delta[index] = (base - out).sum(1).double().cpu()
+                self.sum_over_ranks([delta])
                 score = delta.abs().view(weights[name].shape)
                 zero = (effective_weight(graph, node) == 0).cpu()
                 score[zero] = 0.0  # removing a zero weight changes nothing: no rounding noise

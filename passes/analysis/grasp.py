@@ -53,7 +53,8 @@ class Grasp(DataCriterion):
 
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
         first, again = itertools.tee(ctx.data)  # read twice: once for g, once for Hg
-        how = {"bn": self.bn, "accumulate": "sum", "temperature": self.temperature}
+        how = {"bn": self.bn, "accumulate": "sum", "temperature": self.temperature,
+               "over_ranks": self.data_parallel()}  # g and Hg of all the ranks' batches
         g = backward_sums(graph, nodes, first, ctx.loss, self.name, times_weight=False, **how)
 
         def hessian_times_g(grads: Grads, weights: list) -> Grads:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 from torch.fx import Node
 
 from chop.ir.graph import Graph
+from chop.kernels.distributed import local
 from chop.passes.analysis.criterion import Criterion, effective_weight
 from chop.pipeline.pass_base import Context
 
@@ -21,6 +23,10 @@ class Magnitude(Criterion):
 
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
         return [effective_weight(graph, n).abs() for n in nodes]
+
+    def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
+                      previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        return [local(p).detach().abs() for p in params]  # masked weights are zero in place
 
 
 magnitude_saliency = Magnitude.compute

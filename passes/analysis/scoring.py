@@ -6,6 +6,17 @@ GraSP's g), or, with ``second``, a term computed from gradients that keep their 
 it can differentiate them again (``snip2``'s Hessian diagonal, GraSP's Hessian-vector product).
 It runs inside :func:`scoring`, which leaves parameters, buffers, ``requires_grad`` flags,
 ``.grad`` and the graph's mode bit-identical.
+
+**Data parallel** (``over_ranks``): every rank runs the loop on its own batches, then the sums
+are added up over the ranks *before* the final step, so the result is what one process scoring
+all the ranks' batches computes (up to the order of float additions): the signed sums Σ_b t_b
+for ``abs-of-sum`` and ``sum`` (|Σ_r Σ_b t_b ⊙ w|), the per-rank Σ_b |t_b ⊙ w| for
+``sum-of-abs``. Every rank gets the same all-reduced tensors, so the same scores.
+
+:func:`module_backward_sums` is the same loop run eagerly on an ``nn.Module`` with
+``loss.backward()``, for models that cannot be traced because their parameters are sharded
+(FSDP2, tensor parallel): it reads each parameter's local shard and the local shard of its
+gradient, which FSDP2 has already reduced over the ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from torch.fx import Node
 
 from chop.errors import DataError
 from chop.ir.graph import Graph
+from chop.kernels import distributed
 from chop.pipeline.batches import batch_loss
 
 Loss = Callable[[Any, Any], torch.Tensor]
@@ -106,6 +118,7 @@ def backward_sums(
     times_weight: bool = True,
     second: Callable[[Grads, list[nn.Parameter]], Grads] | None = None,
     temperature: float = 1.0,
+    over_ranks: bool = False,
 ) -> list[torch.Tensor]:
     """For each node, the per-batch terms t_b summed over ``batches``: |Σ_b t_b ⊙ w|
     (``abs-of-sum``), Σ_b |t_b ⊙ w| (``sum-of-abs``) or Σ_b t_b ⊙ w (``sum``), without ⊙ w
@@ -113,6 +126,7 @@ def backward_sums(
     keep their graph (``create_graph``, attention on the math kernel) and t_b is
     ``second(grads, weights)`` (None: 0), which may differentiate them again. The logits are
     divided by ``temperature`` before the loss. A weight the loss does not use scores 0.
+    ``over_ranks``: the batches of every rank of the process group count (see the module doc).
 
     One forward and backward per batch on the graph itself; the model is left bit-identical.
     The first batch's own terms become the running sums (no zero-filled accumulators: filling
@@ -136,12 +150,89 @@ def backward_sums(
                         term = term.clone()  # the first term becomes the running sum
                     sums[i] = term if sums[i] is None else sums[i].add_(term)
     with torch.no_grad():
+        if over_ranks:  # every rank reduces the same list, even where its loss left a None
+            sums = [torch.zeros_like(p) if t is None else t for t, p in zip(sums, params)]
+            distributed.sum_over_ranks(sums, what=f"{who}: summing the scores over the ranks")
         return [
             torch.zeros_like(p) if t is None
             else t if accumulate == "sum-of-abs"
             else _finish(t, p, times_weight, owned=True, absolute=accumulate == "abs-of-sum")
             for t, p in zip(sums, params)
         ]
+
+
+@contextmanager
+def module_scoring(module: nn.Module, params: list[nn.Parameter], *, bn: str = "eval"
+                   ) -> Iterator[None]:
+    """:func:`scoring` for an eager ``nn.Module`` scored with ``loss.backward()``: inside,
+    ``params`` require gradients, every ``.grad`` is None, BatchNorm runs in ``bn`` mode and
+    every other module (dropout) in eval mode; afterwards the ``.grad`` of every parameter,
+    the flags, every buffer and every module's mode are restored."""
+    everything = list(module.parameters())
+    grads = [p.grad for p in everything]
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in module.modules()]
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        for p in everything:
+            p.grad = None
+        for p in params:
+            p.requires_grad_(True)
+        for m, _ in modes:
+            m.training = bn == "train" and isinstance(m, nn.modules.batchnorm._BatchNorm)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, grad in zip(everything, grads):
+                p.grad = grad
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            for m, training in modes:
+                m.training = training
+            for buffer, original in saved:
+                buffer.copy_(original)
+
+
+def module_backward_sums(
+    module: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterable[Batch],
+    loss: Loss | None,
+    who: str,
+    *,
+    bn: str = "eval",
+    accumulate: Literal["abs-of-sum", "sum-of-abs"] = "abs-of-sum",
+    times_weight: bool = True,
+) -> list[torch.Tensor]:
+    """:func:`backward_sums` (first order) on an eager module with ``loss.backward()``:
+    |Σ_b g_b ⊙ w| or Σ_b |g_b ⊙ w| (|g| without ``times_weight``) for the local shard of each
+    parameter (a DTensor's ``to_local()``, a plain tensor whole), from the local shard of its
+    ``.grad``. Under FSDP2 the gradient of a backward is already reduced over the ranks (their
+    batches together, divided by the number of ranks by default), so nothing else is summed;
+    the scale does not change a ranking. The scores are written into the gradients' memory,
+    which scoring then drops (the ``.grad`` from before is restored): the model is left
+    bit-identical."""
+    with module_scoring(module, params, bn=bn):
+        sums: list[torch.Tensor | None] = [None] * len(params)
+        for value in batch_losses(module, batches, loss, who):
+            value.backward()
+            if accumulate == "sum-of-abs":  # take each batch's term, then clear the gradients
+                with torch.no_grad():
+                    for i, p in enumerate(params):
+                        grad = distributed.local_grad(p)
+                        if grad is not None:
+                            term = _finish(grad, distributed.local(p), times_weight, owned=True)
+                            sums[i] = term if sums[i] is None else sums[i].add_(term)
+                for p in module.parameters():
+                    p.grad = None
+        with torch.no_grad():
+            if accumulate == "abs-of-sum":  # autograd summed the batches' gradients in .grad
+                grads = [distributed.local_grad(p) for p in params]
+                sums = [None if g is None else _finish(g, distributed.local(p), times_weight,
+                                                       owned=True)
+                        for g, p in zip(grads, params)]
+            return [torch.zeros_like(distributed.local(p)) if t is None else t
+                    for t, p in zip(sums, params)]
 
 
 def _owned(grad: torch.Tensor, uses: Counter) -> bool:

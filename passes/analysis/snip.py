@@ -17,6 +17,12 @@ selects by default (linear and conv weights), which saves the memory of large em
 ``normalize`` (an option of every criterion) divides every score by Σ score over all scored
 weights (the ranking, and so the mask, is unchanged); the sum is reported as ``normalizer`` in
 the pass's info (and so in ``graph.history`` and the report).
+
+With a ``torch.distributed`` process group each rank scores its own ``batches`` batches and the
+sums are added up over the ranks (``distributed=auto``, see
+:func:`~chop.passes.analysis.scoring.backward_sums`): every rank gets the saliency of all the
+ranks' batches together, so ``mask`` makes the same masks on every rank. A sharded model
+(FSDP2, tensor parallel) is scored eagerly on its local shards (``chop.Pruner``).
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 from torch.fx import Node
 
 from chop.ir.graph import Graph
 from chop.passes.analysis.criterion import DataCriterion
-from chop.passes.analysis.scoring import backward_sums
+from chop.passes.analysis.scoring import backward_sums, module_backward_sums
 from chop.pipeline.pass_base import Context, option
 
 
@@ -46,7 +53,13 @@ class Snip(DataCriterion):
 
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
         return backward_sums(graph, nodes, ctx.data, ctx.loss, self.name, bn=self.bn,
-                             accumulate=self.accumulate, times_weight=self.times_weight)
+                             accumulate=self.accumulate, times_weight=self.times_weight,
+                             over_ranks=self.data_parallel())
+
+    def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
+                      previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        return module_backward_sums(module, params, ctx.data, ctx.loss, self.name, bn=self.bn,
+                                    accumulate=self.accumulate, times_weight=self.times_weight)
 
 
 snip_saliency = Snip.compute

@@ -16,6 +16,10 @@ The Hessian diagonal (``hessian``):
   ``samples`` Hessian-vector products (batched ``chunk`` at a time), reproducible from ``seed``;
   unbiased, with variance Σ_{j≠i} H_ij² per entry, for models of any size.
 
+With a process group the per-batch terms are summed over the ranks (``distributed=auto``).
+Every rank draws Hutchinson's vectors from the same ``seed``, so they are not the ones one
+process scoring all the batches would draw; the estimate is unbiased either way.
+
 The model is left bit-identical.
 """
 
@@ -126,7 +130,7 @@ class Snip2(DataCriterion):
                     for g, h, w in zip(grads, diagonal, weights)]
 
         return backward_sums(graph, nodes, ctx.data, ctx.loss, self.name, bn=self.bn,
-                             second=taylor)
+                             second=taylor, over_ranks=self.data_parallel())
 
 
 snip2_saliency = Snip2.compute

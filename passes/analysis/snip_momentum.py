@@ -12,6 +12,12 @@ g comes from ``source``: ``data`` computes it like ``snip`` from ``batches`` bat
 loop's ``loss.backward()`` left on the parameters (INC scores in ``on_before_optimizer_step``),
 with no extra forward or backward. The model is left bit-identical either way.
 
+With a process group (``distributed=auto``), w ⊙ g is summed over the ranks before |·|: for
+``source=data`` like ``snip``; for ``source=grad`` too, which under DDP (gradients already
+averaged) only scales the score by the number of ranks and without it scores the gradient of
+all the ranks' losses. A sharded model (FSDP2) is scored on its local shards, whose gradients
+FSDP2 has already reduced.
+
 INC's code (``SnipMomentumCriterion``: ``scores *= alpha; scores += beta * |w·g|``, alpha = 0.9,
 beta = 1.0) decays the previous score instead of summing: ``snip-momentum{alpha=0.9, beta=1.0}``.
 """
@@ -22,13 +28,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 from torch.fx import Node
 
 from chop.errors import DataError, OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
+from chop.kernels import distributed
 from chop.passes.analysis.criterion import DataCriterion
-from chop.passes.analysis.scoring import backward_sums
+from chop.passes.analysis.scoring import backward_sums, module_backward_sums
 from chop.pipeline.pass_base import Context, option
 
 
@@ -63,24 +71,46 @@ class SnipMomentum(DataCriterion):
 
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
         if self.source == "data":
-            current = backward_sums(graph, nodes, ctx.data, ctx.loss, self.name, bn=self.bn)
+            current = backward_sums(graph, nodes, ctx.data, ctx.loss, self.name, bn=self.bn,
+                                    over_ranks=self.data_parallel())
         else:
             weights = [graph.parameter(n) for n in nodes]
-            if all(w.grad is None for w in weights):
-                raise DataError(
-                    "snip-momentum{source=grad} found no .grad on the parameters: call "
-                    "loss.backward() before scoring, or use source=data with data=... batches"
-                )
-            current = [
-                torch.zeros_like(w.detach()) if w.grad is None else (w.detach() * w.grad).abs()
-                for w in weights
-            ]
+            current = _grad_terms(weights, [w.grad for w in weights])
+            self.sum_over_ranks(current)
+            current = [c.abs_() for c in current]
+        return self._momentum(current, [meta.entries(n).get("saliency") for n in nodes])
+
+    def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
+                      previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        if self.source == "data":
+            current = module_backward_sums(module, params, ctx.data, ctx.loss, self.name,
+                                           bn=self.bn)
+        else:
+            weights = [distributed.local(p) for p in params]
+            current = [c.abs_() for c in _grad_terms(
+                weights, [distributed.local_grad(p) for p in params])]
+        return self._momentum(current, previous)
+
+    def _momentum(self, current: list[torch.Tensor], previous: list[torch.Tensor | None]
+                  ) -> list[torch.Tensor]:
+        """alpha·previous + beta·current (beta·current where there is no previous score)."""
         scores = []
-        for node, now in zip(nodes, current):
-            previous = meta.entries(node).get("saliency")
+        for now, before in zip(current, previous, strict=True):
             score = self.beta * now
-            scores.append(score if previous is None else self.alpha * previous.to(score.dtype) + score)
+            scores.append(score if before is None else self.alpha * before.to(score.dtype) + score)
         return scores
+
+
+def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None]
+                ) -> list[torch.Tensor]:
+    """w ⊙ g for each weight (0 where it has no gradient), refusing when none has one."""
+    if all(g is None for g in grads):
+        raise DataError(
+            "snip-momentum{source=grad} found no .grad on the parameters: call "
+            "loss.backward() before scoring, or use source=data with data=... batches"
+        )
+    return [torch.zeros_like(w.detach()) if g is None else w.detach() * g
+            for w, g in zip(weights, grads)]
 
 
 snip_momentum_saliency = SnipMomentum.compute

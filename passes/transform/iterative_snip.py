@@ -18,6 +18,8 @@ the last round keeps exactly round(keep·N), as ``mask`` counts it. Each round r
 
 The graph's existing masks (from an earlier ``mask``) are the starting point. The data must be
 re-iterable (a list or a DataLoader): every round scores on the same first ``batches`` batches.
+With a ``torch.distributed`` process group (``distributed=auto``) each round's scores are summed
+over the ranks' batches (as ``snip`` does), so every rank makes the same masks in every round.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from chop.passes.analysis.snip import snip_saliency
-from chop.passes.transform.mask import Mask
 
 from chop.errors import OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_nodes, mask_of
+from chop.passes.analysis.snip import snip_saliency
+from chop.passes.transform.mask import Mask
 from chop.pipeline.pass_base import Context, PassResult, option
 
 
@@ -114,6 +116,10 @@ class IterativeSnip(Mask):
     accumulate: Literal["abs-of-sum", "sum-of-abs"] = option(
         "abs-of-sum", "over batches: |Σ g·w| (SynFlow/FORCE) or Σ |g·w| (Mikler)"
     )
+    distributed: Literal["auto", "off"] = option(
+        "auto", "with a torch.distributed process group (auto), score every round on all "
+        "ranks' batches, so every rank masks alike; off: this rank's batches only"
+    )
 
     def check(self) -> None:
         try:
@@ -146,7 +152,7 @@ class IterativeSnip(Mask):
             with scoring:
                 snip_saliency(
                     graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn,
-                    accumulate=self.accumulate, track=ctx.track,
+                    accumulate=self.accumulate, distributed=self.distributed, track=ctx.track,
                 )
             selecting = _nothing() if self.allow_regrowth else pruned_last(graph)
             with selecting:

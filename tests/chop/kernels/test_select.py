@@ -2,17 +2,22 @@
 
 Small inputs are checked against a pure-Python ranking (descending value, ties
 by position in (tensor, row-major) order); large ones against torch.kthvalue on
-a single tensor plus explicit tie-order checks.
+a single tensor plus explicit tie-order checks. Selections over pieces spread
+over processes are run on threads that sum their histograms through a barrier
+(real gloo ranks: tests/chop/kernels/test_distributed.py) and must equal one
+process selecting over the whole tensors, ties included.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
 
-from chop.kernels.select import keep_masks, kth_largest
+from chop.kernels import select
+from chop.kernels.select import Piece, keep_masks, kth_largest, mask_counts
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -230,3 +235,126 @@ def test_heavy_bin_streaming_path(dtype: torch.dtype) -> None:
         assert int((both > t).sum()) + r == k
         masks = keep_masks([y, x], k)
         assert sum(int(m.sum()) for m in masks) == k
+
+
+# -- pieces spread over processes ------------------------------------------------------------
+
+
+def boxes(shape: tuple[int, ...], world: int, how: str) -> list[tuple[slice, ...]]:
+    """Each process's box of a tensor: dim-0 row ranges (FSDP2), dim-1 column ranges (a
+    row-wise tensor-parallel weight), a 2-D grid, or the whole tensor (replicated)."""
+    def split(n: int, parts: int) -> list[slice]:
+        size = -(-n // parts)  # torch.chunk's sizes: the last ones may be short or empty
+        return [slice(min(i * size, n), min((i + 1) * size, n)) for i in range(parts)]
+
+    whole = [slice(0, n) for n in shape]
+    if how == "replicate" or not shape:
+        return [tuple(whole)] * world
+    if how == "grid" and len(shape) >= 2 and world == 4:
+        return [(r, c, *whole[2:]) for r in split(shape[0], 2) for c in split(shape[1], 2)]
+    dim = 1 if how in ("cols", "grid") and len(shape) >= 2 else 0
+    return [tuple(part if d == dim else whole[d] for d in range(len(shape)))
+            for part in split(shape[dim], world)]
+
+
+def on_processes(world: int, scores: list[torch.Tensor], hows: list[str], call):
+    """Runs ``call(pieces, reduce)`` on ``world`` threads, each holding its pieces of
+    ``scores``; ``reduce`` sums over the threads. Returns each thread's (pieces, result)."""
+    barrier, slots = threading.Barrier(world), [None] * world
+    results, errors = [None] * world, []
+
+    def reducer(rank: int):
+        def reduce(counts: torch.Tensor) -> torch.Tensor:
+            slots[rank] = counts.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+        return reduce
+
+    def work(rank: int) -> None:
+        try:
+            pieces = []
+            for s, how in zip(scores, hows):
+                box = boxes(tuple(s.shape), world, how)[rank]
+                pieces.append(Piece(s[box].clone(), tuple(s.shape),
+                                    tuple(b.start for b in box), how != "replicate" or rank == 0))
+            results[rank] = pieces, call(pieces, reducer(rank))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def gathered(results, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The whole masks from each process's masks of its pieces; copies must agree."""
+    whole = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+    seen = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+    for pieces, masks in results:
+        for i, (p, m) in enumerate(zip(pieces, masks)):
+            assert m.shape == p.local.shape and m.dtype == torch.bool
+            box = tuple(slice(o, o + n) for o, n in zip(p.offset, p.local.shape))
+            assert not seen[i][box].any() or torch.equal(whole[i][box], m)
+            whole[i][box], seen[i][box] = m, True
+    return whole
+
+
+@pytest.mark.parametrize("kind", ["normal", "few", "zeros", "wide"])
+def test_pieces_over_processes_select_like_one_process(kind: str) -> None:
+    rng = torch.Generator().manual_seed(len(kind))
+    for trial in range(12):
+        dtype = DTYPES[trial % len(DTYPES)]
+        scores = random_scores(rng, dtype, kind)
+        if trial % 3 == 0:  # -0.0 and +0.0 tie
+            scores = [s * torch.where(torch.rand(s.shape, generator=rng) < 0.5, -1.0, 1.0).to(dtype)
+                      for s in scores]
+        world = (2, 3, 4)[trial % 3]
+        hows = [("rows", "cols", "grid", "replicate")[int(torch.randint(0, 4, (1,), generator=rng))]
+                for _ in scores]
+        total = sum(s.numel() for s in scores)
+        for k in {0, 1, total // 3, total - 1, total}:
+            results = on_processes(world, scores, hows,
+                                   lambda pieces, reduce: keep_masks(pieces, k, reduce=reduce))
+            assert flat_mask(gathered(results, scores)) == reference_mask(scores, k), (trial, k)
+            if k:
+                thresholds = on_processes(world, scores, hows, lambda pieces, reduce: kth_largest(
+                    pieces, k, reduce=reduce))
+                assert {r for _, r in thresholds} == {kth_largest(scores, k)}
+
+
+@pytest.mark.parametrize("how", ["cols", "rows"])
+def test_pieces_stream_and_cut_ties_in_many_chunks(monkeypatch, how: str) -> None:
+    # Tiny chunks: every pass streams many chunks, the tie cut runs its own multi-pass
+    # selection over positions, and column boxes interleave in the whole row-major order.
+    monkeypatch.setattr(select, "_CHUNK", 64)
+    monkeypatch.setattr(select, "_SMALL", 256)
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randint(0, 4, (40, 30), generator=gen).float() / 2,
+              torch.randint(0, 4, (31, 9), generator=gen).double()]
+    for k in (1, 300, 1000, 1478):
+        results = on_processes(2, scores, [how, how],
+                               lambda pieces, reduce: keep_masks(pieces, k, reduce=reduce))
+        assert flat_mask(gathered(results, scores)) == reference_mask(scores, k), k
+
+
+def test_mask_counts_count_each_entry_once() -> None:
+    scores = [torch.rand(6, 5, generator=torch.Generator().manual_seed(1)), torch.rand(4)]
+    results = on_processes(3, scores, ["cols", "replicate"], lambda pieces, reduce: mask_counts(
+        keep_masks(pieces, 11, reduce=reduce), pieces, reduce=reduce))
+    whole = keep_masks(scores, 11)
+    assert [counts for _, counts in results] == [[int(m.sum()) for m in whole]] * 3
+
+
+def test_a_piece_must_fit_its_tensor() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        keep_masks([Piece(torch.zeros(3, 2), (4, 2), (2, 0))], 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        keep_masks([Piece(torch.zeros(3), (4, 1), (0, 0))], 1)

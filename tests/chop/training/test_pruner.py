@@ -1,5 +1,5 @@
-"""Pruner and Schedule: every curve hits its target at end_step exactly and follows its formula at
-each pruning step (exact kept counts); pattern-lock keeps masks; plain modules and chop graphs."""
+"""Pruner: exact kept counts at every pruning step of its schedule; progressive pruning never
+returns a weight; pattern-lock keeps masks; plain modules and chop graphs."""
 
 from __future__ import annotations
 
@@ -10,52 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import chop
-from chop.ir import meta
 from chop.errors import DataError, OptionError
+from chop.ir import meta
 from chop.training.pruner import Pruner
-from chop.training.schedule import CURVES, Schedule
-
-FORMULAS = {  # the curves, written independently of chop.training.pruner
-    "linear": lambda s0, sf, p: s0 + (sf - s0) * p,
-    "cube": lambda s0, sf, p: sf + (s0 - sf) * (1 - p) ** 3,
-    "cos": lambda s0, sf, p: s0 + (sf - s0) * (1 - math.cos(math.pi * p / 2)),
-    "exp": lambda s0, sf, p: 1 - (1 - s0) * ((1 - sf) / (1 - s0)) ** p,
-}
 
 
 def kept(n: int, s: float) -> int:
     return math.floor((1 - s) * n + 0.5)
-
-
-@pytest.mark.parametrize("curve", CURVES)
-@pytest.mark.parametrize(("start", "end", "freq", "s0"), [(0, 10, 3, 0.0), (5, 25, 4, 0.2)])
-def test_schedule_follows_the_formula_and_ends_exactly_on_target(curve, start, end, freq, s0):
-    target = 0.97
-    schedule = Schedule(target, curve, start, end, freq, s0)
-    steps = schedule.pruning_steps()
-    assert steps[0] == start and steps[-1] == end
-    assert steps[:-1] == list(range(start, end, freq))
-    for step in range(end + 5):
-        last = max([t for t in steps if t <= step], default=None)
-        if last is None:
-            expected = s0
-        elif last == end:
-            expected = target
-        else:
-            expected = FORMULAS[curve](s0, target, (last - start) / (end - start))
-        assert schedule.sparsity_at(step) == pytest.approx(expected, abs=1e-12)
-    assert schedule.sparsity_at(end) == target  # exactly, not approximately
-    values = [schedule.sparsity_at(t) for t in steps]
-    assert values == sorted(values)
-
-
-def test_schedule_rejects_bad_settings():
-    for kwargs in ({"curve": "sigmoid"}, {"start_step": 5, "end_step": 2}, {"frequency": 0},
-                   {"initial": 0.99}):
-        with pytest.raises(OptionError):
-            Schedule(0.9, **kwargs)
-    with pytest.raises(OptionError, match="range"):
-        Schedule(1.0)
 
 
 def train(pruner: Pruner, module: torch.nn.Module, batches, steps: int) -> list[int]:

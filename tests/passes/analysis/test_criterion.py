@@ -32,7 +32,8 @@ class BatchCount(DataCriterion):
 def test_a_new_criterion_gets_the_shared_options_and_checks():
     table = {name: (kind, default) for name, kind, default, _ in BatchCount.option_table()}
     assert table == {"params": ("all|prunable", "all"), "normalize": ("bool", False),
-                     "batches": ("int", 1), "bn": ("eval|train", "eval")}
+                     "batches": ("int", 1), "bn": ("eval|train", "eval"),
+                     "distributed": ("auto|off", "auto")}
     with pytest.raises(chop.OptionError, match="batch-count: batches=0 must be at least 1"):
         BatchCount(batches=0)
     with pytest.raises(chop.OptionError, match="params='some' is not valid"):

@@ -95,3 +95,36 @@ def test_options_are_checked_with_the_pass_name():
     with pytest.raises(OptionError, match="granularity"):
         IterativeSnip(sparsity=None, granularity="2:4")
     assert IterativeSnip(scope="local", min_keep=3).mask_pass(0.5).min_keep == 3
+
+
+def mlp_rounds(batches, regrowth: bool, options: str = "") -> dict:
+    """The masks of iterative-snip (3 rounds, 90%) on a fresh seeded MLP scoring ``batches``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    graph = chop.trace(model, (batches[0][0],))
+    chop.run(graph, f"iterative-snip{{sparsity=0.9, steps=3, batches={len(batches)}, "
+                    f"allow_regrowth={str(regrowth).lower()}{options}}}", data=batches)
+    return masks(graph)
+
+
+def mlp_batches(count: int = 4) -> list:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(count)]
+
+
+def rounds_on_rank(rank, world):
+    mine = mlp_batches()[rank::world]
+    return {regrowth: mlp_rounds(mine, regrowth) for regrowth in (False, True)}, mlp_rounds(
+        mine, False, ", distributed=off")
+
+
+def test_every_rank_masks_like_one_process_on_all_batches(ranks):
+    zero, one = ranks.run(rounds_on_rank)
+    for regrowth in (False, True):
+        expected = mlp_rounds(mlp_batches(), regrowth)
+        for got in (zero[0][regrowth], one[0][regrowth]):
+            assert all(torch.equal(got[k], expected[k]) for k in expected), regrowth
+    for rank, (_, alone) in enumerate((zero, one)):  # distributed=off: the rank's own batches
+        expected = mlp_rounds(mlp_batches()[rank::2], False)
+        assert all(torch.equal(alone[k], expected[k]) for k in expected)

@@ -1,0 +1,115 @@
+"""Data-parallel scoring on 2 gloo ranks: each rank scores its own batches, every gradient
+criterion sums what it accumulates over the ranks, so both ranks hold bit-identical saliency and
+masks, equal to one process scoring all the batches (the scores up to float rounding; the masks
+exactly, on tie-free scores); ``distributed=off`` scores the rank's own batches only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import chop
+from chop.passes.analysis.criterion import DataCriterion
+from chop.pipeline import registry
+
+CRITERIA = ["snip", "snip{accumulate=sum-of-abs}", "gradient", "gradient{accumulate=sum-of-abs}",
+            "grasp", "snip2", "snip2{hessian=hutchinson, samples=4}", "snip-momentum",
+            "exact-salience", "snip-momentum{source=grad}"]  # all with batches=every batch given
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(4)]
+
+
+def score(criterion: str, data: list, grads_from: list | None = None) -> tuple[dict, dict, dict]:
+    """Saliency, masks at 70% sparsity and the criterion's info after ``criterion, mask`` on a
+    fresh Net; ``grads_from``: batches whose summed loss leaves the .grad that
+    ``source=grad`` reads."""
+    torch.manual_seed(0)
+    model = Net()
+    graph = chop.trace(model, (data[0][0],))
+    if grads_from is not None:
+        sum(nn.functional.cross_entropy(graph.module(x), y) for x, y in grads_from).backward()
+    name, _, options = criterion.rstrip("}").partition("{")
+    every = f"batches={len(data)}" + (f", {options}" if options else "")
+    chop.run(graph, f"{name}{{{every}}}, mask{{sparsity=0.7}}", data=data)
+    nodes = [n for n in graph.weight_nodes() if "saliency" in n.meta["chop"]]
+    return ({n.target: n.meta["chop"]["saliency"] for n in nodes},
+            {n.target: n.meta["chop"]["mask"] for n in nodes if "mask" in n.meta["chop"]},
+            graph.history[0].info)
+
+
+def on_rank(rank, world, criteria):
+    """Each criterion on this rank's batches (every other one) with the process group up."""
+    mine = batches()[rank::world]
+    return {c: score(c, mine, mine if "source=grad" in c else None) for c in criteria}
+
+
+def test_every_gradient_criterion_has_the_option():
+    for name, cls in registry.all_passes().items():
+        if issubclass(cls, DataCriterion) or name == "iterative-snip":
+            assert cls.from_options({}).distributed == "auto", name
+
+
+def test_every_rank_scores_all_ranks_batches_alike(ranks):
+    zero, one = ranks.run(on_rank, CRITERIA)
+    for criterion in CRITERIA:
+        saliency, masks, info = zero[criterion]
+        assert info["ranks"] == 2, criterion
+        other_saliency, other_masks, _ = one[criterion]
+        for name in saliency:  # bit-identical on every rank
+            assert torch.equal(saliency[name], other_saliency[name]), (criterion, name)
+        assert all(torch.equal(masks[k], other_masks[k]) for k in masks), criterion
+        if "hutchinson" in criterion:
+            continue  # every rank draws the same vectors: not one process's draws
+        data = batches()
+        expected, expected_masks, alone = score(criterion, data, data if "source=grad" in
+                                                criterion else None)
+        assert "ranks" not in alone
+        for name in expected:
+            torch.testing.assert_close(saliency[name], expected[name], rtol=1e-4, atol=1e-7,
+                                       msg=f"{criterion} {name}")
+        assert all(torch.equal(masks[k], expected_masks[k]) for k in masks), criterion
+
+
+def off_on_rank(rank, world):
+    mine = batches()[rank::world]
+    return score("snip{distributed=off}", mine)[0]
+
+
+def test_distributed_off_scores_the_ranks_own_batches(ranks):
+    for rank, saliency in enumerate(ranks.run(off_on_rank)):
+        expected = score("snip", batches()[rank::2])[0]
+        assert all(torch.equal(saliency[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("accumulate", ["abs-of-sum", "sum-of-abs"])
+def test_the_eager_loop_equals_the_graph_loop(accumulate):
+    from chop.passes.analysis.scoring import module_backward_sums
+
+    data = batches()
+    torch.manual_seed(0)
+    model = Net()
+    params = [model.fc1.weight, model.fc2.bias]
+    model.fc1.weight.grad = torch.ones_like(model.fc1.weight)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = score(f"snip{{accumulate={accumulate}}}", data)[0]  # on all 4 batches
+    got = module_backward_sums(model, params, data, None, "snip", accumulate=accumulate)
+    torch.testing.assert_close(got[0], expected["fc1.weight"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], expected["fc2.bias"], rtol=1e-5, atol=1e-7)
+    assert torch.equal(model.fc1.weight.grad, torch.ones_like(model.fc1.weight))
+    assert model.fc2.weight.grad is None and model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
