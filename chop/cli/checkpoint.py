@@ -9,19 +9,36 @@ Accepted files:
 - ``.safetensors``: a state dict.
 - ``.pt2``: a ``torch.export`` program; it is the model, no ``[model]`` needed.
 
-A pickled whole ``nn.Module`` needs ``weights_only=False``, which runs arbitrary code from the
-file: it is refused unless the caller passes ``trust=True`` (``--trust-checkpoint``).
+Nothing in a file runs unless the caller passes ``trust=True`` (``--trust-checkpoint``):
+
+- A pickled whole ``nn.Module`` needs ``weights_only=False``, which runs arbitrary code from the
+  file: it is refused.
+- A ``.pt2`` is read by ``torch.export.load``, which unpickles some entries (sample inputs,
+  constants, legacy weights) with ``weights_only=False``, ``pickle.loads`` or the TorchScript
+  unpickler, evaluates symbolic shape expressions with ``sympy.sympify`` (Python ``eval``) and
+  loads AOTInductor shared libraries. :func:`untrusted_pt2` lets it read tensors and plain
+  containers only, plain arithmetic in shape expressions, and no libraries; anything else is
+  refused with the archive entry that holds it.
+
+:func:`torch_load` is the one ``torch.load`` chop uses on files it did not write (checkpoints
+and data files): ``weights_only=True``, torch's warnings silenced, and its advice to retry with
+``weights_only=False`` never repeated.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
+import pickle
 import re
+import warnings
 import zipfile
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -61,25 +78,179 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _quiet_torch_export():
-    """torch.export.load logs a full traceback before re-raising; our message says it all."""
-    logger = logging.getLogger("torch.export")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+_TRUST = ("pass --trust-checkpoint (trust=True in Python) only if you trust where the file came "
+          "from")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def pickled_global(e: BaseException) -> str | None:
+    """The Python object a ``weights_only`` load refused (``"posix.system"``), if that is why
+    it failed."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return found.group(1) if found else None
+
+
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to retry with
+    ``weights_only=False`` (chop never gives it: that runs code from the file)."""
+    text = str(e)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        return f"not a torch.save file ({found.group(1).strip()})"
+    return f"{type(e).__name__}: {_first_line(e) or 'cannot be read'}"
+
+
+def torch_load(source: Any) -> Any:
+    """``torch.load(source, weights_only=True, map_location="cpu")``: tensors and plain
+    containers only, nothing else unpickled; torch's warnings about the file are silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(source, weights_only=True, map_location="cpu")
 
 
 def _corrupt(path: Path, e: BaseException | str) -> CheckpointError:
-    if not isinstance(e, str):
-        e = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    reason = e if isinstance(e, str) else load_failure(e)
     return CheckpointError(
-        f"checkpoint {path} is corrupt or not a {path.suffix} file ({e}); re-save it or "
+        f"checkpoint {path} is corrupt or not a {path.suffix} file ({reason}); re-save it or "
         "re-download it"
     )
+
+
+def _entry_holding(path: Path, data: Any) -> str:
+    """The name of the archive entry whose bytes are ``data`` (for messages)."""
+    data = data.getvalue() if hasattr(data, "getvalue") else bytes(data)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size == len(data) and archive.read(info) == data:
+                    return info.filename
+    except (OSError, zipfile.BadZipFile):
+        pass
+    return "an entry"
+
+
+def _unsafe(path: Path, entry: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {entry} holds {what}; loading it would run code from the file, so chop "
+        f"refuses by default. Re-export the program from its model (torch.export.save writes "
+        f"plain tensors), or {_TRUST}."
+    )
+
+
+_SYMPY_NAMES = frozenset({
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs",
+    "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "true", "false",
+    "oo", "zoo", "nan", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
+    "Equality", "Unequality", "Piecewise", "ExprCondPair", "Tuple",
+})
+
+
+def plain_sympy(text: str, names: Iterable[str] = ()) -> bool:
+    """True when ``text`` is a plain ``sympy.srepr`` expression: calls of sympy classes (and
+    ``names``), numbers, arithmetic, and string literals only as the name of a ``Symbol`` or
+    the digits of a ``Float``. ``sympy.sympify`` evaluates anything else as Python code."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    allowed = _SYMPY_NAMES | set(names)
+    quoted = {id(call.args[0]) for call in ast.walk(tree)
+              if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.args
+              and call.func.id in ("Symbol", "Float")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, str):
+                if id(node) not in quoted or not re.fullmatch(r"[\w.+-]+", node.value):
+                    return False
+            elif not isinstance(node.value, (int, float, bool)):
+                return False
+        elif isinstance(node, ast.Name):
+            if node.id not in allowed:
+                return False
+        elif not isinstance(node, (ast.Expression, ast.Call, ast.keyword, ast.Load, ast.BinOp,
+                                   ast.UnaryOp, ast.operator, ast.unaryop)):
+            return False
+    return True
+
+
+@contextmanager
+def untrusted_pt2(path: Path) -> Iterator[None]:
+    """While ``torch.export.load`` reads the ``.pt2`` at ``path``, let nothing in it run (see the
+    module doc): every ``torch.load`` is ``weights_only=True``, ``pickle.loads`` and the
+    TorchScript unpickler are refused, shape expressions must be plain arithmetic. Raises
+    :class:`CheckpointError` naming the entry. Everything is restored on exit.
+
+    The patches are process-wide while the file loads (``torch.load`` called by another thread
+    meanwhile is ``weights_only=True`` too)."""
+    import sympy
+    from torch.export.pt2_archive import _package
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise _corrupt(path, e) from e
+    libraries = [n for n in names if "/aotinductor/" in f"/{n}"]
+    program = next((n for n in names if "/models/" in f"/{n}"), "its program")
+    if libraries:
+        raise _unsafe(path, libraries[0], "an AOTInductor-compiled library (native code)")
+    real_load, real_sympify = torch.load, sympy.sympify
+    real_pickle, real_torchbind = _package.pickle, torch._C._pickle_load_obj
+
+    def load(f: Any, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return real_load(f, *args, weights_only=True, **kwargs)
+        except Exception as e:
+            if weights_only is not False:
+                raise
+            found = pickled_global(e)  # torch would unpickle it in full, running its code
+            raise _unsafe(path, _entry_holding(path, f), f"a pickled Python object ({found})"
+                          if found else f"a pickle only a full unpickler reads "
+                          f"({load_failure(e)})") from e
+
+    def refuse(data: Any, *args: Any, **kwargs: Any) -> Any:
+        raise _unsafe(path, _entry_holding(path, data), "a pickled Python object")
+
+    def sympify(a: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(a, str) and not plain_sympy(a, kwargs.get("locals") or {}):
+            raise _unsafe(path, program,
+                          f"a shape expression that is not plain arithmetic ({a[:60]!r})")
+        return real_sympify(a, *args, **kwargs)
+
+    torch.load, sympy.sympify = load, sympify
+    _package.pickle = SimpleNamespace(**{**vars(pickle), "loads": refuse})
+    torch._C._pickle_load_obj = refuse
+    try:
+        yield
+    finally:
+        torch.load, sympy.sympify = real_load, real_sympify
+        _package.pickle, torch._C._pickle_load_obj = real_pickle, real_torchbind
+
+
+def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program in the ``.pt2`` at ``path``; unless ``trust``, nothing in
+    the file runs (:func:`untrusted_pt2`)."""
+    if not zipfile.is_zipfile(path):
+        raise _corrupt(path, "not a zip archive")
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:  # torch.export.load logs tracebacks before re-raising
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with nullcontext() if trust else untrusted_pt2(path):
+            return torch.export.load(path)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise _corrupt(path, e) from e
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
@@ -93,14 +264,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     suffix = path.suffix.lower()
     digest = sha256(path)
     if suffix == ".pt2":
-        if not zipfile.is_zipfile(path):
-            raise _corrupt(path, "not a zip archive")
-        try:
-            with _quiet_torch_export():
-                program = torch.export.load(path)
-        except Exception as e:
-            raise _corrupt(path, e) from e
-        return Checkpoint(path, digest, program=program)
+        return Checkpoint(path, digest, program=load_program(path, trust=trust))
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -114,14 +278,14 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
             f"({', '.join(_STATE_SUFFIXES)}), .safetensors and torch.export .pt2 files"
         )
     try:
-        content = torch.load(path, weights_only=True, map_location="cpu")
+        content = torch_load(path)
     except Exception as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        found = pickled_global(e)
         if found is None:
             raise _corrupt(path, e) from e
         if not trust:
             raise CheckpointError(
-                f"checkpoint {path} contains pickled Python objects ({found.group(1)}), e.g. a "
+                f"checkpoint {path} contains pickled Python objects ({found}), e.g. a "
                 "whole nn.Module saved with torch.save(model). Loading it runs code from the "
                 "file, so chop refuses by default. Save model.state_dict() instead, or rerun "
                 "with --trust-checkpoint if you trust where the file came from."
@@ -131,7 +295,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
         except Exception as e2:
             raise CheckpointError(
                 f"checkpoint {path} could not be unpickled even with --trust-checkpoint: "
-                f"{type(e2).__name__}: {e2}; the classes it was saved with must be importable"
+                f"{type(e2).__name__}: {_first_line(e2)}; the classes it was saved with must be "
+                "importable"
             ) from e2
     if isinstance(content, nn.Module):
         return Checkpoint(path, digest, module=content)

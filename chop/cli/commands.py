@@ -36,6 +36,7 @@ from chop.cli import spine
 from chop.cli.checkpoint import load_checkpoint
 from chop.cli.config import Config
 from chop.cli.datasets import load_samples
+from chop.cli.outputs import Output
 from chop.cli.spine import Hooks, Loaded, Result
 from chop.errors import CheckpointError, DataError
 from chop.ir.graph import Graph
@@ -60,20 +61,21 @@ def transform(
     hooks.on_stage("reading the config")
     path = Path(checkpoint_path)
     config, out = spine.prepare(config_path, overrides, outdir, "-out", [path], force=force)
-    hooks.on_stage("loading the checkpoint")
-    loaded = spine.load_model(config, path, trust=trust_checkpoint)
-    hooks.on_stage("loading data")
-    batches = spine.load_data(config)
-    hooks.on_stage("tracing")
-    example = batches[0][0]
-    graph, keys = spine.capture(loaded, config, example)
-    spine.run_pipeline(config, graph, batches, hooks)
-    hooks.on_stage("writing outputs")
-    return spine.write(
-        graph, config, out, example, keys, loaded.model, checkpoint=loaded.info,
-        data={"source": config.data.source, "batch_size": config.data.batch_size,
-              "batches": config.data.batches, "shuffle": config.data.shuffle},
-    )
+    with out:  # OUTDIR locked, its temporary folder made: an unwritable place fails here
+        hooks.on_stage("loading the checkpoint")
+        loaded = spine.load_model(config, path, trust=trust_checkpoint)
+        hooks.on_stage("loading data")
+        batches = spine.load_data(config, targets=any(p.data_batches() for p in config.passes))
+        hooks.on_stage("tracing")
+        example = batches[0][0]
+        graph, keys = spine.capture(loaded, config, example)
+        spine.run_pipeline(config, graph, batches, hooks)
+        hooks.on_stage("writing outputs")
+        return spine.write(
+            graph, config, out, example, keys, loaded.model, checkpoint=loaded.info,
+            data={"source": config.data.source, "batch_size": config.data.batch_size,
+                  "batches": config.data.batches, "shuffle": config.data.shuffle},
+        )
 
 
 def train(
@@ -96,12 +98,18 @@ def train(
         )
     config, out = spine.prepare(config_path, overrides, outdir, "-trained-out", [path],
                                 force=force)
+    with out:  # OUTDIR locked, its temporary folder made: an unwritable place fails here
+        return _train(config, path, out, trust_checkpoint, hooks)
+
+
+def _train(config: Config, path: Path, out: Output, trust: bool, hooks: Hooks) -> Result:
     spec = config.train
     batch_size = spec.batch_size or config.data.batch_size
 
     hooks.on_stage("loading data")
     try:
         inputs, targets = load_samples(config.data, config.folder)
+        spine.class_targets(targets)
         train_set, eval_set = split(inputs, targets, spec.eval_fraction, spec.seed)
         example = take_samples(train_set[0], torch.arange(min(2, len(train_set[1]))))
     except DataError as e:
@@ -109,9 +117,9 @@ def train(
 
     hooks.on_stage("loading the model")
     if path.is_dir():
-        graph, keys, loaded = _from_outdir(path, config, example, trust_checkpoint)
+        graph, keys, loaded = _from_outdir(path, config, example, trust)
     else:
-        loaded = spine.load_model(config, path, trust=trust_checkpoint)
+        loaded = spine.load_model(config, path, trust=trust)
         hooks.on_stage("loading data")
         batches = spine.load_data(config)
         hooks.on_stage("tracing")

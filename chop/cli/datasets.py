@@ -1,8 +1,8 @@
 """``[data] source``: the ``(inputs, targets)`` batches a config names, as a list.
 
-- a file, path relative to the config: ``.pt`` (``torch.load(weights_only=True)``), ``.npz``
-  (``allow_pickle=False``) or ``.safetensors``, holding ``"inputs"`` and ``"targets"`` (in a
-  ``.pt``, ``"inputs"`` may be a dict of keyword inputs);
+- a file, path relative to the config, never unpickled: ``.pt`` (``torch.load(weights_only=True)``),
+  ``.npz`` (``allow_pickle=False``) or ``.safetensors``, holding ``"inputs"`` and ``"targets"``
+  (in a ``.pt``, ``"inputs"`` may be a dict of keyword inputs);
 - ``"digits"``: scikit-learn's bundled 8×8 digits, scaled to [0, 1], shaped ``(1, 8, 8)``;
 - ``"synthetic"``: standard-normal inputs of ``[data] shape``, targets in ``range(classes)``;
 - ``"module:callable"``: user code returning an iterable of batches; ``batch_size``,
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from chop.cli.checkpoint import load_failure, pickled_global, torch_load
 from chop.cli.config import ConfigError, DataSpec
 from chop.cli.sources import call_user, import_callable, is_reference
 from chop.errors import DataError
@@ -89,7 +90,7 @@ def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".pt", ".pth"):
-            content = torch.load(path, weights_only=True, map_location="cpu")
+            content = torch_load(path)
         elif suffix == ".npz":
             import numpy as np
 
@@ -100,9 +101,13 @@ def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
 
             content = load_file(path)
     except Exception as e:
+        found = pickled_global(e) or ("a pickled object array" if "allow_pickle" in str(e)
+                                      else None)
+        reason = (f"it holds pickled Python objects ({found}), which chop never unpickles from "
+                  "a data file" if found else load_failure(e))
         raise DataError(
-            f"cannot read data file {path}: {type(e).__name__}: {str(e).splitlines()[0]}; it "
-            "must be a dict saved with torch.save, numpy.savez or safetensors"
+            f"cannot read data file {path}: {reason}; it must be a dict of tensors (or arrays) "
+            "saved with torch.save, numpy.savez or safetensors"
         ) from e
     if not isinstance(content, dict):
         raise DataError(

@@ -34,10 +34,14 @@ def _bar(sparsity: float, pruned: bool, width: int = 10) -> Text:
 
 
 def layer_table(report: dict[str, Any]) -> Table:
-    """The per-layer table of a report: layer, op, shape, parameters, kept, sparsity, totals."""
+    """The per-layer table of a report: layer, op, shape, parameters, kept, sparsity, totals,
+    and the report's warnings under it."""
     totals = report["totals"]
+    warnings = "\n".join(f"warning: {w}" for w in report.get("warnings") or ())
     table = Table(title=f"{report.get('model', 'model')}: per-layer sparsity", show_footer=True,
-                  title_justify="left", header_style="bold", footer_style="bold")
+                  title_justify="left", header_style="bold", footer_style="bold",
+                  caption=Text(warnings) if warnings else None, caption_justify="left",
+                  caption_style="bold yellow")
     table.add_column("layer", footer="total", no_wrap=True)
     table.add_column("op", no_wrap=True)
     table.add_column("shape", no_wrap=True)

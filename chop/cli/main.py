@@ -12,7 +12,9 @@
 
 User errors (:class:`~chop.errors.ChopError`) print a short message and exit with status 2,
 without a traceback. Anything else is a bug: a one-line message and status 3 (set
-``CHOP_TRACEBACK=1`` to see the traceback). Ctrl-C exits with status 130 and writes nothing.
+``CHOP_TRACEBACK=1`` to see the traceback). Ctrl-C (SIGINT) and SIGTERM, at any moment, unwind
+the run so that its temporary files are removed, then print one line and exit with status 130
+and 143; a second signal meanwhile is ignored so that the clean-up finishes.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
-from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from chop.errors import ChopError
+from chop.errors import ChopError, ReportError
 
 if TYPE_CHECKING:  # rich, torch and the rest load only when a command runs: --help is instant
     from rich.console import Console
@@ -127,8 +130,17 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     report = read_report(args.path, trust=args.trust_checkpoint)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    else:
+        return 0
+    try:
         print_report(report, console)
+    except Exception as e:  # a report.json is a file from anywhere: any value can be wrong
+        if not (os.path.isdir(args.path) or args.path.endswith(".json")):
+            raise  # a report chop just built from a model: a bug
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ReportError(
+            f"{args.path}: the report is damaged or not written by chop ({type(e).__name__}: "
+            f"{first}); run chop transform again to rewrite it, or pass the model file instead"
+        ) from e
     return 0
 
 
@@ -141,14 +153,17 @@ def _output_options(parser: argparse.ArgumentParser, suffix: str, example: str) 
                         help=f"override a config value, e.g. --set {example}")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
-    parser.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUTDIR if it holds only chop's own earlier outputs")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a pickled whole model (runs code from the file: trusted "
-                        "files only)")
+                        help="allow a pickled whole model, or a .pt2 that needs unpickling "
+                        "(runs code from the file: trusted files only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``chop`` (subcommands register themselves here)."""
+    from importlib.metadata import version  # not at import: signals are handled sooner
+
     parser = argparse.ArgumentParser(
         prog="chop", description="SNIP pruning for PyTorch, as a compiler pipeline over torch.fx."
     )
@@ -187,13 +202,46 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path", metavar="PATH", help="an OUTDIR, a report.json, a .pt2 or a checkpoint")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a pickled whole model (trusted files only)")
+                   help="allow a pickled whole model, or a .pt2 that needs unpickling (runs "
+                   "code from the file: trusted files only)")
     r.set_defaults(func=_report)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the program is (as Python raises KeyboardInterrupt for SIGINT),
+    so that every ``with`` and ``finally`` on the way out cleans up."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # later signals must not interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chop`` console script; returns the exit status (see the module doc)."""
+    saved: dict[int, Any] = {}
+    show_traceback = bool(os.environ.get("CHOP_TRACEBACK"))
+    try:  # from the first line on: a signal while installing the handlers is caught too
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if (threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(sig) is not signal.SIG_IGN):  # e.g. SIGINT under nohup
+                saved[sig] = signal.signal(sig, _on_signal)
+        return _main(argv, show_traceback)
+    except (KeyboardInterrupt, Terminated) as e:
+        if show_traceback:
+            raise
+        what, code = (("interrupted", 130) if isinstance(e, KeyboardInterrupt)
+                      else ("terminated", 143))
+        sys.stderr.write(f"{what}: stopped; no partial output was left\n")
+        return code
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: Sequence[str] | None, show_traceback: bool) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -203,7 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.markup import escape
 
     err = Console(stderr=True)
-    show_traceback = bool(os.environ.get("CHOP_TRACEBACK"))
     try:
         return args.func(args, Console())
     except ChopError as e:
@@ -211,9 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/bold red]: nothing was written", highlight=False)
-        return 130
     except Exception as e:  # a bug: one line, the traceback on request
         if show_traceback:
             raise

@@ -1,30 +1,57 @@
-"""Write the outputs of ``chop transform`` into OUTDIR, atomically, and check them.
+"""Write the outputs of ``chop transform`` into OUTDIR: atomically, checked, and without ever
+deleting a file chop did not write.
 
 Files (see :func:`write_outputs`): ``model.pt2``, ``weights.safetensors``,
-``masks.safetensors``, ``report.json``, ``sparsity.html``, ``graph.dot``.
+``masks.safetensors``, ``report.json``, ``sparsity.html``, ``graph.dot``, and
+``.chop-manifest.json``, which lists the name, size and SHA-256 of every other file: how chop
+recognises its own outputs later.
 
-Everything is written into a temporary folder next to OUTDIR (same parent, so the final
-``rename`` is atomic) and renamed into place only when every file is written and checked: an
-interrupted or failed run leaves nothing in OUTDIR. Nothing is written outside that temporary
-folder and OUTDIR, and an OUTDIR that holds (or is) one of the inputs is refused.
+An :class:`Output` reserves OUTDIR for one run, as a context manager around the whole command:
+
+- *Checked early.* :func:`check_outdir` runs before anything slow, and entering the
+  :class:`Output` creates OUTDIR's missing parent folders and the temporary folder
+  ``.NAME.tmp-PID-XXXX`` beside it (same parent, so the final ``rename`` is atomic): a place
+  that cannot be written fails at once, as an :class:`~chop.errors.OutputError` (exit 2).
+- *Never deletes what chop did not write.* OUTDIR is replaced only when it is empty or, with
+  ``force``, when every file in it is one chop wrote (listed in its manifest, unchanged). An
+  OUTDIR that is or holds an input or the current folder, or is a mount point, is refused.
+- *One run at a time.* The lock file ``.NAME.lock`` beside OUTDIR is held (``flock``) until
+  the run ends; a second run into the same OUTDIR fails at once. The kernel drops the lock of a
+  killed process.
+- *Checked again at the end.* :meth:`Output.commit` moves OUTDIR aside, checks it again and
+  renames the finished folder into place; anything written into OUTDIR meanwhile puts OUTDIR
+  back as it was and fails the run.
+- *Nothing left behind.* On any failure or interruption (Ctrl-C, SIGTERM: the CLI turns both
+  into exceptions) the temporary folder, the lock file and the parents made for OUTDIR are
+  removed, and OUTDIR is as it was. A run killed outright (SIGKILL) leaves its temporary
+  folder; the next run into the same place removes it and says so (the folder's name holds its
+  pid, and the lock proves no live run owns it).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from chop.cli.checkpoint import load_program, sha256
 from chop.cli.viz import layer_graph, render_html, to_dot
-from chop.errors import InternalError, OutputError
+from chop.errors import ChopError, InternalError, OutputError
 from chop.ir import meta
 from chop.ir.graph import Graph, dynamic_shapes
 from chop.ir.masks import is_masked
@@ -35,7 +62,7 @@ log = logging.getLogger("chop")
 
 FILES = ("model.pt2", "weights.safetensors", "masks.safetensors", "report.json",
          "sparsity.html", "graph.dot")
-
+MANIFEST = ".chop-manifest.json"
 
 
 def default_outdir(config: Path, suffix: str = "-out") -> Path:
@@ -48,48 +75,284 @@ def default_outdir(config: Path, suffix: str = "-out") -> Path:
     return candidate
 
 
+def write_manifest(folder: Path) -> None:
+    """List every file of ``folder`` (name, size, SHA-256) in its ``.chop-manifest.json``."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    text = json.dumps({"written_by": f"chop {version('chop')}", "files": files}, indent=2)
+    (folder / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of ``folder`` chop did not write: files its manifest does not list or that
+    changed since, and every folder and link (chop writes neither)."""
+    listed = _manifest(folder)
+    foreign = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name == MANIFEST and listed is not None:
+            continue
+        record = (listed or {}).get(entry.name)
+        ours = (isinstance(record, dict) and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_size == record.get("size")
+                and sha256(Path(entry.path)) == record.get("sha256"))
+        if not ours:
+            foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return foreign
+
+
+def _check_replaceable(folder: Path, shown: Path, force: bool, when: str = "") -> None:
+    """Raise :class:`OutputError` unless the folder OUTDIR (``shown``) may be replaced: it is
+    empty, or ``force`` and every file in it is chop's own."""
+    if not any(folder.iterdir()):
+        return
+    if not force:
+        raise OutputError(
+            f"output folder {shown} {when or 'already exists and '}is not empty; choose another "
+            "folder with -o, or pass --force to replace chop's earlier outputs there"
+        )
+    foreign = foreign_files(folder)
+    if foreign:
+        shown_files = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more"
+                                                 if len(foreign) > 10 else "")
+        raise OutputError(
+            f"output folder {shown} {when}holds files chop did not write: {shown_files}. "
+            f"--force only replaces a folder of chop's own outputs (the files its {MANIFEST} "
+            "lists, unchanged), so nothing was deleted; move those files away or choose "
+            "another folder with -o"
+        )
+
+
 def check_outdir(outdir: Path, inputs: Sequence[Path], *, force: bool = False) -> Path:
     """Validate OUTDIR before any work; returns it resolved.
 
-    Refuses a file, a non-empty folder (unless ``force``: it is replaced at the end), and — even
-    with ``force`` — a folder that is or contains one of ``inputs``.
+    Refuses a file, a mount point, a folder that is or holds one of ``inputs`` or the current
+    folder, and a non-empty folder unless ``force`` and it holds only chop's own outputs.
     """
     out = outdir.expanduser().resolve()
-    for path in inputs:
+    places = [(p, f"the input {p}") for p in inputs] + [(Path.cwd(), "the current folder")]
+    for path, what in places:
         p = path.expanduser().resolve()
         if p == out or out in p.parents:
             raise OutputError(
-                f"output folder {outdir} holds the input {path}; writing there would overwrite "
-                "it. Choose another folder with -o"
+                f"output folder {outdir} holds {what}; writing there would overwrite it. "
+                "Choose another folder with -o"
             )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {outdir} is a file; pass a folder with -o")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if os.path.ismount(out):
         raise OutputError(
-            f"output folder {outdir} already exists and is not empty; choose another folder "
-            "with -o, or pass --force to replace it"
+            f"output folder {outdir} is a mount point; chop replaces OUTDIR with one rename, "
+            f"which a mount point refuses. Write into a folder inside it, e.g. -o {outdir}/run1"
         )
+    if out.is_dir():
+        try:
+            _check_replaceable(out, outdir, force)
+        except OSError as e:
+            raise unwritable(outdir, e) from e
     return out
 
 
+def unwritable(shown: Path, e: OSError) -> OutputError:
+    """The user-facing error for an ``OSError`` while preparing or writing OUTDIR."""
+    hint = {
+        errno.EBUSY: "it is a mount point or in use: write into a folder inside it",
+        errno.EXDEV: "it is on another file system than its parent: write into a folder "
+                     "inside it",
+    }.get(e.errno or 0, "choose a writable location with -o")
+    where = f" ({e.filename})" if e.filename and Path(e.filename) != Path(shown) else ""
+    return OutputError(f"cannot write the output folder {shown}: {e.strerror or e}{where}; {hint}")
+
+
 @contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename,
-    on any failure (or Ctrl-C) it is deleted and ``out`` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (they are delivered then), so that a signal
+    never cuts a clean-up or the replacement of OUTDIR short."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        yield tmp
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Output:
+    """OUTDIR, reserved for one run (see the module doc). Use as a context manager::
+
+        with Output(path, force=False) as out:
+            ...  # write into out.tmp
+            out.commit()
+
+    Args:
+        path: OUTDIR (checked with :func:`check_outdir` first).
+        force: replace an OUTDIR that holds only chop's own outputs.
+        shown: how to name OUTDIR in messages (default: ``path``).
+    """
+
+    def __init__(self, path: Path, *, force: bool = False, shown: Path | None = None):
+        self.path = Path(path).expanduser().resolve()
+        self.shown = shown if shown is not None else Path(path)
+        self.force = force
+        self.tmp: Path | None = None
+        self._lock: tuple[int, Path] | None = None
+        self._made: list[Path] = []
+
+    def __enter__(self) -> Output:
+        try:
+            self._make_parents()
+            self._take_lock()
+            self._clear_leftovers()
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-",
+                                             dir=self.path.parent))
+        except BaseException as e:
+            self.close()
+            if isinstance(e, OSError):
+                raise unwritable(self.shown, e) from e
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the temporary folder (unless committed), the lock file, and the parent
+        folders this run made that are still empty."""
+        with _signals_held():
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+            if self._lock is not None:
+                fd, lock = self._lock
+                self._lock = None
+                try:
+                    lock.unlink()
+                except OSError:
+                    pass
+                os.close(fd)
+            for folder in reversed(self._made):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            self._made = []
+
+    def _make_parents(self) -> None:
+        missing, parent = [], self.path.parent
+        while not parent.is_dir():
+            if parent.exists() or parent.is_symlink():
+                raise OutputError(
+                    f"cannot write the output folder {self.shown}: {parent} is a file, not a "
+                    "folder; choose another location with -o"
+                )
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            self._made.append(folder)
+
+    def _take_lock(self) -> None:
+        lock = self.path.parent / f".{self.path.name}.lock"
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise OutputError(
+                    f"another chop run{f' (pid {holder})' if holder else ''} is writing "
+                    f"{self.shown}; wait for it to finish, or choose another folder with -o"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its last holder removed meanwhile
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = (fd, lock)
+
+    def _clear_leftovers(self) -> None:
+        """Under the lock: remove the temporary folders of killed runs into OUTDIR, and put
+        back an OUTDIR a killed run had moved aside."""
+        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.(tmp|old)-(\d+)-")
+        for entry in sorted(self.path.parent.iterdir()):
+            found = pattern.match(entry.name)
+            if not found or entry.is_symlink() or not entry.is_dir() or _alive(int(found[2])):
+                continue
+            if found[1] == "tmp":
+                shutil.rmtree(entry)
+                log.warning("removed %s, the unfinished output of a chop run (pid %s) that was "
+                            "killed", entry, found[2])
+            elif not os.path.lexists(self.path):
+                entry.rename(self.path)
+                log.warning("restored %s from %s, where a chop run (pid %s) killed while "
+                            "replacing it had moved it", self.shown, entry, found[2])
+            else:
+                log.warning("%s holds the earlier contents of %s, left by a chop run (pid %s) "
+                            "killed while replacing it; check it and delete it",
+                            entry, self.shown, found[2])
+
+    def commit(self) -> None:
+        """Replace OUTDIR with the finished temporary folder, after checking OUTDIR again:
+        a file that appeared there meanwhile fails the run and OUTDIR stays as it was."""
+        if self.tmp is None:
+            raise InternalError("Output.commit() outside its context or twice")
         old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "out")
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _signals_held():
+            try:
+                if os.path.lexists(self.path):
+                    if self.path.is_symlink() or not self.path.is_dir():
+                        raise OutputError(f"output path {self.shown} became a file while this "
+                                          "run was working; nothing was written")
+                    old = self.path.parent / f".{self.path.name}.old-{os.getpid()}-" \
+                                             f"{secrets.token_hex(4)}"
+                    os.rename(self.path, old)
+                    _check_replaceable(old, self.shown, self.force,
+                                       "was changed while this run was working: it ")
+                os.rename(self.tmp, self.path)
+            except BaseException as e:
+                if old is not None and not os.path.lexists(self.path):
+                    os.rename(old, self.path)  # OUTDIR as it was
+                if isinstance(e, OSError):
+                    raise unwritable(self.shown, e) from e
+                raise
+            self.tmp, self._made = None, []
+            if old is not None:
+                _remove_outputs(old, self.shown)
+
+
+def _remove_outputs(old: Path, shown: Path) -> None:
+    """Delete the earlier OUTDIR, moved aside and checked: only the files its manifest lists."""
+    listed = _manifest(old) or {}
+    for entry in os.scandir(old):
+        if entry.name in listed or entry.name == MANIFEST:
+            os.unlink(entry.path)
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("kept %s: files appeared in the earlier %s while chop replaced it", old, shown)
 
 
 def export_program(graph: Graph, inputs: Any) -> torch.export.ExportedProgram:
@@ -122,18 +385,19 @@ def masks_of(graph: Graph) -> dict[str, torch.Tensor]:
 def write_outputs(
     graph: Graph,
     report: dict[str, Any],
-    out: Path,
+    out: Output,
     inputs: Any,
     keys: Sequence[str],
     model: nn.Module | None = None,
 ) -> None:
-    """Write every output file of ``graph`` into ``out`` atomically, checking each model file.
+    """Write every output file of ``graph`` into ``out``'s temporary folder, check each model
+    file, and commit it as OUTDIR.
 
     Args:
         graph: the pruned graph; masks still in it are folded first (``fold``), so weights
             are stored pruned and without mask buffers.
         report: the report dict (``report.json``, the HTML page).
-        out: OUTDIR, already validated with :func:`check_outdir`.
+        out: OUTDIR, reserved (an entered :class:`Output`).
         inputs: one batch's inputs: the export's example and the check's input.
         keys: the original state-dict keys, in order: ``weights.safetensors`` holds exactly
             these, so it loads into the original model class with ``strict=True``. After
@@ -157,26 +421,37 @@ def write_outputs(
                  "graph's own state dict; load model.pt2 to run it", ", ".join(reshaped))
     missing = [k for k in keys if k not in state]
     if missing:
-        raise OutputError(f"the pruned graph lost parameters {missing[:5]}; this is a bug in chop")
+        raise InternalError(f"the pruned graph lost parameters {missing[:5]}; this is a bug in "
+                            "chop")
     weights = {k: state[k].detach().clone().contiguous() for k in keys}
     program = export_program(graph, inputs)
     layers = layer_graph(graph, report["layers"])
 
-    with atomic_dir(out) as tmp:
+    tmp = out.tmp
+    if tmp is None:
+        raise InternalError("write_outputs needs an entered Output")
+    try:
         torch.export.save(program, tmp / "model.pt2")
         save_file(weights, tmp / "weights.safetensors")
         save_file(masks, tmp / "masks.safetensors")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "sparsity.html").write_text(render_html(report, layers), encoding="utf-8")
         (tmp / "graph.dot").write_text(to_dot(layers, report.get("model", "model")), "utf-8")
-        with torch.no_grad():
-            check_same_outputs("model.pt2", call(torch.export.load(tmp / "model.pt2").module(), inputs),
-                        expected)
-            if model is not None:
-                copy = _copy(model)
-                if copy is not None:
-                    copy.load_state_dict(load_file(tmp / "weights.safetensors"), strict=True)
-                    check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
+        write_manifest(tmp)
+    except OSError as e:
+        raise unwritable(out.shown, e) from e
+    with torch.no_grad():
+        try:  # chop's own program must load as an untrusted file: nothing in it unpickled
+            saved = load_program(tmp / "model.pt2")
+        except ChopError as e:
+            raise InternalError(f"chop's own model.pt2 does not load untrusted: {e}") from e
+        check_same_outputs("model.pt2", call(saved.module(), inputs), expected)
+        if model is not None:
+            copy = _copy(model)
+            if copy is not None:
+                copy.load_state_dict(load_file(tmp / "weights.safetensors"), strict=True)
+                check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
+    out.commit()
     log.info("wrote %s", ", ".join(FILES))
 
 

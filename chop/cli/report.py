@@ -132,9 +132,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def not_pruned(layers: list[dict[str, Any]]) -> list[str]:
+    """Warnings for an output that is not pruned: no layer has a mask, or every mask keeps
+    every weight (``sparsity = 0.0``)."""
+    masked = [layer for layer in layers if layer["pruned"]]
+    if not masked:
+        return ["not pruned: no pass of the pipeline made masks, so every weight is kept; add "
+                "a mask pass after a criterion, e.g. passes = [\"snip\", \"mask\", \"fold\"]"]
+    if all(layer["kept"] == layer["numel"] for layer in masked):
+        return ["not pruned: the masks keep every weight (sparsity 0.0); raise the mask "
+                "pass's sparsity, e.g. [passes.mask] sparsity = 0.9"]
+    return []
+
+
 def build_report(graph: Graph, **context: Any) -> dict[str, Any]:
     """The report of a pruned graph: model name, ``context`` (config, checkpoint, data…), the
-    pipeline with every option and its time (from ``graph.history``), layers, totals, versions."""
+    pipeline with every option and its time (from ``graph.history``), layers, totals,
+    ``warnings`` (e.g. the output is not pruned), versions."""
     layers = graph_layers(graph)
     return _jsonable({
         "model": graph.name,
@@ -146,6 +160,7 @@ def build_report(graph: Graph, **context: Any) -> dict[str, Any]:
         ],
         "layers": layers,
         "totals": totals(layers, *_graph_counts(graph)),
+        "warnings": not_pruned(layers),
         "versions": versions(),
     })
 

@@ -1,16 +1,21 @@
 """The steps every ``chop`` command shares, in the order they run.
 
-1. :func:`prepare` — read and validate the config, and check the output folder: everything that
-   can fail fast fails before anything slow;
+1. :func:`prepare` — read and validate the config, check the pipeline against what each pass
+   requires, and check the output folder: everything that can fail fast fails before anything
+   slow. The command then enters the returned :class:`~chop.cli.outputs.Output` for the rest of
+   the run, which locks OUTDIR and creates its temporary folder (proving it writable);
 2. :func:`load_model` — load the checkpoint safely and build the model it belongs to;
-3. :func:`load_data` — the configured batches;
-4. :func:`capture` — trace the model (or wrap a ``.pt2`` program) into a :class:`Graph`;
+3. :func:`load_data` — the configured batches, checked against each other and against what the
+   default loss needs;
+4. :func:`capture` — trace the model (or wrap a ``.pt2`` program, checking the data against its
+   inputs) into a :class:`Graph`;
 5. :func:`run_pipeline` — the config's passes, through the pass manager;
-6. :func:`write` — build the report and write every output file atomically.
+6. :func:`write` — build the report and write every output file atomically into OUTDIR.
 
 ``chop transform`` is these six steps; ``chop train`` puts training between 5 and 6
 (:mod:`chop.cli.commands`). Each step raises a :class:`~chop.errors.ChopError` that names what
-is wrong and how to fix it; nothing is written before step 6.
+is wrong and how to fix it; nothing but the temporary folder is written before step 6, and
+leaving the :class:`~chop.cli.outputs.Output` removes it.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from chop.cli.checkpoint import Checkpoint, load_checkpoint, load_into
 from chop.cli.config import Config, load_config
 from chop.cli.datasets import load_batches
 from chop.cli.models import build_model
-from chop.cli.outputs import check_outdir, default_outdir, write_outputs
+from chop.cli.outputs import Output, check_outdir, default_outdir, write_outputs
 from chop.cli.report import build_report
-from chop.errors import CheckpointError, ChopError, ConfigError
+from chop.cli.sources import is_reference
+from chop.errors import CheckpointError, ChopError, ConfigError, DataError
 from chop.ir.graph import Graph, trace_inputs
+from chop.pipeline.batches import describe, expected_inputs
 from chop.pipeline.manager import PassManager
 from chop.pipeline.pass_base import Pass
 
@@ -78,12 +85,33 @@ class Loaded:
 
 
 def prepare(config_path: str | Path, overrides: Sequence[str], outdir: str | Path | None,
-            suffix: str, inputs: Sequence[Path], *, force: bool) -> tuple[Config, Path]:
-    """Step 1: the validated config and the checked output folder (default: a new
-    ``<config stem><suffix>`` folder next to the config). ``inputs`` are never overwritten."""
+            suffix: str, inputs: Sequence[Path], *, force: bool) -> tuple[Config, Output]:
+    """Step 1: the validated config, its pipeline checked (a ``mask`` without a criterion fails
+    here, not after loading and tracing), and OUTDIR checked (default: a new
+    ``<config stem><suffix>`` folder next to the config). ``inputs``, the config, the files
+    it names and the current folder are never overwritten. Enter the returned
+    :class:`Output` for the rest of the run."""
     config = load_config(config_path, overrides)
-    out = Path(outdir) if outdir is not None else default_outdir(config.path, suffix)
-    return config, check_outdir(out, [config.path, *inputs], force=force)
+    try:
+        PassManager(config.passes).check()
+    except ChopError as e:
+        raise type(e)(f"{config.path}: [pipeline] passes: {e}") from e
+    shown = Path(outdir) if outdir is not None else default_outdir(config.path, suffix)
+    out = check_outdir(shown, [config.path, *inputs, *named_files(config)], force=force)
+    return config, Output(out, force=force, shown=shown)
+
+
+def named_files(config: Config) -> list[Path]:
+    """The files in the config's folder that the config names: its data file and the modules
+    of ``module:callable`` sources."""
+    named = []
+    for source in (config.data.source, config.model.source if config.model else ""):
+        if is_reference(source):
+            module = config.folder / source.partition(":")[0].replace(".", "/")
+            named += [p for p in (module.with_suffix(".py"), module) if p.exists()]
+        elif Path(source).suffix:
+            named.append(config.folder / source)
+    return named
 
 
 def load_model(config: Config, path: Path, *, trust: bool) -> Loaded:
@@ -109,19 +137,53 @@ def load_model(config: Config, path: Path, *, trust: bool) -> Loaded:
     return Loaded(ckpt, model, info)
 
 
-def load_data(config: Config) -> list[tuple[Any, Any]]:
-    """Step 3: the ``[data]`` batches; errors are prefixed with the config and section."""
+def load_data(config: Config, *, targets: bool = True) -> list[tuple[Any, Any]]:
+    """Step 3: the ``[data]`` batches; errors are prefixed with the config and section.
+
+    Every batch must have the structure, dtypes and per-sample shapes of the first, and, when
+    ``targets`` are used (a pass reads data, or training), integer class targets: the command
+    line's loss is cross-entropy."""
     try:
-        return load_batches(config.data, config.folder)
+        batches = load_batches(config.data, config.folder)
+        first = _per_sample(batches[0][0])
+        for i, (inputs, _) in enumerate(batches[1:], 1):
+            if _per_sample(inputs) != first:
+                raise DataError(
+                    f"batch {i} has inputs {describe(inputs)} but batch 0 has "
+                    f"{describe(batches[0][0])}; every batch must have the same structure, "
+                    "dtypes and per-sample shapes (only the batch size may differ)"
+                )
+        if targets:
+            for _, target in batches:
+                class_targets(target)
     except ChopError as e:
         raise type(e)(f"{config.path}: [data]: {e}") from e
+    return batches
+
+
+def class_targets(targets: Any) -> None:
+    """Raise :class:`DataError` for float targets: the command line's loss is cross-entropy
+    over integer class labels (chop would otherwise fail after loading and tracing)."""
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        raise DataError(
+            f"the targets are {describe(targets)}, but chop's command line scores and trains "
+            "with cross-entropy over integer class labels; save the targets as integer class "
+            "indices (for regression or soft labels use the Python API with a loss: "
+            "chop.run(graph, pipeline, data=..., loss=torch.nn.functional.mse_loss))"
+        )
+
+
+def _per_sample(inputs: Any) -> Any:
+    leaves, spec = torch.utils._pytree.tree_flatten(inputs)
+    return spec, [(x.dtype, tuple(x.shape[1:])) if isinstance(x, torch.Tensor) else type(x)
+                  for x in leaves]
 
 
 def capture(loaded: Loaded, config: Config, inputs: Any) -> tuple[Graph, list[str]]:
     """Step 4: the graph to run the pipeline on, and the state-dict keys of the model it came
     from (``weights.safetensors`` keeps exactly these)."""
     if loaded.checkpoint.program is not None:
-        graph = program_graph(loaded.checkpoint, config)
+        graph = program_graph(loaded.checkpoint, config, inputs)
         return graph, list(graph.module.state_dict())
     if loaded.model is None:
         raise CheckpointError(f"checkpoint {loaded.checkpoint.path} holds no model to trace")
@@ -133,22 +195,25 @@ def run_pipeline(config: Config, graph: Graph, batches: list, hooks: Hooks) -> N
     PassManager(config.passes).run(graph, batches, track=hooks.track, on_pass=hooks.on_pass)
 
 
-def write(graph: Graph, config: Config, out: Path, example: Any, keys: Sequence[str],
+def write(graph: Graph, config: Config, out: Output, example: Any, keys: Sequence[str],
           model: nn.Module | None, **context: Any) -> Result:
-    """Step 6: the report (with ``context``: checkpoint, data, train…) and every output file."""
+    """Step 6: the report (with ``context``: checkpoint, data, train…) and every output file,
+    committed as OUTDIR."""
     report = build_report(
         graph, config={"path": str(config.path), "overrides": config.overrides}, **context
     )
     write_outputs(graph, report, out, example, keys, model)
-    return Result(out, report, graph)
+    return Result(out.path, report, graph)
 
 
-def program_graph(ckpt: Checkpoint, config: Config) -> Graph:
-    """A graph over a ``.pt2`` program's module; its batch size must fit the data's."""
+def program_graph(ckpt: Checkpoint, config: Config, inputs: Any = None) -> Graph:
+    """A graph over a ``.pt2`` program's module; its batch size must fit the data's, and
+    ``inputs`` (one batch's) its input shapes and dtypes."""
     if ckpt.program is None:
         raise CheckpointError(f"{ckpt.path} is not a torch.export program")
     module = ckpt.program.module()
-    for node in module.graph.find_nodes(op="placeholder"):
+    placeholders = list(module.graph.find_nodes(op="placeholder"))
+    for node in placeholders:
         value = node.meta.get("val")
         if (isinstance(value, torch.Tensor) and value.dim() > 0
                 and isinstance(value.shape[0], int) and value.shape[0] != config.data.batch_size):
@@ -157,4 +222,20 @@ def program_graph(ckpt: Checkpoint, config: Config) -> Graph:
                 f"{node.name}); set [data] batch_size = {value.shape[0]} in {config.path}, or "
                 "re-export it with a dynamic batch dimension"
             )
+    if inputs is not None:
+        given = ([inputs.get(n.name) for n in placeholders] if isinstance(inputs, dict) else
+                 list(inputs) if isinstance(inputs, (tuple, list)) else [inputs])
+        for node, value in zip(placeholders, given, strict=False):
+            want = node.meta.get("val")
+            if not (isinstance(want, torch.Tensor) and isinstance(value, torch.Tensor)):
+                continue
+            sizes = zip(want.shape[1:], value.shape[1:], strict=False)
+            if want.dtype != value.dtype or want.dim() != value.dim() or any(
+                    isinstance(w, int) and w != v for w, v in sizes):
+                raise DataError(
+                    f"{config.path}: [data]: the batches' input {node.name} is "
+                    f"{describe(value)}, but {ckpt.path} takes {expected_inputs(module)}; "
+                    "give [data] samples of the shape and dtype the program was exported for "
+                    "(only the batch size may differ)"
+                )
     return Graph(module, training=False, name=ckpt.path.stem)

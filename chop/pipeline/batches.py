@@ -45,13 +45,21 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Default loss: cross-entropy of the logits against integer class targets.
 
     Sequence logits ``(batch, seq, classes)`` with targets ``(batch, seq)`` are flattened;
-    targets equal to -100 are ignored, as in Hugging Face models.
+    targets equal to -100 are ignored, as in Hugging Face models. Float targets (regression,
+    soft labels) and class indices outside ``[0, classes)`` are refused with a
+    :class:`DataError`: pass a loss for the first, fix the labels or the model for the second.
     """
     logits = logits_of(outputs)
     if not isinstance(targets, torch.Tensor):
         raise DataError(
             f"the default cross-entropy loss needs integer class targets as a tensor, got "
             f"{type(targets).__name__}; pass loss=callable(outputs, targets) for other targets"
+        )
+    if targets.is_floating_point():
+        raise DataError(
+            f"the targets are {describe(targets)}, but the default loss is cross-entropy over "
+            "integer class indices; for regression or soft labels pass "
+            "loss=callable(outputs, targets), e.g. loss=torch.nn.functional.mse_loss"
         )
     if logits.dim() > 2 and targets.dim() == logits.dim() - 1:
         logits, targets = logits.flatten(0, -2), targets.flatten()
@@ -61,6 +69,15 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
             f"{tuple(targets.shape)}: the default loss is cross-entropy over classes, so targets "
             "must be class indices with the batch shape; pass loss=callable(outputs, targets) "
             "for other targets"
+        )
+    labels = targets[targets != -100]
+    classes = logits.shape[-1] if logits.dim() > 1 else 0
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(
+            f"the targets hold class {bad}, but the model outputs {classes} classes (logits "
+            f"{describe(logits)}): class targets must be in [0, {classes}), or -100 to ignore "
+            "a position. Fix the labels, or build the model with as many outputs as classes"
         )
     return F.cross_entropy(logits, targets)
 
@@ -109,10 +126,13 @@ def batch_loss(
     except ChopError:
         raise
     except Exception as e:
+        traced = expected_inputs(module)
         raise DataError(
-            f"{who}: the model failed on a batch of the data: {type(e).__name__}: "
-            f"{_first_line(e)}. Check that each batch's inputs have the structure, dtype and "
-            f"per-sample shape of the example inputs the model was traced with ({describe(inputs)})"
+            f"{who}: the model failed on a batch of the data ({type(e).__name__}: "
+            f"{_first_line(e)}). The batch's inputs are {describe(inputs)}"
+            + (f"; the model was traced with {traced}" if traced else "")
+            + ". Give every batch the structure, dtypes and per-sample shapes of the example "
+            "inputs the model was traced with (only the batch size may differ)"
         ) from e
     if transform is not None:
         outputs = transform(outputs)
@@ -145,6 +165,24 @@ def describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "(" + ", ".join(describe(v) for v in value) + ")"
     return type(value).__name__
+
+
+def expected_inputs(module: Any) -> str | None:
+    """The inputs a traced module takes, written like :func:`describe` with its dynamic
+    dimensions named (``float32[batch, 1, 6, 6]``); None when ``module`` is not an fx graph
+    module with shape metadata."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    shown = []
+    for node in graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        dims = ["batch" if i == 0 and not isinstance(d, int) else str(d)
+                for i, d in enumerate(value.shape)]
+        shown.append(f"{node.name}: {str(value.dtype).removeprefix('torch.')}[{', '.join(dims)}]")
+    return ", ".join(shown) or None
 
 
 def _first_line(error: BaseException) -> str:

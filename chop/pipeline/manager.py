@@ -7,11 +7,12 @@ A pipeline is a string, one pass or a list of passes (objects, or names/strings)
 Option values in a string are TOML-like: ``true``/``false``, integers, floats, and strings, bare
 (``scope=global``) or quoted (``include='layer\\.[0-3]'``; quote anything with ``,{}=`` or spaces).
 
-Before anything runs, :class:`PassManager` checks that every key a pass ``requires`` is carried
-by the graph already or provided by an earlier pass, and otherwise names the passes that provide
-it. While running it times each pass, lints the graph after each one, records a
-:class:`~chop.ir.graph.PassRecord` in ``graph.history``, and wraps failures with the pass name, the
-passes before it and the node the pass was working on.
+Before anything runs, :class:`PassManager` checks that it was given a traced graph, that every
+key a pass ``requires`` is carried by the graph already or provided by an earlier pass (otherwise
+it names the passes that provide it), and that a graph without parameters is not given passes
+that score or prune weights. While running it times each pass, lints the graph after each one,
+records a :class:`~chop.ir.graph.PassRecord` in ``graph.history``, and wraps failures with the
+pass name, the passes before it and the node the pass was working on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from chop.errors import ChopError, InternalError, MissingMetadataError, PipelineError
+from chop.errors import (
+    ChopError,
+    InternalError,
+    MissingMetadataError,
+    PassError,
+    PipelineError,
+    TraceError,
+)
 from chop.ir import meta
 from chop.ir.graph import Graph, PassRecord
 from chop.pipeline import registry
@@ -211,7 +219,19 @@ class PassManager:
             track: progress wrapper for long loops (see :class:`~chop.pipeline.pass_base.Context`).
             on_pass: called as ``on_pass(pass, index, count)`` before each pass starts.
         """
+        if not isinstance(graph, Graph):
+            raise TraceError(
+                f"chop.run needs a chop.Graph, got a {type(graph).__name__}; trace the model "
+                "first: graph = chop.trace(model, example_inputs), then chop.run(graph, ...)"
+            )
         self.check(graph)
+        weighted = [p.name for p in self.passes if p.requires or p.provides]
+        if weighted and not graph.weight_nodes():
+            raise PassError(
+                f"{graph.name} has no parameters, so pass {weighted[0]!r} has no weight to "
+                "score or prune; trace the model that holds the weights (a program exported "
+                "with its weights as inputs has none)"
+            )
         ctx = Context(data=data, loss=loss)
         if track is not None:
             ctx.track = track

@@ -1,7 +1,14 @@
-"""chop.cli.checkpoint: safe loading of every accepted format, and precise mismatch errors."""
+"""chop.cli.checkpoint: safe loading of every accepted format (nothing in an untrusted file runs),
+and precise mismatch errors."""
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import re
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -9,7 +16,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from chop.cli.checkpoint import CheckpointError, load_checkpoint, load_into, sha256
+from chop.cli.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_into,
+    plain_sympy,
+    sha256,
+    untrusted_pt2,
+)
+
+REAL_TORCH_LOAD = torch.load
 
 
 def net() -> nn.Module:
@@ -99,3 +115,134 @@ def test_mismatch_lists_first_few_then_count(tmp_path: Path) -> None:
     assert "7 unexpected keys: other.0" in message and "and 2 more" in message
     assert "0.weight (3, 2) in the checkpoint vs (2, 2) in the model" in message
     assert "[model] source and kwargs" in message
+
+
+# -- nothing in a file runs unless trusted --------------------------------------------------------
+
+
+class Marker:
+    """Unpickling this writes a marker file: the code execution a hostile file attempts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def replace_entry(src: Path, dst: Path, suffix: str, data: bytes) -> Path:
+    """A copy of the zip archive ``src`` whose entry ending in ``suffix`` holds ``data``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            body = data if info.filename.endswith(suffix) else zin.read(info)
+            zout.writestr(info.filename, body)
+    return dst
+
+
+def saved_program(tmp_path: Path) -> Path:
+    path = tmp_path / "m.pt2"
+    program = torch.export.export(net(), (torch.randn(2, 4),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return path
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pt2_with_a_pickled_object_is_refused_and_runs_nothing(tmp_path: Path, protocol) -> None:
+    """Hole 1: torch.export.load unpickled the sample inputs (weights_only=False fallback)."""
+    marker = tmp_path / "PWNED"
+    evil = replace_entry(saved_program(tmp_path), tmp_path / "evil.pt2", "sample_inputs/model.pt",
+                         pickle.dumps(Marker(marker), protocol=protocol))
+    with pytest.raises(CheckpointError, match=r"evil\.pt2: m/data/sample_inputs/model\.pt "
+                                              r"holds a pickle.*loading it would run code from the "
+                                              r"file, so chop refuses by default.*--trust-checkpoint "
+                                              r"\(trust=True in Python\) only if you trust"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    assert torch.load is REAL_TORCH_LOAD  # everything patched is restored, also on errors
+
+
+def test_pt2_with_code_in_a_shape_expression_is_refused(tmp_path: Path) -> None:
+    """Hole 1: torch.export.load evaluates shape expressions with sympy.sympify (Python eval)."""
+    src = saved_program(tmp_path)
+    marker = tmp_path / "PWNED"
+    with zipfile.ZipFile(src) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        text = archive.read(name).decode()
+    found = re.search(r'"expr_str": "(Symbol\([^"]*\))"', text)
+    assert found is not None  # the dynamic batch dimension
+    code = f"__import__('os').system('touch {marker}')".replace("'", "\\u0027")
+    evil = replace_entry(src, tmp_path / "evil.pt2", "models/model.json",
+                         text.replace(found.group(1), code).encode())
+    with pytest.raises(CheckpointError, match=r"holds a shape expression that is not plain "
+                                              r"arithmetic \(\"__import__"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_pt2_with_a_compiled_library_is_refused(tmp_path: Path) -> None:
+    src = saved_program(tmp_path)
+    evil = tmp_path / "aoti.pt2"
+    shutil.copy(src, evil)
+    with zipfile.ZipFile(evil, "a") as archive:
+        archive.writestr("model/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(CheckpointError, match=r"model/data/aotinductor/model/model\.so holds an "
+                                              r"AOTInductor-compiled library \(native code\)"):
+        load_checkpoint(evil)
+
+
+def test_untrusted_pt2_refuses_every_unpickler_and_restores_them(tmp_path: Path) -> None:
+    import sympy
+    from torch.export.pt2_archive import _package
+
+    path = saved_program(tmp_path)
+    real = (torch.load, sympy.sympify, _package.pickle, torch._C._pickle_load_obj)
+    with pytest.raises(RuntimeError, match="inside"), untrusted_pt2(path):
+        for unpickle in (_package.pickle.loads, torch._C._pickle_load_obj):  # opaque, torchbind
+            with pytest.raises(CheckpointError, match="holds a pickled Python object"):
+                unpickle(pickle.dumps(Marker(tmp_path / "PWNED")))
+        with pytest.raises(CheckpointError, match="refuses"):
+            torch.load(io.BytesIO(pickle.dumps(Marker(tmp_path / "PWNED"), protocol=2)),
+                       weights_only=False)
+        assert torch.load(io.BytesIO(tensor_bytes()), weights_only=False).shape == (2,)
+        raise RuntimeError("an error inside")
+    assert (torch.load, sympy.sympify, _package.pickle, torch._C._pickle_load_obj) == real
+    assert not (tmp_path / "PWNED").exists()
+
+
+def tensor_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(2), buffer)
+    return buffer.getvalue()
+
+
+def test_trusted_pt2_and_chop_own_programs_load(tmp_path: Path) -> None:
+    path = saved_program(tmp_path)
+    for trust in (False, True):
+        program = load_checkpoint(path, trust=trust).program
+        assert program.module()(torch.randn(3, 4)).shape == (3, 3)
+
+
+@pytest.mark.parametrize(("text", "plain"), [
+    ("Symbol('s77', positive=True, integer=True)", True),
+    ("Add(Mul(Integer(2), Symbol('s0', integer=True)), Integer(-1))", True),
+    ("Max(Integer(2), FloorDiv(Symbol('s1'), Integer(4)))", True),
+    ("Float('1.5', precision=53)", True),
+    ("__import__('os').system('x')", False),
+    ("Symbol('s0').__class__", False),
+    ("Max('__import__(\"os\")', 1)", False),  # sympify would evaluate the string argument
+    ("Symbol('x y; import os')", False),
+    ("lambda: 0", False),
+    ("eval('1')", False),
+])
+def test_plain_sympy(text: str, plain: bool) -> None:
+    assert plain_sympy(text, {"FloorDiv"}) is plain
+
+
+def test_random_bytes_never_get_the_weights_only_false_advice(tmp_path: Path) -> None:
+    """Hole 6: random bytes named .pt got torch's advice to retry with weights_only=False."""
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 3)
+    with pytest.raises(CheckpointError, match=r"random\.pt is corrupt or not a \.pt file") as info:
+        load_checkpoint(tmp_path / "random.pt")
+    assert "weights_only" not in str(info.value)
+    assert info.value.__cause__ is not None

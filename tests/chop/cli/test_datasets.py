@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,33 @@ def test_callable(tmp_path: Path) -> None:
         load_batches(DataSpec(source="mydata:plain", batches=2), tmp_path)
     with pytest.raises(ConfigError, match="has no attribute 'nope'"):
         load_batches(DataSpec(source="mydata:nope"), tmp_path)
+
+
+class Marker:
+    """Unpickling this writes a marker file: the code a hostile data file would run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_data_files_are_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    torch.save({"inputs": torch.randn(8, 2), "targets": Marker(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match=r"evil\.pt: it holds pickled Python objects \(posix\.system"
+                                        r"\), which chop never unpickles from a data file; it must "
+                                        r"be a dict of tensors") as info:
+        load_batches(spec(source="evil.pt"), tmp_path)
+    assert info.value.__cause__ is not None
+    np.savez(tmp_path / "evil.npz", inputs=np.zeros((8, 2)),
+             targets=np.array([Marker(marker)] * 8, dtype=object))
+    with pytest.raises(DataError, match=r"evil\.npz: it holds pickled Python objects \(a pickled "
+                                        r"object array\)"):
+        load_batches(spec(source="evil.npz"), tmp_path)
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(DataError, match=r"random\.pt: not a torch\.save file") as info:
+        load_batches(spec(source="random.pt"), tmp_path)
+    assert "weights_only" not in str(info.value)
+    assert not marker.exists()

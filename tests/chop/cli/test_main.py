@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import chop
@@ -18,7 +26,7 @@ from chop.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[3]
 OUTPUTS = {"model.pt2", "weights.safetensors", "masks.safetensors", "report.json",
-           "sparsity.html", "graph.dot"}
+           "sparsity.html", "graph.dot", ".chop-manifest.json"}
 
 MODEL_PY = '''
 import torch
@@ -267,7 +275,7 @@ def fails(args: list[str], out: Path, capfd, *needles: str) -> str:
     for needle in needles:
         assert needle in flat, (needle, err)
     assert not out.exists() or not any(out.iterdir())
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     return flat
 
 
@@ -391,14 +399,46 @@ def test_bad_model_kwargs(project: Path, capfd) -> None:
 
 def test_existing_outdir_is_refused_then_forced(project: Path, capfd) -> None:
     out = project / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert main([*transform_args(project), "-o", str(out)]) == 2
+    assert main([*transform_args(project), "-o", str(out), "--quiet"]) == 0
+    assert main([*transform_args(project), "-o", str(out)]) == 2  # never replaced silently
     assert "--force" in capfd.readouterr().err
-    assert os.listdir(out) == ["keep.txt"]
     assert main([*transform_args(project), "-o", str(out), "--force", "--quiet"]) == 0
     assert set(os.listdir(out)) == OUTPUTS
     assert capfd.readouterr() == ("", "")  # --quiet: nothing but errors
+
+
+def test_force_never_deletes_files_chop_did_not_write(project: Path, capfd, monkeypatch) -> None:
+    """Hole 2: `cd myproject && chop transform --config ../cfg/snip.toml ../cfg/model.ckpt -o .
+    --force` deleted the whole project folder."""
+    mine = project.parent / "myproject"
+    mine.mkdir()
+    (mine / "train.py").write_text("print('my work')")
+    monkeypatch.chdir(mine)
+    assert main([*transform_args(project), "-o", ".", "--force"]) == 2
+    assert "holds the current folder" in capfd.readouterr().err
+    other = project.parent / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (other / "data").mkdir()
+    assert main([*transform_args(project), "-o", str(other), "--force"]) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "holds files chop did not write: data/, notes.txt" in err and "nothing was deleted" in err
+    assert (mine / "train.py").read_text() == "print('my work')"
+    assert (other / "notes.txt").read_text() == "mine" and (other / "data").is_dir()
+
+    # --force on the folder of the data file or of the model's .py
+    for folder, name in (("data", "batches.pt"), ("nets", "tinynet.py")):
+        (project / folder).mkdir()
+        (project / name).rename(project / folder / name)
+    config = project / "snip.toml"
+    config.write_text(config.read_text().replace('"tinynet:Tiny"', '"nets.tinynet:Tiny"')
+                      .replace('"batches.pt"', '"data/batches.pt"'))
+    for folder, name in (("data", "batches.pt"), ("nets", "tinynet.py")):
+        out = project / folder
+        assert main([*transform_args(project), "-o", str(out), "--force"]) == 2
+        assert f"holds the input {out / name}" in " ".join(capfd.readouterr().err.split())
+        assert (out / name).is_file()
+    assert main([*transform_args(project), "-o", str(project / "fine"), "--quiet"]) == 0
 
 
 def test_outdir_holding_the_input_is_refused(project: Path, capfd) -> None:
@@ -457,3 +497,486 @@ def test_a_user_mistake_inside_a_pass_exits_2(project: Path, capfd, monkeypatch)
     assert main([*transform_args(project), "-o", str(project / "out")]) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: pass 'snip'") and "targets" in err and "Traceback" not in err
+
+
+# -- hostile inputs and the user's folders (issue 9) ------------------------------------------------
+
+
+def evil_pt2(src: Path, dst: Path, marker: Path) -> Path:
+    """A copy of the chop output ``src`` whose sample inputs are a pickle that, unpickled, runs
+    ``touch marker``."""
+
+    class Marker:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            body = (pickle.dumps(Marker(), protocol=2) if "sample_inputs/" in info.filename
+                    else zin.read(info))
+            zout.writestr(info.filename, body)
+    return dst
+
+
+def test_a_pt2_runs_no_code_without_trust(project: Path, capfd) -> None:
+    """Hole 1: a .pt2 whose sample inputs unpickle to os.system ran it in `chop report` (exit 0)
+    and `chop transform`."""
+    assert main([*transform_args(project), "-o", str(project / "first"), "--quiet"]) == 0
+    marker = project / "PWNED"
+    evil_pt2(project / "first" / "model.pt2", project / "evil.pt2", marker)
+    config = project / "snip.toml"
+    config.write_text(config.read_text().split("[data]", 1)[0].split("[model]")[0]
+                      + "[data]" + config.read_text().split("[data]", 1)[1])  # no [model]
+    before = (project / "evil.pt2").read_bytes()
+    for args in (["report", str(project / "evil.pt2")],
+                 [*transform_args(project, ckpt="evil.pt2"), "-o", str(project / "out")]):
+        assert main(args) == 2
+        err = " ".join(capfd.readouterr().err.split())
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert "sample_inputs/model.pt holds a pickled Python object (posix.system)" in err
+        assert "--trust-checkpoint" in err and not marker.exists()
+    assert (project / "evil.pt2").read_bytes() == before and not (project / "out").exists()
+    result = run_cli("report", str(project / "evil.pt2"))  # the issue's command, as a process
+    assert result.returncode == 2 and "posix.system" in result.stderr and not marker.exists()
+    assert "Traceback" not in result.stderr
+    # chop's own outputs need no trust, and trusted loading still works
+    for trust in ([], ["--trust-checkpoint"]):
+        assert main(["report", str(project / "first" / "model.pt2"), *trust]) == 0
+    assert "fc1.weight" in capfd.readouterr().out
+
+
+WAIT_DATA = '''
+import time
+from pathlib import Path
+
+import torch
+
+def batches(batch_size=16):
+    go = Path(__file__).with_name("go")
+    for _ in range(1200):  # a slow data source: waits for the test to say go
+        if go.exists():
+            break
+        time.sleep(0.05)
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch_size, 1, 6, 6, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+            for _ in range(2)]
+'''
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def popen_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+    env.pop("CHOP_TRACEBACK", None)
+    return subprocess.Popen([sys.executable, "-m", "chop.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def test_two_runs_into_one_outdir(project: Path, capfd) -> None:
+    """Hole 3: two runs to the same -o both succeeded, the second silently replacing the
+    first."""
+    (project / "waitdata.py").write_text(WAIT_DATA)
+    config = project / "snip.toml"
+    config.write_text(config.read_text().replace('"batches.pt"', '"waitdata:batches"'))
+    out = project / "out"
+    first = popen_cli(*transform_args(project), "-o", str(out), "--quiet")
+    try:
+        wait_for(lambda: any(p.name.startswith(f".out.tmp-{first.pid}-") for p in project.iterdir()))
+        assert main([*transform_args(project), "-o", str(out)]) == 2
+        err = " ".join(capfd.readouterr().err.split())
+        assert f"another chop run (pid {first.pid}) is writing {out}" in err
+        (project / "go").write_text("")
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        first.kill()
+        first.communicate()
+    written = (out / "report.json").read_text()
+    assert main([*transform_args(project), "-o", str(out)]) == 2  # no silent replacement
+    assert "--force" in capfd.readouterr().err and (out / "report.json").read_text() == written
+
+
+def test_a_file_created_in_outdir_while_chop_runs_is_kept(project: Path, capfd) -> None:
+    """Hole 3: a file created in the output folder while chop writes was deleted."""
+    (project / "userdata.py").write_text(
+        "from pathlib import Path\nimport torch\n\n"
+        "def batches():\n"
+        "    out = Path(__file__).with_name('out')\n"
+        "    out.mkdir(exist_ok=True)\n"
+        "    (out / 'notes.txt').write_text('written meanwhile')\n"
+        "    data = torch.load(Path(__file__).with_name('batches.pt'))\n"
+        "    return [(data['inputs'][i:i + 16], data['targets'][i:i + 16]) for i in (0, 16)]\n"
+    )
+    config = project / "snip.toml"
+    config.write_text(config.read_text().replace('"batches.pt"', '"userdata:batches"')
+                      .replace("batch_size = 16\n", ""))
+    out = project / "out"
+    assert main([*transform_args(project), "-o", str(out), "--force"]) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "was changed while this run was working: it holds files chop did not write: notes.txt" in err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "written meanwhile"
+    assert not [p for p in project.iterdir() if p.name.startswith(".out.")]
+
+
+def mount_tmpfs(path: Path, *options: str) -> None:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", *options, "tmpfs", str(path)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
+def test_unwritable_outdirs_fail_first_as_user_errors(project: Path, capfd) -> None:
+    """Hole 4: -o under a regular file, on a read-only file system or at /proc/x failed with exit
+    3 ("internal error … a bug") after the whole run; an empty mount point failed with EBUSY and
+    left a .NAME.old-* folder. The checkpoint here does not exist: the output fails first."""
+    (project / "notes.txt").write_text("x")
+    cases = [(project / "notes.txt" / "out", "notes.txt is a file, not a folder")]
+    if Path("/proc/self").exists():
+        cases.append((Path("/proc/x/out"), "cannot write the output folder /proc/x/out"))
+    for out, expected in cases:
+        assert main([*transform_args(project, ckpt="missing.ckpt"), "-o", str(out)]) == 2
+        err = " ".join(capfd.readouterr().err.split())
+        assert err.startswith("error: cannot write the output folder") and expected in err, err
+    mount_tmpfs(project / "ro", "-o", "ro")
+    mount_tmpfs(project / "mnt")
+    try:
+        assert main([*transform_args(project, ckpt="missing.ckpt"), "-o", str(project / "ro" / "out")]) == 2
+        assert "Read-only file system" in capfd.readouterr().err
+        for force in ([], ["--force"]):
+            args = transform_args(project, ckpt="missing.ckpt")
+            assert main([*args, "-o", str(project / "mnt"), *force]) == 2
+            err = " ".join(capfd.readouterr().err.split())
+            assert "is a mount point; chop replaces OUTDIR with one rename" in err
+        assert not [p for p in project.iterdir() if p.name.startswith(".")]
+    finally:
+        subprocess.run(["umount", str(project / "ro")], check=False)
+        subprocess.run(["umount", str(project / "mnt")], check=False)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """True once the process has installed a SIGTERM handler (chop's main has started)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.parametrize(("sig", "code", "line"), [
+    (signal.SIGINT, 130, "interrupted: stopped; no partial output was left"),
+    (signal.SIGTERM, 143, "terminated: stopped; no partial output was left"),
+])
+def test_a_signal_at_start_up_prints_one_line(project: Path, sig, code, line) -> None:
+    """Hole 5: Ctrl-C during start-up printed a 38-line traceback."""
+    process = popen_cli(*transform_args(project), "-o", str(project / "out"))
+    wait_for(lambda: catches_sigterm(process.pid), timeout=60)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    # A KeyboardInterrupt raised inside eval() of a string (namedtuple does it while modules
+    # import) makes CPython end the process with SIGINT even though chop caught it: a shell
+    # sees status 130 either way.
+    allowed = (code, -signal.SIGINT) if sig == signal.SIGINT else (code,)
+    assert process.returncode in allowed and err == line + "\n"
+    assert not [p for p in project.iterdir() if p.name.startswith(".out") or p.name == "out"]
+
+
+SLOW_COPY = '''
+import time
+
+from tinynet import Tiny
+
+class SlowCopy(Tiny):
+    """A model whose deepcopy (chop checks weights.safetensors on a copy) takes minutes."""
+
+    def __deepcopy__(self, memo):
+        time.sleep(300)
+'''
+
+
+def start_slow_writer(project: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    """A real `chop transform` held in its writing step, its files all in the temporary folder."""
+    (project / "slownet.py").write_text(SLOW_COPY)
+    config = write_config(project, '["snip", "mask", "fold"]', name="slow.toml")
+    config.write_text(config.read_text().replace('"tinynet:Tiny"', '"slownet:SlowCopy"'))
+    process = popen_cli(*transform_args(project, config), "-o", str(out))
+    pattern = f".{out.name}.tmp-{process.pid}-"
+
+    def written() -> Path | None:
+        tmp = [p for p in out.parent.iterdir() if p.name.startswith(pattern)]
+        return tmp[0] if tmp and (tmp[0] / ".chop-manifest.json").exists() else None
+
+    wait_for(lambda: written() is not None or process.poll() is not None)
+    assert process.poll() is None, process.communicate()
+    return process, written()
+
+
+def test_sigterm_while_writing_leaves_nothing(project: Path) -> None:
+    """Hole 5: SIGTERM left .out.tmp-* folders with a partial model.pt2."""
+    out = project / "out"
+    process, tmp = start_slow_writer(project, out)
+    assert (tmp / "model.pt2").is_file()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and err == "terminated: stopped; no partial output was left\n"
+    assert not out.exists() and not [p for p in project.iterdir() if p.name.startswith(".out")]
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(project: Path, capfd) -> None:
+    """Hole 5: the .out.tmp-* folder of a killed run stayed, and no later run cleaned or named
+    it."""
+    out = project / "out"
+    process, tmp = start_slow_writer(project, out)
+    process.kill()  # SIGKILL: no clean-up possible
+    process.communicate(timeout=120)
+    assert (tmp / "model.pt2").is_file() and not out.exists()
+    assert main([*transform_args(project), "-o", str(out)]) == 0
+    err = "".join(capfd.readouterr().err.split())  # rich wraps long paths anywhere
+    assert f"removed{tmp},theunfinishedoutputofachoprun(pid{process.pid})thatwaskilled" in err
+    assert not tmp.exists() and set(os.listdir(out)) == OUTPUTS
+    assert sorted(p.name for p in project.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_pipeline_that_cannot_run_fails_before_loading(project: Path, capfd) -> None:
+    """Hole 6: `mask` without a criterion was refused only after ~24 s of loading and tracing;
+    here the checkpoint does not even exist."""
+    config = write_config(project, '["mask", "fold"]', name="nocrit.toml")
+    config.write_text(config.read_text().replace("[passes.snip]\nbatches = 2\n", ""))
+    fails(transform_args(project, config, ckpt="missing.ckpt"), project / "out", capfd,
+          "nocrit.toml: [pipeline] passes: pass 'mask' needs 'saliency'", 'e.g. "snip, mask"')
+
+
+def test_data_errors_say_what_to_fix(project: Path, capfd) -> None:
+    """Hole 6: torch's messages (a guard failure, "Target 10 is out of bounds", cross-entropy on
+    float targets, weights_only=False advice) instead of what is wrong and how to fix it."""
+    assert main([*transform_args(project), "-o", str(project / "first"), "--quiet"]) == 0
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 1, 6, 6, generator=g)
+    nomodel = project / "nomodel.toml"
+    text = (project / "snip.toml").read_text()
+    nomodel.write_text(text[text.index("[data]"):])
+
+    torch.save({"inputs": torch.randn(40, 3, 6, 6), "targets": torch.zeros(40, dtype=torch.long)},
+               project / "batches.pt")  # three channels for a one-channel program
+    flat = fails(transform_args(project, nomodel, ckpt="first/model.pt2"), project / "out", capfd,
+                 "[data]: the batches' input x is float32[16, 3, 6, 6], but",
+                 "model.pt2 takes x: float32[batch, 1, 6, 6]", "only the batch size may differ")
+    assert "Guard failed" not in flat and len(capfd.readouterr().err) == 0
+
+    torch.save({"inputs": inputs, "targets": torch.randint(0, 20, (40,), generator=g)},
+               project / "batches.pt")
+    fails(transform_args(project), project / "out", capfd, "error: pass 'snip':",
+          "the targets hold class 1", "but the model outputs 10 classes",
+          "class targets must be in [0, 10)")
+
+    torch.save({"inputs": inputs, "targets": torch.randn(40)}, project / "batches.pt")
+    fails(transform_args(project), project / "out", capfd,
+          "[data]: the targets are float32[16], but chop's command line scores and trains with "
+          "cross-entropy over integer class labels")
+
+    (project / "batches.pt").write_bytes(bytes(range(256)) * 4)
+    (project / "random.pt").write_bytes(bytes(range(256)) * 4)
+    for args, needle in ((transform_args(project), "cannot read data file"),
+                         (transform_args(project, ckpt="random.pt"), "random.pt is corrupt")):
+        flat = fails(args, project / "out", capfd, needle)
+        assert "weights_only" not in flat
+
+
+def test_a_chained_cause_is_shown_with_chop_traceback(project: Path, monkeypatch) -> None:
+    (project / "random.pt").write_bytes(bytes(range(256)) * 4)
+    monkeypatch.setenv("CHOP_TRACEBACK", "1")
+    with pytest.raises(chop.CheckpointError) as info:
+        main([*transform_args(project, ckpt="random.pt"), "-o", str(project / "out")])
+    assert info.value.__cause__ is not None
+
+
+def test_an_output_that_is_not_pruned_says_so(project: Path, capfd) -> None:
+    """Hole 7: sparsity = 0.0, or a pipeline without a mask pass, wrote a "pruned" model that is
+    0% sparse without a word."""
+    assert main([*transform_args(project), "-o", str(project / "zero"),
+                 "--set", "passes.mask.sparsity=0.0"]) == 0
+    shown = " ".join(capfd.readouterr().out.split())
+    assert "warning: not pruned: the masks keep every weight (sparsity 0.0)" in shown
+    report = json.loads((project / "zero" / "report.json").read_text())
+    assert report["warnings"] == ["not pruned: the masks keep every weight (sparsity 0.0); raise "
+                                  "the mask pass's sparsity, e.g. [passes.mask] sparsity = 0.9"]
+    config = project / "nomask.toml"
+    config.write_text(CONFIG.format(passes='["magnitude"]').split("[passes.snip]")[0])
+    assert main([*transform_args(project, config), "-o", str(project / "nomask"), "--json"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    assert report["warnings"][0].startswith("not pruned: no pass of the pipeline made masks")
+    assert main(["report", str(project / "nomask")]) == 0
+    assert "warning: not pruned" in capfd.readouterr().out
+    assert main([*transform_args(project), "-o", str(project / "pruned"), "--json"]) == 0
+    assert json.loads(capfd.readouterr().out)["warnings"] == []
+
+
+# -- property: hostile configs and files never crash chop, never leave anything, never change input --
+
+
+SECTIONS = {
+    "model": ["source", "kwargs", "modle"],
+    "data": ["source", "batch_size", "batches", "shuffle", "seed", "shape", "classes", "sise"],
+    "pipeline": ["passes", "pases"],
+    "passes.snip": ["batches", "accumulate", "bn", "temperature", "x"],
+    "passes.mask": ["sparsity", "scope", "granularity", "min_keep", "include", "biases"],
+    "train": ["epochs", "lr", "optimizer"],
+    "junk": ["a"],
+}
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=8)
+SCALARS = st.one_of(
+    st.booleans(), st.integers(-3, 70), st.integers(0, 4), st.floats(0, 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["snip", "mask", "fold", "global", "local", "tinynet:Tiny", "batches.pt",
+                     "digits", "synthetic", "2:4", "4x4", "channel", "sum-of-abs", "train",
+                     "snip, mask", "x:y", "../model.ckpt", "magnitude, mask, shrink"]),
+    TEXT,
+)
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3))
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(TEXT, inner, max_size=3), max_leaves=6)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if value != value else "inf" if value == float("inf") else \
+            "-inf" if value == float("-inf") else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
+
+
+@st.composite
+def configs(draw) -> tuple[str, list[str]]:
+    """A TOML config of chop's sections and keys (and some typos) with random values; or the
+    valid config with random ``--set`` overrides; or random text."""
+    kind = draw(st.sampled_from(["random", "overridden", "text"]))
+    if kind == "text":
+        return draw(st.text(st.characters(exclude_categories=("Cs",)), max_size=60)), []
+    sections = draw(st.lists(st.sampled_from(sorted(SECTIONS)), max_size=4, unique=True))
+    pairs = [(section, key) for section in sections
+             for key in draw(st.lists(st.sampled_from(SECTIONS[section]), min_size=1, max_size=3,
+                                      unique=True))]
+    if kind == "overridden":  # one or two known keys: runs that get further
+        return CONFIG.format(passes='["snip", "mask", "fold"]'), [
+            f"--set={section}.{key}={toml_value(draw(VALUES))}" for section, key in pairs[:2]
+            if key in SECTIONS[section][:4] and section != "junk"]
+    text = "".join(f"\n[{section}]\n" + "".join(f"{k} = {toml_value(draw(VALUES))}\n"
+                                                for s, k in pairs if s == section)
+                   for section in sections)
+    return text, []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def hostile(args: list[str], project: Path, capfd) -> None:
+    """`chop ARGS` exits 0, or 2 with a one-paragraph message; never a traceback or exit 3;
+    nothing is left behind and no input changes."""
+    before = snapshot(project)
+    out = project / "out"
+    code = main([*args, "-o", str(out)] if args[0] == "transform" else args)
+    captured = capfd.readouterr()
+    assert code in (0, 2), captured.err
+    assert "Traceback" not in captured.err
+    if code == 2:
+        assert captured.err.startswith("error: "), captured.err
+        assert not out.exists()
+    elif out.exists():
+        assert set(os.listdir(out)) == OUTPUTS
+        shutil.rmtree(out)
+    assert not [p.name for p in project.iterdir() if p.name.startswith(".")]
+    assert snapshot(project) == before  # the inputs are unchanged
+
+
+# Derandomized, so CI is reproducible; both property tests together take well under a minute.
+HOSTILE = settings(max_examples=100, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                          HealthCheck.too_slow])
+
+
+@HOSTILE
+@given(config=configs())
+def test_hostile_configs(project: Path, capfd, config: tuple[str, list[str]]) -> None:
+    text, overrides = config
+    (project / "hostile.toml").write_text(text)
+    hostile([*transform_args(project, project / "hostile.toml"), *overrides], project, capfd)
+
+
+@pytest.fixture
+def real_files(project: Path) -> dict[str, bytes]:
+    """The bytes of real files chop reads: a checkpoint, a data file, a .pt2, safetensors."""
+    assert main([*transform_args(project), "-o", str(project / "first"), "--quiet"]) == 0
+    first = project / "first"
+    files = {".ckpt": (project / "model.ckpt").read_bytes(),
+             ".pt2": (first / "model.pt2").read_bytes(),
+             ".safetensors": (first / "weights.safetensors").read_bytes(),
+             ".pt": (project / "batches.pt").read_bytes(),
+             ".json": (first / "report.json").read_bytes()}
+    shutil.rmtree(first)
+    return files
+
+
+@st.composite
+def broken_files(draw, real: dict[str, bytes]) -> tuple[str, bytes]:
+    """Random bytes, or a real file truncated or with a few bytes changed, with a suffix chop
+    reads."""
+    suffix = draw(st.sampled_from(sorted(real)))
+    kind = draw(st.sampled_from(["random", "truncated", "flipped"]
+                                + (["changed"] * 3 if suffix == ".json" else [])))
+    data = real[suffix]
+    if kind == "changed":  # a report.json with one value replaced
+        report = node = json.loads(data)
+        while True:  # walk down to a random value
+            keys = list(range(len(node))) if isinstance(node, list) else sorted(node)
+            key = draw(st.sampled_from(keys))
+            if not isinstance(node[key], (dict, list)) or not node[key] or draw(st.booleans()):
+                break
+            node = node[key]
+        node[key] = draw(JSON)
+        return suffix, json.dumps(report).encode()
+    if kind == "random":
+        return suffix, draw(st.binary(max_size=600))
+    if kind == "truncated":
+        return suffix, data[:draw(st.integers(0, len(data) - 1))]
+    flipped = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        flipped[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+    return suffix, bytes(flipped)
+
+
+@HOSTILE
+@given(data=st.data())
+def test_hostile_checkpoints_and_data_files(project: Path, capfd, real_files, data) -> None:
+    suffix, content = data.draw(broken_files(real_files))
+    if suffix == ".pt" and data.draw(st.booleans()):  # a broken data file
+        original = (project / "batches.pt").read_bytes()
+        (project / "batches.pt").write_bytes(content)
+        try:
+            hostile(transform_args(project), project, capfd)
+        finally:
+            (project / "batches.pt").write_bytes(original)
+        return
+    (project / f"hostile{suffix}").write_bytes(content)
+    if suffix != ".json":
+        hostile(transform_args(project, ckpt=f"hostile{suffix}"), project, capfd)
+    hostile(["report", str(project / f"hostile{suffix}")], project, capfd)
+    (project / f"hostile{suffix}").unlink()
+
+
+def test_readme_safety_promises_name_tests_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Safety", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`(test_\w+)`", section))
+    assert len(names) >= 10
+    sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").rglob("test_*.py"))
+    for name in names:
+        assert f"def {name}(" in sources, name

@@ -1,8 +1,12 @@
-"""chop.cli.outputs: choosing and checking OUTDIR, writing it atomically, the masks file, the
-re-exported program."""
+"""chop.cli.outputs: choosing and checking OUTDIR, writing it atomically and only over chop's own
+outputs (manifest, lock, leftovers of killed runs), the masks file, the re-exported program."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,15 @@ from safetensors.torch import load_file
 
 import chop
 from chop.cli import outputs
-from chop.cli.outputs import atomic_dir, check_outdir, default_outdir, masks_of
+from chop.cli.outputs import (
+    MANIFEST,
+    Output,
+    check_outdir,
+    default_outdir,
+    foreign_files,
+    masks_of,
+    write_manifest,
+)
 from chop.cli.report import build_report
 from chop.errors import InternalError, OutputError
 
@@ -28,15 +40,25 @@ def test_default_outdir_numbers_taken_folders(tmp_path):
     assert default_outdir(config) == tmp_path / "snip-out-3"
 
 
-def test_check_outdir_accepts_new_and_empty_folders(tmp_path):
+def chop_folder(path: Path, **files: str) -> Path:
+    """A folder as chop writes it: files and their manifest."""
+    path.mkdir(parents=True)
+    for name, text in (files or {"report.json": "{}"}).items():
+        (path / name).write_text(text)
+    write_manifest(path)
+    return path
+
+
+def test_check_outdir_accepts_new_and_empty_folders(tmp_path, monkeypatch):
     assert check_outdir(tmp_path / "new", []) == (tmp_path / "new").resolve()
     (tmp_path / "empty").mkdir()
     assert check_outdir(tmp_path / "empty", [tmp_path / "model.pt"]) == (tmp_path / "empty").resolve()
-    relative = check_outdir(Path("."), [], force=True)
-    assert relative.is_absolute()
+    monkeypatch.chdir(tmp_path)
+    relative = check_outdir(Path("sub"), [], force=True)
+    assert relative == tmp_path.resolve() / "sub"
 
 
-def test_check_outdir_refusals(tmp_path):
+def test_check_outdir_refusals(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match=r"output path .*file is a file; pass a folder with -o"):
         check_outdir(tmp_path / "file", [])
@@ -45,74 +67,190 @@ def test_check_outdir_refusals(tmp_path):
     (full / "a").write_text("x")
     with pytest.raises(OutputError, match=r"already exists and is not empty; .*--force"):
         check_outdir(full, [])
-    assert check_outdir(full, [], force=True) == full.resolve()
     model = full / "sub" / "model.pt"
     for out in (full, full / "sub", model):  # holds the input, or is it: even with force
         with pytest.raises(OutputError, match=r"holds the input .*model\.pt.*Choose another folder"):
             check_outdir(out, [model], force=True)
     assert check_outdir(full / "sub2", [model], force=True) == (full / "sub2").resolve()
+    monkeypatch.chdir(full / "sub2" if (full / "sub2").is_dir() else full)
+    for out in (Path("."), tmp_path):  # the current folder, or a folder above it
+        with pytest.raises(OutputError, match=r"holds the current folder"):
+            check_outdir(out, [], force=True)
+
+
+def test_force_replaces_only_chop_outputs(tmp_path):
+    """Hole 2: --force deleted folders chop did not write. Now it needs a manifest that lists
+    every file, unchanged."""
+    ours = chop_folder(tmp_path / "ours", **{"report.json": "{}", "model.pt2": "x"})
+    assert foreign_files(ours) == []
+    assert check_outdir(ours, [], force=True) == ours.resolve()
+
+    project = tmp_path / "project"  # a user's folder: no manifest
+    project.mkdir()
+    (project / "train.py").write_text("print('mine')")
+    (project / "data").mkdir()
+    with pytest.raises(OutputError, match=r"holds files chop did not write: data/, train\.py\. "
+                                          r"--force only replaces a folder of chop's own outputs"):
+        check_outdir(project, [], force=True)
+
+    (ours / "report.json").write_text('{"edited": true}')  # changed since chop wrote it
+    (ours / "notes.txt").write_text("mine")  # added
+    os.symlink(project / "train.py", ours / "link.py")
+    assert foreign_files(ours) == ["link.py", "notes.txt", "report.json"]
+    (ours / MANIFEST).write_text("not json")
+    assert MANIFEST in foreign_files(ours)  # a broken manifest proves nothing
+
+
+def mounted_tmpfs(path: Path) -> bool:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_mount_point_is_refused_before_any_work(tmp_path):
+    """Hole 4: an empty mount point failed with EBUSY at the end and left a .NAME.old-* folder."""
+    mount = tmp_path / "mnt"
+    if not mounted_tmpfs(mount):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(OutputError, match=r"is a mount point; .*-o .*mnt/run1"):
+            check_outdir(mount, [])
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-def test_atomic_dir_replaces_the_folder_on_success(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with atomic_dir(out) as tmp:
-        assert tmp.parent == tmp_path and tmp != out
-        (tmp / "new.txt").write_text("new")
+def test_output_replaces_a_chop_folder_on_success(tmp_path):
+    out = chop_folder(tmp_path / "out", **{"old.txt": "old"})
+    with Output(out, force=True) as target:
+        assert target.tmp.parent == tmp_path and target.tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+        assert leftovers(tmp_path) == [".out.lock", target.tmp.name]
+        (target.tmp / "new.txt").write_text("new")
         assert (out / "old.txt").exists()  # nothing changes until the end
+        target.commit()
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert leftovers(tmp_path) == []
 
 
-def test_atomic_dir_creates_missing_parents(tmp_path):
+def test_output_creates_missing_parents_and_removes_them_on_failure(tmp_path):
     out = tmp_path / "a" / "b" / "out"
-    with atomic_dir(out) as tmp:
-        (tmp / "x").write_text("x")
+    with pytest.raises(RuntimeError), Output(out) as target:
+        assert (tmp_path / "a" / "b").is_dir()
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []
+    with Output(out) as target:
+        (target.tmp / "x").write_text("x")
+        target.commit()
     assert (out / "x").read_text() == "x" and leftovers(out.parent) == []
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 @pytest.mark.parametrize("existing", [False, True])
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path, error, existing):
+def test_output_leaves_nothing_on_failure(tmp_path, error, existing):
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "old.txt").write_text("old")
-    with pytest.raises(type(error)), atomic_dir(out) as tmp:
-        (tmp / "half.txt").write_text("half")
+        chop_folder(out, **{"old.txt": "old"})
+    with pytest.raises(type(error)), Output(out, force=True) as target:
+        (target.tmp / "half.txt").write_text("half")
         raise error
     assert leftovers(tmp_path) == []
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+        assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "old.txt"]
     else:
         assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="atomic_dir moves the old OUTDIR aside before renaming the "
-                   "new one in; if that rename fails, OUTDIR is gone and its old contents are left "
-                   "in a hidden .NAME.old-* folder, not 'left as it was'")
-def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    rename = Path.rename
+def test_output_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, monkeypatch):
+    out = chop_folder(tmp_path / "out", **{"old.txt": "old"})
+    rename = os.rename
 
-    def failing(self, target):
-        if self.name.startswith(".out.tmp-") and Path(target) == out:  # the new folder's rename
-            raise OSError("rename failed")
-        return rename(self, target)
+    def failing(source, target):
+        if Path(source).name.startswith(".out.tmp-") and Path(target) == out:  # the new folder
+            raise OSError(28, "No space left on device", str(target))
+        return rename(source, target)
 
-    monkeypatch.setattr(Path, "rename", failing)
-    with pytest.raises(OSError, match="rename failed"), atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OutputError, match="cannot write the output folder .*No space left"), \
+            Output(out, force=True) as target:
+        (target.tmp / "new.txt").write_text("new")
+        target.commit()
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "old.txt"]
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_file_created_in_outdir_meanwhile_is_kept(tmp_path, existed):
+    """Hole 3: a file created in the output folder while chop wrote was deleted."""
+    out = tmp_path / "out"
+    if existed:
+        chop_folder(out, **{"report.json": "{}"})
+    with pytest.raises(OutputError, match=r"was changed while this run was working: it (is not "
+                                          r"empty|holds files chop did not write: notes\.txt)"), \
+            Output(out, force=existed) as target:
+        (target.tmp / "report.json").write_text('{"new": 1}')
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("mine")  # someone writes into OUTDIR meanwhile
+        target.commit()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "report.json").exists() == existed
+    assert leftovers(tmp_path) == []
+
+
+def test_one_run_at_a_time_per_outdir(tmp_path):
+    """Hole 3: two runs to the same -o both succeeded, the second replacing the first."""
+    out = tmp_path / "out"
+    with Output(out) as first:
+        with pytest.raises(OutputError, match=rf"another chop run \(pid {os.getpid()}\) is "
+                                              r"writing .*out; wait for it"):
+            Output(out).__enter__()
+        assert leftovers(tmp_path) == [".out.lock", first.tmp.name]
+        (first.tmp / "report.json").write_text("{}")
+        first.commit()
+    with Output(out) as second:  # the lock is free again
+        with pytest.raises(OutputError, match="was changed while this run was working: it is not empty"):
+            second.commit()  # without force, the first run's outputs stay
+    assert leftovers(tmp_path) == [] and (out / "report.json").is_file()
+
+
+def test_unwritable_places_fail_before_any_work(tmp_path):
+    """Hole 4: -o under a regular file or at /proc/x failed with exit 3 after the whole run."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write the output folder .*file is a file, not a folder"):
+        Output(tmp_path / "file" / "out").__enter__()
+    if Path("/proc/self").exists():
+        with pytest.raises(OutputError, match=r"cannot write the output folder /proc/x/out: "):
+            Output(Path("/proc/x/out")).__enter__()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_leftovers_of_killed_runs_are_removed_or_restored(tmp_path, caplog):
+    """Hole 5: a killed run's .out.tmp-* folders stayed forever, unmentioned."""
+    pid = dead_pid()
+    partial = tmp_path / f".out.tmp-{pid}-abc"
+    partial.mkdir()
+    (partial / "model.pt2").write_bytes(b"half")
+    alive = tmp_path / f".out.tmp-{os.getpid()}-def"  # a live process's: not touched
+    alive.mkdir()
+    other = tmp_path / ".other.tmp-1-x"  # another OUTDIR's: not touched
+    other.mkdir()
+    moved = chop_folder(tmp_path / f".out.old-{pid}-ghi", **{"report.json": "{}"})
+    with caplog.at_level("WARNING", logger="chop"), Output(tmp_path / "out"):
+        pass
+    assert not partial.exists() and alive.is_dir() and other.is_dir()
+    assert f"removed {partial}, the unfinished output of a chop run (pid {pid})" in caplog.text
+    # a run killed between moving OUTDIR aside and renaming its own folder in: OUTDIR is back
+    assert not moved.exists() and (tmp_path / "out" / "report.json").is_file()
+    assert f"restored {tmp_path / 'out'} from {moved}" in caplog.text
 
 
 def test_masks_of_lists_each_masked_parameter(cnn_graph):
@@ -156,8 +294,11 @@ def test_write_outputs_writes_checked_files_and_nothing_when_a_check_fails(mlp, 
     masks = {k: v.clone() for k, v in masks_of(graph).items()}
     report = build_report(graph)
     out = tmp_path / "out"
-    outputs.write_outputs(graph, report, out, x, keys, mlp)
-    assert sorted(p.name for p in out.iterdir()) == sorted(outputs.FILES)
+    with Output(out) as target:
+        outputs.write_outputs(graph, report, target, x, keys, mlp)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*outputs.FILES, MANIFEST])
+    manifest = json.loads((out / MANIFEST).read_text())["files"]
+    assert sorted(manifest) == sorted(outputs.FILES) and foreign_files(out) == []
     saved = load_file(out / "masks.safetensors")
     assert saved.keys() == masks.keys() and all(torch.equal(saved[k], masks[k]) for k in masks)
     weights = load_file(out / "weights.safetensors")
@@ -169,6 +310,6 @@ def test_write_outputs_writes_checked_files_and_nothing_when_a_check_fails(mlp, 
 
     monkeypatch.setattr(outputs, "check_same_outputs", differs)
     again = tmp_path / "again"
-    with pytest.raises(InternalError, match="model.pt2 differs"):
-        outputs.write_outputs(graph, report, again, x, keys, mlp)
+    with pytest.raises(InternalError, match="model.pt2 differs"), Output(again) as target:
+        outputs.write_outputs(graph, report, target, x, keys, mlp)
     assert not again.exists() and leftovers(tmp_path) == []

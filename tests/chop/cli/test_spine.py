@@ -15,7 +15,8 @@ from chop.cli import spine
 from chop.cli.checkpoint import load_checkpoint
 from chop.cli.config import load_config
 from chop.cli.models import LeNet300100
-from chop.errors import CheckpointError, ConfigError, DataError, OutputError
+from chop.cli.outputs import Output
+from chop.errors import CheckpointError, ConfigError, DataError, MissingMetadataError, OutputError
 from chop.ir.graph import Graph
 
 CONFIG = """
@@ -52,12 +53,12 @@ def test_prepare_returns_the_config_and_a_new_default_outdir(tmp_path):
     config, out = spine.prepare(config_path, ["passes.mask.sparsity=0.75"], None, "-out",
                                 [], force=False)
     assert config.passes[1].sparsity == 0.75 and config.overrides == {"passes.mask.sparsity": 0.75}
-    assert out == (tmp_path / "prune-out").resolve()
-    assert not out.exists()  # checked, not created
+    assert out.path == (tmp_path / "prune-out").resolve()
+    assert not out.path.exists()  # checked, not created
     (tmp_path / "prune-out").mkdir()
     (tmp_path / "prune-out" / "old.txt").write_text("x")
     _, out = spine.prepare(config_path, [], None, "-out", [], force=False)
-    assert out == (tmp_path / "prune-out-2").resolve()
+    assert out.path == (tmp_path / "prune-out-2").resolve()
 
 
 @pytest.mark.parametrize("bad", [
@@ -160,12 +161,15 @@ def test_run_pipeline_reports_each_pass_and_write_makes_the_outputs(tmp_path):
     assert seen == [("magnitude", 0, 2), ("mask", 1, 2)]
     assert [r.name for r in graph.history] == ["magnitude", "mask"]
     out = tmp_path / "out"
-    result = spine.write(graph, config, out, batches[0][0], keys, loaded.model, data={"batches": 1})
+    with Output(out) as target:
+        result = spine.write(graph, config, target, batches[0][0], keys, loaded.model,
+                             data={"batches": 1})
     assert result.outdir == out and result.graph is graph
     assert result.report["config"] == {"path": str(config.path), "overrides": {}}
     assert result.report["data"] == {"batches": 1}
     assert {p.name for p in out.iterdir()} == {"model.pt2", "weights.safetensors", "masks.safetensors",
-                                              "report.json", "sparsity.html", "graph.dot"}
+                                              "report.json", "sparsity.html", "graph.dot",
+                                              ".chop-manifest.json"}
 
 
 def export_fixed(tmp_path: Path, batch: int) -> Path:
@@ -202,3 +206,67 @@ def test_program_graph_needs_a_program(tmp_path):
     config = load_config(write(tmp_path))
     with pytest.raises(CheckpointError, match="is not a torch.export program"):
         spine.program_graph(load_checkpoint(lenet_checkpoint(tmp_path)), config)
+
+
+def test_prepare_refuses_a_pipeline_that_cannot_run_before_loading_anything(tmp_path):
+    """Hole 6: a pipeline with `mask` but no criterion was refused only after loading and
+    tracing (~24 s on a real model)."""
+    config_path = write(tmp_path, CONFIG.replace('["magnitude", "mask"]', '["mask", "fold"]'))
+    with pytest.raises(MissingMetadataError, match=rf"^{config_path}: \[pipeline\] passes: pass "
+                                                   r"'mask' needs 'saliency'.*e\.g\. \"snip, mask\""):
+        spine.prepare(config_path, [], tmp_path / "out", "-out", [tmp_path / "missing.pt"],
+                      force=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prune.toml"]
+
+
+def test_prepare_refuses_an_outdir_that_holds_a_file_the_config_names(tmp_path):
+    """Hole 2: --force on a folder holding the data file or the model's .py deleted them."""
+    (tmp_path / "cfg" / "data").mkdir(parents=True)
+    (tmp_path / "cfg" / "nets.py").write_text("from chop.cli.models import LeNet300100 as Net\n")
+    torch.save({"inputs": torch.randn(8, 16), "targets": torch.zeros(8, dtype=torch.long)},
+               tmp_path / "cfg" / "data" / "samples.pt")
+    text = CONFIG.replace('"lenet-300-100"', '"nets:Net"').replace('"synthetic"', '"data/samples.pt"')
+    config_path = write(tmp_path / "cfg", text)
+    for out, held in ((tmp_path / "cfg" / "data", "samples.pt"), (tmp_path / "cfg" / "nets.py", "nets.py")):
+        with pytest.raises(OutputError, match=rf"holds the input .*{held}; writing there would"):
+            spine.prepare(config_path, [], out, "-out", [], force=True)
+    assert (tmp_path / "cfg" / "data" / "samples.pt").is_file()
+
+
+def test_load_data_checks_batches_against_each_other_and_the_loss(tmp_path):
+    (tmp_path / "mixed.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    return [(torch.randn(4, 16), torch.zeros(4, dtype=torch.long)),\n"
+        "            (torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]\n"
+    )
+    text = CONFIG.replace('source = "synthetic"\nbatch_size = 4\nshape = [16]\nclasses = 4',
+                          'source = "mixed:batches"\nbatches = 2')
+    config = load_config(write(tmp_path, text))
+    with pytest.raises(DataError, match=r"\[data\]: batch 1 has inputs float32\[4, 8\] but batch 0 "
+                                        r"has float32\[4, 16\]; every batch must have the same"):
+        spine.load_data(config)
+    torch.save({"inputs": torch.randn(8, 16), "targets": torch.randn(8)}, tmp_path / "reg.pt")
+    config = load_config(write(tmp_path, CONFIG.replace('"synthetic"', '"reg.pt"')))
+    with pytest.raises(DataError, match=r"\[data\]: the targets are float32\[4\], but chop's command "
+                                        r"line scores and trains with cross-entropy over integer "
+                                        r"class labels; save the targets as integer class indices"):
+        spine.load_data(config)
+    assert len(spine.load_data(config, targets=False)) == 1  # magnitude pruning needs no targets
+
+
+def test_program_graph_refuses_data_of_another_shape(tmp_path):
+    """Hole 6: data of the wrong shape for a .pt2 failed inside the first pass with torch's
+    guard message (`Guard failed: x.size()[1] == 16`)."""
+    path = tmp_path / "model.pt2"
+    program = torch.export.export(nn.Sequential(nn.Linear(16, 4)), (torch.randn(4, 16),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    config = load_config(write(tmp_path))
+    checkpoint = load_checkpoint(path)
+    with pytest.raises(DataError, match=r"\[data\]: the batches' input input_1 is float32\[4, 8\], "
+                                        r"but .*model\.pt2 takes input_1: float32\[batch, 16\]; give "
+                                        r"\[data\] samples of the shape and dtype"):
+        spine.program_graph(checkpoint, config, torch.randn(4, 8))
+    graph = spine.program_graph(checkpoint, config, torch.randn(4, 16))
+    assert graph(torch.randn(3, 16)).shape == (3, 4)

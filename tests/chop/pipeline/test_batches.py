@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import chop
 from chop.errors import DataError, InternalError, OptionError
 from chop.pipeline.batches import (
     batch_loss,
@@ -17,6 +18,7 @@ from chop.pipeline.batches import (
     check_same_outputs,
     cross_entropy,
     describe,
+    expected_inputs,
     logits_of,
     take,
 )
@@ -82,6 +84,30 @@ def test_cross_entropy_refuses_unusable_targets():
         cross_entropy(logits, torch.tensor([0, 1, 2]))
 
 
+@pytest.mark.parametrize("targets", [torch.randn(4), torch.rand(4, 5)])
+def test_cross_entropy_refuses_float_targets(targets):
+    """Hole 6: float regression targets silently used cross-entropy (soft labels of the logits'
+    shape were accepted as probabilities)."""
+    with pytest.raises(DataError, match=r"^the targets are float32\[4.*\], but the default loss is "
+                                        r"cross-entropy over integer class indices; for regression "
+                                        r"or soft labels pass loss=callable\(outputs, targets\), "
+                                        r"e\.g\. loss=torch\.nn\.functional\.mse_loss$"):
+        cross_entropy(torch.randn(4, 5), targets)
+
+
+@pytest.mark.parametrize(("targets", "bad"), [([0, 4, 10, 1], 10), ([0, -3, 2, 1], -3)])
+def test_cross_entropy_refuses_labels_out_of_range(targets, bad):
+    """Hole 6: out-of-range labels gave torch's "IndexError: Target 10 is out of bounds"."""
+    with pytest.raises(DataError, match=rf"^the targets hold class {bad}, but the model outputs 5 "
+                                        r"classes \(logits float32\[4, 5\]\): class targets must "
+                                        r"be in \[0, 5\), or -100 to ignore a position\. Fix the "
+                                        r"labels, or build the model with as many outputs as classes$"):
+        cross_entropy(torch.randn(4, 5), torch.tensor(targets))
+    seq = torch.randn(2, 3, 5)
+    ignored = torch.tensor([[1, -100, 4], [-100, 0, 2]])  # -100 is not a class: ignored
+    assert torch.isfinite(cross_entropy(seq, ignored))
+
+
 def test_take_yields_pairs_and_checks_them():
     data = [(torch.ones(1), 0), [torch.zeros(1), 1], (torch.ones(1), 2)]
     got = list(take(data, 2, "snip"))
@@ -121,18 +147,31 @@ def test_batch_loss_default_and_custom_losses(mlp, mlp_batches):
 
 def test_batch_loss_model_failure_is_a_data_error_with_the_cause(mlp, mlp_batches):
     _, y = mlp_batches[0]
-    with pytest.raises(DataError, match=r"^snip: the model failed on a batch of the data: "
-                                        r"RuntimeError: .*\(float32\[8, 7\]\)$") as info:
+    with pytest.raises(DataError, match=r"^snip: the model failed on a batch of the data "
+                                        r"\(RuntimeError: .*\)\. The batch's inputs are "
+                                        r"float32\[8, 7\]\. Give every batch") as info:
         batch_loss(mlp, torch.randn(8, 7), y, None, "snip")
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+def test_batch_loss_names_the_shape_a_graph_was_traced_with(mlp, mlp_batches):
+    """Hole 6: a wrong input shape gave only torch's guard message."""
+    x, y = mlp_batches[0]
+    graph = chop.trace(mlp, x)
+    assert expected_inputs(graph.module) == "x: float32[batch, 16]"
+    assert expected_inputs(mlp) is None  # not a traced module
+    with pytest.raises(DataError, match=r"^snip: the model failed on a batch of the data \("
+                                        r".*\)\. The batch's inputs are float32\[8, 7\]; the "
+                                        r"model was traced with x: float32\[batch, 16\]\. Give "
+                                        r"every batch .*only the batch size may differ\)$") as info:
+        batch_loss(graph.module, torch.randn(8, 7), y, None, "snip")
+    assert info.value.__cause__ is not None
+
+
 def test_batch_loss_loss_failure_is_a_data_error_with_the_cause(mlp, mlp_batches):
     x, y = mlp_batches[0]
-    with pytest.raises(DataError, match=r"^snip: the default cross-entropy loss raised IndexError: "
-                                        r".*Check the targets \(int64\[8\]\) or pass loss=") as info:
+    with pytest.raises(DataError, match=r"^the targets hold class 1[0-3], but the model outputs 4"):
         batch_loss(mlp, x, y + 10, None, "snip")  # class 10+ of 4
-    assert isinstance(info.value.__cause__, IndexError)
 
     def broken(outputs, targets):
         raise KeyError("labels")

@@ -129,3 +129,21 @@ def test_failure_while_visiting_a_node_names_it(cnn_graph):
         chop.run(cnn_graph, [Explode()])
     assert not isinstance(info.value, chop.ChopError)
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_run_needs_a_traced_graph(cnn, cnn_batches):
+    """Hole 6: chop.run(nn.Module, ...) raised a raw AttributeError."""
+    with pytest.raises(chop.TraceError, match=r"^chop\.run needs a chop\.Graph, got a ResidualCNN; "
+                                              r"trace the model first: graph = chop\.trace\(model, "
+                                              r"example_inputs\), then chop\.run\(graph, \.\.\.\)$"):
+        chop.run(cnn, "snip, mask", data=cnn_batches)
+
+
+def test_a_model_without_parameters_is_refused_before_scoring(cnn_batches):
+    """Hole 6: a model with no parameters failed with torch's "`inputs` argument to grad()
+    cannot be empty" (an internal error)."""
+    graph = chop.trace(torch.nn.Flatten(), cnn_batches[0][0])
+    with pytest.raises(chop.PassError, match=r"^Flatten has no parameters, so pass 'snip' has no "
+                                             r"weight to score or prune; trace the model that "
+                                             r"holds the weights"):
+        chop.run(graph, "snip, mask", data=cnn_batches)
