@@ -209,6 +209,7 @@ class PassManager:
         *,
         track: Callable[[Iterable, int | None, str], Iterable] | None = None,
         on_pass: Callable[[Pass, int, int], None] | None = None,
+        shared_data: bool = False,
     ) -> Graph:
         """Run every pass on ``graph`` in order and return it.
 
@@ -218,6 +219,8 @@ class PassManager:
             loss: ``loss(outputs, targets)``; None means cross-entropy.
             track: progress wrapper for long loops (see :class:`~chop.pipeline.pass_base.Context`).
             on_pass: called as ``on_pass(pass, index, count)`` before each pass starts.
+            shared_data: every rank of a process group was given the same ``data`` (see
+                :class:`~chop.pipeline.pass_base.Context`).
         """
         if not isinstance(graph, Graph):
             raise TraceError(
@@ -232,7 +235,7 @@ class PassManager:
                 "score or prune; trace the model that holds the weights (a program exported "
                 "with its weights as inputs has none)"
             )
-        ctx = Context(data=data, loss=loss)
+        ctx = Context(data=data, loss=loss, shared_data=shared_data)
         if track is not None:
             ctx.track = track
         for index, p in enumerate(self.passes):

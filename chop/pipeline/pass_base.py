@@ -87,6 +87,11 @@ class Context:
         track: wraps a long loop for progress display: ``track(items, total, description)``.
         before: names of the passes that already ran in this pipeline.
         node: the node a pass is working on, named in error messages (see :meth:`visiting`).
+        shared_data: with a torch.distributed process group, every rank was given the same
+            ``data``: a data-parallel pass then scores its share of the batches it reads
+            (batch i on rank i mod world size) instead of all of them, so the ranks together
+            score each batch once (``chop`` under ``torchrun`` does this). False: each rank's
+            ``data`` is its own.
     """
 
     data: Iterable | None = None
@@ -94,6 +99,7 @@ class Context:
     track: Callable[[Iterable, int | None, str], Iterable] = _identity_track
     before: list[str] = field(default_factory=list)
     node: Node | None = None
+    shared_data: bool = False
 
     @contextmanager
     def visiting(self, node: Node) -> Iterator[Node]:

@@ -44,6 +44,7 @@ the command line. The autograd scoring loop is :func:`~chop.passes.analysis.scor
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from chop.errors import OptionError
+from chop.errors import OptionError, PassError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import select_weights
@@ -161,20 +162,33 @@ class Criterion(Pass, ABC):
         loss: Callable[[Any, Any], torch.Tensor] | None = None,
         *,
         track: Callable[[Iterable, int | None, str], Iterable] | None = None,
+        shared_data: bool = False,
         **options: Any,
     ) -> dict[str, torch.Tensor]:
         """Build the criterion from ``options``, write its saliency on ``graph`` and return the
-        scores by parameter name: the plain-function form of the pass."""
-        ctx = Context(data=data, loss=loss)
+        scores by parameter name: the plain-function form of the pass (``track`` and
+        ``shared_data`` as in :class:`~chop.pipeline.pass_base.Context`)."""
+        ctx = Context(data=data, loss=loss, shared_data=shared_data)
         if track is not None:
             ctx.track = track
         return cls.from_options(options)._score(graph, ctx)[0]
 
+    def _batches(self, data: Iterable | None, count: int, shared: bool) -> tuple[Iterable, int]:
+        """The batches the hook reads, and how many: the first ``count`` of ``data``."""
+        return take(data, count, self.name), count
+
     def _score(self, graph: Graph, ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         nodes = scored_nodes(graph, self.params)
+        if not nodes:
+            raise PassError(
+                f"{self.name}: {graph.name} has no weights to score with params={self.params} "
+                f"({'linear and conv weights' if self.params == 'prunable' else 'floating-point parameters'}); "
+                + ("use params=all to score the other parameters" if self.params == "prunable"
+                   else "prune a model that has parameters")
+            )
         data, count = ctx.data, self.data_batches()
         if count:  # in place, not a copy: a node the hook marks (ctx.visiting) is reported
-            ctx.data = ctx.track(take(data, count, self.name), count, self.name)
+            ctx.data = ctx.track(*self._batches(data, count, ctx.shared_data), self.name)
         try:
             scores = self.scores(graph, nodes, ctx)
         finally:
@@ -211,6 +225,15 @@ class DataCriterion(Criterion):
     def data_parallel(self) -> bool:
         """Whether the scores are summed over the ranks of a process group."""
         return self.distributed == "auto" and dist.active()
+
+    def _batches(self, data: Iterable | None, count: int, shared: bool) -> tuple[Iterable, int]:
+        """With data shared by every rank, this rank's share of the first ``count`` batches
+        (batch i on rank i mod world size); else the first ``count`` of this rank's own."""
+        if not (shared and self.data_parallel()):
+            return super()._batches(data, count, shared)
+        rank, world = dist.rank(), dist.world_size()
+        mine = len(range(rank, count, world))
+        return itertools.islice(take(data, count, self.name), rank, None, world), mine
 
     def sum_over_ranks(self, tensors: list[torch.Tensor]) -> None:
         """Sum ``tensors`` over the ranks in place when :meth:`data_parallel` (every rank must

@@ -153,6 +153,7 @@ class IterativeSnip(Mask):
                 snip_saliency(
                     graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn,
                     accumulate=self.accumulate, distributed=self.distributed, track=ctx.track,
+                    shared_data=ctx.shared_data,
                 )
             selecting = _nothing() if self.allow_regrowth else pruned_last(graph)
             with selecting:

@@ -133,3 +133,18 @@ def test_the_hooks_own_context_is_the_managers(mlp, mlp_batches):
     with pytest.raises(chop.DataError):
         Fails().apply(graph, ctx)
     assert ctx.data is mlp_batches
+
+
+def test_nothing_to_score_is_a_clear_error():
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.table(ids).sum(1)
+
+    graph = chop.trace(Embed(), (torch.randint(0, 10, (2, 3)),))
+    data = [(torch.randint(0, 10, (2, 3)), torch.randint(0, 4, (2,)))]
+    with pytest.raises(chop.PassError, match="no weights to score with params=prunable.*params=all"):
+        chop.run(graph, "snip{params=prunable}", data=data)

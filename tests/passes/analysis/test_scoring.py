@@ -113,3 +113,35 @@ def test_the_eager_loop_equals_the_graph_loop(accumulate):
     assert torch.equal(model.fc1.weight.grad, torch.ones_like(model.fc1.weight))
     assert model.fc2.weight.grad is None and model.training
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def on_rank_shared(rank, world, criteria):
+    """Every rank is given all the batches (shared_data): each scores its share of them."""
+    out = {}
+    for criterion in criteria:
+        torch.manual_seed(0)
+        data = batches()
+        graph = chop.trace(Net(), (data[0][0],))
+        chop.run(graph, f"{criterion}{{batches={len(data)}}}, mask{{sparsity=0.7}}", data=data,
+                 shared_data=True)
+        out[criterion] = ({n.target: n.meta["chop"]["mask"] for n in graph.weight_nodes()
+                           if "mask" in n.meta["chop"]}, graph.history[0].info,
+                          {n.target: n.meta["chop"]["saliency"] for n in graph.weight_nodes()})
+    return out
+
+
+def test_shared_data_is_split_over_the_ranks(ranks):
+    """The CLI under torchrun hands every rank the same batches: together the ranks score each
+    batch once, and the masks equal one process scoring all of them."""
+    criteria = ["snip", "gradient", "iterative-snip"]
+    results = ranks.run(on_rank_shared, criteria)
+    for criterion in criteria:
+        masks = [r[criterion][0] for r in results]
+        saliency, expected, _ = score(criterion, batches())
+        for name, mask in expected.items():
+            assert torch.equal(masks[0][name], mask), (criterion, name)
+            assert torch.equal(masks[1][name], mask), (criterion, name)
+        if criterion != "iterative-snip":  # each batch scored once: the same sums, not twice
+            for name, value in saliency.items():
+                torch.testing.assert_close(results[0][criterion][2][name], value)
+    assert results[0]["snip"][1]["ranks"] == 2
