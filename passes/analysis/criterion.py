@@ -180,10 +180,11 @@ class Criterion(Pass, ABC):
     def _score(self, graph: Graph, ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         nodes = scored_nodes(graph, self.params)
         if not nodes:
+            prunable = self.params == "prunable"
             raise PassError(
                 f"{self.name}: {graph.name} has no weights to score with params={self.params} "
-                f"({'linear and conv weights' if self.params == 'prunable' else 'floating-point parameters'}); "
-                + ("use params=all to score the other parameters" if self.params == "prunable"
+                f"({'linear and conv weights' if prunable else 'floating-point parameters'}); "
+                + ("use params=all to score the other parameters" if prunable
                    else "prune a model that has parameters")
             )
         data, count = ctx.data, self.data_batches()
