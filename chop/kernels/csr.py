@@ -1,19 +1,34 @@
 """Sparse weight kernels used by the ``sparse`` export pass.
 
-``torch.ops.chop.csr_linear(x, values, col_indices, crow_indices, out_features, bias)`` computes
-``x @ W.T + bias`` for a weight ``W`` of shape ``(out_features, x.shape[-1])`` stored in CSR form
-(three plain tensors, so they are buffers in ``state_dict``). ``x`` may have any leading shape.
+``torch.ops.chop.csr_linear(x, values, col_indices, crow_indices, out_features, bias, kernels,
+from_rows)`` computes ``x @ W.T + bias`` for a weight ``W`` of shape ``(out_features,
+x.shape[-1])`` stored in CSR form (three plain tensors, so they are buffers in ``state_dict``).
+``x`` may have any leading shape.
 
-Two kernels, chosen per call by the number of input rows (measured on this project's 2-core
-machine, quiet): for fewer than :data:`TORCH_CSR_BELOW` rows torch's own CSR matmul, which is
-multi-threaded, is fastest (12.8× / 50× faster than dense at 95% / 99% sparsity, 4096×4096,
-batch 1); for more rows scipy's compiled ``csr_matvecs`` walks each row's non-zeros once for all
-inputs and wins (2.0× / 8.5× against torch CSR's 1.2× / 5.6× at 64 rows). scipy is an optional
-extra (``pip install 'chop[sparse]'``). Under heavy contention torch's threads stall on each
-other and its CSR kernel degrades more than scipy's single-threaded loop.
-It is a ``torch.library.custom_op`` with a fake implementation, so graphs holding it still
-export with torch.export and run under FakeTensor; loading such a ``.pt2`` needs this module
-imported (``import chop.kernels.csr``) so the op is registered.
+Three CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2 threads):
+
+- ``torch-linear``: ``F.linear(x, W_csr, bias)``, torch's CSR kernel on ``x @ W.T``; the
+  fastest at one row, far slower than the others from a few rows on;
+- ``torch-mm``: ``(W_csr @ x.T).T`` (``torch.addmm``), multi-threaded, the fastest at most row
+  counts;
+- ``scipy``: scipy's compiled single-threaded ``csr_matvecs`` (an optional extra, ``pip install
+  'chop[sparse]'``), which walks each row's non-zeros once for all inputs and sometimes wins at
+  many rows, or when other processes hold the cores.
+
+Which one runs is the op's *plan*: ``kernels[i]`` (an index into :data:`KERNELS`) runs when the
+input has at least ``from_rows[i - 1]`` and fewer than ``from_rows[i]`` rows (``len(kernels) ==
+len(from_rows) + 1``; no plan means ``torch-mm``). The plan is an argument of the op, so a graph
+or a ``.pt2`` carries it and needs nothing else. :func:`plan_kernels` measures the kernels on one
+weight and returns its plan; the ``sparse`` export stores one per layer. The CSR tensor itself
+is rebuilt on each call from the three buffers, without copies or validation (~2 µs): torch.export
+cannot serialise sparse buffers.
+
+It is a custom op (``torch.library.define`` + ``impl``) with a fake implementation and an
+autograd formula, so graphs holding it still export with torch.export and run under FakeTensor;
+loading such a ``.pt2`` needs this module imported (``import chop``) so the op is registered. A plan naming ``scipy`` runs ``torch-mm``
+where scipy is not installed (same result). Each call through the dispatcher costs ~10 µs more
+than calling :func:`csr_linear_forward` directly, which
+:func:`chop.passes.export.common.deployable` does.
 
 Autograd: the gradient flows to ``x`` and ``bias`` (so layers before a sparse layer can still
 train); the stored non-zero values are buffers and get no gradient — the sparse export is for
@@ -25,19 +40,28 @@ On CUDA, 2:4 semi-structured weights can instead use :func:`torch.sparse.to_spar
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
+import itertools
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from chop.errors import PassError
+from chop.kernels.timing import interleaved_seconds
 
 CSR_OP = "chop::csr_linear"
+KERNELS = ("torch-linear", "torch-mm", "scipy")  # a plan's kernel ids index this tuple
+TORCH_LINEAR, TORCH_MM, SCIPY = range(3)
+PLAN_ROWS = (1, 4, 16, 64)  # row counts plan_kernels times; bands switch at their geometric means
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def have_scipy() -> bool:
-    """True when scipy (the CPU CSR kernel) can be imported."""
+    """True when scipy (the ``scipy`` CSR kernel) can be imported."""
     return importlib.util.find_spec("scipy") is not None
 
 
@@ -67,41 +91,28 @@ def to_csr(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _sparsetools() -> Any:
     """scipy's compiled CSR routines: the private ``_sparsetools`` module when present (it skips
-    ~10 µs of Python validation per call, which matters at batch 1), else None."""
+    ~10 µs of Python validation per call), else None."""
     try:
         from scipy.sparse import _sparsetools
-
-        _sparsetools.csr_matvec, _sparsetools.csr_matvecs, _sparsetools.csc_matvecs
-        return _sparsetools
-    except (ImportError, AttributeError):
+    except ImportError:
         return None
+    return _sparsetools if hasattr(_sparsetools, "csr_matvecs") else None
 
 
-def _csr_times(
-    values: torch.Tensor, col: torch.Tensor, crow: torch.Tensor, shape: tuple[int, int],
-    dense: torch.Tensor, *, transpose: bool = False,
-) -> torch.Tensor:
-    """``W @ dense`` (or ``W.T @ dense``) for ``W`` of ``shape`` in CSR form; ``dense`` is
-    ``(k,)`` or ``(k, n)``. Runs scipy's single-threaded compiled loops."""
-    rows, cols = shape
-    out_rows = cols if transpose else rows
-    x = dense.detach().contiguous().numpy()
-    data, indices, indptr = values.detach().numpy(), col.numpy(), crow.numpy()
+def _scipy_times(values: torch.Tensor, col: torch.Tensor, crow: torch.Tensor,
+                 shape: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ W.T`` for ``W`` of ``shape`` in CSR form, by scipy's single-threaded loops."""
+    x = rows.t().contiguous().numpy()  # (in, n): csr_matvecs computes W @ x
+    data, indices, indptr = values.numpy(), col.numpy(), crow.numpy()
     tools = _sparsetools()
     if tools is None:
         import scipy.sparse
 
         matrix = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape, copy=False)
-        return torch.from_numpy((matrix.T if transpose else matrix) @ x)
-    y = torch.zeros((out_rows, *x.shape[1:]), dtype=dense.dtype)
-    out = y.numpy()
-    if transpose:  # the CSR arrays of W are the CSC arrays of W.T
-        tools.csc_matvecs(cols, rows, x.shape[1] if x.ndim == 2 else 1, indptr, indices, data, x, out)
-    elif x.ndim == 1:
-        tools.csr_matvec(rows, cols, indptr, indices, data, x, out)
-    else:
-        tools.csr_matvecs(rows, cols, x.shape[1], indptr, indices, data, x, out)
-    return y
+        return torch.from_numpy(matrix @ x).t().contiguous()
+    y = torch.zeros(shape[0], x.shape[1], dtype=rows.dtype)
+    tools.csr_matvecs(shape[0], shape[1], x.shape[1], indptr, indices, data, x, y.numpy())
+    return y.t().contiguous()
 
 
 def _check(x: torch.Tensor, values: torch.Tensor) -> None:
@@ -118,70 +129,102 @@ def _check(x: torch.Tensor, values: torch.Tensor) -> None:
         )
 
 
-# Below this many input rows torch's own CSR matmul (multi-threaded) beats scipy's loops; from
-# it on scipy's csr_matvecs wins (4096x4096 at 95%/99%, 2 threads, quiet machine: torch 12.8x /
-# 50x faster than dense at 1 row, scipy 2.0x / 8.5x vs torch 1.2x / 5.6x at 64 rows).
-TORCH_CSR_BELOW = 16
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-
-@torch.library.custom_op(CSR_OP, mutates_args=())
-def csr_linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    col_indices: torch.Tensor,
-    crow_indices: torch.Tensor,
-    out_features: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x @ W.T + bias`` with ``W`` ``(out_features, in_features)`` in CSR form (torch's CSR
-    kernel for a few rows, scipy's for more)."""
-    _check(x, values)
-    lead, features = x.shape[:-1], x.shape[-1]
-    rows = x.detach().reshape(-1, features)
-    shape = (out_features, features)
-    if rows.shape[0] < TORCH_CSR_BELOW:  # few rows: torch's multi-threaded CSR kernel is faster
-        weight = torch.sparse_csr_tensor(
-            crow_indices, col_indices, values.detach(), shape, check_invariants=False
+def check_plan(kernels: Sequence[int] | None, from_rows: Sequence[int] | None) -> None:
+    """Raise :class:`PassError` unless ``(kernels, from_rows)`` is a valid plan (module doc)."""
+    kernels, from_rows = list(kernels or ()), list(from_rows or ())
+    if (kernels or from_rows) and (
+        len(kernels) != len(from_rows) + 1
+        or any(k not in range(len(KERNELS)) for k in kernels)
+        or any(r < 1 for r in from_rows) or from_rows != sorted(set(from_rows))
+    ):
+        raise PassError(
+            f"chop.csr_linear: invalid kernel plan kernels={kernels} from_rows={from_rows}; "
+            f"kernels are indices into {KERNELS}, one more than the increasing row thresholds "
+            "from_rows (e.g. kernels=[0, 1], from_rows=[2]: torch-linear for 1 row, torch-mm from 2)"
         )
-        y = torch.nn.functional.linear(rows, weight)
-    else:  # W @ x.T: scipy's csr_matvecs walks each row's non-zeros once for all inputs
-        y = _csr_times(values, col_indices, crow_indices, shape, rows.t()).t().contiguous()
-    if bias is not None:
-        y += bias.detach()
-    return y.reshape(*lead, out_features)
 
 
-@csr_linear.register_fake
-def _(x, values, col_indices, crow_indices, out_features, bias=None):
+def kernel_for(rows: int, kernels: Sequence[int] | None, from_rows: Sequence[int] | None) -> int:
+    """The kernel (an index into :data:`KERNELS`) that the plan runs for ``rows`` input rows."""
+    if not kernels:
+        return TORCH_MM
+    return kernels[bisect.bisect_right(from_rows, rows)] if from_rows else kernels[0]
+
+
+def csr_linear_forward(
+    x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
+    out_features: int, bias: torch.Tensor | None = None, kernels: Sequence[int] | None = None,
+    from_rows: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The computation of ``chop::csr_linear`` (the module doc), as a plain function: no
+    dispatcher, no autograd (call it under ``torch.no_grad()``/``inference_mode``)."""
+    _check(x, values)
+    features = x.shape[-1]
+    rows = x if x.dim() == 2 else x.reshape(-1, features)
+    kernel = kernel_for(rows.shape[0], kernels, from_rows)
+    if kernel == SCIPY and have_scipy():
+        y = _scipy_times(values, col_indices, crow_indices, (out_features, features), rows)
+        if bias is not None:
+            y += bias
+    else:
+        weight = torch.sparse_csr_tensor(
+            crow_indices, col_indices, values, (out_features, features), check_invariants=False
+        )
+        if kernel == TORCH_LINEAR:
+            y = F.linear(rows, weight, bias)
+        elif bias is None:
+            y = torch.mm(weight, rows.t()).t().contiguous()
+        else:
+            y = torch.addmm(bias.unsqueeze(1), weight, rows.t()).t().contiguous()
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+# Defined with torch.library.define/impl rather than torch.library.custom_op: the same op, fake
+# kernel and autograd formula, ~15 µs less Python wrapping per call.
+torch.library.define(
+    CSR_OP,
+    "(Tensor x, Tensor values, Tensor col_indices, Tensor crow_indices, SymInt out_features, "
+    "Tensor? bias=None, int[]? kernels=None, int[]? from_rows=None) -> Tensor",
+)
+torch.library.impl(CSR_OP, "CPU")(csr_linear_forward)
+
+
+@torch.library.register_fake(CSR_OP)
+def _(x, values, col_indices, crow_indices, out_features, bias=None, kernels=None, from_rows=None):
+    check_plan(kernels, from_rows)  # once, when a graph is traced or exported
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-@torch.library.custom_op("chop::csr_linear_backward", mutates_args=())
+BACKWARD_OP = "chop::csr_linear_backward"
+torch.library.define(
+    BACKWARD_OP,
+    "(Tensor grad, Tensor values, Tensor col_indices, Tensor crow_indices, SymInt in_features) "
+    "-> Tensor",
+)
+
+
+@torch.library.impl(BACKWARD_OP, "CPU")
 def csr_linear_backward(
-    grad: torch.Tensor,
-    values: torch.Tensor,
-    col_indices: torch.Tensor,
-    crow_indices: torch.Tensor,
-    in_features: int,
+    grad: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+    crow_indices: torch.Tensor, in_features: int,
 ) -> torch.Tensor:
-    """``grad @ W`` for ``W`` in CSR form: the gradient of :func:`csr_linear` w.r.t. ``x``."""
+    """``grad @ W`` for ``W`` in CSR form: the gradient of ``csr_linear`` w.r.t. ``x``."""
     _check(grad, values)
     out_features = grad.shape[-1]
-    rows = grad.detach().reshape(-1, out_features)
-    shape = (out_features, in_features)
-    y = _csr_times(values, col_indices, crow_indices, shape, rows.t(), transpose=True)
-    y = y.t().contiguous()
+    rows = grad.reshape(-1, out_features)
+    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values,
+                                     (out_features, in_features), check_invariants=False)
+    y = torch.mm(weight.t(), rows.t()).t().contiguous()  # W.T is W's CSC form: no conversion
     return y.reshape(*grad.shape[:-1], in_features)
 
 
-@csr_linear_backward.register_fake
+@torch.library.register_fake(BACKWARD_OP)
 def _(grad, values, col_indices, crow_indices, in_features):
     return grad.new_empty(*grad.shape[:-1], in_features)
 
 
 def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, values, col, crow, _, bias = inputs
+    x, values, col, crow, _, bias, *_ = inputs
     ctx.save_for_backward(values, col, crow)
     ctx.in_features = x.shape[-1]
     ctx.has_bias = bias is not None
@@ -189,12 +232,63 @@ def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
     values, col, crow = ctx.saved_tensors
-    grad_x = csr_linear_backward(grad, values, col, crow, ctx.in_features)
+    grad_x = torch.ops.chop.csr_linear_backward(grad, values, col, crow, ctx.in_features)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, grad_bias, None, None
 
 
-csr_linear.register_autograd(_backward, setup_context=_setup)
+torch.library.register_autograd(CSR_OP, _backward, setup_context=_setup)
+csr_linear = torch.ops.chop.csr_linear.default  # x @ W.T + bias by the plan's kernel (module doc)
+
+
+def plan_kernels(
+    values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
+    shape: tuple[int, int], *, rows: Sequence[int] = PLAN_ROWS,
+    candidates: Sequence[str] | None = None, repeats: int = 7,
+) -> tuple[list[int], list[int], dict[int, dict[str, float]]]:
+    """Time the kernels on one CSR weight of ``shape`` at each input row count of ``rows`` and
+    return its plan ``(kernels, from_rows)`` and the timings ``{rows: {kernel: seconds}}``.
+
+    Each row count is timed with the kernels interleaved (median of ``repeats``), so a burst of
+    load from elsewhere hits them alike. Between two timed row counts the plan switches at their
+    geometric mean; above the last, its winner runs. ``candidates`` defaults to every kernel
+    (scipy only when installed); a kernel more than 4× slower than the best at one row count is
+    not timed at the larger ones (it only falls further behind there, and costs the most).
+    """
+    names = list(candidates or [k for k in KERNELS if k != "scipy" or have_scipy()])
+    unknown = [k for k in names if k not in KERNELS]
+    if unknown or not names:
+        raise PassError(f"plan_kernels: unknown kernels {unknown}; choose from {KERNELS}")
+    g = torch.Generator().manual_seed(0)
+    winners, timings = [], {}
+    for n in rows:
+        x = torch.randn(n, shape[1], generator=g, dtype=values.dtype)
+        fns = {k: _bound(x, values, col_indices, crow_indices, shape[0], KERNELS.index(k))
+               for k in names}
+        timings[n] = interleaved_seconds(fns, repeats=repeats, warmup=1)
+        best = min(timings[n].values())
+        winners.append(KERNELS.index(min(timings[n], key=timings[n].get)))
+        names = [k for k in names if timings[n][k] <= 4 * best]
+    kernels, from_rows = [winners[0]], []
+    for (low, high), kernel in zip(itertools.pairwise(rows), winners[1:]):
+        if kernel != kernels[-1]:
+            kernels.append(kernel)
+            from_rows.append(max(low + 1, round((low * high) ** 0.5)))
+    return kernels, from_rows, timings
+
+
+def _bound(x: torch.Tensor, values: torch.Tensor, col: torch.Tensor, crow: torch.Tensor,
+           out_features: int, kernel: int) -> Any:
+    return lambda: csr_linear_forward(x, values, col, crow, out_features, None, [kernel], [])
+
+
+def describe_plan(kernels: Sequence[int] | None, from_rows: Sequence[int] | None) -> str:
+    """A plan in words: ``"torch-linear below 2 rows, torch-mm from 2"``."""
+    if not kernels:
+        return KERNELS[TORCH_MM]
+    parts = [KERNELS[kernels[0]] + (f" below {from_rows[0]} rows" if from_rows else "")]
+    parts += [f"{KERNELS[k]} from {r}" for k, r in zip(kernels[1:], from_rows)]
+    return ", ".join(parts)
 
 
 # -- CUDA 2:4 semi-structured -------------------------------------------------------------------
@@ -221,6 +315,3 @@ def semi_structured(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
         return convert(weight.detach() * mask.to(weight.device)), ""
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # dtype, shape, GPU
         return None, f"to_sparse_semi_structured refused: {str(e).splitlines()[0] if str(e) else e}"
-
-
-# -- timing --------------------------------------------------------------------------------------

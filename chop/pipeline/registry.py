@@ -28,6 +28,8 @@ PASSES: dict[str, str] = {
     "channel-groups": "chop.passes.analysis.channel_groups:ChannelGroupsPass",
     "shrink": "chop.passes.export.shrink:Shrink",
     "sparse": "chop.passes.export.sparse:Sparse",
+    "fold-bn": "chop.passes.export.fold_bn:FoldBn",
+    "channels-last": "chop.passes.export.channels_last:ChannelsLast",
 }
 
 

@@ -1,27 +1,34 @@
-"""``sparse``: store masked linear weights in CSR form, computed by a compiled sparse kernel.
+"""``sparse``: store masked linear weights in CSR form, computed by a measured sparse kernel.
 
 Each masked weight whose users are all linear-like (``aten.linear(x, W, b)``, GPT-2's
 ``aten.addmm(b, x, W)`` / ``aten.mm(x, W)`` with ``W`` of shape ``(in, out)``) is either
 
 - **csr**: its kept entries (exactly ``mask.sum()`` of them) become three buffers on the weight's
   module — ``<attr>_values``, ``<attr>_col_indices``, ``<attr>_crow_indices`` — and every user
-  becomes one ``chop.csr_linear(x, values, col_indices, crow_indices, out, bias)`` call (see
-  :mod:`chop.kernels.csr`; scipy's CSR kernel on CPU). The dense parameter and the mask are
-  removed, so ``state_dict`` holds the non-zeros only;
+  becomes one ``chop.csr_linear(x, values, col_indices, crow_indices, out, bias, kernels,
+  from_rows)`` call (see :mod:`chop.kernels.csr`). The dense parameter and the mask are removed,
+  so ``state_dict`` holds the non-zeros only;
 - **semi-structured** (CUDA only): a 2:4 mask along the input dim becomes a
   ``torch.sparse.to_sparse_semi_structured`` parameter read by ``aten.linear``;
 - **dense**: kept dense, its mask folded (as ``fold`` does), with the reason recorded.
 
 Which one (``mode``): ``auto`` chooses CSR when a layer is at least ``min_sparsity`` sparse and
-has at least ``min_numel`` weights — a model of batch-1 CPU latency: scipy's CSR costs ~3× a dense
-multiply-add per stored weight and ~20 µs per call, so on a 4096×4096 layer it wins from ~70%
-sparsity and on small layers never. ``measure`` times both kernels on each layer at batch
+has at least ``min_numel`` weights (a model of CPU latency: a CSR kernel costs a few dense
+multiply-adds per stored weight plus ~10–20 µs per call, so a 4096×4096 layer wins from ~70%
+sparsity and small layers never). ``measure`` times the dense and the CSR layer at batch
 ``timing_batch`` and keeps the faster. ``all`` converts every layer it can (for tests).
 Conv weights stay dense (no sparse conv kernel yet; reported as such).
 
+Which CSR kernel (``kernel``): ``measure`` (the default) times torch's two CSR forms and scipy's
+loop on each converted layer at 1, 4, 16 and 64 input rows
+(:func:`~chop.kernels.csr.plan_kernels`) and stores the winners per row band as the op's plan;
+the measurement happens here, on the machine that runs the pass, so run it where the model will
+serve. A kernel name uses that kernel for every batch size (no timing).
+
 ``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per input
-row before/after, latency if ``timing``) and totals. With data, the first batch is run before and
-after in eval mode and the outputs must agree (fp32 allclose), as for every chop export.
+row before/after, the kernel plan and its timings, latency if ``timing``) and totals. With data,
+the first batch is run before and after in eval mode and the outputs must agree (fp32 allclose),
+as for every chop export.
 """
 
 from __future__ import annotations
@@ -34,12 +41,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from chop.errors import OptionError
+from chop.errors import OptionError, PassError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.ir.masks import add_tensor, mask_nodes, mask_of
-from chop.kernels.csr import csr_linear, require_scipy, semi_structured, to_csr
-from chop.kernels.timing import median_seconds
+from chop.ir.masks import add_tensor, is_masked, mask_nodes, mask_of
+from chop.kernels.csr import (
+    KERNELS,
+    csr_linear,
+    describe_plan,
+    plan_kernels,
+    require_scipy,
+    semi_structured,
+    to_csr,
+)
+from chop.kernels.timing import interleaved_seconds, median_seconds
 from chop.passes.export.common import checked_export
 from chop.passes.export.fold import fold_masks
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
@@ -65,16 +80,37 @@ def _linear_use(user: Node, mul: Node) -> tuple[Node, Node | None, bool] | None:
     return None
 
 
-def _time_layer(weight: torch.Tensor, csr: tuple, batch: int) -> tuple[float, float]:
-    """Seconds per call of the dense and the CSR kernel for one ``(out, in)`` weight."""
+def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[int]],
+                batch: int) -> tuple[float, float]:
+    """Seconds per call of the dense and the CSR layer (with its kernel plan) for one ``(out,
+    in)`` weight, timed interleaved."""
     x = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
-    dense = median_seconds(lambda: F.linear(x, weight))
-    sparse = median_seconds(lambda: csr_linear(x, *csr, weight.shape[0]))
-    return dense, sparse
+    times = interleaved_seconds({
+        "dense": lambda: F.linear(x, weight),
+        "csr": lambda: csr_linear(x, *csr, weight.shape[0], None, *plan),
+    })
+    return times["dense"], times["csr"]
+
+
+def _plan(csr: tuple, shape: tuple[int, int], kernel: str, row: dict[str, Any]
+          ) -> tuple[list[int], list[int]]:
+    """The layer's kernel plan: measured (``kernel="measure"``) or the one named; recorded in
+    ``row["kernels"]`` with the timings in µs per input row count."""
+    if kernel != "measure":
+        plan: tuple[list[int], list[int]] = ([KERNELS.index(kernel)], [])
+        row["kernels"] = {"plan": describe_plan(*plan)}
+        return plan
+    kernels, from_rows, seconds = plan_kernels(*csr, shape)
+    row["kernels"] = {
+        "plan": describe_plan(kernels, from_rows),
+        "us": {rows: {k: t * 1e6 for k, t in times.items()} for rows, times in seconds.items()},
+    }
+    return kernels, from_rows
 
 
 def _replace_with_csr(
-    graph: Graph, mul: Node, name: str, csr: tuple, shape: tuple[int, int], uses: list
+    graph: Graph, mul: Node, name: str, csr: tuple, shape: tuple[int, int], uses: list,
+    plan: tuple[list[int], list[int]],
 ) -> None:
     attr = name.rpartition(".")[2]
     g = graph.module.graph
@@ -87,12 +123,13 @@ def _replace_with_csr(
     for user, (x, bias, _) in uses:
         with g.inserting_before(user):
             node = g.call_function(
-                torch.ops.chop.csr_linear.default, (x, *getters, out_features, bias)
+                csr_linear, (x, *getters, out_features, bias, *plan)
             )
         kept_meta = ("val", "stack_trace", "nn_module_stack")
         node.meta.update({k: v for k, v in user.meta.items() if k in kept_meta})
         meta.entries(node)[SPARSE] = {
             "weight": name, "format": "csr", "shape": shape, "nnz": csr[0].numel(),
+            "plan": describe_plan(*plan),
         }
         user.replace_all_uses_with(node)
         g.erase_node(user)
@@ -135,6 +172,7 @@ def sparsify(
     min_numel: int = 65536,
     timing: bool = False,
     timing_batch: int = 1,
+    kernel: str = "measure",
 ) -> dict[str, dict[str, Any]]:
     """Convert the masked weights of ``graph`` as the module doc says; returns a row per weight."""
     rows: dict[str, dict[str, Any]] = {}
@@ -180,28 +218,33 @@ def sparsify(
             row.update(decision="semi-structured", reason="2:4 mask on CUDA")
             row["params"][1], row["flops"][1] = kept, 2 * kept
             continue
+        if mode == "auto" and (row["sparsity"] < min_sparsity or weight.numel() < min_numel):
+            row.update(decision="dense", reason=(
+                f"sparsity {row['sparsity']:.3f} < min_sparsity {min_sparsity}"
+                if row["sparsity"] < min_sparsity else
+                f"{weight.numel()} weights < min_numel {min_numel} (call overhead)"))
+            if timing:
+                x = torch.randn(timing_batch, w.shape[1], dtype=w.dtype)
+                dense_w = (w * m).contiguous()
+                row["latency_us"] = [median_seconds(lambda x=x, w=dense_w: F.linear(x, w)) * 1e6] * 2
+            continue
         csr = to_csr(w, m)
+        plan = _plan(csr, tuple(w.shape), kernel, row)
         if timing or mode == "measure":
-            dense_s, sparse_s = _time_layer((w * m).contiguous(), csr, timing_batch)
+            dense_s, sparse_s = _time_layer((w * m).contiguous(), csr, plan, timing_batch)
             row["latency_us"] = [dense_s * 1e6, sparse_s * 1e6]
         if mode == "measure":
-            take = sparse_s < dense_s
-            reason = (f"measured at batch {timing_batch}: csr {sparse_s * 1e6:.1f} µs vs "
-                      f"dense {dense_s * 1e6:.1f} µs")
-        elif mode == "all":
-            take, reason = True, "mode=all"
-        elif row["sparsity"] < min_sparsity:
-            take, reason = False, f"sparsity {row['sparsity']:.3f} < min_sparsity {min_sparsity}"
-        elif weight.numel() < min_numel:
-            take, reason = False, f"{weight.numel()} weights < min_numel {min_numel} (call overhead)"
-        else:
-            take, reason = True, f"sparsity {row['sparsity']:.3f} >= min_sparsity {min_sparsity}"
-        if not take:
-            row.update(decision="dense", reason=reason)
-            if "latency_us" in row:
+            reason = (f"measured at batch {timing_batch}: csr {sparse_s * 1e6:.1f} µs vs dense "
+                      f"{dense_s * 1e6:.1f} µs")
+            if sparse_s >= dense_s:
+                row.update(decision="dense", reason=reason)
                 row["latency_us"][1] = row["latency_us"][0]
-            continue
-        _replace_with_csr(graph, mul, name, csr, tuple(w.shape), uses)
+                continue
+        elif mode == "all":
+            reason = "mode=all"
+        else:
+            reason = f"sparsity {row['sparsity']:.3f} >= min_sparsity {min_sparsity}"
+        _replace_with_csr(graph, mul, name, csr, tuple(w.shape), uses, plan)
         row.update(decision="csr", reason=reason)
         row["params"][1], row["flops"][1] = kept, 2 * kept
     fold_masks(graph)  # the layers kept dense
@@ -221,7 +264,7 @@ def totals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Sparse(Pass):
-    """Store masked linear weights as CSR (scipy kernel on CPU; 2:4 on CUDA) where faster."""
+    """Store masked linear weights as CSR (measured CPU kernel; 2:4 on CUDA) where faster."""
 
     name: ClassVar[str] = "sparse"
     kind: ClassVar[Literal["export"]] = "export"
@@ -236,6 +279,9 @@ class Sparse(Pass):
     min_numel: int = option(65536, "auto: keep weights with fewer entries dense (call overhead)")
     timing: bool = option(False, "time each layer (and the model, given data) before and after")
     timing_batch: int = option(1, "batch size used to time layers (timing, mode=measure)")
+    kernel: Literal["measure", "torch-linear", "torch-mm", "scipy"] = option(
+        "measure", "CSR kernel: measure (time each per row band, keep the fastest) or one by name"
+    )
 
     def check(self) -> None:
         if not 0.0 <= self.min_sparsity <= 1.0:
@@ -249,9 +295,17 @@ class Sparse(Pass):
             raise OptionError(f"sparse: timing_batch={self.timing_batch} must be >= 1")
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        require_scipy()
+        if self.kernel == "scipy":
+            require_scipy("sparse{kernel=scipy}")
+        if not is_masked(graph):
+            raise PassError(
+                "sparse: the graph carries masks but no mask nodes: an earlier pass (fold, "
+                "fold-bn, shrink) baked them into the weights; run sparse before it, e.g. "
+                "\"mask{...}, sparse, fold-bn\""
+            )
         rows, info = checked_export(graph, ctx, lambda: sparsify(
             graph, self.mode, self.min_sparsity, self.min_numel, self.timing, self.timing_batch,
+            self.kernel,
         ), self.timing, "sparse")
         info.update(layers=rows, total=totals(rows))
         return PassResult(modified=bool(rows), info=info)

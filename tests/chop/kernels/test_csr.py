@@ -1,5 +1,6 @@
-"""chop.kernels.csr: the CSR form of a masked weight, the chop::csr_linear op (both kernels, any
-leading shape, gradients, fake kernel), the scipy check, and 2:4 detection."""
+"""chop.kernels.csr: the CSR form of a masked weight, the chop::csr_linear op (every kernel, the
+plan that picks one per row count, any leading shape, gradients, fake kernel, opcheck), the
+measured plan, the scipy check, and 2:4 detection."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from chop.errors import PassError
 from chop.kernels import csr as sparse_ops
 
-needs_scipy = pytest.mark.skipif(not sparse_ops.have_scipy(), reason="the CPU CSR kernel needs scipy")
+needs_scipy = pytest.mark.skipif(not sparse_ops.have_scipy(), reason="the scipy kernel needs scipy")
+KERNEL_IDS = [pytest.param(k, id=name, marks=[needs_scipy] if name == "scipy" else [])
+              for k, name in enumerate(sparse_ops.KERNELS)]
 
 
 def test_to_csr_stores_exactly_the_kept_entries_in_row_major_order():
@@ -34,48 +37,62 @@ def test_to_csr_detaches_and_handles_an_empty_mask():
     assert not values.requires_grad and torch.equal(values, weight.detach().flatten())
 
 
-@needs_scipy
-def test_csr_linear_any_leading_shape_gradients_and_fallback(monkeypatch):
-    torch.manual_seed(0)
-    weight, mask, bias = torch.randn(24, 40), torch.rand(24, 40) < 0.2, torch.randn(24)
+@pytest.mark.parametrize("kernel", KERNEL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_kernel_equals_dense_forward_and_backward_at_any_leading_shape(kernel, dtype):
+    torch.manual_seed(kernel)
+    weight, mask = torch.randn(24, 40, dtype=dtype), torch.rand(24, 40) < 0.2
+    bias = torch.randn(24, dtype=dtype)
     csr = sparse_ops.to_csr(weight, mask)
-    for shape in ((1, 40), (7, 40), (2, 3, 40), (0, 40), (20, 40), (3, 7, 40)):
-        x = torch.randn(*shape, requires_grad=True)
-        y = sparse_ops.csr_linear(x, *csr, 24, bias)
-        reference = F.linear(x, weight * mask, bias)
-        torch.testing.assert_close(y, reference)
-        if x.numel():
-            g = torch.randn_like(y)
-            torch.testing.assert_close(torch.autograd.grad(y, x, g)[0],
-                                       torch.autograd.grad(reference, x, g)[0])
-    torch.library.opcheck(torch.ops.chop.csr_linear.default, (torch.randn(3, 40), *csr, 24, bias))
+    for b in (bias, None):
+        for shape in ((1, 40), (7, 40), (2, 3, 40), (0, 40), (20, 40), (3, 7, 40)):
+            x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+            y = sparse_ops.csr_linear(x, *csr, 24, b, [kernel], [])
+            reference = F.linear(x, weight * mask, b)
+            assert y.is_contiguous() and y.dtype == dtype
+            torch.testing.assert_close(y, reference)
+            if x.numel():
+                g = torch.randn_like(y)
+                torch.testing.assert_close(torch.autograd.grad(y, x, g)[0],
+                                           torch.autograd.grad(reference, x, g)[0])
+        torch.testing.assert_close(  # the plain function, as deployable() calls it
+            sparse_ops.csr_linear_forward(x.detach(), *csr, 24, b, [kernel], []),
+            F.linear(x.detach(), weight * mask, b))
+    torch.library.opcheck(torch.ops.chop.csr_linear.default,
+                          (torch.randn(3, 40, dtype=dtype), *csr, 24, bias, [kernel], []))
+
+
+def test_the_plan_picks_the_kernel_by_row_count(monkeypatch):
+    """kernels=[torch-linear, torch-mm, scipy], from_rows=[3, 9]: 1–2 rows, 3–8, then 9 on."""
+    plan = ([0, 1, 2], [3, 9])
+    assert [sparse_ops.kernel_for(n, *plan) for n in (0, 1, 2, 3, 8, 9, 500)] == [0, 0, 0, 1, 1, 2, 2]
+    assert sparse_ops.kernel_for(7, [2], []) == sparse_ops.kernel_for(7, [2], None) == 2
+    assert sparse_ops.kernel_for(7, None, None) == sparse_ops.kernel_for(7, [], []) == 1  # torch-mm
+    ran = []
+    monkeypatch.setattr(sparse_ops, "kernel_for", lambda n, k, r: ran.append((n, k, r)) or 1)
+    csr = sparse_ops.to_csr(torch.randn(5, 6), torch.ones(5, 6, dtype=torch.bool))
+    sparse_ops.csr_linear(torch.randn(2, 4, 6), *csr, 5, None, *plan)
+    assert ran == [(8, [0, 1, 2], [3, 9])]  # leading dims flattened into rows
+
+
+@needs_scipy
+def test_scipy_fallbacks_give_the_same_result(monkeypatch):
+    torch.manual_seed(2)
+    weight, mask, bias = torch.randn(9, 13), torch.rand(9, 13) < 0.3, torch.randn(9)
+    csr = sparse_ops.to_csr(weight, mask)
+    x = torch.randn(5, 13)
+    reference = F.linear(x, weight * mask, bias)
     monkeypatch.setattr(sparse_ops, "_sparsetools", lambda: None)  # scipy's public API instead
-    for rows in (1, 4, 32):
-        x = torch.randn(rows, 40)
-        torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 24, None), F.linear(x, weight * mask))
+    torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 9, bias, [2], []), reference)
+
+    def no_scipy(*args):
+        raise AssertionError("scipy is not installed: the plan must fall back to torch-mm")
+
+    monkeypatch.setattr(sparse_ops, "have_scipy", lambda: False)
+    monkeypatch.setattr(sparse_ops, "_scipy_times", no_scipy)
+    torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 9, bias, [2], []), reference)
 
 
-@needs_scipy
-@pytest.mark.parametrize("rows", [1, sparse_ops.TORCH_CSR_BELOW - 1, sparse_ops.TORCH_CSR_BELOW, 40])
-def test_both_kernels_agree_on_either_side_of_the_switch(rows, monkeypatch):
-    """Fewer than TORCH_CSR_BELOW rows run torch's CSR matmul, more run scipy's loops."""
-    scipy_calls = []
-    scipy_kernel = sparse_ops._csr_times
-
-    def spy(*args, **kwargs):
-        scipy_calls.append(kwargs.get("transpose", False))
-        return scipy_kernel(*args, **kwargs)
-
-    monkeypatch.setattr(sparse_ops, "_csr_times", spy)
-    g = torch.Generator().manual_seed(rows)
-    weight, mask = torch.randn(9, 13, generator=g), torch.rand(9, 13, generator=g) < 0.3
-    x = torch.randn(rows, 13, generator=g, dtype=torch.float64)
-    csr = sparse_ops.to_csr(weight.double(), mask)
-    torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 9, None), F.linear(x, (weight * mask).double()))
-    assert scipy_calls == ([False] if rows >= sparse_ops.TORCH_CSR_BELOW else [])
-
-
-@needs_scipy
 def test_bias_gradient_and_no_gradient_for_the_stored_values():
     torch.manual_seed(1)
     weight, mask = torch.randn(6, 8), torch.rand(6, 8) < 0.5
@@ -89,13 +106,84 @@ def test_bias_gradient_and_no_gradient_for_the_stored_values():
     assert values.grad is None  # buffers: the sparse export is for inference
 
 
-def test_the_fake_kernel_gives_the_output_shape_without_computing():
+def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     csr = sparse_ops.to_csr(torch.randn(5, 7), torch.ones(5, 7, dtype=torch.bool))
     with FakeTensorMode(allow_non_fake_inputs=True):
-        y = torch.ops.chop.csr_linear(torch.empty(2, 3, 7), *csr, 5, None)
+        y = torch.ops.chop.csr_linear(torch.empty(2, 3, 7), *csr, 5, None, [0, 1], [4])
         assert tuple(y.shape) == (2, 3, 5) and y.dtype == torch.float32
+        with pytest.raises(PassError, match=r"invalid kernel plan kernels=\[0, 1\] from_rows=\[\]"):
+            torch.ops.chop.csr_linear(torch.empty(2, 7), *csr, 5, None, [0, 1], [])
+
+
+@pytest.mark.parametrize("kernels,from_rows", [
+    ([0, 1], []), ([3], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]), ([], [4]),
+])
+def test_check_plan_refuses_malformed_plans(kernels, from_rows):
+    with pytest.raises(PassError, match="indices into .*torch-linear.*increasing row thresholds"):
+        sparse_ops.check_plan(kernels, from_rows)
+
+
+def test_check_plan_accepts_valid_plans():
+    for plan in (([1], []), ([], []), (None, None), ([0, 1, 2], [2, 32])):
+        sparse_ops.check_plan(*plan)
+
+
+def fake_timings(monkeypatch, script):
+    """Make plan_kernels see ``script[rows][kernel]`` seconds; record what it timed."""
+    timed = []
+
+    def interleaved(fns, repeats, warmup):
+        n = sparse_ops.PLAN_ROWS[len(timed)]  # plan_kernels times the row counts in order
+        timed.append((n, sorted(fns)))
+        return {k: script[n][k] for k in fns}
+
+    monkeypatch.setattr(sparse_ops, "interleaved_seconds", interleaved)
+    return timed
+
+
+def test_plan_kernels_keeps_each_row_counts_winner_and_switches_at_geometric_means(monkeypatch):
+    script = {
+        1: {"torch-linear": 1.0, "torch-mm": 1.2, "scipy": 3.0},
+        4: {"torch-linear": 5.0, "torch-mm": 1.0, "scipy": 3.9},  # scipy 3.9x: still timed
+        16: {"torch-linear": 9.0, "torch-mm": 2.0, "scipy": 9.0},  # scipy > 4x: dropped
+        64: {"torch-mm": 4.0},
+    }
+    timed = fake_timings(monkeypatch, script)
+    csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
+    kernels, from_rows, times = sparse_ops.plan_kernels(
+        *csr, (8, 8), candidates=["torch-linear", "torch-mm", "scipy"])
+    assert (kernels, from_rows) == ([0, 1], [2])  # torch-mm from sqrt(1 * 4) = 2 rows
+    assert timed == [(1, ["scipy", "torch-linear", "torch-mm"]),
+                     (4, ["scipy", "torch-linear", "torch-mm"]),
+                     (16, ["scipy", "torch-mm"]),  # torch-linear lost by 5x at 4 rows
+                     (64, ["torch-mm"])]
+    assert times[16] == {"torch-mm": 2.0, "scipy": 9.0}
+    assert sparse_ops.describe_plan(kernels, from_rows) == "torch-linear below 2 rows, torch-mm from 2"
+
+
+def test_plan_kernels_switches_back_and_forth_and_merges_equal_bands(monkeypatch):
+    script = {1: {"torch-mm": 1.0, "scipy": 2.0}, 4: {"torch-mm": 2.0, "scipy": 1.0},
+              16: {"torch-mm": 1.0, "scipy": 2.0}, 64: {"torch-mm": 1.0, "scipy": 2.0}}
+    fake_timings(monkeypatch, script)
+    csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
+    kernels, from_rows, _ = sparse_ops.plan_kernels(*csr, (8, 8), candidates=["torch-mm", "scipy"])
+    assert (kernels, from_rows) == ([1, 2, 1], [2, 8])
+    sparse_ops.check_plan(kernels, from_rows)
+    assert sparse_ops.describe_plan(kernels, from_rows) == (
+        "torch-mm below 2 rows, scipy from 2, torch-mm from 8")
+
+
+def test_plan_kernels_times_real_kernels_and_refuses_unknown_ones():
+    csr = sparse_ops.to_csr(torch.randn(16, 32), torch.rand(16, 32) < 0.1)
+    kernels, from_rows, times = sparse_ops.plan_kernels(*csr, (16, 32), rows=(1, 8), repeats=2)
+    sparse_ops.check_plan(kernels, from_rows)
+    assert set(times) == {1, 8}
+    expected = {"torch-linear", "torch-mm"} | ({"scipy"} if sparse_ops.have_scipy() else set())
+    assert set(times[1]) == expected and all(t > 0 for t in times[1].values())
+    with pytest.raises(PassError, match="unknown kernels \\['mkl'\\]"):
+        sparse_ops.plan_kernels(*csr, (16, 32), candidates=["mkl"])
 
 
 def test_csr_linear_refuses_mismatched_or_unsupported_dtypes():

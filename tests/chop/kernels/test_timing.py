@@ -59,3 +59,30 @@ def test_runs_without_autograd_and_measures_real_time():
     assert modes == [False] * 4
     assert 0 <= seconds < 0.1
     assert torch.is_grad_enabled()  # restored afterwards
+
+
+def test_interleaved_calls_each_function_in_turn_and_divides_by_inner(monkeypatch):
+    """Two warmups of each first, then rounds that call each function inner=2 times in turn,
+    starting one function later each round (a a b b, b b a a, a a b b): the samples of a are
+    its 2-call spans divided by 2, and the medians are per function."""
+    order = []
+    clock = FakeClock([9.0, 9.0, 9.0, 9.0]  # warmups: a, a, b, b
+                      + [0.1, 0.3, 2.0, 2.0]  # round 1: a, a, b, b
+                      + [1.0, 3.0, 0.2, 0.2]  # round 2: b, b, a, a
+                      + [0.4, 0.4, 5.0, 5.0])  # round 3: a, a, b, b
+    monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
+
+    def call(name):
+        def fn():
+            order.append(name)
+            clock.fn()
+        return fn
+
+    result = timing.interleaved_seconds({"a": call("a"), "b": call("b")}, repeats=3, warmup=2,
+                                        inner=2)
+    assert order == ["a", "a", "b", "b"] * 2 + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert result == {"a": pytest.approx(0.2), "b": pytest.approx(2.0)}  # medians of the rounds
+    clock.durations = [1.0, 1.0] + [3.0, 0.5, 9.0, 2.0, 0.2, 4.0]  # a b, b a, a b
+    result = timing.interleaved_seconds({"a": clock.fn, "b": clock.fn}, repeats=3, warmup=1,
+                                        statistic="min")
+    assert result == {"a": pytest.approx(0.2), "b": pytest.approx(0.5)}

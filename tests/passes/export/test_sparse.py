@@ -115,6 +115,21 @@ def test_auto_keeps_low_sparsity_and_small_layers_dense(mlp, mlp_batches):
     assert small.history[-1].info["total"]["csr"] == 0
 
 
+def test_timing_reports_every_layer_and_the_totals(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.95, scope=local, include='layers\\.0'}, "
+                    "mask{sparsity=0.3, scope=local, include='layers\\.1'}, "
+                    "sparse{min_numel=0, timing=true, timing_batch=3}")
+    info = graph.history[-1].info
+    layers = info["layers"]
+    assert [layers[k]["decision"] for k in ("layers.0.weight", "layers.1.weight")] == ["csr", "dense"]
+    dense_row = layers["layers.1.weight"]["latency_us"]
+    assert dense_row[0] == dense_row[1] > 0  # kept dense: the same layer before and after
+    assert all(t > 0 for t in layers["layers.0.weight"]["latency_us"])
+    assert info["total"]["latency_us"] == [sum(r["latency_us"][i] for r in layers.values())
+                                           for i in (0, 1)]
+
+
 def test_measure_mode_keeps_the_kernel_that_is_faster_by_far():
     """Decisions whose outcome is not in doubt on any machine: a 2048×2048 layer keeping 0.2%
     of its weights is many times faster as CSR at batch 1, a 4×8 layer keeping 75% is faster
@@ -208,9 +223,96 @@ def test_bad_inputs_are_clear_errors(cnn_graph, monkeypatch):
         chop.run(cnn_graph, "magnitude, mask, sparse{mode=fast}")
     with pytest.raises(chop.OptionError, match="timing_batch=0"):
         Sparse(timing_batch=0)
+    with pytest.raises(chop.OptionError, match="kernel='mkl' is not valid; expected one of 'measure'"):
+        Sparse(kernel="mkl")
+    with pytest.raises(chop.PassError, match="no mask nodes: an earlier pass .* run sparse before"):
+        chop.run(cnn_graph, "magnitude, mask, fold-bn, sparse")  # fold-bn folded the masks
     monkeypatch.setattr(sparse_ops, "have_scipy", lambda: False)
-    with pytest.raises(chop.PassError, match=r"pass 'sparse'.*needs scipy.*chop\[sparse\]"):
-        chop.run(cnn_graph, "magnitude, mask, sparse")
+    with pytest.raises(chop.PassError, match=r"pass 'sparse'.*kernel=scipy.*needs scipy.*chop\[sparse\]"):
+        chop.run(cnn_graph, "magnitude, mask, sparse{kernel=scipy}")
+
+
+def test_without_scipy_the_measured_plan_uses_torch_kernels_only(mlp, mlp_batches, monkeypatch):
+    monkeypatch.setattr(sparse_ops, "have_scipy", lambda: False)
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all}")
+    for row in graph.history[-1].info["layers"].values():
+        assert "scipy" not in row["kernels"]["plan"]
+        assert all(set(times) <= {"torch-linear", "torch-mm"} for times in row["kernels"]["us"].values())
+
+
+def csr_nodes(graph: chop.Graph) -> list:
+    return [n for n in graph.module.graph.nodes if n.target is torch.ops.chop.csr_linear.default]
+
+
+def test_each_layer_stores_its_measured_plan_in_the_op_and_the_info(mlp, mlp_batches, monkeypatch):
+    """The plan plan_kernels returns for a layer is what its csr_linear node carries, and the
+    graph equals the masked graph at row counts on both sides of every switch."""
+    plans = iter([([0, 1], [3]), ([2, 1, 0], [2, 5])])
+    seen = []
+
+    def plan_kernels(values, col, crow, shape):
+        seen.append(shape)
+        return (*next(plans), {1: {"torch-mm": 1e-6}})
+
+    monkeypatch.setattr("chop.passes.export.sparse.plan_kernels", plan_kernels)
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.8, include='layers\\.[01]'}")
+    graph.eval()
+    x = torch.randn(9, 16)
+    masked = [graph(x[:n]) for n in range(1, 10)]
+    chop.run(graph, "sparse{mode=all}")
+    assert seen == [(32, 16), (32, 32)]
+    nodes = csr_nodes(graph)
+    assert [n.args[6:] for n in nodes] == [([0, 1], [3]), ([2, 1, 0], [2, 5])]
+    assert [n.meta["chop"][SPARSE]["plan"] for n in nodes] == [
+        "torch-linear below 3 rows, torch-mm from 3", "scipy below 2 rows, torch-mm from 2, torch-linear from 5"]
+    layers = graph.history[-1].info["layers"]
+    assert layers["layers.0.weight"]["kernels"] == {
+        "plan": "torch-linear below 3 rows, torch-mm from 3", "us": {1: {"torch-mm": 1.0}}}
+    for n in range(1, 10):
+        torch.testing.assert_close(graph(x[:n]), masked[n - 1])
+
+
+def test_a_named_kernel_is_used_for_every_batch_without_timing(mlp, mlp_batches, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a named kernel must not be measured")
+
+    monkeypatch.setattr("chop.passes.export.sparse.plan_kernels", never)
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all, kernel=torch-linear}")
+    assert [n.args[6:] for n in csr_nodes(graph)] == [([0], [])] * 3
+    assert {r["kernels"]["plan"] for r in graph.history[-1].info["layers"].values()} == {"torch-linear"}
+
+
+def test_the_pt2_keeps_the_plans_and_loads_in_a_fresh_process(mlp, mlp_batches, tmp_path):
+    import subprocess
+    import sys
+
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all}")
+    graph.eval()
+    x = mlp_batches[1][0]
+    plans = [n.args[6:] for n in csr_nodes(graph)]
+    torch.export.save(export_program(graph, x), tmp_path / "model.pt2")
+    torch.save({"x": x, "y": graph(x).detach(), "x1": x[:1], "y1": graph(x[:1]).detach()},
+               tmp_path / "io.pt")
+    code = f"""
+import torch, chop
+program = torch.export.load({str(tmp_path / "model.pt2")!r})
+io = torch.load({str(tmp_path / "io.pt")!r})
+module = program.module()
+for x, y in ((io["x"], io["y"]), (io["x1"], io["y1"])):
+    torch.testing.assert_close(module(x), y, rtol=0, atol=0)
+nodes = [n for n in program.graph.nodes if n.target is torch.ops.chop.csr_linear.default]
+print([list(map(list, n.args[6:])) for n in nodes])
+again = torch.export.export(module, (io["x"],), dynamic_shapes=({{0: torch.export.Dim.AUTO}},))
+torch.testing.assert_close(again.module()(io["x"]), io["y"], rtol=0, atol=0)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([list(map(list, p)) for p in plans])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured needs a CUDA GPU")

@@ -1,0 +1,70 @@
+"""channels-last: conv weights stored NHWC (NDHWC), same values, same outputs, kept by .pt2."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+import chop
+from chop.cli.outputs import export_program
+
+
+class Mixed(nn.Module):
+    """A 2-D conv, a 3-D conv, a 4-D parameter added (not a conv weight), a linear: only the
+    conv weights change layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 8, 8))
+        self.bn = nn.BatchNorm2d(8)
+        self.conv3d = nn.Conv3d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(8 + 2, 4)
+
+    def forward(self, x, v):
+        a = torch.relu(self.bn(self.conv(x) + self.pos)).mean((2, 3))
+        b = self.conv3d(v).mean((2, 3, 4))
+        return self.fc(torch.cat([a, b], 1))
+
+
+def test_conv_weights_become_channels_last_with_the_same_values_and_outputs():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x, v = torch.randn(4, 3, 8, 8), torch.randn(4, 2, 4, 4, 4)
+    graph = chop.trace(model, (x[:2], v[:2])).eval()
+    with torch.no_grad():
+        before = graph(x, v)
+    values = {k: p.detach().clone() for k, p in graph.module.named_parameters()}
+    chop.run(graph, "channels-last{timing=true}", data=[((x, v), torch.zeros(4, dtype=torch.long))])
+    info = graph.history[-1].info
+    assert info["converted"] == ["conv.weight", "conv3d.weight"]
+    assert len(info["model_latency_us"]) == 2
+    assert graph.parameter("conv.weight").is_contiguous(memory_format=torch.channels_last)
+    assert not graph.parameter("conv.weight").is_contiguous()
+    assert graph.parameter("conv3d.weight").is_contiguous(memory_format=torch.channels_last_3d)
+    assert graph.parameter("fc.weight").is_contiguous() and graph.parameter("pos").is_contiguous()
+    for name, value in graph.module.named_parameters():
+        assert torch.equal(value, values[name]), name
+    assert model.conv.weight.is_contiguous()  # the traced model is left alone
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x, v), before)
+    chop.run(graph, "channels-last")  # already converted: nothing to do
+    assert graph.history[-1].info["converted"] == [] and not graph.history[-1].modified
+    buffer = io.BytesIO()
+    torch.export.save(export_program(graph, (x, v)), buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    assert loaded.state_dict["conv.weight"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(loaded.module()(x, v), before)
+
+
+def test_analyses_survive_and_the_channels_last_graph_still_trains(cnn, cnn_batches):
+    graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}, channels-last")
+    assert "mask" in graph.weight_node("conv1.weight").meta["chop"]  # values unchanged: kept
+    assert "saliency" in graph.weight_node("conv1.weight").meta["chop"]
+    loss = graph(cnn_batches[0][0]).square().mean()
+    loss.backward()  # channels-last parameters train like any others
+    assert graph.parameter("conv1.weight").grad is not None

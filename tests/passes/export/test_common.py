@@ -1,0 +1,59 @@
+"""chop.passes.export.common.deployable: the graph in eval mode without per-call overheads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chop
+from chop.kernels.csr import csr_linear_forward
+from chop.passes.export.common import deployable
+
+
+def test_deployable_computes_the_eval_graph_and_shares_its_tensors(cnn_graph, cnn_batches):
+    x = cnn_batches[1][0]
+    with cnn_graph.mode(batch_norm=False, dropout=False), torch.no_grad():
+        expected = cnn_graph(x)
+    assert cnn_graph.training
+    state = {k: v.clone() for k, v in cnn_graph.module.state_dict().items()}
+    module = deployable(cnn_graph)
+    assert cnn_graph.training  # the graph keeps its mode
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+        module.train()  # eval is baked in: dropout stays off, BatchNorm keeps its statistics
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+    for key, value in cnn_graph.module.state_dict().items():  # running stats, counters untouched
+        assert torch.equal(value, state[key]), key
+    graph_tensors = {t.data_ptr() for t in cnn_graph.module.state_dict().values()}
+    assert {t.data_ptr() for t in module.state_dict().values()} <= graph_tensors  # nothing copied
+    nodes = list(module.graph.nodes)
+    assert not any(n.op == "call_module" for n in nodes)  # no _guards_fn call
+    assert not any(str(n.target).endswith("num_batches_tracked") for n in nodes)  # no counter
+    with pytest.raises(RuntimeError):  # shapes are no longer guarded: an op fails instead
+        module(torch.randn(2, 5, 8, 8))
+
+
+def test_deployable_calls_the_sparse_kernel_directly(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all, kernel=torch-mm}")
+    graph.eval()
+    module = deployable(graph)
+    targets = [n.target for n in module.graph.nodes if n.op == "call_function"]
+    assert targets.count(csr_linear_forward) == 3
+    assert torch.ops.chop.csr_linear.default not in targets
+    x = mlp_batches[1][0]
+    with torch.inference_mode():
+        for rows in (1, 8):
+            torch.testing.assert_close(module(x[:rows]), graph(x[:rows]), rtol=0, atol=0)
+
+
+def test_deployable_keeps_keyword_inputs_and_structured_outputs():
+    import zoo
+
+    _, graph = zoo.trace("bert")
+    args, kwargs = zoo.tokens(3, 7)
+    with torch.no_grad():
+        expected = graph(*args, **kwargs).logits
+        got = deployable(graph)(*args, **kwargs)
+    assert type(got).__name__ == "SequenceClassifierOutput"
+    torch.testing.assert_close(got.logits, expected, rtol=0, atol=0)
