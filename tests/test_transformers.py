@@ -88,3 +88,130 @@ def test_bert_train_mode_uses_dropout_and_eval_disables_it():
     assert not torch.equal(a, b)  # dropout (incl. attention dropout) is active in train mode
     graph.eval()
     torch.testing.assert_close(graph(**inputs).logits, graph(**inputs).logits, rtol=0, atol=0)
+
+
+# -- structured pruning: heads (with rotary, GQA, fused projections, relative biases) and MLPs -----
+
+
+SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=64, use_cache=False, pad_token_id=0,
+             bos_token_id=0, eos_token_id=0)
+
+
+def ids(batch, seq, seed=0):
+    return torch.randint(0, 120, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def decoder(build):
+    def inputs(batch, seq):
+        x = ids(batch, seq)
+        return {"input_ids": x, "attention_mask": torch.ones_like(x)}
+    return build, inputs
+
+
+def family(name):
+    """(model, inputs(batch, seq), parameters one removed unit of a group takes away): each cost
+    written from the architecture (hidden 32, head_dim 8, 2 KV heads of 2 query heads, MLP 64)."""
+    torch.manual_seed(0)
+    kv_group = 2 * 8 * 32 + 8 * 32 + 8 * 32 + 32 * 2 * 8  # q rows of 2 heads, k, v rows, o columns
+    if name == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **SMALL))
+        return (*decoder(model), lambda g: kv_group if g.kind == "head" else 3 * 32)
+    if name == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **SMALL))
+        return (*decoder(model), lambda g: kv_group + 16 + 8 + 8 if g.kind == "head" else 3 * 32)
+    if name == "phi3":  # fused qkv_proj (sliced) and gate_up_proj (chunked)
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(num_key_value_heads=2, **SMALL))
+        return (*decoder(model), lambda g: kv_group if g.kind == "head" else 3 * 32)
+    if name == "t5":
+        config = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                       num_heads=4, use_cache=False, decoder_start_token_id=0)
+
+        def inputs(batch, seq):
+            return {"input_ids": ids(batch, seq), "decoder_input_ids": ids(batch, seq - 3, 1)}
+
+        def cost(g):  # self-attention heads share one relative bias table across the 2 layers
+            head = 3 * 8 * 32 + 32 * 8
+            if any("relative_attention_bias" in n for n in g.layers()):
+                return 2 * head + 32  # both layers, and the table's column (32 buckets)
+            return head if g.kind == "head" else 2 * 32
+        return transformers.T5ForConditionalGeneration(config), inputs, cost
+    if name == "whisper":
+        config = transformers.WhisperConfig(
+            vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+            use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+            decoder_start_token_id=0)
+
+        def inputs(batch, seq):
+            g = torch.Generator().manual_seed(batch)
+            return {"input_features": torch.randn(batch, 8, 32, generator=g),
+                    "decoder_input_ids": ids(batch, seq)}
+
+        def cost(g):  # k_proj has no bias; conv1's channels are read by conv2 (kernel 3)
+            if g.kind == "head":
+                return (8 * 32 + 8) + 8 * 32 + (8 * 32 + 8) + 32 * 8
+            return 8 * 3 + 1 + 32 * 3 if "model.encoder.conv1.weight" in g.layers() else 32 + 1 + 32
+        return transformers.WhisperForConditionalGeneration(config), inputs, cost
+    if name == "vit":
+        config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, num_labels=3)
+
+        def inputs(batch, seq):
+            return {"pixel_values": torch.randn(batch, 3, 16, 16,
+                                                generator=torch.Generator().manual_seed(batch))}
+        return (transformers.ViTForImageClassification(config), inputs,
+                lambda g: 3 * (8 * 32 + 8) + 32 * 8 if g.kind == "head" else 32 + 1 + 32)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "t5", "whisper", "vit"])
+def test_channel_pruning_shrinks_exactly_with_parameter_counts_from_the_architecture(name):
+    from chop.passes.analysis.channel_groups import stored_channel_groups
+
+    model, inputs, cost = family(name)
+    graph = chop.trace(model.eval(), (), inputs(2, 10))
+    graph.eval()
+    chop.run(graph, "random{seed=0}, mask{granularity=channel, sparsity=0.5}")
+    info = graph.history[-1].info
+    for why in info["unprunable"].values():  # only vocabulary/class rows, or a normalised stream
+        assert "model output" in why or "normalises over these channels" in why, why
+    masks = {n.target: n.meta["chop"]["mask"] for n in graph.weight_nodes() if "mask" in n.meta["chop"]}
+    removed = 0
+    for group in stored_channel_groups(graph):
+        out = next((m for m in group.members if m.role == "out" and m.name in masks), None)
+        if out is not None:
+            gone = sum(not masks[out.name].index_select(out.dim, i).any() for i in out.index)
+            assert gone < group.size  # never a whole group
+            removed += gone * cost(group)
+    assert removed > 0 and info["removed"]["params"] >= info["removed"]["of"] // 2
+    other = inputs(3, 14)  # another batch and sequence length
+    with torch.no_grad():
+        expected = graph(**other)
+    dense = sum(p.numel() for p in model.parameters())
+    chop.run(graph, "shrink")
+    assert sum(p.numel() for p in graph.module.parameters()) == dense - removed
+    with torch.no_grad():
+        got = graph(**other)
+    key = "logits"
+    torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-4, atol=1e-5)
+
+
+def test_head_granularity_prunes_gqa_groups_of_llama():
+    model, inputs, _ = family("llama")
+    graph = chop.trace(model.eval(), (), inputs(2, 10))
+    graph.eval()
+    chop.run(graph, "random{seed=1}, mask{granularity=head, sparsity=0.5}")
+    info = graph.history[-1].info
+    assert set(info["kept"]) == {f"model.layers.{i}.self_attn.{p}_proj.weight"
+                                 for i in range(2) for p in "qkvo"}
+    other = inputs(3, 14)
+    with torch.no_grad():
+        expected = graph(**other).logits
+    chop.run(graph, "shrink")
+    shapes = [tuple(graph.parameter(f"model.layers.{i}.self_attn.k_proj.weight").shape) for i in range(2)]
+    assert shapes == [(8, 32), (8, 32)]  # one of the two kv heads left in each layer (the floor)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(**other).logits, expected, rtol=1e-4, atol=1e-5)

@@ -12,14 +12,19 @@ Three things torch.export does not give us, and :class:`Graph` adds:
   marks the batch dimension of every tensor input (and the sequence dimension of integer token
   inputs) as dynamic, so a graph traced with a batch of 2 runs and trains with a batch of 64.
 - **Train and eval modes.** An exported graph bakes the ``training`` flag of ``batch_norm``,
-  the ``train`` flag of ``dropout`` and the ``dropout_p`` of attention into its nodes, and the
-  module's own ``eval()`` raises. :func:`trace` exports in train mode, records the train-mode
-  value of each such argument, and :meth:`Graph.train` / :meth:`Graph.eval` rewrite them in
-  place (including BatchNorm's ``num_batches_tracked`` counter, which eval mode must not bump).
-  ``graph.module.train()`` / ``.eval()`` are routed to the same switch.
+  the ``train`` flag of ``dropout`` (in place or not) and of recurrent layers (their dropout
+  between layers) and the ``dropout_p`` of attention into its nodes, and the module's own
+  ``eval()`` raises. :func:`trace` exports in train mode, records the train-mode value of each
+  such argument, and :meth:`Graph.train` / :meth:`Graph.eval` rewrite them in place (including
+  BatchNorm's ``num_batches_tracked`` counter, which eval mode must not bump).
+  ``graph.module.train()`` / ``.eval()`` are routed to the same switch. A model whose
+  train-mode graph draws other random numbers (stochastic depth) or does not export at all
+  (LayerDrop, SpecAugment) is exported in eval mode instead (``graph.traced_training`` is
+  False; see :func:`trace`).
 - **Weight roles.** Each weight node records in ``node.meta["chop"]`` how it is used
   (``role``: linear, conv, embedding, norm, bias, other; ``op``: the consuming ATen op), which
-  is what decides the default prunable set.
+  is what decides the default prunable set. A recurrent layer's ``weight_ih``/``weight_hh``
+  (in the weight list of ``aten.lstm``/``gru``/``rnn_*``) are ``linear``, its biases ``bias``.
 
 Like ``ExportedProgram.module()``, ``graph.module`` shares parameter and buffer tensors with the
 traced model: training the graph trains the model's parameters. chop passes themselves never
@@ -61,6 +66,10 @@ _PARAM_USES: dict[Any, dict[int, str]] = {
     aten.layer_norm: {2: "norm", 3: "bias"},
     aten.group_norm: {2: "norm", 3: "bias"},
     aten.rms_norm: {2: "norm"},
+    # recurrent layers hold their weights in a list argument: (w_ih, w_hh[, b_ih, b_hh]) per
+    # layer and direction; 2-D entries are weights, 1-D ones biases (see _param_role)
+    **{op: {2: "recurrent", 3: "recurrent"} for op in (aten.lstm, aten.gru, aten.rnn_tanh,
+                                                        aten.rnn_relu)},
     **{
         op: {1: "conv", 2: "bias"}
         for op in (
@@ -76,12 +85,21 @@ _ROLE_ORDER = ("embedding", "norm", "bias", "conv", "linear", "other")
 # Arguments that differ between train and eval mode: op packet -> (kind, index, keyword).
 _MODE_ARGS: dict[Any, tuple[str, int, str]] = {
     aten.batch_norm: ("batch_norm", 5, "training"),
-    aten.dropout: ("dropout", 2, "train"),
-    aten.feature_dropout: ("dropout", 2, "train"),
-    aten.alpha_dropout: ("dropout", 2, "train"),
-    aten.feature_alpha_dropout: ("dropout", 2, "train"),
+    **{op: ("dropout", 2, "train") for op in (
+        aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout,
+        aten.dropout_, aten.feature_dropout_, aten.alpha_dropout_, aten.feature_alpha_dropout_)},
     aten.scaled_dot_product_attention: ("dropout", 4, "dropout_p"),
+    # recurrent layers: the dropout between layers; (data, batch_sizes, …) forms shift it by one
+    **{op: ("dropout", 6, "train") for op in (aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu)},
 }
+_RECURRENT = (aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu)
+# Random ops that no mode argument switches off (stochastic depth's bernoulli_, LayerDrop's
+# rand): a graph holding one is traced again in eval mode.
+_RANDOM = {getattr(aten, n) for n in (
+    "bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint",
+    "randint_like", "randperm", "normal", "normal_", "uniform", "uniform_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "multinomial", "native_dropout", "random_",
+    "poisson", "rrelu_with_noise", "rrelu", "_fused_dropout") if hasattr(aten, n)}
 _MODE_KEY = "chop_mode"  # node.meta entry: (kind, index, keyword, train-mode value, eval value)
 
 
@@ -125,11 +143,13 @@ class Graph:
         name: the traced model's class name, for messages and reports.
     """
 
-    def __init__(self, module: GraphModule, *, training: bool = True, name: str = "model"):
+    def __init__(self, module: GraphModule, *, training: bool = True, name: str = "model",
+                 traced_training: bool = True):
         self.module = module
         self.name = name
         self.history: list[PassRecord] = []
-        self._mode = (True, True)  # (batch_norm, dropout) as traced
+        self.traced_training = traced_training  # exported in train mode (else eval, see trace)
+        self._mode = (True, True) if traced_training else (False, False)  # as traced
         self._annotate()
         graph = self
 
@@ -218,14 +238,16 @@ class Graph:
 
     def copy(self) -> Graph:
         """An independent copy: its own parameters, buffers and chop metadata, same mode."""
-        with self.mode(batch_norm=True, dropout=True):  # the copy records train-mode arguments
+        traced = self.traced_training  # the copy starts with the arguments as traced
+        with self.mode(batch_norm=traced, dropout=traced):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
                 module = copy.deepcopy(self.module)
         for node in module.graph.nodes:  # fx copies node.meta shallowly
             if "chop" in node.meta:
                 node.meta["chop"] = dict(node.meta["chop"])
-        twin = Graph(module, training=self.training, name=self.name)
+        twin = Graph(module, training=self.training, name=self.name,
+                     traced_training=self.traced_training)
         twin.history = list(self.history)
         return twin
 
@@ -258,8 +280,8 @@ class Graph:
             for user in node.users:
                 uses = _PARAM_USES.get(_packet(user), {})
                 for index, arg in enumerate(user.args):
-                    if arg is node and index in uses:
-                        roles.append(uses[index])
+                    if index in uses and (arg is node or _recurrent_param(user, index, arg, node)):
+                        roles.append(_param_role(uses[index], self.parameter(node)))
                         ops.append(str(_packet(user)).removeprefix("aten."))
             role = min(roles, key=_ROLE_ORDER.index) if roles else "other"
             entry = meta.entries(node)
@@ -270,9 +292,14 @@ class Graph:
             spec = _MODE_ARGS.get(_packet(node)) if node.op == "call_function" else None
             if spec is not None:
                 kind, index, keyword = spec
+                if _packet(node) in _RECURRENT and node.target._overloadname != "input":
+                    index += 1  # the (data, batch_sizes, …) form of a packed sequence
                 train_value = node_arg(node, index, keyword, 0.0)
+                stats = kind != "batch_norm" or node_arg(node, 3, "running_mean") is not None
+                if not self.traced_training and isinstance(train_value, bool):
+                    train_value = stats  # traced in eval mode: train mode turns them on
                 if kind == "batch_norm":  # without running stats BatchNorm always uses batch stats
-                    eval_value = train_value if node_arg(node, 3, "running_mean") is None else False
+                    eval_value = train_value if not stats else False
                 else:
                     eval_value = 0.0 if isinstance(train_value, float) else False
                 node.meta[_MODE_KEY] = (kind, index, keyword, train_value, eval_value)
@@ -297,6 +324,20 @@ class Graph:
                 node.replace_all_uses_with(kept[name])
                 self.module.graph.erase_node(node)
         self.module.recompile()
+
+
+def _recurrent_param(user: Node, index: int, arg: Any, node: Node) -> bool:
+    """Whether ``node`` is in the weight list (argument ``index``) of recurrent op ``user``."""
+    return _packet(user) in _RECURRENT and isinstance(arg, (list, tuple)) and any(
+        a is node for a in arg)
+
+
+def _param_role(role: str, param: torch.Tensor) -> str:
+    """A recurrent layer's 2-D weights (``weight_ih``, ``weight_hh``) are prunable like linear
+    weights; its 1-D entries are biases."""
+    if role == "recurrent":
+        return "linear" if param.dim() == 2 else "bias"
+    return role
 
 
 def _is_counter(arg: Any) -> bool:
@@ -355,19 +396,29 @@ _HINTS = (
 def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | None = None) -> Graph:
     """Capture ``model`` as a :class:`Graph` with torch.export.
 
+    The model is exported in train mode, so that dropout probabilities are recorded and
+    :meth:`Graph.train`/:meth:`Graph.eval` can switch BatchNorm and dropout. Behaviour no mode
+    argument switches is baked into a train-mode export: random ops outside dropout (stochastic
+    depth's ``bernoulli_``, drop-path) would stay on in eval mode, and a LayerDrop-style
+    ``if self.training and torch.rand([]) < p`` branch (or SpecAugment's numpy masks) does not
+    export at all. Then the model is exported in eval mode instead, once, with a log line
+    saying why: its BatchNorm and dropout still switch to train mode, but those other training
+    behaviours (and attention dropout, whose probability an eval-mode export does not record)
+    stay off when the graph trains.
+
     Args:
-        model: the model; exported in train mode (so dropout probabilities are recorded) and
-            left in the mode it was in. The graph starts in that mode too.
+        model: the model; left in the mode it was in. The graph starts in that mode too.
         example_inputs: one positional input or a tuple of them, as the model's forward takes.
         kwargs: keyword inputs (e.g. ``input_ids``, ``attention_mask`` for a transformer).
 
     Returns:
         The graph; ``graph.module(*example_inputs, **kwargs)`` equals ``model(...)``, and the
         batch dimension (plus the sequence dimension of integer token inputs) is dynamic.
+        ``graph.traced_training`` says which mode it was exported in.
 
     Raises:
-        TraceError: torch.export could not capture the model; the message says why and what
-            to try, and the original exception is chained.
+        TraceError: torch.export could not capture the model in either mode; the message says
+            why and what to try, and the original exception is chained.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"chop.trace needs a torch.nn.Module, got {type(model).__name__}")
@@ -376,26 +427,38 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
     args, kwargs = _widen_batch_of_one(args, kwargs)
     name = type(model).__name__
     was_training = model.training
-    model.train()
+    traced_training, why = True, None
     try:
-        program = torch.export.export(
-            model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs)
-        )
-    except Exception as e:
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
-        hints = [hint for key, hint in _HINTS if key.lower() in text.lower()] or [
-            "Check that the example inputs are what the model's forward expects (a tuple of "
-            "positional inputs, kwargs for keyword inputs), and that the model runs eagerly on "
-            "them; see the chained torch.export error below for the line that failed."
-        ]
-        raise TraceError(
-            f"torch.export could not capture {name}: {type(e).__name__}: {first}\n"
-            f"What to try: {' '.join(hints)}"
-        ) from e
+        try:
+            program = _export(model, args, kwargs, training=True)
+        except Exception as train_error:  # noqa: BLE001 - retried in eval mode, chained if that fails too
+            try:
+                program = _export(model, args, kwargs, training=False)
+            except Exception:  # noqa: BLE001 - the train-mode error is the one to report
+                raise _trace_error(name, train_error) from train_error
+            traced_training = False
+            why = (f"the train-mode export failed ({type(train_error).__name__}: "
+                   f"{_first_line(train_error)})")
+        else:
+            random = sorted({str(n.target) for n in program.graph.nodes
+                             if n.op == "call_function" and _packet(n) in _RANDOM})
+            if random:
+                try:
+                    program = _export(model, args, kwargs, training=False)
+                    traced_training = False
+                    why = (f"its train-mode graph draws random numbers no mode switch turns off "
+                           f"({', '.join(random)}: stochastic depth, drop-path or the like)")
+                except Exception as e:  # noqa: BLE001 - keep the train-mode graph, say so
+                    log.warning("%s: its train-mode graph draws random numbers (%s) that eval mode "
+                                "will not turn off, and the eval-mode export failed (%s)", name,
+                                ", ".join(random), _first_line(e))
     finally:
         model.train(was_training)
-    graph = Graph(program.module(), training=was_training, name=name)
+    if why is not None:
+        log.info("%s: traced in eval mode because %s; BatchNorm and dropout still switch to "
+                 "train mode, other training-only behaviour stays off", name, why)
+    graph = Graph(program.module(), training=was_training, name=name,
+                  traced_training=traced_training)
     for node in graph.module.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
@@ -404,6 +467,29 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
                 "graph only accepts that batch size", name, node.name, value.shape[0],
             )
     return graph
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, *, training: bool) -> Any:
+    model.train(training)
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _trace_error(name: str, e: BaseException) -> TraceError:
+    text = str(e).strip()
+    hints = [hint for key, hint in _HINTS if key.lower() in text.lower()] or [
+        "Check that the example inputs are what the model's forward expects (a tuple of "
+        "positional inputs, kwargs for keyword inputs), and that the model runs eagerly on "
+        "them; see the chained torch.export error below for the line that failed."
+    ]
+    return TraceError(
+        f"torch.export could not capture {name}: {type(e).__name__}: {_first_line(e)}\n"
+        f"What to try: {' '.join(hints)}"
+    )
 
 
 def trace_inputs(model: nn.Module, inputs: Any) -> Graph:

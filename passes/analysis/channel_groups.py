@@ -9,7 +9,9 @@ of ``conv2`` — so a group is a set of coupled layers with ``size`` channels, a
 (a block of columns for a flatten into a linear, ``head_dim`` rows for a head).
 
 Units that touch something chop cannot shrink are *unprunable*, with the reason
-(``Group.blocked``); ``ChannelGroups.unprunable()`` lists them per group.
+(``Group.blocked``: the most fundamental one — the channels are model outputs, then a
+normalisation spans them, then the first in graph order); ``ChannelGroups.unprunable()`` lists
+them per group.
 
 Where the result lives:
 
@@ -34,6 +36,7 @@ from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_of
 from chop.passes.analysis.flow import Flow, trace_channels
+from chop.passes.analysis.flow.rule import rank
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 KEY = "channel_groups"
@@ -125,8 +128,9 @@ def channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups:
     unit_blocked: dict[int, str | None] = {}
     unit_head: dict[int, bool] = {}
     for u, component in enumerate(sorted(nx.connected_components(flow.coupling), key=min)):
-        reasons = [flow.blocked[a] for a in sorted(component) if a in flow.blocked]
-        unit_blocked[u] = reasons[0] if reasons else None
+        # the reason no rule could lift (an output, a normalisation) first, then graph order
+        reasons = sorted((rank(flow.blocked[a]), a) for a in component if a in flow.blocked)
+        unit_blocked[u] = flow.blocked[reasons[0][1]] if reasons else None
         unit_head[u] = any(a in flow.heads for a in component)
         unit_of[list(component)] = u
     # the indices each unit owns in each member dim

@@ -1,7 +1,20 @@
-"""Structured selection over channel groups: score channels and heads, turn keep decisions into
-per-parameter masks, and check that a granularity fits the model.
+"""Structured selection over channel groups: score channels and heads, choose which go under a
+parameter budget, turn keep decisions into per-parameter masks, and say which layers a
+granularity cannot prune and why.
 
-These are the building blocks of ``mask{granularity=channel|head}``::
+:func:`structured_selection` is what ``mask{granularity=channel|head}`` runs. Under ``channel``
+every removable unit counts (a channel, or a whole head where channels only go by heads); under
+``head`` only attention heads. ``sparsity`` is the share of the selected layers' *parameters*
+removed: units go in order of increasing score (the sum of their members' saliency; ties by group
+then unit index, so the choice is deterministic) until the removed parameters of the selected
+layers reach ``N − round((1 − sparsity)·N)``, so the result overshoots the budget by less than one
+unit. Global scope counts N over every selected layer that the granularity can prune, exactly
+(an entry both in a removed row and a removed column counts once); local scope gives each group
+the budget of its own parameters. Every group keeps at least ``max(min_keep, 1)`` units (shrink
+never empties a tensor); the floor, the layers the granularity cannot prune (with the reason) and
+the units chop must keep are reported, not raised, unless ``strict``.
+
+The building blocks, for other rules::
 
     groups = stored_channel_groups(graph)
     require_granularity(groups, [n.target for n in nodes], "channel")
@@ -13,22 +26,26 @@ These are the building blocks of ``mask{granularity=channel|head}``::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from chop.errors import GranularityError, MissingMetadataError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.passes.analysis.channel_groups import ChannelGroups, Group
+from chop.kernels.select import kept_count
+from chop.passes.analysis.channel_groups import ChannelGroups, Group, stored_channel_groups
 
 Granularity = Literal["channel", "head"]
 
 
 def matches(group: Group, granularity: Granularity) -> bool:
-    """Whether ``group`` is pruned under ``granularity`` (heads are head groups only)."""
-    return group.kind == granularity
+    """Whether ``group`` is pruned under ``granularity``: ``head`` takes head groups only,
+    ``channel`` every group (a head is the unit of channels that only go by heads)."""
+    return granularity == "channel" or group.kind == granularity
 
 
 def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
@@ -100,27 +117,170 @@ def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Te
     return masks
 
 
+def unprunable_reason(groups: ChannelGroups, name: str, granularity: Granularity) -> str | None:
+    """Why layer ``name`` cannot be pruned under ``granularity`` (no group of that kind it is a
+    member of, by rows or columns, has a removable unit), or None if it can."""
+    mine = [g for g in groups.of(name) if matches(g, granularity)]
+    if any(bool(g.prunable.any()) for g in mine):
+        return None
+    others = [g for g in groups.of(name) if not matches(g, granularity) and bool(g.prunable.any())]
+    reasons = [r for role in ("out", "channel", "in") for g in groups.of(name, role)
+               if matches(g, granularity) for r in g.blocked if r]
+    why = (f"its {granularity}s cannot be removed: {reasons[0]}" if reasons else
+           f"it is in no {granularity} group")
+    hint = f"; it can be pruned with granularity={others[0].kind}" if others else ""
+    return f"{why}{hint}"
+
+
 def require_granularity(groups: ChannelGroups, names: Iterable[str], granularity: Granularity) -> None:
     """Raise :class:`GranularityError` naming the first layer in ``names`` that no prunable group
     of this granularity covers (e.g. ``granularity=head`` on a CNN, or the output layer)."""
     if granularity not in ("channel", "head"):
         raise GranularityError(f"unknown structured granularity {granularity!r}; use channel or head")
     names = list(names)
+    _require_heads(groups, names, granularity)
+    for name in names:
+        why = unprunable_reason(groups, name, granularity)
+        if why is not None:
+            raise GranularityError(
+                f"granularity={granularity}: layer {name} cannot be pruned this way: {why}. "
+                "Exclude it (exclude='...'), use granularity=element, or drop strict=true to "
+                "skip it")
+
+
+def _require_heads(groups: ChannelGroups, names: list[str], granularity: Granularity) -> None:
     if granularity == "head" and not any(g.kind == "head" for g in groups):
         raise GranularityError(
             f"granularity=head: the model has no attention heads chop can prune (it recognises "
-            f"scaled_dot_product_attention fed by per-head views of linear outputs); layer "
-            f"{names[0] if names else '?'} cannot be pruned by heads. Use granularity=channel "
-            "or element")
+            f"scaled_dot_product_attention or q @ kᵀ attention fed by per-head views of linear "
+            f"outputs); layer {names[0] if names else '?'} cannot be pruned by heads. Use "
+            "granularity=channel or element")
+
+
+@dataclass
+class Selection:
+    """What :func:`structured_selection` chose, and what it could not do.
+
+    Attributes:
+        masks: per-parameter bool masks (True = kept) for every coupled layer.
+        keep: group id -> bool per unit (True = kept), for the groups it ranked.
+        unprunable: selected layer -> why the granularity cannot prune it (skipped).
+        blocked: selected layer -> ``{"units", "of", "kind", "reason"}``: its output units
+            (channels or heads) chop must keep, and the first reason.
+        floor: group (its producing layers, comma-joined) -> units the floor kept that the
+            ranking would have removed.
+        params: ``(removed, of)``: parameters removed from the selected prunable layers, of all
+            their parameters.
+    """
+
+    masks: dict[str, torch.Tensor]
+    keep: dict[int, torch.Tensor]
+    unprunable: dict[str, str] = field(default_factory=dict)
+    blocked: dict[str, dict[str, Any]] = field(default_factory=dict)
+    floor: dict[str, int] = field(default_factory=dict)
+    params: tuple[int, int] = (0, 0)
+
+    def info(self) -> dict[str, Any]:
+        """The mask pass's info entries (see the module doc of :mod:`chop.passes.transform.mask`)."""
+        removed, of = self.params
+        return {"unprunable": dict(self.unprunable), "blocked": dict(self.blocked),
+                "floor": dict(self.floor),
+                "removed": {"params": removed, "of": of,
+                            "units": sum(int((~k).sum()) for k in self.keep.values())}}
+
+
+def structured_selection(
+    graph: Graph, names: Iterable[str], sparsity: float, scope: str = "global",
+    granularity: Granularity = "channel", *, min_keep: int = 0, strict: bool = False,
+    key: str = "saliency",
+) -> Selection:
+    """Choose the channels (or heads) to remove from the selected layers ``names``; see the
+    module doc for the budget, the order, the floor and what is reported.
+
+    Raises:
+        GranularityError: ``granularity=head`` on a model without heads; with ``strict``, a
+            selected layer the granularity cannot prune.
+        MissingMetadataError: no group member carries ``key``.
+    """
+    if granularity not in ("channel", "head"):
+        raise GranularityError(f"unknown structured granularity {granularity!r}; use channel or head")
+    groups = stored_channel_groups(graph)
+    names = list(dict.fromkeys(names))
+    if granularity == "head":
+        _require_heads(groups, names, granularity)  # a model without heads is an error, always
+        heads = {m.name for g in groups if g.kind == "head" for m in g.members}
+        names = [n for n in names if n in heads] or names  # heads cover the attention layers
+    if strict:
+        require_granularity(groups, names, granularity)
+    selection = Selection({}, {})
     for name in names:
-        mine = [g for g in groups.of(name) if matches(g, granularity)]
-        if any(bool(g.prunable.any()) for g in mine):
-            continue
-        others = [g for g in groups.of(name) if g.kind != granularity and bool(g.prunable.any())]
-        reasons = sorted({r for g in mine for r in g.blocked if r})
-        why = (f"its {granularity}s cannot be removed: {reasons[0]}" if reasons else
-               f"it is in no {granularity} group")
-        hint = (f"; it can be pruned with granularity={others[0].kind}" if others else "")
-        raise GranularityError(
-            f"granularity={granularity}: layer {name} cannot be pruned this way: {why}{hint}. "
-            "Exclude it (exclude='...') or use granularity=element")
+        why = unprunable_reason(groups, name, granularity)
+        if why is not None:
+            selection.unprunable[name] = why
+        out = [g for g in groups.of(name, "out") if matches(g, granularity)]
+        stuck = sum(int((~g.prunable).sum()) for g in out)
+        if stuck:
+            reason = next(r for g in out for r in g.blocked if r)
+            selection.blocked[name] = {"units": stuck, "of": sum(g.size for g in out),
+                                       "kind": granularity, "reason": reason}
+    chosen = set(names) - set(selection.unprunable)
+    params = {n: p for n, p in graph.module.named_parameters() if n in chosen}
+    candidates = [g for g in groups if matches(g, granularity) and bool(g.prunable.any())
+                  and any(m.name in chosen and m.role == "out" for m in g.members)]
+    all_scores = group_scores(graph, groups, key) if candidates else {}
+    candidates = [g for g in candidates if g.id in all_scores]
+    floor = max(min_keep, 1)
+    # removed slices per parameter dim: the kept entries are the product of the kept indices
+    gone = {n: [torch.zeros(size, dtype=torch.bool) for size in p.shape] for n, p in params.items()}
+    total = sum(p.numel() for p in params.values())
+
+    def kept(name: str) -> int:
+        return math.prod(int((~d).sum()) for d in gone[name])
+
+    def cost(g: Group, u: int, exact: bool) -> int:
+        """Parameters of the chosen layers that unit ``u`` of ``g`` removes (with ``exact``: that
+        are not removed yet, and marks them; else: its slices, counted alone)."""
+        n = 0
+        for m in g.members:
+            if m.name not in gone:
+                continue
+            if exact:
+                before = kept(m.name)
+                gone[m.name][m.dim][m.index[u]] = True
+                n += before - kept(m.name)
+            else:
+                n += m.index[u].numel() * params[m.name].numel() // params[m.name].shape[m.dim]
+        return n
+
+    def take(order: list[tuple[Group, int]], budget: int, exact: bool) -> int:
+        got = 0
+        for g, u in order:
+            if got >= budget:
+                break
+            keep = selection.keep.setdefault(g.id, torch.ones(g.size, dtype=torch.bool))
+            if int(keep.sum()) <= floor:
+                label = ", ".join(g.layers("out"))
+                selection.floor[label] = selection.floor.get(label, 0) + 1
+                continue
+            keep[u] = False
+            got += cost(g, u, exact)
+        return got
+
+    def ranked(gs: list[Group]) -> list[tuple[Group, int]]:
+        units = [(g, u) for g in gs for u in range(g.size) if g.blocked[u] is None]
+        if not units:
+            return []
+        scores = torch.stack([all_scores[g.id][u] for g, u in units])
+        return [units[i] for i in torch.argsort(scores, stable=True).tolist()]
+
+    if scope == "local":
+        for g in candidates:
+            size = sum(cost(g, u, exact=False) for u in range(g.size))
+            take(ranked([g]), size - kept_count(size, sparsity), exact=False)
+    else:
+        take(ranked(candidates), total - kept_count(total, sparsity), exact=True)
+    roles = {meta.entries(n).get("role") for n in graph.weight_nodes() if n.target in chosen}
+    selection.masks = group_masks(graph, groups, selection.keep, roles | {"linear", "conv"})
+    done = sum(int((~m).sum()) for n, m in selection.masks.items() if n in chosen)
+    selection.params = (done, total)
+    return selection

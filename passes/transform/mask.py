@@ -9,7 +9,14 @@ Selection works on *units*: single weights (``granularity=element``) or R×C blo
 weight (``"4x4"``, scored by the sum of their saliency; conv weights are seen as
 ``[out, in·kh·kw]``), or whole channels / attention heads (``channel``, ``head``: the groups of
 the ``channel-groups`` analysis, scored by their members' summed saliency, removed from every
-coupled layer so that ``shrink`` can cut them out). Exactly round((1 − sparsity)·N) units are kept, N counted per layer
+coupled layer so that ``shrink`` can cut them out; ``sparsity`` is then the share of the
+selected layers' *parameters* removed, met by the fewest lowest-scoring units, at least one unit
+of every group kept — see :mod:`chop.passes.analysis.group_select`). Channel/head and N:M skip
+the selected layers they cannot prune (``strict=true``: an error instead); the pass info says
+which and why: ``unprunable`` (layer -> reason) and, for channel/head, ``blocked`` (layer ->
+``{units, of, kind, reason}``: its output channels or heads chop must keep), ``floor`` (group ->
+units the floor kept) and ``removed`` (``{params, of, units}``). For element and block
+granularity exactly round((1 − sparsity)·N) units are kept, N counted per layer
 (``scope=local``) or over all selected layers (``scope=global``); ties are broken
 deterministically by position (see :mod:`chop.kernels.select`). With global scope, per-layer bounds
 (``min_sparsity``, ``max_sparsity``, ``min_keep``) are met exactly: layers whose share falls
@@ -28,11 +35,18 @@ from typing import ClassVar, Literal
 import torch
 from torch.fx import Node
 
-from chop.errors import MissingMetadataError, OptionError
+from chop.errors import InternalError, MissingMetadataError, OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_mask, select_weights
-from chop.kernels.select import keep_masks, kept_count
+from chop.kernels.select import (
+    Piece,
+    Reduce,
+    keep_masks,
+    kept_count,
+    mask_counts,
+    whole_numel,
+)
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 log = logging.getLogger("chop")
@@ -84,13 +98,14 @@ def _expand_blocks(node: Node, kept: torch.Tensor, r: int, c: int, shape: torch.
 
 
 def layer_counts(
-    scores: list[torch.Tensor],
+    scores: list[torch.Tensor | Piece],
     sparsity: float,
     scope: str,
     *,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
     min_keep: int = 0,
+    reduce: Reduce | None = None,
 ) -> list[torch.Tensor]:
     """Bool keep-masks over ``scores`` (one tensor of unit scores per layer) with exact counts.
 
@@ -103,28 +118,40 @@ def layer_counts(
     Selecting the budget's top units gives c_l(r0); if F(r0) is below the budget then r > r0 and
     every layer above its upper bound stays there, so those layers are fixed; if above, the
     layers under their lower bound are fixed. The rest are re-selected, at most once per layer.
+
+    Sharded layers: pass each layer's :class:`~chop.kernels.select.Piece` on this process and
+    ``reduce`` (see :mod:`chop.kernels.select`); N_l, the counts and every selection are then
+    those of the whole layers, and the masks (shaped like the pieces) are the ones a single
+    process would make. Every process must make the same call.
     """
-    sizes = [s.numel() for s in scores]
+    sizes = [whole_numel(s) for s in scores]
     upper = [kept_count(n, min_sparsity) for n in sizes]
     lower = [min(n, max(kept_count(n, max_sparsity), min_keep)) for n in sizes]
     if scope == "local":
-        return [keep_masks([s], min(max(kept_count(n, sparsity), lo), hi))[0]
+        return [keep_masks([s], min(max(kept_count(n, sparsity), lo), hi), reduce=reduce)[0]
                 for s, n, lo, hi in zip(scores, sizes, lower, upper)]
     budget = min(max(kept_count(sum(sizes), sparsity), sum(lower)), sum(upper))
     free, masks = list(range(len(scores))), {}
     while free:
-        chosen = dict(zip(free, keep_masks([scores[i] for i in free], budget)))
-        counts = {i: int(m.sum()) for i, m in chosen.items()}
+        chosen = dict(zip(free, keep_masks([scores[i] for i in free], budget, reduce=reduce)))
+        counted = mask_counts(list(chosen.values()), [scores[i] for i in free], reduce=reduce)
+        counts = dict(zip(free, counted))
         clipped = {i: min(max(k, lower[i]), upper[i]) for i, k in counts.items()}
         excess = sum(clipped.values()) - budget
         if excess == 0:
             for i in free:
                 same = clipped[i] == counts[i]
-                masks[i] = chosen[i] if same else keep_masks([scores[i]], clipped[i])[0]
+                masks[i] = chosen[i] if same else keep_masks([scores[i]], clipped[i],
+                                                             reduce=reduce)[0]
             break
         side = [i for i in free if (counts[i] > upper[i] if excess < 0 else counts[i] < lower[i])]
+        if not side:  # impossible when the selection kept exactly the budget
+            raise InternalError(
+                f"mask: the selection kept {sum(counts.values())} units for a budget of "
+                f"{budget}; with pieces over processes, do pieces overlap or copies differ?"
+            )
         for i in side:
-            masks[i] = keep_masks([scores[i]], clipped[i])[0]
+            masks[i] = keep_masks([scores[i]], clipped[i], reduce=reduce)[0]
             budget -= clipped[i]
         free = [i for i in free if i not in side]
     return [masks[i] for i in range(len(scores))]
@@ -132,38 +159,18 @@ def layer_counts(
 
 def _structured_masks(
     graph: Graph, nodes: list[Node], sparsity: float, scope: str, granularity: str, *,
-    min_keep: int = 0,
+    min_keep: int = 0, strict: bool = False, report: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Masks removing whole channels or heads: the channel groups (``channel-groups``) that
-    produce a selected layer are scored by their members' summed saliency (SNAP-it) and selected
-    like weights, per group (local) or over all groups (global); unprunable channels are kept
-    and not counted. Every coupled layer of a removed channel is masked."""
-    from chop.passes.analysis.channel_groups import stored_channel_groups
-    from chop.passes.analysis.group_select import (
-        group_masks,
-        group_scores,
-        require_granularity,
-    )
+    """Masks removing whole channels or heads, chosen by
+    :func:`chop.passes.analysis.group_select.structured_selection` (a parameter budget, a
+    floor of one unit per group); what it could not prune goes into ``report``."""
+    from chop.passes.analysis.group_select import structured_selection
 
-    groups = stored_channel_groups(graph)
-    if granularity == "head":  # heads cover the attention projections; leave the other layers
-        heads = {m.name for g in groups if g.kind == "head" for m in g.members}
-        nodes = [n for n in nodes if n.target in heads] or nodes
-    names = {n.target for n in nodes}
-    require_granularity(groups, [n.target for n in nodes], granularity)
-    scores = {
-        gid: score for gid, score in group_scores(graph, groups, granularity=granularity).items()
-        if any(m.name in names and m.role == "out" for m in groups[gid].members)
-        and bool(groups[gid].prunable.any())
-    }
-    free = {gid: scores[gid][groups[gid].prunable] for gid in scores}
-    kept = layer_counts(list(free.values()), sparsity, scope, min_keep=min_keep)
-    keep = {}
-    for gid, chosen in zip(free, kept):
-        decision = torch.ones(groups[gid].size, dtype=torch.bool)
-        decision[groups[gid].prunable] = chosen
-        keep[gid] = decision
-    return group_masks(graph, groups, keep)
+    selection = structured_selection(graph, [n.target for n in nodes], sparsity, scope,
+                                     granularity, min_keep=min_keep, strict=strict)
+    if report is not None:
+        report.update(selection.info())
+    return selection.masks
 
 
 def mask_weights(
@@ -176,8 +183,17 @@ def mask_weights(
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
     min_keep: int = 0,
+    strict: bool = False,
+    report: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mask ``nodes`` keeping the highest-saliency weights; returns the masks by name."""
+    """Mask ``nodes`` keeping the highest-saliency weights; returns the masks by name.
+
+    Channel/head and N:M granularities skip the layers they cannot prune (an error with
+    ``strict``); ``report``, if given, receives what was skipped and why (``unprunable``: layer
+    -> reason) and, for channel/head, ``blocked``, ``floor`` and ``removed`` (see
+    :class:`chop.passes.analysis.group_select.Selection`)."""
+    report = {} if report is None else report
+    report.setdefault("unprunable", {})
     scores = []
     for node in nodes:
         score = meta.entries(node).get("saliency")
@@ -193,12 +209,18 @@ def mask_weights(
     if granularity in ("channel", "head"):
         masks_by_name = _structured_masks(
             graph, nodes, 0.9 if sparsity is None else sparsity, scope, granularity,
-            min_keep=min_keep,
+            min_keep=min_keep, strict=strict, report=report,
         )
         nodes = [graph.weight_node(name) for name in masks_by_name]
         masks = list(masks_by_name.values())
     elif nm:
         n, m = int(nm[1]), int(nm[2])
+        fits = [strict or _as_matrix(node, s).shape[1] % m == 0 for node, s in zip(nodes, scores)]
+        for node, s, ok in zip(nodes, scores, fits):
+            if not ok:
+                report["unprunable"][node.target] = (
+                    f"its input size {_as_matrix(node, s).shape[1]} is not a multiple of {m}")
+        nodes, scores = ([x for x, ok in zip(xs, fits) if ok] for xs in (nodes, scores))
         masks = [_nm_mask(node, s, n, m) for node, s in zip(nodes, scores)]
     else:
         r, c = (int(block[1]), int(block[2])) if block else (1, 1)
@@ -230,7 +252,8 @@ class Mask(Pass):
     preserves: ClassVar[tuple[str, ...]] = ("saliency", "channel_groups")
 
     sparsity: float | None = option(
-        None, "fraction of the selected weights to prune, in [0, 1); default 0.9 (N:M sets its own)"
+        None, "fraction of the selected weights to prune, in [0, 1); default 0.9 (N:M sets its "
+              "own); channel/head: the share of the selected layers' parameters removed"
     )
     scope: Literal["global", "local"] = option(
         "global", "rank weights over all selected layers together, or per layer"
@@ -240,12 +263,15 @@ class Mask(Pass):
     )
     min_sparsity: float = option(0.0, "per-layer lower bound on sparsity (global scope)")
     max_sparsity: float = option(1.0, "per-layer upper bound on sparsity (global scope)")
-    min_keep: int = option(0, "keep at least this many weights (or blocks) in every layer")
+    min_keep: int = option(0, "keep at least this many weights (or blocks) in every layer; "
+                              "channel/head: units per channel group (at least 1)")
     include: str | None = option(None, "regex: only prune parameters whose name matches")
     exclude: str | None = option(None, "regex: never prune parameters whose name matches")
     biases: bool = option(False, "also prune biases")
     norms: bool = option(False, "also prune normalisation weights (batch/layer/group norm)")
     embeddings: bool = option(False, "also prune embedding tables (incl. tied output heads)")
+    strict: bool = option(False, "channel/head/N:M: a selected layer the granularity cannot "
+                                 "prune is an error (default: skipped and reported)")
 
     def check(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -289,6 +315,7 @@ class Mask(Pass):
             graph, self.include, self.exclude,
             biases=self.biases, norms=self.norms, embeddings=self.embeddings,
         )
+        _check_include(graph, self.include, nodes)
         if not nodes:
             raise OptionError(
                 f"mask selected no weights of {graph.name} (include={self.include!r}, "
@@ -296,9 +323,30 @@ class Mask(Pass):
                 + ", ".join(n.target for n in graph.weight_nodes()
                             if meta.entries(n).get("role") in ("linear", "conv"))
             )
+        report: dict = {}
         masks = mask_weights(
             graph, nodes, self.sparsity, self.scope, granularity=self.granularity,
             min_sparsity=self.min_sparsity, max_sparsity=self.max_sparsity, min_keep=self.min_keep,
+            strict=self.strict, report=report,
         )
+        for name, why in report["unprunable"].items():
+            log.info("mask: %s is not pruned (granularity=%s): %s", name, self.granularity, why)
         kept = {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
-        return PassResult(modified=True, info={"kept": kept})
+        return PassResult(modified=True, info={"kept": kept, **report})
+
+
+def _check_include(graph: Graph, include: str | None, nodes: list[Node]) -> None:
+    """``include`` that spells out a parameter (a full match of its name) which the role
+    options leave out is a mistake: say which and why instead of ignoring it."""
+    if include is None:
+        return
+    chosen = {n.target for n in nodes}
+    for node in graph.weight_nodes():
+        if node.target not in chosen and re.fullmatch(include, node.target):
+            role = meta.entries(node).get("role")
+            fix = {"bias": "set biases=true", "norm": "set norms=true",
+                   "embedding": "set embeddings=true"}.get(
+                role, f"chop does not know how {meta.entries(node).get('op')!r} uses it, so it "
+                      "cannot mask it")
+            raise OptionError(f"mask: include={include!r} names {node.target} (a {role} weight), "
+                              f"which is not selected: {fix}")

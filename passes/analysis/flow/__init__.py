@@ -3,27 +3,39 @@ together. A walk over the graph plus one small rule per op family, as Torch-Prun
 DependencyGraph with per-op index mappings.
 
 Atoms and tags
-    Every output channel of a conv/linear/addmm is an *atom*. Walking the graph in order, each
-    tensor gets a :class:`~.rule.Tag`: the dims that carry channels and, for every position
-    along them, its atom. Ops move atoms around (view, transpose, cat, split…), pass them through
-    (activations, BatchNorm, pooling), or force atoms to be removed together (a residual add
-    joins the atoms meeting at each position; attention joins a head's q, k and v; a view that
-    splits a channel dim into (heads, head_dim) joins each head). Those joins are edges of a
-    networkx graph whose connected components are the removable units. Parameters (and
-    BatchNorm's running stats) indexed by a channel are *members*: ``(name, dim, index) -> atom``.
+    Every output channel of a conv/linear/addmm (and every column of an embedding table) is an
+    *atom*. Walking the graph in order, each tensor gets a :class:`~.rule.Tag`: the dims that
+    carry channels and, for every position along them, its atom. Ops move atoms around (view,
+    transpose, cat, split…), pass them through (activations, BatchNorm, pooling), or force atoms
+    to be removed together (a residual add joins the atoms meeting at each position; attention
+    joins a head's q, k and v, and a KV head with the query heads that share it). Those joins are
+    edges of a networkx graph whose connected components are the removable units. Parameters
+    (and BatchNorm's running stats) indexed by a channel are *members*: ``(name, dim, index) ->
+    atom`` — a layer scale, a class token or a position embedding met by the channels too.
+
+Boxes and folded dims
+    A tag may span several dims (heads × head_dim). Shrink keeps a tensor a tensor only if the
+    kept positions form a box, so after the walk every multi-dim tag is *settled*: each unit it
+    holds must be whole hyperplanes along one dim (whole heads). Ops that index along one of its
+    dims (a slice or cat for rotary, a select of q/k/v from a fused projection, a table that
+    varies along head_dim) narrow the choice (``Walk.box``); if no op chose, each index along
+    the outer dim is joined into one unit. A dim in ``Tag.folded`` is the batch times the
+    channels (``nn.MultiheadAttention`` computes on ``[seq, batch·heads, head_dim]``): only the
+    rules with ``folds = True`` follow it, and a view that spells it is respelt with ``-1``.
 
 Blocking
     An op the walk has no rule for never guesses: the atoms of its tagged inputs are *blocked*
     with the reason, and they (and everything joined to them) are never removed. So are atoms
-    that reach the model output, meet an untracked tensor (e.g. a residual stream after
-    LayerNorm, whose statistics span all channels), are read by an op the walk does not track
-    (a tied embedding), or whose op a rule refuses (:class:`~.rule.Unsupported`, with the
-    reason).
+    that reach the model output, meet an untracked tensor that varies along them, are read by an
+    op the walk does not track, or whose op a rule refuses (:class:`~.rule.Unsupported`, with
+    the reason). A normalisation over the channels (LayerNorm, RMSNorm's mean) blocks them but
+    keeps following them, so a residual stream says why it stays. An op whose result nobody
+    reads (and that changes nothing in place) is skipped.
 
 The walk (:mod:`.walk`)
     Graph traversal and bookkeeping only: atoms, the coupling graph, members, consumers, heads,
-    blocking, multi-output ops (``getitem``), the output and untracked-reader checks. It knows
-    no op; it asks :func:`~.rule.rule_for`.
+    blocking, multi-output ops (``getitem``), the output and untracked-reader checks, boxes. It
+    knows no op; it asks :func:`~.rule.rule_for`.
 
 Rules (:mod:`.rule`, one module per family under :mod:`.rules`)
     A :class:`~.rule.Rule` answers three questions about its ops, and nobody dispatches on op

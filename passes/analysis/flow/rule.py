@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 Transfer = Callable[[list[torch.Tensor]], torch.Tensor]
+# the words of the reasons no rule could lift: a unit blocked by one of them reports it first
+OUTPUT = "reaches the model output"
+NORMALISED = "normalises over these channels"
+
+
+def rank(reason: str) -> int:
+    """Which of several reasons a blocked channel reports (lowest first): its channels are
+    model outputs, a normalisation spans them, anything else."""
+    return 0 if OUTPUT in reason else 1 if NORMALISED in reason else 2
 Const = tuple[torch.Tensor, torch.Tensor]  # (value, known), one entry per channel position
 
 
@@ -30,10 +39,13 @@ class Unsupported(Exception):
 @dataclass
 class Tag:
     """The channel layout of one tensor: ``dims`` (ascending) carry channels; ``atoms`` has the
-    sizes of those dims and holds the atom id at each position."""
+    sizes of those dims and holds the atom id at each position. A dim in ``folded`` is the batch
+    (dynamic, outer) times the channels (``atoms``' size there, inner): ``nn.MultiheadAttention``
+    folds its heads into the batch as ``[seq, batch·heads, head_dim]``."""
 
     dims: tuple[int, ...]
     atoms: torch.Tensor
+    folded: tuple[int, ...] = ()
 
 
 def identity(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -102,6 +114,7 @@ class Rule:
     Rules keep no state: one instance serves every node of its ops."""
 
     creates: ClassVar[bool] = False  # visited even when no input carries channels (weight ops)
+    folds: ClassVar[bool] = False  # follows channels folded into the batch (Tag.folded)
 
     def visit(self, walk: Walk, node: Node) -> None:
         """Tag ``node`` (``walk.set``, or ``walk.parts`` for a tuple result), joining and
@@ -120,6 +133,8 @@ class Rule:
 
 class Moved(Rule):
     """Values pass unchanged: the output carries the first operand's channels as they are."""
+
+    folds = True
 
     def visit(self, walk: Walk, node: Node) -> None:
         walk.same(node, Step(self, [node.args[0]]))
@@ -197,3 +212,10 @@ def shape_of(node: Node) -> list[Any]:
 def positive(d: int, ndim: int) -> int:
     """Dim ``d`` counted from the front."""
     return d + ndim if d < 0 else d
+
+
+def fixed_along(walk: Walk, tag: Tag, d: int) -> None:
+    """Positions along channel dim ``d`` of a multi-dim layout are indexed by the op (sliced,
+    selected, concatenated, scaled by a table): they never go one by one; whole hyperplanes
+    along another channel dim (whole heads) go instead, so the op's indices stay valid."""
+    walk.box(tag.atoms, tuple(i for i, e in enumerate(tag.dims) if e != d))

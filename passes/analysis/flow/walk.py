@@ -15,9 +15,19 @@ from torch.fx import Node
 import chop.passes.analysis.flow.rules  # noqa: F401  (registers every rule)
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_of
-from chop.passes.analysis.flow.rule import Consumer, Step, Tag, Unsupported, rule_for
+from chop.passes.analysis.flow.rule import (
+    Consumer,
+    Step,
+    Tag,
+    Unsupported,
+    aten,
+    packet,
+    rank,
+    rule_for,
+)
 
 log = logging.getLogger("chop")
+_PASSING = (aten.expand, aten.alias, aten.clone, aten.contiguous, aten._to_copy, aten.to)
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Walk:
         self.heads: set[int] = set()
         self.spaces: dict[tuple[str, int], torch.Tensor] = {}
         self.uses: dict[str, set[Node]] = {}
+        self.boxes: list[tuple[torch.Tensor, tuple[int, ...] | None]] = []
         self.current: Node | None = None
         self.count = 0
 
@@ -99,6 +110,13 @@ class Walk:
             row = atoms.select(dim, i).flatten()
             self.join(row[:1].expand_as(row), row)
 
+    def box(self, atoms: torch.Tensor, axes: tuple[int, ...] | None = None) -> None:
+        """The positions of a multi-dim tag must go as whole hyperplanes along one of ``axes``
+        (default: any axis), so that the kept ones form a box (a view can still spell their
+        sizes). Settled after the walk, when every op had its say on the units: if no allowed
+        axis fits yet, each index along the first one is joined into one unit."""
+        self.boxes.append((atoms, axes))
+
     def member(self, name: str | None, dim: int, atoms: torch.Tensor, role: str,
                index: torch.Tensor | None = None) -> None:
         """Record that ``name``'s ``dim`` is indexed by ``atoms`` (at ``index``, default all)."""
@@ -121,7 +139,8 @@ class Walk:
 
     def block(self, atoms: torch.Tensor, reason: str) -> None:
         for a in atoms.flatten().unique().tolist():
-            self.blocked.setdefault(int(a), reason)
+            if a not in self.blocked or rank(reason) < rank(self.blocked[a]):
+                self.blocked[int(a)] = reason
 
     def block_inputs(self, node: Node, reason: str) -> None:
         for arg in nodes_in((node.args, node.kwargs)):
@@ -129,14 +148,15 @@ class Walk:
                 self.block(self.tags[arg].atoms, reason)
         log.debug("channel-groups: %s", reason)
 
-    def set(self, node: Node, dims: tuple[int, ...], atoms: torch.Tensor, step: Step) -> None:
-        self.tags[node] = Tag(tuple(dims), atoms)
+    def set(self, node: Node, dims: tuple[int, ...], atoms: torch.Tensor, step: Step,
+            folded: tuple[int, ...] = ()) -> None:
+        self.tags[node] = Tag(tuple(dims), atoms, tuple(folded))
         self.steps[node] = step
 
     def same(self, node: Node, step: Step) -> None:
         """``node`` carries its first operand's channels unchanged."""
         tag = self.first(node)
-        self.set(node, tag.dims, tag.atoms, step)
+        self.set(node, tag.dims, tag.atoms, step, tag.folded)
 
     # -- lookups for rules ---------------------------------------------------------------------
 
@@ -147,6 +167,21 @@ class Walk:
         if arg.op == "get_attr" and (arg.target in self.params or arg.target in self.buffers):
             return arg.target
         return mask_of(arg)
+
+    def param_through(self, arg: Any) -> tuple[str | None, int]:
+        """The parameter or buffer ``arg`` reads, directly or through ``expand``, a copy or a
+        cast, and how many leading dims ``arg`` has more than it; ``(None, 0)`` otherwise."""
+        ndim = len(arg.meta["val"].shape) if isinstance(arg, Node) and "val" in arg.meta else 0
+        chain = []
+        while (isinstance(arg, Node) and arg.op == "call_function" and mask_of(arg) is None
+               and packet(arg) in _PASSING):
+            chain.append(arg)
+            arg = arg.args[0]
+        name = self.param_of(arg)
+        if name is None:
+            return None, 0
+        self.uses.setdefault(name, set()).update(chain)  # read on the way (if it is a member)
+        return name, ndim - self.params.get(name, self.buffers.get(name)).dim()
 
     def tag(self, arg: Any) -> Tag | None:
         return self.tags.get(arg) if isinstance(arg, Node) else None
@@ -181,6 +216,7 @@ class Walk:
             elif node.op == "call_function":
                 self.visit(node)
         self.check_uses()
+        self.settle_boxes()
         return Flow(self.tags, self.steps, self.consumers, self.members, self.coupling,
                     self.blocked, self.heads, self.parts)
 
@@ -189,6 +225,8 @@ class Walk:
         tracked = any(a in self.tags or a in self.parts for a in nodes_in((node.args, node.kwargs)))
         if not tracked and not (rule is not None and rule.creates):
             return
+        if not node.users and not _effectful(node):
+            return  # dead code (an unused attention-weights average): it changes nothing
         self.current = node
         try:
             if node.target is operator.getitem:
@@ -196,6 +234,10 @@ class Walk:
             elif rule is None:
                 raise Unsupported("this op is not understood by channel-groups")
             else:
+                if not rule.folds and any(self.tags[a].folded for a in nodes_in(
+                        (node.args, node.kwargs)) if a in self.tags):
+                    raise Unsupported("its operand has channels folded into the batch dim, "
+                                      "which this op cannot follow")
                 rule.visit(self, node)
         except Unsupported as e:
             self.block_inputs(node, f"{node.name} ({node.target}): {e}")
@@ -210,7 +252,7 @@ class Walk:
             raise Unsupported("indexes a tensor (getitem) along its channels")
         tag, step = self.parts[source][index]
         if tag is not None and step is not None:
-            self.set(node, tag.dims, tag.atoms, step)
+            self.set(node, tag.dims, tag.atoms, step, tag.folded)
 
     def check_uses(self) -> None:
         """A member tensor also read by an op the flow does not model (a tied embedding, a
@@ -230,6 +272,54 @@ class Walk:
                 self.block(record.atoms[record.atoms >= 0],
                            f"{name} is also read by {other.name} ({other.target}), which "
                            "channel-groups does not track")
+
+
+    def settle_boxes(self) -> None:
+        """Make every multi-dim tag (and every :meth:`box` constraint) a box: each unit it holds
+        must be a union of whole hyperplanes along one allowed axis. Joins only merge units, so
+        a constraint once met stays met; the loop ends when a pass joins nothing."""
+        boxes = list(self.boxes) + [(t.atoms, None) for t in self.tags.values() if t.atoms.dim() > 1]
+        if not boxes:
+            return
+        parent = list(range(self.count))
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        for a, b in self.coupling.edges:
+            parent[find(a)] = find(b)
+        changed = True
+        while changed:
+            changed = False
+            for atoms, axes in boxes:
+                if atoms.numel() == 0 or atoms.dim() < 2:
+                    continue
+                units = torch.tensor([find(a) for a in atoms.flatten().tolist()]).view(atoms.shape)
+                allowed = range(atoms.dim()) if axes is None else axes
+                if any(_along(units, axis) for axis in allowed):
+                    continue
+                axis = next(iter(allowed))
+                for i in range(atoms.shape[axis]):
+                    row = atoms.select(axis, i).flatten().tolist()
+                    self.coupling.add_edges_from((row[0], x) for x in row[1:])
+                    for x in row[1:]:
+                        parent[find(x)] = find(row[0])
+                changed = True
+
+
+def _effectful(node: Node) -> bool:
+    """Whether ``node`` matters without users: an in-place op, or a check (``_assert_*``)."""
+    name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "")
+    return name.endswith("_") or name.startswith("_assert")
+
+
+def _along(units: torch.Tensor, axis: int) -> bool:
+    """Whether ``units`` depends on the index along ``axis`` only."""
+    rows = units.movedim(axis, 0).reshape(units.shape[axis], -1)
+    return bool((rows == rows[:, :1]).all())
 
 
 def trace_channels(graph: Graph) -> Flow:

@@ -9,6 +9,8 @@ from torch import nn
 import chop
 from chop.ir import meta
 
+import zoo
+
 
 def test_trace_matches_model_in_both_modes(cnn, cnn_batches):
     x = cnn_batches[0][0]
@@ -135,3 +137,127 @@ def test_lint_reports_inconsistent_metadata(cnn_graph):
     meta.entries(node)["mask"] = torch.ones(3, dtype=torch.bool)
     with pytest.raises(chop.LintError, match=r"fc.weight.*'mask'.*shape \(3,\) differs"):
         cnn_graph.lint()
+
+
+# -- training-only behaviour a train-mode export bakes in -----------------------------------------
+
+
+class Patterns(nn.Module):
+    """In-place dropout, BatchNorm, a torchvision-style stochastic depth on a residual branch and
+    a LayerDrop-style skipped layer, each optional."""
+
+    def __init__(self, drop_path: float = 0.0, layerdrop: float = 0.0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(8, 8, 1)
+        self.drop_path = zoo.StochasticDepth(drop_path)
+        self.layerdrop = layerdrop
+        self.extra = nn.Conv2d(8, 8, 1)
+        self.drop = nn.Dropout(0.5, inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x + self.drop_path(self.branch(x))
+        if not (self.layerdrop and self.training and torch.rand([]) < self.layerdrop):  # LayerDrop
+            x = x + self.extra(x)
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+def patterned(**options):
+    torch.manual_seed(0)
+    model = Patterns(**options)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize(("options", "traced_training"), [
+    ({}, True),  # in-place dropout only: switched by the mode argument
+    ({"drop_path": 0.3}, False),  # stochastic depth: bernoulli_ in the train-mode graph
+    ({"layerdrop": 0.3}, False),  # if training and rand() < p: the train-mode export fails
+])
+def test_eval_outputs_are_deterministic_and_equal_the_eager_models(options, traced_training, caplog):
+    model = patterned(**options)
+    x = torch.randn(4, 3, 6, 6)
+    with caplog.at_level("INFO", logger="chop"):
+        graph = chop.trace(model, (x[:2],))
+    assert graph.traced_training is traced_training
+    said = [r.getMessage() for r in caplog.records if "traced in eval mode" in r.getMessage()]
+    assert len(said) == (0 if traced_training else 1)
+    graph.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(3):
+            torch.testing.assert_close(graph(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(graph.copy()(x), expected, rtol=0, atol=0)  # a copy too
+
+
+@pytest.mark.parametrize("options", [{"drop_path": 0.3}, {"layerdrop": 0.3}])
+def test_a_graph_traced_in_eval_mode_still_trains_batch_norm_and_dropout(options):
+    model = patterned(**options)
+    x = torch.randn(4, 3, 6, 6)
+    graph = chop.trace(model, (x[:2],))
+    reference = patterned(**{k: 0.0 for k in options})  # drop-path/LayerDrop stay off in training
+    reference.load_state_dict(model.state_dict())
+    reference.drop.p = 0.0
+    graph.train()
+    with graph.mode(batch_norm=True, dropout=False), torch.no_grad():
+        torch.testing.assert_close(graph(x), reference.train()(x))  # batch statistics
+    torch.manual_seed(1)
+    a = graph(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, graph(x))  # dropout is on again in train mode
+
+
+def test_recurrent_layers_switch_their_dropout_between_layers():
+    torch.manual_seed(0)
+    model = zoo.Recurrent()
+    ids = torch.randint(0, 120, (4, 7))
+    graph = chop.trace(model, (ids,))
+    torch.manual_seed(1)
+    a = graph(ids)
+    torch.manual_seed(2)
+    assert not torch.equal(a, graph(ids))  # inter-layer dropout is on in train mode
+    graph.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(graph(ids), model(ids), rtol=0, atol=0)
+    roles = {n.target: n.meta["chop"]["role"] for n in graph.weight_nodes()}
+    assert roles["lstm.weight_ih_l1_reverse"] == roles["gru.weight_hh_l0"] == "linear"
+    assert roles["lstm.bias_hh_l0"] == "bias" and roles["embed.weight"] == "embedding"
+    assert meta.entries(graph.weight_node("lstm.weight_hh_l0"))["op"] == "lstm"
+
+
+def test_a_model_that_exports_in_neither_mode_reports_the_train_mode_error():
+    with pytest.raises(chop.TraceError) as info:
+        chop.trace(DataDependent(), (torch.randn(2, 4),))
+    assert "torch.cond" in str(info.value) and info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize(("pipeline", "model"), [
+    ("snip, channel-groups, mask{granularity=channel, sparsity=0.5}, collapse", "cnn"),
+    ("magnitude, mask{granularity=channel, sparsity=0.5}, shrink", "cnn"),
+    ("fold-bn, channels-last, grasp", "cnn"),
+    ("synflow, mask{sparsity=0.8}, fold", "mlp"),
+    ("random, mask{sparsity=0.5}, sparse", "mlp"),
+    ("snip2, gradient, exact-salience", "mlp"),
+    ("snip-momentum, iterative-snip{steps=2}", "mlp"),
+])
+def test_a_copy_after_any_pass_computes_the_same_and_owns_its_parameters(pipeline, model, request):
+    module = request.getfixturevalue(model)
+    batches = request.getfixturevalue(f"{model}_batches")
+    graph = chop.trace(module, (batches[0][0][:2],))
+    chop.run(graph, pipeline, data=batches)
+    twin = graph.copy()
+    graph.eval()
+    twin.eval()
+    x = batches[1][0]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), graph(x), rtol=0, atol=0)
+    assert [r.name for r in twin.history] == [r.name for r in graph.history]
+    ours = {id(p) for p in graph.module.parameters()}
+    assert not any(id(p) in ours for p in twin.module.parameters())

@@ -98,7 +98,10 @@ def test_bert_heads_ffn_and_unprunable_hidden_stream():
     ffn = group_with(groups, "bert.encoder.layer.1.intermediate.dense.weight")
     assert ffn.kind == "channel" and ffn.size == 64 and bool(ffn.prunable.all())
     hidden = group_with(groups, prefix + "output.dense.weight")
-    assert not hidden.prunable.any() and "not tracked" in hidden.blocked[0]
+    assert not hidden.prunable.any() and "layer_norm normalises" in hidden.blocked[0]
+    # the stream starts at the embeddings: their columns are members of the same group
+    assert {"bert.embeddings.word_embeddings.weight",
+            "bert.embeddings.position_embeddings.weight"} <= set(hidden.layers())
 
 
 def test_gpt2_fused_qkv_split_into_heads():
@@ -113,8 +116,13 @@ def test_gpt2_fused_qkv_split_into_heads():
     rows = [list(range(8 * h, 8 * h + 8)) for h in range(4)]
     assert index_of(heads, "transformer.h.1.attn.c_proj.weight", 0) == rows
     assert group_with(groups, "transformer.h.0.mlp.c_fc.weight").size == 128
-    wte = group_with(groups, "transformer.wte.weight")  # tied head: output + embedding
-    assert not wte.prunable.any()
+    # the tied embedding: its columns are the hidden stream (LayerNorm'd), its rows the vocabulary
+    # logits (model outputs); neither can go
+    stream, vocab = groups.of("transformer.wte.weight", "out")
+    assert {(m.name, m.dim) for m in stream.members} >= {("transformer.wte.weight", 1),
+                                                          ("transformer.h.0.attn.c_proj.weight", 1)}
+    assert not stream.prunable.any() and "normalises over these channels" in stream.blocked[0]
+    assert vocab.size == 120 and not vocab.prunable.any() and "model output" in vocab.blocked[0]
 
 
 def test_an_op_it_does_not_understand_makes_its_channels_unprunable():

@@ -1,5 +1,7 @@
-"""group_select: scores per channel and head, keep decisions turned into exact masks, and the
-granularity checks with the layer and the reason in their messages."""
+"""group_select: scores per channel and head, keep decisions turned into exact masks, the
+granularity checks with the layer and the reason in their messages, and structured selection
+(a parameter budget met by the shortest prefix of the ranking, a floor per group, the skipped
+layers reported, strict)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,14 @@ from torch import nn
 
 import chop
 from chop.errors import GranularityError, MissingMetadataError
+from chop.kernels.select import kept_count
 from chop.passes.analysis.channel_groups import channel_groups
-from chop.passes.analysis.group_select import group_masks, group_scores, require_granularity
+from chop.passes.analysis.group_select import (
+    group_masks,
+    group_scores,
+    require_granularity,
+    structured_selection,
+)
 
 from zoo import trace
 
@@ -77,7 +85,7 @@ def test_require_granularity_names_the_layer_and_the_reason():
     assert str(info.value) == (
         "granularity=channel: layer 0.weight cannot be pruned this way: its channels cannot be "
         "removed: linear reaches the model output (its channels are outputs of the model). "
-        "Exclude it (exclude='...') or use granularity=element")
+        "Exclude it (exclude='...'), use granularity=element, or drop strict=true to skip it")
 
 
 def test_group_scores_sum_member_saliency():
@@ -130,9 +138,99 @@ def test_bad_keep_vectors_and_granularities_name_the_layer():
     groups = channel_groups(bert)
     query = "bert.encoder.layer.0.attention.self.query.weight"
     require_granularity(groups, [query], "head")
-    with pytest.raises(GranularityError, match=rf"layer {query}.*no channel group.*granularity=head"):
-        require_granularity(groups, [query], "channel")
+    require_granularity(groups, [query], "channel")  # channel granularity removes whole heads
     dense = "bert.encoder.layer.0.output.dense.weight"  # rows feed the LayerNorm'd stream
     require_granularity(groups, [dense], "channel")  # its input columns are FFN channels
     with pytest.raises(GranularityError, match=rf"granularity=head: layer {dense}"):
         require_granularity(groups, [dense], "head")
+
+
+# -- structured_selection: a parameter budget, a floor, and what it reports ---------------------
+
+
+def chain(seed=0):
+    """Linear(6, 8) -> ReLU -> Linear(8, 4) -> ReLU -> Linear(4, 3), with random saliency: a
+    hidden unit of the first group costs 6 + 4 weights, of the second 8 + 3."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    graph = chop.trace(model, (torch.randn(2, 6),))
+    g = torch.Generator().manual_seed(seed)
+    for node in graph.weight_nodes():
+        node.meta["chop"]["saliency"] = torch.rand(graph.parameter(node).shape, generator=g)
+    return graph
+
+
+NAMES = ["0.weight", "2.weight", "4.weight"]
+
+
+def removed_params(graph, masks):
+    return sum(int((~masks[n]).sum()) for n in NAMES if n in masks)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.8])
+def test_global_selection_removes_the_lowest_units_until_the_parameter_budget_is_met(sparsity):
+    graph = chain()
+    groups = channel_groups(graph)
+    selection = structured_selection(graph, NAMES, sparsity, "global", "channel")
+    budget = 92 - kept_count(92, sparsity)  # 8·6 + 4·8 + 3·4 weights
+    removed = removed_params(graph, selection.masks)
+    assert selection.params == (removed, 92) and removed >= budget
+    scores = group_scores(graph, groups)
+    ranked = sorted(((float(scores[g.id][u]), g.id, u) for g in groups if g.prunable.any()
+                     for u in range(g.size)), key=lambda t: t[0])
+    chosen = [(gid, u) for gid, keep in selection.keep.items() for u in range(len(keep)) if not keep[u]]
+    prefix = [(gid, u) for _, gid, u in ranked[:len(chosen)]]
+    assert sorted(chosen) == sorted(prefix)  # the lowest-scoring units (no floor reached here)
+    fewer = {gid: torch.ones(groups[gid].size, dtype=torch.bool) for gid in selection.keep}
+    for gid, u in prefix[:-1]:
+        fewer[gid][u] = False
+    assert removed_params(graph, group_masks(graph, groups, fewer)) < budget  # the shortest prefix
+    again = structured_selection(chain(), NAMES, sparsity, "global", "channel")
+    assert all(torch.equal(again.masks[n], selection.masks[n]) for n in selection.masks)
+
+
+def test_an_entry_in_a_removed_row_and_a_removed_column_counts_once():
+    graph = chain()
+    groups = channel_groups(graph)
+    first, second = groups.of("0.weight", "out")[0], groups.of("2.weight", "out")[0]
+    keep = {first.id: torch.arange(8) != 0, second.id: torch.arange(4) != 0}
+    masks = group_masks(graph, groups, keep)
+    assert removed_params(graph, masks) == 10 + 11 - 1  # 2.weight[0, 0] is in both
+    selection = structured_selection(graph, NAMES, 0.5, "global", "channel")
+    assert selection.params[0] == removed_params(graph, selection.masks)
+
+
+def test_local_scope_gives_each_group_the_budget_of_its_own_parameters():
+    graph = chain()
+    groups = channel_groups(graph)
+    selection = structured_selection(graph, NAMES, 0.5, "local", "channel")
+    removed = {gid: int((~k).sum()) for gid, k in selection.keep.items()}
+    assert removed == {groups.of("0.weight", "out")[0].id: 4,  # 40 of 80 parameters
+                       groups.of("2.weight", "out")[0].id: 2}  # 22 of 44
+
+
+def test_no_group_is_emptied_and_the_floor_is_reported():
+    graph = chain()
+    groups = channel_groups(graph)
+    selection = structured_selection(graph, NAMES, 0.99, "global", "channel")
+    assert {gid: int(k.sum()) for gid, k in selection.keep.items()} == {
+        groups.of("0.weight", "out")[0].id: 1, groups.of("2.weight", "out")[0].id: 1}
+    assert set(selection.floor) == {"0.bias, 0.weight", "2.bias, 2.weight"}
+    assert selection.info()["floor"] == selection.floor
+    wider = structured_selection(chain(), NAMES, 0.99, "global", "channel", min_keep=3)
+    assert sorted(int(k.sum()) for k in wider.keep.values()) == [3, 3]
+
+
+def test_layers_a_granularity_cannot_prune_are_skipped_and_reported_or_raise_with_strict():
+    _, graph = trace("opaque")
+    for node in graph.weight_nodes():
+        node.meta["chop"]["saliency"] = torch.rand(graph.parameter(node).shape)
+    names = ["conv1.weight", "conv2.weight", "fc.weight"]
+    selection = structured_selection(graph, names, 0.5, "global", "channel")
+    assert set(selection.unprunable) == {"fc.weight"}  # rows: outputs; columns: conv2's channels
+    assert "model output" in selection.unprunable["fc.weight"]
+    assert selection.blocked["conv2.weight"]["units"] == 8 and "cumsum" in selection.blocked[
+        "conv2.weight"]["reason"]
+    assert set(selection.masks) == {"conv1.weight", "conv2.weight"}  # conv1's rows, conv2's columns
+    with pytest.raises(GranularityError, match=r"layer fc.weight cannot be pruned this way.*output"):
+        structured_selection(graph, names, 0.5, "global", "channel", strict=True)

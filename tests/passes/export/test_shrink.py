@@ -1,4 +1,6 @@
-"""shrink: masked ↔ shrunk equivalence on the zoo, exact parameter counts, .pt2 round trip,
+"""shrink: masked ↔ shrunk equivalence on the zoo (CNNs; squeeze-excitation, in-place
+activations and stochastic depth; ConvNeXt; nn.MultiheadAttention after a class token; window
+attention with a relative position bias; BERT, GPT-2), exact parameter counts, .pt2 round trip,
 constants carried into the next bias (and kept where padding makes that inexact)."""
 
 from __future__ import annotations
@@ -63,6 +65,37 @@ def mlp_params(k):
     return 64 * a + a + a * b + b + 10 * b + 10
 
 
+def mobilenetv3_params(k):
+    s, e, q, h = k("stem.0.weight"), k("expand.0.weight"), k("se.fc1.weight"), k("head.0.weight")
+    return (27 * s + 2 * s + s * e + 2 * e + 9 * e + 2 * e + e * q + q + q * e + e + e * s + 2 * s
+            + s * h + h + h * 10 + 10)
+
+
+def efficientnet_params(k):
+    s, e, q = k("stem.0.weight"), k("expand.0.weight"), k("se.fc1.weight")
+    return (27 * s + 2 * s + s * e + 2 * e + 9 * e + 2 * e + e * q + q + q * e + e + e * s + 2 * s
+            + 10 * s + 10)
+
+
+def convnext_params(k):
+    hidden = k("fc1.weight")  # the stream (16) is LayerNorm'd: it stays
+    return 3 * 16 * 16 + 16 + 16 * 49 + 16 + 32 + 16 * hidden + hidden + hidden * 16 + 16 + 16 + 170
+
+
+def vit_params(k):
+    total = 3 * 16 * 32 + 32 + 32 + 17 * 32 + 64 + 330  # patch, class token, positions, norm, head
+    for b in range(2):
+        h, m = k(f"blocks.{b}.attn.in_proj_weight"), k(f"blocks.{b}.fc1.weight")
+        total += 64 + 24 * h * 32 + 24 * h + 32 * 8 * h + 32 + 64 + 32 * m + m + 32 * m + 32
+    return total
+
+
+def swin_params(k):
+    c, h, m = k("embed.weight"), k("qkv.weight"), k("fc1.weight")  # head_dim 4, 7×7 offsets
+    return (12 * c + c + 12 * h * c + 12 * h + c * 4 * h + c + 49 * h + m * c + m + c * m + c
+            + 10 * c + 10)
+
+
 def transformer_params(dense, heads_removed, ffn_removed, pooler_removed=0, hidden=32, head_dim=8):
     per_head = 3 * (hidden * head_dim + head_dim) + head_dim * hidden  # q, k, v rows; out columns
     per_ffn = hidden + 1 + hidden
@@ -84,7 +117,9 @@ def expected_params(name, model, groups, keep):
         pooler = removed_of(groups, keep, "bert.pooler.dense.weight") if name == "bert" else 0
         return transformer_params(dense, heads, ffn, pooler)
     return {"vgg": vgg_params, "resnet": resnet_params, "mobilenet": mobilenet_params,
-            "inception": inception_params, "mlp": mlp_params}[name](k)
+            "inception": inception_params, "mlp": mlp_params, "mobilenetv3": mobilenetv3_params,
+            "efficientnet": efficientnet_params, "convnext": convnext_params, "vit": vit_params,
+            "swin": swin_params}[name](k)
 
 
 def masked(name):
@@ -105,7 +140,8 @@ def new_inputs(name):
     return args, kwargs
 
 
-@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet", "inception", "mlp", "bert", "gpt2"])
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet", "inception", "mlp", "bert", "gpt2",
+                                  "mobilenetv3", "efficientnet", "convnext", "vit", "swin"])
 def test_shrunk_equals_masked_with_exact_parameter_counts_and_pt2_round_trip(name, tmp_path):
     model, graph, groups, keep = masked(name)
     assert keep and any((~k).any() for k in keep.values())

@@ -247,7 +247,7 @@ def test_block_granularity_keeps_whole_blocks(mlp, mlp_batches):
 
 def test_pattern_errors_name_the_layer(cnn_graph, cnn_batches):
     with pytest.raises(chop.OptionError, match=r"granularity 2:4 needs the input dimension of conv1.weight \(27\) to be a multiple of 4"):
-        chop.run(cnn_graph, "magnitude, mask{granularity='2:4'}")
+        chop.run(cnn_graph.copy(), "magnitude, mask{granularity='2:4', strict=true}")
     with pytest.raises(chop.OptionError, match=r"granularity 4x4 needs conv1.weight, seen as a 8x27 matrix"):
         chop.run(cnn_graph, "magnitude, mask{granularity='4x4'}")
 
@@ -279,6 +279,8 @@ def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granula
     groups = stored_channel_groups(graph)
     chosen = [g for g in groups if g.kind == granularity and bool(g.prunable.any())]
     assert chosen
+    selected = {n.target for n in graph.weight_nodes() if n.meta["chop"]["role"] in ("linear", "conv")}
+    params = dict(graph.module.named_parameters())
     for group in chosen:  # each unit is kept in every producing layer or removed from all
         out = [m for m in group.members if m.role == "out" and m.name in masks(graph)]
         removed = 0
@@ -286,8 +288,12 @@ def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granula
             kept = {bool(masks(graph)[m.name].index_select(m.dim, m.index[unit]).any()) for m in out}
             assert len(kept) == 1
             removed += not kept.pop()
-        free = int(group.prunable.sum())
-        assert removed == free - kept_count(free, 0.5), group.layers("out")
+        # local scope: the group's own parameters in the selected layers, half of them removed
+        # by the fewest units (every unit of these groups costs the same)
+        cost = sum(len(m.index[0]) * params[m.name].numel() // params[m.name].shape[m.dim]
+                   for m in group.members if m.name in selected)
+        budget = group.size * cost - kept_count(group.size * cost, 0.5)
+        assert removed * cost >= budget > (removed - 1) * cost, group.layers("out")
     before = zoo.output(graph(*args, **kwargs))
     params = sum(p.numel() for p in graph.module.parameters())
     chop.run(graph, "shrink")
@@ -298,3 +304,161 @@ def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granula
 def test_head_granularity_on_a_cnn_names_the_layer(cnn_graph):
     with pytest.raises(chop.OptionError, match="granularity=head: the model has no attention heads.*layer conv1.weight"):
         chop.run(cnn_graph, "magnitude, mask{granularity=head}")
+
+
+def sharded_layer_counts(rank, world, scores, splits, configs):
+    """layer_counts over this rank's pieces of ``scores`` (row or column ranges, or copies),
+    for each (sparsity, scope, bounds) of ``configs``; returns the masks and the boxes."""
+    from chop.kernels import distributed
+    from chop.kernels.select import Piece
+    from chop.passes.transform.mask import layer_counts
+
+    pieces, boxes = [], []
+    for s, how in zip(scores, splits):
+        box = [slice(0, n) for n in s.shape]
+        if how != "copy":
+            dim = 0 if how == "rows" else 1
+            size = -(-s.shape[dim] // world)
+            box[dim] = slice(min(rank * size, s.shape[dim]), min((rank + 1) * size, s.shape[dim]))
+        boxes.append(tuple(box))
+        pieces.append(Piece(s[tuple(box)].clone(), tuple(s.shape), tuple(b.start for b in box),
+                            counted=how != "copy" or rank == 0))
+    reduce = distributed.count_reducer("test")
+    return [layer_counts(pieces, sparsity, scope, **bounds, reduce=reduce)
+            for sparsity, scope, bounds in configs], boxes
+
+
+def test_layer_counts_over_sharded_layers_equal_one_process(ranks):
+    from chop.passes.transform.mask import layer_counts
+
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randint(0, 4, (9, 8), generator=g).float(),  # ties across the ranks
+              torch.zeros(3, 5),  # a layer of ties that global selection would empty
+              torch.randint(0, 3, (12, 6), generator=g).float() * torch.rand(12, 6, generator=g),
+              torch.rand(7, generator=g)]
+    splits = ["cols", "rows", "cols", "copy"]
+    configs = [(0.6, "global", {}), (0.6, "local", {}), (0.9, "local", {"min_keep": 4}),
+               (0.6, "global", {"min_sparsity": 0.3, "max_sparsity": 0.8, "min_keep": 3}),
+               (0.95, "global", {"min_keep": 2}), (0.2, "global", {"min_sparsity": 0.5})]
+    results = ranks.run(sharded_layer_counts, scores, splits, configs)
+    for c, (sparsity, scope, bounds) in enumerate(configs):
+        expected = layer_counts(scores, sparsity, scope, **bounds)
+        whole = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+        seen = [torch.zeros(s.shape, dtype=torch.bool) for s in scores]
+        for per_config, boxes in results:
+            for w, s, mask, box in zip(whole, seen, per_config[c], boxes):
+                assert not s[box].any() or torch.equal(w[box], mask)  # copies agree
+                w[box], s[box] = mask, True
+        assert all(torch.equal(a, b) for a, b in zip(whole, expected)), configs[c]
+
+
+def test_inconsistent_counts_over_processes_fail_instead_of_looping():
+    from chop.errors import InternalError
+    from chop.passes.transform.mask import layer_counts
+
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(40, generator=g), torch.rand(7, generator=g) * 0.01]
+    with pytest.raises(InternalError, match="kept 20 units for a budget of 19"):
+        layer_counts(scores, 0.5, "global", min_keep=5, reduce=lambda t: t * 2)  # counted twice
+
+
+# -- what structured and N:M selection skip, and report ------------------------------------------
+
+
+def test_channel_granularity_prunes_what_it_can_and_reports_the_rest_per_layer():
+    import zoo
+
+    _, graph = zoo.trace("opaque")
+    chop.run(graph, "random{seed=0}, mask{granularity=channel, sparsity=0.3}")
+    info = graph.history[-1].info
+    assert set(info["unprunable"]) == {"fc.weight"} and "model output" in info["unprunable"]["fc.weight"]
+    assert info["blocked"]["conv2.weight"] == {
+        "units": 8, "of": 8, "kind": "channel",
+        "reason": "cumsum (aten.cumsum.default): this op is not understood by channel-groups"}
+    removed, of = info["removed"]["params"], info["removed"]["of"]
+    assert of == 8 * 27 + 8 * 8 and removed >= of - kept_count(of, 0.3)
+    assert set(info["kept"]) == {"conv1.weight", "conv2.weight"}
+    with pytest.raises(chop.OptionError, match="granularity=channel: layer fc.weight cannot be pruned"):
+        chop.run(graph.copy(), "mask{granularity=channel, sparsity=0.3, strict=true}")
+
+
+def test_n_m_skips_and_reports_layers_whose_input_size_does_not_fit(cnn_graph):
+    chop.run(cnn_graph, "magnitude, mask{granularity='2:4'}")
+    info = cnn_graph.history[-1].info
+    assert info["unprunable"] == {"conv1.weight": "its input size 27 is not a multiple of 4"}
+    assert set(info["kept"]) == {"conv2.weight", "fc.weight"}
+    for name, (kept, numel) in info["kept"].items():
+        assert kept * 2 == numel, name
+
+
+# -- recurrent layers --------------------------------------------------------------------------
+
+
+RECURRENT = [f"lstm.weight_{kind}_l{layer}{suffix}" for layer in (0, 1) for suffix in ("", "_reverse")
+             for kind in ("ih", "hh")] + ["gru.weight_ih_l0", "gru.weight_hh_l0"]
+
+
+def recurrent():
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.Recurrent()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 120, (4, 7), generator=g), torch.randint(0, 4, (4,), generator=g))
+               for _ in range(2)]
+    return model, chop.trace(model, (batches[0][0],)), batches
+
+
+def test_snip_scores_recurrent_weights_as_the_gradient_of_their_mask():
+    model, graph, batches = recurrent()
+    chop.run(graph, "snip{batches=2}", data=batches)
+    params = dict(model.named_parameters())
+    ones = {name: torch.ones_like(params[name], requires_grad=True) for name in RECURRENT}
+    total = {name: torch.zeros_like(params[name]) for name in RECURRENT}
+    model.eval()  # scoring runs dropout off
+    for x, y in batches:
+        masked = {**{k: v.detach() for k, v in params.items()},
+                  **{name: params[name].detach() * ones[name] for name in RECURRENT}}
+        loss = nn.functional.cross_entropy(torch.func.functional_call(model, masked, (x,)), y)
+        for name, grad in zip(RECURRENT, torch.autograd.grad(loss, [ones[n] for n in RECURRENT])):
+            total[name] += grad
+    for name in RECURRENT:  # |Σ_b ∂L_b/∂m| at m = 1
+        torch.testing.assert_close(graph.weight_node(name).meta["chop"]["saliency"], total[name].abs())
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "synflow{dtype=model}", "grasp", "snip"])
+def test_every_criterion_scores_recurrent_weights_and_mask_fold_are_exact(criterion):
+    model, graph, batches = recurrent()
+    chop.run(graph, f"{criterion}, mask{{sparsity=0.6}}", data=batches)
+    got = masks(graph)
+    assert set(RECURRENT) <= set(got) and "embed.weight" not in got
+    for name in RECURRENT:
+        assert graph.weight_node(name).meta["chop"]["saliency"].shape == model.get_parameter(name).shape
+    graph.eval()
+    x = torch.randint(0, 120, (5, 7))
+    eager = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, mask in got.items():
+            eager.get_parameter(name).mul_(mask)
+        masked = graph(x)
+        torch.testing.assert_close(masked, eager(x))
+        chop.run(graph, "fold")
+        torch.testing.assert_close(graph(x), masked, rtol=0, atol=0)
+
+
+def test_include_naming_a_weight_chop_cannot_select_is_an_error():
+    import zoo
+
+    _, graph, _ = recurrent()
+    set_saliency(graph, torch.rand_like)
+    with pytest.raises(chop.OptionError, match=r"include='embed.weight' names embed.weight \(a "
+                                               r"embedding weight\).*set embeddings=true"):
+        chop.run(graph, "mask{include='embed.weight'}")
+    with pytest.raises(chop.OptionError, match="mask selected no weights"):
+        chop.run(graph, "mask{include='lstm.bias'}")  # matches biases only, names none
+    chop.run(graph, "mask{include='lstm.weight_hh_l0$'}")  # a recurrent weight is selectable
+    assert set(masks(graph)) == {"lstm.weight_hh_l0"}
+    _, convnext = zoo.trace("convnext")  # a layer scale: a parameter no known op uses as a weight
+    set_saliency(convnext, torch.rand_like)
+    with pytest.raises(chop.OptionError, match=r"names scale \(a other weight\).*does not know how"):
+        chop.run(convnext, "mask{include='scale'}")

@@ -5,6 +5,7 @@ from chop.passes.analysis.flow.rules import (  # noqa: F401
     attention,
     concat,
     elementwise,
+    gather,
     norms,
     pooling,
     producers,

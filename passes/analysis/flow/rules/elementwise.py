@@ -16,6 +16,7 @@ from chop.passes.analysis.flow.rule import (
     Step,
     Unsupported,
     aten,
+    packet,
     register,
     shape_of,
     unknown,
@@ -58,36 +59,67 @@ class Computed(Rule):
           aten.neg, aten.abs, aten.exp, aten.sqrt, aten.rsqrt, aten.square, aten.erf, aten.sin,
           aten.cos, aten.log, aten.clamp, aten.clamp_min, aten.clamp_max)
 class Unary(Computed):
+    folds = True
+
     def visit(self, walk: Walk, node: Node) -> None:
         walk.same(node, Step(self, [node.args[0]]))
 
 
-@register(aten.add, aten.sub, aten.mul, aten.div, aten.pow, aten.maximum, aten.minimum)
+@register(aten.add, aten.sub, aten.mul, aten.div, aten.pow, aten.maximum, aten.minimum,
+          aten.where, aten.masked_fill)
 class Binary(Computed):
+    """Tensor operands combined position by position (``where``'s condition and
+    ``masked_fill``'s mask included)."""
+
+    folds = True
+
     def visit(self, walk: Walk, node: Node) -> None:
         ndim = len(shape_of(node))
         tagged, other = [], []
-        for a in node.args[:2]:
+        for a in node.args[:3] if packet(node) is aten.where else node.args[:2]:
             if not isinstance(a, Node):
                 continue
             shift = ndim - len(shape_of(a))
             if a in walk.tags:
                 t = walk.tags[a]
-                tagged.append((a, tuple(d + shift for d in t.dims), t.atoms))
+                tagged.append((a, tuple(d + shift for d in t.dims), t.atoms,
+                               tuple(d + shift for d in t.folded)))
             else:
                 other.append((a, shift))
         if not tagged:
             raise Unsupported("carries channels in an operand other than the first two")
-        _, dims, atoms = tagged[0]
-        for _, d, at in tagged[1:]:
-            if d != dims or at.shape != atoms.shape:
+        _, dims, atoms, folded = tagged[0]
+        for _, d, at, f in tagged[1:]:
+            if d != dims or at.shape != atoms.shape or f != folded:
                 raise Unsupported(f"combines channels along {dims} with channels along {d}")
             walk.join(atoms, at)
         for a, shift in other:
-            shape = shape_of(a)
-            for d in dims:
-                if d - shift >= 0 and shape[d - shift] != 1:
-                    raise Unsupported(
-                        f"combines these channels with {a.name}, whose channels are not tracked "
-                        "(e.g. a residual stream normalised by layer_norm, or a model input)")
-        walk.set(node, dims, atoms, Step(self, [t[0] for t in tagged]))
+            self.untracked(walk, node, a, shift, dims, atoms, folded)
+        walk.set(node, dims, atoms, Step(self, [t[0] for t in tagged]), folded)
+
+    @staticmethod
+    def untracked(walk: Walk, node: Node, a: Node, shift: int, dims: tuple[int, ...],
+                  atoms: torch.Tensor, folded: tuple[int, ...] = ()) -> None:
+        """An operand without channels: fine where it broadcasts along the channel dims; a
+        parameter varying along the only channel dim is indexed by it (a layer scale, a position
+        embedding); a table varying along some channel dims of a multi-dim layout and broadcast
+        along the others (rotary cos/sin over heads) keeps those dims whole. Anything else that
+        varies along them blocks the channels, which are still followed (so that the LayerNorm
+        of a residual stream is seen)."""
+        shape = shape_of(a)
+        varying = [d for d in dims if d - shift >= 0 and shape[d - shift] != 1]
+        if not varying:
+            return
+        if set(varying) & set(folded):
+            raise Unsupported(f"combines channels folded into the batch with {a.name}, which "
+                              "varies there")
+        name, inner = walk.param_through(a)
+        if name is not None and len(dims) == 1:
+            dim = dims[0] - shift - inner
+            size = (walk.params.get(name, walk.buffers.get(name))).shape
+            if 0 <= dim < len(size) and size[dim] == atoms.shape[0]:
+                return walk.member(name, dim, atoms, "channel")
+        if len(varying) < len(dims):
+            return walk.box(atoms, tuple(i for i, d in enumerate(dims) if d not in varying))
+        walk.block(atoms, f"{node.name} ({node.target}): combines these channels with {a.name}, "
+                          "whose channels are not tracked (e.g. a model input)")

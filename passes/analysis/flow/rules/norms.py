@@ -1,6 +1,7 @@
 """Normalisations. BatchNorm is per channel: its parameters and running statistics are members,
 and in eval mode it maps a constant channel affinely. layer_norm and softmax mix the positions
-they normalise over: channels may pass along other dims only, and no constant stays known."""
+they normalise over: channels there cannot go (they are blocked but still followed, so what a
+normalised residual stream feeds is known), and no constant stays known."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.fx import Node
 
 from chop.passes.analysis.flow.rule import (
     Const,
+    Cut,
     Rule,
     Step,
     Tag,
@@ -59,8 +61,43 @@ class BatchNorm(Rule):
         return value, known & torch.isfinite(value)
 
 
+@register(aten.group_norm)
+class GroupNorm(Rule):
+    """GroupNorm with one channel per group (an instance norm) is per channel: its weight and
+    bias are members, the group count follows the cut, and a constant channel normalises to 0
+    (its output is the bias). With wider groups a channel's statistics span its group: blocked
+    (still followed)."""
+
+    def visit(self, walk: Walk, node: Node) -> None:
+        x, tag = node.args[0], walk.single(node.args[0], 1)
+        if tag is None:
+            raise Unsupported("normalises an untracked tensor with tracked parameters")
+        names = [walk.param_of(a) for a in node.args[2:4]]
+        if node.args[1] != tag.atoms.shape[0]:
+            walk.block(tag.atoms, f"{node.name} ({node.target}): group_norm normalises over these "
+                                  "channels (several per group): removing one changes the others")
+        for name in names:
+            walk.member(name, 0, tag.atoms, "channel")
+        walk.set(node, (1,), tag.atoms, Step(self, [x], info={"names": names}))
+
+    def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
+        value, known = operand(consts, step, 0)
+        if node.args[1] != value.shape[0]:
+            return unknown(value.shape)
+        w, b = (tensor(graph, n) for n in step.info["names"])
+        value = torch.zeros_like(value) * (w if w is not None else 1) + (b if b is not None else 0)
+        return value, known
+
+    def rewrite(self, node: Node, step: Step, cut: Cut) -> None:
+        x = step.inputs[0]
+        if cut.any(x) and node.args[1] == cut.gone(x).shape[0]:
+            node.update_arg(1, int((~cut.gone(x)).sum()))
+
+
 class Mixing(Rule):
     """Channels pass unchanged, but a constant does not stay known."""
+
+    folds = True
 
     def mixed(self, node: Node) -> list[int]:
         """The dims the op normalises over (none of them may carry channels)."""
@@ -69,8 +106,9 @@ class Mixing(Rule):
     def visit(self, walk: Walk, node: Node) -> None:
         tag = walk.tag(node.args[0])
         if tag is not None and set(self.mixed(node)) & set(tag.dims):
-            raise Unsupported(f"{packet(node).__name__} normalises over these "
-                              "channels: removing one changes the others")
+            # blocked, but still followed: what it feeds (a residual stream) says why it stays
+            walk.block(tag.atoms, f"{node.name} ({node.target}): {packet(node).__name__} "
+                                  "normalises over these channels: removing one changes the others")
         walk.same(node, Step(self, [node.args[0]]))
 
     def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:

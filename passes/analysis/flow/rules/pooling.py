@@ -71,6 +71,9 @@ class Reduce(KeepsConstant):
             raise Unsupported("reduces over every dim, channels included")
         dims = {positive(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
         if dims & set(tag.dims):
+            if packet(node) is aten.mean:
+                raise Unsupported("normalises over these channels (a mean over them, as in "
+                                  "RMSNorm): removing one changes the others")
             raise Unsupported("reduces over a channel dim")
         out = tag.dims if node_arg(node, 2, "keepdim", False) else tuple(
             d - sum(r < d for r in dims) for d in tag.dims)

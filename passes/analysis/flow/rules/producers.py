@@ -36,7 +36,7 @@ class Producer(Rule):
     creates = True
     out_dim: ClassVar[int]  # weight dim of the output channels
     in_dim: ClassVar[int]  # weight dim of the input channels
-    bias_at: ClassVar[int]  # argument index of the bias
+    bias_at: ClassVar[int]  # argument index of the bias (-1: none, so no constant folds in)
 
     def operands(self, node: Node) -> tuple[Any, Any, Any]:
         """``(input, weight, bias)`` arguments of ``node`` (bias None when absent)."""
@@ -81,7 +81,7 @@ class Matmul(Producer):
         tag = walk.single(x, self.channel_dim(len(shape_of(x))))
         if tag is not None:
             walk.member(w, self.in_dim, tag.atoms, "in")
-            walk.consumers.append(Consumer(node, w, x, self))
+            walk.consumers.append(Consumer(node, w, x, self, folds=self.bias_at >= 0))
         out = walk.space(w, self.out_dim)
         walk.member(w, self.out_dim, out, "out")
         if bias is not None and value_of(bias) is not None and value_of(bias).shape[-1] == len(out):

@@ -104,3 +104,35 @@ def test_in_place_ops_use_the_rule_of_their_out_of_place_op():
         assert flow.tags[ops[inplace]].atoms.tolist() == atoms(flow, "conv1.weight")
     assert not any(a in flow.blocked for a in atoms(flow, "conv1.weight"))
     assert rule_for(ops[aten.mean]) is RULES[aten.mean]
+
+
+def test_an_unused_op_blocks_nothing_and_folded_channels_block_an_op_that_cannot_follow_them():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            torch.cumsum(y, 1)  # dead code: its result is never used
+            return self.conv2(y).mean((2, 3))
+
+    _, flow = traced_flow(Unused(), torch.randn(2, 3, 4, 4))
+    assert not any(a in flow.blocked for a in atoms(flow, "conv1.weight"))
+
+    class Folded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # heads folded into the batch as nn.MultiheadAttention does
+            x = x.transpose(0, 1)  # [seq, batch, 4]
+            s, b, _ = x.shape
+            y = self.fc1(x).view(s, b * 2, 4)
+            y = y - y.amax(0, keepdim=True)
+            return self.fc2(y.view(s, b, 8))
+
+    _, flow = traced_flow(Folded(), torch.randn(2, 3, 4))
+    (reason,) = {flow.blocked.get(a) for a in atoms(flow, "fc1.weight")}
+    assert reason == ("amax (aten.amax.default): its operand has channels folded into the "
+                      "batch dim, which this op cannot follow")

@@ -1,5 +1,6 @@
-"""cat and split rules: channel positions laid end to end or cut into ranges; an untracked tensor
-concatenated in brings blocked atoms; a split's sizes follow the cut."""
+"""cat, split and chunk rules: channel positions laid end to end or cut into ranges; an untracked
+tensor concatenated in brings blocked atoms, a stacked parameter (a class token) is a member; a
+split's (or chunk's) sizes follow the cut."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import networkx as nx
 import torch
 from torch import nn
 
+from chop.ir.masks import insert_mask
+from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.flow.rule import Cut
+from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.constants import channel_constants
+from chop.passes.export.shrink import shrink
 
 from zoo import traced_flow
 
@@ -76,3 +81,67 @@ def test_a_cat_along_another_dim_joins_the_parts_and_is_constant_only_where_they
     cat = next(n for n in graph.module.graph.nodes if n.name == "cat")
     value, known = channel_constants(graph, flow)[cat]
     assert known.tolist() == [False, True, False] and value[1] == model.a.bias[1]
+
+
+class GatedMLP(nn.Module):
+    """Phi-3's fused gate_up projection, cut in two by chunk: silu(gate) * up -> down."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(4, 12), nn.Linear(6, 4)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+def test_chunk_pairs_gate_and_up_rows_with_down_columns_and_is_respelt():
+    torch.manual_seed(0)
+    graph, flow = traced_flow(GatedMLP().eval(), torch.randn(2, 3, 4))
+    groups = channel_groups(graph, flow)
+    (group,) = groups.of("gate_up.weight", "out")
+    (rows,) = [m for m in group.members if m.name == "gate_up.weight"]
+    assert group.size == 6 and [i.tolist() for i in rows.index] == [[j, j + 6] for j in range(6)]
+    assert group.layers("in") == ["down.weight"] and group.prunable.all()
+    for name, mask in group_masks(graph, groups, {group.id: torch.arange(6) % 2 == 1}).items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        expected = graph(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    split = next(n for n in graph.module.graph.nodes if n.target is aten.split_with_sizes.default)
+    assert split.args[1] == [3, 3] and graph.parameter("gate_up.weight").shape == (6, 4)
+
+
+class ClassToken(nn.Module):
+    """A class token (a parameter) stacked in front of the tokens, along a dim without channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1)
+        return self.fc(torch.relu(x).mean(1))
+
+
+def test_a_stacked_parameter_is_a_member_of_the_channels_it_meets():
+    torch.manual_seed(0)
+    graph, flow = traced_flow(ClassToken().eval(), torch.randn(2, 3, 4))
+    cls = flow.members["cls", 2]
+    assert cls.role == "channel" and cls.atoms.tolist() == flow.members["embed.weight", 0].atoms.tolist()
+    groups = channel_groups(graph, flow)
+    (group,) = groups.of("embed.weight", "out")
+    assert group.prunable.all()
+    for name, mask in group_masks(graph, groups, {group.id: torch.arange(6) < 4}).items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        expected = graph(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    assert graph.parameter("cls").shape == (1, 1, 4)

@@ -1,5 +1,6 @@
 """Elementwise rules: a residual add joins atoms position by position, an untracked operand may
-only broadcast along the channels, and a constant is computed with the op."""
+only broadcast along the channels (a parameter per channel is a member; a table along one dim of
+a split layout keeps that dim whole), and a constant is computed with the op."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import networkx as nx
 import torch
 from torch import nn
 
+from chop.ir.masks import insert_mask
+from chop.passes.analysis.channel_groups import channel_groups
+from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.constants import channel_constants
+from chop.passes.export.shrink import shrink
 
 from zoo import traced_flow
 
@@ -91,3 +96,42 @@ def test_an_in_place_op_leaves_the_constant_its_earlier_readers_see():
     readers = {c.weight: c.input.name for c in flow.consumers}
     assert readers == {"conv2.weight": "conv2d", "conv3.weight": "relu_"}
     assert consts[node(graph, "conv2d")][0][0] == -1.0 and consts[node(graph, "relu_")][0][0] == 0.0
+
+
+class Scaled(nn.Module):
+    """A layer scale (a parameter per channel) and a table varying along one dim of a split
+    channel layout while broadcast along the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.scale = nn.Parameter(torch.rand(8))
+        self.register_buffer("table", torch.rand(4, 1))
+
+    def forward(self, x):
+        y = self.scale * self.fc1(x)  # [b, 8]
+        z = (self.fc2(y).view(-1, 4, 2) * self.table).flatten(1)  # table varies along dim 1
+        return self.fc3(z)
+
+
+def test_a_parameter_per_channel_is_a_member_and_a_table_keeps_its_dim_whole():
+    graph, flow = traced_flow(Scaled(), torch.randn(2, 4))
+    scale = flow.members["scale", 0]
+    assert scale.role == "channel" and scale.atoms.tolist() == flow.members["fc1.weight", 0].atoms.tolist()
+    assert not any(a in flow.blocked for a in scale.atoms.tolist())
+    rows = flow.members["fc2.weight", 0].atoms.view(4, 2)  # output channel 2i + j sits at (i, j)
+    for j in range(2):  # positions along the table's dim go together: units are the columns j
+        assert nx.node_connected_component(flow.coupling, int(rows[0, j])) == set(rows[:, j].tolist())
+    groups = channel_groups(graph, flow)
+    (group,) = groups.of("fc2.weight", "out")
+    assert group.size == 2 and group.prunable.all()
+    keep = {groups.of("fc1.weight", "out")[0].id: torch.arange(8) % 3 != 0, group.id: torch.tensor([True, False])}
+    for name, mask in group_masks(graph, groups, keep).items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = graph(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    assert graph.parameter("scale").shape == (5,) and graph.parameter("fc2.weight").shape == (4, 5)

@@ -1,5 +1,6 @@
-"""Norm rules: BatchNorm's members and its exact eval-mode constant; layer_norm and softmax pass
-channels along other dims only, with no constant."""
+"""Norm rules: BatchNorm's members and its exact eval-mode constant; GroupNorm per channel (one
+channel per group) or blocked; layer_norm and softmax block the channels they normalise over
+(still followed) and pass channels along other dims, with no constant."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chop.ir.masks import insert_mask
+from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.flow.rules.norms import BatchNorm
+from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.constants import channel_constants
+from chop.passes.export.shrink import shrink
 
 from zoo import traced_flow
 
@@ -68,7 +73,9 @@ def test_layer_norm_over_the_channels_blocks_and_over_other_dims_passes_without_
     for name in ("layer_norm_1", "softmax"):  # ...and stays channel-wise, but not constant
         assert flow.tags[node(graph, name)].atoms.tolist() == atoms
         assert not consts[node(graph, name)][1].any()
-    assert node(graph, "layer_norm") not in flow.tags
+    # blocked but still followed: the normalised tensor carries the same (blocked) channels
+    assert flow.tags[node(graph, "layer_norm")].atoms.tolist() == atoms
+    assert not consts[node(graph, "layer_norm")][1].any()
 
 
 def test_softmax_over_the_channels_blocks():
@@ -84,3 +91,41 @@ def test_softmax_over_the_channels_blocks():
     (reason,) = {flow.blocked.get(a) for a in flow.members["fc1.weight", 0].atoms.tolist()}
     assert reason == ("softmax (aten.softmax.int): softmax normalises over these channels: "
                       "removing one changes the others")
+
+
+class GroupNormed(nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv1d(3, 4, 1), nn.GroupNorm(groups, 4), nn.Conv1d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.norm(self.conv1(x)))).mean(-1)
+
+
+def test_group_norm_with_one_channel_per_group_is_per_channel_and_shrinks():
+    torch.manual_seed(0)
+    model = GroupNormed(4).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2)
+        model.norm.bias.uniform_(-1, 1)
+    graph, flow = traced_flow(model, torch.randn(2, 3, 5))
+    groups = channel_groups(graph, flow)
+    (group,) = groups.of("conv1.weight", "out")
+    assert group.prunable.all() and {"norm.weight", "norm.bias"} <= set(group.layers("channel"))
+    for name, mask in group_masks(graph, groups, {group.id: torch.tensor([True, False, True, False])}).items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        expected = graph(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    norm = next(n for n in graph.module.graph.nodes if n.target is torch.ops.aten.group_norm.default)
+    assert norm.args[1] == 2 and graph.parameter("norm.weight").shape == (2,)
+
+
+def test_group_norm_over_several_channels_blocks_them():
+    _, flow = traced_flow(GroupNormed(2), torch.randn(2, 3, 5))
+    (reason,) = {flow.blocked.get(a) for a in flow.members["conv1.weight", 0].atoms.tolist()}
+    assert reason == ("group_norm (aten.group_norm.default): group_norm normalises over these "
+                      "channels (several per group): removing one changes the others")

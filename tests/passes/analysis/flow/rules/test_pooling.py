@@ -55,4 +55,5 @@ def test_pooling_or_reducing_over_the_channels_blocks():
     (pooled,) = {flow.blocked.get(a) for a in flow.members["fc.weight", 0].atoms.tolist()}
     assert pooled == "avg_pool1d (aten.avg_pool1d.default): pools over a channel dim"
     (reduced,) = {flow.blocked.get(a) for a in flow.members["conv.weight", 0].atoms.tolist()}
-    assert reduced == "mean (aten.mean.dim): reduces over a channel dim"
+    assert reduced == ("mean (aten.mean.dim): normalises over these channels (a mean over "
+                       "them, as in RMSNorm): removing one changes the others")

@@ -7,7 +7,11 @@ import networkx as nx
 import torch
 from torch import nn
 
+from chop.ir.masks import insert_mask
+from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.flow.rule import Cut
+from chop.passes.analysis.group_select import group_masks
+from chop.passes.export.shrink import shrink
 
 from zoo import traced_flow
 
@@ -81,3 +85,47 @@ def test_selecting_one_channel_blocks():
     _, flow = traced_flow(Pick(), torch.randn(2, 3, 4, 4))
     (reason,) = {flow.blocked.get(a) for a in flow.members["conv.weight", 0].atoms.tolist()}
     assert reason == "select (aten.select.int): selects one channel"
+
+
+def test_a_roll_along_other_dims_passes_and_along_the_channels_blocks():
+    class Rolled(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.dim = dim
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.conv2(torch.roll(self.conv1(x), 1, self.dim)).mean((2, 3))
+
+    _, flow = traced_flow(Rolled(2), torch.randn(2, 3, 4, 4))
+    assert not any(a in flow.blocked for a in flow.members["conv1.weight", 0].atoms.tolist())
+    _, flow = traced_flow(Rolled(1), torch.randn(2, 3, 4, 4))
+    (reason,) = {flow.blocked.get(a) for a in flow.members["conv1.weight", 0].atoms.tolist()}
+    assert reason == "roll (aten.roll.default): moves values across the channels"
+
+
+def test_selecting_q_k_v_of_a_fused_projection_keeps_that_dim_whole():
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 2)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(-1, 3, 4).unbind(1)  # the outer index is q, k or v
+            return self.out(q * k + v)
+
+    graph, flow = traced_flow(Fused(), torch.randn(2, 4))
+    groups = channel_groups(graph, flow)
+    (group,) = groups.of("qkv.weight", "out")
+    (rows,) = [m for m in group.members if m.name == "qkv.weight"]  # channel j of q, k and v
+    assert group.size == 4 and [i.tolist() for i in rows.index] == [[j, j + 4, j + 8] for j in range(4)]
+    assert group.prunable.all()
+    for name, mask in group_masks(graph, groups, {group.id: torch.tensor([True, False, False, True])}).items():
+        insert_mask(graph, graph.weight_node(name), mask)
+    graph.recompile()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = graph(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    assert graph.parameter("qkv.weight").shape == (6, 4)
