@@ -484,7 +484,7 @@ def _trace_error(name: str, e: BaseException) -> TraceError:
     hints = [hint for key, hint in _HINTS if key.lower() in text.lower()] or [
         "Check that the example inputs are what the model's forward expects (a tuple of "
         "positional inputs, kwargs for keyword inputs), and that the model runs eagerly on "
-        "them; see the chained torch.export error below for the line that failed."
+        "them; the torch.export error is chained (set CHOP_TRACEBACK=1 to see it from the command line)."
     ]
     return TraceError(
         f"torch.export could not capture {name}: {type(e).__name__}: {_first_line(e)}\n"
