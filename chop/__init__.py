@@ -2,6 +2,8 @@
 
     graph = chop.trace(model, example_inputs)
     chop.run(graph, "snip, mask{sparsity=0.9, scope=global}, fold", data=batches)
+    chop.summary(graph)                  # the per-layer table (a picture in a notebook)
+    chop.save(graph, "out", example_inputs)  # the files `chop transform` writes
 
 The package is layered. Each layer imports only from the layers listed before it
 (``tests/test_layers.py`` enforces this and the absence of import cycles):
@@ -67,6 +69,8 @@ _LAZY = {
     "run": "chop.pipeline.manager",
     "Pruner": "chop.training.pruner",
     "Schedule": "chop.training.schedule",
+    "save": "chop.cli.api",
+    "summary": "chop.cli.api",
 }
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -82,3 +83,16 @@ def ranks() -> Iterator[zoo.Ranks]:
     pool = zoo.Ranks(2)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> dict[str, Any]:
+    """Tiny Hugging Face model folders (zoo.hf_folder: save_pretrained with a tokenizer built in
+    code), one per kind, and ``text.jsonl`` (96 zoo.sentences) beside them; made once per
+    session: copy a folder before changing it."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    folders: dict[str, Any] = {kind: zoo.hf_folder(root / kind, kind) for kind in (
+        "bert", "gpt2", "llama", "bert-mlm", "bert-tokens", "bert-base")}
+    folders["text"] = zoo.write_jsonl(root / "text.jsonl", zoo.sentences(96))
+    return folders

@@ -534,3 +534,91 @@ class Ranks:
     def close(self) -> None:
         self._stop()
         self._dir.cleanup()
+
+
+# -- Hugging Face model folders ------------------------------------------------------------------
+# Tiny transformers saved with save_pretrained, each with a word-level tokenizer trained on the
+# test's own sentences (nothing is downloaded), and JSON-lines text for them.
+
+_GOOD = ("good", "great", "fine", "happy", "bright", "warm")
+_BAD = ("bad", "poor", "sad", "dark", "cold", "grim")
+_NOUNS = ("cat", "dog", "day", "film", "song", "park", "book", "meal")
+_FILL = ("the", "a", "was", "is", "very", "quite", "and", "this", "that", "so")
+
+
+def sentences(count: int = 96, seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` records ``{"text": ..., "label": 0 or 1}``: a sentence of 4-9 words that holds
+    good words (label 1) or bad ones (label 0), seeded."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(count):
+        label = i % 2
+        words = [rng.choice(_FILL) for _ in range(rng.randint(2, 5))]
+        words += [rng.choice(_NOUNS), rng.choice(_GOOD if label else _BAD)]
+        words += [rng.choice(_GOOD if label else _BAD)] * rng.randint(0, 1)
+        rng.shuffle(words)
+        records.append({"text": " ".join(words), "label": label})
+    return records
+
+
+def hf_tokenizer() -> Any:
+    """A word-level fast tokenizer over the words of :func:`sentences`, with BERT's special
+    tokens ([CLS] text [SEP]), built with the tokenizers library."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate([*specials, *_GOOD, *_BAD, *_NOUNS, *_FILL])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]")
+
+
+TINY = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64}
+
+
+def hf_model(kind: str) -> nn.Module:
+    """A tiny seeded transformers model: ``bert`` (sequence classifier, 2 labels),
+    ``bert-mlm``, ``bert-tokens`` (token classifier, 3 labels), ``bert-base`` (no head),
+    ``gpt2`` or ``llama`` (causal LMs)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
+            eos_token_id=3, pad_token_id=0))
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3, **TINY))
+    bert = transformers.BertConfig(**TINY, num_labels=3 if kind == "bert-tokens" else 2)
+    return {"bert": transformers.BertForSequenceClassification,
+            "bert-mlm": transformers.BertForMaskedLM,
+            "bert-tokens": transformers.BertForTokenClassification,
+            "bert-base": transformers.BertModel}[kind](bert)
+
+
+def hf_folder(path: Any, kind: str, tokenizer: bool = True) -> Any:
+    """:func:`hf_model` ``kind`` saved with save_pretrained into ``path`` (with the tokenizer);
+    returns ``path``."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    hf_model(kind).save_pretrained(path)
+    if tokenizer:
+        hf_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Any, records: list[dict[str, Any]]) -> Any:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

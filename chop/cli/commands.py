@@ -1,8 +1,11 @@
 """The commands: ``chop transform`` and ``chop train``, each the shared spine
 (:mod:`chop.cli.spine`) with its own middle.
 
-``chop transform CONFIG CKPT``: prepare, load the model, load the data, capture, run the
-pipeline, write.
+``chop transform CONFIG CKPT``: prepare, load the model, load the data, capture, measure the
+metric on the held-out batches, run the pipeline, measure again, write. Under ``torchrun``
+(``rank``/``world`` from :mod:`chop.cli.ranks`) every rank runs the pipeline on the same data,
+the criteria score each rank's share of the batches and sum over the ranks, and rank 0 alone
+measures and writes.
 
 ``chop train CONFIG CKPT_OR_OUTDIR`` trains a (masked) model on the configured data, keeping its
 masks, and writes the same files. The model comes from either
@@ -19,7 +22,8 @@ is undone for training), so pruned weights get zero gradient and stay zero. ``[t
 :class:`~chop.training.loop.TrainSpec`) sets the optimizer, epochs, eval split and the optional
 pruning schedule. Training uses every sample of ``[data] source`` (a ``"module:callable"``
 source: its first ``[data] batches`` batches), split once into train and eval sets with
-``seed``.
+``seed``; each epoch reports the task metric on the eval set. A model folder (or the OUTDIR of
+one, through its ``hf/``) trains and writes ``hf/`` like ``chop transform``.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from chop.cli import spine
+from chop.cli import hf, spine
 from chop.cli.checkpoint import load_checkpoint
 from chop.cli.config import Config
 from chop.cli.datasets import load_samples
@@ -55,26 +60,43 @@ def transform(
     force: bool = False,
     trust_checkpoint: bool = False,
     hooks: Hooks | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Result:
-    """Run ``chop transform``; see the module doc."""
+    """Run ``chop transform``; see the module doc. On a rank other than 0 nothing is written
+    and the result's report is empty."""
     hooks = hooks or Hooks()
     hooks.on_stage("reading the config")
     path = Path(checkpoint_path)
     config, out = spine.prepare(config_path, overrides, outdir, "-out", [path], force=force)
-    with out:  # OUTDIR locked, its temporary folder made: an unwritable place fails here
+    with out if rank == 0 else nullcontext():  # OUTDIR locked, its temporary folder made
         hooks.on_stage("loading the checkpoint")
         loaded = spine.load_model(config, path, trust=trust_checkpoint)
         hooks.on_stage("loading data")
-        batches = spine.load_data(config, targets=any(p.data_batches() for p in config.passes))
+        scoring = any(p.data_batches() for p in config.passes)
+        batches, held = spine.load_data(config, targets=scoring, encode=loaded.encode(config),
+                                        loss=config.loss)
+        loss = spine.loss_of(config, loaded, needed=scoring or any(
+            t is not None for _, t in held))
+        metric = spine.metric_of(config, loaded)
         hooks.on_stage("tracing")
         example = batches[0][0]
         graph, keys = spine.capture(loaded, config, example)
-        spine.run_pipeline(config, graph, batches, hooks)
+        if rank == 0:
+            hooks.on_stage("measuring the model before pruning")
+            before = spine.measure(config, graph, held, metric, loss)
+        spine.run_pipeline(config, graph, batches, hooks, loss, shared_data=world > 1)
+        if rank != 0:
+            return Result(out.path, {}, graph)
+        hooks.on_stage("measuring the pruned model")
+        after = spine.measure(config, graph, held, metric, loss)
         hooks.on_stage("writing outputs")
         return spine.write(
-            graph, config, out, example, keys, loaded.model, checkpoint=loaded.info,
+            graph, config, out, example, keys, loaded, checkpoint=loaded.info,
             data={"source": config.data.source, "batch_size": config.data.batch_size,
-                  "batches": config.data.batches, "shuffle": config.data.shuffle},
+                  "batches": config.data.batches, "shuffle": config.data.shuffle,
+                  **({"ranks": world} if world > 1 else {})},
+            **spine.metrics_entry(before, after, held, metric),
         )
 
 
@@ -93,9 +115,7 @@ def train(
     hooks.on_stage("reading the config")
     path = Path(source)
     if not path.exists():
-        raise CheckpointError(
-            f"{path} does not exist; pass a checkpoint file or a chop transform OUTDIR"
-        )
+        raise hf.not_local(path)
     config, out = spine.prepare(config_path, overrides, outdir, "-trained-out", [path],
                                 force=force)
     with out:  # OUTDIR locked, its temporary folder made: an unwritable place fails here
@@ -106,65 +126,83 @@ def _train(config: Config, path: Path, out: Output, trust: bool, hooks: Hooks) -
     spec = config.train
     batch_size = spec.batch_size or config.data.batch_size
 
+    hooks.on_stage("loading the model")
+    outdir = path.is_dir() and not hf.is_folder(path)
+    loaded = _outdir_model(path, config, trust) if outdir else spine.load_model(
+        config, path, trust=trust)
     hooks.on_stage("loading data")
+    encode = loaded.encode(config)
     try:
-        inputs, targets = load_samples(config.data, config.folder)
-        spine.class_targets(targets)
+        inputs, targets = load_samples(config.data, config.folder, encode)
+        if config.loss is None:
+            spine.class_targets(targets)
         train_set, eval_set = split(inputs, targets, spec.eval_fraction, spec.seed)
         example = take_samples(train_set[0], torch.arange(min(2, len(train_set[1]))))
     except DataError as e:
         raise DataError(f"{config.path}: [data]: {e}") from e
+    loss = spine.loss_of(config, loaded, needed=True)
 
-    hooks.on_stage("loading the model")
-    if path.is_dir():
-        graph, keys, loaded = _from_outdir(path, config, example, trust)
+    hooks.on_stage("tracing")
+    if outdir:
+        graph, keys = _masked_graph(path, loaded, config, example)
     else:
-        loaded = spine.load_model(config, path, trust=trust)
-        hooks.on_stage("loading data")
-        batches = spine.load_data(config)
-        hooks.on_stage("tracing")
+        batches, _ = spine.load_data(config, encode=encode, loss=config.loss)
         graph, keys = spine.capture(loaded, config, batches[0][0])
-        spine.run_pipeline(config, graph, batches, hooks)
+        spine.run_pipeline(config, graph, batches, hooks, loss)
         restore_masks(graph)  # a fold in the pipeline: train with the masks again
 
     hooks.on_stage("training")
-    records = train_graph(graph, train_set, eval_set, spec, batch_size, track=hooks.track,
+    records = train_graph(graph, train_set, eval_set, spec, batch_size, loss=loss,
+                          metric=spine.metric_of(config, loaded), track=hooks.track,
                           on_epoch=hooks.on_epoch)
 
     hooks.on_stage("writing outputs")
     return spine.write(
-        graph, config, out, example, keys, loaded.model, checkpoint=loaded.info,
+        graph, config, out, example, keys, loaded, checkpoint=loaded.info,
         data={"source": config.data.source, "train_samples": len(train_set[1]),
               "eval_samples": len(eval_set[1]) if eval_set is not None else 0},
         train={**dataclasses.asdict(spec), "batch_size": batch_size, "history": records},
     )
 
 
-def _from_outdir(folder: Path, config: Config, inputs: Any, trust: bool
-                 ) -> tuple[Graph, list[str], Loaded]:
-    """The masked graph of a ``chop transform`` OUTDIR, its state-dict keys, and what it was
-    loaded from (the report's checkpoint entry says ``"kind": "outdir"``)."""
-    from safetensors.torch import load_file
-
+def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:
+    """The model of a ``chop transform`` OUTDIR: its ``hf/`` model folder, else rebuilt from
+    ``[model]`` and ``weights.safetensors``, else the ``model.pt2`` program (the report's
+    checkpoint entry says ``"kind": "outdir"``)."""
     masks_file = folder / "masks.safetensors"
     weights, program = folder / "weights.safetensors", folder / "model.pt2"
     if not masks_file.is_file() or not (weights.is_file() or program.is_file()):
         raise CheckpointError(
             f"{folder} is a folder but not a chop transform OUTDIR (it needs masks.safetensors "
-            "and weights.safetensors or model.pt2); pass an OUTDIR or a checkpoint file"
+            "and weights.safetensors or model.pt2) nor a model folder (config.json); pass an "
+            "OUTDIR, a model folder or a checkpoint file"
         )
-    if config.model is not None and weights.is_file():
+    if hf.is_folder(folder / "hf"):
+        loaded = spine.load_model(config, folder / "hf", trust=trust)
+    elif config.model is not None and weights.is_file():
         loaded = spine.load_model(config, weights, trust=trust)
-        graph, keys = spine.capture(loaded, config, inputs)
     else:
         loaded = Loaded(load_checkpoint(program, trust=trust))
-        graph, keys = spine.capture(loaded, config, inputs)
+    loaded.info = {**loaded.info, "path": str(folder), "kind": "outdir",
+                   "sha256": loaded.checkpoint.sha256 if loaded.checkpoint else
+                   loaded.info["sha256"]}
+    return loaded
+
+
+def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
+                  ) -> tuple[Graph, list[str]]:
+    """The graph of an OUTDIR's model with its masks inserted, and its state-dict keys."""
+    from safetensors.torch import load_file
+
+    masks_file = folder / "masks.safetensors"
+    graph, keys = spine.capture(loaded, config, inputs)
+    if loaded.model is None:
         graph.train()
         log.warning(
             "%s was exported in eval mode: BatchNorm statistics and dropout stay in eval mode "
-            "while training; add a [model] section to %s to train them", program, config.path,
+            "while training; add a [model] section to %s to train them", folder / "model.pt2",
+            config.path,
         )
-    loaded.info = {"path": str(folder), "sha256": loaded.checkpoint.sha256, "kind": "outdir"}
     try:
         masks = load_file(masks_file)
     except (OSError, RuntimeError, ValueError) as e:
@@ -179,4 +217,4 @@ def _from_outdir(folder: Path, config: Config, inputs: Any, trust: bool
             )
         insert_mask(graph, graph.weight_node(name), mask.to(torch.bool))
     graph.recompile()
-    return graph, keys, loaded
+    return graph, keys

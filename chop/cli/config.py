@@ -8,9 +8,13 @@
 
     [data]
     source = "digits"               # a .pt/.npz/.safetensors file with "inputs" and "targets",
-    batch_size = 64                 # "digits", "synthetic", or "module:callable"
-    batches = 1
+    batch_size = 64                 # "digits", "synthetic", "module:callable", or a text file
+    batches = 1                     # (.jsonl/.json/.csv/.parquet/.txt; with a model folder)
     shuffle = false
+    eval_batches = 4                # held-out batches for the metrics before and after
+
+    [loss]                          # optional: the loss of every pass, metric and training step
+    source = "losses:my_loss"       # "module:callable", loss(outputs, targets) -> scalar
 
     [pipeline]
     passes = ["snip", "mask", "fold"]   # or a pipeline string
@@ -52,7 +56,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """``[data]``: the batches analysis passes see (and the example inputs for tracing)."""
+    """``[data]``: the batches analysis passes see (and the example inputs for tracing), then
+    ``eval_batches`` held-out batches for the metrics."""
 
     source: str = "synthetic"
     batch_size: int = 64
@@ -61,6 +66,10 @@ class DataSpec:
     seed: int = 0
     shape: tuple[int, ...] | None = None  # per-sample input shape (reshape, or synthetic shape)
     classes: int = 10  # synthetic targets are drawn from range(classes)
+    eval_batches: int = 4  # held-out batches after the scoring ones (0: no metrics)
+    text_field: str = "text"  # text files: the field holding the text
+    label_field: str | None = None  # text files: the field holding the label (classifiers)
+    max_length: int = 128  # text files: tokens per sample at most (longer texts are cut)
     given: frozenset[str] = frozenset()  # keys the user set explicitly
 
 
@@ -74,6 +83,7 @@ class Config:
     passes: list[Pass]
     overrides: dict[str, Any] = field(default_factory=dict)
     train: TrainSpec = field(default_factory=TrainSpec)  # [train], read by `chop train`
+    loss: str | None = None  # [loss] source, "module:callable"
 
     @property
     def folder(self) -> Path:
@@ -81,7 +91,7 @@ class Config:
         return self.path.parent
 
 
-_SECTIONS = {"model", "data", "pipeline", "passes", "train"}
+_SECTIONS = {"model", "data", "pipeline", "passes", "train", "loss"}
 _MODEL_KEYS = {"source": "a string", "kwargs": "a table"}
 _DATA_KEYS = {
     "source": "a string",
@@ -91,7 +101,12 @@ _DATA_KEYS = {
     "seed": "an integer",
     "shape": "a list of positive integers",
     "classes": "an integer of at least 2",
+    "eval_batches": "an integer of at least 0",
+    "text_field": "a string (a field of the text file's records)",
+    "label_field": "a string (a field of the text file's records)",
+    "max_length": "a positive integer",
 }
+_LOSS_KEYS = {"source": "a string \"module:callable\" naming loss(outputs, targets) -> scalar"}
 _PIPELINE_KEYS = {"passes": "a list of pass names or a pipeline string"}
 _TRAIN_KEYS = {
     "optimizer": "\"adam\" or \"sgd\"",
@@ -202,8 +217,22 @@ class _Validator:
         passes = self.passes(raw)
         return Config(
             self.path, self.model(raw), self.data(raw, passes), passes, dict(self.overrides),
-            self.train(raw) if "train" in raw else TrainSpec(),
+            self.train(raw) if "train" in raw else TrainSpec(), self.loss(raw),
         )
+
+    def loss(self, raw: dict[str, Any]) -> str | None:
+        if "loss" not in raw:
+            return None
+        source = self.table(raw, "loss", _LOSS_KEYS).get("source")
+        if not isinstance(source, str) or source.count(":") != 1 or not all(
+                part.strip() for part in source.split(":")):
+            raise self.error(
+                "loss.source",
+                f"expected {_LOSS_KEYS['source']}, got {_show(source)}; e.g. source = "
+                "\"losses:my_loss\" for def my_loss(outputs, targets) in losses.py next to "
+                "the config",
+            )
+        return source.strip()
 
     def model(self, raw: dict[str, Any]) -> ModelSpec | None:
         if "model" not in raw:
@@ -226,14 +255,16 @@ class _Validator:
         values: dict[str, Any] = {}
         for name, value in table.items():
             key = f"data.{name}"
-            if name in ("source",) and not isinstance(value, str):
+            if name in ("source", "text_field", "label_field") and not (
+                    isinstance(value, str) and value.strip()):
                 raise self.error(key, f"expected {_DATA_KEYS[name]}, got {_show(value)}")
             if name == "shuffle" and not isinstance(value, bool):
                 raise self.error(key, f"expected {_DATA_KEYS[name]}, got {_show(value)}")
-            if name in ("batch_size", "batches", "seed", "classes"):
+            if name in ("batch_size", "batches", "seed", "classes", "eval_batches", "max_length"):
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise self.error(key, f"expected {_DATA_KEYS[name]}, got {_show(value)}")
-                low = {"batch_size": 1, "batches": 1, "classes": 2}.get(name)
+                low = {"batch_size": 1, "batches": 1, "classes": 2, "eval_batches": 0,
+                       "max_length": 1}.get(name)
                 if low is not None and value < low:
                     raise self.error(
                         key, f"{value} is out of range; expected {_DATA_KEYS[name]}"

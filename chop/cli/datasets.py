@@ -6,18 +6,29 @@
 - ``"digits"``: scikit-learn's bundled 8×8 digits, scaled to [0, 1], shaped ``(1, 8, 8)``;
 - ``"synthetic"``: standard-normal inputs of ``[data] shape``, targets in ``range(classes)``;
 - ``"module:callable"``: user code returning an iterable of batches; ``batch_size``,
-  ``shuffle`` and ``seed`` are passed when it accepts them.
+  ``shuffle`` and ``seed`` are passed when it accepts them;
+- a text file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.txt``): records with a
+  ``text_field`` (and a ``label_field`` for classifiers), read here (:func:`read_records`;
+  parquet needs pyarrow) and tokenised by the ``encode`` function a model folder provides
+  (:mod:`chop.cli.hf`). A ``.txt`` file is one text per non-empty line; a ``.json`` file is a
+  list of records or a table of columns.
 
 ``batches`` batches of ``batch_size`` samples are taken in file order (or shuffled with
-``seed``). ``shape`` reshapes every sample. float64 inputs become float32 and integer targets
-int64, the dtypes models and the cross-entropy loss expect.
+``seed``), then up to ``eval_batches`` held-out batches from the samples after them
+(:func:`load_split`): the metrics before and after pruning are measured on those. ``shape``
+reshapes every sample. float64 inputs become float32 and integer targets int64, the dtypes
+models and the cross-entropy loss expect.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import inspect
+import itertools
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,33 +40,124 @@ from chop.cli.sources import call_user, import_callable, is_reference
 from chop.errors import DataError
 from chop.pipeline.batches import take
 
-Batch = tuple[Any, torch.Tensor]
+Batch = tuple[Any, Any]
+Records = list[dict[str, Any]]
+# tokenises text records into (keyword inputs, targets or None); `where` names them in messages
+Encode = Callable[[Records, str], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
 _SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
-def load_batches(spec: DataSpec, folder: Path) -> list[Batch]:
+def load_batches(spec: DataSpec, folder: Path, encode: Encode | None = None) -> list[Batch]:
     """The batches of ``spec`` (``spec.batches`` of them), reading files relative to ``folder``."""
+    return load_split(spec, folder, encode)[0]
+
+
+def load_split(spec: DataSpec, folder: Path, encode: Encode | None = None
+               ) -> tuple[list[Batch], list[Batch]]:
+    """The ``spec.batches`` batches of ``spec`` and the held-out batches after them (up to
+    ``spec.eval_batches``; fewer, or a smaller last one, when the source has fewer samples)."""
     if is_reference(spec.source):
         return _from_callable(spec, folder)
-    inputs, targets, where = read_source(spec, folder)
-    return batched(inputs, targets, spec, where)
+    inputs, targets, where = read_source(spec, folder, encode)
+    return batched(inputs, targets, spec, where, held_out=True)
 
 
-def read_source(spec: DataSpec, folder: Path) -> tuple[Any, Any, str]:
+def is_text(source: str) -> bool:
+    """Whether ``[data] source`` names a text file (tokenised with a model folder's tokenizer)."""
+    return not is_reference(source) and Path(source).suffix.lower() in TEXT_SUFFIXES
+
+
+def read_source(spec: DataSpec, folder: Path, encode: Encode | None = None
+                ) -> tuple[Any, Any, str]:
     """All samples of a file, ``digits`` or ``synthetic`` source, unbatched, with a description
     of where they came from (for messages). ``module:callable`` sources yield batches instead:
-    use :func:`load_batches`."""
+    use :func:`load_batches`. Text files are tokenised by ``encode``."""
     if spec.source == "digits":
         return (*digits(), "digits")
     if spec.source == "synthetic":
         return (*_synthetic(spec), "synthetic")
+    if is_text(spec.source):
+        path = folder / spec.source
+        if encode is None:
+            raise ConfigError(
+                f"data.source = {spec.source!r} is a text file, which needs a tokenizer: pass "
+                "a Hugging Face model folder (save_pretrained, with its tokenizer files) as the "
+                "checkpoint, or give the data as tensors (.pt/.npz/.safetensors)"
+            )
+        return (*encode(read_records(path, spec.text_field), str(path)), str(path))
     if Path(spec.source).suffix.lower() in _SUFFIXES:
         path = folder / spec.source
         return (*_read_file(path), str(path))
     raise ConfigError(
-        f"data.source = {spec.source!r} is not a data file ({', '.join(_SUFFIXES)}), "
-        "\"digits\", \"synthetic\" or \"module:callable\""
+        f"data.source = {spec.source!r} is not a data file ({', '.join(_SUFFIXES)}), a text "
+        f"file ({', '.join(TEXT_SUFFIXES)}), \"digits\", \"synthetic\" or "
+        "\"module:callable\""
     )
+
+
+def read_records(path: Path, text_field: str = "text") -> Records:
+    """The records of a text file: JSON lines, a JSON list of records (or a table of equal
+    columns), CSV with a header row, parquet (pyarrow), or plain text with one record
+    ``{text_field: line}`` per non-empty line. Raises :class:`DataError` naming the line."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; data.source is relative to the config")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(
+                f"reading {path} needs pyarrow: pip install pyarrow (or pip install chop[text])"
+            ) from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's own error types: a damaged or foreign file
+            raise DataError(f"cannot read {path} as parquet: {type(e).__name__}: {e}") from e
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read data file {path} as UTF-8 text: {e}") from e
+    if suffix == ".txt":
+        return [{text_field: line} for line in text.splitlines() if line.strip()]
+    if suffix == ".csv":
+        return [dict(row) for row in csv.DictReader(text.splitlines())]
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                records.append(_record(_json(line, path, f"line {number}"), path,
+                                       f"line {number}"))
+        return records
+    content = _json(text, path, "")
+    if isinstance(content, dict) and content and all(isinstance(v, list)
+                                                     for v in content.values()):
+        lengths = {len(v) for v in content.values()}
+        if len(lengths) != 1:
+            raise DataError(f"{path}: its columns have different lengths ({sorted(lengths)})")
+        return [dict(zip(content, row)) for row in zip(*content.values())]
+    if not isinstance(content, list):
+        raise DataError(
+            f"{path} holds a JSON {type(content).__name__}; it must hold a list of records "
+            "([{\"text\": ..., \"label\": ...}, ...]) or a table of columns ({\"text\": [...]})"
+        )
+    return [_record(item, path, f"item {i}") for i, item in enumerate(content)]
+
+
+def _json(text: str, path: Path, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{path}{f' {where}' if where else ''} is not valid JSON: {e}") from e
+
+
+def _record(value: Any, path: Path, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{path} {where} is a JSON {type(value).__name__}, not a record; each must be an "
+            "object such as {\"text\": \"...\", \"label\": 1}"
+        )
+    return value
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,11 +179,13 @@ def _synthetic(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
             "data.source = \"synthetic\" needs the shape of one input sample: add [data] "
             "shape = [1, 28, 28] (for example) to the config"
         )
-    generator = torch.Generator().manual_seed(spec.seed)
-    count = spec.batch_size * spec.batches
-    inputs = torch.randn((count, *spec.shape), generator=generator)
-    targets = torch.randint(0, spec.classes, (count,), generator=generator)
-    return inputs, targets
+    parts = []
+    for seed, batches in ((spec.seed, spec.batches), (spec.seed + 1, spec.eval_batches)):
+        generator = torch.Generator().manual_seed(seed)  # the scoring batches, then held out
+        count = spec.batch_size * batches
+        parts.append((torch.randn((count, *spec.shape), generator=generator),
+                      torch.randint(0, spec.classes, (count,), generator=generator)))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
@@ -127,11 +231,16 @@ def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
     return content["inputs"], content["targets"]
 
 
-def batched(inputs: Any, targets: Any, spec: DataSpec, where: str) -> list[Batch]:
-    tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
-    if not all(isinstance(t, torch.Tensor) for t in [*tensors, targets]):
+def batched(inputs: Any, targets: Any, spec: DataSpec, where: str, *, held_out: bool = False
+            ) -> Any:
+    """``spec.batches`` batches of the samples; with ``held_out``, also the held-out batches
+    after them, as ``(batches, held-out batches)``. ``targets`` may be None (text without
+    labels): the batches' targets are then None."""
+    tensors = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
+    given = [targets] if targets is not None else []
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in [*tensors, *given]):
         raise DataError(f"{where}: \"inputs\" and \"targets\" must be tensors")
-    count = len(targets)
+    count = len(targets) if targets is not None else len(tensors[0])
     if any(len(t) != count for t in tensors):
         raise DataError(
             f"{where}: inputs and targets have different numbers of samples "
@@ -157,20 +266,30 @@ def batched(inputs: Any, targets: Any, spec: DataSpec, where: str) -> list[Batch
         return t
 
     inputs = {k: fix(v) for k, v in inputs.items()} if isinstance(inputs, dict) else fix(inputs)
-    if not targets.is_floating_point():
+    if targets is not None and not targets.is_floating_point():
         targets = targets.long()
     order = torch.arange(count)
     if spec.shuffle:
         order = torch.randperm(count, generator=torch.Generator().manual_seed(spec.seed))
-    batches = []
-    for b in range(spec.batches):
-        index = order[b * spec.batch_size:(b + 1) * spec.batch_size]
+
+    def batch(index: torch.Tensor) -> Batch:
         x = {k: v[index] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[index]
-        batches.append((x, targets[index]))
-    return batches
+        return x, (targets[index] if targets is not None else None)
+
+    size = spec.batch_size
+    batches = [batch(order[b * size:(b + 1) * size]) for b in range(spec.batches)]
+    if not held_out:
+        return batches
+    rest = order[spec.batches * size:(spec.batches + spec.eval_batches) * size]
+    cuts = list(range(0, len(rest), size))
+    if len(cuts) > 1 and len(rest) - cuts[-1] == 1:
+        cuts.pop()  # a last batch of 1 joins the one before (traced batch sizes start at 2)
+    held = [batch(rest[a:b]) for a, b in zip(cuts, cuts[1:] + [len(rest)], strict=False)]
+    return batches, [b for b in held if len(b[0] if not isinstance(b[0], dict)
+                                         else next(iter(b[0].values()))) > 1]
 
 
-def _from_callable(spec: DataSpec, folder: Path) -> list[Batch]:
+def _from_callable(spec: DataSpec, folder: Path) -> tuple[list[Batch], list[Batch]]:
     fn = import_callable(spec.source, folder, "data.source")
     try:
         accepted = set(inspect.signature(fn).parameters)
@@ -186,8 +305,12 @@ def _from_callable(spec: DataSpec, folder: Path) -> list[Batch]:
             "them as parameters of the callable"
         )
     data = call_user(fn, kwargs, "data.source", spec.source)
+    who = f"data.source = {spec.source!r}"
     try:
-        return list(take(data, spec.batches, f"data.source = {spec.source!r}"))
+        batches = iter(data)
+        first = list(take(batches, spec.batches, who))
+        held = list(itertools.islice(batches, spec.eval_batches))  # as many as there are
+        return first, list(take(held, len(held), who))
     except TypeError as e:
         raise DataError(
             f"data.source = {spec.source!r} returned a {type(data).__name__}, not an iterable "
@@ -195,7 +318,8 @@ def _from_callable(spec: DataSpec, folder: Path) -> list[Batch]:
         ) from e
 
 
-def load_samples(spec: DataSpec, folder: Path) -> tuple[Any, torch.Tensor]:
+def load_samples(spec: DataSpec, folder: Path, encode: Encode | None = None
+                 ) -> tuple[Any, torch.Tensor]:
     """Every sample of ``[data] source`` as one ``(inputs, targets)`` pair (a
     ``"module:callable"`` source: its first ``batches`` batches, concatenated)."""
     if is_reference(spec.source):
@@ -209,6 +333,8 @@ def load_samples(spec: DataSpec, folder: Path) -> tuple[Any, torch.Tensor]:
                 f"data.source = {spec.source!r}: cannot join its batches into one training set "
                 f"({e}); its batches must hold tensors of the same shapes but the batch size"
             ) from e
-    inputs, targets, where = read_source(spec, folder)
+    inputs, targets, where = read_source(spec, folder, encode)
+    if targets is None:
+        raise DataError(f"{where} has no labels to train on; set [data] label_field")
     everything = dataclasses.replace(spec, batch_size=len(targets), batches=1, shuffle=False)
     return batched(inputs, targets, everything, where)[0]

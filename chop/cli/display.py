@@ -42,11 +42,11 @@ def layer_table(report: dict[str, Any]) -> Table:
                   title_justify="left", header_style="bold", footer_style="bold",
                   caption=Text(warnings) if warnings else None, caption_justify="left",
                   caption_style="bold yellow")
-    table.add_column("layer", footer="total", no_wrap=True)
+    table.add_column("layer", footer="total", overflow="fold")  # long names wrap, not the numbers
     table.add_column("op", no_wrap=True)
     table.add_column("shape", no_wrap=True)
-    table.add_column("parameters", justify="right", footer=f"{totals['numel']:,}")
-    table.add_column("kept", justify="right", footer=f"{totals['kept']:,}")
+    table.add_column("parameters", justify="right", footer=f"{totals['numel']:,}", no_wrap=True)
+    table.add_column("kept", justify="right", footer=f"{totals['kept']:,}", no_wrap=True)
     table.add_column("sparsity", footer=_bar(totals["sparsity"], True), no_wrap=True)
     collapse = report_summary(report)
     if collapse is not None:  # a collapse pass ran: effective weights per layer
@@ -68,6 +68,36 @@ def layer_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _shown(metric: str, value: float) -> str:
+    return {"accuracy": f"{value:.1%}", "perplexity": f"{value:,.2f}"}.get(metric, f"{value:.4g}")
+
+
+def metrics_line(report: dict[str, Any]) -> str | None:
+    """``accuracy on 1,024 held-out samples: 98.8% before pruning, 10.2% after (-88.6
+    points)``, from the report's ``metrics``; None when it has none."""
+    entry = report.get("metrics")
+    if not isinstance(entry, dict):
+        return None
+    metric = entry["metric"]
+    before, after = entry["before"][metric], entry["after"][metric]
+    change = (f"{(after - before) * 100:+.1f} points" if metric == "accuracy" else
+              f"{after / before:.2f}x" if metric == "perplexity" and before else
+              f"{after - before:+.4f}")
+    return (f"{metric} on {entry['samples']:,} held-out samples: {_shown(metric, before)} before "
+            f"pruning, {_shown(metric, after)} after ({change})")
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """One line per training epoch: the training loss and accuracy, the eval metric."""
+    shown = [f"epoch {record['epoch']}: loss {record['loss']:.4f}"]
+    if "train_accuracy" in record:
+        shown.append(f"train accuracy {record['train_accuracy']:.1%}")
+    for metric, value in (record.get("eval") or {}).items():
+        if metric != "loss" or len(record["eval"]) == 1:
+            shown.append(f"eval {metric} {_shown(metric, value)}")
+    return ", ".join(shown) + f" ({record['seconds']:.1f}s)"
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(layer_table(report))
     totals = report["totals"]
@@ -76,6 +106,15 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         f"({1 - totals['nonzero'] / max(totals['parameters'], 1):.1%} sparse overall)",
         highlight=False,
     )
+    line = metrics_line(report)
+    if line is not None:
+        console.print(line, highlight=False)
+    history = (report.get("train") or {}).get("history") or []
+    if history:
+        console.print("trained: " + epoch_line(history[-1]), highlight=False)
+    hf = report.get("hf")
+    if isinstance(hf, dict) and not hf.get("written", True):
+        console.print(f"hf/ not written: {hf.get('reason')}", highlight=False)
     collapse = report_summary(report)
     if collapse is not None:
         console.print(summary_line(collapse), highlight=False)

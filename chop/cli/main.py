@@ -2,8 +2,10 @@
 
 - ``chop --version``; ``chop passes`` lists every pass with its options and one line of doc.
 - ``chop transform --config CONFIG CKPT [-o OUTDIR] [--set section.key=value ...] [--quiet]
-  [--json] [--force] [--trust-checkpoint]`` runs a config's pipeline on a checkpoint and writes
-  the outputs (see :mod:`chop.cli.spine`), with a progress display and a per-layer table.
+  [--json] [--force] [--trust-checkpoint]`` runs a config's pipeline on a checkpoint or a
+  Hugging Face model folder and writes the outputs (see :mod:`chop.cli.spine`), with a
+  progress display, a per-layer table and the metric before and after. Under ``torchrun``
+  the ranks split the scoring and rank 0 writes (:mod:`chop.cli.ranks`).
 - ``chop train --config CONFIG CKPT_OR_OUTDIR [-o OUTDIR] [--set …] [--quiet] [--json]
   [--force] [--trust-checkpoint]`` trains the masked model (see :mod:`chop.cli.train`) with a
   progress display and one line per epoch, then writes the same outputs.
@@ -62,15 +64,19 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
 
     from chop.cli.commands import transform
     from chop.cli.display import Display, logging_to
+    from chop.cli.ranks import process_group
 
     err = Console(stderr=True)
-    display = Display(err, enabled=not args.quiet and err.is_terminal)
-    with logging_to(err, args.quiet), display.progress:
-        result = transform(
-            args.config, args.checkpoint, outdir=args.outdir, overrides=args.set or (),
-            force=args.force, trust_checkpoint=args.trust_checkpoint, hooks=display.hooks(),
-        )
-    return _finish(args, result, console)
+    with process_group() as (rank, world):
+        quiet = args.quiet or rank != 0  # under torchrun rank 0 alone prints (errors: all)
+        display = Display(err, enabled=not quiet and err.is_terminal)
+        with logging_to(err, quiet), display.progress:
+            result = transform(
+                args.config, args.checkpoint, outdir=args.outdir, overrides=args.set or (),
+                force=args.force, trust_checkpoint=args.trust_checkpoint, hooks=display.hooks(),
+                rank=rank, world=world,
+            )
+    return _finish(args, result, console) if rank == 0 else 0
 
 
 def _finish(args: argparse.Namespace, result: Any, console: Console) -> int:
@@ -79,7 +85,7 @@ def _finish(args: argparse.Namespace, result: Any, console: Console) -> int:
     from rich.markup import escape
 
     from chop.cli.display import print_report
-    from chop.cli.outputs import FILES
+    from chop.cli.outputs import written
 
     if args.json:
         sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
@@ -88,7 +94,7 @@ def _finish(args: argparse.Namespace, result: Any, console: Console) -> int:
         shown = os.path.relpath(result.outdir) if result.outdir.is_relative_to(os.getcwd()) \
             else str(result.outdir)
         console.print(f"wrote [bold]{escape(shown)}[/bold]", highlight=False, soft_wrap=True)
-        console.print("  " + ", ".join(FILES), highlight=False)
+        console.print("  " + ", ".join(written(result.report)), highlight=False)
     return 0
 
 
@@ -96,23 +102,19 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from rich.console import Console
 
     from chop.cli.commands import train
-    from chop.cli.display import Display, logging_to
+    from chop.cli.display import Display, epoch_line, logging_to
+    from chop.cli.ranks import world
 
+    if world()[1] > 1:
+        raise ChopError("chop train runs in one process; run it without torchrun (chop "
+                        "transform is the command that splits its scoring over ranks)")
     err = Console(stderr=True)
     shown_on = err if args.json else console  # keep stdout pure JSON with --json
     display = Display(err, enabled=not args.quiet and err.is_terminal)
 
     def on_epoch(record: dict[str, Any]) -> None:
-        if args.quiet:
-            return
-        evaluation = record["eval_accuracy"]
-        shown_on.print(
-            f"epoch {record['epoch']}: loss {record['loss']:.4f}, train accuracy "
-            f"{record['train_accuracy']:.1%}"
-            + (f", eval accuracy {evaluation:.1%}" if evaluation is not None else "")
-            + f" ({record['seconds']:.1f}s)",
-            highlight=False,
-        )
+        if not args.quiet:
+            shown_on.print(epoch_line(record), highlight=False)
 
     with logging_to(err, args.quiet), display.progress:
         result = train(
@@ -175,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "transform", help="prune a checkpoint with a TOML config and write the outputs",
         description="Run the pipeline of CONFIG on CKPT and write model.pt2, weights.safetensors, "
-        "masks.safetensors, report.json, sparsity.html and graph.dot into OUTDIR.",
+        "masks.safetensors, report.json, sparsity.html and graph.dot (and hf/ for a model "
+        "folder) into OUTDIR.",
     )
     t.add_argument("--config", required=True, metavar="CONFIG", help="the TOML config")
     t.add_argument("checkpoint", metavar="CKPT",
-                   help="a state dict (.pt/.pth/.ckpt/.bin, .safetensors) or a torch.export .pt2")
+                   help="a state dict (.pt/.pth/.ckpt/.bin, .safetensors), a torch.export .pt2, "
+                   "or a Hugging Face model folder (save_pretrained; never downloaded)")
     _output_options(t, "-out", "passes.mask.sparsity=0.95")
     t.set_defaults(func=_transform)
 
@@ -251,19 +255,23 @@ def _main(argv: Sequence[str] | None, show_traceback: bool) -> int:
     from rich.markup import escape
 
     err = Console(stderr=True)
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+    where = f"rank {rank}: " if rank is not None else ""  # under torchrun: which rank failed
     try:
         return args.func(args, Console())
     except ChopError as e:
         if show_traceback:
             raise
-        err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(where + str(e))}", highlight=False,
+                  soft_wrap=True)
         return 2
     except Exception as e:  # a bug: one line, the traceback on request
         if show_traceback:
             raise
         first = (str(e).strip().splitlines() or [""])[0]
         err.print(
-            f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(first)} — this is "
+            f"[bold red]internal error:[/bold red] {escape(where)}{type(e).__name__}: "
+            f"{escape(first)} — this is "
             "a bug in chop; rerun with CHOP_TRACEBACK=1 to see the traceback, and report it.",
             highlight=False, soft_wrap=True,
         )

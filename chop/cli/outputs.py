@@ -40,7 +40,7 @@ import secrets
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -75,10 +75,21 @@ def default_outdir(config: Path, suffix: str = "-out") -> Path:
     return candidate
 
 
+def _files(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """Every entry under ``folder`` but folders, as ``(path relative to folder, entry)``,
+    sorted; links are listed, never followed."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            for name, inner in _files(Path(entry.path)):
+                yield f"{entry.name}/{name}", inner
+        else:
+            yield entry.name, entry
+
+
 def write_manifest(folder: Path) -> None:
-    """List every file of ``folder`` (name, size, SHA-256) in its ``.chop-manifest.json``."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    """List every file under ``folder`` (path, size, SHA-256) in its ``.chop-manifest.json``."""
+    files = {name: {"size": entry.stat().st_size, "sha256": sha256(Path(entry.path))}
+             for name, entry in _files(folder) if name != MANIFEST}
     text = json.dumps({"written_by": f"chop {version('chop')}", "files": files}, indent=2)
     (folder / MANIFEST).write_text(text + "\n", encoding="utf-8")
 
@@ -92,19 +103,23 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def foreign_files(folder: Path) -> list[str]:
-    """The entries of ``folder`` chop did not write: files its manifest does not list or that
-    changed since, and every folder and link (chop writes neither)."""
+    """The entries under ``folder`` chop did not write: files its manifest does not list or
+    that changed since, links (chop writes none), and folders that hold no file chop wrote."""
     listed = _manifest(folder)
     foreign = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name == MANIFEST and listed is not None:
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):  # folders holding nothing
+        if entry.is_dir(follow_symlinks=False) and not any(
+                name.startswith(f"{entry.name}/") for name in listed or {}):
+            foreign.append(entry.name + "/")
+    for name, entry in _files(folder):
+        if name.partition("/")[0] + "/" in foreign or (name == MANIFEST and listed is not None):
             continue
-        record = (listed or {}).get(entry.name)
+        record = (listed or {}).get(name)
         ours = (isinstance(record, dict) and entry.is_file(follow_symlinks=False)
                 and entry.stat(follow_symlinks=False).st_size == record.get("size")
                 and sha256(Path(entry.path)) == record.get("sha256"))
         if not ours:
-            foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+            foreign.append(name)
     return foreign
 
 
@@ -346,9 +361,15 @@ class Output:
 def _remove_outputs(old: Path, shown: Path) -> None:
     """Delete the earlier OUTDIR, moved aside and checked: only the files its manifest lists."""
     listed = _manifest(old) or {}
-    for entry in os.scandir(old):
-        if entry.name in listed or entry.name == MANIFEST:
+    for name, entry in list(_files(old)):
+        if name in listed or name == MANIFEST:
             os.unlink(entry.path)
+    for root, _, _ in sorted(os.walk(old), key=lambda w: -len(w[0])):  # emptied folders
+        if root != str(old):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
     try:
         old.rmdir()
     except OSError:
@@ -389,6 +410,7 @@ def write_outputs(
     inputs: Any,
     keys: Sequence[str],
     model: nn.Module | None = None,
+    extra: Callable[[Path, dict[str, torch.Tensor], bool, Any], dict[str, Any]] | None = None,
 ) -> None:
     """Write every output file of ``graph`` into ``out``'s temporary folder, check each model
     file, and commit it as OUTDIR.
@@ -405,6 +427,11 @@ def write_outputs(
             state dict instead, and that check is skipped (``model.pt2`` is still checked).
         model: the original model, if there is one: ``weights.safetensors`` is checked by
             loading it into a copy and comparing outputs.
+        extra: ``extra(folder, state, reshaped, expected)`` writes more files into the
+            temporary folder (the Hugging Face folder ``hf/``: :mod:`chop.cli.hf`) from the
+            pruned graph's ``state`` dict (``reshaped``: after ``shrink``/``sparse``) and
+            checks them against ``expected``, the graph's outputs on ``inputs``; what it
+            returns is added to the report.
     """
     from safetensors.torch import load_file, save_file
 
@@ -434,6 +461,8 @@ def write_outputs(
         torch.export.save(program, tmp / "model.pt2")
         save_file(weights, tmp / "weights.safetensors")
         save_file(masks, tmp / "masks.safetensors")
+        if extra is not None:
+            report.update(extra(tmp, state, bool(reshaped), expected))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "sparsity.html").write_text(render_html(report, layers), encoding="utf-8")
         (tmp / "graph.dot").write_text(to_dot(layers, report.get("model", "model")), "utf-8")
@@ -453,6 +482,11 @@ def write_outputs(
                 check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
     out.commit()
     log.info("wrote %s", ", ".join(FILES))
+
+
+def written(report: dict[str, Any]) -> list[str]:
+    """The files and folders a run wrote, from its report (``hf/`` when it was written)."""
+    return [*FILES, *(["hf/"] if (report.get("hf") or {}).get("written") else [])]
 
 
 def _copy(model: nn.Module) -> nn.Module | None:

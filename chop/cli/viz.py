@@ -295,29 +295,29 @@ def _legend_svg() -> str:
 
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-       margin: 24px 32px; color: #111827; background: #ffffff; }
-h1 { font-size: 22px; margin: 0 0 4px 0; } h2 { font-size: 16px; margin: 28px 0 8px 0; }
-.summary { color: #374151; margin: 4px 0; font-size: 14px; }
-.summary b { color: #111827; } code { background: #f3f4f6; padding: 1px 5px; border-radius: 4px; }
-.row { display: flex; flex-wrap: wrap; gap: 0 32px; align-items: flex-start; }
-.panel { overflow: auto; border: 1px solid #e5e7eb; border-radius: 8px; padding: 8px;
-         display: inline-block; max-width: 100%; }
-svg text { font-family: inherit; } .t1 { font-size: 12px; font-weight: 600; }
-.t2 { font-size: 11px; } .t3 { font-size: 10px; fill: #4b5563; }
+.chop-sparsity { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans",
+       sans-serif; margin: 24px 32px; color: #111827; background: #ffffff; }
+.chop-sparsity h1 { font-size: 22px; margin: 0 0 4px 0; }
+.chop-sparsity h2 { font-size: 16px; margin: 28px 0 8px 0; }
+.chop-sparsity .summary { color: #374151; margin: 4px 0; font-size: 14px; }
+.chop-sparsity .summary b { color: #111827; }
+.chop-sparsity code { background: #f3f4f6; padding: 1px 5px; border-radius: 4px; }
+.chop-sparsity .row { display: flex; flex-wrap: wrap; gap: 0 32px; align-items: flex-start; }
+.chop-sparsity .panel { overflow: auto; border: 1px solid #e5e7eb; border-radius: 8px;
+       padding: 8px; display: inline-block; max-width: 100%; }
+.chop-sparsity svg text { font-family: inherit; } .chop-sparsity .t1 { font-size: 12px;
+       font-weight: 600; }
+.chop-sparsity .t2 { font-size: 11px; } .chop-sparsity .t3 { font-size: 10px; fill: #4b5563; }
 """
 
 
-def render_html(report: dict[str, Any], g: nx.DiGraph) -> str:
-    """The whole ``sparsity.html`` page for ``report`` and its layer graph ``g``."""
+def render_fragment(report: dict[str, Any], g: nx.DiGraph) -> str:
+    """The body of ``sparsity.html`` as one ``<div>`` with its own style: the title and totals,
+    the layer graph and the per-layer bars (what a notebook shows for :func:`chop.summary`)."""
     e = html.escape
     totals = report["totals"]
     pipeline = ", ".join(step["name"] for step in report.get("pipeline", []))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>chop · {e(str(report.get("model", "model")))} sparsity</title>
-<style>{_CSS}</style></head>
-<body>
+    return f"""<div class="chop-sparsity"><style>{_CSS}</style>
 <h1>{e(str(report.get("model", "model")))}: {totals["sparsity"]:.1%} sparse</h1>
 <p class="summary">kept <b>{totals["kept"]:,}</b> of <b>{totals["numel"]:,}</b> weights in
 {totals["layers"]} layers · <b>{totals["nonzero"]:,}</b> of {totals["parameters"]:,} parameters
@@ -328,7 +328,17 @@ non-zero overall{f' · pipeline <code>{e(pipeline)}</code>' if pipeline else ''}
 <div class="panel">{graph_svg(g)}</div></section>
 <section><h2>Sparsity per layer</h2>
 <div class="panel">{bars_svg(report["layers"])}</div></section>
-</div>
+</div></div>"""
+
+
+def render_html(report: dict[str, Any], g: nx.DiGraph) -> str:
+    """The whole ``sparsity.html`` page for ``report`` and its layer graph ``g``."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>chop · {html.escape(str(report.get("model", "model")))} sparsity</title>
+</head>
+<body>
+{render_fragment(report, g)}
 </body></html>
 """
 

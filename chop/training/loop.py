@@ -3,7 +3,15 @@
 The masks are ``mul(weight, mask)`` nodes of the graph, so pruned weights get zero gradient and
 stay zero; with ``prune_sparsity`` set, a :class:`~chop.training.pruner.Pruner` raises the
 sparsity along its schedule while training. Each epoch reports the mean loss, the training
-accuracy and the eval accuracy (argmax of the logits).
+accuracy (for classifiers) and the task metric on the eval set (:func:`evaluate`).
+
+Metrics (:func:`evaluate`), one of :data:`METRICS`:
+
+- ``accuracy``: top-1 (argmax of the logits) over the targets that are not -100, with the mean
+  cross-entropy per target; classifiers, sequence or token classification;
+- ``perplexity``: exp of the mean cross-entropy per target token (-100 ignored): language
+  models, whose targets are the next (or the masked) tokens;
+- ``loss``: the mean of a user's ``loss(outputs, targets)`` over the samples.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 from chop.errors import DataError
 from chop.ir.graph import Graph
 from chop.ir.masks import current_masks
-from chop.pipeline.batches import call, cross_entropy, logits_of
+from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
 
 
@@ -75,14 +83,55 @@ def _batches(count: int, size: int, order: torch.Tensor | None = None) -> list[t
     return [order[a:b] for a, b in zip(cuts, cuts[1:] + [count])]
 
 
-def accuracy(graph: Graph, inputs: Any, targets: torch.Tensor, batch_size: int) -> float:
-    """Top-1 accuracy of ``graph`` in eval mode."""
-    correct = 0
+METRICS = ("accuracy", "perplexity", "loss")
+
+
+def _scored(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets, one row per target (sequence positions flattened), without the
+    targets equal to -100."""
+    if logits.dim() > 2 and targets.dim() == logits.dim() - 1:
+        logits, targets = logits.flatten(0, -2), targets.flatten()
+    kept = targets != -100
+    return logits[kept], targets[kept]
+
+
+def evaluate(graph: Graph, batches: Iterable[tuple[Any, Any]], metric: str = "accuracy",
+             loss: Callable[[Any, Any], torch.Tensor] | None = None) -> dict[str, float]:
+    """``metric`` (see the module doc) of ``graph`` in eval mode over ``batches``, with the
+    mean loss: ``{"accuracy": a, "loss": l}``, ``{"perplexity": p, "loss": l}`` or
+    ``{"loss": l}`` (``loss`` is the user's, for ``metric="loss"``; else cross-entropy). Data
+    that does not fit the model or the loss is a :class:`~chop.errors.DataError`."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    total, correct, count = 0.0, 0, 0
     with torch.no_grad(), graph.mode(batch_norm=False, dropout=False):
-        for index in _batches(len(targets), batch_size):
-            logits = logits_of(call(graph.module, take_samples(inputs, index)))
-            correct += int((logits.argmax(-1) == targets[index]).sum())
-    return correct / max(len(targets), 1)
+        for inputs, targets in batches:
+            seen: list[Any] = []
+            value = float(batch_loss(graph.module, inputs, targets,
+                                     loss if metric == "loss" else None,
+                                     "evaluating the held-out batches",
+                                     transform=lambda o, seen=seen: seen.append(o) or o))
+            if metric == "loss":
+                size = len(targets) if isinstance(targets, torch.Tensor) else 1
+                total, count = total + value * size, count + size
+                continue
+            logits, kept = _scored(logits_of(seen[0]), targets)
+            total += value * kept.numel()  # cross-entropy is the mean over the scored targets
+            correct += int((logits.argmax(-1) == kept).sum())
+            count += kept.numel()
+    mean = total / max(count, 1)
+    if metric == "accuracy":
+        return {"accuracy": correct / max(count, 1), "loss": mean}
+    if metric == "perplexity":
+        return {"perplexity": math.exp(min(mean, 700.0)), "loss": mean}
+    return {"loss": mean}
+
+
+def accuracy(graph: Graph, inputs: Any, targets: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy of ``graph`` in eval mode, over batches of ``batch_size``."""
+    batches = [(take_samples(inputs, index), targets[index])
+               for index in _batches(len(targets), batch_size)]
+    return evaluate(graph, batches, "accuracy")["accuracy"]
 
 
 def train_graph(
@@ -93,12 +142,15 @@ def train_graph(
     batch_size: int,
     *,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    metric: str = "accuracy",
     track: Callable[[Iterable, int | None, str], Iterable] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``graph.module`` in train mode for ``spec.epochs`` epochs; returns one record per
-    epoch (``epoch``, ``loss``, ``train_accuracy``, ``eval_accuracy`` or None, ``seconds``).
-    The graph is left in eval mode."""
+    epoch: ``epoch``, ``loss`` (the mean training loss), ``train_accuracy`` (with
+    ``metric="accuracy"``), ``eval`` (:func:`evaluate` on ``evaluation`` in batches of
+    ``batch_size``, or None without it) and ``seconds``. The graph is left in eval mode."""
+    user_loss = loss
     loss = loss or cross_entropy
     params = [p for p in graph.module.parameters() if p.requires_grad]
     if spec.optimizer == "sgd":
@@ -118,7 +170,7 @@ def train_graph(
             graph.train()
             order = torch.randperm(len(targets), generator=generator)
             batches = _batches(len(targets), batch_size, order)
-            total_loss, correct = 0.0, 0
+            total_loss, correct, scored = 0.0, 0, 0
             items = batches if track is None else track(
                 batches, len(batches), f"epoch {epoch}/{spec.epochs}"
             )
@@ -137,15 +189,21 @@ def train_graph(
                 if pruner is not None:
                     pruner.on_after_optimizer_step()
                 total_loss += float(value.detach()) * len(index)
-                correct += int((logits_of(outputs).detach().argmax(-1) == y).sum())
+                if metric == "accuracy":
+                    logits, kept = _scored(logits_of(outputs).detach(), y)
+                    correct += int((logits.argmax(-1) == kept).sum())
+                    scored += kept.numel()
             graph.eval()
+            held = None if evaluation is None else [
+                (take_samples(evaluation[0], index), evaluation[1][index])
+                for index in _batches(len(evaluation[1]), batch_size)
+            ]
             record = {
                 "epoch": epoch,
                 **({"sparsity": pruner.sparsity} if pruner is not None else {}),
                 "loss": total_loss / len(targets),
-                "train_accuracy": correct / len(targets),
-                "eval_accuracy": (accuracy(graph, *evaluation, batch_size)
-                                  if evaluation is not None else None),
+                **({"train_accuracy": correct / max(scored, 1)} if metric == "accuracy" else {}),
+                "eval": evaluate(graph, held, metric, user_loss) if held is not None else None,
                 "seconds": time.perf_counter() - start,
             }
             records.append(record)

@@ -56,15 +56,18 @@ def test_importing_chop_after_torch_registers_the_custom_op():
 
 def test_lazy_names_resolve_to_their_definitions():
     import chop
+    from chop.cli.api import save, summary
     from chop.ir.graph import Graph, trace
     from chop.pipeline.manager import run
     from chop.training.pruner import Pruner
 
+    assert chop.save is save and chop.summary is summary
     assert chop.trace is trace
     assert chop.Graph is Graph
     assert chop.run is run
     assert chop.Pruner is Pruner
-    assert {"trace", "Graph", "run", "Pruner", "ChopError"} <= set(dir(chop))
+    assert {"trace", "Graph", "run", "Pruner", "ChopError", "save", "summary"} <= set(dir(chop))
+    assert {"save", "summary"} <= set(chop.__all__)
 
 
 def test_every_name_in_all_resolves():

@@ -169,3 +169,24 @@ def test_missing_passes(tmp_path: Path) -> None:
 def test_model_is_optional(tmp_path: Path) -> None:
     text = GOOD.split("[data]")[1]
     assert load_config(write(tmp_path, "[data]" + text)).model is None
+
+
+def test_loss_section_and_text_data_keys(tmp_path: Path) -> None:
+    text = GOOD + ('\n[loss]\nsource = "losses:mine"\n')
+    text = text.replace("batch_size = 32", 'batch_size = 32\ntext_field = "review"\n'
+                        'label_field = "stars"\nmax_length = 48\neval_batches = 0')
+    config = load_config(write(tmp_path, text))
+    assert config.loss == "losses:mine"
+    assert (config.data.text_field, config.data.label_field, config.data.max_length,
+            config.data.eval_batches) == ("review", "stars", 48, 0)
+    assert load_config(write(tmp_path, GOOD)).loss is None
+    assert load_config(write(tmp_path, GOOD)).data.eval_batches == 4
+    for bad in ('"mine"', '":mine"', "3", '"losses:"'):
+        message = error(tmp_path, GOOD + f"\n[loss]\nsource = {bad}\n")
+        assert "loss.source: expected a string \"module:callable\"" in message
+    assert "unknown key 'sorce' in [loss] (did you mean 'source'?)" in error(
+        tmp_path, GOOD + '\n[loss]\nsorce = "a:b"\n')
+    assert "data.eval_batches: -1 is out of range" in error(
+        tmp_path, GOOD.replace("batch_size = 32", "batch_size = 32\neval_batches = -1"))
+    assert "data.label_field: expected a string" in error(
+        tmp_path, GOOD.replace("batch_size = 32", "batch_size = 32\nlabel_field = 1"))

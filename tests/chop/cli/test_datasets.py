@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from chop.cli.config import ConfigError, DataSpec
-from chop.cli.datasets import load_batches
+from chop.cli.datasets import load_batches, load_split
 from chop.errors import DataError
 
 
@@ -72,6 +72,8 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not fit"):
         load_batches(spec(source="s.pt", batches=1, shape=(3,)), tmp_path)
     with pytest.raises(ConfigError, match="not a data file"):
+        load_batches(spec(source="data.xlsx"), tmp_path)
+    with pytest.raises(ConfigError, match="is a text file, which needs a tokenizer"):
         load_batches(spec(source="data.csv"), tmp_path)
 
 
@@ -121,3 +123,123 @@ def test_data_files_are_never_unpickled(tmp_path: Path) -> None:
         load_batches(spec(source="random.pt"), tmp_path)
     assert "weights_only" not in str(info.value)
     assert not marker.exists()
+
+
+# -- text files and held-out batches ---------------------------------------------------------------
+
+RECORDS = [{"text": "the cat sat", "label": 1}, {"text": "a dog, \"barked\"", "label": 0},
+           {"text": "ünïcode ok", "label": 1}]
+
+
+def write_text_file(path: Path, records: list[dict]) -> Path:
+    import csv
+    import json
+
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n", encoding="utf-8")
+    elif suffix == ".json":
+        path.write_text(json.dumps(records), encoding="utf-8")
+    elif suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(records)
+    elif suffix == ".txt":
+        path.write_text("\n\n".join(r["text"] for r in records) + "\n", encoding="utf-8")
+    else:
+        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt", ".parquet"])
+def test_text_files_are_read_as_records(tmp_path: Path, suffix: str) -> None:
+    from chop.cli.datasets import read_records
+
+    path = write_text_file(tmp_path / f"d{suffix}", RECORDS)
+    got = read_records(path, text_field="review")
+    if suffix == ".txt":  # one record per non-empty line, under text_field
+        assert got == [{"review": r["text"]} for r in RECORDS]
+    elif suffix == ".csv":  # cells are strings: labels are read as such (chop.cli.hf maps them)
+        assert got == [{"text": r["text"], "label": str(r["label"])} for r in RECORDS]
+    else:
+        assert got == RECORDS
+
+
+def test_text_file_layouts_and_errors(tmp_path: Path) -> None:
+    import json
+
+    from chop.cli.datasets import read_records
+
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"text": ["a", "b"], "label": [0, 1]}))
+    assert read_records(columns) == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    columns.write_text(json.dumps({"text": ["a", "b"], "label": [0]}))
+    with pytest.raises(DataError, match=r"columns have different lengths \(\[1, 2\]\)"):
+        read_records(columns)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 3 is not valid JSON"):
+        read_records(bad)
+    bad.write_text('{"text": "a"}\n["not", "a", "record"]\n')
+    with pytest.raises(DataError, match="line 2 is a JSON list, not a record"):
+        read_records(bad)
+    (tmp_path / "n.json").write_text('"just a string"')
+    with pytest.raises(DataError, match="holds a JSON str; it must hold a list of records"):
+        read_records(tmp_path / "n.json")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="cannot read data file .* as UTF-8"):
+        read_records(tmp_path / "latin.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(tmp_path / "none.csv")
+
+
+def test_text_is_encoded_by_the_model_folders_function(tmp_path: Path) -> None:
+    write_text_file(tmp_path / "d.jsonl", RECORDS * 4)
+    seen = []
+
+    def encode(records, where):
+        seen.append((len(records), where))
+        ids = torch.arange(len(records)).unsqueeze(1).repeat(1, 3)
+        return {"input_ids": ids}, torch.tensor([r["label"] for r in records])
+
+    batches, held = load_split(spec(source="d.jsonl", batch_size=4, batches=1, eval_batches=4),
+                               tmp_path, encode)
+    assert seen == [(12, str(tmp_path / "d.jsonl"))]
+    assert batches[0][0]["input_ids"][:, 0].tolist() == [0, 1, 2, 3]
+    assert [b[0]["input_ids"][:, 0].tolist() for b in held] == [[4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(40, [4, 4, 4]), (18, [4, 4, 2]), (17, [4, 5]),
+                                              (9, [])])
+def test_held_out_batches_follow_the_scoring_ones(tmp_path: Path, count: int, sizes) -> None:
+    """Up to eval_batches full batches after the scoring ones; a short last one is kept, a
+    last one of 1 sample joins the one before (a traced batch size is dynamic from 2)."""
+    torch.save({"inputs": torch.arange(count).float().unsqueeze(1), "targets": torch.arange(count)},
+               tmp_path / "d.pt")
+    batches, held = load_split(spec(source="d.pt", batches=2, eval_batches=3), tmp_path)
+    assert [len(t) for _, t in held] == sizes
+    used = torch.cat([t for _, t in batches + held]).tolist()
+    assert used == list(range(8 + sum(sizes)))  # file order, no sample twice
+    shuffled, held = load_split(spec(source="d.pt", batches=2, eval_batches=3, shuffle=True),
+                                tmp_path)
+    seen = torch.cat([t for _, t in shuffled + held]).tolist()
+    assert len(set(seen)) == len(seen)
+
+
+def test_synthetic_and_callable_sources_have_held_out_batches(tmp_path: Path) -> None:
+    one, _ = load_split(spec(source="synthetic", shape=(3,), eval_batches=0), Path("."))
+    first, held = load_split(spec(source="synthetic", shape=(3,), eval_batches=2), Path("."))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, first))  # held out: drawn apart
+    assert len(held) == 2 and not any(torch.equal(h[0], f[0]) for h in held for f in first)
+    (tmp_path / "few.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    return [(torch.full((4, 2), float(i)), torch.zeros(4, dtype=torch.long))\n"
+        "            for i in range(3)]\n")
+    first, held = load_split(DataSpec(source="few:batches", batches=2, eval_batches=4), tmp_path)
+    assert [float(x[0, 0]) for x, _ in first] == [0.0, 1.0]
+    assert [float(x[0, 0]) for x, _ in held] == [2.0]  # what is left, no error

@@ -151,3 +151,37 @@ def test_logging_to_restores_the_logger_after_an_error():
     with pytest.raises(RuntimeError), logging_to(Console(), quiet=True):
         raise RuntimeError("boom")
     assert (logger.handlers[:], logger.level, logger.propagate) == before
+
+
+def test_metrics_line_before_and_after():
+    from chop.cli.display import metrics_line
+
+    entry = {"metric": "accuracy", "batches": 4, "samples": 1024,
+             "before": {"accuracy": 0.98828125, "loss": 0.05},
+             "after": {"accuracy": 0.1015625, "loss": 3.2}}
+    report = {**REPORT, "metrics": entry}
+    assert metrics_line(report) == ("accuracy on 1,024 held-out samples: 98.8% before pruning, "
+                                    "10.2% after (-88.7 points)")
+    assert metrics_line(REPORT) is None
+    assert "accuracy on 1,024 held-out samples: 98.8% before pruning" in "\n".join(printed(report))
+    lm = {**entry, "metric": "perplexity", "before": {"perplexity": 20.0, "loss": 3.0},
+          "after": {"perplexity": 50.0, "loss": 3.9}}
+    assert metrics_line({**REPORT, "metrics": lm}).endswith("20.00 before pruning, 50.00 after "
+                                                            "(2.50x)")
+    own = {**entry, "metric": "loss", "before": {"loss": 0.5}, "after": {"loss": 0.75}}
+    assert metrics_line({**REPORT, "metrics": own}).endswith("0.5 before pruning, 0.75 after "
+                                                             "(+0.2500)")
+
+
+def test_epoch_line_shows_the_task_metric():
+    from chop.cli.display import epoch_line
+
+    record = {"epoch": 3, "loss": 0.41234, "train_accuracy": 0.8512,
+              "eval": {"accuracy": 0.8, "loss": 0.5}, "seconds": 1.26}
+    assert epoch_line(record) == ("epoch 3: loss 0.4123, train accuracy 85.1%, eval accuracy "
+                                  "80.0% (1.3s)")
+    lm = {"epoch": 1, "loss": 3.2, "eval": {"perplexity": 23.456, "loss": 3.15}, "seconds": 0.5}
+    assert epoch_line(lm) == "epoch 1: loss 3.2000, eval perplexity 23.46 (0.5s)"
+    own = {"epoch": 1, "loss": 3.2, "eval": {"loss": 0.25}, "seconds": 0.5}
+    assert epoch_line(own) == "epoch 1: loss 3.2000, eval loss 0.25 (0.5s)"
+    assert epoch_line({**own, "eval": None}) == "epoch 1: loss 3.2000 (0.5s)"

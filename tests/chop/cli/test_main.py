@@ -254,19 +254,28 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "conv1.weight" in result.stdout and "95.0%" in result.stdout
     assert set(os.listdir(tmp_path / "out")) == OUTPUTS
+    # the README shows the figures this prints: the table, and what pruning did to accuracy
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    metric = next(line for line in result.stdout.splitlines() if line.startswith("accuracy on"))
+    assert metric == "accuracy on 1,024 held-out samples: 98.8% before pruning, 10.0% after " \
+                     "(-88.9 points)" and metric in readme
+    for line in result.stdout.splitlines():
+        if line.startswith(("│ conv", "│ fc", "│ total", "model:")):
+            assert line.rstrip() in readme, line
     # the README's training command on that output (one epoch here, to keep the test short)
     result = run_cli("train", "--config", "examples/lenet5_snip.toml", str(tmp_path / "out"),
                      "-o", str(tmp_path / "trained"), "--set", "train.epochs=1")
     assert result.returncode == 0, result.stderr
-    assert "epoch 1: loss" in result.stdout + result.stderr
+    epoch = next(line for line in result.stdout.splitlines() if line.startswith("epoch 1: loss"))
+    assert epoch[:epoch.rindex(" (")] in readme  # the README's first epoch, without its time
     assert set(os.listdir(tmp_path / "trained")) == OUTPUTS
 
 
 # -- bad input: non-zero exit, a readable message, no traceback, nothing in OUTDIR ----------------
 
 
-def fails(args: list[str], out: Path, capfd, *needles: str) -> str:
-    code = main([*args, "-o", str(out)])
+def fails(args: list[str], out: Path, capfd, *needles: str, extra: tuple = ()) -> str:
+    code = main([*args, *extra, "-o", str(out)])
     err = capfd.readouterr().err
     assert code != 0
     assert "Traceback" not in err
@@ -494,9 +503,14 @@ def test_a_user_mistake_inside_a_pass_exits_2(project: Path, capfd, monkeypatch)
     monkeypatch.delenv("CHOP_TRACEBACK", raising=False)
     torch.save({"inputs": torch.randn(40, 1, 6, 6), "targets": torch.randint(0, 10, (40, 3))},
                project / "batches.pt")  # one row of targets per sample: not class indices
-    assert main([*transform_args(project), "-o", str(project / "out")]) == 2
+    args = [*transform_args(project), "-o", str(project / "out")]
+    assert main([*args, "--set", "data.eval_batches=0"]) == 2
     err = capfd.readouterr().err
     assert err.startswith("error: pass 'snip'") and "targets" in err and "Traceback" not in err
+    assert main(args) == 2  # the held-out batches are measured first
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and "snip.toml: [data] eval_batches: evaluating the held-out " \
+        "batches: the default cross-entropy loss raised" in " ".join(err.split())
 
 
 # -- hostile inputs and the user's folders (issue 9) ------------------------------------------------
@@ -770,7 +784,9 @@ def test_data_errors_say_what_to_fix(project: Path, capfd) -> None:
                project / "batches.pt")
     fails(transform_args(project), project / "out", capfd, "error: pass 'snip':",
           "the targets hold class 1", "but the model outputs 10 classes",
-          "class targets must be in [0, 10)")
+          "class targets must be in [0, 10)", extra=("--set", "data.eval_batches=0"))
+    fails(transform_args(project), project / "out", capfd,  # the metric before pruning
+          "snip.toml: [data] eval_batches: the targets hold class 1")
 
     torch.save({"inputs": inputs, "targets": torch.randn(40)}, project / "batches.pt")
     fails(transform_args(project), project / "out", capfd,
@@ -980,3 +996,35 @@ def test_readme_safety_promises_name_tests_that_exist() -> None:
     sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").rglob("test_*.py"))
     for name in names:
         assert f"def {name}(" in sources, name
+
+
+def test_a_loss_of_your_own_scores_and_measures_any_model(project: Path, capfd) -> None:
+    """[loss] source: regression targets the default cross-entropy refuses, scored and measured
+    with the user's loss (the metric before pruning recomputed here from the checkpoint)."""
+    g = torch.Generator().manual_seed(3)
+    inputs, targets = torch.randn(40, 1, 6, 6, generator=g), torch.randn(40, 10, generator=g)
+    torch.save({"inputs": inputs, "targets": targets}, project / "batches.pt")
+    (project / "losses.py").write_text(
+        "import torch\n"
+        "def mse(outputs, targets):\n"
+        "    return torch.nn.functional.mse_loss(outputs, targets)\n")
+    config = write_config(project, '["snip", "mask", "fold"]', '\n[loss]\nsource = "losses:mse"\n',
+                          name="regress.toml")
+    out = project / "out"
+    assert main(["transform", "--config", str(config), str(project / "model.ckpt"), "-o",
+                 str(out)]) == 0
+    shown = " ".join(capfd.readouterr().out.split())
+    report = json.loads((out / "report.json").read_text())
+    entry = report["metrics"]
+    assert (entry["metric"], entry["samples"]) == ("loss", 8)  # 40 samples, 2 batches of 16
+    model = _tiny_class(project)()
+    model.load_state_dict(torch.load(project / "model.ckpt", weights_only=True))
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(model.eval()(inputs[32:]), targets[32:]))
+    assert entry["before"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert f"loss on 8 held-out samples: {expected:.4g} before pruning" in shown
+    assert report["totals"]["kept"] == round(0.2 * report["totals"]["numel"])
+    config.write_text(config.read_text().replace("[loss]\nsource = \"losses:mse\"\n", ""))
+    assert main(["transform", "--config", str(config), str(project / "model.ckpt"), "-o",
+                 str(project / "ce")]) == 2  # without it: float targets are refused
+    assert "[loss] source" in " ".join(capfd.readouterr().err.split())

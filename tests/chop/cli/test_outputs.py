@@ -313,3 +313,36 @@ def test_write_outputs_writes_checked_files_and_nothing_when_a_check_fails(mlp, 
     with pytest.raises(InternalError, match="model.pt2 differs"), Output(again) as target:
         outputs.write_outputs(graph, report, target, x, keys, mlp)
     assert not again.exists() and leftovers(tmp_path) == []
+
+
+def test_the_manifest_covers_nested_folders(tmp_path):
+    """OUTDIR/hf/ (a Hugging Face folder): its files are listed by their path; --force replaces
+    it only when all of them are chop's, and removes the emptied folder."""
+    ours = tmp_path / "ours"
+    (ours / "hf" / "deep").mkdir(parents=True)
+    (ours / "report.json").write_text("{}")
+    (ours / "hf" / "config.json").write_text('{"a": 1}')
+    (ours / "hf" / "deep" / "x.bin").write_bytes(b"\x00\x01")
+    write_manifest(ours)
+    listed = json.loads((ours / MANIFEST).read_text())["files"]
+    assert sorted(listed) == ["hf/config.json", "hf/deep/x.bin", "report.json"]
+    assert listed["hf/deep/x.bin"]["size"] == 2
+    assert foreign_files(ours) == []
+
+    (ours / "hf" / "notes.txt").write_text("mine")
+    (ours / "other").mkdir()
+    assert foreign_files(ours) == ["other/", "hf/notes.txt"]
+    with pytest.raises(OutputError, match=r"holds files chop did not write: other/, hf/notes\.txt"):
+        check_outdir(ours, [], force=True)
+    (ours / "hf" / "notes.txt").unlink()
+    (ours / "other").rmdir()
+    (ours / "hf" / "config.json").write_text('{"a": 2}')  # changed since chop wrote it
+    assert foreign_files(ours) == ["hf/config.json"]
+    (ours / "hf" / "config.json").write_text('{"a": 1}')
+
+    with Output(ours, force=True) as out:
+        (out.tmp / "report.json").write_text('{"new": true}')
+        write_manifest(out.tmp)
+        out.commit()
+    assert sorted(os.listdir(ours)) == [MANIFEST, "report.json"]  # the old hf/ is gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ours")]

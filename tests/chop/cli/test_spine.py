@@ -136,8 +136,10 @@ def test_load_data_prefixes_errors_with_the_config(tmp_path):
     with pytest.raises(DataError, match=rf"^{config.path}: \[data\]: data file .*samples\.pt does not exist") as info:
         spine.load_data(config)
     assert isinstance(info.value.__cause__, DataError)
-    batches = spine.load_data(load_config(write(tmp_path)))
+    batches, held = spine.load_data(load_config(write(tmp_path)))
     assert len(batches) == 1 and batches[0][0].shape == (4, 16) and batches[0][1].shape == (4,)
+    assert len(held) == 4 and all(x.shape == (4, 16) for x, _ in held)  # eval_batches = 4
+    assert not any(torch.equal(x, batches[0][0]) for x, _ in held)
 
 
 def test_capture_traces_the_model_and_keeps_its_state_dict_keys(tmp_path):
@@ -154,7 +156,7 @@ def test_capture_traces_the_model_and_keeps_its_state_dict_keys(tmp_path):
 def test_run_pipeline_reports_each_pass_and_write_makes_the_outputs(tmp_path):
     config = load_config(write(tmp_path))
     loaded = spine.load_model(config, lenet_checkpoint(tmp_path), trust=False)
-    batches = spine.load_data(config)
+    batches, _ = spine.load_data(config)
     graph, keys = spine.capture(loaded, config, batches[0][0])
     seen = []
     spine.run_pipeline(config, graph, batches, spine.Hooks(on_pass=lambda p, i, n: seen.append((p.name, i, n))))
@@ -162,7 +164,7 @@ def test_run_pipeline_reports_each_pass_and_write_makes_the_outputs(tmp_path):
     assert [r.name for r in graph.history] == ["magnitude", "mask"]
     out = tmp_path / "out"
     with Output(out) as target:
-        result = spine.write(graph, config, target, batches[0][0], keys, loaded.model,
+        result = spine.write(graph, config, target, batches[0][0], keys, loaded,
                              data={"batches": 1})
     assert result.outdir == out and result.graph is graph
     assert result.report["config"] == {"path": str(config.path), "overrides": {}}
@@ -252,7 +254,8 @@ def test_load_data_checks_batches_against_each_other_and_the_loss(tmp_path):
                                         r"line scores and trains with cross-entropy over integer "
                                         r"class labels; save the targets as integer class indices"):
         spine.load_data(config)
-    assert len(spine.load_data(config, targets=False)) == 1  # magnitude pruning needs no targets
+    assert len(spine.load_data(config, targets=False)[0]) == 1  # magnitude needs no targets
+    assert len(spine.load_data(config, loss=torch.nn.functional.mse_loss)[0]) == 1  # [loss]
 
 
 def test_program_graph_refuses_data_of_another_shape(tmp_path):

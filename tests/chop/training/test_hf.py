@@ -75,7 +75,7 @@ def test_snip_callback_checks_its_batch():
 def test_chop_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "import chop, chop.training.pruner, chop.cli.commands, chop.cli.main\n"
+        "import chop, chop.training.pruner, chop.cli.commands, chop.cli.main, chop.cli.hf\n"
         "try:\n"
         "    import chop.training.hf\n"
         "except chop.ChopError as e:\n"

@@ -5,6 +5,7 @@ falls on an easy task, pruning while training)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -99,13 +100,13 @@ def test_train_graph_keeps_masks_and_learns(mlp):
                           TrainSpec(lr=0.01, epochs=4, seed=0), batch_size=16,
                           track=track, on_epoch=seen.append)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and seen == records
-    assert set(records[0]) == {"epoch", "loss", "train_accuracy", "eval_accuracy", "seconds"}
+    assert set(records[0]) == {"epoch", "loss", "train_accuracy", "eval", "seconds"}
     assert tracked == [(5, f"epoch {e}/4") for e in range(1, 5)]
     losses = [r["loss"] for r in records]
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.8 * losses[0]
     assert records[-1]["train_accuracy"] > records[0]["train_accuracy"]
-    assert 0.0 <= records[-1]["eval_accuracy"] <= 1.0
-    assert records[-1]["eval_accuracy"] == accuracy(graph, x[80:], y[80:], 16)
+    assert 0.0 <= records[-1]["eval"]["accuracy"] <= 1.0
+    assert records[-1]["eval"]["accuracy"] == accuracy(graph, x[80:], y[80:], 16)
     assert not graph.training  # left in eval mode
     for name, mask in masks.items():  # masked entries get no gradient: Adam leaves them alone
         weight = graph.parameter(name).detach()
@@ -135,7 +136,7 @@ def test_one_sgd_epoch_equals_a_plain_loop_in_the_seeded_order(mlp):
         optimizer.step()
         total += float(loss.detach()) * 16
     assert record["loss"] == pytest.approx(total / 48, rel=1e-5)
-    assert record["eval_accuracy"] is None
+    assert record["eval"] is None
     for name, value in reference.named_parameters():
         torch.testing.assert_close(graph.parameter(name), value)
 
@@ -150,7 +151,7 @@ def test_a_last_batch_of_one_joins_the_one_before():
     records = train_graph(graph, (x, y), (x, y), TrainSpec(epochs=1), batch_size=8,
                           track=lambda items, total, what: tracked.append(total) or items)
     assert tracked == [2] and len(records) == 1  # 8 + 9, not 8 + 8 + 1
-    assert records[0]["eval_accuracy"] == accuracy(graph, x, y, 8)
+    assert records[0]["eval"]["accuracy"] == accuracy(graph, x, y, 8)
 
 
 def test_train_graph_seeds_dropout_and_leaves_the_global_rng_alone(cnn, cnn_batches):
@@ -180,3 +181,37 @@ def test_train_graph_prunes_along_the_schedule(mlp):
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * total)
     assert [r["sparsity"] for r in records][-1] == pytest.approx(0.8)
+
+
+def test_evaluate_perplexity_and_a_loss_of_your_own(mlp):
+    """Perplexity: exp of the mean cross-entropy per scored target (-100 ignored) over all
+    batches, not the mean of per-batch means; a user's loss: its mean weighted by batch size."""
+    from chop.training.loop import evaluate
+
+    graph = chop.trace(mlp, (torch.randn(2, 16),))
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(n, 16, generator=g), torch.randint(0, 4, (n,), generator=g))
+               for n in (5, 3)]
+    batches[1][1][0] = -100  # an ignored target
+    mlp.eval()
+    with torch.no_grad():
+        logits = torch.cat([mlp(x) for x, _ in batches])
+    targets = torch.cat([t for _, t in batches])
+    kept = targets != -100
+    mean = float(F.cross_entropy(logits[kept], targets[kept]))
+    got = evaluate(graph, batches, "perplexity")
+    assert got["loss"] == pytest.approx(mean, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(mean), rel=1e-5)
+    accuracy_ = evaluate(graph, batches, "accuracy")
+    assert accuracy_["accuracy"] == int((logits.argmax(1) == targets)[kept].sum()) / 7
+
+    def mine(outputs, targets):
+        return (outputs.sum(1) - targets.float().clamp(min=0)).abs().mean()
+
+    with torch.no_grad():
+        per_batch = [float(mine(mlp(x), t)) for x, t in batches]
+    assert evaluate(graph, batches, "loss", mine)["loss"] == pytest.approx(
+        (5 * per_batch[0] + 3 * per_batch[1]) / 8, rel=1e-5)
+    with pytest.raises(DataError, match="evaluating the held-out batches: the default "
+                                        "cross-entropy loss raised"):
+        evaluate(graph, [(batches[0][0], torch.zeros(5, 2, dtype=torch.long))], "accuracy")

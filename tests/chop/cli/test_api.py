@@ -1,0 +1,90 @@
+"""chop.save and chop.summary: the CLI's files and table from Python, with the CLI's safety."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import zoo
+from safetensors.torch import load_file
+
+import chop
+
+FILES = {"model.pt2", "weights.safetensors", "masks.safetensors", "report.json", "sparsity.html",
+         "graph.dot", ".chop-manifest.json"}
+
+
+def pruned(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, "snip{batches=3}, mask{sparsity=0.75}", data=mlp_batches)
+    return graph
+
+
+def test_save_writes_what_the_cli_writes_and_leaves_the_graph(mlp, mlp_batches, tmp_path):
+    graph = pruned(mlp, mlp_batches)
+    masks = {n.target: n.meta["chop"]["mask"].clone() for n in graph.weight_nodes()
+             if "mask" in n.meta["chop"]}
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = graph.eval()(x)
+    report = chop.save(graph, tmp_path / "out", mlp_batches[0][0], model=mlp)
+    assert set(os.listdir(tmp_path / "out")) == FILES
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert report["totals"]["kept"] == sum(int(m.sum()) for m in masks.values()) == 416
+    saved = load_file(tmp_path / "out" / "masks.safetensors")
+    assert all(torch.equal(saved[k], masks[k]) for k in masks)
+    weights = load_file(tmp_path / "out" / "weights.safetensors")
+    model = type(mlp)()
+    model.load_state_dict(weights, strict=True)  # the original names
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(torch.export.load(tmp_path / "out" / "model.pt2").module()(x),
+                                   expected)
+    assert all("mask" in n.meta["chop"] for n in graph.weight_nodes() if n.target in masks)
+
+    with pytest.raises(chop.OutputError, match="already exists and is not empty"):
+        chop.save(graph, tmp_path / "out", mlp_batches[0][0])
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    with pytest.raises(chop.OutputError, match="holds files chop did not write: mine.txt"):
+        chop.save(graph, tmp_path / "out", mlp_batches[0][0], force=True)
+    (tmp_path / "out" / "mine.txt").unlink()
+    chop.save(graph, tmp_path / "out", mlp_batches[0][0], force=True)
+
+
+def test_save_writes_a_transformers_model_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = zoo.hf_model("gpt2"), zoo.hf_tokenizer()
+    model.config.use_cache = False
+    inputs = dict(tokenizer(["the cat was good", "a dog is so bad"], padding=True,
+                            return_tensors="pt"))
+    graph = chop.trace(model, (), kwargs=inputs)
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    report = chop.save(graph, tmp_path / "out", inputs, model=model, tokenizer=tokenizer)
+    assert report["hf"] == {"written": True}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf").eval()
+    other = {"input_ids": torch.randint(5, 40, (3, 7)), "attention_mask": torch.ones(3, 7,
+                                                                                      dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**other).logits, graph.eval()(**other).logits)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out" / "hf")("a cat")[
+        "input_ids"] == tokenizer("a cat")["input_ids"]
+
+
+def test_summary_is_the_table_and_a_picture(mlp, mlp_batches):
+    graph = pruned(mlp, mlp_batches)
+    summary = chop.summary(graph)
+    text = str(summary)
+    assert "MLP: per-layer sparsity" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    for node in graph.weight_nodes():
+        if "mask" in node.meta["chop"]:
+            mask = node.meta["chop"]["mask"]
+            assert f"{int(mask.sum()):,}" in rows[node.target]
+            assert f"{1 - mask.float().mean():.1%}" in rows[node.target]
+    assert rows["total"].count(" 416 ") == 1
+    page = summary._repr_html_()
+    assert page.startswith('<div class="chop-sparsity">') and page.count("<svg") >= 3
+    assert "layers.1.weight" in page and "body {" not in page  # styles stay inside the div
+    assert summary.report["totals"]["kept"] == 416
