@@ -2,7 +2,7 @@
 whether the shrunk model still computes what the masked one did.
 
 Models: Hugging Face families built from small configs (nothing is downloaded), the CNN and
-attention blocks written by hand in ``tests/zoo.py`` (MobileNetV3/EfficientNet blocks with
+attention blocks written by hand in ``tests/helpers/zoo.py`` (MobileNetV3/EfficientNet blocks with
 in-place activations, squeeze-excitation and stochastic depth, ConvNeXt, a torchvision-style
 ViT with ``nn.MultiheadAttention`` and a class token, Swin's window attention with a relative
 position bias, LSTM/GRU), and torchvision's models (``weights=None``) when torchvision is
@@ -53,10 +53,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import chop
-import chop.passes.analysis.channel_groups  # noqa: F401  (imported before tests/ joins the path)
 from chop.passes.analysis.channel_groups import channel_groups
 
-sys.path.append(str(ROOT / "tests"))
+sys.path.append(str(ROOT / "tests" / "helpers"))
 import zoo
 
 Inputs = Callable[[int, int], dict[str, Any]]  # (batch, sequence) -> forward kwargs

@@ -68,12 +68,12 @@ import torch
 from torch import nn
 
 import chop
+from chop.cli.models import LeNet300100
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.cli.models import LeNet300100
-from chop.training.loop import TrainSpec, accuracy, train_graph
-from chop.passes.analysis.collapse import collapse_summary, effective_masks
 from chop.ir.masks import MASK_OF, insert_mask
+from chop.passes.analysis.collapse import collapse_summary, effective_masks
+from chop.training.loop import TrainSpec, accuracy, train_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-import zoo
 from torch import nn
 
 import chop
+import zoo
 
 
 class ResidualCNN(nn.Module):

@@ -126,7 +126,7 @@ def test_nothing_named_passes_is_installed(tmp_path: Path):
 
 
 def test_tests_never_import_another_test_module():
-    """Shared helpers live in conftest.py fixtures and tests/zoo.py; a test module imported by
+    """Shared helpers live in conftest.py fixtures and tests/helpers/zoo.py; a test module imported by
     another runs its module-level code twice and couples unrelated tests."""
     offenders = []
     for path in sorted((ROOT / "tests").rglob("*.py")):

@@ -38,7 +38,7 @@ import inspect
 import logging
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,6 +150,19 @@ class Graph:
         self.history: list[PassRecord] = []
         self.traced_training = traced_training  # exported in train mode (else eval, see trace)
         self._mode = (True, True) if traced_training else (False, False)  # as traced
+        self._lean = False  # running the lean code of the mode (see mode())
+        # What is cached about the graph's structure (see _current): the generated code of
+        # each mode, so that switching back and forth does not run fx's code generation each
+        # time (it costs more than a forward of a small model); the nodes with a mode argument;
+        # the weight nodes; where each parameter lives; the submodules.
+        self._codes: dict[tuple[tuple[bool, bool], bool], tuple] = {}  # (mode, lean) -> code
+        self._code_installed: str | None = None
+        self._code_nodes = -1
+        self._mode_nodes: list[tuple[Node, tuple]] | None = None
+        self._weights: list[Node] | None = None
+        self._owners: dict[str, tuple[nn.Module, str]] = {}
+        self._submodules: list[nn.Module] | None = None
+        self._memo: dict[Any, Any] = {}  # see memo()
         self._annotate()
         graph = self
 
@@ -169,8 +182,12 @@ class Graph:
 
     def weight_nodes(self) -> list[Node]:
         """The ``get_attr`` nodes of parameters, in graph order; ``node.target`` is the name."""
-        params = dict(self.module.named_parameters())
-        return [n for n in self.module.graph.nodes if n.op == "get_attr" and n.target in params]
+        self._current()
+        if self._weights is None:
+            params = dict(self.module.named_parameters())
+            self._weights = [n for n in self.module.graph.nodes
+                             if n.op == "get_attr" and n.target in params]
+        return list(self._weights)
 
     def weight_node(self, name: str) -> Node:
         """The weight node of parameter ``name`` (a ``state_dict`` key)."""
@@ -181,7 +198,16 @@ class Graph:
 
     def parameter(self, node: Node | str) -> nn.Parameter:
         """The parameter behind a weight node (or a parameter name)."""
-        return self.module.get_parameter(node if isinstance(node, str) else node.target)
+        name = node if isinstance(node, str) else node.target
+        where = self._owners.get(name)  # the submodule that holds it (passes never replace one)
+        if where is None:
+            owner, _, attr = name.rpartition(".")
+            try:
+                where = self._owners[name] = (self.module.get_submodule(owner), attr)
+            except AttributeError:
+                return self.module.get_parameter(name)  # raises fx's error
+        found = where[0]._parameters.get(where[1])  # read afresh: parameters get replaced
+        return found if found is not None else self.module.get_parameter(name)
 
     def replace_parameter(self, name: str, value: torch.Tensor) -> None:
         """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone."""
@@ -207,32 +233,77 @@ class Graph:
         return self.train(False)
 
     @contextmanager
-    def mode(self, *, batch_norm: bool, dropout: bool) -> Iterator[Graph]:
-        """Run a block with batch_norm and dropout in the given modes, then restore them."""
-        before = self._mode
-        self._set_mode(batch_norm=batch_norm, dropout=dropout)
+    def mode(self, *, batch_norm: bool, dropout: bool, lean: bool = False) -> Iterator[Graph]:
+        """Run a block with batch_norm and dropout in the given modes, then restore them.
+
+        ``lean``: inside, the module runs code that leaves out what only checks (torch.export's
+        input guards, its tensor metadata asserts), dtype casts to the dtype a tensor already
+        has, and values nothing uses. It computes the same values with fewer op calls, which is
+        what a small model's forward costs. For blocks that only run the module, such as
+        scoring: a wrong input then fails inside an op rather than with torch.export's message.
+        """
+        before = self._mode, self._lean
+        self._set_mode(batch_norm=batch_norm, dropout=dropout, lean=lean)
         try:
             yield self
         finally:
-            self._set_mode(batch_norm=before[0], dropout=before[1])
+            self._set_mode(batch_norm=before[0][0], dropout=before[0][1], lean=before[1])
 
-    def _set_mode(self, *, batch_norm: bool, dropout: bool) -> None:
-        nn.Module.train(self.module, batch_norm and dropout)
-        if (batch_norm, dropout) == self._mode:
+    def _set_mode(self, *, batch_norm: bool, dropout: bool, lean: bool = False) -> None:
+        mode = (batch_norm, dropout)
+        self._current()
+        if mode == self._mode and lean == self._lean:
+            if self.module.training != all(mode):
+                self._train_flags(all(mode))
             return
-        train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
-        for node in self.module.graph.nodes:
-            record = node.meta.get(_MODE_KEY)
-            if record is None:
-                continue
-            kind, index, keyword, train_value, eval_value = record
-            value = train_value if train[kind] else eval_value
-            if kind == "counter":
-                node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
-            elif node_arg(node, index, keyword) != value:
-                set_node_arg(node, index, keyword, value)
-        self._mode = (batch_norm, dropout)
-        self.module.recompile()
+        self._codes[self._mode, self._lean] = _code_of(self.module)  # the code we leave
+        if mode != self._mode:
+            train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
+            if self._mode_nodes is None:
+                self._mode_nodes = [(n, n.meta[_MODE_KEY]) for n in self.module.graph.nodes
+                                    if _MODE_KEY in n.meta]
+            for node, (kind, index, keyword, train_value, eval_value) in self._mode_nodes:
+                value = train_value if train[kind] else eval_value
+                args, kwargs = node.args, node.kwargs
+                if kind == "counter":
+                    node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
+                elif keyword in kwargs or len(args) <= index:
+                    if kwargs.get(keyword) != value:
+                        # what `node.kwargs = ...` does, without fx's re-filing of the node
+                        # under its (op, target), which a constant argument does not change
+                        node._update_args_kwargs(args, {**kwargs, keyword: value})
+                elif args[index] != value:
+                    node._update_args_kwargs(args[:index] + (value,) + args[index + 1:], kwargs)
+        self._mode, self._lean = mode, lean
+        if (mode, lean) in self._codes:
+            _install_code(self.module, self._codes[mode, lean])
+        elif lean:
+            _install_code(self.module, _lean_code(self.module))
+        else:
+            self.module.recompile()
+        self._code_installed = self.module._code
+        self._train_flags(all(mode))
+
+    def _train_flags(self, flag: bool) -> None:
+        """``nn.Module.train(self.module, flag)`` without its recursion over the submodules."""
+        if self._submodules is None:
+            self._submodules = list(self.module.modules())
+        for module in self._submodules:
+            object.__setattr__(module, "training", flag)  # what nn.Module.train sets
+
+    def _current(self) -> None:
+        """Drop what is cached about the graph's structure when it changed. fx's rule is that
+        an edit of the graph is followed by ``recompile()``, which makes new code: so the
+        caches hold while the module's code is the one installed last here and the graph has
+        as many nodes. (Parameters are looked up afresh in their owner each time.)"""
+        module = self.module
+        if module._code is self._code_installed and module.graph._len == self._code_nodes:
+            return
+        self._codes.clear()
+        self._mode_nodes = self._weights = self._submodules = None
+        self._owners.clear()
+        self._memo.clear()
+        self._code_installed, self._code_nodes = module._code, module.graph._len
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -258,15 +329,34 @@ class Graph:
         """Regenerate the module's code after a pass edited the graph."""
         self.module.recompile()
 
-    def lint(self) -> None:
-        """Check the fx graph and every chop metadata entry; raise :class:`LintError`."""
-        try:
-            self.module.graph.lint()
-        except Exception as e:  # fx raises RuntimeError/AssertionError with its own text
-            raise LintError(f"the fx graph of {self.name} is malformed: {e}") from e
+    def memo(self) -> dict[Any, Any]:
+        """A dict for facts about the graph that hold while its structure does: emptied when
+        the graph is edited (and recompiled), like the graph's own caches."""
+        self._current()
+        return self._memo
+
+    def structure(self) -> tuple[str, int]:
+        """The module's generated code and the graph's node count: the same after a call that
+        did not edit the graph (or edited it back), different after one that did and
+        recompiled (or added or removed nodes)."""
+        return self.module._code, len(self.module.graph.nodes)
+
+    def lint(self, keys: Iterable[str] | None = None, *, structure: bool = True) -> None:
+        """Check the fx graph (with ``structure``) and the chop metadata entries ``keys`` of
+        every weight node (None: every entry); raise :class:`LintError`."""
+        if structure:
+            try:
+                self.module.graph.lint()
+            except Exception as e:  # fx raises RuntimeError/AssertionError with its own text
+                raise LintError(f"the fx graph of {self.name} is malformed: {e}") from e
+        keys = None if keys is None else tuple(keys)
+        if keys == ():
+            return
         found = []
         for node in self.weight_nodes():
-            found += meta.problems(node, self.parameter(node))
+            entries = node.meta.get("chop", {})
+            if keys is None or any(k in entries for k in keys):
+                found += meta.problems(node, self.parameter(node), keys)
         if found:
             more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
             raise LintError("inconsistent chop metadata: " + "; ".join(found[:5]) + more)
@@ -324,6 +414,45 @@ class Graph:
                 node.replace_all_uses_with(kept[name])
                 self.module.graph.erase_node(node)
         self.module.recompile()
+
+
+def _code_of(module: GraphModule) -> tuple:
+    """What :meth:`GraphModule.recompile` generates from the graph: the code and its forward."""
+    return module._code, module._lineno_map, module._prologue_start, type(module).forward
+
+
+def _install_code(module: GraphModule, code: tuple) -> None:
+    """Put back code that :func:`_code_of` saved (for the same graph in the same mode)."""
+    module._code, module._lineno_map, module._prologue_start, forward = code
+    type(module).forward = forward  # fx gives every GraphModule its own class
+
+
+# ops that only check (shapes, dtypes, sizes) and return nothing anybody reads
+_CHECKS = {getattr(aten, n).default for n in (
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range",
+    "sym_constrain_range_for_size") if hasattr(aten, n)}
+
+
+def _lean_code(module: GraphModule) -> tuple:
+    """The code of ``module``'s graph without its checks (the input guards module, the assert
+    ops), without casts of a tensor to its own dtype (``to`` returns the tensor itself then) and
+    without values nothing uses: what :meth:`Graph.mode` runs with ``lean``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
+        fx = copy.deepcopy(module.graph)  # node.meta is copied shallowly
+    for node in list(fx.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn" and not node.users) or (
+                node.op == "call_function" and node.target in _CHECKS and not node.users):
+            fx.erase_node(node)
+        elif (node.target is aten.to.dtype and len(node.args) == 2 and not node.kwargs
+              and isinstance(node.args[0], Node)
+              and getattr(node.args[0].meta.get("val"), "dtype", None) == node.args[1]):
+            node.replace_all_uses_with(node.args[0])
+            fx.erase_node(node)
+    lean = GraphModule(module, fx)
+    lean.graph.eliminate_dead_code()  # pure ops only: random and in-place ops stay
+    lean.recompile()
+    return _code_of(lean)
 
 
 def _recurrent_param(user: Node, index: int, arg: Any, node: Node) -> bool:

@@ -105,17 +105,18 @@ def select_weights(
     ]
 
 
-def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> None:
+def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> bool:
     """Mask weight ``node`` with ``mask`` (bool, True = kept): add or update its mask buffer and
-    its ``mul`` node. Records the mask in ``node.meta["chop"]["mask"]``. Call
-    ``graph.recompile()`` after the last one."""
+    its ``mul`` node. Records the mask in ``node.meta["chop"]["mask"]``. Returns whether it
+    added nodes (the weight was not masked yet): then call ``graph.recompile()`` after the
+    last one."""
     name = node.target
     mask = mask.to(torch.bool)
     meta.entries(node)["mask"] = mask
     for user in node.users:
         if mask_of(user) == name:  # already masked: update the buffer
             graph.module.get_buffer(user.args[1].target).copy_(mask)
-            return
+            return False
     target = add_tensor(graph, name, f"{name.rpartition('.')[2]}_mask", mask.clone())
     fx = graph.module.graph
     with fx.inserting_after(node):
@@ -126,16 +127,19 @@ def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> None:
     meta.entries(mul)[MASK_OF] = name
     if "val" in node.meta:
         mul.meta["val"] = node.meta["val"]
+    return True
 
 
 def restore_masks(graph: Graph) -> None:
     """Insert a mask node for every weight whose ``mask`` metadata has none (e.g. after
     ``fold``), so the graph computes with its masks again."""
+    added = False
     for node in graph.weight_nodes():
         mask = meta.entries(node).get("mask")
         if mask is not None and not any(mask_of(u) == node.target for u in node.users):
-            insert_mask(graph, node, mask)
-    graph.recompile()
+            added |= insert_mask(graph, node, mask)
+    if added:
+        graph.recompile()
 
 
 def current_masks(graph: Graph) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ Entries on weight nodes (``get_attr`` nodes of parameters):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,12 +84,13 @@ def entries(node: Node) -> dict[str, Any]:
     return node.meta.setdefault("chop", {})
 
 
-def problems(node: Node, weight: torch.Tensor) -> list[str]:
-    """Every entry of ``node`` that fails its key's check, as readable strings."""
+def problems(node: Node, weight: torch.Tensor, names: Iterable[str] | None = None) -> list[str]:
+    """Every entry of ``node`` (of the keys ``names``, None: all) that fails its key's check,
+    as readable strings."""
     found = []
     for name, value in node.meta.get("chop", {}).items():
         key = KEYS.get(name)
-        if key is None:
+        if key is None or (names is not None and name not in names):
             continue  # entries of later passes or third-party passes are not ours to judge
         msg = key.check(value, weight)
         if msg:

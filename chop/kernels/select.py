@@ -24,6 +24,9 @@ This module instead performs a *radix selection* on the floats' bit patterns:
 Inputs of at most ``_SMALL`` entries in total use 8-bit digits instead (twice
 the passes, but 256-bin histograms): that keeps every op small enough to run
 single-threaded, which matters when local pruning calls this once per tensor.
+Below ``_DIRECT`` entries on one process, the fixed cost of those passes is more
+than the work: such inputs are concatenated (a small copy) and cut with one
+``torch.kthvalue``, with the same threshold, tie order and masks.
 
 The result is the exact threshold ``t`` and the number ``r`` of entries equal
 to ``t`` that must be kept. Extra memory is O(one chunk + one histogram), never
@@ -69,6 +72,7 @@ import torch
 
 _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
+_DIRECT = 1 << 17  # below this many entries (no pieces), one kthvalue over a copy is faster
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
     torch.float16: (torch.int16, 16, 0x7C00),
@@ -158,6 +162,8 @@ def keep_masks(
         return [torch.full(p.local.shape, k > 0, dtype=torch.bool, device=p.local.device)
                 for p in pieces]
     dtype = _common_dtype([p.local for p in pieces])
+    if _direct(scores, total, reduce):
+        return _direct_masks(counted, k, dtype)
     t, ties, n_eq = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
     all_ties = ties == n_eq
     bases = list(itertools.accumulate((p.numel for p in pieces), initial=0))
@@ -215,8 +221,39 @@ def kth_largest(
         _raise_if_nan(counted, reduce)
         return float("inf"), 0
     dtype = _common_dtype([p.local for p in pieces])
+    if _direct(scores, total, reduce):
+        flat, t = _direct_threshold(counted, k, dtype)
+        return (0.0 if t == 0 else t), k - int(torch.count_nonzero(flat > t))
     t, ties, _ = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
     return t, ties
+
+
+def _direct(scores: Sequence[torch.Tensor | Piece], total: int, reduce: Reduce | None) -> bool:
+    """Whether to select with one ``torch.kthvalue`` over a copy (small, all on this process)."""
+    return total < _DIRECT and reduce is None and not any(isinstance(s, Piece) for s in scores)
+
+
+def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, float]:
+    """All scores as one flat tensor, and the k-th largest (``0 < k <= numel``)."""
+    flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in scores])
+    _raise_if_nan([flat], None)
+    compute = flat if dtype in (torch.float32, torch.float64) else flat.float()  # exact upcast
+    return flat, torch.kthvalue(compute, flat.numel() - k + 1).values.item()
+
+
+def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`keep_masks` by :func:`_direct_threshold`: entries above the threshold and the
+    first ties in position order."""
+    flat, t = _direct_threshold(scores, k, dtype)
+    mask = flat > t
+    ties = k - int(torch.count_nonzero(mask))
+    eq = flat == t
+    if int(torch.count_nonzero(eq)) > ties:
+        eq &= eq.cumsum(0, dtype=torch.int32) <= ties
+    mask |= eq
+    return [m.view(s.shape).clone() for m, s in zip(mask.split([s.numel() for s in scores]),
+                                                    scores)]
 
 
 def _select(

@@ -10,13 +10,16 @@ Option values in a string are TOML-like: ``true``/``false``, integers, floats, a
 Before anything runs, :class:`PassManager` checks that it was given a traced graph, that every
 key a pass ``requires`` is carried by the graph already or provided by an earlier pass (otherwise
 it names the passes that provide it), and that a graph without parameters is not given passes
-that score or prune weights. While running it times each pass, lints the graph after each one,
+that score or prune weights. While running it times each pass, lints the graph after each one
+(the fx graph when the pass edited it, every metadata entry when it reports a modification,
+else the entries it provides),
 records a :class:`~chop.ir.graph.PassRecord` in ``graph.history``, and wraps failures with the
 pass name, the passes before it and the node the pass was working on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -82,6 +85,13 @@ def _value(kind: str, text: str) -> Any:
 
 def parse_pipeline(text: str) -> list[Pass]:
     """Parse a pipeline string into pass objects."""
+    return list(_parsed(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> tuple[Pass, ...]:
+    """The passes of a pipeline string; remembered, since passes are immutable and a training
+    loop may run the same string at every step."""
     tokens = _tokens(text) + [("end", "the end", len(text))]
     passes, i = [], 0
 
@@ -112,7 +122,7 @@ def parse_pipeline(text: str) -> list[Pass]:
         passes.append(registry.get(name).from_options(options))
         kind, value, _ = expect(("punct", "end"), (",", "the end"), "',' or the end")
         if kind == "end":
-            return passes
+            return tuple(passes)
 
 
 def as_passes(pipeline: str | Pass | Sequence[Pass | str]) -> list[Pass]:
@@ -244,10 +254,14 @@ class PassManager:
             ctx.node = None
             start = time.perf_counter()
             try:
+                structure = graph.structure()
                 result = p.apply(graph, ctx)
                 if result.modified:
                     invalidate(graph, p)
-                graph.lint()
+                # what cannot have changed is not checked again: the fx graph unless the pass
+                # edited it, the entries the pass does not provide unless it modified the graph
+                graph.lint(None if result.modified else p.provides,
+                           structure=graph.structure() != structure)
             except Exception as e:
                 wrapped = _wrap(e, p, ctx)
                 if wrapped is e:

@@ -43,6 +43,7 @@ then by the pass's own :meth:`Pass.check` for ranges. Every failure is an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 import typing
@@ -184,9 +185,11 @@ class Pass:
 _INVALID = object()
 
 
+@functools.cache
 def _option_hints(cls: type) -> dict[str, Any]:
     """The evaluated type of each option field (string annotations resolved in the class's
-    module, with the names of :mod:`typing` available, so locally defined passes work too)."""
+    module, with the names of :mod:`typing` available, so locally defined passes work too);
+    computed once per class (a training loop builds a pass at every step)."""
     namespace = sys.modules[cls.__module__].__dict__
     return {
         f.name: eval(f.type, dict(vars(typing)), dict(namespace)) if isinstance(f.type, str) else f.type

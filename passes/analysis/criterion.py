@@ -73,7 +73,7 @@ def scored_nodes(graph: Graph, params: str = "all") -> list[Node]:
     saves the work and memory of scoring the rest (embedding tables can be most of a model).
     """
     nodes = select_weights(graph) if params == "prunable" else graph.weight_nodes()
-    return [n for n in nodes if graph.parameter(n).is_floating_point()]
+    return [n for n in nodes if graph.parameter(n).dtype.is_floating_point]
 
 
 def effective_weight(graph: Graph, node: Node) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from chop.errors import DataError
+from chop.errors import DataError, InternalError
 from chop.ir.graph import Graph
 from chop.kernels import distributed
 from chop.pipeline.batches import batch_loss
@@ -47,21 +47,59 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
     """Score ``nodes``' parameters on the graph itself: yields them with ``requires_grad`` on,
     BatchNorm in ``bn`` mode and dropout off; afterwards restores the flags, every buffer
     (BatchNorm running statistics and counters) and the graph's mode. Use only
-    ``torch.autograd.grad`` inside, never ``backward()``, so ``.grad`` stays untouched."""
+    ``torch.autograd.grad`` inside, never ``backward()``, so ``.grad`` stays untouched.
+
+    Buffers are saved by copy only where scoring may change them. An exported graph has no
+    control flow, so which buffers a forward and backward change is a fact of the graph and
+    the mode, and the version counters of the buffers show it, except for the running
+    statistics that batch_norm (in train mode) and instance_norm update inside their kernels.
+    So with ``bn=eval`` and no instance_norm keeping statistics, the first scoring of a graph
+    copies every buffer and records which ones changed (none: eval-mode BatchNorm reads its
+    statistics, its counter update is switched off); later ones copy only those and check by
+    the counters that no other buffer changed. Otherwise every buffer is copied each time."""
     params = [graph.parameter(n) for n in nodes]
     flags = [p.requires_grad for p in params]
-    saved = [(b, b.clone()) for b in graph.module.buffers()]
+    memo = graph.memo()
+    if "buffer slots" not in memo:
+        memo["buffer slots"] = [(m, name) for m in graph.module.modules()
+                                for name, b in m._buffers.items() if b is not None]
+        memo["statistics in kernels"] = any(  # running_mean given
+            n.args[3] is not None for n in graph.module.graph.find_nodes(
+                op="call_function", target=torch.ops.aten.instance_norm.default))
+    buffers = [m._buffers[name] for m, name in memo["buffer slots"]]  # read afresh
+    counted = bn == "eval" and not memo["statistics in kernels"]  # the counters tell
+    changing = memo.get(("scoring changes", bn)) if counted else None  # buffer indices
+    versions = [b._version for b in buffers]
+    saved = [(i, buffers[i].clone()) for i in (range(len(buffers)) if changing is None
+                                               else changing)]
+    # the exported module checks the structure of every call's inputs in a forward pre-hook;
+    # batch_loss turns a mismatch into a DataError anyway, so skip that per-call cost here
+    validate = getattr(graph.module, "validate_inputs", None)
+    done = False
     try:
         for p in params:
             p.requires_grad_(True)
-        with graph.mode(batch_norm=bn == "train", dropout=False):
+        if validate:
+            graph.module.validate_inputs = False
+        with graph.mode(batch_norm=bn == "train", dropout=False, lean=True):
             yield params
+        done = True
     finally:
+        if validate:
+            graph.module.validate_inputs = validate
+        changed = [i for i, (b, v) in enumerate(zip(buffers, versions)) if b._version != v]
         with torch.no_grad():
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
-            for buffer, original in saved:
-                buffer.copy_(original)
+            for i, original in saved:
+                buffers[i].copy_(original)
+        if counted and changing is None and done:
+            memo[("scoring changes", bn)] = changed
+        elif changing is not None and not set(changed) <= set(changing):
+            names = [memo["buffer slots"][i][1] for i in sorted(set(changed) - set(changing))]
+            raise InternalError(
+                f"scoring changed buffers it had not changed before ({', '.join(names)}) and "
+                "could not restore them; this is a bug in chop (please report it with the model)")
 
 
 @contextmanager
@@ -153,12 +191,18 @@ def backward_sums(
         if over_ranks:  # every rank reduces the same list, even where its loss left a None
             sums = [torch.zeros_like(p) if t is None else t for t, p in zip(sums, params)]
             distributed.sum_over_ranks(sums, what=f"{who}: summing the scores over the ranks")
-        return [
-            torch.zeros_like(p) if t is None
-            else t if accumulate == "sum-of-abs"
-            else _finish(t, p, times_weight, owned=True, absolute=accumulate == "abs-of-sum")
-            for t, p in zip(sums, params)
-        ]
+        if accumulate != "sum-of-abs":  # |sum ⊙ w| in place, one foreach op for many weights
+            same = [i for i, (t, p) in enumerate(zip(sums, params))
+                    if t is not None and t.stride() == p.stride() and t.dtype == p.dtype]
+            if times_weight and same:
+                torch._foreach_mul_([sums[i] for i in same], [params[i] for i in same])
+            if accumulate == "abs-of-sum" and same:
+                torch._foreach_abs_([sums[i] for i in same])
+            done = set(same)
+            sums = [t if i in done or t is None else
+                    _finish(t, p, times_weight, owned=True, absolute=accumulate == "abs-of-sum")
+                    for i, (t, p) in enumerate(zip(sums, params))]
+        return [torch.zeros_like(p) if t is None else t for t, p in zip(sums, params)]
 
 
 @contextmanager
@@ -241,10 +285,13 @@ def _owned(grad: torch.Tensor, uses: Counter) -> bool:
     autograd can hand two parameters the same tensor, e.g. for ``(a + b) * x``, and returns
     stride-0 expanded gradients for parameters that are only summed)."""
     storage = grad.untyped_storage()
+    if (uses[storage.data_ptr()] != 1 or grad.storage_offset() != 0
+            or storage.nbytes() != grad.numel() * grad.element_size()):
+        return False
+    if grad.is_contiguous():
+        return True
     order = sorted(range(grad.dim()), key=grad.stride, reverse=True)
-    return (uses[storage.data_ptr()] == 1 and grad.storage_offset() == 0
-            and storage.nbytes() == grad.numel() * grad.element_size()
-            and grad.permute(order).is_contiguous())
+    return grad.permute(order).is_contiguous()
 
 
 def _finish(

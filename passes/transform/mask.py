@@ -131,6 +131,8 @@ def layer_counts(
         return [keep_masks([s], min(max(kept_count(n, sparsity), lo), hi), reduce=reduce)[0]
                 for s, n, lo, hi in zip(scores, sizes, lower, upper)]
     budget = min(max(kept_count(sum(sizes), sparsity), sum(lower)), sum(upper))
+    if all(lo == 0 and hi == n for n, lo, hi in zip(sizes, lower, upper)):
+        return keep_masks(scores, budget, reduce=reduce)  # no bounds: one selection, no counting
     free, masks = list(range(len(scores))), {}
     while free:
         chosen = dict(zip(free, keep_masks([scores[i] for i in free], budget, reduce=reduce)))
@@ -189,8 +191,9 @@ def mask_weights(
     """Mask ``nodes`` keeping the highest-saliency weights; returns the masks by name.
 
     Channel/head and N:M granularities skip the layers they cannot prune (an error with
-    ``strict``); ``report``, if given, receives what was skipped and why (``unprunable``: layer
-    -> reason) and, for channel/head, ``blocked``, ``floor`` and ``removed`` (see
+    ``strict``); ``report``, if given, receives the kept entries (``kept``: layer ->
+    ``(kept, numel)``), what was skipped and why (``unprunable``: layer -> reason) and, for
+    channel/head, ``blocked``, ``floor`` and ``removed`` (see
     :class:`chop.passes.analysis.group_select.Selection`)."""
     report = {} if report is None else report
     report.setdefault("unprunable", {})
@@ -229,10 +232,12 @@ def mask_weights(
                             min_sparsity=min_sparsity, max_sparsity=max_sparsity, min_keep=min_keep)
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
                  for node, k, s in zip(nodes, kept, scores)]
-    for node, mask in zip(nodes, masks):
-        insert_mask(graph, node, mask)
-    graph.recompile()
-    empty = [n.target for n, m in zip(nodes, masks) if m.numel() and not m.any()]
+    added = [insert_mask(graph, node, mask) for node, mask in zip(nodes, masks)]
+    if any(added):
+        graph.recompile()
+    counts = [int(torch.count_nonzero(m)) for m in masks]
+    report["kept"] = {n.target: (c, m.numel()) for n, m, c in zip(nodes, masks, counts)}
+    empty = [n.target for n, m, c in zip(nodes, masks, counts) if m.numel() and not c]
     if empty:
         log.warning(
             "mask emptied %d layer(s): %s; the network may be disconnected (lower the sparsity, "
@@ -324,14 +329,14 @@ class Mask(Pass):
                             if meta.entries(n).get("role") in ("linear", "conv"))
             )
         report: dict = {}
-        masks = mask_weights(
+        mask_weights(
             graph, nodes, self.sparsity, self.scope, granularity=self.granularity,
             min_sparsity=self.min_sparsity, max_sparsity=self.max_sparsity, min_keep=self.min_keep,
             strict=self.strict, report=report,
         )
         for name, why in report["unprunable"].items():
             log.info("mask: %s is not pruned (granularity=%s): %s", name, self.granularity, why)
-        kept = {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
+        kept = report.pop("kept")
         return PassResult(modified=True, info={"kept": kept, **report})
 
 

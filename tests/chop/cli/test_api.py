@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-import zoo
 from safetensors.torch import load_file
 
 import chop
+import zoo
 
 FILES = {"model.pt2", "weights.safetensors", "masks.safetensors", "report.json", "sparsity.html",
          "graph.dot", ".chop-manifest.json"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import zoo
 from safetensors.torch import load_file
 
+import zoo
 from chop.cli import hf
 from chop.cli.config import DataSpec
 from chop.cli.main import main

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import chop
-from chop.ir import meta
-
 import zoo
+from chop.ir import meta
 
 
 def test_trace_matches_model_in_both_modes(cnn, cnn_batches):
@@ -261,3 +260,55 @@ def test_a_copy_after_any_pass_computes_the_same_and_owns_its_parameters(pipelin
     assert [r.name for r in twin.history] == [r.name for r in graph.history]
     ours = {id(p) for p in graph.module.parameters()}
     assert not any(id(p) in ours for p in twin.module.parameters())
+
+
+# -- what the graph caches about itself ------------------------------------------------------------
+
+
+def test_mode_switches_reuse_the_generated_code_and_compute_the_same(cnn_graph, cnn_batches, monkeypatch):
+    x = cnn_batches[0][0]
+    buffers = {k: v.clone() for k, v in cnn_graph.module.named_buffers()}
+    results = {}
+    for bn, dropout, lean in [(False, False, False), (False, False, True), (True, True, False)]:
+        cnn_graph.module.load_state_dict(buffers, strict=False)  # train mode updated them
+        torch.manual_seed(0)
+        with cnn_graph.mode(batch_norm=bn, dropout=dropout, lean=lean), torch.no_grad():
+            results[bn, dropout, lean] = cnn_graph(x)
+    calls = []
+    monkeypatch.setattr(type(cnn_graph.module), "recompile", lambda self: calls.append(1))
+    for (bn, dropout, lean), expected in results.items():  # every mode seen once: no codegen
+        cnn_graph.module.load_state_dict(buffers, strict=False)
+        torch.manual_seed(0)
+        with cnn_graph.mode(batch_norm=bn, dropout=dropout, lean=lean), torch.no_grad():
+            torch.testing.assert_close(cnn_graph(x), expected, rtol=0, atol=0)
+    assert calls == []
+    torch.testing.assert_close(results[False, False, True], results[False, False, False],
+                               rtol=0, atol=0)
+
+
+def test_lean_code_leaves_out_checks_but_not_random_or_in_place_ops():
+    graph = zoo.trace("mobilenetv3")[1]  # in-place activations, dropout, BatchNorm
+    with graph.mode(batch_norm=False, dropout=True):
+        full = graph.module.code
+    with graph.mode(batch_norm=False, dropout=True, lean=True):
+        lean = graph.module.code
+    assert "_guards_fn" in full and "_guards_fn" not in lean  # torch.export's input checks
+    assert "num_batches_tracked" in full and "num_batches_tracked" not in lean  # read by nothing
+    assert lean.count("dropout") == full.count("dropout") > 0
+    assert lean.count("hardswish_") == full.count("hardswish_") > 0
+
+
+def test_weight_nodes_and_parameters_follow_edits_of_the_graph(mlp):
+    graph = chop.trace(mlp, (torch.randn(2, 16),))
+    before = graph.weight_nodes()
+    first = before[0]
+    graph.module.register_parameter("extra", nn.Parameter(torch.ones(3)))
+    with graph.module.graph.inserting_after(first):
+        graph.module.graph.get_attr("extra")
+    graph.recompile()
+    assert [n.target for n in graph.weight_nodes()] == [n.target for n in before][:1] + ["extra"] + [
+        n.target for n in before][1:]
+    replacement = nn.Parameter(torch.zeros_like(graph.parameter(first)))
+    graph.module.get_submodule(first.target.rpartition(".")[0]).register_parameter(
+        first.target.rpartition(".")[2], replacement)
+    assert graph.parameter(first) is replacement  # looked up afresh, not cached

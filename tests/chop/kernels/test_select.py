@@ -22,6 +22,15 @@ from chop.kernels.select import Piece, keep_masks, kth_largest, mask_counts
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True, params=["radix", "direct"])
+def path(request, monkeypatch) -> str:
+    """Every test runs on both paths: the radix passes (also for small inputs) and, for inputs
+    below ``_DIRECT`` entries, one kthvalue over a copy (the default for small inputs)."""
+    if request.param == "radix":
+        monkeypatch.setattr(select, "_DIRECT", 0)
+    return request.param
+
+
 def reference_mask(scores: list[torch.Tensor], k: int) -> list[bool]:
     """Kept flags in concatenated row-major order, via Python's (stable) sort."""
     values = [v for s in scores for v in s.detach().double().reshape(-1).tolist()]

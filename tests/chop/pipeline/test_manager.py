@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import chop
-from chop.pipeline.manager import as_passes, parse_pipeline
 from chop.passes.analysis.snip import Snip
 from chop.passes.export.fold import Fold
 from chop.passes.transform.mask import Mask
+from chop.pipeline.manager import as_passes, parse_pipeline
 
 
 def test_pipeline_string_builds_typed_passes():

@@ -13,7 +13,6 @@ from chop.ir.meta import CHANNEL_GROUPS
 from chop.passes.analysis.channel_groups import KEY, channel_groups, stored_channel_groups
 from chop.passes.export.shrink import shrink
 from chop.pipeline import registry
-
 from zoo import ZOO, trace
 
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import chop
-from chop.ir import meta
 from chop.errors import MissingMetadataError
-from chop.passes.analysis.collapse import effective_masks, report_summary, summary_line
+from chop.ir import meta
 from chop.ir.masks import insert_mask
+from chop.passes.analysis.collapse import effective_masks, report_summary, summary_line
 
 
 def masked(graph: chop.Graph, given: dict[str, torch.Tensor]) -> chop.Graph:

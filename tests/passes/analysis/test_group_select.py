@@ -19,7 +19,6 @@ from chop.passes.analysis.group_select import (
     require_granularity,
     structured_selection,
 )
-
 from zoo import trace
 
 

@@ -14,7 +14,6 @@ from chop.ir.masks import insert_mask
 from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.shrink import shrink
-
 from zoo import ZOO, output, prune_half, trace
 
 

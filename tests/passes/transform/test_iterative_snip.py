@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import chop
-from chop.ir import meta
 from chop.errors import OptionError
+from chop.ir import meta
+from chop.ir.masks import MASK_OF
 from chop.passes.analysis.snip import snip_saliency
 from chop.passes.transform.iterative_snip import IterativeSnip, step_sparsity, straight_through
-from chop.ir.masks import MASK_OF
 
 PRUNABLE = ["conv1.weight", "conv2.weight", "fc.weight"]
 

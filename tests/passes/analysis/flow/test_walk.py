@@ -12,7 +12,6 @@ from chop.errors import InternalError
 from chop.passes.analysis.flow import Rule, Step, Unsupported, register, rule_for
 from chop.passes.analysis.flow import rule as rule_module
 from chop.passes.analysis.flow.rule import RULES
-
 from zoo import traced_flow
 
 aten = torch.ops.aten

@@ -9,7 +9,6 @@ from torch import nn
 
 from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.export.constants import channel_constants
-
 from zoo import traced_flow
 
 

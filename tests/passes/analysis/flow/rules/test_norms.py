@@ -14,7 +14,6 @@ from chop.passes.analysis.flow.rules.norms import BatchNorm
 from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.constants import channel_constants
 from chop.passes.export.shrink import shrink
-
 from zoo import traced_flow
 
 

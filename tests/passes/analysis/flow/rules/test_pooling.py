@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from chop.passes.export.constants import channel_constants
-
 from zoo import traced_flow
 
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from chop.passes.analysis.flow.rules.producers import Conv, Linear
-
 from zoo import traced_flow
 
 
