@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,11 @@ def pruned_graph():
 
 
 @pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_quantile_matches_torch(q: float) -> None:
+def test_quantile_is_the_lower_order_statistic(q: float) -> None:
+    """torch.quantile is not the reference: it computes q·(n−1) in float32 (torch 2.14 picks
+    the 899th of 1001 values for q = 0.9), so the reference is a Python sort."""
     score = torch.randn(1001)
-    assert quantile(score, q) == torch.quantile(score, q, interpolation="lower").item()
+    assert quantile(score, q) == sorted(score.tolist())[math.floor(q * 1000)]
 
 
 def test_saliency_summary() -> None:
