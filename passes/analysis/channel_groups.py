@@ -124,37 +124,47 @@ def channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups:
     """Find the channel groups of ``graph`` (no side effects; see :class:`ChannelGroups`);
     ``flow``: ``trace_channels(graph)`` if the caller has it already."""
     flow = trace_channels(graph) if flow is None else flow
-    unit_of = torch.full((flow.coupling.number_of_nodes(),), -1, dtype=torch.long)
+    labels = [-1] * flow.coupling.number_of_nodes()
     unit_blocked: dict[int, str | None] = {}
-    unit_head: dict[int, bool] = {}
+    unit_head: set[int] = set()
     for u, component in enumerate(sorted(nx.connected_components(flow.coupling), key=min)):
-        # the reason no rule could lift (an output, a normalisation) first, then graph order
-        reasons = sorted((rank(flow.blocked[a]), a) for a in component if a in flow.blocked)
-        unit_blocked[u] = flow.blocked[reasons[0][1]] if reasons else None
-        unit_head[u] = any(a in flow.heads for a in component)
-        unit_of[list(component)] = u
-    # the indices each unit owns in each member dim
-    owned: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
-    units_of = unit_of.tolist()
+        for a in component:
+            labels[a] = u
+    # the reason no rule could lift (an output, a normalisation) first, then graph order
+    for u, (_, a) in sorted((labels[a], (rank(reason), a)) for a, reason in flow.blocked.items()):
+        unit_blocked.setdefault(u, flow.blocked[a])
+    unit_head.update(labels[a] for a in flow.heads)
+    unit_of = torch.tensor(labels, dtype=torch.long)
+    # the indices each unit owns in each member dim, in index order: one sort per member
+    owned: dict[int, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
+    first: dict[int, dict[tuple[str, int], int]] = defaultdict(dict)
     for key, record in flow.members.items():
-        for i, a in enumerate(record.atoms.tolist()):
-            if a >= 0:
-                owned[units_of[a]][key].append(i)
+        index = (record.atoms >= 0).nonzero().flatten()
+        if not index.numel():
+            continue
+        units = unit_of[record.atoms[index]]
+        units, order = torch.sort(units, stable=True)
+        index = index[order]
+        ids, counts = torch.unique_consecutive(units, return_counts=True)
+        firsts = index[counts.cumsum(0) - counts].tolist()
+        for u, piece, f in zip(ids.tolist(), torch.split(index, counts.tolist()), firsts):
+            owned[u][key] = piece.clone()
+            first[u][key] = f
     by_signature: dict[tuple, list[int]] = {}
     for u in sorted(owned):  # units are numbered in graph order
         by_signature.setdefault(tuple(sorted(owned[u])), []).append(u)
     groups = []
+    order = {"out": 0, "channel": 1, "in": 2}
     for signature, units in by_signature.items():
-        units.sort(key=lambda u: [owned[u][k][0] for k in signature])
+        units.sort(key=lambda u: [first[u][k] for k in signature])
         members = [
             Member(name, dim, flow.members[name, dim].kind, flow.members[name, dim].role,
-                   [torch.tensor(owned[u][name, dim], dtype=torch.long) for u in units])
+                   [owned[u][name, dim] for u in units])
             for name, dim in signature
         ]
-        order = {"out": 0, "channel": 1, "in": 2}
         members.sort(key=lambda m: order[m.role])
-        kind = "head" if any(unit_head[u] for u in units) else "channel"
-        groups.append(Group(len(groups), kind, members, units, [unit_blocked[u] for u in units]))
+        kind = "head" if any(u in unit_head for u in units) else "channel"
+        groups.append(Group(len(groups), kind, members, units, [unit_blocked.get(u) for u in units]))
     names = {name for name, _ in flow.members}
     return ChannelGroups(groups, unit_of, _signature(graph, names))
 
@@ -170,8 +180,8 @@ def store(graph: Graph, groups: ChannelGroups) -> None:
                 continue
             ids = per_param.setdefault(m.name, {}).setdefault(
                 m.dim, torch.full((params[m.name].shape[m.dim],), -1, dtype=torch.long))
-            for index in m.index:
-                ids[index] = g.id
+            if m.index:
+                ids[torch.cat(m.index)] = g.id
     for node in graph.weight_nodes():
         entry = meta.entries(node)
         entry.pop(KEY, None)
@@ -179,10 +189,21 @@ def store(graph: Graph, groups: ChannelGroups) -> None:
             entry[KEY] = per_param[node.target]
 
 
+def current_channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups | None:
+    """The stored :class:`ChannelGroups` if still current (and, given ``flow``, computed over
+    as many atoms as it has), else None; nothing is computed or stored."""
+    found = graph.module.meta.get("chop", {}).get(KEY)
+    if not isinstance(found, ChannelGroups):
+        return None
+    if flow is not None and found.unit_of.numel() != flow.coupling.number_of_nodes():
+        return None
+    return found if found.signature == _signature(graph, set(found.signature[1])) else None
+
+
 def stored_channel_groups(graph: Graph) -> ChannelGroups:
     """The stored :class:`ChannelGroups` if still current, else freshly computed (and stored)."""
-    found = graph.module.meta.get("chop", {}).get(KEY)
-    if isinstance(found, ChannelGroups) and found.signature == _signature(graph, set(found.signature[1])):
+    found = current_channel_groups(graph)
+    if found is not None:
         return found
     groups = channel_groups(graph)
     store(graph, groups)

@@ -14,6 +14,16 @@ the budget of its own parameters. Every group keeps at least ``max(min_keep, 1)`
 never empties a tensor); the floor, the layers the granularity cannot prune (with the reason) and
 the units chop must keep are reported, not raised, unless ``strict``.
 
+``round_to=R`` (as Torch-Pruning's ``round_to``, for hardware that likes channel counts in
+multiples of 8 or 16): after the budget is met, each pruned group's kept channel count is moved
+to the *nearest* multiple of R (halves up), never below one multiple (nor the floor) and never
+above the group's size (a group smaller than R keeps everything). Rounding down removes the
+group's next-lowest-scoring units, rounding up restores its highest-scoring removed ones; where
+chop must keep too many units to round down, it rounds up. So the budget is met before rounding
+and missed after it by less than R/2 channels' parameters per group, either way; the pass info's
+``removed.params`` is what was really removed. A unit that owns c channels (a head of
+``head_dim`` c) counts as c: the unit count is rounded to a multiple of R / gcd(R, c).
+
 The building blocks, for other rules::
 
     groups = stored_channel_groups(graph)
@@ -66,7 +76,10 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
                 continue
             found = True
             per_index = value.detach().double().movedim(m.dim, 0).reshape(value.shape[m.dim], -1).sum(1)
-            score += torch.stack([per_index[i].sum() for i in m.index])
+            if all(i.numel() == 1 for i in m.index):  # one index per unit (most): one gather
+                score += per_index[torch.cat(m.index)]
+            else:
+                score += torch.stack([per_index[i].sum() for i in m.index])
         if found:
             out[g.id] = score
     if chosen and not out:
@@ -112,8 +125,8 @@ def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Te
             if m.kind != "parameter" or role_of.get(m.name) not in roles:
                 continue
             mask = masks.setdefault(m.name, torch.ones_like(params[m.name], dtype=torch.bool))
-            for u in dropped:
-                mask.index_fill_(m.dim, m.index[u], False)
+            if dropped:
+                mask.index_fill_(m.dim, torch.cat([m.index[u] for u in dropped]), False)
     return masks
 
 
@@ -192,7 +205,7 @@ class Selection:
 def structured_selection(
     graph: Graph, names: Iterable[str], sparsity: float, scope: str = "global",
     granularity: Granularity = "channel", *, min_keep: int = 0, strict: bool = False,
-    key: str = "saliency",
+    key: str = "saliency", round_to: int = 1,
 ) -> Selection:
     """Choose the channels (or heads) to remove from the selected layers ``names``; see the
     module doc for the budget, the order, the floor and what is reported.
@@ -234,8 +247,10 @@ def structured_selection(
     gone = {n: [torch.zeros(size, dtype=torch.bool) for size in p.shape] for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
 
+    left = {n: list(p.shape) for n, p in params.items()}  # kept slices per dim, kept current
+
     def kept(name: str) -> int:
-        return math.prod(int((~d).sum()) for d in gone[name])
+        return math.prod(left[name])
 
     def cost(g: Group, u: int, exact: bool) -> int:
         """Parameters of the chosen layers that unit ``u`` of ``g`` removes (with ``exact``: that
@@ -245,8 +260,9 @@ def structured_selection(
             if m.name not in gone:
                 continue
             if exact:
-                before = kept(m.name)
-                gone[m.name][m.dim][m.index[u]] = True
+                before, dropped = kept(m.name), gone[m.name][m.dim]
+                left[m.name][m.dim] -= int((~dropped[m.index[u]]).sum())  # indices are unique
+                dropped[m.index[u]] = True
                 n += before - kept(m.name)
             else:
                 n += m.index[u].numel() * params[m.name].numel() // params[m.name].shape[m.dim]
@@ -279,8 +295,35 @@ def structured_selection(
             take(ranked([g]), size - kept_count(size, sparsity), exact=False)
     else:
         take(ranked(candidates), total - kept_count(total, sparsity), exact=True)
+    if round_to > 1:
+        for gid, keep in selection.keep.items():
+            _round_kept(groups[gid], keep, all_scores[gid], round_to, floor)
     roles = {meta.entries(n).get("role") for n in graph.weight_nodes() if n.target in chosen}
     selection.masks = group_masks(graph, groups, selection.keep, roles | {"linear", "conv"})
     done = sum(int((~m).sum()) for n, m in selection.masks.items() if n in chosen)
     selection.params = (done, total)
     return selection
+
+
+def _round_kept(g: Group, keep: torch.Tensor, scores: torch.Tensor, round_to: int, floor: int) -> None:
+    """Move ``keep``'s count (in place) to the nearest multiple of ``round_to`` channels (see the
+    module doc): drop the lowest-scoring kept prunable units or restore the highest-scoring
+    removed ones, ties by unit index."""
+    kept = int(keep.sum())
+    if kept == g.size:
+        return
+    out = next((m for m in g.members if m.role == "out"), g.members[0])
+    per_unit = max(int(out.index[0].numel()), 1)
+    step = round_to // math.gcd(round_to, per_unit)  # units per multiple of round_to channels
+    low = step * max(1, -(-floor // step))
+    target = min(g.size, max(low, step * math.floor(kept / step + 0.5)))
+    droppable = (keep & g.prunable).nonzero().flatten()
+    if kept - target > droppable.numel():  # chop must keep more than that: round up instead
+        target = min(g.size, step * -(-kept // step))
+    order = torch.argsort(scores, stable=True)  # lowest first
+    if target < kept:
+        lowest = order[(keep & g.prunable)[order]][: kept - target]
+        keep[lowest] = False
+    elif target > kept:
+        highest = order[~keep[order]].flip(0)[: target - kept]
+        keep[highest] = True

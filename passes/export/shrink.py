@@ -26,7 +26,11 @@ from torch.fx import Node
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import add_tensor, is_masked, weight_name
-from chop.passes.analysis.channel_groups import ChannelGroups, channel_groups
+from chop.passes.analysis.channel_groups import (
+    ChannelGroups,
+    channel_groups,
+    current_channel_groups,
+)
 from chop.passes.analysis.flow import Flow, MemberRecord, rule_for, trace_channels
 from chop.passes.analysis.flow.rule import Const, Consumer, Cut
 from chop.passes.analysis.flow.rules.producers import Producer
@@ -53,7 +57,7 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
     layers = _layers(graph)
     before = (_stats(graph, layers), _total(graph))
     flow = trace_channels(graph)
-    groups = channel_groups(graph, flow)
+    groups = current_channel_groups(graph, flow) or channel_groups(graph, flow)  # mask's, if current
     consts = channel_constants(graph, flow)
     removed = _decide(graph, flow, groups, consts, compensate)  # per unit
     cut = Cut(flow.tags, removed[groups.unit_of])  # per atom

@@ -11,7 +11,8 @@ weight (``"4x4"``, scored by the sum of their saliency; conv weights are seen as
 the ``channel-groups`` analysis, scored by their members' summed saliency, removed from every
 coupled layer so that ``shrink`` can cut them out; ``sparsity`` is then the share of the
 selected layers' *parameters* removed, met by the fewest lowest-scoring units, at least one unit
-of every group kept — see :mod:`chop.passes.analysis.group_select`). Channel/head and N:M skip
+of every group kept; ``round_to=R`` then moves each pruned group's kept channels to the nearest
+multiple of R — see :mod:`chop.passes.analysis.group_select`). Channel/head and N:M skip
 the selected layers they cannot prune (``strict=true``: an error instead); the pass info says
 which and why: ``unprunable`` (layer -> reason) and, for channel/head, ``blocked`` (layer ->
 ``{units, of, kind, reason}``: its output channels or heads chop must keep), ``floor`` (group ->
@@ -161,7 +162,7 @@ def layer_counts(
 
 def _structured_masks(
     graph: Graph, nodes: list[Node], sparsity: float, scope: str, granularity: str, *,
-    min_keep: int = 0, strict: bool = False, report: dict | None = None,
+    min_keep: int = 0, strict: bool = False, report: dict | None = None, round_to: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Masks removing whole channels or heads, chosen by
     :func:`chop.passes.analysis.group_select.structured_selection` (a parameter budget, a
@@ -169,7 +170,8 @@ def _structured_masks(
     from chop.passes.analysis.group_select import structured_selection
 
     selection = structured_selection(graph, [n.target for n in nodes], sparsity, scope,
-                                     granularity, min_keep=min_keep, strict=strict)
+                                     granularity, min_keep=min_keep, strict=strict,
+                                     round_to=round_to)
     if report is not None:
         report.update(selection.info())
     return selection.masks
@@ -187,6 +189,7 @@ def mask_weights(
     min_keep: int = 0,
     strict: bool = False,
     report: dict | None = None,
+    round_to: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Mask ``nodes`` keeping the highest-saliency weights; returns the masks by name.
 
@@ -194,7 +197,8 @@ def mask_weights(
     ``strict``); ``report``, if given, receives the kept entries (``kept``: layer ->
     ``(kept, numel)``), what was skipped and why (``unprunable``: layer -> reason) and, for
     channel/head, ``blocked``, ``floor`` and ``removed`` (see
-    :class:`chop.passes.analysis.group_select.Selection`)."""
+    :class:`chop.passes.analysis.group_select.Selection`). ``round_to`` (channel/head only):
+    each pruned group keeps a multiple of it (see :mod:`chop.passes.analysis.group_select`)."""
     report = {} if report is None else report
     report.setdefault("unprunable", {})
     scores = []
@@ -212,7 +216,7 @@ def mask_weights(
     if granularity in ("channel", "head"):
         masks_by_name = _structured_masks(
             graph, nodes, 0.9 if sparsity is None else sparsity, scope, granularity,
-            min_keep=min_keep, strict=strict, report=report,
+            min_keep=min_keep, strict=strict, report=report, round_to=round_to,
         )
         nodes = [graph.weight_node(name) for name in masks_by_name]
         masks = list(masks_by_name.values())
@@ -277,6 +281,9 @@ class Mask(Pass):
     embeddings: bool = option(False, "also prune embedding tables (incl. tied output heads)")
     strict: bool = option(False, "channel/head/N:M: a selected layer the granularity cannot "
                                  "prune is an error (default: skipped and reported)")
+    round_to: int = option(1, "channel/head: each pruned group keeps a multiple of this many "
+                              "channels (nearest multiple of the budget's count; 8 or 16 suit "
+                              "GPUs and vector units)")
 
     def check(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -308,6 +315,14 @@ class Mask(Pass):
             )
         if block and (int(block[1]) < 1 or int(block[2]) < 1):
             raise OptionError(f"mask: block granularity {self.granularity} needs sizes >= 1")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise OptionError(f"mask: round_to={self.round_to!r} must be an integer >= 1 "
+                              "(e.g. round_to=8)")
+        if self.round_to > 1 and self.granularity not in ("channel", "head"):
+            raise OptionError(
+                f"mask: round_to={self.round_to} rounds the kept channels of channel groups, so it "
+                f"needs granularity=channel or head, not {self.granularity}; set "
+                "granularity=channel (or head), or remove round_to")
         for key in ("include", "exclude"):
             pattern = getattr(self, key)
             try:
@@ -332,7 +347,7 @@ class Mask(Pass):
         mask_weights(
             graph, nodes, self.sparsity, self.scope, granularity=self.granularity,
             min_sparsity=self.min_sparsity, max_sparsity=self.max_sparsity, min_keep=self.min_keep,
-            strict=self.strict, report=report,
+            strict=self.strict, report=report, round_to=self.round_to,
         )
         for name, why in report["unprunable"].items():
             log.info("mask: %s is not pruned (granularity=%s): %s", name, self.granularity, why)

@@ -233,3 +233,46 @@ def test_layers_a_granularity_cannot_prune_are_skipped_and_reported_or_raise_wit
     assert set(selection.masks) == {"conv1.weight", "conv2.weight"}  # conv1's rows, conv2's columns
     with pytest.raises(GranularityError, match=r"layer fc.weight cannot be pruned this way.*output"):
         structured_selection(graph, names, 0.5, "global", "channel", strict=True)
+
+
+def wide(scores):
+    """Linear(4, 20) -> ReLU -> Linear(20, 2) with saliency making hidden channel i score
+    ``scores[i]`` (rows of the first layer only)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2))
+    graph = chop.trace(model, (torch.randn(2, 4),))
+    nodes = {n.target: n for n in graph.weight_nodes()}
+    nodes["0.weight"].meta["chop"]["saliency"] = torch.as_tensor(scores, dtype=torch.float).view(20, 1).expand(20, 4) / 4
+    nodes["2.weight"].meta["chop"]["saliency"] = torch.zeros(2, 20)
+    return graph
+
+
+@pytest.mark.parametrize(("round_to", "kept"), [(1, 10), (4, 12), (8, 8), (16, 16), (32, 20)])
+def test_round_to_moves_each_groups_kept_count_to_the_nearest_multiple(round_to, kept):
+    # 120 weights, 6 per hidden channel: sparsity 0.5 removes 10 of 20 channels; rounding to
+    # the nearest multiple (halves up, at least one multiple, at most the group) keeps `kept`,
+    # always the highest-scoring ones
+    scores = torch.randperm(20, generator=torch.Generator().manual_seed(1)).float()
+    graph = wide(scores)
+    sel = structured_selection(graph, ["0.weight", "2.weight"], 0.5, round_to=round_to)
+    (keep,) = sel.keep.values()
+    assert int(keep.sum()) == kept
+    assert set(keep.nonzero().flatten().tolist()) == set(scores.argsort(descending=True)[:kept].tolist())
+    assert sel.params == (120 - 6 * kept, 120)
+    assert int(sel.masks["0.weight"].all(1).sum()) == kept
+
+
+def test_round_to_rounds_up_where_chop_must_keep_the_units_and_respects_the_floor():
+    graph = wide(torch.arange(20.0))
+    sel = structured_selection(graph, ["0.weight", "2.weight"], 0.99, round_to=8, min_keep=9)
+    assert int(next(iter(sel.keep.values())).sum()) == 16  # floor 9 -> a multiple of 8 above it
+    # a unit of c channels counts as c: heads of head_dim 4 round to multiples of 2 heads for 8
+    from chop.passes.analysis.group_select import _round_kept
+
+    groups = channel_groups(wide(torch.arange(20.0)))
+    g = group_with(groups, "0.weight")
+    g.members[0].index = [torch.arange(4 * u, 4 * u + 4) for u in range(g.size)]
+    keep = torch.ones(g.size, dtype=torch.bool)
+    keep[:13] = False  # 7 kept -> 8 (multiple of 2 units of 4 channels)
+    _round_kept(g, keep, torch.arange(20.0), 8, 1)
+    assert keep.nonzero().flatten().tolist() == list(range(12, 20))

@@ -462,3 +462,52 @@ def test_include_naming_a_weight_chop_cannot_select_is_an_error():
     set_saliency(convnext, torch.rand_like)
     with pytest.raises(chop.OptionError, match=r"names scale \(a other weight\).*does not know how"):
         chop.run(convnext, "mask{include='scale'}")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("granularity=channel, round_to=0", "round_to=0 must be an integer >= 1"),
+        ("granularity=channel, round_to=2.5", r"round_to=2.5 is not valid; expected int"),
+        ("round_to=8", ("round_to=8 rounds the kept channels of channel groups, so it needs "
+                        "granularity=channel or head, not element; set granularity=channel")),
+        ("granularity='2:4', round_to=8", "needs granularity=channel or head, not 2:4"),
+    ],
+)
+def test_round_to_option_errors(options, message):
+    with pytest.raises(chop.OptionError, match=message):
+        chop.parse_pipeline(f"mask{{{options}}}")
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_multiples_in_every_group_and_shrink_equals_the_masked_graph(round_to):
+    import zoo
+    from chop.passes.analysis.channel_groups import stored_channel_groups
+
+    _, graph = zoo.trace("resnet")
+    x = torch.randn(3, 3, 16, 16)
+    data = [((x,), torch.zeros(3, dtype=torch.long))]
+    chop.run(graph, f"snip, mask{{granularity=channel, sparsity=0.6, round_to={round_to}}}", data=data)
+    groups = stored_channel_groups(graph)
+    masks_by_name = masks(graph)
+    pruned = 0
+    for g in groups:
+        out = [m for m in g.members if m.role == "out" and m.name in masks_by_name]
+        if not out or not bool(g.prunable.any()):
+            continue
+        mask = masks_by_name[out[0].name]
+        kept = sum(bool(mask.index_select(out[0].dim, i).any()) for i in out[0].index)
+        assert kept % round_to == 0 or kept == g.size, (g.layers("out"), kept)
+        pruned += kept < g.size
+    assert pruned  # something was removed
+    with torch.no_grad():
+        masked = graph.module(x)
+    shrunk = graph.copy()
+    chop.run(shrunk, "shrink", data=data)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk.module(x), masked, rtol=1e-4, atol=1e-4)
+    for g in groups:
+        for m in g.members:
+            if m.role == "out" and m.name in masks_by_name and bool(g.prunable.any()):
+                size = shrunk.module.get_parameter(m.name).shape[m.dim]
+                assert size % round_to == 0 or size == g.size, (m.name, size)
