@@ -254,6 +254,7 @@ def main() -> None:
           f"Torch-Pruning {version or 'absent'}; sparsity {args.sparsity}; batch {args.batch}; "
           f"median of {args.repeats} interleaved repeats; load average {load()}\n")
     for name in args.models:
+        torch.manual_seed(0)  # the same weights whichever models run before
         model, inputs, targets, classifier = MODELS[name](args.batch, args.seq)
         report(name, model, inputs, targets, classifier, args)
 
