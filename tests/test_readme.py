@@ -113,3 +113,13 @@ def test_readme_many_gpus_commands_run_as_written(tmp_path):
     assert (tmp_path / "examples" / "lenet5_ranks-out" / "masks.safetensors").is_file()
     printed = re.search(r"prints `(.*?)`", section).group(1)
     assert printed in outputs[1]
+
+
+def test_readme_pass_table_lists_every_registered_pass():
+    from chop.pipeline.registry import all_passes
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Passes", 1)[1].split("###", 1)[0]
+    listed = {name for row in table.splitlines() if row.startswith("| `")
+              for name in re.findall(r"`([a-z0-9-]+)`", row.split("|")[1])}
+    assert listed == set(all_passes())
