@@ -15,7 +15,7 @@ folded).
 Masks still in the graph are folded first (as ``fold`` does): folding scales whole rows, so the
 pruned entries stay zero and the ``mask`` metadata stays true; the other analyses (saliency,
 channel groups, collapse) describe the graph before folding and are dropped. The folded graph
-computes what the graph computed in eval mode (checked on the first batch, given data).
+computes what the graph computed in eval mode (checked on the first samples of the first batch, given data).
 
 **After folding, the graph is an inference graph.** ``graph.train()`` still switches dropout,
 but there is no BatchNorm left to use batch statistics: trained further, it is a network without

@@ -27,7 +27,7 @@ serve. A kernel name uses that kernel for every batch size (no timing).
 
 ``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per input
 row before/after, the kernel plan and its timings, latency if ``timing``) and totals. With data,
-the first batch is run before and after in eval mode and the outputs must agree (fp32 allclose),
+the first samples of the first batch are run before and after in eval mode and the outputs must agree (fp32 allclose),
 as for every chop export.
 """
 

@@ -57,3 +57,37 @@ def test_deployable_keeps_keyword_inputs_and_structured_outputs():
         got = deployable(graph)(*args, **kwargs)
     assert type(got).__name__ == "SequenceClassifierOutput"
     torch.testing.assert_close(got.logits, expected, rtol=0, atol=0)
+
+
+def test_the_export_check_runs_two_samples_and_still_catches_a_wrong_rewrite(cnn_graph, cnn_batches):
+    from chop.passes.export.common import checked_export
+    from chop.pipeline.pass_base import Context
+
+    x = cnn_batches[0][0]
+    assert x.shape[0] > 2
+    seen = []
+    cnn_graph.module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+
+    def wrong() -> None:  # a "rewrite" that changes the function
+        with torch.no_grad():
+            cnn_graph.parameter("fc.bias").add_(1.0)
+
+    with pytest.raises(chop.InternalError, match="the wrong graph"):
+        checked_export(cnn_graph, Context(data=[(x, None)]), wrong, False, "wrong")
+    assert seen == [2, 2]
+    seen.clear()
+    checked_export(cnn_graph, Context(data=[(x, None)]), lambda: None, True, "timed")
+    assert seen[0] == 2 and seen.count(2) == 2  # the check: two samples before and after
+    assert set(seen) == {2, x.shape[0]}  # the timing: the whole batch
+
+
+def test_the_export_check_runs_inputs_whole_when_no_batch_size_is_shared(cnn_graph):
+    from chop.passes.export.common import _first_samples
+
+    x = torch.randn(5, 3, 8, 8)
+    assert _first_samples(cnn_graph, x, 2).shape[0] == 2
+    assert _first_samples(cnn_graph, (x, torch.randn(4)), 2)[0].shape[0] == 5  # sizes differ
+    assert _first_samples(cnn_graph, x[:2], 2).shape[0] == 2
+    placeholder = next(iter(cnn_graph.module.graph.find_nodes(op="placeholder")))
+    placeholder.meta["val"] = torch.empty(5, 3, 8, 8)  # as if the batch size were static
+    assert _first_samples(cnn_graph, x, 2).shape[0] == 5
