@@ -1,7 +1,9 @@
 """A plain training loop for a masked graph: what ``chop train`` runs.
 
 The masks are ``mul(weight, mask)`` nodes of the graph, so pruned weights get zero gradient and
-stay zero; with ``prune_sparsity`` set, a :class:`~chop.training.pruner.Pruner` raises the
+stay zero. Training runs inside :func:`fast_masks` (``TrainSpec.fast_masks``, on by default):
+the same steps with the masks kept in the weights instead of multiplied in at every forward
+(see there; any training loop can use it). With ``prune_sparsity`` set, a :class:`~chop.training.pruner.Pruner` raises the
 sparsity along its schedule while training. Each epoch reports the mean loss, the training
 accuracy (for classifiers) and the task metric on the eval set (:func:`evaluate`).
 
@@ -16,6 +18,7 @@ Metrics (:func:`evaluate`), one of :data:`METRICS`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -23,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from chop.errors import DataError
 from chop.ir.graph import Graph
-from chop.ir.masks import current_masks
+from chop.ir.masks import current_masks, mask_nodes, mask_of
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
 
@@ -50,6 +54,124 @@ class TrainSpec:
     prune_start: int = 0
     prune_end: int = 0
     prune_frequency: int = 1
+    # train with the masks kept in the weights (fast_masks): the same results, faster steps
+    fast_masks: bool = True
+
+
+def _weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What a mask node computes inside :func:`fast_masks`: the weight itself (already masked)."""
+    return weight
+
+
+def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * mask  # what the mask node's backward computes
+    return hook
+
+
+# Optimizers whose update of an entry with zero weight, zero gradient and zero state is zero
+# (with any of their options): pruned weights stay zero without re-masking after the step.
+_ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+class FastMasks:
+    """Train a masked graph with its masks kept in the weights; made by :func:`fast_masks`.
+
+    Inside, every mask node ``mul(weight, mask)`` passes its weight through unchanged, so the
+    forward reads the weights directly (no multiply, no masked copy held for backward). What
+    the mask nodes did is done instead where it costs least:
+
+    - on entry, pruned weights are zeroed in place (``weight.mul_(mask)``, the very values the
+      mask node computes) and so is the optimizer state of pruned entries (moments, momentum);
+    - in backward, each masked weight's gradient is multiplied by its mask before it reaches
+      ``.grad`` (a tensor hook: the mask node's own backward, moved onto the weight), so
+      anything between backward and the optimizer step (gradient clipping, accumulation) sees
+      the masked graph's gradients;
+    - after each step of an optimizer other than SGD, Adam and AdamW, the weights are
+      multiplied by their masks again (one ``_foreach_mul_``). Those three need not: their
+      update of an entry with zero weight, zero gradient and zero state is zero.
+
+    So the kept weights see exactly the gradients and updates of the masked graph, the forward
+    outputs are bit for bit those of the masked graph, pruned weights are exactly zero and the
+    optimizer state of pruned entries stays zero. (The plain masked graph lets pruned *weights*
+    drift under weight decay, invisibly, since they are multiplied by zero; here they stay 0.)
+    On exit the mask nodes multiply again: the graph is the masked graph, with its pruned
+    weights zero. When the masks change inside (a :class:`~chop.training.pruner.Pruner` pruned,
+    updating the mask buffers in place), call :meth:`refresh` before the next forward.
+    """
+
+    def __init__(self, graph: Graph, optimizer: torch.optim.Optimizer | None = None):
+        self.graph, self.optimizer = graph, optimizer
+        self._nodes: list[Any] = []
+        self._handles: list[Any] = []
+        self.weights: list[nn.Parameter] = []
+        self.masks: list[torch.Tensor] = []  # the graph's mask buffers (updated in place)
+
+    def __enter__(self) -> FastMasks:
+        if self.optimizer is not None and type(self.optimizer) not in _ZERO_KEEPING:
+            self._handles.append(self.optimizer.register_step_post_hook(
+                lambda *_: self._mask_weights()))
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for node in self._nodes:
+            node.target = torch.ops.aten.mul.Tensor
+        if self._nodes:
+            self.graph.recompile()
+        self._handles, self._nodes, self.weights, self.masks = [], [], [], []
+
+    def refresh(self) -> None:
+        """Take up mask nodes added since (they pass their weight through from now on), and
+        zero the pruned weights and their optimizer state under the current masks."""
+        module, added = self.graph.module, []
+        for node in mask_nodes(self.graph):
+            if node.target is torch.ops.aten.mul.Tensor:
+                weight = module.get_parameter(mask_of(node))
+                mask = module.get_buffer(node.args[1].target)
+                self._nodes.append(node)
+                self.weights.append(weight)
+                self.masks.append(mask)
+                self._handles.append(weight.register_hook(_grad_masker(mask)))
+                added.append(node)
+        self._mask_weights()
+        for node in added:
+            node.target = _weight
+        if added:
+            self.graph.recompile()
+        if self.optimizer is None:
+            return
+        with torch.no_grad():
+            for weight, mask in zip(self.weights, self.masks):
+                for value in self.optimizer.state.get(weight, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                        value.mul_(mask)
+
+    def _mask_weights(self) -> None:
+        if self.weights:
+            with torch.no_grad():
+                torch._foreach_mul_(self.weights, self.masks)
+
+
+def fast_masks(graph: Graph, optimizer: torch.optim.Optimizer | None = None) -> FastMasks:
+    """A context in which training ``graph.module`` computes what the masked graph computes,
+    with the masks kept in the weights rather than multiplied in at every forward (see
+    :class:`FastMasks`)::
+
+        optimizer = torch.optim.AdamW(graph.module.parameters(), lr=1e-4, weight_decay=0.01)
+        with fast_masks(graph, optimizer) as fast:
+            for x, y in loader:
+                loss_fn(graph.module(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        # graph is the masked graph again; its pruned weights are zero
+
+    Give the optimizer that trains the graph (else pruned weights are only zeroed on entry and
+    by :meth:`FastMasks.refresh`). Scoring and ``mask`` may run inside (the weights they read
+    are the masked ones); call ``fast.refresh()`` after masks change."""
+    return FastMasks(graph, optimizer)
 
 
 def take_samples(inputs: Any, index: torch.Tensor) -> Any:
@@ -163,7 +285,9 @@ def train_graph(
     generator = torch.Generator().manual_seed(spec.seed)
     pruner = _pruner(graph, spec, loss)
     records = []
-    with torch.random.fork_rng(devices=[]):
+    fast = fast_masks(graph, optimizer) if spec.fast_masks else contextlib.nullcontext()
+    pruned = 0  # pruning steps taken inside fast
+    with torch.random.fork_rng(devices=[]), fast:
         torch.manual_seed(spec.seed)  # dropout
         for epoch in range(1, spec.epochs + 1):
             start = time.perf_counter()
@@ -179,12 +303,14 @@ def train_graph(
                 x = take_samples(inputs, index)
                 if pruner is not None:
                     pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
+                    pruned = _refresh(fast, pruner, pruned)
                 outputs = call(graph.module, x)
                 value = loss(outputs, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 if pruner is not None:
                     pruner.on_before_optimizer_step()
+                    pruned = _refresh(fast, pruner, pruned)
                 optimizer.step()
                 if pruner is not None:
                     pruner.on_after_optimizer_step()
@@ -210,6 +336,14 @@ def train_graph(
             if on_epoch is not None:
                 on_epoch(record)
     return records
+
+
+def _refresh(fast: Any, pruner: Pruner, pruned: int) -> int:
+    """After a Pruner hook: when it pruned (its history grew past ``pruned`` steps), take up
+    the new masks in ``fast``; returns the pruning steps taken."""
+    if isinstance(fast, FastMasks) and len(pruner.history) != pruned:
+        fast.refresh()
+    return len(pruner.history)
 
 
 def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None) -> Any:

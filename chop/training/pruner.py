@@ -166,6 +166,7 @@ class Pruner:
         self.history: list[dict[str, Any]] = []  # one record per pruning step
         self._locked = dict(masks) if masks is not None else None
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
+        self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # _masks by parameter
         self._batch: Any = None  # the batch given to the current step
 
     # -- hooks -------------------------------------------------------------------------------
@@ -204,11 +205,10 @@ class Pruner:
             self._maybe_prune(score=False)
         if isinstance(self.model, Graph):
             return
-        with torch.no_grad():
-            for name, mask in self._masks.items():
-                grad = self.model.get_parameter(name).grad
-                if grad is not None:
-                    local(grad).mul_(mask)
+        pairs = [(local(p.grad), mask) for p, mask in self._applied if p.grad is not None]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_mul_(*map(list, zip(*pairs)))
 
     def on_after_optimizer_step(self) -> None:
         """After the optimizer step: re-apply the masks (plain modules); count the step."""
@@ -244,7 +244,7 @@ class Pruner:
         masks = self._current_masks(graph, pattern=False)
         self._keep(masks)
         self.sparsity = sparsity
-        kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
+        kept = int(sum(torch.count_nonzero(m) for m in masks.values()))  # one sync
         self.history.append({"step": self.step, "sparsity": sparsity, "kept": kept,
                              "numel": sum(m.numel() for m in masks.values())})
         return masks
@@ -252,11 +252,11 @@ class Pruner:
     def apply_masks(self) -> None:
         """Multiply the plain module's pruned parameters (their local shards) by their masks,
         in place."""
-        if isinstance(self.model, Graph):
+        if isinstance(self.model, Graph) or not self._applied:
             return
         with torch.no_grad():
-            for name, mask in self._masks.items():
-                local(self.model.get_parameter(name)).mul_(mask)
+            torch._foreach_mul_([local(p) for p, _ in self._applied],
+                                [mask for _, mask in self._applied])
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -300,6 +300,9 @@ class Pruner:
             name: mask.to(local(self.model.get_parameter(name)).device)
             for name, mask in masks.items()
         }
+        # (parameter, mask) pairs, looked up once per pruning step, not at every step
+        self._applied = [(self.model.get_parameter(name), mask)
+                         for name, mask in self._masks.items()]
         self.apply_masks()
 
     def _current_masks(self, graph: Graph, pattern: bool = True) -> dict[str, torch.Tensor]:

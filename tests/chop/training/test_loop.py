@@ -16,7 +16,14 @@ import chop
 from chop.errors import DataError
 from chop.ir.masks import current_masks
 from chop.passes.export.fold import fold_masks
-from chop.training.loop import TrainSpec, accuracy, split, take_samples, train_graph
+from chop.training.loop import (
+    TrainSpec,
+    accuracy,
+    fast_masks,
+    split,
+    take_samples,
+    train_graph,
+)
 
 
 def easy_task(count: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +115,9 @@ def test_train_graph_keeps_masks_and_learns(mlp):
     assert 0.0 <= records[-1]["eval"]["accuracy"] <= 1.0
     assert records[-1]["eval"]["accuracy"] == accuracy(graph, x[80:], y[80:], 16)
     assert not graph.training  # left in eval mode
-    for name, mask in masks.items():  # masked entries get no gradient: Adam leaves them alone
+    for name, mask in masks.items():  # trained with fast_masks: pruned weights are zeroed
         weight = graph.parameter(name).detach()
-        assert torch.equal(weight[~mask], before[name][~mask])
+        assert torch.count_nonzero(weight[~mask]) == 0 and before[name][~mask].any()
         assert not torch.equal(weight[mask], before[name][mask])  # the kept ones trained
     assert all(torch.equal(current_masks(graph)[k], masks[k]) for k in masks)
     fold_masks(graph)
@@ -215,3 +222,154 @@ def test_evaluate_perplexity_and_a_loss_of_your_own(mlp):
     with pytest.raises(DataError, match="evaluating the held-out batches: the default "
                                         "cross-entropy loss raised"):
         evaluate(graph, [(batches[0][0], torch.zeros(5, 2, dtype=torch.long))], "accuracy")
+
+
+# -- fast_masks: the masks kept in the weights ---------------------------------------------------
+# Inside fast_masks the kept weights must get exactly the masked graph's gradients and updates:
+# the forward reads weights that are bit for bit the mask node's product (w * m, zeroed in
+# place on entry), and the gradient of a kept entry is the same value either way (× 1). So the
+# losses and the kept weights are compared exactly, over several steps of each optimizer.
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+}
+
+
+def masked_twins(model: nn.Module, example: torch.Tensor) -> tuple[chop.Graph, chop.Graph]:
+    graph = chop.trace(model, (example,))
+    chop.run(graph, "magnitude, mask{sparsity=0.9, scope=global}")
+    return graph, graph.copy()
+
+
+def steps(graph: chop.Graph, optimizer: torch.optim.Optimizer, batches, count: int
+          ) -> list[torch.Tensor]:
+    losses = []
+    graph.train()
+    for i in range(count):
+        x, y = batches[i % len(batches)]
+        loss = F.cross_entropy(graph.module(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(graph.module.parameters(), 1.0)  # reads the gradients
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_fast_masks_train_exactly_as_the_masked_graph(name, model, mlp, cnn, cnn_batches):
+    if model == "mlp":
+        g = torch.Generator().manual_seed(5)
+        batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+                   for _ in range(3)]
+        plain, fast = masked_twins(mlp, batches[0][0][:2])
+    else:
+        batches = cnn_batches
+        plain, fast = masked_twins(cnn, batches[0][0][:2])
+    masks = {k: v.clone() for k, v in current_masks(plain).items()}
+    plain_opt = OPTIMIZERS[name](list(plain.module.parameters()))
+    fast_opt = OPTIMIZERS[name](list(fast.module.parameters()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # dropout of the cnn: the same draws in both
+        plain_losses = steps(plain, plain_opt, batches, 6)
+    with torch.random.fork_rng(devices=[]), fast_masks(fast, fast_opt):
+        torch.manual_seed(0)
+        assert not any(n.target is torch.ops.aten.mul.Tensor for n in mask_muls(fast))
+        fast_losses = steps(fast, fast_opt, batches, 6)
+        for pname, mask in masks.items():
+            weight = fast.parameter(pname)
+            assert torch.count_nonzero(weight[~mask]) == 0, pname  # pruned weights exactly 0
+            for value in fast_opt.state[weight].values():  # and their optimizer state
+                if value.shape == weight.shape:
+                    assert torch.count_nonzero(value[~mask]) == 0, pname
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses)), (
+        plain_losses, fast_losses)
+    for pname, value in plain.module.named_parameters():
+        mask = masks.get(pname)
+        expected = value.detach() * mask if mask is not None else value.detach()
+        assert torch.equal(fast.parameter(pname).detach(), expected), pname
+    # after the block: the masked graph again, computing what the plain one computes
+    assert all(n.target is torch.ops.aten.mul.Tensor for n in mask_muls(fast))
+    assert sum(1 for _ in mask_muls(fast)) == len(masks)
+    plain.eval(), fast.eval()
+    x = batches[0][0]
+    assert torch.equal(fast.module(x), plain.module(x))
+
+
+def mask_muls(graph: chop.Graph):
+    from chop.ir.masks import mask_nodes
+
+    return mask_nodes(graph)
+
+
+def test_fast_masks_zero_the_state_of_pruned_entries_on_entry_and_refresh(mlp, mlp_batches):
+    """Adam with weight decay, run on the plain masked graph first, leaves moments on pruned
+    entries; entering fast_masks zeroes them, and refresh() after the masks changed zeroes the
+    newly pruned weights and moments."""
+    graph, _ = masked_twins(mlp, mlp_batches[0][0][:2])
+    optimizer = torch.optim.Adam(graph.module.parameters(), lr=0.01, weight_decay=0.1)
+    steps(graph, optimizer, mlp_batches, 2)
+    name, mask = next(iter(current_masks(graph).items()))
+    weight = graph.parameter(name)
+    assert optimizer.state[weight]["exp_avg"][~mask].any()  # weight decay moved them
+    with fast_masks(graph, optimizer) as fast:
+        assert not optimizer.state[weight]["exp_avg"][~mask].any()
+        assert not weight[~mask].any()
+        steps(graph, optimizer, mlp_batches, 2)
+        chop.run(graph, "magnitude, mask{sparsity=0.95, scope=global}")  # updates the buffers
+        newer = current_masks(graph)[name]
+        assert (mask & ~newer).any()
+        fast.refresh()
+        assert not weight[~newer].any()
+        for value in (optimizer.state[weight]["exp_avg"], optimizer.state[weight]["exp_avg_sq"]):
+            assert not value[~newer].any()
+        steps(graph, optimizer, mlp_batches, 1)
+        assert not weight[~newer].any()
+
+
+def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp):
+    """train_graph with a Pruner on an unmasked graph: the mask nodes the first pruning step
+    adds are passed through too, and the records equal training without fast_masks."""
+    x, y = easy_task(64)
+    twin = copy.deepcopy(mlp)
+    spec = TrainSpec(lr=0.01, epochs=2, seed=0, weight_decay=0.01, prune_sparsity=0.8,
+                     prune_criterion="magnitude", prune_end=6, prune_frequency=2)
+    fast = chop.trace(mlp, (x[:2],))
+    plain = chop.trace(twin, (x[:2],))
+    fast_records = train_graph(fast, (x, y), None, spec, batch_size=16)
+    plain_records = train_graph(plain, (x, y), None,
+                                TrainSpec(**{**spec.__dict__, "fast_masks": False}), batch_size=16)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in fast_records]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in plain_records]
+    masks = current_masks(plain)
+    assert masks and all(torch.equal(current_masks(fast)[k], m) for k, m in masks.items())
+    for name, value in plain.module.named_parameters():
+        expected = value.detach() * masks[name] if name in masks else value.detach()
+        assert torch.equal(fast.parameter(name).detach(), expected), name
+
+
+class Drift(torch.optim.Optimizer):
+    """Moves every weight by a constant, gradient or not: pruned weights would leave zero."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.01})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(group["lr"])
+
+
+def test_fast_masks_re_mask_weights_after_other_optimizers(mlp, mlp_batches):
+    plain, fast = masked_twins(mlp, mlp_batches[0][0][:2])
+    masks = current_masks(plain)
+    plain_losses = steps(plain, Drift(plain.module.parameters()), mlp_batches, 3)
+    optimizer = Drift(fast.module.parameters())
+    with fast_masks(fast, optimizer):
+        fast_losses = steps(fast, optimizer, mlp_batches, 3)
+        assert all(torch.count_nonzero(fast.parameter(n)[~m]) == 0 for n, m in masks.items())
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))

@@ -1,0 +1,160 @@
+"""What does the :class:`~chop.training.Pruner` add to a training step?
+
+A training step here is forward, cross-entropy loss, backward and an Adam step of an eager
+``nn.Module``, as a user's loop runs it. With the Pruner, the loop also calls its hooks
+(``on_step_begin``, ``on_before_optimizer_step``, ``on_after_optimizer_step``) and the Pruner
+prunes at **every** step (``frequency=1``, cube schedule from 0 to ``--sparsity`` over the
+``--steps`` steps): the criterion scores, ``mask`` selects with exact counts, the masks are
+applied to the weights in place and to their gradients. Criteria:
+
+- ``magnitude``: |w|, scored at every pruning step;
+- ``snip-momentum{source=grad}``: INC's running SNIP score from the step's own ``.grad``, scored
+  at every step (``score_every_step``) — the per-step criterion with the least extra work;
+- ``snip-momentum``: the same from one extra forward+backward on the step's batch.
+
+Models: LeNet-5 (the 8×8-input one of ``examples/models.py``, batch 32) and BERT-small
+(4 layers, 512 wide, 8 heads, sequence classification; 8×128 tokens). Each loop runs
+``--steps`` steps on fixed random batches after ``--warmup`` untimed steps (the Pruner's
+first step traces the model); loops of every variant are interleaved, ``--rounds`` times, and
+the per-step medians compared. Load average and thread count are printed with the figures.
+Target (issue 13): the Pruner adds at most 25% to a LeNet-5 step and 10% to a BERT-small one.
+
+Usage: ``python benchmarks/bench_pruner.py [--models lenet5,bert-small] [--steps 100]
+[--rounds 3] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+from chop.pipeline.batches import call, logits_of  # noqa: E402
+from chop.training.pruner import Pruner  # noqa: E402
+
+TARGETS = {"lenet5": 1.25, "bert-small": 1.10}
+CRITERIA = ("magnitude", "snip-momentum{source=grad}", "snip-momentum")
+
+
+def lenet5(batch: int):
+    from models import LeNet5
+
+    g = torch.Generator().manual_seed(0)
+    return LeNet5(), [(torch.randn(batch, 1, 8, 8, generator=g),
+                       torch.randint(0, 10, (batch,), generator=g)) for _ in range(4)]
+
+
+def bert_small(batch: int, seq: int = 128):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                        intermediate_size=2048)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+        batches.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                        torch.randint(0, 2, (batch,), generator=g)))
+    return BertForSequenceClassification(config), batches
+
+
+MODELS = {"lenet5": ("LeNet-5 (8×8)", lambda: lenet5(32)),
+          "bert-small": ("BERT-small (4×512)", lambda: bert_small(8))}
+
+
+def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity: float
+         ) -> list[float]:
+    """Per-step seconds of ``steps`` training steps (after ``warmup``), pruning at every step
+    with ``criterion`` (None: no Pruner)."""
+    torch.manual_seed(0)
+    model = make()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    pruner = None
+    if criterion is not None:
+        pruner = Pruner(model, sparsity, criterion=criterion, schedule="cube", start_step=0,
+                        end_step=warmup + steps - 1, frequency=1,
+                        example_inputs=batches[0][0], data=None)
+        pruner.on_train_begin()
+    times = []
+    for step in range(warmup + steps):
+        inputs, targets = batches[step % len(batches)]
+        start = time.perf_counter()
+        if pruner is not None:
+            pruner.on_step_begin(step, (inputs, targets))
+        loss = F.cross_entropy(logits_of(call(model, inputs)), targets)
+        loss.backward()
+        if pruner is not None:
+            pruner.on_before_optimizer_step()
+        optimizer.step()
+        if pruner is not None:
+            pruner.on_after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    if pruner is not None:
+        kept = sum(int(m.count_nonzero()) for m in pruner.masks.values())
+        total = sum(m.numel() for m in pruner.masks.values())
+        assert abs(1 - kept / total - sparsity) < 1e-3, (kept, total)
+    return times
+
+
+def load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="lenet5,bert-small")
+    parser.add_argument("--criteria", default=";".join(CRITERIA),
+                        help="criterion pipeline items, separated by ';'")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved loops per variant")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    criteria = [c.strip() for c in args.criteria.split(";") if c.strip()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"{args.steps} steps × {args.rounds} interleaved rounds, pruning every step to "
+          f"{args.sparsity:.0%}; load average {load()}\n")
+    print("| model | variant | median step ms | × no Pruner | target |")
+    print("|---|---|---:|---:|---|")
+    for key in args.models.split(","):
+        title, build = MODELS[key]
+        model, batches = build()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def make(model=model, state=state):
+            model.load_state_dict(state)
+            return model
+
+        variants = [None, *criteria]
+        times: dict[str | None, list[float]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+                times[v] += loop(make, batches, v, args.steps, args.warmup, args.sparsity)
+        base = statistics.median(times[None])
+        for v in variants:
+            median = statistics.median(times[v])
+            ratio = median / base
+            target = TARGETS[key]
+            verdict = "" if v is None else f"≤ {target:.2f} {'ok' if ratio <= target else 'MISSED'}"
+            print(f"| {title} | {v or 'no Pruner'} | {median * 1e3:.2f} | {ratio:.2f} | "
+                  f"{verdict} |", flush=True)
+        print(f"| | load average after {title}: {load()} | | | |")
+
+
+if __name__ == "__main__":
+    main()
