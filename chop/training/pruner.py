@@ -205,10 +205,10 @@ class Pruner:
             self._maybe_prune(score=False)
         if isinstance(self.model, Graph):
             return
-        pairs = [(local(p.grad), mask) for p, mask in self._applied if p.grad is not None]
-        if pairs:
-            with torch.no_grad():
-                torch._foreach_mul_(*map(list, zip(*pairs)))
+        with torch.no_grad():
+            for param, mask in self._applied:
+                if param.grad is not None:
+                    local(param.grad).mul_(mask)
 
     def on_after_optimizer_step(self) -> None:
         """After the optimizer step: re-apply the masks (plain modules); count the step."""
@@ -254,9 +254,9 @@ class Pruner:
         in place."""
         if isinstance(self.model, Graph) or not self._applied:
             return
-        with torch.no_grad():
-            torch._foreach_mul_([local(p) for p, _ in self._applied],
-                                [mask for _, mask in self._applied])
+        with torch.no_grad():  # (torch._foreach_mul_ with bool masks is far slower)
+            for param, mask in self._applied:
+                local(param).mul_(mask)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
