@@ -123,6 +123,7 @@ _TRAIN_KEYS = {
     "prune_start": "an integer of at least 0 (optimizer steps)",
     "prune_end": "an integer of at least prune_start (optimizer steps)",
     "prune_frequency": "a positive integer (optimizer steps)",
+    "fast_masks": "true or false (train with the masks kept in the weights)",
 }
 
 
@@ -369,6 +370,7 @@ class _Validator:
                 "prune_start": integer and value >= 0,
                 "prune_end": integer and value >= table.get("prune_start", 0),
                 "prune_frequency": integer and value >= 1,
+                "fast_masks": isinstance(value, bool),
             }[name]
             if not ok:
                 raise self.error(key, f"expected {_TRAIN_KEYS[name]}, got {_show(value)}")

@@ -66,6 +66,8 @@ def test_set_overrides(tmp_path: Path) -> None:
     assert config.data.shuffle is True
     assert config.model.kwargs == {"num_classes": 10, "width": 8}
     assert config.overrides["passes.mask.sparsity"] == 0.95
+    assert config.train.fast_masks is True
+    assert load_config(write(tmp_path, GOOD), ["train.fast_masks=false"]).train.fast_masks is False
 
 
 @pytest.mark.parametrize("text, value", [
@@ -145,6 +147,7 @@ def test_unknown_pass_in_pipeline(tmp_path: Path) -> None:
     ("model.kwargs=3", ["model.kwargs", "expected a table"]),
     ("pipeline.passes=[]", ["pipeline.passes", "non-empty list"]),
     ("pipeline.passes=[1]", ["pipeline.passes"]),
+    ("train.fast_masks=1", ["train.fast_masks", "true or false"]),
 ])
 def test_bad_values(tmp_path: Path, override: str, needles: list[str]) -> None:
     message = error(tmp_path, GOOD, (override,))
