@@ -26,19 +26,38 @@ Per model, with random saliency (seeded) and every pass at its defaults:
   shrink`` (sparsity is the share of the selected layers' parameters);
 - ``max diff shrunk vs masked``: the largest absolute difference in eval mode, on another
   batch size (and sequence length where the model takes tokens), relative to the output's
-  scale in brackets.
+  scale in brackets;
+- ``Torch-Pruning @50%`` (side by side, when ``torch_pruning`` is importable; "absent"
+  otherwise; ``--no-torch-pruning`` drops it): on a deep copy of the eager model in eval mode,
+  ``MetaPruner(model, inputs, MagnitudeImportance(p=2), pruning_ratio=0.5)`` with the example
+  inputs as a dict of keyword arguments and the output layers ignored (the layers of the copy
+  that the model's output reaches without passing another linear/conv/recurrent layer: the
+  classifier, ``lm_head``, the last convs of a residual stream), attention as in Torch-Pruning's
+  Hugging Face BERT example where the module names its query/key/value linears (``num_heads``
+  of each, ``prune_head_dims=True``, ``prune_num_heads=False``, the module's head size
+  attributes updated after the step; ``nn.MultiheadAttention`` given its ``num_heads``), then
+  ``step()`` and a forward on the other batch: ``params A → B`` when that gives finite outputs
+  of the unpruned output's shape (``wrong shape`` when only the trailing dimensions differ),
+  ``crash`` when the constructor or the step raises, ``broken forward`` when the forward does,
+  ``timeout`` past ``--tp-timeout`` seconds (constructor and step; ``signal.setitimer``).
+
+A line under the table counts the models chop handles (``head`` and ``params @50%`` without
+"fails") and those where Torch-Pruning gave a usable model.
 
 Usage::
 
     python benchmarks/coverage.py                      # HF families + hand-written blocks
     python benchmarks/coverage.py --models llama,t5    # a selection (--list shows the names)
     python benchmarks/coverage.py --torchvision        # add torchvision's models (slow)
+    python benchmarks/coverage.py --no-torch-pruning   # without the Torch-Pruning column
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -265,10 +284,19 @@ def _unprunable(graph: chop.Graph) -> tuple[float, float, str]:
     return (100 * counted_blocked / max(counted, 1), 100 * blocked / max(total, 1), top)
 
 
-def measure(name: str, build: Build) -> dict[str, str]:
+def measure(name: str, build: Build, tp: str | float | None = None) -> dict[str, str]:
+    """One row; ``tp``: Torch-Pruning's time limit in seconds, "absent", or None (no column)."""
     row = {"model": name}
     model, inputs = build()
     model.eval()
+    if isinstance(tp, str):
+        row[TP] = tp
+    elif tp is not None:
+        try:
+            row[TP], usable = run_torch_pruning(model, inputs, tp)
+        except Exception as e:  # noqa: BLE001 - e.g. the unpruned model's own forward
+            row[TP], usable = f"crash: {_first_line(e)}", False
+        row["_tp usable"] = "yes" if usable else ""
     start = time.perf_counter()
     try:
         graph = chop.trace(model, (), inputs(2, 10))
@@ -340,8 +368,169 @@ def measure(name: str, build: Build) -> dict[str, str]:
     return row
 
 
+# -- Torch-Pruning, side by side -----------------------------------------------------------------
+
+class _Timeout(BaseException):  # not an Exception: Torch-Pruning's own handlers do not swallow it
+    pass
+
+
+def _first_line(e: BaseException, width: int = 60) -> str:
+    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:width]
+
+
+_STOPS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d, nn.RNNBase)
+
+
+def _output_layers(model: nn.Module, inputs: dict[str, Any]) -> list[str]:
+    """Names of the layers whose output reaches the model's output without passing another
+    linear/conv/recurrent layer (found on the autograd graph of one forward)."""
+    made: dict[Any, str] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: Any, out: Any) -> None:
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    made.setdefault(t.grad_fn, name)
+        return record
+
+    stops = [n for n, m in model.named_modules() if isinstance(m, _STOPS) or
+             type(m).__name__ == "Conv1D"]  # transformers' GPT-2 projection
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in stops]
+    try:
+        with torch.enable_grad():
+            out = _out(model(**inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    found, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in made:
+            found.append(made[fn])
+            continue
+        todo.extend(f for f, _ in fn.next_functions)
+    return sorted(set(found))
+
+
+def _attention(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], list[int]]]:
+    """(module, its query/key/value linears, their head counts) for the attention modules that
+    name them, as Torch-Pruning's Hugging Face examples build ``num_heads``."""
+    found = []
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
+                      ("q_lin", "k_lin", "v_lin")):
+            lins = [getattr(m, n, None) for n in names]
+            if not all(isinstance(lin, nn.Linear) for lin in lins):
+                continue
+            heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads", "n_heads")
+                          if isinstance(getattr(m, a, None), int)), None)
+            heads = heads or getattr(config, "num_attention_heads", None)
+            kv = getattr(m, "num_key_value_heads", None) or getattr(config, "num_key_value_heads",
+                                                                     None) or heads
+            if heads:
+                found.append((m, lins, [heads, kv, kv]))
+    return found
+
+
+def _tp_heads_after(pruner: Any, attention: list) -> None:
+    """Update the head sizes the attention modules reshape with (Torch-Pruning's BERT example
+    sets ``num_attention_heads``, ``attention_head_size`` and ``all_head_size``)."""
+    for m, (q, _, _), _ in attention:
+        heads = pruner.num_heads.get(q)
+        if not heads:
+            continue
+        for a in ("num_attention_heads", "num_heads", "n_heads"):
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, heads)
+        for a in ("attention_head_size", "head_dim", "key_value_proj_dim"):
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, q.out_features // heads)
+        for a in ("all_head_size", "inner_dim"):
+            if isinstance(getattr(m, a, None), int):
+                setattr(m, a, q.out_features)
+
+
+def run_torch_pruning(model: nn.Module, inputs: Inputs, limit: float) -> tuple[str, bool]:
+    """The Torch-Pruning cell, and whether it gave a usable model."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    example = inputs(2, 10)
+    other = inputs(3, 13)
+    try:
+        with torch.no_grad():
+            reference = _out(model(**other))
+    except Exception:  # noqa: BLE001 - the model fixes its sequence length: keep it
+        other = inputs(3, 10)
+        with torch.no_grad():
+            reference = _out(model(**other))
+    before = sum(p.numel() for p in model.parameters())
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit, 1.0)  # fires again each second if swallowed
+    try:
+        try:
+            ignored = [model.get_submodule(n) for n in _output_layers(model, example)]
+            kwargs: dict[str, Any] = {}
+            attention = _attention(model)
+            heads = {lin: h for _, lins, hs in attention for lin, h in zip(lins, hs)}
+            heads.update({m: m.num_heads for m in model.modules()
+                          if isinstance(m, nn.MultiheadAttention)})
+            if heads:  # Torch-Pruning's examples/transformers/prune_hf_bert.py
+                kwargs.update(num_heads=heads, prune_head_dims=True, prune_num_heads=False)
+            pruner = tp.pruner.MetaPruner(model, example,
+                                          importance=tp.importance.MagnitudeImportance(p=2),
+                                          pruning_ratio=0.5, ignored_layers=ignored, **kwargs)
+            pruner.step()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    except _Timeout:
+        return "timeout", False
+    except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not stop
+        logging.getLogger("coverage").debug("torch-pruning\n%s", traceback.format_exc())
+        return f"crash: {_first_line(e)}", False
+    after = sum(p.numel() for p in model.parameters())
+    try:
+        _tp_heads_after(pruner, attention)
+        with torch.no_grad():
+            out = _out(model(**other))
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("coverage").debug("torch-pruning forward\n%s", traceback.format_exc())
+        return f"broken forward: {_first_line(e)}", False
+    if not isinstance(out, torch.Tensor):
+        return f"broken forward: output is {type(out).__name__}", False
+    if out.shape[:1] != reference.shape[:1] or out.dim() != reference.dim():
+        return f"broken forward: output {tuple(out.shape)}, not {tuple(reference.shape)}", False
+    if not torch.isfinite(out).all():
+        return "broken forward: non-finite outputs", False
+    if out.shape != reference.shape:
+        return f"{before:,} → {after:,}, wrong shape {tuple(out.shape)}", False
+    return f"{before:,} → {after:,}" + (" (nothing pruned)" if after == before else ""), True
+
+
+TP = "Torch-Pruning @50%"
 COLUMNS = ["model", "traced", "element", "channel unprunable", "head", "2:4", "params @50%",
-           "max diff shrunk vs masked", "seconds"]
+           "max diff shrunk vs masked", "seconds", TP]
+
+
+def _chop_handles(row: dict[str, str]) -> bool:
+    return all(k in row and not row[k].startswith("fails") for k in ("head", "params @50%"))
+
+
+def _unchanged(cell: str) -> bool:
+    """``A → A``: the cell reports no parameter removed."""
+    counts = cell.split(" (")[0].split(" → ")
+    return len(counts) == 2 and counts[0] == counts[1]
 
 
 def main() -> None:
@@ -349,6 +538,10 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated names (default: all but torchvision)")
     parser.add_argument("--torchvision", action="store_true", help="add torchvision's models")
     parser.add_argument("--list", action="store_true", help="list the model names and exit")
+    parser.add_argument("--no-torch-pruning", action="store_true",
+                        help="leave out the Torch-Pruning column")
+    parser.add_argument("--tp-timeout", type=float, default=120.0,
+                        help="seconds for Torch-Pruning's constructor and step per model")
     args = parser.parse_args()
     models = dict(MODELS)
     if args.torchvision or (args.models and any(m in TORCHVISION for m in args.models.split(","))):
@@ -362,14 +555,41 @@ def main() -> None:
     for name in ("chop", "torch", "torch._dynamo", "torch.export", "transformers"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    tp: str | float | None = None
+    if not args.no_torch_pruning:
+        try:
+            import torch_pruning  # noqa: F401
+            tp = args.tp_timeout
+        except ImportError:
+            tp = "absent"
+    columns = [c for c in COLUMNS if c != TP or tp is not None]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    rows = []
     for name in names:
         try:
-            row = measure(name, models[name])
+            row = measure(name, models[name], tp)
         except Exception as e:  # noqa: BLE001 - building the model failed
             row = {"model": name, "traced": f"not built: {str(e).splitlines()[0][:60]}"}
-        print("| " + " | ".join(row.get(c, "") for c in COLUMNS) + " |", flush=True)
+            if tp is not None:
+                row[TP] = "absent" if isinstance(tp, str) else ""
+        rows.append(row)
+        print("| " + " | ".join(row.get(c, "") for c in columns) + " |", flush=True)
+    handled = [r for r in rows if _chop_handles(r)]
+    same = sum(_unchanged(r["params @50%"]) for r in handled)
+    summary = (f"chop handles {len(handled)}/{len(rows)} models"
+               + (f" ({same} with nothing pruned at 50%)" if same else ""))
+    if isinstance(tp, str):
+        summary += "; Torch-Pruning absent"
+    elif tp is not None:
+        usable = [r for r in rows if r.get("_tp usable")]
+        same = sum(_unchanged(r[TP]) for r in usable)
+        summary += (f"; Torch-Pruning gave a usable model for {len(usable)}/{len(rows)}"
+                    + (f" ({same} with nothing pruned)" if same else ""))
+    rule = 'chop: head and params @50% without "fails"'
+    if isinstance(tp, float):
+        rule += "; Torch-Pruning: its pruned model runs with finite outputs of the unpruned shape"
+    print(f"\n{summary} ({rule})")
 
 
 if __name__ == "__main__":
