@@ -236,17 +236,24 @@ def mask_weights(
                             min_sparsity=min_sparsity, max_sparsity=max_sparsity, min_keep=min_keep)
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
                  for node, k, s in zip(nodes, kept, scores)]
+    before = [meta.entries(n).get("mask") for n in nodes]
     added = [insert_mask(graph, node, mask) for node, mask in zip(nodes, masks)]
     if any(added):
         graph.recompile()
-    counts = [int(torch.count_nonzero(m)) for m in masks]
+    counts = torch.stack([torch.count_nonzero(m) for m in masks]).tolist() if masks else []
     report["kept"] = {n.target: (c, m.numel()) for n, m, c in zip(nodes, masks, counts)}
     empty = [n.target for n, m, c in zip(nodes, masks, counts) if m.numel() and not c]
-    if empty:
+    # warn when a layer becomes empty, not again each time it is re-masked empty (a Pruner
+    # masks at every step)
+    new = [n.target for n, m, c, old in zip(nodes, masks, counts, before)
+           if m.numel() and not c and (old is None or bool(old.any()))]
+    if new:
         log.warning(
             "mask emptied %d layer(s): %s; the network may be disconnected (lower the sparsity, "
-            "set min_keep, or use scope=local)", len(empty), ", ".join(empty),
+            "set min_keep, or use scope=local)", len(new), ", ".join(new),
         )
+    elif empty:
+        log.debug("mask: %d layer(s) stay empty: %s", len(empty), ", ".join(empty))
     return {n.target: m for n, m in zip(nodes, masks)}
 
 

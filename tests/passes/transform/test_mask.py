@@ -199,6 +199,9 @@ def test_min_keep_prevents_an_emptied_layer(cnn_graph, cnn_batches, caplog):
     chop.run(cnn_graph, "mask{sparsity=0.5}")
     assert not masks(cnn_graph)["conv1.weight"].any()
     assert "mask emptied 1 layer(s): conv1.weight" in caplog.text
+    caplog.clear()
+    chop.run(cnn_graph, "mask{sparsity=0.5}")  # stays empty: said once, not at every re-mask
+    assert not masks(cnn_graph)["conv1.weight"].any() and "mask emptied" not in caplog.text
     chop.run(cnn_graph, "mask{sparsity=0.5, min_keep=10}")
     got = masks(cnn_graph)
     assert int(got["conv1.weight"].sum()) == 10
