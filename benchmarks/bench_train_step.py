@@ -48,41 +48,11 @@ from chop.ir.masks import current_masks  # noqa: E402
 from chop.pipeline.batches import call, logits_of  # noqa: E402
 from chop.training.loop import fast_masks  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_pruner  # noqa: E402
+from bench_snip import ResNet18  # noqa: E402  (the same ResNet-18 for 32×32 inputs)
+
 TARGET = 1.05
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for 32×32 inputs (CIFAR stem: one 3×3 conv, no max-pool)."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU())
-        blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [Block(cin, cout, stride), Block(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 def resnet18(batch: int = 32):
@@ -93,18 +63,9 @@ def resnet18(batch: int = 32):
 
 
 def bert_small(batch: int = 8, seq: int = 128):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-                        intermediate_size=2048)
-    g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    batches = []
-    for _ in range(2):
-        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-        batches.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                        torch.randint(0, 2, (batch,), generator=g)))
-    return BertForSequenceClassification(config), batches
+    model, batches = bench_pruner.bert_small(batch, seq)  # the same BERT-small
+    return model, batches[:2]
 
 
 MODELS = {"bert-small": ("BERT-small (4×512, 8×128 tokens)", bert_small),
