@@ -167,6 +167,7 @@ class Pruner:
         self._locked = dict(masks) if masks is not None else None
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # _masks by parameter
+        self._records: list[Any] = []  # the graph.history records of the last pruning step
         self._batch: Any = None  # the batch given to the current step
 
     # -- hooks -------------------------------------------------------------------------------
@@ -236,11 +237,19 @@ class Pruner:
             return self._prune_sharded(sparsity, batch, score)
         graph = self._graph(batch)
         data = self._data(batch)
+        first = len(graph.history)
         if score:
             self.score(batch)
         step_mask = Mask.from_options({**self.mask_options, "sparsity": sparsity})
         with pruned_last(graph):
             run(graph, [step_mask], data=data, loss=self.loss)
+        # graph.history keeps this step's pass records only: a step supersedes the one before,
+        # and a record per pass per step would grow without end over a long training run
+        # (self.history keeps one line per step)
+        earlier = {id(r) for r in self._records}
+        self._records = graph.history[first:]
+        if earlier:
+            graph.history[:] = [r for r in graph.history if id(r) not in earlier]
         masks = self._current_masks(graph, pattern=False)
         self._keep(masks)
         self.sparsity = sparsity

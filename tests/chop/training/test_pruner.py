@@ -53,6 +53,10 @@ def test_pruner_exact_counts_at_every_pruning_step(mlp, mlp_batches, kind, curve
         assert count == kept(total, schedule.sparsity_at(step)), step
     assert [h["step"] for h in pruner.history] == [1, 3, 5, 7]
     assert pruner.history[-1]["kept"] == kept(total, target)
+    # the graph's history holds the last pruning step's passes only (not 2 per step, unbounded)
+    assert [r.name for r in pruner.graph.history] == ["snip", "mask"]
+    assert pruner.graph.history[-1].info["kept"] == {
+        name: (int(m.sum()), m.numel()) for name, m in pruner.masks.items()}
     masks = pruner.masks
     for name, mask in masks.items():  # the weights really are zero where pruned, after training
         weight = (graph.parameter(name) * graph.module.get_buffer(name.replace(".weight", ".weight_mask"))
