@@ -145,3 +145,36 @@ def test_shared_data_is_split_over_the_ranks(ranks):
             for name, value in saliency.items():
                 torch.testing.assert_close(results[0][criterion][2][name], value)
     assert results[0]["snip"][1]["ranks"] == 2
+
+
+class Counting(nn.Module):
+    """A model whose eval-mode forward changes a buffer in place (a call counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.fc(x) * self.scale
+
+
+def test_scoring_restores_the_buffers_a_forward_changes_every_time():
+    from chop.passes.analysis.scoring import scoring
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    graph = chop.trace(Counting(), (x,))
+    before = {k: v.clone() for k, v in graph.module.named_buffers()}
+    for _ in range(3):  # the first run copies every buffer, later ones only what changed
+        chop.run(graph, "snip", data=[(x, y)])
+        for name, value in graph.module.named_buffers():
+            assert torch.equal(value, before[name]), name
+    # what scoring saves is learnt from the first run; a buffer that a later run changes
+    # against that is a bug chop reports instead of leaving the buffer changed silently
+    with pytest.raises(chop.InternalError, match=r"scoring changed buffers it had not changed "
+                                                 r"before \(scale\)"):
+        with scoring(graph, [graph.weight_node("fc.weight")]):
+            graph.module.get_buffer("scale").mul_(2)
