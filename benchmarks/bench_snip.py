@@ -125,7 +125,7 @@ def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: i
     args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), None)
     graph = chop.trace(model, args, kwargs)  # untimed; starts in train mode, like the model
     model.eval()
-    params = [p for p in graph.module.parameters()]
+    params = [p for p in graph.module.parameters() if p.requires_grad]
 
     def graph_step() -> None:  # the graph's own fwd+bwd, without the pass around it
         with graph.mode(batch_norm=False, dropout=False, lean=True):
