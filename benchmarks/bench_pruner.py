@@ -17,10 +17,12 @@ Models: LeNet-5 (the 8×8-input one of ``examples/models.py``, batch 32) and BER
 ``--steps`` steps on fixed random batches after ``--warmup`` untimed steps (the Pruner's
 first step traces the model); loops of every variant are interleaved, ``--rounds`` times, and
 the per-step medians compared. Load average and thread count are printed with the figures.
+On a shared machine, ``--threads 1 --clock cpu`` times the process's CPU time, which other
+processes barely change.
 Target (issue 13): the Pruner adds at most 25% to a LeNet-5 step and 10% to a BERT-small one.
 
 Usage: ``python benchmarks/bench_pruner.py [--models lenet5,bert-small] [--steps 100]
-[--rounds 3] [--threads N]``
+[--rounds 3] [--threads N] [--clock wall|cpu]``
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ MODELS = {"lenet5": ("LeNet-5 (8×8)", lambda: lenet5(32)),
           "bert-small": ("BERT-small (4×512)", lambda: bert_small(8))}
 
 
-def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity: float
-         ) -> list[float]:
+def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity: float,
+         clock=time.perf_counter) -> list[float]:
     """Per-step seconds of ``steps`` training steps (after ``warmup``), pruning at every step
     with ``criterion`` (None: no Pruner)."""
     torch.manual_seed(0)
@@ -88,7 +90,7 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
     times = []
     for step in range(warmup + steps):
         inputs, targets = batches[step % len(batches)]
-        start = time.perf_counter()
+        start = clock()
         if pruner is not None:
             pruner.on_step_begin(step, (inputs, targets))
         loss = F.cross_entropy(logits_of(call(model, inputs)), targets)
@@ -100,7 +102,7 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
             pruner.on_after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     if pruner is not None:
         kept = sum(int(m.count_nonzero()) for m in pruner.masks.values())
         total = sum(m.numel() for m in pruner.masks.values())
@@ -122,11 +124,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved loops per variant")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: time.process_time (all threads)")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     criteria = [c.strip() for c in args.criteria.split(";") if c.strip()]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"{os.cpu_count()} CPUs; "
           f"{args.steps} steps × {args.rounds} interleaved rounds, pruning every step to "
           f"{args.sparsity:.0%}; load average {load()}\n")
     print("| model | variant | median step ms | × no Pruner | target |")
@@ -144,7 +150,7 @@ def main() -> None:
         times: dict[str | None, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                times[v] += loop(make, batches, v, args.steps, args.warmup, args.sparsity)
+                times[v] += loop(make, batches, v, args.steps, args.warmup, args.sparsity, clock)
         base = statistics.median(times[None])
         for v in variants:
             median = statistics.median(times[v])

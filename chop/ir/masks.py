@@ -93,16 +93,21 @@ def select_weights(
     embeddings: bool = False,
 ) -> list[Node]:
     """Weight nodes to prune: linear and conv weights (plus the roles asked for), filtered by
-    ``include``/``exclude`` regexes searched in the parameter name."""
-    roles = set(PRUNABLE_ROLES) | {
-        r for r, on in (("bias", biases), ("norm", norms), ("embedding", embeddings)) if on
-    }
-    return [
-        n for n in graph.weight_nodes()
-        if meta.entries(n).get("role") in roles
-        and (include is None or re.search(include, n.target))
-        and (exclude is None or not re.search(exclude, n.target))
-    ]
+    ``include``/``exclude`` regexes searched in the parameter name. Remembered while the graph's
+    structure holds (a training loop selects at every pruning step)."""
+    key = ("select_weights", include, exclude, biases, norms, embeddings)
+    memo = graph.memo()
+    if key not in memo:
+        roles = set(PRUNABLE_ROLES) | {
+            r for r, on in (("bias", biases), ("norm", norms), ("embedding", embeddings)) if on
+        }
+        memo[key] = [
+            n for n in graph.weight_nodes()
+            if meta.entries(n).get("role") in roles
+            and (include is None or re.search(include, n.target))
+            and (exclude is None or not re.search(exclude, n.target))
+        ]
+    return list(memo[key])
 
 
 def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> bool:

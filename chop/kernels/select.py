@@ -246,12 +246,11 @@ def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> lis
     """:func:`keep_masks` by :func:`_direct_threshold`: entries above the threshold and the
     first ties in position order."""
     flat, t = _direct_threshold(scores, k, dtype)
-    mask = flat > t
-    ties = k - int(torch.count_nonzero(mask))
-    eq = flat == t
-    if int(torch.count_nonzero(eq)) > ties:
-        eq &= eq.cumsum(0, dtype=torch.int32) <= ties
-    mask |= eq
+    mask = flat >= t
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra:  # more ties at t than the budget takes: drop the last ones in position order
+        eq = flat == t
+        mask &= ~eq | (eq.cumsum(0, dtype=torch.int32) <= int(torch.count_nonzero(eq)) - extra)
     return [m.view(s.shape).clone() for m, s in zip(mask.split([s.numel() for s in scores]),
                                                     scores)]
 

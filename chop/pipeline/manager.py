@@ -220,6 +220,7 @@ class PassManager:
         track: Callable[[Iterable, int | None, str], Iterable] | None = None,
         on_pass: Callable[[Pass, int, int], None] | None = None,
         shared_data: bool = False,
+        verify: bool = True,
     ) -> Graph:
         """Run every pass on ``graph`` in order and return it.
 
@@ -231,15 +232,20 @@ class PassManager:
             on_pass: called as ``on_pass(pass, index, count)`` before each pass starts.
             shared_data: every rank of a process group was given the same ``data`` (see
                 :class:`~chop.pipeline.pass_base.Context`).
+            verify: check the pipeline against the graph before and lint the graph after each
+                pass. False skips both, for a caller that runs the same pipeline on the same
+                graph again and again (the :class:`~chop.training.Pruner` at every step) after
+                one verified run; failures are still wrapped and every pass still recorded.
         """
         if not isinstance(graph, Graph):
             raise TraceError(
                 f"chop.run needs a chop.Graph, got a {type(graph).__name__}; trace the model "
                 "first: graph = chop.trace(model, example_inputs), then chop.run(graph, ...)"
             )
-        self.check(graph)
+        if verify:
+            self.check(graph)
         weighted = [p.name for p in self.passes if p.requires or p.provides]
-        if weighted and not graph.weight_nodes():
+        if verify and weighted and not graph.weight_nodes():
             raise PassError(
                 f"{graph.name} has no parameters, so pass {weighted[0]!r} has no weight to "
                 "score or prune; trace the model that holds the weights (a program exported "
@@ -254,14 +260,15 @@ class PassManager:
             ctx.node = None
             start = time.perf_counter()
             try:
-                structure = graph.structure()
+                structure = graph.structure() if verify else None
                 result = p.apply(graph, ctx)
                 if result.modified:
                     invalidate(graph, p)
                 # what cannot have changed is not checked again: the fx graph unless the pass
                 # edited it, the entries the pass does not provide unless it modified the graph
-                graph.lint(None if result.modified else p.provides,
-                           structure=graph.structure() != structure)
+                if verify:
+                    graph.lint(None if result.modified else p.provides,
+                               structure=graph.structure() != structure)
             except Exception as e:
                 wrapped = _wrap(e, p, ctx)
                 if wrapped is e:

@@ -23,7 +23,11 @@ pruned weight (pruned weights are ranked below kept ones, :func:`pruned_last`; s
 schedule's ``initial_sparsity`` at the sparsity the model already has). The criterion runs at
 each pruning step in :meth:`Pruner.on_step_begin`; an accumulating criterion (``snip-momentum``)
 runs at every step in :meth:`Pruner.on_before_optimizer_step` instead, where the training loop's
-``.grad`` exists (``score_every_step``).
+``.grad`` exists (``score_every_step``). The criterion scores only what ``mask`` can select
+(linear and conv weights, unless ``mask_options`` add biases, norms or embeddings). Each pass's
+first run on the graph is checked and linted by the pass manager; while the graph stays as that
+run left it, the pass runs again without those checks (``verify=False``), which a step pays
+otherwise.
 
 **Two kinds of model.**
 
@@ -57,6 +61,7 @@ the non-zero pattern of the selected weights) and keeps them applied while fine-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Literal
 
@@ -89,6 +94,16 @@ def criterion_pass(criterion: str | Pass) -> Pass:
             " (with options if needed, e.g. \"snip{batches=2}\")"
         )
     return passes[0]
+
+
+def _scoring_selected(criterion: Pass, mask_options: Mapping[str, Any]) -> Pass:
+    """``criterion`` scoring only linear and conv weights (``params=prunable``) when the mask
+    options select no other role: the Pruner would never read the other scores, and computing
+    them at every step costs (embedding tables can be most of a model)."""
+    others = any(mask_options.get(role) for role in ("biases", "norms", "embeddings"))
+    if others or getattr(criterion, "params", None) != "all":
+        return criterion
+    return dataclasses.replace(criterion, params="prunable")
 
 
 class Pruner:
@@ -151,7 +166,8 @@ class Pruner:
         selection = Mask.from_options({**options, "sparsity": sparsity})  # validate now
         self.schedule = Schedule(sparsity, schedule, start_step, end_step, frequency,
                                  initial_sparsity)
-        self.criterion = criterion_pass(criterion) if mode == "progressive" else None
+        self.criterion = (_scoring_selected(criterion_pass(criterion), options)
+                          if mode == "progressive" else None)
         self.mode = mode
         if score_every_step is None:
             score_every_step = self.criterion is not None and self.criterion.accumulates
@@ -169,6 +185,9 @@ class Pruner:
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # _masks by parameter
         self._records: list[Any] = []  # the graph.history records of the last pruning step
         self._batch: Any = None  # the batch given to the current step
+        # the graph's structure after each pass's last run here: while it holds, the pass runs
+        # again without the manager's checks and lints (they passed on this very graph)
+        self._verified: dict[str, Any] = {}
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -226,7 +245,7 @@ class Pruner:
         if self.sharded is not None:
             self.sharded.score(self.criterion, self._data(batch), self.loss)
             return
-        run(self._graph(batch), [self.criterion], data=self._data(batch), loss=self.loss)
+        self._run(self._graph(batch), self.criterion, batch)
 
     def prune(self, sparsity: float, batch: Any = None, *, score: bool = True
               ) -> dict[str, torch.Tensor]:
@@ -236,13 +255,12 @@ class Pruner:
         if self.sharded is not None:
             return self._prune_sharded(sparsity, batch, score)
         graph = self._graph(batch)
-        data = self._data(batch)
         first = len(graph.history)
         if score:
             self.score(batch)
         step_mask = Mask.from_options({**self.mask_options, "sparsity": sparsity})
         with pruned_last(graph):
-            run(graph, [step_mask], data=data, loss=self.loss)
+            self._run(graph, step_mask, batch)
         # graph.history keeps this step's pass records only: a step supersedes the one before,
         # and a record per pass per step would grow without end over a long training run
         # (self.history keeps one line per step)
@@ -253,9 +271,10 @@ class Pruner:
         masks = self._current_masks(graph, pattern=False)
         self._keep(masks)
         self.sparsity = sparsity
-        kept = int(sum(torch.count_nonzero(m) for m in masks.values()))  # one sync
-        self.history.append({"step": self.step, "sparsity": sparsity, "kept": kept,
-                             "numel": sum(m.numel() for m in masks.values())})
+        counted = self._records[-1].info["kept"].values()  # mask's own counts: no extra sync
+        self.history.append({"step": self.step, "sparsity": sparsity,
+                             "kept": sum(k for k, _ in counted),
+                             "numel": sum(n for _, n in counted)})
         return masks
 
     def apply_masks(self) -> None:
@@ -299,19 +318,33 @@ class Pruner:
                              "numel": numel})
         return masks
 
+    def _run(self, graph: Graph, p: Pass, batch: Any) -> None:
+        """Run pass ``p`` on ``graph``, verified (checks and lints) unless the graph is the one
+        the last run of ``p`` here left."""
+        same = self._verified.get(p.name) == graph.structure()
+        run(graph, [p], data=self._data(batch), loss=self.loss, verify=not same)
+        self._verified[p.name] = graph.structure()
+
     def _data(self, batch: Any) -> Iterable | None:
         return self.data if self.data is not None else ([batch] if batch is not None else None)
 
     def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Hold ``masks`` (copies, on the parameters' devices) and apply them."""
         if isinstance(self.model, Graph):
             return
-        self._masks = {
-            name: mask.to(local(self.model.get_parameter(name)).device)
-            for name, mask in masks.items()
-        }
-        # (parameter, mask) pairs, looked up once per pruning step, not at every step
-        self._applied = [(self.model.get_parameter(name), mask)
-                         for name, mask in self._masks.items()]
+        if masks.keys() == self._masks.keys() and all(
+            mask.shape == self._masks[name].shape for name, mask in masks.items()
+        ):  # the same parameters as at the last step: update the masks in place
+            for name, mask in masks.items():
+                self._masks[name].copy_(mask)
+        else:
+            self._masks = {
+                name: mask.to(local(self.model.get_parameter(name)).device, copy=True)
+                for name, mask in masks.items()
+            }
+            # (parameter, mask) pairs, looked up once, not at every step
+            self._applied = [(self.model.get_parameter(name), mask)
+                             for name, mask in self._masks.items()]
         self.apply_masks()
 
     def _current_masks(self, graph: Graph, pattern: bool = True) -> dict[str, torch.Tensor]:

@@ -77,7 +77,7 @@ class SnipMomentum(DataCriterion):
             weights = [graph.parameter(n) for n in nodes]
             current = _grad_terms(weights, [w.grad for w in weights])
             self.sum_over_ranks(current)
-            current = [c.abs_() for c in current]
+            torch._foreach_abs_(current)
         return self._momentum(current, [meta.entries(n).get("saliency") for n in nodes])
 
     def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
@@ -87,18 +87,23 @@ class SnipMomentum(DataCriterion):
                                            bn=self.bn)
         else:
             weights = [distributed.local(p) for p in params]
-            current = [c.abs_() for c in _grad_terms(
-                weights, [distributed.local_grad(p) for p in params])]
+            current = _grad_terms(weights, [distributed.local_grad(p) for p in params])
+            torch._foreach_abs_(current)
         return self._momentum(current, previous)
 
     def _momentum(self, current: list[torch.Tensor], previous: list[torch.Tensor | None]
                   ) -> list[torch.Tensor]:
-        """alpha·previous + beta·current (beta·current where there is no previous score)."""
-        scores = []
-        for now, before in zip(current, previous, strict=True):
-            score = self.beta * now
-            scores.append(score if before is None else self.alpha * before.to(score.dtype) + score)
-        return scores
+        """alpha·previous + beta·current (beta·current where there is no previous score),
+        computed in place in ``current`` (this step's own fresh terms), with one multi-tensor op
+        for all weights: an accumulating criterion runs at every training step."""
+        if self.beta != 1.0:
+            torch._foreach_mul_(current, self.beta)
+        pairs = [(now, before.to(now.dtype)) for now, before in zip(current, previous, strict=True)
+                 if before is not None]
+        if pairs:
+            torch._foreach_add_([now for now, _ in pairs], [before for _, before in pairs],
+                                alpha=self.alpha)
+        return current
 
 
 def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None]
@@ -109,8 +114,11 @@ def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None]
             "snip-momentum{source=grad} found no .grad on the parameters: call "
             "loss.backward() before scoring, or use source=data with data=... batches"
         )
-    return [torch.zeros_like(w.detach()) if g is None else w.detach() * g
-            for w, g in zip(weights, grads)]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    products = dict(zip(present, torch._foreach_mul([weights[i].detach() for i in present],
+                                                    [grads[i] for i in present])))
+    return [products[i] if i in products else torch.zeros_like(w.detach())
+            for i, w in enumerate(weights)]
 
 
 snip_momentum_saliency = SnipMomentum.compute

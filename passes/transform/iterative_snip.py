@@ -58,7 +58,7 @@ def pruned_last(graph: Graph) -> Iterator[None]:
         score, mask = entry.get("saliency"), entry.get("mask")
         if score is not None and mask is not None:
             saved.append((entry, score))
-            entry["saliency"] = torch.where(mask, score, torch.full_like(score, -1.0))
+            entry["saliency"] = torch.where(mask, score, -1.0)
     try:
         yield
     finally:

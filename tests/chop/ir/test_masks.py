@@ -185,3 +185,13 @@ def test_current_masks_lists_every_recorded_mask(mlp_graph):
     found = masks.current_masks(mlp_graph)
     assert list(found) == list(chosen)
     assert all(torch.equal(found[k], chosen[k]) and found[k].dtype == torch.bool for k in chosen)
+
+
+def test_select_weights_follows_an_edit_of_the_graph(cnn_graph):
+    # remembered while the graph's structure holds, looked up again after an edit
+    assert [n.target for n in masks.select_weights(cnn_graph, norms=True)] == [
+        "conv1.weight", "bn1.weight", "conv2.weight", "bn2.weight", "fc.weight"]
+    cnn_graph.eval()
+    chop.run(cnn_graph, "fold-bn")  # removes the BatchNorm weights from the graph
+    assert [n.target for n in masks.select_weights(cnn_graph, norms=True)] == [
+        "conv1.weight", "conv2.weight", "fc.weight"]

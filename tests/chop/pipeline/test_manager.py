@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import chop
+from chop.ir import meta
 from chop.passes.analysis.snip import Snip
 from chop.passes.export.fold import Fold
 from chop.passes.transform.mask import Mask
@@ -147,3 +148,19 @@ def test_a_model_without_parameters_is_refused_before_scoring(cnn_batches):
                                              r"weight to score or prune; trace the model that "
                                              r"holds the weights"):
         chop.run(graph, "snip, mask", data=cnn_batches)
+
+
+def test_verify_false_skips_the_checks_and_lints_but_records_and_wraps(cnn_graph):
+    # without verify, a missing requirement is found by the pass itself, still named by the manager
+    with pytest.raises(chop.MissingMetadataError, match=r"^pass 'mask': weight conv1.weight has no saliency"):
+        chop.run(cnn_graph, "mask{sparsity=0.5}", verify=False)
+    with pytest.raises(chop.MissingMetadataError, match=r"pass 'mask' needs 'saliency'"):
+        chop.run(cnn_graph, "mask{sparsity=0.5}")
+    chop.run(cnn_graph, "magnitude")
+    bias = cnn_graph.weight_node("conv1.bias")
+    meta.entries(bias)["saliency"] = torch.zeros(3)  # the wrong shape: only a lint finds it
+    chop.run(cnn_graph, "mask{sparsity=0.5}", verify=False)
+    assert [r.name for r in cnn_graph.history] == ["magnitude", "mask"]
+    assert cnn_graph.history[-1].info["kept"]["fc.weight"][1] == 1280
+    with pytest.raises(chop.LintError, match="conv1.bias"):
+        chop.run(cnn_graph, "mask{sparsity=0.5}")

@@ -146,3 +146,58 @@ def test_snip_momentum_scores_every_step_from_the_training_gradients(mlp, mlp_ba
     assert [h["step"] for h in pruner.history] == [4, 6]
     for name, mask in pruner.masks.items():
         assert torch.count_nonzero(mlp.get_parameter(name)[~mask]) == 0
+
+
+def test_pruner_scores_only_what_its_mask_can_select(mlp, mlp_batches):
+    def scored(pruner):
+        pruner.prune(0.5)
+        return sorted(n.target for n in pruner.graph.weight_nodes()
+                      if "saliency" in meta.entries(n))
+
+    x = mlp_batches[0][0]
+    assert scored(Pruner(mlp, 0.9, criterion="magnitude", example_inputs=x)) == [
+        "layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    biases = Pruner(mlp, 0.9, criterion="magnitude", example_inputs=x,
+                    mask_options={"biases": True})
+    assert scored(biases) == sorted(n for n, _ in mlp.named_parameters())
+    assert "layers.0.bias" in biases.masks
+
+
+def test_pruner_verifies_its_first_run_and_each_run_after_an_edit(mlp, mlp_batches, monkeypatch):
+    from chop.pipeline.manager import PassManager
+
+    flags = []
+    real = PassManager.run
+
+    def spy(self, graph, *args, verify=True, **kwargs):
+        flags.append((self.passes[0].name, verify))
+        return real(self, graph, *args, verify=verify, **kwargs)
+
+    monkeypatch.setattr(PassManager, "run", spy)
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    pruner = Pruner(graph, 0.9, criterion="magnitude")
+    earlier = pruner.prune(0.3)
+    saved = {name: mask.clone() for name, mask in earlier.items()}
+    pruner.prune(0.5)
+    # each pass's first run is checked; the first mask run inserts the mask nodes, so the
+    # criterion's next run meets a new graph; after that the graph stays: no checks or lints
+    assert flags == [("magnitude", True), ("mask", True), ("magnitude", True), ("mask", False)]
+    pruner.prune(0.55)
+    assert flags[4:] == [("magnitude", False), ("mask", False)]
+    chop.run(graph, "fold")  # an edit: the next step is verified again
+    flags.clear()
+    pruner.prune(0.6)
+    assert flags == [("magnitude", True), ("mask", True)]
+    total = sum(m.numel() for m in pruner.masks.values())
+    assert pruner.history[-1]["kept"] == kept(total, 0.6)
+
+
+def test_pruner_masks_of_an_earlier_step_stay_as_they_were(mlp, mlp_batches):
+    pruner = Pruner(mlp, 0.9, criterion="magnitude", example_inputs=mlp_batches[0][0])
+    earlier = pruner.prune(0.3)
+    saved = {name: mask.clone() for name, mask in earlier.items()}
+    later = pruner.prune(0.6)  # the pruner updates its own copies in place, not these
+    assert all(torch.equal(earlier[name], saved[name]) for name in saved)
+    for name, mask in later.items():
+        assert torch.count_nonzero(mlp.get_parameter(name)[~mask]) == 0
+        assert torch.count_nonzero(mlp.get_parameter(name)[mask]) == int(mask.sum())
