@@ -123,17 +123,19 @@ class Pass:
     accumulates: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        hints = _option_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            checked = _coerce(value, hints[f.name])
-            if checked is _INVALID:
-                raise OptionError(
-                    f"{self.name}: option {f.name}={value!r} is not valid; "
-                    f"expected {_describe(hints[f.name])}"
-                )
-            object.__setattr__(self, f.name, checked)
+            object.__setattr__(self, f.name, self._typed(f.name, getattr(self, f.name)))
         self.check()
+
+    def _typed(self, key: str, value: Any) -> Any:
+        """``value`` as option ``key``'s type (see :func:`_coerce`), or :class:`OptionError`."""
+        hint = _option_hints(type(self))[key]
+        checked = _coerce(value, hint)
+        if checked is _INVALID:
+            raise OptionError(
+                f"{self.name}: option {key}={value!r} is not valid; expected {_describe(hint)}"
+            )
+        return checked
 
     def check(self) -> None:
         """Range checks beyond the field types; raise :class:`OptionError` with the fix."""
@@ -149,6 +151,12 @@ class Pass:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Pass:
         """Build the pass from a mapping of option names to values, rejecting unknown names."""
+        cls._known(options)
+        return cls(**options)
+
+    @classmethod
+    def _known(cls, options: Iterable[str]) -> None:
+        """Raise :class:`OptionError` for a name in ``options`` that is not an option."""
         known = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in known:
@@ -157,7 +165,18 @@ class Pass:
                     f"{cls.name} has no option {key!r}{did_you_mean(key, known)}; "
                     f"its options are: {allowed}"
                 )
-        return cls(**options)
+
+    def replace(self, **changes: Any) -> Pass:
+        """A copy with ``changes`` to its options, typed and checked as :meth:`from_options`
+        would, but coercing only the changed options (a training loop re-sparsifies a pass at
+        every step)."""
+        self._known(changes)
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        for key, value in changes.items():
+            object.__setattr__(copy, key, self._typed(key, value))
+        copy.check()
+        return copy
 
     @classmethod
     def option_table(cls) -> list[tuple[str, str, Any, str]]:

@@ -163,7 +163,8 @@ class Pruner:
             raise OptionError("Pruner: give the sparsity as Pruner(model, sparsity), not in "
                               "mask_options (the schedule sets it at each step)")
         self.mask_options = options
-        selection = Mask.from_options({**options, "sparsity": sparsity})  # validate now
+        # validated now; each pruning step makes a copy at its sparsity
+        self._selection = selection = Mask.from_options({**options, "sparsity": sparsity})
         self.schedule = Schedule(sparsity, schedule, start_step, end_step, frequency,
                                  initial_sparsity)
         self.criterion = (_scoring_selected(criterion_pass(criterion), options)
@@ -258,7 +259,7 @@ class Pruner:
         first = len(graph.history)
         if score:
             self.score(batch)
-        step_mask = Mask.from_options({**self.mask_options, "sparsity": sparsity})
+        step_mask = self._selection.replace(sparsity=sparsity)
         with pruned_last(graph):
             self._run(graph, step_mask, batch)
         # graph.history keeps this step's pass records only: a step supersedes the one before,

@@ -103,6 +103,19 @@ def test_from_options_builds_and_rejects_unknown_names_with_a_hint():
         Tune.from_options({"steps": "two"})  # known names are still type-checked
 
 
+def test_replace_changes_options_typed_and_checked_like_a_new_pass():
+    p = Tune(steps=4, scope="global")
+    q = p.replace(rate=1)
+    assert q == Tune(steps=4, scope="global", rate=1.0) and isinstance(q.rate, float)
+    assert p.rate == 0.5  # the original is unchanged
+    with pytest.raises(OptionError, match=r"^tune has no option 'stesp' \(did you mean 'steps'\?\)"):
+        p.replace(stesp=2)
+    with pytest.raises(OptionError, match=r"^tune: option steps=2.0 is not valid; expected int$"):
+        p.replace(steps=2.0)
+    with pytest.raises(OptionError, match=r"rate=1.5 is out of range"):
+        p.replace(rate=1.5)
+
+
 def test_option_table_lists_name_type_default_and_doc():
     assert Tune.option_table() == [
         ("rate", "float", 0.5, "a float in [0, 1]"),
