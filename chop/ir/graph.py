@@ -354,8 +354,8 @@ class Graph:
             return
         found = []
         for node in self.weight_nodes():
-            entries = node.meta.get("chop", {})
-            if keys is None or any(k in entries for k in keys):
+            entries = node.meta.get("chop")
+            if entries and (keys is None or any(k in entries for k in keys)):
                 found += meta.problems(node, self.parameter(node), keys)
         if found:
             more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""

@@ -88,11 +88,12 @@ def problems(node: Node, weight: torch.Tensor, names: Iterable[str] | None = Non
     """Every entry of ``node`` (of the keys ``names``, None: all) that fails its key's check,
     as readable strings."""
     found = []
-    for name, value in node.meta.get("chop", {}).items():
+    chop = node.meta.get("chop", {})
+    for name in chop if names is None else [n for n in names if n in chop]:
         key = KEYS.get(name)
-        if key is None or (names is not None and name not in names):
+        if key is None:
             continue  # entries of later passes or third-party passes are not ours to judge
-        msg = key.check(value, weight)
+        msg = key.check(chop[name], weight)
         if msg:
             found.append(f"node {node.name} ({node.target}): meta['chop'][{name!r}]: {msg}")
     return found
