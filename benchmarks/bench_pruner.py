@@ -10,7 +10,11 @@ applied to the weights in place and to their gradients. Criteria:
 - ``magnitude``: |w|, scored at every pruning step;
 - ``snip-momentum{source=grad}``: INC's running SNIP score from the step's own ``.grad``, scored
   at every step (``score_every_step``) — the per-step criterion with the least extra work;
-- ``snip-momentum``: the same from one extra forward+backward on the step's batch.
+- ``snip-momentum``: the same from one extra forward+backward on the step's batch;
+
+and, as the floor, global magnitude pruning written by hand for the model in a dozen lines of
+eager torch (:class:`HandWritten`: no ties, options or checks), to show what pruning at every
+step costs with no library around it.
 
 Models: LeNet-5 (the 8×8-input one of ``examples/models.py``, batch 32) and BERT-small
 (4 layers, 512 wide, 8 heads, sequence classification; 8×128 tokens). Each loop runs
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 from chop.pipeline.batches import call, logits_of  # noqa: E402
 from chop.training.pruner import Pruner  # noqa: E402
+from chop.training.schedule import Schedule  # noqa: E402
 
 TARGETS = {"lenet5": 1.25, "bert-small": 1.10}
 CRITERIA = ("magnitude", "snip-momentum{source=grad}", "snip-momentum")
@@ -73,6 +78,50 @@ MODELS = {"lenet5": ("LeNet-5 (8×8)", lambda: lenet5(32)),
           "bert-small": ("BERT-small (4×512)", lambda: bert_small(8))}
 
 
+class HandWritten:
+    """The floor: global magnitude pruning of the linear/conv weights written by hand for this
+    one model, with the Pruner's hooks: at each step |w| (pruned weights ranked last), one
+    ``kthvalue`` over a concatenated copy, the masks applied to the weights in place and to the
+    gradients. No ties handling, no options, no checks: what pruning at every step costs with
+    eager torch ops and no library around them."""
+
+    def __init__(self, model: torch.nn.Module, schedule: Schedule):
+        self.weights = [m.weight for m in model.modules()
+                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        self.masks_ = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
+        self.sizes = [w.numel() for w in self.weights]
+        self.schedule, self.step = schedule, 0
+
+    @torch.no_grad()
+    def on_step_begin(self, step: int, batch=None) -> None:
+        self.step = step
+        keep = round((1 - self.schedule.sparsity_at(step)) * sum(self.sizes))
+        flat = torch.cat([torch.where(m, w.abs(), -1.0).reshape(-1)
+                          for w, m in zip(self.weights, self.masks_)])
+        threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values.item()
+        for m, part in zip(self.masks_, (flat >= threshold).split(self.sizes)):
+            m.copy_(part.view(m.shape))
+        for w, m in zip(self.weights, self.masks_):
+            w.mul_(m)
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self) -> None:
+        for w, m in zip(self.weights, self.masks_):
+            w.grad.mul_(m)
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self) -> None:
+        for w, m in zip(self.weights, self.masks_):
+            w.mul_(m)
+
+    @property
+    def masks(self) -> dict[int, torch.Tensor]:
+        return dict(enumerate(self.masks_))
+
+
+FLOOR = "hand-written magnitude (floor)"
+
+
 def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity: float,
          clock=time.perf_counter) -> list[float]:
     """Per-step seconds of ``steps`` training steps (after ``warmup``), pruning at every step
@@ -82,7 +131,9 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     pruner = None
-    if criterion is not None:
+    if criterion == FLOOR:
+        pruner = HandWritten(model, Schedule(sparsity, "cube", 0, warmup + steps - 1))
+    elif criterion is not None:
         pruner = Pruner(model, sparsity, criterion=criterion, schedule="cube", start_step=0,
                         end_step=warmup + steps - 1, frequency=1,
                         example_inputs=batches[0][0], data=None)
@@ -146,7 +197,7 @@ def main() -> None:
             model.load_state_dict(state)
             return model
 
-        variants = [None, *criteria]
+        variants = [None, FLOOR, *criteria]
         times: dict[str | None, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
