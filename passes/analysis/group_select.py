@@ -68,6 +68,7 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
     nodes = {n.target: n for n in graph.weight_nodes()}
     chosen = [g for g in groups if granularity is None or matches(g, granularity)]
     out: dict[int, torch.Tensor] = {}
+    per_index: dict[tuple[str, int], torch.Tensor] = {}  # a member dim's sums, once
     for g in chosen:
         score, found = torch.zeros(g.size, dtype=torch.float64), False
         for m in g.members:
@@ -75,11 +76,16 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
             if value is None:
                 continue
             found = True
-            per_index = value.detach().double().movedim(m.dim, 0).reshape(value.shape[m.dim], -1).sum(1)
-            if all(i.numel() == 1 for i in m.index):  # one index per unit (most): one gather
-                score += per_index[torch.cat(m.index)]
+            sums = per_index.get((m.name, m.dim))
+            if sums is None:
+                others = [d for d in range(value.dim()) if d != m.dim]
+                sums = (value.detach().sum(others, dtype=torch.float64) if others
+                        else value.detach().double())
+                per_index[m.name, m.dim] = sums
+            if m.single:  # one index per unit (most): one gather
+                score += sums[m.flat]
             else:
-                score += torch.stack([per_index[i].sum() for i in m.index])
+                score += torch.stack([sums[i].sum() for i in m.index])
         if found:
             out[g.id] = score
     if chosen and not out:
@@ -120,13 +126,13 @@ def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Te
                 f"cannot remove channel {bad[0]} of group {gid} (layers "
                 f"{', '.join(g.layers())}): {g.blocked[bad[0]]}. Keep it (see "
                 "ChannelGroups.unprunable())")
-        dropped = (~decision).nonzero().flatten().tolist()
+        dropped = (~decision).nonzero().flatten()
         for m in g.members:
             if m.kind != "parameter" or role_of.get(m.name) not in roles:
                 continue
             mask = masks.setdefault(m.name, torch.ones_like(params[m.name], dtype=torch.bool))
-            if dropped:
-                mask.index_fill_(m.dim, torch.cat([m.index[u] for u in dropped]), False)
+            if dropped.numel():
+                mask.index_fill_(m.dim, m.indices(dropped), False)
     return masks
 
 
@@ -243,64 +249,52 @@ def structured_selection(
     all_scores = group_scores(graph, groups, key) if candidates else {}
     candidates = [g for g in candidates if g.id in all_scores]
     floor = max(min_keep, 1)
-    # removed slices per parameter dim: the kept entries are the product of the kept indices
-    gone = {n: [torch.zeros(size, dtype=torch.bool) for size in p.shape] for n, p in params.items()}
+    budget = _Budget(params)
     total = sum(p.numel() for p in params.values())
+    kept: dict[int, list[bool]] = {}  # per ranked group, per unit
 
-    left = {n: list(p.shape) for n, p in params.items()}  # kept slices per dim, kept current
-
-    def kept(name: str) -> int:
-        return math.prod(left[name])
-
-    def cost(g: Group, u: int, exact: bool) -> int:
-        """Parameters of the chosen layers that unit ``u`` of ``g`` removes (with ``exact``: that
-        are not removed yet, and marks them; else: its slices, counted alone)."""
-        n = 0
-        for m in g.members:
-            if m.name not in gone:
-                continue
-            if exact:
-                before, dropped = kept(m.name), gone[m.name][m.dim]
-                left[m.name][m.dim] -= int((~dropped[m.index[u]]).sum())  # indices are unique
-                dropped[m.index[u]] = True
-                n += before - kept(m.name)
-            else:
-                n += m.index[u].numel() * params[m.name].numel() // params[m.name].shape[m.dim]
-        return n
-
-    def take(order: list[tuple[Group, int]], budget: int, exact: bool) -> int:
+    def take(order: list[tuple[Group, int]], budget_left: int, exact: bool) -> int:
         got = 0
+        counts: dict[int, int] = {}
         for g, u in order:
-            if got >= budget:
+            if got >= budget_left:
                 break
-            keep = selection.keep.setdefault(g.id, torch.ones(g.size, dtype=torch.bool))
-            if int(keep.sum()) <= floor:
+            keep = kept.setdefault(g.id, [True] * g.size)
+            n = counts.get(g.id)
+            if n is None:
+                n = counts[g.id] = sum(keep)
+            if n <= floor:
                 label = ", ".join(g.layers("out"))
                 selection.floor[label] = selection.floor.get(label, 0) + 1
                 continue
             keep[u] = False
-            got += cost(g, u, exact)
+            counts[g.id] = n - 1
+            got += budget.remove(g, u) if exact else budget.alone(g, u)
         return got
 
     def ranked(gs: list[Group]) -> list[tuple[Group, int]]:
-        units = [(g, u) for g in gs for u in range(g.size) if g.blocked[u] is None]
+        units = [(g, g.prunable.nonzero().flatten()) for g in gs]
+        units = [(g, us) for g, us in units if us.numel()]
         if not units:
             return []
-        scores = torch.stack([all_scores[g.id][u] for g, u in units])
-        return [units[i] for i in torch.argsort(scores, stable=True).tolist()]
+        scores = torch.cat([all_scores[g.id][us] for g, us in units])
+        pairs = [(g, u) for g, us in units for u in us.tolist()]
+        return [pairs[i] for i in torch.argsort(scores, stable=True).tolist()]
 
     if scope == "local":
         for g in candidates:
-            size = sum(cost(g, u, exact=False) for u in range(g.size))
+            size = sum(budget.alone(g, u) for u in range(g.size))
             take(ranked([g]), size - kept_count(size, sparsity), exact=False)
     else:
         take(ranked(candidates), total - kept_count(total, sparsity), exact=True)
+    selection.keep = {gid: torch.tensor(keep, dtype=torch.bool) for gid, keep in kept.items()}
     if round_to > 1:
         for gid, keep in selection.keep.items():
             _round_kept(groups[gid], keep, all_scores[gid], round_to, floor)
     roles = {meta.entries(n).get("role") for n in graph.weight_nodes() if n.target in chosen}
     selection.masks = group_masks(graph, groups, selection.keep, roles | {"linear", "conv"})
-    done = sum(int((~m).sum()) for n, m in selection.masks.items() if n in chosen)
+    done = sum(m.numel() - int(torch.count_nonzero(m)) for n, m in selection.masks.items()
+               if n in chosen)
     selection.params = (done, total)
     return selection
 
@@ -313,7 +307,7 @@ def _round_kept(g: Group, keep: torch.Tensor, scores: torch.Tensor, round_to: in
     if kept == g.size:
         return
     out = next((m for m in g.members if m.role == "out"), g.members[0])
-    per_unit = max(int(out.index[0].numel()), 1)
+    per_unit = max(int(out.counts[0]) if out.counts.numel() else 0, 1)
     step = round_to // math.gcd(round_to, per_unit)  # units per multiple of round_to channels
     low = step * max(1, -(-floor // step))
     target = min(g.size, max(low, step * math.floor(kept / step + 0.5)))
@@ -327,3 +321,50 @@ def _round_kept(g: Group, keep: torch.Tensor, scores: torch.Tensor, round_to: in
     elif target > kept:
         highest = order[~keep[order]].flip(0)[: target - kept]
         keep[highest] = True
+
+
+class _Budget:
+    """The parameters of the chosen layers a unit removes. ``remove`` counts only those not
+    removed yet (an entry in a removed row and a removed column counts once) and marks them;
+    ``alone`` counts the unit's slices as if nothing else went. Plain Python ints and lists:
+    called once per ranked unit."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]):
+        self.params = params
+        self.left = {n: list(p.shape) for n, p in params.items()}  # kept slices per dim
+        self.gone: dict[tuple[str, int], bytearray] = {}  # removed slices per parameter dim
+        # per group: (name, dim, flat indices, start and count per unit) of its chosen members
+        self.members: dict[int, list[tuple[str, int, list[int], list[int], list[int]]]] = {}
+
+    def _members(self, g: Group) -> list[tuple[str, int, list[int], list[int], list[int]]]:
+        found = self.members.get(g.id)
+        if found is None:
+            found = [(m.name, m.dim, m.flat.tolist(), (m.counts.cumsum(0) - m.counts).tolist(),
+                      m.counts.tolist()) for m in g.members if m.name in self.params]
+            self.members[g.id] = found
+        return found
+
+    def remove(self, g: Group, u: int) -> int:
+        n = 0
+        for name, dim, flat, starts, counts in self._members(g):
+            start, count = starts[u], counts[u]
+            gone = self.gone.get((name, dim))
+            if gone is None:
+                gone = self.gone[name, dim] = bytearray(self.params[name].shape[dim])
+            fresh = 0
+            for i in flat[start:start + count]:  # indices are unique
+                if not gone[i]:
+                    gone[i] = 1
+                    fresh += 1
+            if fresh:
+                left = self.left[name]
+                n += fresh * math.prod(left[:dim]) * math.prod(left[dim + 1:])
+                left[dim] -= fresh
+        return n
+
+    def alone(self, g: Group, u: int) -> int:
+        n = 0
+        for name, dim, _, _, counts in self._members(g):
+            p = self.params[name]
+            n += counts[u] * p.numel() // p.shape[dim]
+        return n

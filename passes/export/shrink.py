@@ -11,12 +11,13 @@ Masks still in the graph are folded first (``fold``). At least one channel of ev
 kept. The result computes the same function as the masked graph in eval mode, and re-exports
 with torch.export (a dynamic batch) as a ``.pt2``. Channels whose producers are zero are told
 apart from channels whose readers are zero by the weights themselves (after folding), so a graph
-pruned by any means (masks, zeroed weights) shrinks the same way.
+pruned by any means (masks, zeroed weights) shrinks the same way. The channel walk and groups of
+``mask{granularity=channel}`` are reused when still current; node shapes (``meta["val"]``) are
+updated from the cut sizes (:mod:`chop.passes.export.shapes`).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -27,9 +28,11 @@ from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import add_tensor, is_masked, weight_name
 from chop.passes.analysis.channel_groups import (
+    KEY,
     ChannelGroups,
     channel_groups,
     current_channel_groups,
+    current_flow,
 )
 from chop.passes.analysis.flow import Flow, MemberRecord, rule_for, trace_channels
 from chop.passes.analysis.flow.rule import Const, Consumer, Cut
@@ -37,9 +40,8 @@ from chop.passes.analysis.flow.rules.producers import Producer
 from chop.passes.export.common import checked_export
 from chop.passes.export.constants import channel_constants
 from chop.passes.export.fold import fold_masks
+from chop.passes.export.shapes import refresh_shapes
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
-
-log = logging.getLogger("chop")
 
 Layers = dict[str, tuple[Node, Producer, int]]
 
@@ -56,31 +58,40 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
         fold_masks(graph)  # masked entries become zero weights: the weights alone tell what goes
     layers = _layers(graph)
     before = (_stats(graph, layers), _total(graph))
-    flow = trace_channels(graph)
-    groups = current_channel_groups(graph, flow) or channel_groups(graph, flow)  # mask's, if current
+    reused = current_flow(graph)  # mask's walk and groups, if this graph still is what it walked
+    if reused is not None:
+        flow, groups = reused
+    else:
+        flow = trace_channels(graph)
+        groups = current_channel_groups(graph, flow) or channel_groups(graph, flow)
     consts = channel_constants(graph, flow)
-    removed = _decide(graph, flow, groups, consts, compensate)  # per unit
+    reads = [c.rule.reads(c, graph.module.get_parameter(c.weight)) for c in flow.consumers]
+    removed = _decide(flow, groups, consts, reads, compensate)  # per unit
     cut = Cut(flow.tags, removed[groups.unit_of])  # per atom
     with torch.no_grad():
-        new_biases = _carry_constants(graph, flow, cut, consts)
+        new_biases = _carry_constants(graph, flow, cut, consts, reads)
         _cut_tensors(graph, flow, cut, new_biases)
-    _rewrite_nodes(flow, cut)
+    before_edit = {n: (n.target, n.args, n.kwargs) for n in graph.module.graph.nodes
+                   if n.op == "call_function"}
+    sizes = _rewrite_nodes(flow, cut)
+    edited = {n for n, was in before_edit.items() if was != (n.target, n.args, n.kwargs)}
     graph.recompile()
-    _refresh_shapes(graph)
+    graph.module.meta.get("chop", {}).pop(KEY, None)  # the groups and walk of the graph before
+    refresh_shapes(graph, flow.tags, sizes, edited)
     return _report(graph, layers, before, groups, removed)
 
 
-def _decide(graph: Graph, flow: Flow, groups: ChannelGroups, consts: dict[Node, Const],
-            compensate: bool) -> torch.Tensor:
-    """Which units go (bool per unit): the prunable ones no weight reads, or whose constant
-    every nonzero reader can absorb exactly; never every channel of a tensor."""
+def _decide(flow: Flow, groups: ChannelGroups, consts: dict[Node, Const],
+            reads: list[torch.Tensor], compensate: bool) -> torch.Tensor:
+    """Which units go (bool per unit): the prunable ones no weight reads (``reads``: per
+    consumer, whether its weight reads each input position), or whose constant every nonzero
+    reader can absorb exactly; never every channel of a tensor."""
     units = int(groups.unit_of.max()) + 1 if groups.unit_of.numel() else 0
     removed = torch.zeros(units, dtype=torch.bool)
     for g in groups:
         removed[torch.tensor(g.units, dtype=torch.long)] = g.prunable
-    for c in flow.consumers:
+    for c, read in zip(flow.consumers, reads):
         atoms = flow.tags[c.input].atoms
-        read = c.rule.reads(c, graph.module.get_parameter(c.weight))
         foldable = consts[c.input][1] & (compensate and c.folds)
         removed[groups.unit_of[atoms[read & ~foldable]]] = False
     changed = True
@@ -94,17 +105,18 @@ def _decide(graph: Graph, flow: Flow, groups: ChannelGroups, consts: dict[Node, 
     return removed
 
 
-def _carry_constants(graph: Graph, flow: Flow, cut: Cut, consts: dict[Node, Const]
-                     ) -> dict[str, Consumer]:
+def _carry_constants(graph: Graph, flow: Flow, cut: Cut, consts: dict[Node, Const],
+                     reads: list[torch.Tensor]) -> dict[str, Consumer]:
     """Add what the removed constant channels gave each reader to the reader's bias (creating
     one where it had none); returns the biases created, by name."""
     created = {}
-    for c in flow.consumers:
-        gone = cut.gone(c.input)
-        if not gone.any():
+    for c, read in zip(flow.consumers, reads):
+        gone = cut.gone(c.input) & read
+        value = consts[c.input][0]
+        if not bool((gone & (value != 0)).any()):  # nothing to carry
             continue
         weight = graph.module.get_parameter(c.weight)
-        delta = c.rule.delta(c, weight, consts[c.input][0], gone & c.rule.reads(c, weight))
+        delta = c.rule.delta(c, weight, value, gone)
         if not delta.any():
             continue
         bias = weight_name(graph, c.rule.operands(c.node)[2])
@@ -155,30 +167,17 @@ def _cut_tensors(graph: Graph, flow: Flow, cut: Cut, created: dict[str, Consumer
             owner._buffers[attr] = owner._buffers[attr].index_select(record.dim, index)
 
 
-def _rewrite_nodes(flow: Flow, cut: Cut) -> None:
+def _rewrite_nodes(flow: Flow, cut: Cut) -> dict[Node, dict[int, int]]:
     """Each rule edits the sizes its node spells out (view shapes, split sizes, slice bounds,
-    depthwise groups)."""
+    depthwise groups); returns the new sizes of the channel dims of every node that lost
+    channels."""
+    sizes = {}
     for node in flow.tags:
         if cut.any(node):
-            cut.sizes(node)  # checks that the kept positions of every tensor form a box
+            sizes[node] = cut.sizes(node)  # checks that the kept positions form a box
     for node, step in list(flow.steps.items()):
         step.rule.rewrite(node, step, cut)
-
-
-def _refresh_shapes(graph: Graph) -> None:
-    """Recompute ``meta['val']`` of every node after the shapes changed (fake tensors)."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    placeholders = list(graph.module.graph.find_nodes(op="placeholder"))
-    vals = [n.meta.get("val") for n in placeholders]
-    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
-    try:
-        FakeTensorProp(graph.module, mode).propagate_dont_convert_inputs(*vals)
-    except Exception as e:  # stale shapes would mislead later analyses: drop them instead
-        log.debug("shrink: could not refresh node shapes (%s); dropping them", e)
-        for node in graph.module.graph.nodes:
-            if node.op == "call_function":
-                node.meta.pop("val", None)
+    return sizes
 
 
 # -- the report ------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Atoms and tags
     transpose, cat, split…), pass them through (activations, BatchNorm, pooling), or force atoms
     to be removed together (a residual add joins the atoms meeting at each position; attention
     joins a head's q, k and v, and a KV head with the query heads that share it). Those joins are
-    edges of a networkx graph whose connected components are the removable units. Parameters
+    edges (``Flow.edges``) of a graph whose connected components are the removable units
+    (``Flow.labels``, found with vectorised union-find; ``Flow.coupling`` is the same graph in
+    networkx, for inspection). Parameters
     (and BatchNorm's running stats) indexed by a channel are *members*: ``(name, dim, index) ->
     atom`` — a layer scale, a class token or a position embedding met by the channels too.
 

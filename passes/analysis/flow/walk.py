@@ -44,16 +44,28 @@ class MemberRecord:
 @dataclass
 class Flow:
     """The result of :func:`trace_channels`. ``steps`` holds every node a rule visited (a tuple
-    result's step is its getitem nodes'); ``parts`` the tags of tuple results, per item."""
+    result's step is its getitem nodes'); ``parts`` the tags of tuple results, per item.
+    ``edges`` (``[2, E]``) are the joins between the ``count`` atoms; ``labels[a]`` is the
+    smallest atom of ``a``'s connected component (its unit)."""
 
     tags: dict[Node, Tag]
     steps: dict[Node, Step]
     consumers: list[Consumer]
     members: dict[tuple[str, int], MemberRecord]
-    coupling: nx.Graph
+    count: int
+    edges: torch.Tensor
+    labels: torch.Tensor
     blocked: dict[int, str]
     heads: set[int]
     parts: dict[Node, list[tuple[Tag | None, Step | None]]]
+
+    @property
+    def coupling(self) -> nx.Graph:
+        """The joins as a networkx graph (one node per atom), for inspection and tests."""
+        graph = nx.Graph()
+        graph.add_nodes_from(range(self.count))
+        graph.add_edges_from(self.edges.t().tolist())
+        return graph
 
 
 def nodes_in(value: Any) -> list[Node]:
@@ -74,7 +86,7 @@ class Walk:
         self.parts: dict[Node, list[tuple[Tag | None, Step | None]]] = {}
         self.consumers: list[Consumer] = []
         self.members: dict[tuple[str, int], MemberRecord] = {}
-        self.coupling = nx.Graph()
+        self.edges: list[torch.Tensor] = []  # [2, k] pieces: the joins
         self.blocked: dict[int, str] = {}
         self.heads: set[int] = set()
         self.spaces: dict[tuple[str, int], torch.Tensor] = {}
@@ -86,9 +98,9 @@ class Walk:
     # -- atoms, members, blocking -------------------------------------------------------------
 
     def new_atoms(self, n: int, origin: str) -> torch.Tensor:
+        """``n`` fresh atoms (``origin`` says where they come from, for debugging)."""
         atoms = torch.arange(self.count, self.count + n)
-        self.coupling.add_nodes_from((int(a), {"origin": origin, "index": i})
-                                     for i, a in enumerate(atoms))
+        log.debug("channel-groups: atoms %d..%d: %s", self.count, self.count + n - 1, origin)
         self.count += n
         return atoms
 
@@ -101,14 +113,17 @@ class Walk:
 
     def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Atoms at the same position of ``a`` and ``b`` must be removed together."""
-        pairs = {(x, y) for x, y in zip(a.flatten().tolist(), b.flatten().tolist()) if x != y}
-        self.coupling.add_edges_from(pairs)
+        a, b = a.flatten(), b.flatten()
+        n = min(len(a), len(b))
+        a, b = a[:n], b[:n]
+        differ = a != b
+        if bool(differ.any()):
+            self.edges.append(torch.stack([a[differ], b[differ]]))
 
     def join_rows(self, atoms: torch.Tensor, dim: int) -> None:
         """Each index along ``dim`` goes as one unit (a head, a group of channels)."""
-        for i in range(atoms.shape[dim]):
-            row = atoms.select(dim, i).flatten()
-            self.join(row[:1].expand_as(row), row)
+        rows = atoms.movedim(dim, 0).reshape(atoms.shape[dim], -1)
+        self.join(rows[:, :1].expand_as(rows), rows)
 
     def box(self, atoms: torch.Tensor, axes: tuple[int, ...] | None = None) -> None:
         """The positions of a multi-dim tag must go as whole hyperplanes along one of ``axes``
@@ -216,9 +231,10 @@ class Walk:
             elif node.op == "call_function":
                 self.visit(node)
         self.check_uses()
-        self.settle_boxes()
-        return Flow(self.tags, self.steps, self.consumers, self.members, self.coupling,
-                    self.blocked, self.heads, self.parts)
+        labels = self.settle_boxes()
+        edges = torch.cat(self.edges, 1) if self.edges else torch.zeros(2, 0, dtype=torch.long)
+        return Flow(self.tags, self.steps, self.consumers, self.members, self.count, edges,
+                    labels, self.blocked, self.heads, self.parts)
 
     def visit(self, node: Node) -> None:
         rule = rule_for(node)
@@ -274,40 +290,55 @@ class Walk:
                            "channel-groups does not track")
 
 
-    def settle_boxes(self) -> None:
+    def settle_boxes(self) -> torch.Tensor:
         """Make every multi-dim tag (and every :meth:`box` constraint) a box: each unit it holds
         must be a union of whole hyperplanes along one allowed axis. Joins only merge units, so
-        a constraint once met stays met; the loop ends when a pass joins nothing."""
+        a constraint once met stays met; the loop ends when a pass joins nothing. Returns the
+        unit labels of the atoms (see :class:`Flow`)."""
+        edges = torch.cat(self.edges, 1) if self.edges else torch.zeros(2, 0, dtype=torch.long)
+        labels = components(torch.arange(self.count), edges)
         boxes = list(self.boxes) + [(t.atoms, None) for t in self.tags.values() if t.atoms.dim() > 1]
-        if not boxes:
-            return
-        parent = list(range(self.count))
-
-        def find(a: int) -> int:
-            while parent[a] != a:
-                parent[a] = parent[parent[a]]
-                a = parent[a]
-            return a
-
-        for a, b in self.coupling.edges:
-            parent[find(a)] = find(b)
-        changed = True
+        changed = bool(boxes)
         while changed:
             changed = False
             for atoms, axes in boxes:
                 if atoms.numel() == 0 or atoms.dim() < 2:
                     continue
-                units = torch.tensor([find(a) for a in atoms.flatten().tolist()]).view(atoms.shape)
+                units = labels[atoms]
                 allowed = range(atoms.dim()) if axes is None else axes
                 if any(_along(units, axis) for axis in allowed):
                     continue
                 axis = next(iter(allowed))
-                for i in range(atoms.shape[axis]):
-                    row = atoms.select(axis, i).flatten().tolist()
-                    self.coupling.add_edges_from((row[0], x) for x in row[1:])
-                    for x in row[1:]:
-                        parent[find(x)] = find(row[0])
+                before = len(self.edges)
+                self.join_rows(atoms, axis)
+                if len(self.edges) > before:
+                    labels = components(labels, self.edges[-1])
                 changed = True
+        return labels
+
+
+def components(labels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Connected components: ``labels`` (each atom's smallest atom so far, a valid labelling of
+    the joins before ``edges``) merged along ``edges`` (``[2, E]``); each atom ends labelled with
+    the smallest atom of its component. Hooking roots to the smaller root, then pointer jumping,
+    until every edge joins equal labels (labels only decrease, so this ends)."""
+    labels = labels.clone()
+    if not edges.numel():
+        return labels
+    u, v = edges[0], edges[1]
+    while True:
+        lu, lv = labels[u], labels[v]
+        differ = lu != lv
+        if not bool(differ.any()):
+            return labels
+        lu, lv = lu[differ], lv[differ]
+        low = torch.minimum(lu, lv)
+        labels.scatter_reduce_(0, torch.cat([lu, lv]), torch.cat([low, low]), "amin")
+        while True:  # every atom points at its root
+            jumped = labels[labels]
+            if torch.equal(jumped, labels):
+                break
+            labels = jumped
 
 
 def _effectful(node: Node) -> bool:

@@ -206,3 +206,60 @@ def test_stored_groups_are_recomputed_after_an_op_is_added():
     fresh = stored_channel_groups(graph)
     assert fresh is not stored and not group_with(fresh, "0.weight").prunable.any()
     assert "cumsum" in group_with(fresh, "0.weight").blocked[0]
+
+
+def test_shrink_reuses_the_walk_of_the_stored_groups_while_the_graph_is_the_one_walked(monkeypatch):
+    import chop.passes.export.shrink as shrink_module
+
+    walks = []
+    real = shrink_module.trace_channels
+    monkeypatch.setattr(shrink_module, "trace_channels", lambda g: walks.append(g) or real(g))
+    graph = sequential()
+    chop.run(graph, "random, mask{granularity=channel, sparsity=0.5}")
+    twin = graph.copy()  # the walk is not copied: its nodes are the original graph's
+    assert twin.module.meta["chop"][KEY].flow is None
+    assert graph.module.meta["chop"][KEY].flow is not None
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = graph(x)
+    chop.run(graph, "shrink")
+    assert walks == [] and KEY not in graph.module.meta["chop"]  # reused, then dropped
+    chop.run(twin, "shrink")
+    assert walks == [twin]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), expected)
+        torch.testing.assert_close(twin(x), expected)
+    assert [p.shape for p in graph.module.parameters()] == [p.shape for p in twin.module.parameters()]
+
+
+def test_a_walk_is_not_reused_once_a_node_was_replaced(monkeypatch):
+    import chop.passes.export.shrink as shrink_module
+
+    walks = []
+    real = shrink_module.trace_channels
+    monkeypatch.setattr(shrink_module, "trace_channels", lambda g: walks.append(g) or real(g))
+    graph = sequential()
+    chop.run(graph, "random, mask{granularity=channel, sparsity=0.5}")
+    relu = next(n for n in graph.module.graph.nodes if n.name == "relu")
+    with graph.module.graph.inserting_after(relu):  # the same op, a new node
+        twin = graph.module.graph.call_function(relu.target, relu.args, relu.kwargs)
+    relu.replace_all_uses_with(twin)
+    graph.module.graph.erase_node(relu)
+    twin.meta["val"] = relu.meta["val"]
+    graph.recompile()
+    shrink(graph)
+    assert walks == [graph]
+
+
+def test_equal_rows_are_told_apart_from_rows_whose_hashes_collide():
+    from chop.passes.analysis.channel_groups import _same_rows
+
+    w = torch.randint(1, 1 << 20, (2,), generator=torch.Generator().manual_seed(0)).tolist()
+    # rows [0, w0 + ...] built so that both hash to w0 + w1 + w0·w1 (see _same_rows)
+    rows = [[0, w[0]], [w[1], 0], [0, w[0]], [5]]
+    row = torch.tensor([r for r, values in enumerate(rows) for _ in values])
+    col = torch.tensor([c for values in rows for c in range(len(values))])
+    value = torch.tensor([v for values in rows for v in values])
+    lengths = torch.tensor([len(values) for values in rows])
+    labels = _same_rows(row, col, value, lengths, lengths.cumsum(0) - lengths).tolist()
+    assert labels[0] == labels[2] and len({labels[0], labels[1], labels[3]}) == 3

@@ -105,7 +105,8 @@ class Linear(Matmul):
 
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:
-        return weight.detach().double() @ _where(gone, value)
+        idx = _live(gone, value)  # only the columns that add something
+        return weight.detach()[:, idx].double() @ value[idx].double()
 
 
 @register(aten.addmm)
@@ -130,7 +131,8 @@ class Addmm(Matmul):
 
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:
-        return _where(gone, value) @ weight.detach().double()
+        idx = _live(gone, value)
+        return value[idx].double() @ weight.detach()[idx].double()
 
 
 @register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
@@ -186,6 +188,9 @@ class Conv(Producer):
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:
         out_g, in_g = weight.shape[0] // c.groups, weight.shape[1]
+        if c.groups == 1:  # only the columns that add something
+            idx = _live(gone, value)
+            return weight.detach()[:, idx].flatten(2).sum(2, dtype=torch.float64) @ value[idx].double()
         summed = weight.detach().double().flatten(2).sum(2)  # a constant input meets the whole kernel
         v = _where(gone, value)
         return torch.cat([summed[g * out_g:(g + 1) * out_g] @ v[g * in_g:(g + 1) * in_g]
@@ -198,6 +203,11 @@ class Conv(Producer):
                 node.update_arg(8, kept)
             else:
                 set_node_arg(node, 6, "groups", kept)
+
+
+def _live(gone: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The positions that go and hold a nonzero constant."""
+    return (gone & (value != 0)).nonzero().flatten()
 
 
 def _where(gone: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

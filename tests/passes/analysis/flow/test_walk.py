@@ -135,3 +135,22 @@ def test_an_unused_op_blocks_nothing_and_folded_channels_block_an_op_that_cannot
     (reason,) = {flow.blocked.get(a) for a in atoms(flow, "fc1.weight")}
     assert reason == ("amax (aten.amax.default): its operand has channels folded into the "
                       "batch dim, which this op cannot follow")
+
+
+def test_components_label_each_atom_with_the_smallest_atom_it_is_joined_to():
+    import networkx as nx
+
+    from chop.passes.analysis.flow.walk import components
+
+    g = torch.Generator().manual_seed(0)
+    for n, e in [(1, 0), (10, 3), (200, 150), (500, 2000)]:
+        edges = torch.randint(0, n, (2, e), generator=g)
+        first = components(torch.arange(n), edges[:, : e // 2])
+        labels = components(first, edges[:, e // 2:])  # incrementally
+        graph = nx.Graph()
+        graph.add_nodes_from(range(n))
+        graph.add_edges_from(edges.t().tolist())
+        expected = torch.empty(n, dtype=torch.long)
+        for part in nx.connected_components(graph):
+            expected[list(part)] = min(part)
+        assert labels.tolist() == expected.tolist()

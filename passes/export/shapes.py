@@ -1,0 +1,144 @@
+"""Node shapes after an export pass removed channels: ``meta["val"]`` updated from the cut sizes.
+
+Recomputing every node with fake tensors (``FakeTensorProp``) costs milliseconds per node under
+symbolic batch sizes, most of shrink on a large model. The cut says what changed, so
+:func:`refresh_shapes` only redoes what it must, in graph order:
+
+- a weight (``get_attr``) whose tensor changed shape, or that has no fake value yet (a bias
+  shrink created): a fake copy of the tensor;
+- a node whose channels lost positions (``sizes``): its value with those dims resized; the
+  other dims keep their (symbolic) sizes, and the dim order of its strides is kept;
+- a node none of whose channels went, but whose sizes were spelt out and edited (``edited``)
+  or that reads a changed value: its op, run on the fake values of its operands (exact, as
+  ``FakeTensorProp`` does it), for the few such nodes (split, a tuple result, a mask built
+  by ``zeros``);
+- anything else is unchanged.
+
+A dim whose channels are folded into the batch (``nn.MultiheadAttention``) is never resized by
+hand: its node runs its op. Should any of that fail, every node is recomputed with
+``FakeTensorProp``; should that fail too, the call nodes' values are dropped (stale shapes
+would mislead later analyses)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+from torch.fx import Node
+from torch.fx.node import map_aggregate, map_arg
+
+from chop.ir.graph import Graph
+from chop.passes.analysis.flow.rule import Tag
+
+log = logging.getLogger("chop")
+
+
+def refresh_shapes(graph: Graph, tags: Mapping[Node, Tag], sizes: Mapping[Node, Mapping[int, int]],
+                   edited: Collection[Node] = ()) -> None:
+    """Update ``meta["val"]`` of the nodes of ``graph`` after channels went: ``tags`` are the
+    channel layouts (the walk's), ``sizes`` the new size of each channel dim of every node that
+    lost channels, ``edited`` the nodes whose arguments were rewritten. See the module doc."""
+    mode = _fake_mode(graph)
+    if mode is None:
+        return propagate_shapes(graph)
+    try:
+        with mode:
+            _refresh(graph, mode, tags, sizes, set(edited))
+    except Exception as e:  # anything unexpected: the slow, general way
+        log.debug("shrink: updating node shapes from the cut failed (%s); recomputing them all", e)
+        propagate_shapes(graph)
+
+
+def propagate_shapes(graph: Graph) -> None:
+    """Recompute ``meta["val"]`` of every node with fake tensors (``FakeTensorProp``)."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = list(graph.module.graph.find_nodes(op="placeholder"))
+    vals = [n.meta.get("val") for n in placeholders]
+    try:
+        FakeTensorProp(graph.module, _fake_mode(graph)).propagate_dont_convert_inputs(*vals)
+    except Exception as e:  # stale shapes would mislead later analyses: drop them instead
+        log.debug("shrink: could not refresh node shapes (%s); dropping them", e)
+        for node in graph.module.graph.nodes:
+            if node.op == "call_function":
+                node.meta.pop("val", None)
+
+
+def _fake_mode(graph: Graph) -> Any:
+    vals = [n.meta.get("val") for n in graph.module.graph.find_nodes(op="placeholder")]
+    return next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+
+
+def _refresh(graph: Graph, mode: Any, tags: Mapping[Node, Tag],
+             sizes: Mapping[Node, Mapping[int, int]], edited: set[Node]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    tensors = {**dict(graph.module.named_buffers()), **dict(graph.module.named_parameters())}
+    changed: set[Node] = set()
+    for node in graph.module.graph.nodes:
+        old = node.meta.get("val")
+        if node.op == "get_attr":
+            t = tensors.get(node.target)
+            if t is not None and not (isinstance(old, FakeTensor) and old.shape == t.shape):
+                node.meta["val"] = torch.empty_strided(  # as FakeTensorProp's, without a copy
+                    t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                changed.add(node)
+        elif node.op != "call_function":
+            continue
+        elif node in sizes and isinstance(old, torch.Tensor):
+            node.meta["val"] = _resized(node, old, tags[node], sizes[node]) if _resizable(
+                old, tags[node]) else _run(node)
+            changed.add(node)
+        elif node in edited or (node not in tags and any(
+                a in changed for a in node.all_input_nodes)):
+            new = _run(node)
+            if not _same_shapes(new, old):
+                changed.add(node)
+            node.meta["val"] = new
+
+
+def _resizable(old: torch.Tensor, tag: Tag) -> bool:
+    """Whether ``old``'s channel dims are static and as large as the tag says (then the new
+    value is ``old`` with those sizes changed); not for channels folded into the batch."""
+    return not tag.folded and all(
+        d < old.dim() and isinstance(old.shape[d], int) and old.shape[d] == tag.atoms.shape[i]
+        for i, d in enumerate(tag.dims))
+
+
+def _resized(node: Node, old: torch.Tensor, tag: Tag, sizes: Mapping[int, int]) -> torch.Tensor:
+    shape = list(old.shape)
+    for d, size in sizes.items():
+        shape[d] = size
+    strides = [_hint(s) for s in old.stride()]
+    layout = sorted(range(old.dim()), key=lambda d: (-strides[d], d))  # outermost first
+    return torch.empty_permuted(shape, layout, dtype=old.dtype, device=old.device,
+                                requires_grad=old.requires_grad)
+
+
+def _run(node: Node) -> Any:
+    """``node``'s op on its operands' fake values (inside the fake mode)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import snapshot_fake
+
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    result = node.target(*args, **kwargs)
+    return map_aggregate(result, lambda v: snapshot_fake(v) if isinstance(v, FakeTensor) else v)
+
+
+def _same_shapes(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_shapes(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
+
+
+def _hint(size: Any) -> int:
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint
+    return int(hint) if hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
