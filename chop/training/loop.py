@@ -30,7 +30,7 @@ from torch import nn
 
 from chop.errors import DataError
 from chop.ir.graph import Graph
-from chop.ir.masks import current_masks, mask_nodes, mask_of
+from chop.ir.masks import current_masks, factor, mask_nodes, mask_of
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
 
@@ -65,7 +65,7 @@ def _weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask  # what the mask node's backward computes
+        return grad * factor(mask)  # what the mask node's backward computes
     return hook
 
 
@@ -147,12 +147,12 @@ class FastMasks:
             for weight, mask in zip(self.weights, self.masks):
                 for value in self.optimizer.state.get(weight, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                        value.mul_(mask)
+                        value.mul_(factor(mask))
 
     def _mask_weights(self) -> None:
-        with torch.no_grad():  # (torch._foreach_mul_ with bool masks is far slower)
+        with torch.no_grad():
             for weight, mask in zip(self.weights, self.masks):
-                weight.mul_(mask)
+                weight.mul_(factor(mask))
 
 
 def fast_masks(graph: Graph, optimizer: torch.optim.Optimizer | None = None) -> FastMasks:

@@ -71,7 +71,7 @@ from torch import nn
 from chop.errors import DataError, OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
-from chop.ir.masks import insert_mask, select_weights
+from chop.ir.masks import factor, insert_mask, select_weights
 from chop.kernels.distributed import local
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask
@@ -229,7 +229,7 @@ class Pruner:
         with torch.no_grad():
             for param, mask in self._applied:
                 if param.grad is not None:
-                    local(param.grad).mul_(mask)
+                    local(param.grad).mul_(factor(mask))
 
     def on_after_optimizer_step(self) -> None:
         """After the optimizer step: re-apply the masks (plain modules); count the step."""
@@ -283,9 +283,9 @@ class Pruner:
         in place."""
         if isinstance(self.model, Graph) or not self._applied:
             return
-        with torch.no_grad():  # (torch._foreach_mul_ with bool masks is far slower)
+        with torch.no_grad():
             for param, mask in self._applied:
-                local(param).mul_(mask)
+                local(param).mul_(factor(mask))
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

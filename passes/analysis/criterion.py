@@ -57,7 +57,7 @@ from torch.fx import Node
 from chop.errors import OptionError, PassError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.ir.masks import select_weights
+from chop.ir.masks import factor, select_weights
 from chop.kernels import distributed as dist
 from chop.pipeline import registry
 from chop.pipeline.batches import take
@@ -80,7 +80,7 @@ def effective_weight(graph: Graph, node: Node) -> torch.Tensor:
     """The weight as the graph computes with it: masked entries are zero."""
     weight = graph.parameter(node).detach()
     mask = meta.entries(node).get("mask")
-    return weight * mask if mask is not None else weight
+    return weight * factor(mask) if mask is not None else weight
 
 
 @dataclass(frozen=True)

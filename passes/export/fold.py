@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 
 from chop.ir.graph import Graph
-from chop.ir.masks import mask_nodes, mask_of
+from chop.ir.masks import factor, mask_nodes, mask_of
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 
@@ -27,7 +27,7 @@ def fold_masks(graph: Graph) -> list[str]:
         with torch.no_grad():
             weight = graph.parameter(name)
             mask = graph.module.get_buffer(mask_node.target)
-            graph.replace_parameter(name, weight.detach() * mask)
+            graph.replace_parameter(name, weight.detach() * factor(mask))
         mul.replace_all_uses_with(weight_node)
         graph.module.graph.erase_node(mul)
         if not mask_node.users:

@@ -195,3 +195,17 @@ def test_select_weights_follows_an_edit_of_the_graph(cnn_graph):
     chop.run(cnn_graph, "fold-bn")  # removes the BatchNorm weights from the graph
     assert [n.target for n in masks.select_weights(cnn_graph, norms=True)] == [
         "conv1.weight", "conv2.weight", "fc.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_factor_multiplies_exactly_as_the_bool_mask(dtype):
+    x = torch.tensor([1.5, -2.0, float("nan"), float("inf"), -0.0, 3.0], dtype=dtype)
+    mask = torch.tensor([True, False, False, True, True, False])
+    by_factor, by_mask = x * masks.factor(mask), x * mask
+    assert by_factor.dtype == by_mask.dtype == dtype
+    assert torch.equal(by_factor.isnan(), by_mask.isnan())
+    assert torch.equal(by_factor.nan_to_num().view(-1), by_mask.nan_to_num().view(-1))
+    assert torch.equal(torch.signbit(by_factor), torch.signbit(by_mask))  # -0.0 where -2·0
+    inplace = x.clone().mul_(masks.factor(mask))
+    assert torch.equal(inplace.nan_to_num(), by_mask.nan_to_num())
+    assert masks.factor(mask).data_ptr() == mask.data_ptr()  # a view, no copy
