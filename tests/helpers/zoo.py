@@ -291,6 +291,24 @@ class WindowAttention(nn.Module):
         return self.fc(x.mean(1))
 
 
+class CrossAttention(nn.Module):
+    """T5's cross-attention mask: zeros spelt with one row per head, the same for every head
+    (shrink respells the zeros' sizes; nothing the mask reads shrinks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x, memory):
+        b, n, _ = x.shape
+        m = memory.shape[1]
+        q = self.q(x).view(b, n, 2, 4).transpose(1, 2)
+        k, v = (p(memory).view(b, m, 2, 4).transpose(1, 2) for p in (self.k, self.v))
+        mask = torch.zeros(1, 2, n, m).masked_fill(memory[:, None, None, :, 0] > 2, float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, n, 8))
+
+
 class Recurrent(nn.Module):
     """An embedding, a 2-layer bidirectional LSTM, a GRU and a linear head."""
 

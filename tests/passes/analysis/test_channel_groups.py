@@ -208,12 +208,18 @@ def test_stored_groups_are_recomputed_after_an_op_is_added():
     assert "cumsum" in group_with(fresh, "0.weight").blocked[0]
 
 
-def test_shrink_reuses_the_walk_of_the_stored_groups_while_the_graph_is_the_one_walked(monkeypatch):
+@pytest.fixture
+def walks(monkeypatch) -> list:
+    """The graphs shrink walks for channels (a spy on its ``trace_channels``, which still runs)."""
     import chop.passes.export.shrink as shrink_module
 
-    walks = []
+    seen = []
     real = shrink_module.trace_channels
-    monkeypatch.setattr(shrink_module, "trace_channels", lambda g: walks.append(g) or real(g))
+    monkeypatch.setattr(shrink_module, "trace_channels", lambda g: seen.append(g) or real(g))
+    return seen
+
+
+def test_shrink_reuses_the_walk_of_the_stored_groups_while_the_graph_is_the_one_walked(walks):
     graph = sequential()
     chop.run(graph, "random, mask{granularity=channel, sparsity=0.5}")
     twin = graph.copy()  # the walk is not copied: its nodes are the original graph's
@@ -232,12 +238,7 @@ def test_shrink_reuses_the_walk_of_the_stored_groups_while_the_graph_is_the_one_
     assert [p.shape for p in graph.module.parameters()] == [p.shape for p in twin.module.parameters()]
 
 
-def test_a_walk_is_not_reused_once_a_node_was_replaced(monkeypatch):
-    import chop.passes.export.shrink as shrink_module
-
-    walks = []
-    real = shrink_module.trace_channels
-    monkeypatch.setattr(shrink_module, "trace_channels", lambda g: walks.append(g) or real(g))
+def test_a_walk_is_not_reused_once_a_node_was_replaced(walks):
     graph = sequential()
     chop.run(graph, "random, mask{granularity=channel, sparsity=0.5}")
     relu = next(n for n in graph.module.graph.nodes if n.name == "relu")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import chop
@@ -15,7 +14,7 @@ from chop.passes.analysis.group_select import group_masks
 from chop.passes.export import shapes
 from chop.passes.export.shapes import propagate_shapes
 from chop.passes.export.shrink import shrink
-from zoo import prune_half, trace
+from zoo import CrossAttention, prune_half, trace
 
 
 def masked(name, *args):
@@ -76,24 +75,6 @@ class SpatialSplit(nn.Module):
     def forward(self, x):
         top, bottom = self.conv1(x).relu().split(2, dim=2)
         return self.fc((self.conv2(top) + self.conv2(bottom)).mean((2, 3)))
-
-
-class CrossAttention(nn.Module):
-    """T5's mask, zeros spelt per head: shrink respells the zeros' sizes (nothing it reads
-    shrinks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
-
-    def forward(self, x, memory):
-        b, n, _ = x.shape
-        m = memory.shape[1]
-        q = self.q(x).view(b, n, 2, 4).transpose(1, 2)
-        k, v = (p(memory).view(b, m, 2, 4).transpose(1, 2) for p in (self.k, self.v))
-        mask = torch.zeros(1, 2, n, m).masked_fill(memory[:, None, None, :, 0] > 2, float("-inf"))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o(y.transpose(1, 2).reshape(b, n, 8))
 
 
 @pytest.mark.parametrize("model, args", [

@@ -15,7 +15,7 @@ from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.constants import channel_constants
 from chop.passes.export.shrink import shrink
-from zoo import traced_flow
+from zoo import CrossAttention, traced_flow
 
 
 class Attention(nn.Module):
@@ -134,22 +134,6 @@ def test_rotary_gqa_attention_shrinks_exactly(rotary):
         torch.testing.assert_close(graph(x), expected)
     assert {n: tuple(p.shape) for n, p in graph.module.named_parameters()} == {
         "q.weight": (8, 8), "k.weight": (4, 8), "v.weight": (4, 8), "o.weight": (8, 8)}
-
-
-class CrossAttention(nn.Module):
-    """T5's cross-attention mask: zeros spelt with one row per head, the same for every head."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
-
-    def forward(self, x, memory):
-        b, n, _ = x.shape
-        m = memory.shape[1]
-        q = self.q(x).view(b, n, 2, 4).transpose(1, 2)
-        k, v = (p(memory).view(b, m, 2, 4).transpose(1, 2) for p in (self.k, self.v))
-        mask = torch.zeros(1, 2, n, m).masked_fill(memory[:, None, None, :, 0] > 2, float("-inf"))
-        return self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, 8))
 
 
 def test_a_mask_spelt_per_head_but_equal_for_all_is_respelt_to_broadcast():
