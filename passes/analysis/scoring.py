@@ -66,6 +66,11 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
         memo["statistics in kernels"] = any(  # running_mean given
             n.args[3] is not None for n in graph.module.graph.find_nodes(
                 op="call_function", target=torch.ops.aten.instance_norm.default))
+    # the lean code (Graph.mode) costs about a recompile to generate, which pays off from the
+    # second scoring of a graph on (a Pruner, iterative SNIP, the small models whose ops are
+    # cheap); a graph scored once, a large model pruned in one go, runs its plain code
+    lean = memo.get("scorings", 0) > 0
+    memo["scorings"] = memo.get("scorings", 0) + 1
     buffers = [m._buffers[name] for m, name in memo["buffer slots"]]  # read afresh
     counted = bn == "eval" and not memo["statistics in kernels"]  # the counters tell
     changing = memo.get(("scoring changes", bn)) if counted else None  # buffer indices
@@ -81,7 +86,7 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
             p.requires_grad_(True)
         if validate:
             graph.module.validate_inputs = False
-        with graph.mode(batch_norm=bn == "train", dropout=False, lean=True):
+        with graph.mode(batch_norm=bn == "train", dropout=False, lean=lean):
             yield params
         done = True
     finally:

@@ -178,3 +178,21 @@ def test_scoring_restores_the_buffers_a_forward_changes_every_time():
                                                  r"before \(scale\)"):
         with scoring(graph, [graph.weight_node("fc.weight")]):
             graph.module.get_buffer("scale").mul_(2)
+
+
+def test_a_graph_scored_once_runs_its_plain_code_and_lean_code_from_the_second_scoring(
+        cnn, cnn_batches, monkeypatch):
+    import chop.ir.graph as graph_module
+
+    made = []
+    real = graph_module._lean_code
+    monkeypatch.setattr(graph_module, "_lean_code", lambda m: made.append(m) or real(m))
+    graph = chop.trace(cnn, (cnn_batches[0][0],))
+    scores, generated = [], []
+    for _ in range(3):
+        chop.run(graph, "snip", data=cnn_batches[:1])
+        scores.append({n.target: n.meta["chop"]["saliency"].clone() for n in graph.weight_nodes()})
+        generated.append(len(made))
+    assert generated == [0, 1, 1]  # generated for the second scoring, reused by the third
+    for later in scores[1:]:  # the lean code computes exactly what the plain code does
+        assert all(torch.equal(later[k], v) for k, v in scores[0].items())
