@@ -36,7 +36,7 @@ def mask_of(node: Any) -> str | None:
 def factor(mask: torch.Tensor) -> torch.Tensor:
     """A bool ``mask`` as a 0/1 factor to multiply a float tensor by: its uint8 view (no copy).
     ``x * factor(mask)`` is exactly ``x * mask`` (same values and dtype, in place too), but
-    about 3× faster on CPU, where torch's multiplication by a bool operand is not vectorised."""
+    faster on CPU, where torch does not vectorise a multiplication by a bool operand."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
