@@ -18,19 +18,26 @@ is not installed; BasicBlocks [2, 2, 2, 2], 64→512 channels, 32×32 inputs, ba
 every variant are interleaved step by step, ``--rounds`` times, after ``--warmup`` steps each;
 per-step medians are compared with the dense median. Target (issue 13): ≤ 1.05× dense.
 
-Peak memory is not measured here: tracemalloc does not see torch's allocator, and ru_maxrss of
-one process holding all the variants mixes them (run one variant per process to compare it).
+``--memory`` adds each variant's peak memory during its steps: a fresh process per variant runs
+``--warmup`` steps (Adam's state exists from then on), returns freed heap memory to the system
+(glibc's ``malloc_trim``), resets the kernel's high-water mark of its resident memory
+(``/proc/self/clear_refs``, Linux), runs ``--steps`` steps and reports the peak over the resident
+memory before them: the memory a step needs beyond the model and its optimizer state
+(tracemalloc does not see torch's allocator).
 
 Usage: ``python benchmarks/bench_train_step.py [--models bert-small,resnet18] [--steps 20]
-[--rounds 3] [--threads N]``
+[--rounds 3] [--threads N] [--memory]``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,6 +60,7 @@ import bench_pruner  # noqa: E402
 from bench_snip import ResNet18  # noqa: E402  (the same ResNet-18 for 32×32 inputs)
 
 TARGET = 1.05
+VARIANTS = ("dense", "masked graph", "chop fast_masks", "torch prune (custom_from_mask)")
 
 
 def resnet18(batch: int = 32):
@@ -108,13 +116,53 @@ def variants(model: nn.Module, batches, sparsity: float) -> list[Variant]:
     masked.train()
     fast.train()
     return [
-        Variant("dense", lambda x: call(dense, x), dense.parameters()),
-        Variant("masked graph", lambda x: call(masked.module, x), masked.module.parameters()),
-        Variant("chop fast_masks", lambda x: call(fast.module, x), fast.module.parameters(),
+        Variant(VARIANTS[0], lambda x: call(dense, x), dense.parameters()),
+        Variant(VARIANTS[1], lambda x: call(masked.module, x), masked.module.parameters()),
+        Variant(VARIANTS[2], lambda x: call(fast.module, x), fast.module.parameters(),
                 enter=lambda opt: fast_masks(fast, opt)),
-        Variant("torch prune (custom_from_mask)", lambda x: call(hooked, x),
-                hooked.parameters()),
+        Variant(VARIANTS[3], lambda x: call(hooked, x), hooked.parameters()),
     ]
+
+
+def _status(key: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: its high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}: --memory needs Linux")
+
+
+def peak_extra_mib(v: Variant, batches, warmup: int, steps: int) -> float:
+    """The peak resident memory during ``steps`` steps of ``v`` (after ``warmup``), over the
+    resident memory before them, in MiB."""
+    for i in range(warmup):
+        v.step(*batches[i % len(batches)])
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # hand freed heap memory back, so the steps show their own
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    before = _status("VmRSS")
+    for i in range(steps):
+        v.step(*batches[i % len(batches)])
+    return (_status("VmHWM") - before) / 1024
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Each variant's :func:`peak_extra_mib`, one fresh process per variant."""
+    print("\n| model | variant | peak extra MiB during the steps | − dense |")
+    print("|---|---|---:|---:|")
+    for key in args.models.split(","):
+        title, build = MODELS[key]
+        peaks = []
+        for index in range(len(VARIANTS)):
+            command = [sys.executable, __file__, "--models", key, "--peak-of", str(index),
+                       "--warmup", str(args.warmup), "--steps", str(args.steps),
+                       "--sparsity", str(args.sparsity)]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            peaks.append(float(out.split()[-1]))
+        for name, peak in zip(VARIANTS, peaks):
+            print(f"| {title} | {name} | {peak:.1f} | {peak - peaks[0]:+.1f} |", flush=True)
 
 
 def load() -> str:
@@ -129,9 +177,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory", action="store_true",
+                        help="also each variant's peak memory, in a fresh process per variant")
+    parser.add_argument("--peak-of", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_of is not None:  # a child of --memory: one variant of one model
+        model, batches = MODELS[args.models][1]()
+        v = variants(model, batches, args.sparsity)[args.peak_of]
+        print(f"{peak_extra_mib(v, batches, args.warmup, args.steps):.3f}")
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{args.sparsity:.0%} sparsity, Adam; {args.steps} steps × {args.rounds} rounds, "
           f"interleaved step by step; load average {load()}\n")
@@ -161,6 +217,8 @@ def main() -> None:
             if v.context is not None:
                 v.context.__exit__(None, None, None)
         print(f"| | load average after {title}: {load()} | | | |")
+    if args.memory:
+        memory_table(args)
 
 
 if __name__ == "__main__":
