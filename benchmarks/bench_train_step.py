@@ -151,7 +151,7 @@ def memory_table(args: argparse.Namespace) -> None:
     print("\n| model | variant | peak extra MiB during the steps | − dense |")
     print("|---|---|---:|---:|")
     for key in args.models.split(","):
-        title, build = MODELS[key]
+        title = MODELS[key][0]
         peaks = []
         for index in range(len(VARIANTS)):
             command = [sys.executable, __file__, "--models", key, "--peak-of", str(index),

@@ -61,7 +61,6 @@ the non-zero pattern of the selected weights) and keeps them applied while fine-
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Literal
 
@@ -103,7 +102,7 @@ def _scoring_selected(criterion: Pass, mask_options: Mapping[str, Any]) -> Pass:
     others = any(mask_options.get(role) for role in ("biases", "norms", "embeddings"))
     if others or getattr(criterion, "params", None) != "all":
         return criterion
-    return dataclasses.replace(criterion, params="prunable")
+    return criterion.replace(params="prunable")
 
 
 class Pruner:

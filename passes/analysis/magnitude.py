@@ -22,16 +22,11 @@ class Magnitude(Criterion):
     name: ClassVar[str] = "magnitude"
 
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
-        return [_absolute(effective_weight(graph, n), graph.parameter(n)) for n in nodes]
+        return [effective_weight(graph, n).abs() for n in nodes]
 
     def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
                       previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
         return [local(p).detach().abs() for p in params]  # masked weights are zero in place
-
-
-def _absolute(weight: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """|weight|, in place when ``weight`` is a masked copy rather than the parameter's data."""
-    return weight.abs() if weight.data_ptr() == param.data_ptr() else weight.abs_()
 
 
 magnitude_saliency = Magnitude.compute
