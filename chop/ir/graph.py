@@ -151,6 +151,7 @@ class Graph:
         self.traced_training = traced_training  # exported in train mode (else eval, see trace)
         self._mode = (True, True) if traced_training else (False, False)  # as traced
         self._lean = False  # running the lean code of the mode (see mode())
+        self._nodes_mode = self._mode  # the mode the nodes' arguments are in (see _set_mode)
         # What is cached about the graph's structure (see _current): the generated code of
         # each mode, so that switching back and forth does not run fx's code generation each
         # time (it costs more than a forward of a small model); the nodes with a mode argument;
@@ -240,7 +241,9 @@ class Graph:
         input guards, its tensor metadata asserts), dtype casts to the dtype a tensor already
         has, and values nothing uses. It computes the same values with fewer op calls, which is
         what a small model's forward costs. For blocks that only run the module, such as
-        scoring: a wrong input then fails inside an op rather than with torch.export's message.
+        scoring: a wrong input then fails inside an op rather than with torch.export's message,
+        and once a mode's lean code is cached, entering it only installs that code: the fx
+        graph's nodes keep the mode arguments of the mode outside the block.
         """
         before = self._mode, self._lean
         self._set_mode(batch_norm=batch_norm, dropout=dropout, lean=lean)
@@ -257,32 +260,44 @@ class Graph:
                 self._train_flags(all(mode))
             return
         self._codes[self._mode, self._lean] = _code_of(self.module)  # the code we leave
-        if mode != self._mode:
-            train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
-            if self._mode_nodes is None:
-                self._mode_nodes = [(n, n.meta[_MODE_KEY]) for n in self.module.graph.nodes
-                                    if _MODE_KEY in n.meta]
-            for node, (kind, index, keyword, train_value, eval_value) in self._mode_nodes:
-                value = train_value if train[kind] else eval_value
-                args, kwargs = node.args, node.kwargs
-                if kind == "counter":
-                    node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
-                elif keyword in kwargs or len(args) <= index:
-                    if kwargs.get(keyword) != value:
-                        # what `node.kwargs = ...` does, without fx's re-filing of the node
-                        # under its (op, target), which a constant argument does not change
-                        node._update_args_kwargs(args, {**kwargs, keyword: value})
-                elif args[index] != value:
-                    node._update_args_kwargs(args[:index] + (value,) + args[index + 1:], kwargs)
+        code = self._codes.get((mode, lean))
+        if not (lean and code is not None):
+            # A lean block only runs the module, so its cached code is all it needs: the nodes'
+            # mode arguments stay as they are (editing them costs more than a small forward)
+            # and are brought to the mode when code is generated or a plain mode is entered.
+            self._edit_nodes(mode)
         self._mode, self._lean = mode, lean
-        if (mode, lean) in self._codes:
-            _install_code(self.module, self._codes[mode, lean])
+        if code is not None:
+            _install_code(self.module, code)
         elif lean:
             _install_code(self.module, _lean_code(self.module))
         else:
             self.module.recompile()
         self._code_installed = self.module._code
         self._train_flags(all(mode))
+
+    def _edit_nodes(self, mode: tuple[bool, bool]) -> None:
+        """Set the mode arguments of the graph's nodes to ``mode`` (batch_norm, dropout)."""
+        if mode == self._nodes_mode:
+            return
+        batch_norm, dropout = mode
+        train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
+        if self._mode_nodes is None:
+            self._mode_nodes = [(n, n.meta[_MODE_KEY]) for n in self.module.graph.nodes
+                                if _MODE_KEY in n.meta]
+        for node, (kind, index, keyword, train_value, eval_value) in self._mode_nodes:
+            value = train_value if train[kind] else eval_value
+            args, kwargs = node.args, node.kwargs
+            if kind == "counter":
+                node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
+            elif keyword in kwargs or len(args) <= index:
+                if kwargs.get(keyword) != value:
+                    # what `node.kwargs = ...` does, without fx's re-filing of the node
+                    # under its (op, target), which a constant argument does not change
+                    node._update_args_kwargs(args, {**kwargs, keyword: value})
+            elif args[index] != value:
+                node._update_args_kwargs(args[:index] + (value,) + args[index + 1:], kwargs)
+        self._nodes_mode = mode
 
     def _train_flags(self, flag: bool) -> None:
         """``nn.Module.train(self.module, flag)`` without its recursion over the submodules."""
@@ -423,8 +438,9 @@ def _code_of(module: GraphModule) -> tuple:
 
 def _install_code(module: GraphModule, code: tuple) -> None:
     """Put back code that :func:`_code_of` saved (for the same graph in the same mode)."""
-    module._code, module._lineno_map, module._prologue_start, forward = code
-    type(module).forward = forward  # fx gives every GraphModule its own class
+    names = ("_code", "_lineno_map", "_prologue_start")
+    module.__dict__.update(zip(names, code))  # nn.Module.__setattr__'s checks cost more
+    type(module).forward = code[3]  # fx gives every GraphModule its own class
 
 
 # ops that only check (shapes, dtypes, sizes) and return nothing anybody reads

@@ -286,6 +286,29 @@ def test_mode_switches_reuse_the_generated_code_and_compute_the_same(cnn_graph, 
                                rtol=0, atol=0)
 
 
+def test_a_lean_block_runs_its_cached_code_without_editing_the_nodes(cnn_graph, cnn_batches):
+    x = cnn_batches[0][0]
+    def training_args() -> list:  # the batch_norm nodes' training argument
+        return [n.args[5] for n in cnn_graph.module.graph.nodes
+                if n.target is torch.ops.aten.batch_norm.default]
+    cnn_graph.train()
+    with cnn_graph.mode(batch_norm=False, dropout=False), torch.no_grad():
+        expected = cnn_graph(x)
+    assert set(training_args()) == {True}
+    with cnn_graph.mode(batch_norm=False, dropout=False, lean=True):  # first time: generated
+        pass
+    with cnn_graph.mode(batch_norm=False, dropout=False, lean=True), torch.no_grad():
+        assert set(training_args()) == {True}  # nodes untouched, the eval code runs
+        assert not cnn_graph.module.training
+        torch.testing.assert_close(cnn_graph(x), expected, rtol=0, atol=0)
+    assert set(training_args()) == {True} and cnn_graph.module.training
+    with cnn_graph.mode(batch_norm=False, dropout=False):  # a plain block edits them
+        assert set(training_args()) == {False}
+        fx_code = cnn_graph.module.graph.python_code("self").src
+        assert fx_code == cnn_graph.module.code  # the graph is what runs
+    assert set(training_args()) == {True}
+
+
 def test_lean_code_leaves_out_checks_but_not_random_or_in_place_ops():
     graph = zoo.trace("mobilenetv3")[1]  # in-place activations, dropout, BatchNorm
     with graph.mode(batch_norm=False, dropout=True):
