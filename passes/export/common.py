@@ -4,6 +4,7 @@ and :func:`deployable`, the exported graph without per-call overheads, for servi
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +25,9 @@ def checked_export(
     """Run ``apply()`` (the rewrite); when the pipeline has data, compare the outputs in eval
     mode before and after on the first two samples of the first batch
     (:func:`~chop.pipeline.batches.check_same_outputs`: an :class:`~chop.errors.InternalError`
-    if they differ) and, with ``timing``, report the model's median latency on the whole first
-    batch before and after as ``model_latency_us = [before, after]``.
+    if they differ), reporting the seconds those two forwards took as ``check_s``, and, with
+    ``timing``, report the model's median latency on the whole first batch before and after as
+    ``model_latency_us = [before, after]``.
 
     Two samples, not the whole batch: in eval mode each sample's outputs depend on that sample
     alone, and a rewrite that is wrong is wrong on any sample, so the check costs two small
@@ -41,12 +43,16 @@ def checked_export(
         return call(graph.module, inputs)
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
+        start = time.perf_counter()
         before = call(graph.module, sample)
+        checking = time.perf_counter() - start
         if timing:
             info["model_latency_us"] = [median_seconds(run) * 1e6]
     result = apply()
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
+        start = time.perf_counter()
         after = call(graph.module, sample)
+        info["check_s"] = checking + time.perf_counter() - start
         if timing:
             info["model_latency_us"].append(median_seconds(run) * 1e6)
     check_same_outputs(f"the {who} graph", after, before)

@@ -283,6 +283,10 @@ def test_shrink_pass_checks_and_times_itself_with_data():
     before, after = total["params"]
     assert after < before
     assert len(total["model_latency_us"]) == 2 and min(total["model_latency_us"]) > 0
+    assert 0 < total["check_s"] < graph.history[-1].seconds  # the check is part of its time
+    _, unchecked = trace("vgg")
+    chop.run(unchecked, "random{seed=2}, mask{granularity=channel, sparsity=0.5}, shrink")
+    assert "check_s" not in unchecked.history[-1].info["total"]  # no data: nothing checked
 
 
 class InPlace(torch.nn.Module):
