@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import chop
+import chop.ir.graph as graph_module
 import zoo
 from chop.ir import meta
+from chop.pipeline.batches import logits_of
 
 
 def test_trace_matches_model_in_both_modes(cnn, cnn_batches):
@@ -307,6 +310,44 @@ def test_a_lean_block_runs_its_cached_code_without_editing_the_nodes(cnn_graph, 
         fx_code = cnn_graph.module.graph.python_code("self").src
         assert fx_code == cnn_graph.module.code  # the graph is what runs
     assert set(training_args()) == {True}
+
+
+class _Dispatched(TorchDispatchMode):
+    """Records every ATen overload dispatched inside (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_lean_code_calls_bindings_that_dispatch_the_same_ops(name, monkeypatch):
+    _, traced = zoo.trace(name)
+    args, kwargs = zoo.ZOO[name].inputs(2)
+
+    def run(bindings: dict) -> tuple:
+        monkeypatch.setattr(graph_module, "_BINDINGS", bindings)
+        graph = traced.copy()
+        params = [p for p in graph.module.parameters() if p.requires_grad]
+        with graph.mode(batch_norm=False, dropout=False, lean=True), _Dispatched() as seen:
+            out = logits_of(graph(*args, **kwargs))
+            grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+            code = graph.module.code
+        return seen.ops, out, grads, code
+
+    ops, out, grads, code = run(graph_module._BINDINGS)
+    plain_ops, plain_out, plain_grads, plain_code = run({})
+    assert code != plain_code and "torch.ops.aten.conv2d" not in code  # bindings are called
+    assert ops == plain_ops  # the same overloads, in the same order, forward and backward
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    for g, plain in zip(grads, plain_grads, strict=True):
+        assert (g is None) == (plain is None)
+        if g is not None:
+            torch.testing.assert_close(g, plain, rtol=0, atol=0)
 
 
 def test_lean_code_leaves_out_checks_but_not_random_or_in_place_ops():
