@@ -80,22 +80,23 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
     # the exported module checks the structure of every call's inputs in a forward pre-hook;
     # batch_loss turns a mismatch into a DataError anyway, so skip that per-call cost here
     validate = getattr(graph.module, "validate_inputs", None)
+    frozen = [p for p, flag in zip(params, flags) if not flag]  # most already require grad
     done = False
     try:
-        for p in params:
+        for p in frozen:
             p.requires_grad_(True)
-        if validate:
-            graph.module.validate_inputs = False
+        if validate:  # a plain attribute: set without nn.Module.__setattr__'s checks
+            graph.module.__dict__["validate_inputs"] = False
         with graph.mode(batch_norm=bn == "train", dropout=False, lean=lean):
             yield params
         done = True
     finally:
         if validate:
-            graph.module.validate_inputs = validate
+            graph.module.__dict__["validate_inputs"] = validate
         changed = [i for i, (b, v) in enumerate(zip(buffers, versions)) if b._version != v]
         with torch.no_grad():
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
+            for p in frozen:
+                p.requires_grad_(False)
             for i, original in saved:
                 buffers[i].copy_(original)
         if counted and changing is None and done:

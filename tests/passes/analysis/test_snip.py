@@ -65,14 +65,19 @@ def test_custom_loss_is_used(mlp, mlp_batches):
 @pytest.mark.parametrize("bn", ["eval", "train"])
 def test_scoring_leaves_parameters_buffers_and_flags_bit_identical(cnn, cnn_batches, bn):
     cnn.conv1.bias.requires_grad_(False)
+    cnn.conv1.weight.requires_grad_(False)  # a frozen weight is still scored
     graph = chop.trace(cnn, (cnn_batches[0][0],))
     cnn.fc.weight.grad = torch.full_like(cnn.fc.weight, 7.0)
     state = {k: v.clone() for k, v in cnn.state_dict().items()}
     flags = {k: p.requires_grad for k, p in cnn.named_parameters()}
+    graph_flags = {k: p.requires_grad for k, p in graph.module.named_parameters()}
+    assert not graph_flags["conv1.weight"]
     chop.run(graph, f"snip{{batches=2, bn={bn}}}", data=cnn_batches)
+    assert saliency(graph)["conv1.weight"].abs().sum() > 0
     for key, value in cnn.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert {k: p.requires_grad for k, p in cnn.named_parameters()} == flags
+    assert {k: p.requires_grad for k, p in graph.module.named_parameters()} == graph_flags
     assert torch.equal(cnn.fc.weight.grad, torch.full_like(cnn.fc.weight, 7.0))
     assert graph.training  # the graph's mode is restored too
 
