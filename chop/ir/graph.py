@@ -372,7 +372,7 @@ class Graph:
         found = []
         for node in self.weight_nodes():
             entries = node.meta.get("chop")
-            if entries and (keys is None or any(k in entries for k in keys)):
+            if entries and (keys is None or not entries.keys().isdisjoint(keys)):
                 found += meta.problems(node, self.parameter(node), keys)
         if found:
             more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
