@@ -183,14 +183,15 @@ def backward_sums(
             terms = torch.autograd.grad(value, params, allow_unused=True, create_graph=twice)
             if second is not None:
                 terms = [None if t is None else t.detach() for t in second(terms, params)]
-            uses = Counter(t.untyped_storage().data_ptr() for t in terms if t is not None)
+            storages = [None if t is None else t.untyped_storage() for t in terms]
+            uses = Counter(s.data_ptr() for s in storages if s is not None)
             with torch.no_grad():
-                for i, (term, p) in enumerate(zip(terms, params, strict=True)):
+                for i, (term, storage, p) in enumerate(zip(terms, storages, params, strict=True)):
                     if term is None:
                         continue
                     if accumulate == "sum-of-abs":
-                        term = _finish(term, p, times_weight, _owned(term, uses))
-                    elif sums[i] is None and not _owned(term, uses):
+                        term = _finish(term, p, times_weight, _owned(term, storage, uses))
+                    elif sums[i] is None and not _owned(term, storage, uses):
                         term = term.clone()  # the first term becomes the running sum
                     sums[i] = term if sums[i] is None else sums[i].add_(term)
     with torch.no_grad():
@@ -285,12 +286,12 @@ def module_backward_sums(
                     for t, p in zip(sums, params)]
 
 
-def _owned(grad: torch.Tensor, uses: Counter) -> bool:
-    """Whether ``grad`` may be edited in place: it alone covers its whole storage, densely (a
-    transposed layout is fine), and no other returned gradient shares that storage (``uses``:
-    autograd can hand two parameters the same tensor, e.g. for ``(a + b) * x``, and returns
-    stride-0 expanded gradients for parameters that are only summed)."""
-    storage = grad.untyped_storage()
+def _owned(grad: torch.Tensor, storage: torch.UntypedStorage, uses: Counter) -> bool:
+    """Whether ``grad`` (over ``storage``) may be edited in place: it alone covers its whole
+    storage, densely (a transposed layout is fine), and no other returned gradient shares that
+    storage (``uses``: autograd can hand two parameters the same tensor, e.g. for
+    ``(a + b) * x``, and returns stride-0 expanded gradients for parameters that are only
+    summed)."""
     if (uses[storage.data_ptr()] != 1 or grad.storage_offset() != 0
             or storage.nbytes() != grad.numel() * grad.element_size()):
         return False
