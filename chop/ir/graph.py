@@ -507,6 +507,8 @@ def _bindings() -> dict[Any, Any]:
     for space, ops in by_name.items():
         for name, overloads in ops.items():
             packet, binding = getattr(aten, name, None), getattr(spaces[space], name, None)
+            if space == "V" and getattr(torch, name, None) is not binding:
+                continue  # fx's generated code names it torch.<name>: that must be this binding
             for overload in overloads:
                 if binding is not None and hasattr(packet, overload):
                     table[getattr(packet, overload)] = binding
