@@ -470,7 +470,7 @@ def _lean_code(module: GraphModule) -> tuple:
     lean = GraphModule(module, fx)
     lean.graph.eliminate_dead_code()  # pure ops only: random and in-place ops stay
     for node in list(lean.graph.nodes):
-        if node.op == "call_function" and node.target in _BINDINGS:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target in _BINDINGS:
             node.target = _BINDINGS[node.target]
     lean.recompile()
     return _code_of(lean)
