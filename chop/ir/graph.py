@@ -240,7 +240,7 @@ class Graph:
         ``lean``: inside, the module runs code that leaves out what only checks (torch.export's
         input guards, its tensor metadata asserts), dtype casts to the dtype a tensor already
         has, and values nothing uses, and that calls common ops through the Python bindings
-        eager code calls (the same ATen overloads, about 1 µs less per call). It computes the
+        eager code calls (the same ATen overloads, without the boxed call). It computes the
         same values with fewer and cheaper op calls, which is what a small model's forward
         costs. For blocks that only run the module, such as scoring: a wrong input then fails
         inside an op rather than with torch.export's message, and once a mode's lean code is
@@ -265,7 +265,7 @@ class Graph:
         code = self._codes.get((mode, lean))
         if not (lean and code is not None):
             # A lean block only runs the module, so its cached code is all it needs: the nodes'
-            # mode arguments stay as they are (editing them costs more than a small forward)
+            # mode arguments stay as they are (editing them at every scoring is wasted work)
             # and are brought to the mode when code is generated or a plain mode is entered.
             self._edit_nodes(mode)
         self._mode, self._lean = mode, lean
@@ -480,8 +480,8 @@ def _bindings() -> dict[Any, Any]:
     """For common ATen overloads, the Python binding that eager code calls (``torch.add``,
     ``torch._C._nn.linear``, ``Tensor.view``): it dispatches the same overload with the same
     positional arguments, through the generated argument parser instead of the schema-boxed
-    call of ``torch.ops`` (about 1 µs less per op call: 9% of a small ViT block's forward and
-    backward). Listed by hand, not guessed: a binding whose arguments differ from the schema
+    call of ``torch.ops``, which costs more than a small tensor's kernel (the graph column of
+    ``benchmarks/bench_snip.py`` shows the effect). Listed by hand, not guessed: a binding whose arguments differ from the schema
     (``Tensor.index``, the ``slice`` overload no binding spells) is not here."""
     by_name = {  # binding namespace: overloads
         "V": {"unsqueeze": ("default",), "add": ("Tensor",), "mul": ("Tensor",),
