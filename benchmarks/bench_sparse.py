@@ -17,7 +17,8 @@ sample; median) under ``torch.no_grad()``:
 * ``chop deploy``: the same without the per-call costs: the plain kernel function for the linear,
   ``deployable(graph)`` for the MLP;
 * ``torch F.linear``: ``F.linear(x, W_csr, b)`` with ``W_csr = W.to_sparse_csr()`` (eager);
-* ``torch W@x.T``: ``torch.addmm(b[:, None], W_csr, x.T).T`` (eager, the result left transposed).
+* ``torch W@x.T``: ``torch.addmm(b[:, None], W_csr, x.T).T`` (eager, the result left transposed);
+* ``torch addmv``: ``torch.addmv(b, W_csr, row)`` for each input row, stacked (eager).
 
 Every method's output is checked against dense before timing. Speedup is dense time ÷ method
 time; "vs best torch" is the best torch form's time ÷ chop's (≥ 1: chop is at least as fast).
@@ -60,7 +61,8 @@ from chop.kernels.timing import interleaved_seconds  # noqa: E402
 from chop.passes.export.common import deployable  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-METHODS = ("dense", "chop", "chop deploy", "torch F.linear", "torch W@x.T")
+METHODS = ("dense", "chop", "chop deploy", "torch F.linear", "torch W@x.T", "torch addmv")
+TORCH_FORMS = METHODS[3:]
 SIZE = 4096
 
 
@@ -78,7 +80,7 @@ class MLP(nn.Module):
 
 def torch_forms(weights: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor
                 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """torch's two CSR forms over a chain of (dense weight, bias) layers with tanh between."""
+    """torch's three CSR forms over a chain of (dense weight, bias) layers with tanh between."""
     csr = [(w.to_sparse_csr(), b, b[:, None]) for w, b in weights]
 
     def linear() -> torch.Tensor:
@@ -95,7 +97,14 @@ def torch_forms(weights: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tenso
             y = torch.tanh(y) if i < len(csr) - 1 else y
         return y
 
-    return {"torch F.linear": linear, "torch W@x.T": mm}
+    def mv() -> torch.Tensor:
+        y = x
+        for i, (w, b, _) in enumerate(csr):
+            y = torch.stack([torch.addmv(b, w, row) for row in y])
+            y = torch.tanh(y) if i < len(csr) - 1 else y
+        return y
+
+    return {"torch F.linear": linear, "torch W@x.T": mm, "torch addmv": mv}
 
 
 def linear_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
@@ -200,7 +209,7 @@ def main() -> None:
                 inner = 10 if batch == 1 else 2
                 t = interleaved_seconds(fns, repeats=args.repeats, warmup=2, inner=inner,
                                         statistic=args.stat)
-                best_torch = min(t["torch F.linear"], t["torch W@x.T"])
+                best_torch = min(t[m] for m in TORCH_FORMS)
                 cells = [f"{t['dense'] / t[m]:.1f}×" for m in METHODS[1:]]
                 print(f"| {case} | {batch} | {sparsity:.2f} | {t['dense'] * 1e3:.3f} | "
                       + " | ".join(cells) + f" | {best_torch / t['chop']:.2f} |", flush=True)

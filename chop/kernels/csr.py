@@ -5,12 +5,16 @@ from_rows)`` computes ``x @ W.T + bias`` for a weight ``W`` of shape ``(out_feat
 x.shape[-1])`` stored in CSR form (three plain tensors, so they are buffers in ``state_dict``).
 ``x`` may have any leading shape.
 
-Three CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2 threads):
+Four CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2 threads):
 
-- ``torch-linear``: ``F.linear(x, W_csr, bias)``, torch's CSR kernel on ``x @ W.T``; the
-  fastest at one row, far slower than the others from a few rows on;
-- ``torch-mm``: ``(W_csr @ x.T).T`` (``torch.addmm``), multi-threaded, the fastest at most row
-  counts;
+- ``torch-linear``: ``F.linear(x, W_csr, bias)``, torch's CSR kernel on ``x @ W.T``; fast at
+  one row, far slower than the others from a few rows on;
+- ``torch-mm``: ``(W_csr @ x.T).T`` (``torch.addmm``, with ``x.T`` made contiguous first: MKL's
+  sparse product reads a row-major right-hand side faster, copy included), multi-threaded, the
+  fastest from a few rows on;
+- ``torch-mv``: one ``torch.addmv(bias, W_csr, row)`` per input row, written into the output;
+  torch's sparse matrix-vector kernel is several times faster than ``torch-mm`` on one row, so
+  it wins at one or two rows and loses from a handful on;
 - ``scipy``: scipy's compiled single-threaded ``csr_matvecs`` (an optional extra, ``pip install
   'chop[sparse]'``), which walks each row's non-zeros once for all inputs and sometimes wins at
   many rows, or when other processes hold the cores.
@@ -54,8 +58,9 @@ from chop.errors import PassError
 from chop.kernels.timing import interleaved_seconds
 
 CSR_OP = "chop::csr_linear"
-KERNELS = ("torch-linear", "torch-mm", "scipy")  # a plan's kernel ids index this tuple
-TORCH_LINEAR, TORCH_MM, SCIPY = range(3)
+# A plan's kernel ids index this tuple: append new kernels, never reorder (saved plans hold ids).
+KERNELS = ("torch-linear", "torch-mm", "scipy", "torch-mv")
+TORCH_LINEAR, TORCH_MM, SCIPY, TORCH_MV = range(4)
 PLAN_ROWS = (1, 4, 16, 64)  # row counts plan_kernels times; bands switch at their geometric means
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -172,10 +177,17 @@ def csr_linear_forward(
         )
         if kernel == TORCH_LINEAR:
             y = F.linear(rows, weight, bias)
-        elif bias is None:
-            y = torch.mm(weight, rows.t()).t().contiguous()
+        elif kernel == TORCH_MV:
+            y = rows.new_empty(rows.shape[0], out_features)
+            for row, out in zip(rows, y):
+                if bias is None:
+                    torch.mv(weight, row, out=out)
+                else:
+                    torch.addmv(bias, weight, row, out=out)
         else:
-            y = torch.addmm(bias.unsqueeze(1), weight, rows.t()).t().contiguous()
+            right = rows.t().contiguous()  # row-major: MKL's sparse product reads it faster
+            y = (torch.mm(weight, right) if bias is None
+                 else torch.addmm(bias.unsqueeze(1), weight, right)).t().contiguous()
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 

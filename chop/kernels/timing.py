@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -22,18 +23,20 @@ def interleaved_seconds(
     """Median (or ``min``: the round least disturbed by other processes) wall time per call
     of each function, under no_grad: after ``warmup`` calls of each, every one of the
     ``repeats`` rounds calls each function ``inner`` times in turn, so that load from other
-    processes hits them alike and their ratios stay fair. Each round starts one function
-    later than the one before, so none always runs right after the same other one (e.g. on
-    the cache another has just filled)."""
+    processes hits them alike and their ratios stay fair. Each round calls the functions in a
+    new order (a shuffle seeded with 0, so runs repeat), so that none always runs right after
+    the same other one: a function that evicts the caches (a dense weight of 64 MB) or leaves
+    the thread pool spinning would otherwise always slow down the same successor."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
     with torch.no_grad():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
         names = list(fns)
-        for round_ in range(repeats):
-            first = round_ % len(names)
-            for name in names[first:] + names[:first]:
+        for _ in range(repeats):
+            order.shuffle(names)
+            for name in names:
                 fn = fns[name]
                 start = time.perf_counter()
                 for _ in range(inner):

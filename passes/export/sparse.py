@@ -19,7 +19,7 @@ sparsity and small layers never). ``measure`` times the dense and the CSR layer 
 ``timing_batch`` and keeps the faster. ``all`` converts every layer it can (for tests).
 Conv weights stay dense (no sparse conv kernel yet; reported as such).
 
-Which CSR kernel (``kernel``): ``measure`` (the default) times torch's two CSR forms and scipy's
+Which CSR kernel (``kernel``): ``measure`` (the default) times torch's three CSR forms and scipy's
 loop on each converted layer at 1, 4, 16 and 64 input rows
 (:func:`~chop.kernels.csr.plan_kernels`) and stores the winners per row band as the op's plan;
 the measurement happens here, on the machine that runs the pass, so run it where the model will
@@ -279,7 +279,7 @@ class Sparse(Pass):
     min_numel: int = option(65536, "auto: keep weights with fewer entries dense (call overhead)")
     timing: bool = option(False, "time each layer (and the model, given data) before and after")
     timing_batch: int = option(1, "batch size used to time layers (timing, mode=measure)")
-    kernel: Literal["measure", "torch-linear", "torch-mm", "scipy"] = option(
+    kernel: Literal["measure", "torch-linear", "torch-mm", "scipy", "torch-mv"] = option(
         "measure", "CSR kernel: measure (time each per row band, keep the fastest) or one by name"
     )
 

@@ -58,6 +58,9 @@ def test_every_kernel_equals_dense_forward_and_backward_at_any_leading_shape(ker
         torch.testing.assert_close(  # the plain function, as deployable() calls it
             sparse_ops.csr_linear_forward(x.detach(), *csr, 24, b, [kernel], []),
             F.linear(x.detach(), weight * mask, b))
+        strided = torch.randn(40, 5, dtype=dtype).t()  # rows not contiguous
+        torch.testing.assert_close(sparse_ops.csr_linear(strided, *csr, 24, b, [kernel], []),
+                                   F.linear(strided, weight * mask, b))
     torch.library.opcheck(torch.ops.chop.csr_linear.default,
                           (torch.randn(3, 40, dtype=dtype), *csr, 24, bias, [kernel], []))
 
@@ -118,7 +121,7 @@ def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
 
 
 @pytest.mark.parametrize("kernels,from_rows", [
-    ([0, 1], []), ([3], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]), ([], [4]),
+    ([0, 1], []), ([4], []), ([-1], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]), ([], [4]),
 ])
 def test_check_plan_refuses_malformed_plans(kernels, from_rows):
     with pytest.raises(PassError, match="indices into .*torch-linear.*increasing row thresholds"):
@@ -126,7 +129,7 @@ def test_check_plan_refuses_malformed_plans(kernels, from_rows):
 
 
 def test_check_plan_accepts_valid_plans():
-    for plan in (([1], []), ([], []), (None, None), ([0, 1, 2], [2, 32])):
+    for plan in (([1], []), ([], []), (None, None), ([0, 1, 2], [2, 32]), ([3, 1], [2])):
         sparse_ops.check_plan(*plan)
 
 
@@ -180,7 +183,7 @@ def test_plan_kernels_times_real_kernels_and_refuses_unknown_ones():
     kernels, from_rows, times = sparse_ops.plan_kernels(*csr, (16, 32), rows=(1, 8), repeats=2)
     sparse_ops.check_plan(kernels, from_rows)
     assert set(times) == {1, 8}
-    expected = {"torch-linear", "torch-mm"} | ({"scipy"} if sparse_ops.have_scipy() else set())
+    expected = {"torch-linear", "torch-mm", "torch-mv"} | ({"scipy"} if sparse_ops.have_scipy() else set())
     assert set(times[1]) == expected and all(t > 0 for t in times[1].values())
     with pytest.raises(PassError, match="unknown kernels \\['mkl'\\]"):
         sparse_ops.plan_kernels(*csr, (16, 32), candidates=["mkl"])

@@ -62,27 +62,33 @@ def test_runs_without_autograd_and_measures_real_time():
 
 
 def test_interleaved_calls_each_function_in_turn_and_divides_by_inner(monkeypatch):
-    """Two warmups of each first, then rounds that call each function inner=2 times in turn,
-    starting one function later each round (a a b b, b b a a, a a b b): the samples of a are
-    its 2-call spans divided by 2, and the medians are per function."""
+    """Warmups of each first, then rounds that call every function inner=2 times in a row, in
+    an order that changes from round to round: every function follows every other one at some
+    point (a fixed or rotated order makes one always follow the same one). The samples are the
+    2-call spans divided by 2, and the medians (or minima) are per function."""
+    now = [0.0]
+    durations = {"a": [9.0, 9.0] + [0.3, 0.5] + [0.1, 0.1] * 10,
+                 "b": [9.0, 9.0] + [2.0, 2.0] * 11,
+                 "c": [9.0, 9.0] + [1.0, 5.0] + [0.5, 0.5] * 10}
     order = []
-    clock = FakeClock([9.0, 9.0, 9.0, 9.0]  # warmups: a, a, b, b
-                      + [0.1, 0.3, 2.0, 2.0]  # round 1: a, a, b, b
-                      + [1.0, 3.0, 0.2, 0.2]  # round 2: b, b, a, a
-                      + [0.4, 0.4, 5.0, 5.0])  # round 3: a, a, b, b
-    monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
 
     def call(name):
         def fn():
             order.append(name)
-            clock.fn()
+            now[0] += durations[name].pop(0)
         return fn
 
-    result = timing.interleaved_seconds({"a": call("a"), "b": call("b")}, repeats=3, warmup=2,
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    result = timing.interleaved_seconds({n: call(n) for n in "abc"}, repeats=11, warmup=2,
                                         inner=2)
-    assert order == ["a", "a", "b", "b"] * 2 + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
-    assert result == {"a": pytest.approx(0.2), "b": pytest.approx(2.0)}  # medians of the rounds
-    clock.durations = [1.0, 1.0] + [3.0, 0.5, 9.0, 2.0, 0.2, 4.0]  # a b, b a, a b
-    result = timing.interleaved_seconds({"a": clock.fn, "b": clock.fn}, repeats=3, warmup=1,
+    assert order[:6] == ["a", "a", "b", "b", "c", "c"]  # warmups, in the given order
+    rounds = [order[6 + 6 * r: 12 + 6 * r] for r in range(11)]
+    assert all(sorted(r) == ["a", "a", "b", "b", "c", "c"] and r[0::2] == r[1::2] for r in rounds)
+    follows = {(r[2 * i], r[2 * i + 2]) for r in rounds for i in range(2)}
+    assert follows == {(x, y) for x in "abc" for y in "abc" if x != y}
+    assert len({tuple(r) for r in rounds}) > 2
+    assert result == {"a": pytest.approx(0.1), "b": pytest.approx(2.0), "c": pytest.approx(0.5)}
+    durations.update(a=[1.0] + [3.0, 0.2, 4.0], b=[1.0] + [0.5, 9.0, 2.0], c=[1.0] * 4)
+    result = timing.interleaved_seconds({n: call(n) for n in "abc"}, repeats=3, warmup=1,
                                         statistic="min")
-    assert result == {"a": pytest.approx(0.2), "b": pytest.approx(0.5)}
+    assert result == {"a": pytest.approx(0.2), "b": pytest.approx(0.5), "c": pytest.approx(1.0)}
