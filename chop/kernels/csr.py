@@ -13,8 +13,8 @@ Four CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2
   sparse product reads a row-major right-hand side faster, copy included), multi-threaded, the
   fastest from a few rows on;
 - ``torch-mv``: one ``torch.addmv(bias, W_csr, row)`` per input row, written into the output;
-  torch's sparse matrix-vector kernel is several times faster than ``torch-mm`` on one row, so
-  it wins at one or two rows and loses from a handful on;
+  torch's sparse matrix-vector kernel beats ``torch-mm`` on one row (``bench_sparse.py``
+  prints each kernel's time there) and loses from a handful of rows on;
 - ``scipy``: scipy's compiled single-threaded ``csr_matvecs`` (an optional extra, ``pip install
   'chop[sparse]'``), which walks each row's non-zeros once for all inputs and sometimes wins at
   many rows, or when other processes hold the cores.
