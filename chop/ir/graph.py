@@ -481,8 +481,9 @@ def _bindings() -> dict[Any, Any]:
     ``torch._C._nn.linear``, ``Tensor.view``): it dispatches the same overload with the same
     positional arguments, through the generated argument parser instead of the schema-boxed
     call of ``torch.ops``, which costs more than a small tensor's kernel (the graph column of
-    ``benchmarks/bench_snip.py`` shows the effect). Listed by hand, not guessed: a binding whose arguments differ from the schema
-    (``Tensor.index``, the ``slice`` overload no binding spells) is not here."""
+    ``benchmarks/bench_snip.py`` shows the effect). Listed by hand, not guessed: a binding
+    whose arguments differ from the schema (``Tensor.index``, the ``slice`` overload no
+    binding spells) is not here."""
     by_name = {  # binding namespace: overloads
         "V": {"unsqueeze": ("default",), "add": ("Tensor",), "mul": ("Tensor",),
               "sub": ("Tensor",), "div": ("Tensor",), "transpose": ("int",),

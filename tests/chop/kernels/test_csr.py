@@ -121,7 +121,8 @@ def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
 
 
 @pytest.mark.parametrize("kernels,from_rows", [
-    ([0, 1], []), ([4], []), ([-1], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]), ([], [4]),
+    ([0, 1], []), ([4], []), ([-1], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]),
+    ([], [4]),
 ])
 def test_check_plan_refuses_malformed_plans(kernels, from_rows):
     with pytest.raises(PassError, match="indices into .*torch-linear.*increasing row thresholds"):
@@ -183,7 +184,8 @@ def test_plan_kernels_times_real_kernels_and_refuses_unknown_ones():
     kernels, from_rows, times = sparse_ops.plan_kernels(*csr, (16, 32), rows=(1, 8), repeats=2)
     sparse_ops.check_plan(kernels, from_rows)
     assert set(times) == {1, 8}
-    expected = {"torch-linear", "torch-mm", "torch-mv"} | ({"scipy"} if sparse_ops.have_scipy() else set())
+    expected = ({"torch-linear", "torch-mm", "torch-mv"}
+                | ({"scipy"} if sparse_ops.have_scipy() else set()))
     assert set(times[1]) == expected and all(t > 0 for t in times[1].values())
     with pytest.raises(PassError, match="unknown kernels \\['mkl'\\]"):
         sparse_ops.plan_kernels(*csr, (16, 32), candidates=["mkl"])

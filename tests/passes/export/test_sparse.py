@@ -238,7 +238,8 @@ def test_without_scipy_the_measured_plan_uses_torch_kernels_only(mlp, mlp_batche
     chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all}")
     for row in graph.history[-1].info["layers"].values():
         assert "scipy" not in row["kernels"]["plan"]
-        assert all(set(times) <= {"torch-linear", "torch-mm", "torch-mv"} for times in row["kernels"]["us"].values())
+        assert all(set(times) <= {"torch-linear", "torch-mm", "torch-mv"}
+                   for times in row["kernels"]["us"].values())
 
 
 def csr_nodes(graph: chop.Graph) -> list:
