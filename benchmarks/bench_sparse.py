@@ -12,8 +12,10 @@ Methods, timed interleaved (each repeat runs every method once, in turn; ``inner
 sample; median) under ``torch.no_grad()``:
 
 * ``dense``: ``F.linear`` with the masked dense weight (for the MLP: the folded chop graph);
-* ``chop``: ``torch.ops.chop.csr_linear`` with the layer's measured plan (for the MLP: the graph
-  the ``sparse`` pass produced, called as exported, pytree flattening and input guards included);
+* ``chop``: ``torch.ops.chop.csr_linear`` with the layer's measured plan and ``transposed=True``
+  (the result's layout is the one torch's ``W@x.T`` form returns); for the MLP: the graph the
+  ``sparse`` pass produced, called as exported, pytree flattening and input guards included (its
+  first layer's result is transposed, the output row-major);
 * ``chop deploy``: the same without the per-call costs: the plain kernel function for the linear,
   ``deployable(graph)`` for the MLP;
 * ``torch F.linear``: ``F.linear(x, W_csr, b)`` with ``W_csr = W.to_sparse_csr()`` (eager);
@@ -120,8 +122,8 @@ def linear_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]
     x = torch.randn(batch, SIZE, generator=g)
     fns = {
         "dense": lambda: F.linear(x, dense, bias),
-        "chop": lambda: csr_linear(x, *csr, SIZE, bias, kernels, from_rows),
-        "chop deploy": lambda: csr_linear_forward(x, *csr, SIZE, bias, kernels, from_rows),
+        "chop": lambda: csr_linear(x, *csr, SIZE, bias, kernels, from_rows, True),
+        "chop deploy": lambda: csr_linear_forward(x, *csr, SIZE, bias, kernels, from_rows, True),
         **torch_forms([(dense, bias)], x),
     }
     return fns, {"plan": describe_plan(kernels, from_rows), "planning s": round(seconds, 2),

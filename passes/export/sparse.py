@@ -25,6 +25,11 @@ loop on each converted layer at 1, 4, 16 and 64 input rows
 the measurement happens here, on the machine that runs the pass, so run it where the model will
 serve. A kernel name uses that kernel for every batch size (no timing).
 
+Layout: a ``csr_linear`` whose result is read only by other ``csr_linear`` layers, directly or
+through elementwise activations (:data:`ANY_LAYOUT`), returns it transposed (``transposed=True``,
+see :mod:`chop.kernels.csr`): no transposing copy between two sparse layers. A result that
+leaves the graph, or meets any other op, keeps the row-major layout of the layer it replaces.
+
 ``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per input
 row before/after, the kernel plan and its timings, latency if ``timing``) and totals. With data,
 the first samples of the first batch are run before and after in eval mode and the outputs must agree (fp32 allclose),
@@ -49,6 +54,7 @@ from chop.kernels.csr import (
     KERNELS,
     csr_linear,
     describe_plan,
+    empty_result,
     plan_kernels,
     require_scipy,
     semi_structured,
@@ -78,6 +84,51 @@ def _linear_use(user: Node, mul: Node) -> tuple[Node, Node | None, bool] | None:
     if user.target is aten.mm.default and args[1] is mul and args[0] is not mul:
         return args[0], None, True
     return None
+
+
+# Unary elementwise ops whose result has the strides of their input (torch's elementwise rule),
+# with any extra arguments scalars: a transposed input stays transposed and is read correctly.
+ANY_LAYOUT = frozenset(
+    packet.default
+    for name in ("tanh", "relu", "gelu", "sigmoid", "silu", "hardtanh", "leaky_relu", "elu",
+                 "hardswish", "hardsigmoid", "mish", "softplus", "clamp", "dropout")
+    for packet in (getattr(aten, name), getattr(aten, f"{name}_", None))
+    if packet is not None
+)
+
+
+def _any_layout(node: Node) -> bool:
+    """True when every reader of ``node``'s result accepts any strides: another ``csr_linear``
+    reading it as its input, or an :data:`ANY_LAYOUT` op whose own readers do."""
+    if not node.users:
+        return False
+    for user in node.users:
+        if user.target is csr_linear:
+            if user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+                return False
+        elif (user.target not in ANY_LAYOUT or user.args[0] is not node or user.kwargs
+              or any(isinstance(a, Node) for a in user.args[1:]) or not _any_layout(user)):
+            return False
+    return True
+
+
+def _transpose_results(graph: Graph) -> int:
+    """Set ``transposed=True`` on every ``csr_linear`` whose readers accept any layout, and the
+    strides of its (and its activations') fake values to match; returns how many."""
+    changed = 0
+    for node in graph.module.graph.find_nodes(op="call_function", target=csr_linear):
+        if not _any_layout(node):
+            continue
+        node.args = (*node.args[:8], True)
+        pending = [node]
+        while pending:
+            current = pending.pop()
+            val = current.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                current.meta["val"] = empty_result(val, val.shape[-1], True)
+            pending += [u for u in current.users if u.target in ANY_LAYOUT]
+        changed += 1
+    return changed
 
 
 def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[int]],
@@ -122,9 +173,7 @@ def _replace_with_csr(
     out_features = shape[0]
     for user, (x, bias, _) in uses:
         with g.inserting_before(user):
-            node = g.call_function(
-                csr_linear, (x, *getters, out_features, bias, *plan)
-            )
+            node = g.call_function(csr_linear, (x, *getters, out_features, bias, *plan, False))
         kept_meta = ("val", "stack_trace", "nn_module_stack")
         node.meta.update({k: v for k, v in user.meta.items() if k in kept_meta})
         meta.entries(node)[SPARSE] = {
@@ -247,6 +296,8 @@ def sparsify(
         _replace_with_csr(graph, mul, name, csr, tuple(w.shape), uses, plan)
         row.update(decision="csr", reason=reason)
         row["params"][1], row["flops"][1] = kept, 2 * kept
+    if _transpose_results(graph):
+        graph.recompile()
     fold_masks(graph)  # the layers kept dense
     return rows
 

@@ -61,8 +61,29 @@ def test_every_kernel_equals_dense_forward_and_backward_at_any_leading_shape(ker
         strided = torch.randn(40, 5, dtype=dtype).t()  # rows not contiguous
         torch.testing.assert_close(sparse_ops.csr_linear(strided, *csr, 24, b, [kernel], []),
                                    F.linear(strided, weight * mask, b))
-    torch.library.opcheck(torch.ops.chop.csr_linear.default,
-                          (torch.randn(3, 40, dtype=dtype), *csr, 24, bias, [kernel], []))
+    for transposed in (False, True):
+        torch.library.opcheck(torch.ops.chop.csr_linear.default,  # fake strides == real ones
+                              (torch.randn(3, 40, dtype=dtype), *csr, 24, bias, [kernel], [],
+                               transposed))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_IDS)
+def test_transposed_results_have_the_same_values_in_column_major_strides(kernel):
+    """transposed=True: the same values as the default, laid out as the transpose of a row-major
+    (out, rows) matrix, for inputs of any strides, on the op, its fake kernel and the function."""
+    torch.manual_seed(kernel)
+    weight, mask, bias = torch.randn(24, 40), torch.rand(24, 40) < 0.2, torch.randn(24)
+    csr = sparse_ops.to_csr(weight, mask)
+    for x in (torch.randn(7, 40), torch.randn(40, 7).t(), torch.randn(2, 3, 40),
+              torch.randn(40, 6).t().reshape(2, 3, 40)):
+        reference = F.linear(x, weight * mask, bias)
+        for op in (sparse_ops.csr_linear, sparse_ops.csr_linear_forward):
+            y = op(x, *csr, 24, bias, [kernel], [], True)
+            torch.testing.assert_close(y, reference)
+            assert y.reshape(-1, 24).t().is_contiguous() and not y.is_contiguous()
+            assert y.stride() == sparse_ops.empty_result(x, 24, True).stride()
+        default = sparse_ops.csr_linear(x, *csr, 24, bias, [kernel], [])
+        assert default.is_contiguous() and torch.equal(default, y)
 
 
 def test_the_plan_picks_the_kernel_by_row_count(monkeypatch):

@@ -265,7 +265,7 @@ def test_each_layer_stores_its_measured_plan_in_the_op_and_the_info(mlp, mlp_bat
     chop.run(graph, "sparse{mode=all}")
     assert seen == [(32, 16), (32, 32)]
     nodes = csr_nodes(graph)
-    assert [n.args[6:] for n in nodes] == [([0, 1], [3]), ([2, 1, 0], [2, 5])]
+    assert [n.args[6:8] for n in nodes] == [([0, 1], [3]), ([2, 1, 0], [2, 5])]
     assert [n.meta["chop"][SPARSE]["plan"] for n in nodes] == [
         "torch-linear below 3 rows, torch-mm from 3", "scipy below 2 rows, torch-mm from 2, torch-linear from 5"]
     layers = graph.history[-1].info["layers"]
@@ -275,6 +275,53 @@ def test_each_layer_stores_its_measured_plan_in_the_op_and_the_info(mlp, mlp_bat
         torch.testing.assert_close(graph(x[:n]), masked[n - 1])
 
 
+class Branches(nn.Module):
+    """Sparse results read by activations then a sparse layer (a, b), a view (c), a residual
+    add (d), and the graph's output (e)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(32, 32) for _ in range(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(torch.tanh(self.a(x))))
+        h = self.c(torch.nn.functional.gelu(h)).view(*x.shape[:-1], 4, 8).flatten(-2)
+        return self.e(self.d(h) + h)
+
+
+class Strides(torch.fx.Interpreter):
+    """Runs a graph and checks every tensor's real strides against its node's fake value."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        val = n.meta.get("val")
+        if isinstance(result, torch.Tensor) and isinstance(val, torch.Tensor) and result.numel():
+            sizes = [int(s) for s in result.shape]
+            strides = [s.node.hint if isinstance(s, torch.SymInt) else s for s in val.stride()]
+            assert list(result.stride()) == strides or 1 in sizes, n.name
+        return result
+
+
+def test_results_read_only_by_sparse_layers_are_returned_transposed_with_matching_strides():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    graph = chop.trace(model, (torch.randn(4, 32),))
+    chop.run(graph, "magnitude, mask{sparsity=0.9, scope=local}")
+    graph.eval()
+    inputs = [torch.randn(n, 32) for n in (1, 4, 9)]
+    masked = [graph(x) for x in inputs]
+    chop.run(graph, "sparse{mode=all, kernel=torch-mm}")
+    nodes = csr_nodes(graph)
+    assert [n.meta["chop"][SPARSE]["weight"] for n in nodes] == [f"{k}.weight" for k in "abcde"]
+    assert [n.args[8] for n in nodes] == [True, True, False, False, False]
+    for x, expected in zip(inputs, masked):
+        y = graph(x)
+        torch.testing.assert_close(y, expected)
+        assert y.is_contiguous()
+    with torch.no_grad():  # at the traced batch size: the hints of the symbolic strides
+        Strides(graph.module).run(torch.randn(4, 32))
+
+
 def test_a_named_kernel_is_used_for_every_batch_without_timing(mlp, mlp_batches, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("a named kernel must not be measured")
@@ -282,7 +329,7 @@ def test_a_named_kernel_is_used_for_every_batch_without_timing(mlp, mlp_batches,
     monkeypatch.setattr("chop.passes.export.sparse.plan_kernels", never)
     graph = chop.trace(mlp, (mlp_batches[0][0],))
     chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all, kernel=torch-linear}")
-    assert [n.args[6:] for n in csr_nodes(graph)] == [([0], [])] * 3
+    assert [n.args[6:8] for n in csr_nodes(graph)] == [([0], [])] * 3
     assert {r["kernels"]["plan"] for r in graph.history[-1].info["layers"].values()} == {"torch-linear"}
 
 
@@ -294,7 +341,7 @@ def test_the_pt2_keeps_the_plans_and_loads_in_a_fresh_process(mlp, mlp_batches, 
     chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all}")
     graph.eval()
     x = mlp_batches[1][0]
-    plans = [n.args[6:] for n in csr_nodes(graph)]
+    plans = [n.args[6:] for n in csr_nodes(graph)]  # plans and layouts
     torch.export.save(export_program(graph, x), tmp_path / "model.pt2")
     torch.save({"x": x, "y": graph(x).detach(), "x1": x[:1], "y1": graph(x[:1]).detach()},
                tmp_path / "io.pt")
@@ -306,14 +353,14 @@ module = program.module()
 for x, y in ((io["x"], io["y"]), (io["x1"], io["y1"])):
     torch.testing.assert_close(module(x), y, rtol=0, atol=0)
 nodes = [n for n in program.graph.nodes if n.target is torch.ops.chop.csr_linear.default]
-print([list(map(list, n.args[6:])) for n in nodes])
+print([[*map(list, n.args[6:8]), n.args[8] if len(n.args) > 8 else False] for n in nodes])
 again = torch.export.export(module, (io["x"],), dynamic_shapes=({{0: torch.export.Dim.AUTO}},))
 torch.testing.assert_close(again.module()(io["x"]), io["y"], rtol=0, atol=0)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str([list(map(list, p)) for p in plans])
+    assert done.stdout.strip() == str([[*map(list, p[:2]), p[2]] for p in plans])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured needs a CUDA GPU")
