@@ -376,3 +376,36 @@ def test_weight_nodes_and_parameters_follow_edits_of_the_graph(mlp):
     graph.module.get_submodule(first.target.rpartition(".")[0]).register_parameter(
         first.target.rpartition(".")[2], replacement)
     assert graph.parameter(first) is replacement  # looked up afresh, not cached
+
+
+def test_calling_a_graph_skips_only_the_export_structure_check_and_keeps_every_other(mlp):
+    """Positional tensors go straight to forward (torch.export's pre-hook does not run); the
+    shape guards still fail, other input structures get torch's own check, and a hook the
+    user adds makes every call go through the module's full call again."""
+    graph = chop.trace(mlp, (torch.randn(2, 16),))
+    x = torch.randn(3, 16)
+    structure_checks = []
+    real_check = torch.export._unlift._check_inputs_match
+
+    def counting(*args, **kwargs):
+        structure_checks.append(1)
+        return real_check(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.export._unlift, "_check_inputs_match", counting)
+        torch.testing.assert_close(graph(x), mlp(x), rtol=0, atol=0)
+        assert structure_checks == []
+        with pytest.raises(Exception, match="size|shape|Guard"):  # the shape guards still run
+            graph(torch.randn(3, 15))
+        with pytest.raises(ValueError, match="tree spec"):  # two inputs for one: torch's check
+            graph(x, x)
+        assert structure_checks == [1]
+        with pytest.raises(ValueError, match="tree spec"):
+            graph([x])
+        seen = []
+        handle = graph.module.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        graph(x)
+        assert seen == [(3, 4)] and len(structure_checks) == 3
+        handle.remove()
+        graph(x)
+        assert seen == [(3, 4)] and len(structure_checks) == 3
