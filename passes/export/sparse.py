@@ -106,8 +106,9 @@ def _any_layout(node: Node) -> bool:
         if user.target is csr_linear:
             if user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
                 return False
-        elif (user.target not in ANY_LAYOUT or user.args[0] is not node or user.kwargs
-              or any(isinstance(a, Node) for a in user.args[1:]) or not _any_layout(user)):
+        elif (user.target not in ANY_LAYOUT or user.args[0] is not node
+              or any(isinstance(a, Node) for a in (*user.args[1:], *user.kwargs.values()))
+              or not _any_layout(user)):
             return False
     return True
 

@@ -285,7 +285,8 @@ class Branches(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.b(torch.relu(torch.tanh(self.a(x))))
-        h = self.c(torch.nn.functional.gelu(h)).view(*x.shape[:-1], 4, 8).flatten(-2)
+        h = self.c(torch.nn.functional.gelu(h, approximate="tanh"))
+        h = h.view(*x.shape[:-1], 4, 8).flatten(-2)
         return self.e(self.d(h) + h)
 
 
