@@ -378,7 +378,8 @@ class Graph:
         that checks their shapes; else -1."""
         module = self.module
         spec = getattr(module, "_in_spec", None)
-        if (module, spec) != self._spec_seen:
+        seen_module, seen_spec = self._spec_seen
+        if module is not seen_module or spec is not seen_spec:
             self._spec_seen, self._spec_flat = (module, spec), -1
             if spec is not None and "_guards_fn" in module._modules and spec.num_children == 2:
                 positional, keywords = spec.children()
