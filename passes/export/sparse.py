@@ -26,9 +26,10 @@ the measurement happens here, on the machine that runs the pass, so run it where
 serve. A kernel name uses that kernel for every batch size (no timing).
 
 Layout: a ``csr_linear`` whose result is read only by other ``csr_linear`` layers, directly or
-through elementwise activations (:data:`ANY_LAYOUT`), returns it transposed (``transposed=True``,
-see :mod:`chop.kernels.csr`): no transposing copy between two sparse layers. A result that
-leaves the graph, or meets any other op, keeps the row-major layout of the layer it replaces.
+through elementwise ops (activations; products and sums of two such results, as in a gated MLP),
+returns it transposed (``transposed=True``, see :mod:`chop.kernels.csr`): no transposing copy
+between sparse layers. A result that leaves the graph, or meets any other op (a residual add
+with a row-major tensor, a view), keeps the row-major layout of the layer it replaces.
 
 ``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per input
 row before/after, the kernel plan and its timings, latency if ``timing``) and totals. With data,
@@ -86,50 +87,71 @@ def _linear_use(user: Node, mul: Node) -> tuple[Node, Node | None, bool] | None:
     return None
 
 
-# Unary elementwise ops whose result has the strides of their input (torch's elementwise rule),
-# with any extra arguments scalars: a transposed input stays transposed and is read correctly.
-ANY_LAYOUT = frozenset(
-    packet.default
-    for name in ("tanh", "relu", "gelu", "sigmoid", "silu", "hardtanh", "leaky_relu", "elu",
-                 "hardswish", "hardsigmoid", "mish", "softplus", "clamp", "dropout")
-    for packet in (getattr(aten, name), getattr(aten, f"{name}_", None))
-    if packet is not None
-)
+# Elementwise ops whose result has the strides their inputs share (torch's elementwise rule):
+# unary ones with any extra arguments scalars, and binary ones on two tensors of one shape.
+def _ops(overloads: tuple[str, ...], *names: str) -> frozenset:
+    return frozenset(getattr(packet, overload)
+                     for name in names
+                     for packet in (getattr(aten, name), getattr(aten, f"{name}_", None))
+                     if packet is not None
+                     for overload in overloads if hasattr(packet, overload))
 
 
-def _any_layout(node: Node) -> bool:
-    """True when every reader of ``node``'s result accepts any strides: another ``csr_linear``
-    reading it as its input, or an :data:`ANY_LAYOUT` op whose own readers do."""
-    if not node.users:
-        return False
-    for user in node.users:
-        if user.target is csr_linear:
-            if user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
-                return False
-        elif (user.target not in ANY_LAYOUT or user.args[0] is not node
-              or any(isinstance(a, Node) for a in (*user.args[1:], *user.kwargs.values()))
-              or not _any_layout(user)):
-            return False
-    return True
+UNARY = _ops(("default",), "tanh", "relu", "gelu", "sigmoid", "silu", "hardtanh", "leaky_relu",
+             "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clamp", "dropout")
+BINARY = _ops(("Tensor", "Scalar", "Tensor_Tensor", "Tensor_Scalar"), "add", "sub", "mul", "div",
+              "pow")
+
+
+def _elementwise_inputs(node: Node) -> list[Node] | None:
+    """The tensor inputs of ``node`` when it is an elementwise op that keeps their common
+    layout (:data:`UNARY`, or :data:`BINARY` on nodes of its own shape, or on one node and a
+    number); else None."""
+    count = 1 if node.target in UNARY else 2 if node.target in BINARY else 0
+    operands, rest = node.args[:count], (*node.args[count:], *node.kwargs.values())
+    if not count or len(operands) < count or any(isinstance(a, Node) for a in rest):
+        return None
+    inputs = [a for a in operands if isinstance(a, Node)]
+    if not inputs or any(not isinstance(a, (Node, int, float, bool)) for a in operands):
+        return None
+    shapes = [getattr(n.meta.get("val"), "shape", None) for n in (node, *inputs)]
+    if None in shapes:
+        return None
+    return inputs if len({tuple(map(str, shape)) for shape in shapes}) == 1 else None  # symbols
 
 
 def _transpose_results(graph: Graph) -> int:
-    """Set ``transposed=True`` on every ``csr_linear`` whose readers accept any layout, and the
-    strides of its (and its activations') fake values to match; returns how many."""
-    changed = 0
-    for node in graph.module.graph.find_nodes(op="call_function", target=csr_linear):
-        if not _any_layout(node):
-            continue
-        node.args = (*node.args[:8], True)
-        pending = [node]
-        while pending:
-            current = pending.pop()
-            val = current.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                current.meta["val"] = empty_result(val, val.shape[-1], True)
-            pending += [u for u in current.users if u.target in ANY_LAYOUT]
-        changed += 1
-    return changed
+    """Find the nodes whose results may be transposed: ``csr_linear`` layers and the
+    elementwise ops between them, every one read only by other ``csr_linear`` layers (as
+    their input) or by elementwise ops of the set, and every elementwise op of the set fed only
+    by the set (the largest such set: start from every candidate, drop what breaks a rule until
+    nothing does). Set ``transposed=True`` on its layers and the matching strides on the fake
+    values of all; returns how many layers."""
+    nodes = graph.module.graph.nodes
+    inputs = {n: _elementwise_inputs(n) for n in nodes if n.op == "call_function"}
+    chosen = {n for n in nodes if n.target is csr_linear or inputs.get(n) is not None}
+
+    def keeps(n: Node) -> bool:
+        fed = n.target is csr_linear or all(i in chosen for i in inputs[n])
+        return fed and bool(n.users) and all(
+            (u.target is csr_linear and u.args[0] is n and n not in u.args[1:]
+             and n not in u.kwargs.values()) or (u in chosen and n in inputs[u])
+            for u in n.users)
+
+    changed = True
+    while changed:
+        dropped = {n for n in chosen if not keeps(n)}
+        chosen -= dropped
+        changed = bool(dropped)
+    layers = 0
+    for node in chosen:
+        if node.target is csr_linear:
+            node.args = (*node.args[:8], True)
+            layers += 1
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            node.meta["val"] = empty_result(val, val.shape[-1], True)
+    return layers
 
 
 def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[int]],

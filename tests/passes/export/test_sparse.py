@@ -323,6 +323,40 @@ def test_results_read_only_by_sparse_layers_are_returned_transposed_with_matchin
         Strides(graph.module).run(torch.randn(4, 32))
 
 
+class Gated(nn.Module):
+    """A gated MLP (Llama's: silu(gate) * up, then down, here also with numbers and a power),
+    and a layer scaled by a broadcast vector (its result must stay row-major: the vector is
+    not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.other = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(32, 64)
+        self.down, self.out = nn.Linear(64, 32), nn.Linear(64, 32)
+        self.scale = nn.Parameter(torch.randn(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.gate(x)) * self.up(x) * 0.5
+        h = h + 0.1 * torch.pow(h, 3)  # the shape of GPT-2's tanh GELU
+        return self.down(h) + self.out(self.other(x) * self.scale)
+
+
+def test_gated_products_of_sparse_results_stay_transposed_and_broadcasts_do_not():
+    torch.manual_seed(0)
+    graph = chop.trace(Gated().eval(), (torch.randn(4, 32),))
+    chop.run(graph, "magnitude, mask{sparsity=0.9, scope=local}")
+    graph.eval()
+    inputs = [torch.randn(n, 32) for n in (1, 4, 7)]
+    masked = [graph(x) for x in inputs]
+    chop.run(graph, "sparse{mode=all, kernel=torch-mm}")
+    flags = {n.meta["chop"][SPARSE]["weight"]: n.args[8] for n in csr_nodes(graph)}
+    assert flags == {"gate.weight": True, "up.weight": True, "other.weight": False,
+                     "down.weight": False, "out.weight": False}
+    for x, expected in zip(inputs, masked):
+        torch.testing.assert_close(graph(x), expected)
+    with torch.no_grad():
+        Strides(graph.module).run(torch.randn(4, 32))
+
+
 def test_a_named_kernel_is_used_for_every_batch_without_timing(mlp, mlp_batches, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("a named kernel must not be measured")
