@@ -542,11 +542,15 @@ def _bindings() -> dict[Any, Any]:
               "sigmoid": ("default",), "exp": ("default",), "cos": ("default",),
               "sin": ("default",), "softmax": ("int",), "max_pool2d": ("default",),
               "squeeze": ("dim",), "unflatten": ("int",), "stack": ("default",),
-              "lstm": ("input",), "gru": ("input",)},
+              "lstm": ("input",), "gru": ("input",), "relu_": ("default",),
+              "dropout_": ("default",)},
         "NN": {"linear": ("default",), "scaled_dot_product_attention": ("default",),
                "gelu": ("default",), "silu": ("default",), "relu6": ("default",),
-               "hardswish": ("default",), "adaptive_avg_pool2d": ("default",)},
-        "T": {"view": ("default",), "expand": ("default",), "contiguous": ("default",)},
+               "hardswish": ("default",), "adaptive_avg_pool2d": ("default",),
+               "hardswish_": ("default",), "hardsigmoid": ("default",),
+               "hardsigmoid_": ("default",)},
+        "T": {"view": ("default",), "expand": ("default",), "contiguous": ("default",),
+              "add_": ("Tensor",), "mul_": ("Tensor",)},
     }
     spaces = {"V": torch._C._VariableFunctions, "NN": torch._C._nn, "T": torch.Tensor}
     table = {}
