@@ -498,8 +498,9 @@ _CHECKS = {getattr(aten, n).default for n in (
 
 def _lean_code(module: GraphModule) -> tuple:
     """The code of ``module``'s graph without its checks (the input guards module, the assert
-    ops), without casts of a tensor to its own dtype (``to`` returns the tensor itself then) and
-    without values nothing uses: what :meth:`Graph.mode` runs with ``lean``."""
+    ops), without casts of a tensor to its own dtype (``to`` returns the tensor itself then),
+    slices that take all of a tensor, and values nothing uses: what :meth:`Graph.mode` runs
+    with ``lean``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
         fx = copy.deepcopy(module.graph)  # node.meta is copied shallowly
@@ -509,7 +510,8 @@ def _lean_code(module: GraphModule) -> tuple:
             fx.erase_node(node)
         elif (node.target is aten.to.dtype and len(node.args) == 2 and not node.kwargs
               and isinstance(node.args[0], Node)
-              and getattr(node.args[0].meta.get("val"), "dtype", None) == node.args[1]):
+              and getattr(node.args[0].meta.get("val"), "dtype", None) == node.args[1]) or (
+                _whole_slice(node)):
             node.replace_all_uses_with(node.args[0])
             fx.erase_node(node)
     lean = GraphModule(module, fx)
@@ -519,6 +521,17 @@ def _lean_code(module: GraphModule) -> tuple:
             node.target = _BINDINGS[node.target]
     lean.recompile()
     return _code_of(lean)
+
+
+def _whole_slice(node: Node) -> bool:
+    """``aten.slice(x, dim, 0, ≥ 2⁶³−1, 1)``: all of ``x`` (``x[:, :]``, common in Hugging Face
+    code); a view of ``x`` with the same values, whose gradient is the gradient of ``x``."""
+    if node.target is not aten.slice.Tensor or not isinstance(node.args[0], Node):
+        return False
+    args = dict(zip(("self", "dim", "start", "end", "step"), node.args), **node.kwargs)
+    return (args.get("start") in (None, 0) and args.get("step", 1) == 1
+            and (args.get("end") is None or (isinstance(args["end"], int)
+                                             and args["end"] >= 2**63 - 1)))
 
 
 def _bindings() -> dict[Any, Any]:

@@ -409,3 +409,33 @@ def test_calling_a_graph_skips_only_the_export_structure_check_and_keeps_every_o
         handle.remove()
         graph(x)
         assert seen == [(3, 4)] and len(structure_checks) == 3
+
+
+class _Slices(nn.Module):
+    """Whole slices (``x[:, :]``, ``x[:, 0:]``) around a linear layer, and a partial one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x[:, :] * 2)[:, 0:]
+        return y[:, 1:] * y[:, 0:][:, :5]
+
+
+def test_lean_code_drops_whole_slices_with_the_same_values_and_gradients():
+    graph = chop.trace(_Slices(), (torch.randn(3, 6),))
+    slices = [n for n in graph.module.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert len(slices) == 7  # what torch.export made of them: 5 whole, 2 partial
+    x = torch.randn(4, 6)
+    results = []
+    for lean in (False, True):
+        with graph.mode(batch_norm=False, dropout=False, lean=lean):
+            out = graph(x)
+            params = list(graph.module.parameters())
+            results.append((out, torch.autograd.grad(out.square().sum(), params)))
+            code = graph.module.code
+    assert code.count("aten.slice.Tensor(") == 2  # the partial ones stay
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for lean_grad, grad in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(lean_grad, grad, rtol=0, atol=0)
