@@ -6,7 +6,10 @@ Cases, at each element sparsity (``--sparsities``, default 0.90 0.95 0.99) and b
 * ``linear``: one 4096×4096 linear layer with bias;
 * ``mlp``: a 4096-4096-4096 MLP with tanh (two 4096×4096 linears), masked per layer by random
   saliency (``scope=local``) and exported by the chop pipeline ``sparse`` (``mode=auto``,
-  ``kernel=measure``: each layer's kernel plan is measured when the pass runs).
+  ``kernel=measure``: each layer's kernel plan is measured when the pass runs);
+* ``gated`` (not run by default): Llama's MLP block, ``down(silu(gate(x)) * up(x))`` with
+  2048→5632→2048 weights and no biases, masked and exported as the MLP is; its torch forms keep
+  every intermediate in the layout the form produces (``W@x.T``: transposed throughout).
 
 Methods, timed interleaved (each repeat runs every method once, in turn; ``inner`` calls per
 sample; median) under ``torch.no_grad()``:
@@ -30,8 +33,8 @@ function on a 1×1 weight; an exported graph vs ``deployable`` on a tiny MLP) fo
 Targets (issue 13): chop ≥ the best torch CSR form everywhere; linear at batch 1: ≥ 8× at 95%,
 ≥ 30× at 99%; MLP: ≥ 8× at 95% at batch 1, ≥ 5× at 95% at batch 32.
 
-Usage: ``python benchmarks/bench_sparse.py [--repeats R] [--threads N] [--batches 1 32]
-[--stat median|min]``
+Usage: ``python benchmarks/bench_sparse.py [--cases linear mlp gated] [--repeats R] [--threads N]
+[--batches 1 32] [--stat median|min]``
 """
 
 from __future__ import annotations
@@ -78,6 +81,18 @@ class MLP(nn.Module):
             x = layer(x)
             x = torch.tanh(x) if i < len(self.layers) - 1 else x
         return x
+
+
+class Gated(nn.Module):
+    """Llama's MLP block: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, width: int = 2048, hidden: int = 5632):
+        super().__init__()
+        self.gate, self.up = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def torch_forms(weights: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor
@@ -158,6 +173,51 @@ def mlp_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
     return fns, {"plans": plans, "sparse pass s": round(seconds, 1)}
 
 
+def gated_forms(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor
+                ) -> dict[str, Callable[[], torch.Tensor]]:
+    """torch's three CSR forms of the gated block, from its (masked) dense weights."""
+    g, u, d = (w.to_sparse_csr() for w in (gate, up, down))
+
+    def linear() -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+    def mm() -> torch.Tensor:  # every intermediate stays (features, rows): no transposing copy
+        right = x.t()
+        return torch.mm(d, F.silu(torch.mm(g, right)) * torch.mm(u, right)).t()
+
+    def mv() -> torch.Tensor:
+        return torch.stack([torch.mv(d, F.silu(torch.mv(g, row)) * torch.mv(u, row)) for row in x])
+
+    return {"torch F.linear": linear, "torch W@x.T": mm, "torch addmv": mv}
+
+
+def gated_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
+    """Methods for the gated block: as :func:`mlp_case`."""
+    torch.manual_seed(seed)
+    model = Gated().eval()
+    x = torch.randn(batch, model.gate.in_features)
+    sparse_graph = chop.run(chop.trace(model, (x[:2],)),
+                            f"random, mask{{sparsity={sparsity}, scope=local}}")
+    dense_graph = sparse_graph.copy()
+    chop.run(dense_graph, "fold")
+    start = time.perf_counter()
+    chop.run(sparse_graph, "sparse")
+    seconds = time.perf_counter() - start
+    dense_graph.eval()
+    sparse_graph.eval()
+    deploy = deployable(sparse_graph)
+    weights = [dense_graph.parameter(f"{k}.weight").detach() for k in ("gate", "up", "down")]
+    fns = {"dense": lambda: dense_graph(x), "chop": lambda: sparse_graph(x),
+           "chop deploy": lambda: deploy(x), **gated_forms(*weights, x)}
+    layers = sparse_graph.history[-1].info["layers"]
+    plans = {k.split(".")[0]: r.get("kernels", {}).get("plan", r["decision"])
+             for k, r in layers.items()}
+    return fns, {"plans": plans, "sparse pass s": round(seconds, 1)}
+
+
+CASES = {"linear": linear_case, "mlp": mlp_case, "gated": gated_case}
+
+
 def per_call_costs() -> dict[str, float]:
     """Fixed costs in µs per call: the custom op vs its plain function on a 1×1 weight, an
     exported 2-layer graph vs deployable() on a 4×4 MLP at batch 1, and the copy that turns
@@ -190,7 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.90, 0.95, 0.99])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--cases", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
+    parser.add_argument("--cases", nargs="+", default=["linear", "mlp"], choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
@@ -208,7 +268,7 @@ def main() -> None:
     for case in args.cases:
         for batch in args.batches:
             for sparsity in args.sparsities:
-                fns, extra = (linear_case if case == "linear" else mlp_case)(sparsity, batch)
+                fns, extra = CASES[case](sparsity, batch)
                 with torch.no_grad():
                     reference = fns["dense"]()
                     for name in METHODS[1:]:
