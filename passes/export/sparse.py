@@ -26,9 +26,9 @@ the measurement happens here, on the machine that runs the pass, so run it where
 serve. A kernel name uses that kernel for every batch size (no timing).
 
 Layout: a ``csr_linear`` whose result is read only by other ``csr_linear`` layers, directly or
-through elementwise ops (activations; products and sums of two such results, as in a gated MLP),
-returns it transposed (``transposed=True``, see :mod:`chop.kernels.csr`): no transposing copy
-between sparse layers. A result that leaves the graph, or meets any other op (a residual add
+through elementwise ops (activations; sums, products and powers of such results with each other
+or with numbers, as in a gated MLP or a tanh GELU), returns it transposed (``transposed=True``,
+see :mod:`chop.kernels.csr`): no transposing copy between sparse layers. A result that leaves the graph, or meets any other op (a residual add
 with a row-major tensor, a view), keeps the row-major layout of the layer it replaces.
 
 ``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per input
