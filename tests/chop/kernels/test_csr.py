@@ -58,9 +58,10 @@ def test_every_kernel_equals_dense_forward_and_backward_at_any_leading_shape(ker
         torch.testing.assert_close(  # the plain function, as deployable() calls it
             sparse_ops.csr_linear_forward(x.detach(), *csr, 24, b, [kernel], []),
             F.linear(x.detach(), weight * mask, b))
-        strided = torch.randn(40, 5, dtype=dtype).t()  # rows not contiguous
-        torch.testing.assert_close(sparse_ops.csr_linear(strided, *csr, 24, b, [kernel], []),
-                                   F.linear(strided, weight * mask, b))
+        for strided in (torch.randn(40, 5, dtype=dtype).t(),  # rows not contiguous
+                        torch.randn(1, 80, dtype=dtype)[:, ::2]):  # one row, every other entry
+            torch.testing.assert_close(sparse_ops.csr_linear(strided, *csr, 24, b, [kernel], []),
+                                       F.linear(strided, weight * mask, b))
     for transposed in (False, True):
         torch.library.opcheck(torch.ops.chop.csr_linear.default,  # fake strides == real ones
                               (torch.randn(3, 40, dtype=dtype), *csr, 24, bias, [kernel], [],
