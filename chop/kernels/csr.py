@@ -190,8 +190,8 @@ def csr_linear_forward(
         )
         if kernel == TORCH_LINEAR:
             y = F.linear(rows, weight, bias)
-        elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no row views
-            row = rows.view(-1) if rows.is_contiguous() else rows[0]
+        elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no loop
+            row = rows[0]
             y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row))[None]
         elif kernel == TORCH_MV:
             y = rows.new_empty(rows.shape[0], out_features)
