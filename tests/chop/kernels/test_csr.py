@@ -189,6 +189,21 @@ def test_plan_kernels_keeps_each_row_counts_winner_and_switches_at_geometric_mea
     assert sparse_ops.describe_plan(kernels, from_rows) == "torch-linear below 2 rows, torch-mm from 2"
 
 
+def test_plan_kernels_keeps_timing_torch_mm_however_far_behind_at_one_row(monkeypatch):
+    """torch-mm's cost per row falls with the rows: 5x behind torch-mv at one row, it must still
+    be timed at the larger row counts, where it wins; torch-linear, as far behind, is dropped."""
+    script = {1: {"torch-mv": 1.0, "torch-mm": 5.0, "torch-linear": 5.0},
+              4: {"torch-mv": 4.0, "torch-mm": 5.0}, 16: {"torch-mv": 16.0, "torch-mm": 6.0},
+              64: {"torch-mv": 64.0, "torch-mm": 9.0}}
+    timed = fake_timings(monkeypatch, script)
+    csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
+    kernels, from_rows, _ = sparse_ops.plan_kernels(
+        *csr, (8, 8), candidates=["torch-linear", "torch-mm", "torch-mv"])
+    assert [names for _, names in timed] == [["torch-linear", "torch-mm", "torch-mv"]] + [
+        ["torch-mm", "torch-mv"]] * 3
+    assert (kernels, from_rows) == ([3, 1], [8])  # torch-mv below sqrt(4 * 16) = 8 rows
+
+
 def test_plan_kernels_switches_back_and_forth_and_merges_equal_bands(monkeypatch):
     script = {1: {"torch-mm": 1.0, "scipy": 2.0}, 4: {"torch-mm": 2.0, "scipy": 1.0},
               16: {"torch-mm": 1.0, "scipy": 2.0}, 64: {"torch-mm": 1.0, "scipy": 2.0}}
