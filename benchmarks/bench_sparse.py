@@ -47,6 +47,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chop  # noqa: E402
-from chop.ir.masks import insert_mask  # noqa: E402
 from chop.kernels.csr import (  # noqa: E402
     csr_linear,
     csr_linear_forward,
@@ -145,32 +145,35 @@ def linear_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]
                  "µs at 1 row": {k: round(v * 1e6) for k, v in timings[1].items()}}
 
 
+def exported(model: nn.Module, x: torch.Tensor, sparsity: float) -> tuple[Any, Any, dict]:
+    """``model`` masked by random saliency per layer, as a dense graph with its masks folded
+    (the baseline) and as the graph the ``sparse`` pass made, both in eval mode, and what the
+    pass chose (each layer's plan) and how long it took."""
+    sparse_graph = chop.run(chop.trace(model, (x[:2],)),
+                            f"random, mask{{sparsity={sparsity}, scope=local}}")
+    dense_graph = chop.run(sparse_graph.copy(), "fold")
+    start = time.perf_counter()
+    chop.run(sparse_graph, "sparse")
+    seconds = time.perf_counter() - start
+    layers = sparse_graph.history[-1].info["layers"]
+    plans = {k.removesuffix(".weight"): r.get("kernels", {}).get("plan", r["decision"])
+             for k, r in layers.items()}
+    return dense_graph.eval(), sparse_graph.eval(), {"plans": plans,
+                                                      "sparse pass s": round(seconds, 1)}
+
+
 def mlp_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
     """Methods for the whole MLP: the folded graph, the chop sparse graph, torch CSR eager."""
     torch.manual_seed(seed)
     model = MLP().eval()
     x = torch.randn(batch, SIZE)
-    sparse_graph = chop.run(chop.trace(model, (x[:2],)),
-                            f"random, mask{{sparsity={sparsity}, scope=local}}")
-    dense_graph = chop.trace(model, (x[:2],))
-    for node in dense_graph.weight_nodes():  # the same masks, folded: the dense baseline
-        mask = sparse_graph.weight_node(node.target).meta["chop"].get("mask")
-        if mask is not None:
-            insert_mask(dense_graph, node, mask)
-    chop.run(dense_graph, "fold")
-    start = time.perf_counter()
-    chop.run(sparse_graph, "sparse")
-    seconds = time.perf_counter() - start
-    dense_graph.eval()
-    sparse_graph.eval()
+    dense_graph, sparse_graph, extra = exported(model, x, sparsity)
     deploy = deployable(sparse_graph)
     weights = [(dense_graph.parameter(f"layers.{i}.weight").detach(),
                 dense_graph.parameter(f"layers.{i}.bias").detach()) for i in range(2)]
     fns = {"dense": lambda: dense_graph(x), "chop": lambda: sparse_graph(x),
            "chop deploy": lambda: deploy(x), **torch_forms(weights, x)}
-    layers = sparse_graph.history[-1].info["layers"]
-    plans = {k.split(".")[1]: r.get("kernels", {}).get("plan", r["decision"]) for k, r in layers.items()}
-    return fns, {"plans": plans, "sparse pass s": round(seconds, 1)}
+    return fns, extra
 
 
 def gated_forms(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor
@@ -196,23 +199,12 @@ def gated_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
     torch.manual_seed(seed)
     model = Gated().eval()
     x = torch.randn(batch, model.gate.in_features)
-    sparse_graph = chop.run(chop.trace(model, (x[:2],)),
-                            f"random, mask{{sparsity={sparsity}, scope=local}}")
-    dense_graph = sparse_graph.copy()
-    chop.run(dense_graph, "fold")
-    start = time.perf_counter()
-    chop.run(sparse_graph, "sparse")
-    seconds = time.perf_counter() - start
-    dense_graph.eval()
-    sparse_graph.eval()
+    dense_graph, sparse_graph, extra = exported(model, x, sparsity)
     deploy = deployable(sparse_graph)
     weights = [dense_graph.parameter(f"{k}.weight").detach() for k in ("gate", "up", "down")]
     fns = {"dense": lambda: dense_graph(x), "chop": lambda: sparse_graph(x),
            "chop deploy": lambda: deploy(x), **gated_forms(*weights, x)}
-    layers = sparse_graph.history[-1].info["layers"]
-    plans = {k.split(".")[0]: r.get("kernels", {}).get("plan", r["decision"])
-             for k, r in layers.items()}
-    return fns, {"plans": plans, "sparse pass s": round(seconds, 1)}
+    return fns, extra
 
 
 CASES = {"linear": linear_case, "mlp": mlp_case, "gated": gated_case}
