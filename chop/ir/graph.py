@@ -363,8 +363,8 @@ class Graph:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module. Tensors passed positionally, as traced, go straight to its
         ``forward`` when nothing else hooks the call: torch.export's pre-hook would only
-        re-flatten them to confirm their structure (a third of a small graph's call), and the
-        graph's own ``_guards_fn`` still checks their shapes. Anything else takes the module's
+        re-flatten them to confirm their structure (a large part of a small graph's call), and
+        the graph's own ``_guards_fn`` still checks their shapes. Anything else takes the module's
         full call, with its checks and messages."""
         module = self.module
         if (not kwargs and len(args) == self._flat_inputs()

@@ -303,9 +303,9 @@ def plan_kernels(
     (scipy only when installed); a kernel more than 4× slower than the best at one row count is
     not timed at the larger ones (it only falls further behind there, and costs the most),
     except ``torch-mm``: one sparse product for all rows, whose cost per row falls as the rows
-    grow. It runs 2× behind ``torch-mv`` at one row on a 99%-sparse 2048×5632 layer and ahead
-    from 4–16 rows; a burst of load during the one-row timing once put it more than 4× behind,
-    and the plan ran ``torch-mv`` at every batch size.
+    grow: it can trail ``torch-mv`` by several times at one row and still win from a few rows
+    on. A burst of load during the one-row timing once dropped it, and the plan ran
+    ``torch-mv`` at every batch size.
     """
     names = list(candidates or [k for k in KERNELS if k != "scipy" or have_scipy()])
     unknown = [k for k in names if k not in KERNELS]
