@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule, Node
+from torch.nn.modules import module as torch_module
 
 from chop.errors import LintError, TraceError
 from chop.ir import meta
@@ -138,8 +139,6 @@ def _hooked(module: nn.Module) -> bool:
     """True when calling ``module`` runs hooks other than torch.export's own (its input check,
     and the pair that registers ``nn.Module`` inputs as pytree nodes, which do nothing when the
     inputs are tensors): the module's other hooks, or global module hooks."""
-    from torch.nn.modules import module as torch_module
-
     return bool(
         module._backward_hooks or module._backward_pre_hooks
         or any(getattr(h, "__module__", None) != _UNLIFT

@@ -149,7 +149,7 @@ def _transpose_results(graph: Graph) -> int:
             node.args = (*node.args[:8], True)
             layers += 1
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
+        if isinstance(val, torch.Tensor):  # a result shaped like val: its leading dims are x's
             node.meta["val"] = empty_result(val, val.shape[-1], True)
     return layers
 
