@@ -12,7 +12,8 @@ key a pass ``requires`` is carried by the graph already or provided by an earlie
 it names the passes that provide it), and that a graph without parameters is not given passes
 that score or prune weights. While running it times each pass, lints the graph after each one
 (the fx graph when the pass edited it, every metadata entry when it reports a modification,
-else the entries it provides),
+else the entries it provides; not again after a pass that ran and was linted on the graph as
+it is, which a training loop's repeated runs pay otherwise),
 records a :class:`~chop.ir.graph.PassRecord` in ``graph.history``, and wraps failures with the
 pass name, the passes before it and the node the pass was working on.
 """
@@ -233,9 +234,9 @@ class PassManager:
             shared_data: every rank of a process group was given the same ``data`` (see
                 :class:`~chop.pipeline.pass_base.Context`).
             verify: check the pipeline against the graph before and lint the graph after each
-                pass. False skips both, for a caller that runs the same pipeline on the same
-                graph again and again (the :class:`~chop.training.Pruner` at every step) after
-                one verified run; failures are still wrapped and every pass still recorded.
+                pass, except after a pass that already ran here, linted, on the graph as it is
+                now (its structure unchanged since: a Pruner's step, iterative scoring). False
+                skips both; failures are still wrapped and every pass still recorded.
         """
         if not isinstance(graph, Graph):
             raise TraceError(
@@ -259,16 +260,21 @@ class PassManager:
                 on_pass(p, index, len(self.passes))
             ctx.node = None
             start = time.perf_counter()
+            # a pass linted after its last run on this very graph (memo() is emptied when the
+            # graph is edited) is not linted again, unless it reshapes parameters
+            linted = ("linted", type(p))
+            lint = verify and (p.reshapes or linted not in graph.memo())
             try:
-                structure = graph.structure() if verify else None
+                structure = graph.structure() if lint else None
                 result = p.apply(graph, ctx)
                 if result.modified:
                     invalidate(graph, p)
                 # what cannot have changed is not checked again: the fx graph unless the pass
                 # edited it, the entries the pass does not provide unless it modified the graph
-                if verify:
+                if lint:
                     graph.lint(None if result.modified else p.provides,
                                structure=graph.structure() != structure)
+                    graph.memo()[linted] = True
             except Exception as e:
                 wrapped = _wrap(e, p, ctx)
                 if wrapped is e:

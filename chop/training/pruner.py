@@ -24,10 +24,9 @@ schedule's ``initial_sparsity`` at the sparsity the model already has). The crit
 each pruning step in :meth:`Pruner.on_step_begin`; an accumulating criterion (``snip-momentum``)
 runs at every step in :meth:`Pruner.on_before_optimizer_step` instead, where the training loop's
 ``.grad`` exists (``score_every_step``). The criterion scores only what ``mask`` can select
-(linear and conv weights, unless ``mask_options`` add biases, norms or embeddings). Each pass's
-first run on the graph is checked and linted by the pass manager; while the graph stays as that
-run left it, the pass runs again without those checks (``verify=False``), which a step pays
-otherwise.
+(linear and conv weights, unless ``mask_options`` add biases, norms or embeddings). The pass
+manager lints a pass's output once while the graph stays as that run left it, so later steps
+do not pay for it.
 
 **Two kinds of model.**
 
@@ -182,12 +181,9 @@ class Pruner:
         self.history: list[dict[str, Any]] = []  # one record per pruning step
         self._locked = dict(masks) if masks is not None else None
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
-        self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # _masks by parameter
+        self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
         self._records: list[Any] = []  # the graph.history records of the last pruning step
         self._batch: Any = None  # the batch given to the current step
-        # the graph's structure after each pass's last run here: while it holds, the pass runs
-        # again without the manager's checks and lints (they passed on this very graph)
-        self._verified: dict[str, Any] = {}
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -225,10 +221,11 @@ class Pruner:
             self._maybe_prune(score=False)
         if isinstance(self.model, Graph):
             return
-        with torch.no_grad():
-            for param, mask in self._applied:
-                if param.grad is not None:
-                    local(param.grad).mul_(factor(mask))
+        grads = [(local(param.grad), mask) for param, mask in self._applied
+                 if param.grad is not None]
+        if grads:
+            with torch.no_grad():
+                torch._foreach_mul_([g for g, _ in grads], [mask for _, mask in grads])
 
     def on_after_optimizer_step(self) -> None:
         """After the optimizer step: re-apply the masks (plain modules); count the step."""
@@ -283,8 +280,8 @@ class Pruner:
         if isinstance(self.model, Graph) or not self._applied:
             return
         with torch.no_grad():
-            for param, mask in self._applied:
-                local(param).mul_(factor(mask))
+            torch._foreach_mul_([local(param) for param, _ in self._applied],
+                                [mask for _, mask in self._applied])
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -319,11 +316,7 @@ class Pruner:
         return masks
 
     def _run(self, graph: Graph, p: Pass, batch: Any) -> None:
-        """Run pass ``p`` on ``graph``, verified (checks and lints) unless the graph is the one
-        the last run of ``p`` here left."""
-        same = self._verified.get(p.name) == graph.structure()
-        run(graph, [p], data=self._data(batch), loss=self.loss, verify=not same)
-        self._verified[p.name] = graph.structure()
+        run(graph, [p], data=self._data(batch), loss=self.loss)
 
     def _data(self, batch: Any) -> Iterable | None:
         return self.data if self.data is not None else ([batch] if batch is not None else None)
@@ -342,8 +335,8 @@ class Pruner:
                 name: mask.to(local(self.model.get_parameter(name)).device, copy=True)
                 for name, mask in masks.items()
             }
-            # (parameter, mask) pairs, looked up once, not at every step
-            self._applied = [(self.model.get_parameter(name), mask)
+            # (parameter, mask as a 0/1 factor) pairs, looked up once, not at every step
+            self._applied = [(self.model.get_parameter(name), factor(mask))
                              for name, mask in self._masks.items()]
         self.apply_masks()
 

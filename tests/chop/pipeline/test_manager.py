@@ -150,6 +150,29 @@ def test_a_model_without_parameters_is_refused_before_scoring(cnn_batches):
         chop.run(graph, "snip, mask", data=cnn_batches)
 
 
+def test_a_pass_is_linted_once_while_the_graph_stays_as_its_run_left_it(cnn_graph, monkeypatch):
+    from chop.ir.graph import Graph
+
+    lints = []
+    real = Graph.lint
+    monkeypatch.setattr(Graph, "lint", lambda self, *a, **k: (lints.append(1), real(self, *a, **k)))
+
+    def linted(pipeline):
+        lints.clear()
+        chop.run(cnn_graph, pipeline)
+        return len(lints)
+
+    assert [linted("magnitude"), linted("magnitude")] == [1, 0]
+    assert linted("mask{sparsity=0.5}") == 1  # inserts the mask nodes: an edit
+    assert [linted("magnitude"), linted("mask{sparsity=0.6}"), linted("magnitude")] == [1, 0, 0]
+    cnn_graph.weight_node("conv1.bias").meta["chop"]["saliency"] = torch.zeros(3)
+    cnn_graph.recompile()  # an edit (fx's rule: recompile after one) forgets what was linted
+    with pytest.raises(chop.LintError, match="conv1.bias"):
+        chop.run(cnn_graph, "mask{sparsity=0.5}")
+    # a pass that reshapes parameters is linted every time
+    assert [linted("magnitude, fold, shrink"), linted("shrink")] == [3, 1]
+
+
 def test_verify_false_skips_the_checks_and_lints_but_records_and_wraps(cnn_graph):
     # without verify, a missing requirement is found by the pass itself, still named by the manager
     with pytest.raises(chop.MissingMetadataError, match=r"^pass 'mask': weight conv1.weight has no saliency"):

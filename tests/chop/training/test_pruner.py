@@ -163,31 +163,25 @@ def test_pruner_scores_only_what_its_mask_can_select(mlp, mlp_batches):
     assert "layers.0.bias" in biases.masks
 
 
-def test_pruner_verifies_its_first_run_and_each_run_after_an_edit(mlp, mlp_batches, monkeypatch):
-    from chop.pipeline.manager import PassManager
+def test_pruner_steps_are_linted_once_and_again_after_an_edit(mlp, mlp_batches, monkeypatch):
+    from chop.ir.graph import Graph
 
-    flags = []
-    real = PassManager.run
-
-    def spy(self, graph, *args, verify=True, **kwargs):
-        flags.append((self.passes[0].name, verify))
-        return real(self, graph, *args, verify=verify, **kwargs)
-
-    monkeypatch.setattr(PassManager, "run", spy)
+    lints = []
+    real = Graph.lint
     graph = chop.trace(mlp, (mlp_batches[0][0],))
     pruner = Pruner(graph, 0.9, criterion="magnitude")
-    earlier = pruner.prune(0.3)
-    saved = {name: mask.clone() for name, mask in earlier.items()}
-    pruner.prune(0.5)
-    # each pass's first run is checked; the first mask run inserts the mask nodes, so the
-    # criterion's next run meets a new graph; after that the graph stays: no checks or lints
-    assert flags == [("magnitude", True), ("mask", True), ("magnitude", True), ("mask", False)]
-    pruner.prune(0.55)
-    assert flags[4:] == [("magnitude", False), ("mask", False)]
-    chop.run(graph, "fold")  # an edit: the next step is verified again
-    flags.clear()
-    pruner.prune(0.6)
-    assert flags == [("magnitude", True), ("mask", True)]
+    monkeypatch.setattr(Graph, "lint", lambda self, *a, **k: (lints.append(1), real(self, *a, **k)))
+
+    def step(sparsity):
+        lints.clear()
+        pruner.prune(sparsity)
+        return len(lints)
+
+    # the first step lints both passes; the first mask run inserts the mask nodes, so the
+    # criterion's next run meets a new graph; after that the graph stays: no lints
+    assert [step(0.3), step(0.5), step(0.55)] == [2, 1, 0]
+    chop.run(graph, "fold")  # an edit: the next step is linted again
+    assert step(0.6) == 2
     total = sum(m.numel() for m in pruner.masks.values())
     assert pruner.history[-1]["kept"] == kept(total, 0.6)
 
