@@ -70,6 +70,20 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
             "must be class indices with the batch shape; pass loss=callable(outputs, targets) "
             "for other targets"
         )
+    if logits.device.type == "cpu" and targets.device.type == "cpu":
+        # torch's CPU kernel checks every class index itself, at no extra cost: call it first
+        # and explain a failure, rather than check with four extra ops and syncs per call
+        try:
+            return F.cross_entropy(logits, targets)
+        except IndexError:
+            _check_classes(logits, targets)
+            raise
+    _check_classes(logits, targets)  # elsewhere a bad index is a device-side assert
+    return F.cross_entropy(logits, targets)
+
+
+def _check_classes(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Raise :class:`DataError` when a target (other than -100) is not a class of ``logits``."""
     labels = targets[targets != -100]
     classes = logits.shape[-1] if logits.dim() > 1 else 0
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
@@ -79,7 +93,6 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
             f"{describe(logits)}): class targets must be in [0, {classes}), or -100 to ignore "
             "a position. Fix the labels, or build the model with as many outputs as classes"
         )
-    return F.cross_entropy(logits, targets)
 
 
 def take(data: Iterable | None, count: int, who: str) -> Iterator[tuple[Any, Any]]:
