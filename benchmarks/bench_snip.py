@@ -9,7 +9,8 @@ For each model this script times, on the same batch:
   captured from that model once, untimed, in train mode as a fresh model is (so the pass's own
   switch to eval mode and back is part of its cost);
 - **graph**: the same graph's forward, loss and ``torch.autograd.grad`` alone, in the mode snip
-  scores in, without the pass around it: what running the exported ATen graph costs next to the
+  scores in and without torch.export's input check (which snip skips too), without the pass
+  around it: what running the exported ATen graph costs next to the
   module, apart from the pass machinery.
 
 After two warm-up rounds, the three are run in rotating order so that a shared machine's noise
@@ -126,6 +127,7 @@ def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: i
     graph = chop.trace(model, args, kwargs)  # untimed; starts in train mode, like the model
     model.eval()
     params = [p for p in graph.module.parameters() if p.requires_grad]
+    graph.module.validate_inputs = False  # snip skips torch.export's input check: so here
 
     def graph_step() -> None:  # the graph's own fwd+bwd, without the pass around it
         with graph.mode(batch_norm=False, dropout=False, lean=True):

@@ -72,8 +72,12 @@ def scored_nodes(graph: Graph, params: str = "all") -> list[Node]:
     ``"prunable"``: only what ``mask`` selects by default (linear and conv weights), which
     saves the work and memory of scoring the rest (embedding tables can be most of a model).
     """
-    nodes = select_weights(graph) if params == "prunable" else graph.weight_nodes()
-    return [n for n in nodes if graph.parameter(n).dtype.is_floating_point]
+    key = ("scored nodes", params)
+    memo = graph.memo()  # held while the graph's structure does (a Pruner scores every step)
+    if key not in memo:
+        nodes = select_weights(graph) if params == "prunable" else graph.weight_nodes()
+        memo[key] = [n for n in nodes if graph.parameter(n).dtype.is_floating_point]
+    return list(memo[key])
 
 
 def effective_weight(graph: Graph, node: Node) -> torch.Tensor:

@@ -22,7 +22,6 @@ gradient, which FSDP2 has already reduced over the ranks.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
@@ -184,14 +183,14 @@ def backward_sums(
             if second is not None:
                 terms = [None if t is None else t.detach() for t in second(terms, params)]
             storages = [None if t is None else t.untyped_storage() for t in terms]
-            uses = Counter(s.data_ptr() for s in storages if s is not None)
+            shared = _shared([s.data_ptr() for s in storages if s is not None])
             with torch.no_grad():
                 for i, (term, storage, p) in enumerate(zip(terms, storages, params, strict=True)):
                     if term is None:
                         continue
                     if accumulate == "sum-of-abs":
-                        term = _finish(term, p, times_weight, _owned(term, storage, uses))
-                    elif sums[i] is None and not _owned(term, storage, uses):
+                        term = _finish(term, p, times_weight, _owned(term, storage, shared))
+                    elif sums[i] is None and not _owned(term, storage, shared):
                         term = term.clone()  # the first term becomes the running sum
                     sums[i] = term if sums[i] is None else sums[i].add_(term)
     with torch.no_grad():
@@ -286,13 +285,22 @@ def module_backward_sums(
                     for t, p in zip(sums, params)]
 
 
-def _owned(grad: torch.Tensor, storage: torch.UntypedStorage, uses: Counter) -> bool:
+def _shared(pointers: list[int]) -> set[int]:
+    """The values that occur more than once in ``pointers``."""
+    seen: set[int] = set()
+    shared = set()
+    for pointer in pointers:
+        (shared if pointer in seen else seen).add(pointer)
+    return shared
+
+
+def _owned(grad: torch.Tensor, storage: torch.UntypedStorage, shared: set[int]) -> bool:
     """Whether ``grad`` (over ``storage``) may be edited in place: it alone covers its whole
     storage, densely (a transposed layout is fine), and no other returned gradient shares that
-    storage (``uses``: autograd can hand two parameters the same tensor, e.g. for
-    ``(a + b) * x``, and returns stride-0 expanded gradients for parameters that are only
-    summed)."""
-    if (uses[storage.data_ptr()] != 1 or grad.storage_offset() != 0
+    storage (``shared``: the storages of several; autograd can hand two parameters the same
+    tensor, e.g. for ``(a + b) * x``, and returns stride-0 expanded gradients for parameters
+    that are only summed)."""
+    if (storage.data_ptr() in shared or grad.storage_offset() != 0
             or storage.nbytes() != grad.numel() * grad.element_size()):
         return False
     if grad.is_contiguous():
