@@ -107,6 +107,8 @@ def count_reducer(what: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def is_dtensor(tensor: Any) -> bool:
     """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2 or a tensor-parallel
     plan)."""
+    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
+        return False  # (a parameter over a DTensor has the DTensor's type)
     if "torch.distributed.tensor" not in sys.modules:
         return False  # no DTensor can exist before its package is imported
     from torch.distributed.tensor import DTensor

@@ -222,7 +222,7 @@ def kth_largest(
         return float("inf"), 0
     dtype = _common_dtype([p.local for p in pieces])
     if _direct(scores, total, reduce):
-        flat, t = _direct_threshold(counted, k, dtype)
+        flat, t, _, _ = _direct_threshold(counted, k, dtype)
         return (0.0 if t == 0 else t), k - int(torch.count_nonzero(flat > t))
     t, ties, _ = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
     return t, ties
@@ -234,20 +234,29 @@ def _direct(scores: Sequence[torch.Tensor | Piece], total: int, reduce: Reduce |
 
 
 def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, float]:
-    """All scores as one flat tensor, and the k-th largest (``0 < k <= numel``)."""
-    flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in scores])
-    _raise_if_nan([flat], None)
+                      ) -> tuple[torch.Tensor, float, torch.Tensor, int]:
+    """All scores as one flat tensor, the k-th largest ``t`` (``0 < k <= numel``), the mask
+    ``flat >= t`` and its count, read back in one sync (these small selections run at every
+    step of a training loop)."""
+    flat = torch.cat([s.detach().reshape(-1).to(dtype) if s.requires_grad or s.dtype != dtype
+                      else s.reshape(-1) for s in scores])
     compute = flat if dtype in (torch.float32, torch.float64) else flat.float()  # exact upcast
-    return flat, torch.kthvalue(compute, flat.numel() - k + 1).values.item()
+    t = torch.kthvalue(compute, flat.numel() - k + 1).values
+    mask = compute >= t
+    # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes);
+    # counts below 2**17 are exact in float32
+    t, total, count = torch.stack([t, compute.sum(),
+                                   torch.count_nonzero(mask).to(compute.dtype)]).tolist()
+    if math.isnan(total):
+        _raise_if_nan([flat], None)
+    return flat, t, mask, int(count)
 
 
 def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """:func:`keep_masks` by :func:`_direct_threshold`: entries above the threshold and the
     first ties in position order."""
-    flat, t = _direct_threshold(scores, k, dtype)
-    mask = flat >= t
-    extra = int(torch.count_nonzero(mask)) - k
+    flat, t, mask, count = _direct_threshold(scores, k, dtype)
+    extra = count - k
     if extra:  # more ties at t than the budget takes: drop the last ones in position order
         eq = flat == t
         mask &= ~eq | (eq.cumsum(0, dtype=torch.int32) <= int(torch.count_nonzero(eq)) - extra)
