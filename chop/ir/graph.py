@@ -182,8 +182,8 @@ class Graph:
         self._owners: dict[str, tuple[nn.Module, str]] = {}
         self._submodules: list[nn.Module] | None = None
         self._memo: dict[Any, Any] = {}  # see memo()
-        self._spec_seen: tuple = (None, None)  # (module, input spec) _spec_flat is for
-        self._spec_flat = -1
+        self._spec_seen: tuple = (None, None)  # (module, input spec) _spec_direct is for
+        self._spec_direct: tuple[int, frozenset[str]] | None = None
         self._annotate()
         graph = self
 
@@ -360,31 +360,34 @@ class Graph:
         return twin
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the module. Tensors passed positionally, as traced, go straight to its
-        ``forward`` when nothing else hooks the call: torch.export's pre-hook would only
+        """Run the module. Tensors passed as traced (positionally or by keyword) go straight to
+        its ``forward`` when nothing else hooks the call: torch.export's pre-hook would only
         re-flatten them to confirm their structure (a large part of a small graph's call), and
         the graph's own ``_guards_fn`` still checks their shapes. Anything else takes the module's
         full call, with its checks and messages."""
         module = self.module
-        if (not kwargs and len(args) == self._flat_inputs()
-                and all(isinstance(a, torch.Tensor) for a in args) and not _hooked(module)):
-            return module.forward(*args)
+        direct = self._direct_inputs()
+        if (direct is not None and len(args) == direct[0] and kwargs.keys() == direct[1]
+                and all(isinstance(a, torch.Tensor) for a in args)
+                and all(isinstance(v, torch.Tensor) for v in kwargs.values())
+                and not _hooked(module)):
+            return module.forward(*args, **kwargs)
         return module(*args, **kwargs)
 
-    def _flat_inputs(self) -> int:
-        """How many positional tensors the module takes when its inputs are exactly that (no
-        keyword arguments, no nesting) and torch.export's input check has a ``_guards_fn``
-        that checks their shapes; else -1."""
+    def _direct_inputs(self) -> tuple[int, frozenset[str]] | None:
+        """How many positional tensors and which keyword tensors the module takes, when its
+        inputs are exactly those (no nesting) and torch.export's input check has a
+        ``_guards_fn`` that checks their shapes; else None."""
         module = self.module
         spec = getattr(module, "_in_spec", None)
         seen_module, seen_spec = self._spec_seen
         if module is not seen_module or spec is not seen_spec:
-            self._spec_seen, self._spec_flat = (module, spec), -1
+            self._spec_seen, self._spec_direct = (module, spec), None
             if spec is not None and "_guards_fn" in module._modules and spec.num_children == 2:
                 positional, keywords = spec.children()
-                if keywords.num_children == 0 and all(c.is_leaf() for c in positional.children()):
-                    self._spec_flat = positional.num_children
-        return self._spec_flat
+                if all(c.is_leaf() for c in (*positional.children(), *keywords.children())):
+                    self._spec_direct = (positional.num_children, frozenset(keywords.context))
+        return self._spec_direct
 
     def recompile(self) -> None:
         """Regenerate the module's code after a pass edited the graph."""

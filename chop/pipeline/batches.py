@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from chop.errors import ChopError, DataError, InternalError
+from chop.ir.graph import Graph
 
 
 def call(module: Callable, inputs: Any) -> Any:
@@ -181,10 +182,10 @@ def describe(value: Any) -> str:
 
 
 def expected_inputs(module: Any) -> str | None:
-    """The inputs a traced module takes, written like :func:`describe` with its dynamic
-    dimensions named (``float32[batch, 1, 6, 6]``); None when ``module`` is not an fx graph
-    module with shape metadata."""
-    graph = getattr(module, "graph", None)
+    """The inputs a traced module (or :class:`~chop.ir.graph.Graph`) takes, written like
+    :func:`describe` with its dynamic dimensions named (``float32[batch, 1, 6, 6]``); None when
+    ``module`` is not an fx graph module with shape metadata."""
+    graph = getattr(module.module if isinstance(module, Graph) else module, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
         return None
     shown = []

@@ -229,7 +229,7 @@ def evaluate(graph: Graph, batches: Iterable[tuple[Any, Any]], metric: str = "ac
     with torch.no_grad(), graph.mode(batch_norm=False, dropout=False):
         for inputs, targets in batches:
             seen: list[Any] = []
-            value = float(batch_loss(graph.module, inputs, targets,
+            value = float(batch_loss(graph, inputs, targets,
                                      loss if metric == "loss" else None,
                                      "evaluating the held-out batches",
                                      transform=lambda o, seen=seen: seen.append(o) or o))
@@ -304,7 +304,7 @@ def train_graph(
                 if pruner is not None:
                     pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
                     pruned = _refresh(fast, pruner, pruned)
-                outputs = call(graph.module, x)
+                outputs = call(graph, x)  # Graph.__call__: without torch.export's re-flattening
                 value = loss(outputs, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()

@@ -178,7 +178,7 @@ def backward_sums(
     twice = second is not None
     with scoring(graph, nodes, bn=bn) as params, differentiable_twice() if twice else nullcontext():
         sums: list[torch.Tensor | None] = [None] * len(params)
-        for value in batch_losses(graph.module, batches, loss, who, temperature=temperature):
+        for value in batch_losses(graph, batches, loss, who, temperature=temperature):
             terms = torch.autograd.grad(value, params, allow_unused=True, create_graph=twice)
             if second is not None:
                 terms = [None if t is None else t.detach() for t in second(terms, params)]

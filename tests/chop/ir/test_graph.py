@@ -411,6 +411,39 @@ def test_calling_a_graph_skips_only_the_export_structure_check_and_keeps_every_o
         assert seen == [(3, 4)] and len(structure_checks) == 3
 
 
+class _Keywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * scale
+
+
+def test_calling_a_graph_with_keyword_tensors_skips_the_structure_check_too():
+    model = _Keywords()
+    graph = chop.trace(model, (), {"x": torch.randn(2, 4), "scale": torch.randn(2, 3)})
+    x, scale = torch.randn(5, 4), torch.randn(5, 3)
+    structure_checks = []
+    real_check = torch.export._unlift._check_inputs_match
+
+    def counting(*args, **kwargs):
+        structure_checks.append(1)
+        return real_check(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.export._unlift, "_check_inputs_match", counting)
+        torch.testing.assert_close(graph(scale=scale, x=x), model(x, scale), rtol=0, atol=0)
+        assert structure_checks == []
+        with pytest.raises(Exception, match="size|shape|Guard"):  # the shape guards still run
+            graph(x=torch.randn(5, 5), scale=scale)
+        with pytest.raises(ValueError, match="keyword"):  # a missing keyword: torch's check
+            graph(x=x)
+        with pytest.raises(ValueError):  # the keyword given by position: torch's check
+            graph(x, scale=scale)
+        assert len(structure_checks) == 2
+
+
 class _Slices(nn.Module):
     """Whole slices (``x[:, :]``, ``x[:, 0:]``) around a linear layer, and a partial one."""
 
