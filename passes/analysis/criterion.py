@@ -81,7 +81,8 @@ def scored_nodes(graph: Graph, params: str = "all") -> list[Node]:
 
 
 def effective_weight(graph: Graph, node: Node) -> torch.Tensor:
-    """The weight as the graph computes with it: masked entries are zero."""
+    """The weight as the graph computes with it: masked entries are zero. A masked weight's is
+    a new tensor (the caller may edit it in place), an unmasked one's the parameter's memory."""
     weight = graph.parameter(node).detach()
     mask = meta.entries(node).get("mask")
     return weight * factor(mask) if mask is not None else weight

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.fx import Node
 
+from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.kernels.distributed import local
 from chop.passes.analysis.criterion import Criterion, effective_weight
@@ -22,7 +23,8 @@ class Magnitude(Criterion):
     name: ClassVar[str] = "magnitude"
 
     def scores(self, graph: Graph, nodes: list[Node], ctx: Context) -> list[torch.Tensor]:
-        return [effective_weight(graph, n).abs() for n in nodes]
+        weights = [(effective_weight(graph, n), "mask" in meta.entries(n)) for n in nodes]
+        return [w.abs_() if fresh else w.abs() for w, fresh in weights]  # abs_: no second copy
 
     def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
                       previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
