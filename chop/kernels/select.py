@@ -28,6 +28,16 @@ Below ``_DIRECT`` entries on one process, the fixed cost of those passes is more
 than the work: such inputs are concatenated (a small copy) and cut with one
 ``torch.kthvalue``, with the same threshold, tie order and masks.
 
+Larger inputs on one process first try a **bracket** (:func:`_bracket`, after
+Floyd and Rivest): the k-th largest of a strided sample of ``_SAMPLE`` entries,
+widened by four standard deviations of a sample quantile on each side, gives two
+values ``lo <= hi``; one pass counts the entries above ``hi`` and gathers those
+in ``[lo, hi]``, and when the k-th largest is among them (the counts say so
+exactly) one ``torch.kthvalue`` over the gathered few finds it. That is one pass
+over the scores instead of the radix selection's two. When the counts say the
+bracket missed, or it would gather more than ``_CHUNK`` entries (many equal
+scores), the radix selection runs as above: the result is the same either way.
+
 The result is the exact threshold ``t`` and the number ``r`` of entries equal
 to ``t`` that must be kept. Extra memory is O(one chunk + one histogram), never
 a copy of all scores: tensors are streamed in chunks of ``_CHUNK`` elements
@@ -73,6 +83,7 @@ import torch
 _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
 _DIRECT = 1 << 17  # below this many entries (no pieces), one kthvalue over a copy is faster
+_SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
     torch.float16: (torch.int16, 16, 0x7C00),
@@ -164,7 +175,7 @@ def keep_masks(
     dtype = _common_dtype([p.local for p in pieces])
     if _direct(scores, total, reduce):
         return _direct_masks(counted, k, dtype)
-    t, ties, n_eq = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
+    t, ties, n_eq = _threshold(scores, counted, total, k, dtype, reduce)
     all_ties = ties == n_eq
     bases = list(itertools.accumulate((p.numel for p in pieces), initial=0))
     cut = None  # with pieces: the last kept position among the ties
@@ -224,8 +235,64 @@ def kth_largest(
     if _direct(scores, total, reduce):
         flat, t, _, _ = _direct_threshold(counted, k, dtype)
         return (0.0 if t == 0 else t), k - int(torch.count_nonzero(flat > t))
-    t, ties, _ = _select(_chunks_of(counted, dtype), total, k, dtype, reduce)
+    t, ties, _ = _threshold(scores, counted, total, k, dtype, reduce)
     return t, ties
+
+
+def _threshold(
+    scores: Sequence[torch.Tensor | Piece], counted: list[torch.Tensor], total: int, k: int,
+    dtype: torch.dtype, reduce: Reduce | None,
+) -> tuple[float, int, int | None]:
+    """``(t, r, n_eq)`` as :func:`_select` returns them: by :func:`_bracket` when every score is
+    on this process and the bracket holds the threshold, else by the radix selection."""
+    chunks = _chunks_of(counted, dtype)
+    if reduce is None and not any(isinstance(s, Piece) for s in scores):
+        found = _bracket(chunks, total, k, dtype)
+        if found is not None:
+            return found
+    return _select(chunks, total, k, dtype, reduce)
+
+
+def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
+             dtype: torch.dtype) -> tuple[float, int, int] | None:
+    """The threshold of keeping the ``k`` largest of the ``total`` entries ``chunks()`` yields,
+    found in a bracket from a sample (see the module doc); None when the bracket does not hold
+    it or would gather more than ``_CHUNK`` entries. Raises on NaN like :func:`_select`."""
+    step = max(1, total // _SAMPLE)
+    sample = torch.cat([c[(step // 2) % c.numel()::step] for c in chunks()])
+    # the sample entries of ranks top and bottom (1 = the largest) bracket the threshold
+    q, m = k / total, sample.numel()
+    spread = 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
+    top, bottom = math.floor(q * m - spread), math.ceil(q * m + spread)
+    ranked = sample if dtype in (torch.float32, torch.float64) else sample.float()  # exact
+    hi = (torch.kthvalue(ranked, m - top + 1).values.to(dtype) if top >= 1
+          else sample.new_tensor(float("inf")))
+    lo = (torch.kthvalue(ranked, m - bottom + 1).values.to(dtype) if bottom <= m
+          else sample.new_tensor(float("-inf")))
+    above, sums, band, gathered = [], [], [], 0
+    for c in chunks():
+        over = c > hi
+        above.append(torch.count_nonzero(over))
+        sums.append(c.sum().double())  # NaN if a score is (or when +inf meets -inf)
+        inside = c[(c >= lo) & ~over]
+        gathered += inside.numel()
+        if gathered > _CHUNK:
+            return None
+        band.append(inside)
+    n_above, nan = torch.stack([torch.stack(above).sum().double(), sum(sums)]).tolist()
+    if math.isnan(nan):
+        _raise_if_nan(chunks(), None)
+    n_above = int(n_above)
+    if not n_above < k <= n_above + gathered:
+        return None
+    band_values = torch.cat(band)
+    wanted = k - n_above  # the wanted-th largest of the band
+    compute = band_values if dtype in (torch.float32, torch.float64) else band_values.float()
+    t = torch.kthvalue(compute, gathered - wanted + 1).values
+    n_over, n_eq = torch.stack([torch.count_nonzero(compute > t),
+                                torch.count_nonzero(compute == t)]).tolist()
+    t = t.item()
+    return (0.0 if t == 0 else t), wanted - n_over, n_eq
 
 
 def _direct(scores: Sequence[torch.Tensor | Piece], total: int, reduce: Reduce | None) -> bool:

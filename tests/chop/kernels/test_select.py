@@ -22,12 +22,16 @@ from chop.kernels.select import Piece, keep_masks, kth_largest, mask_counts
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, params=["radix", "direct"])
+@pytest.fixture(autouse=True, params=["radix", "bracket", "direct"])
 def path(request, monkeypatch) -> str:
-    """Every test runs on both paths: the radix passes (also for small inputs) and, for inputs
-    below ``_DIRECT`` entries, one kthvalue over a copy (the default for small inputs)."""
-    if request.param == "radix":
+    """Every test runs on each path: the radix passes (also for small inputs), the bracket
+    from a sample that one process tries first (falling back to the radix passes when it
+    misses), and, for inputs below ``_DIRECT`` entries, one kthvalue over a copy (the
+    default for small inputs)."""
+    if request.param != "direct":
         monkeypatch.setattr(select, "_DIRECT", 0)
+    if request.param == "radix":
+        monkeypatch.setattr(select, "_bracket", lambda *args: None)
     return request.param
 
 
@@ -367,3 +371,70 @@ def test_a_piece_must_fit_its_tensor() -> None:
         keep_masks([Piece(torch.zeros(3, 2), (4, 2), (2, 0))], 1)
     with pytest.raises(ValueError, match="does not fit"):
         keep_masks([Piece(torch.zeros(3), (4, 1), (0, 0))], 1)
+
+
+
+def _bracketed(monkeypatch) -> list:
+    """Record what each :func:`select._bracket` call returns (None: it fell back)."""
+    results, real = [], select._bracket
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(select, "_bracket", spy)
+    return results
+
+
+class TestBracket:
+    """The bracket on its own: taken for large selections on one process, and falling back to
+    the radix passes, with the same result, when it misses or would gather too much."""
+
+    @pytest.fixture(autouse=True)
+    def path(self, monkeypatch) -> str:
+        monkeypatch.setattr(select, "_DIRECT", 0)
+        return "bracket"
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("keep", [1, 0.001, 0.1, 0.5, 0.97])
+    def test_the_bracket_holds_the_threshold_of_a_large_selection(self, monkeypatch, dtype, keep):
+        g = torch.Generator().manual_seed(3)
+        scores = [torch.randn(300, 700, generator=g).to(dtype),
+                  torch.rand(90_000, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)]
+        total = sum(s.numel() for s in scores)
+        k = keep if isinstance(keep, int) else round(keep * total)
+        found = _bracketed(monkeypatch)
+        masks = keep_masks(scores, k)
+        t, r = kth_largest(scores, k)
+        assert len(found) == 2 and None not in found  # the bracket held, no radix pass ran
+        values = torch.cat([s.double().reshape(-1) for s in scores])
+        assert t == values.kthvalue(total - k + 1).values.item()
+        assert int((values > t).sum()) + r == k
+        kept = torch.cat([m.reshape(-1) for m in masks])
+        assert int(kept.sum()) == k and bool((values[kept] >= t).all())
+        assert bool((values[~kept] <= t).all())
+        ties = (values == t).nonzero().squeeze(1)  # ties kept first in position order
+        assert kept[ties].tolist() == [True] * r + [False] * (ties.numel() - r)
+
+    def test_a_bracket_that_misses_falls_back_to_the_same_masks(self, monkeypatch) -> None:
+        g = torch.Generator().manual_seed(4)
+        # the large scores sit off the sample's stride: the sample sees zeros only
+        scores = torch.zeros(1 << 18)
+        step = (1 << 18) // select._SAMPLE
+        large = torch.arange(1 << 18) % step != step // 2
+        scores[large] = torch.rand(int(large.sum()), generator=g) + 1
+        k = 1 << 16
+        found = _bracketed(monkeypatch)
+        masks = keep_masks([scores], k)
+        assert found == [None]  # it missed: the radix passes decided
+        monkeypatch.setattr(select, "_bracket", lambda *args: None)
+        assert torch.equal(masks[0], keep_masks([scores], k)[0])
+
+    def test_a_bracket_over_many_equal_scores_gathers_at_most_a_chunk(self, monkeypatch) -> None:
+        monkeypatch.setattr(select, "_CHUNK", 1 << 16)
+        scores = [torch.ones(1 << 17), torch.full((1 << 16,), 2.0)]
+        found = _bracketed(monkeypatch)
+        masks = keep_masks(scores, 3 << 15)
+        assert found == [None]  # the band at 1.0 is larger than a chunk
+        assert int(masks[1].sum()) == 1 << 16 and int(masks[0][: 1 << 15].sum()) == 1 << 15
+        assert int(masks[0].sum()) == 1 << 15
