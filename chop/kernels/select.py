@@ -244,9 +244,11 @@ def _threshold(
     dtype: torch.dtype, reduce: Reduce | None,
 ) -> tuple[float, int, int | None]:
     """``(t, r, n_eq)`` as :func:`_select` returns them: by :func:`_bracket` when every score is
-    on this process and the bracket holds the threshold, else by the radix selection."""
+    on this process (and one device) and the bracket holds the threshold, else by the radix
+    selection."""
     chunks = _chunks_of(counted, dtype)
-    if reduce is None and not any(isinstance(s, Piece) for s in scores):
+    if (reduce is None and not any(isinstance(s, Piece) for s in scores)
+            and len({s.device for s in counted}) == 1):
         found = _bracket(chunks, total, k, dtype)
         if found is not None:
             return found
@@ -270,15 +272,18 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     lo = (torch.kthvalue(ranked, m - bottom + 1).values.to(dtype) if bottom <= m
           else sample.new_tensor(float("-inf")))
     above, sums, band, gathered = [], [], [], 0
+    buffers = torch.empty(2, min(_CHUNK, total), dtype=torch.bool, device=sample.device)
     for c in chunks():
-        over = c > hi
+        over, inside = buffers[:, : c.numel()]  # reused: no fresh pages for each chunk
+        torch.gt(c, hi, out=over)
+        torch.ge(c, lo, out=inside)
+        inside ^= over  # lo <= c <= hi (lo <= hi: what is over hi is at least lo)
         above.append(torch.count_nonzero(over))
         sums.append(c.sum().double())  # NaN if a score is (or when +inf meets -inf)
-        inside = c[(c >= lo) & ~over]
-        gathered += inside.numel()
-        if gathered > _CHUNK:
+        gathered += int(torch.count_nonzero(inside))
+        if gathered > _CHUNK:  # many equal scores: the radix passes, in bounded memory
             return None
-        band.append(inside)
+        band.append(c[inside])
     n_above, nan = torch.stack([torch.stack(above).sum().double(), sum(sums)]).tolist()
     if math.isnan(nan):
         _raise_if_nan(chunks(), None)
