@@ -256,8 +256,7 @@ class Pruner:
         if score:
             self.score(batch)
         step_mask = self._selection.replace(sparsity=sparsity)
-        with pruned_last(graph):
-            self._run(graph, step_mask, batch)
+        self._select(graph, step_mask, batch)
         # graph.history keeps this step's pass records only: a step supersedes the one before,
         # and a record per pass per step would grow without end over a long training run
         # (self.history keeps one line per step)
@@ -317,6 +316,34 @@ class Pruner:
 
     def _run(self, graph: Graph, p: Pass, batch: Any) -> None:
         run(graph, [p], data=self._data(batch), loss=self.loss)
+
+    def _select(self, graph: Graph, step_mask: Mask, batch: Any) -> None:
+        """Run ``step_mask`` with pruned weights ranked last (:func:`pruned_last`).
+
+        Ranking them last rewrites every score tensor (a ``where`` over all of them). When the
+        selection ranks each unit on its own (element granularity, per layer or globally
+        without per-layer bounds) the rewrite changes nothing unless the plain ranking keeps a
+        pruned weight: only pruned weights rank lower, so a selection that kept none of them
+        is also the top of the rewritten ranking, ties included. So the plain ranking is tried
+        first, and the rewrite runs only when a pruned weight came back (or the pattern cannot
+        tell)."""
+        before = self._current_masks(graph, pattern=False)
+        plain = step_mask.granularity == "element" and (step_mask.scope == "local" or (
+            step_mask.min_sparsity == 0.0 and step_mask.max_sparsity == 1.0
+            and step_mask.min_keep == 0))
+        if before and plain:
+            self._run(graph, step_mask, batch)
+            after = self._current_masks(graph, pattern=False)
+            if not bool(torch.stack(
+                    [torch.gt(after[name].view(torch.uint8), old.view(torch.uint8)).any()
+                     for name, old in before.items()]).any()):
+                return  # nothing pruned came back: the same masks as with the rewrite
+            for name in after.keys() - before.keys():  # masked by this run only
+                meta.entries(graph.weight_node(name)).pop("mask")
+            for name, old in before.items():  # the masks the rewrite ranks by
+                meta.entries(graph.weight_node(name))["mask"] = old
+        with pruned_last(graph):
+            self._run(graph, step_mask, batch)
 
     def _data(self, batch: Any) -> Iterable | None:
         return self.data if self.data is not None else ([batch] if batch is not None else None)

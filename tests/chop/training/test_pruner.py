@@ -85,6 +85,63 @@ def test_progressive_pruning_never_returns_a_weight(mlp, mlp_batches):
         previous = {k: v.clone() for k, v in masks.items()}
 
 
+@pytest.mark.parametrize("options", [{}, {"scope": "local"}, {"max_sparsity": 0.97}])
+def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
+        mlp, mlp_batches, monkeypatch, options):
+    """The Pruner ranks without rewriting the scores first, and rewrites (pruned weights
+    last) only where a pruned weight would come back: stale scores above the threshold, or
+    ties at 0 in front of kept weights. The masks equal those of always rewriting, at every
+    step, and the rewrite runs only where needed (always with per-layer bounds)."""
+    from chop.training import pruner as pruner_module
+
+    g = torch.Generator().manual_seed(5)
+    drawn: dict[tuple[str, float], torch.Tensor] = {}  # the same draws for both runs
+    # per step: scores of the masked weights (pruned ones 0, as magnitude's), stale scores
+    # (pruned ones may be high), or masked scores of 0 and 1 that tie at the threshold 0
+    kinds = {0.3: "masked", 0.5: "masked", 0.6: "stale", 0.7: "ties", 0.8: "masked"}
+
+    def steps(always_rewrite: bool) -> tuple[list[dict[str, torch.Tensor]], int]:
+        graph = chop.trace(mlp, (mlp_batches[0][0],))
+        pruner = Pruner(graph, 0.9, criterion="random", mask_options=options)
+        rewrites, real = [], pruner_module.pruned_last
+
+        def counting(graph):
+            rewrites.append(1)
+            return real(graph)
+
+        monkeypatch.setattr(pruner_module, "pruned_last", counting)
+        if always_rewrite:
+            def rewrite(self, graph, step_mask, batch):
+                with counting(graph):
+                    self._run(graph, step_mask, batch)
+
+            monkeypatch.setattr(Pruner, "_select", rewrite)
+        history = []
+        for sparsity, kind in kinds.items():
+            for node in graph.weight_nodes():
+                if node.target.endswith("weight"):
+                    key = (node.target, sparsity)
+                    if key not in drawn:
+                        drawn[key] = torch.rand(graph.parameter(node).shape, generator=g)
+                    score = drawn[key].round() if kind == "ties" else drawn[key]
+                    mask = meta.entries(node).get("mask")
+                    if kind != "stale" and mask is not None:
+                        score = score * mask
+                    meta.entries(node)["saliency"] = score
+            history.append({k: v.clone() for k, v in pruner.prune(sparsity, score=False).items()})
+        monkeypatch.undo()
+        return history, len(rewrites)
+
+    plain, rewrites = steps(always_rewrite=False)
+    rewritten, _ = steps(always_rewrite=True)
+    for a, b in zip(plain, rewritten, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for earlier, later in zip(plain, plain[1:]):  # nothing pruned came back
+        assert all(not (later[k] & ~earlier[k]).any() for k in later)
+    # the first step (nothing pruned yet), the stale and the tied step rewrite
+    assert rewrites == (5 if "max_sparsity" in options else 3)
+
+
 def test_pattern_lock_keeps_masks_on_a_plain_module(mlp, mlp_batches):
     g = torch.Generator().manual_seed(0)
     locked = {f"layers.{i}.weight": torch.rand(mlp.layers[i].weight.shape, generator=g) < 0.3
