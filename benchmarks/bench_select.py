@@ -5,7 +5,10 @@ Builds ``--numel`` float32 SNIP-like scores (|N(0,1)| times a per-layer scale,
 than 2**24 elements (torch.quantile's limit). Times, side by side in this
 process (median of ``--repeats`` interleaved runs):
 
-* ``kth_largest``: the exact threshold only;
+* ``kth_largest``: the exact threshold only (on one process: the bracket from a sample, one
+  pass; see ``chop/kernels/select.py``);
+* ``kth_largest (radix)``: the same with the bracket off, the radix passes alone (what
+  processes that share a selection run, and the fallback when a bracket misses);
 * ``keep_masks``: threshold plus the final boolean masks;
 * ``torch.cat + torch.kthvalue``: the threshold from one concatenated copy (the
   cat is included, since a user needs it).
@@ -35,9 +38,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chop.kernels import select  # noqa: E402
 from chop.kernels.select import keep_masks, kth_largest  # noqa: E402
 
-METHODS = ("kth_largest", "keep_masks", "cat+kthvalue")
+METHODS = ("kth_largest", "kth_largest (radix)", "keep_masks", "cat+kthvalue")
 
 
 def build_scores(numel: int, seed: int) -> list[torch.Tensor]:
@@ -62,6 +66,12 @@ def run_method(method: str, scores: list[torch.Tensor], k: int) -> float:
     """Runs one method and returns its threshold value."""
     if method == "kth_largest":
         return kth_largest(scores, k)[0]
+    if method == "kth_largest (radix)":
+        bracket, select._bracket = select._bracket, lambda *args: None
+        try:
+            return kth_largest(scores, k)[0]
+        finally:
+            select._bracket = bracket
     if method == "keep_masks":
         masks = keep_masks(scores, k)
         assert sum(int(m.count_nonzero()) for m in masks) == k
@@ -123,7 +133,8 @@ def main() -> None:
             value = run_method(method, scores, k)
             times[method].append(time.perf_counter() - start)
             thresholds.setdefault(method, value)
-    assert thresholds["kth_largest"] == thresholds["cat+kthvalue"], thresholds
+    assert thresholds["kth_largest"] == thresholds["kth_largest (radix)"] == thresholds[
+        "cat+kthvalue"], thresholds
     extra = {}
     for method in METHODS:
         cmd = [sys.executable, __file__, "--numel", str(args.numel), "--keep", str(args.keep)]
@@ -136,7 +147,7 @@ def main() -> None:
     print(f"scores: {args.numel:,} float32 in {len(scores)} tensors ({score_mib:.0f} MiB; "
           f"largest {sizes[0]:,}, smallest {sizes[-1]:,}); k = {k:,}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"threshold: {thresholds['kth_largest']!r} (identical for both methods)\n")
+    print(f"threshold: {thresholds['kth_largest']!r} (identical for every method)\n")
     ref = statistics.median(times["cat+kthvalue"])
     print("| method | median s | speedup vs kthvalue | peak extra MiB | scores MiB |")
     print("|---|---:|---:|---:|---:|")
