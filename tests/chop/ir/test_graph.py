@@ -378,21 +378,27 @@ def test_weight_nodes_and_parameters_follow_edits_of_the_graph(mlp):
     assert graph.parameter(first) is replacement  # looked up afresh, not cached
 
 
+def _counted_structure_checks(patch: pytest.MonkeyPatch) -> list[int]:
+    """Count torch.export's input-structure checks (one entry per check) while ``patch`` holds."""
+    checks: list[int] = []
+    real_check = torch.export._unlift._check_inputs_match
+
+    def counting(*args, **kwargs):
+        checks.append(1)
+        return real_check(*args, **kwargs)
+
+    patch.setattr(torch.export._unlift, "_check_inputs_match", counting)
+    return checks
+
+
 def test_calling_a_graph_skips_only_the_export_structure_check_and_keeps_every_other(mlp):
     """Positional tensors go straight to forward (torch.export's pre-hook does not run); the
     shape guards still fail, other input structures get torch's own check, and a hook the
     user adds makes every call go through the module's full call again."""
     graph = chop.trace(mlp, (torch.randn(2, 16),))
     x = torch.randn(3, 16)
-    structure_checks = []
-    real_check = torch.export._unlift._check_inputs_match
-
-    def counting(*args, **kwargs):
-        structure_checks.append(1)
-        return real_check(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.export._unlift, "_check_inputs_match", counting)
+        structure_checks = _counted_structure_checks(patch)
         torch.testing.assert_close(graph(x), mlp(x), rtol=0, atol=0)
         assert structure_checks == []
         with pytest.raises(Exception, match="size|shape|Guard"):  # the shape guards still run
@@ -424,15 +430,8 @@ def test_calling_a_graph_with_keyword_tensors_skips_the_structure_check_too():
     model = _Keywords()
     graph = chop.trace(model, (), {"x": torch.randn(2, 4), "scale": torch.randn(2, 3)})
     x, scale = torch.randn(5, 4), torch.randn(5, 3)
-    structure_checks = []
-    real_check = torch.export._unlift._check_inputs_match
-
-    def counting(*args, **kwargs):
-        structure_checks.append(1)
-        return real_check(*args, **kwargs)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.export._unlift, "_check_inputs_match", counting)
+        structure_checks = _counted_structure_checks(patch)
         torch.testing.assert_close(graph(scale=scale, x=x), model(x, scale), rtol=0, atol=0)
         assert structure_checks == []
         with pytest.raises(Exception, match="size|shape|Guard"):  # the shape guards still run
