@@ -266,7 +266,7 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     q, m = k / total, sample.numel()
     spread = 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
     top, bottom = math.floor(q * m - spread), math.ceil(q * m + spread)
-    ranked = sample if dtype in (torch.float32, torch.float64) else sample.float()  # exact
+    ranked = _rankable(sample)
     hi = (torch.kthvalue(ranked, m - top + 1).values.to(dtype) if top >= 1
           else sample.new_tensor(float("inf")))
     lo = (torch.kthvalue(ranked, m - bottom + 1).values.to(dtype) if bottom <= m
@@ -292,12 +292,18 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
         return None
     band_values = torch.cat(band)
     wanted = k - n_above  # the wanted-th largest of the band
-    compute = band_values if dtype in (torch.float32, torch.float64) else band_values.float()
+    compute = _rankable(band_values)
     t = torch.kthvalue(compute, gathered - wanted + 1).values
     n_over, n_eq = torch.stack([torch.count_nonzero(compute > t),
                                 torch.count_nonzero(compute == t)]).tolist()
     t = t.item()
     return (0.0 if t == 0 else t), wanted - n_over, n_eq
+
+
+def _rankable(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in a dtype ``torch.kthvalue`` ranks on every device: float16/bfloat16 upcast
+    to float32, which is exact."""
+    return values if values.dtype in (torch.float32, torch.float64) else values.float()
 
 
 def _direct(scores: Sequence[torch.Tensor | Piece], total: int, reduce: Reduce | None) -> bool:
@@ -312,7 +318,7 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
     step of a training loop)."""
     flat = torch.cat([s.detach().reshape(-1).to(dtype) if s.requires_grad or s.dtype != dtype
                       else s.reshape(-1) for s in scores])
-    compute = flat if dtype in (torch.float32, torch.float64) else flat.float()  # exact upcast
+    compute = _rankable(flat)
     t = torch.kthvalue(compute, flat.numel() - k + 1).values
     mask = compute >= t
     # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes);
