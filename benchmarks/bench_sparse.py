@@ -19,16 +19,18 @@ sample; median) under ``torch.no_grad()``:
   (the result's layout is the one torch's ``W@x.T`` form returns); for the MLP: the graph the
   ``sparse`` pass produced, called as exported, pytree flattening and input guards included (its
   first layer's result is transposed, the output row-major);
-* ``chop deploy``: the same without the per-call costs: the plain kernel function for the linear,
-  ``deployable(graph)`` for the MLP;
+* ``chop deploy``: the same without the per-call costs: the layer bound once by
+  ``chop.kernels.csr.bind`` for the linear, ``deployable(graph, contiguous_outputs=False)`` for
+  the MLP (the output left in the kernel's layout, as torch's ``W@x.T`` form leaves it);
 * ``torch F.linear``: ``F.linear(x, W_csr, b)`` with ``W_csr = W.to_sparse_csr()`` (eager);
 * ``torch W@x.T``: ``torch.addmm(b[:, None], W_csr, x.T).T`` (eager, the result left transposed);
 * ``torch addmv``: ``torch.addmv(b, W_csr, row)`` for each input row, stacked (eager).
 
 Every method's output is checked against dense before timing. Speedup is dense time ÷ method
-time; "vs best torch" is the best torch form's time ÷ chop's (≥ 1: chop is at least as fast).
-The chosen plans, the pass's time and the fixed per-call costs (a custom-op call vs the plain
-function on a 1×1 weight; an exported graph vs ``deployable`` on a tiny MLP) follow the table.
+time; "vs best torch" is the best torch form's time ÷ chop's (≥ 1: chop is at least as fast),
+for the exported graph and for the deployed module. The chosen plans, the pass's time and the
+fixed per-call costs (a custom-op call vs the plain function vs a bound layer on a 1×1 weight;
+an exported graph vs ``deployable`` on a tiny MLP) follow the table.
 
 Targets (issue 13): chop ≥ the best torch CSR form everywhere; linear at batch 1: ≥ 8× at 95%,
 ≥ 30× at 99%; MLP: ≥ 8× at 95% at batch 1, ≥ 5× at 95% at batch 32.
@@ -56,6 +58,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chop  # noqa: E402
 from chop.kernels.csr import (  # noqa: E402
+    bind,
     csr_linear,
     csr_linear_forward,
     describe_plan,
@@ -135,10 +138,11 @@ def linear_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]
     kernels, from_rows, timings = plan_kernels(*csr, (SIZE, SIZE))
     seconds = time.perf_counter() - start
     x = torch.randn(batch, SIZE, generator=g)
+    layer = bind(*csr, (SIZE, SIZE), bias, kernels, from_rows, True)
     fns = {
         "dense": lambda: F.linear(x, dense, bias),
         "chop": lambda: csr_linear(x, *csr, SIZE, bias, kernels, from_rows, True),
-        "chop deploy": lambda: csr_linear_forward(x, *csr, SIZE, bias, kernels, from_rows, True),
+        "chop deploy": lambda: layer(x),
         **torch_forms([(dense, bias)], x),
     }
     return fns, {"plan": describe_plan(kernels, from_rows), "planning s": round(seconds, 2),
@@ -168,7 +172,7 @@ def mlp_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
     model = MLP().eval()
     x = torch.randn(batch, SIZE)
     dense_graph, sparse_graph, extra = exported(model, x, sparsity)
-    deploy = deployable(sparse_graph)
+    deploy = deployable(sparse_graph, contiguous_outputs=False)
     weights = [(dense_graph.parameter(f"layers.{i}.weight").detach(),
                 dense_graph.parameter(f"layers.{i}.bias").detach()) for i in range(2)]
     fns = {"dense": lambda: dense_graph(x), "chop": lambda: sparse_graph(x),
@@ -200,7 +204,7 @@ def gated_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
     model = Gated().eval()
     x = torch.randn(batch, model.gate.in_features)
     dense_graph, sparse_graph, extra = exported(model, x, sparsity)
-    deploy = deployable(sparse_graph)
+    deploy = deployable(sparse_graph, contiguous_outputs=False)
     weights = [dense_graph.parameter(f"{k}.weight").detach() for k in ("gate", "up", "down")]
     fns = {"dense": lambda: dense_graph(x), "chop": lambda: sparse_graph(x),
            "chop deploy": lambda: deploy(x), **gated_forms(*weights, x)}
@@ -211,7 +215,8 @@ CASES = {"linear": linear_case, "mlp": mlp_case, "gated": gated_case}
 
 
 def per_call_costs() -> dict[str, float]:
-    """Fixed costs in µs per call: the custom op vs its plain function on a 1×1 weight, an
+    """Fixed costs in µs per call: the custom op vs its plain function vs the layer bound by
+    ``bind`` on a 1×1 weight, an
     exported 2-layer graph vs deployable() on a 4×4 MLP at batch 1, and the copy that turns
     ``W_csr @ x.T`` (4096 × 32) into the contiguous ``(32, 4096)`` result chop returns (torch's
     ``W@x.T`` form leaves its result transposed)."""
@@ -222,10 +227,12 @@ def per_call_costs() -> dict[str, float]:
                      "sparse{mode=all, kernel=torch-mm}").eval()
     deploy = deployable(graph)
     x4 = torch.randn(1, 4)
+    layer = bind(*csr, (1, 1), None, [1], [])
     transposed = torch.randn(SIZE, 32)
     t = interleaved_seconds({
         "custom op": lambda: csr_linear(x, *csr, 1, None, [1], []),
         "plain function": lambda: csr_linear_forward(x, *csr, 1, None, [1], []),
+        "bound layer": lambda: layer(x),
         "exported graph": lambda: graph(x4),
         "deployable": lambda: deploy(x4),
         "eager MLP (dense)": lambda: small(x4),
@@ -254,8 +261,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {args.stat} of {args.repeats} interleaved repeats, "
           f"load average {load()}\n")
     print("| case | batch | sparsity | dense ms | " + " | ".join(f"{m} ×" for m in METHODS[1:])
-          + " | chop vs best torch |")
-    print("|---|---:|---:|---:|" + "---:|" * len(METHODS))
+          + " | chop vs best torch | deploy vs best torch |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(METHODS) + 1))
     notes = []
     for case in args.cases:
         for batch in args.batches:
@@ -271,7 +278,8 @@ def main() -> None:
                 best_torch = min(t[m] for m in TORCH_FORMS)
                 cells = [f"{t['dense'] / t[m]:.1f}×" for m in METHODS[1:]]
                 print(f"| {case} | {batch} | {sparsity:.2f} | {t['dense'] * 1e3:.3f} | "
-                      + " | ".join(cells) + f" | {best_torch / t['chop']:.2f} |", flush=True)
+                      + " | ".join(cells) + f" | {best_torch / t['chop']:.2f} | "
+                      f"{best_torch / t['chop deploy']:.2f} |", flush=True)
                 notes.append(f"{case} b={batch} s={sparsity}: {extra}")
     print(f"\nload average at the end: {load()}")
     costs = per_call_costs()

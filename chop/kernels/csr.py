@@ -5,13 +5,12 @@ from_rows, transposed)`` computes ``x @ W.T + bias`` for a weight ``W`` of shape
 x.shape[-1])`` stored in CSR form (three plain tensors, so they are buffers in ``state_dict``).
 ``x`` may have any leading shape and any strides.
 
-Layout: the CSR kernels compute ``W @ x.T``, an ``(out_features, rows)`` matrix, and read ``x.T``
-as a row-major matrix. By default the result is copied into the usual row-major ``(rows,
-out_features)`` layout. With ``transposed=True`` it is returned as the transpose of that matrix
-(the same values, column-major strides; the fake kernel gives the same strides), which skips
-that copy, and the input copy of the next layer when it is another ``csr_linear``: such an
-input's ``x.T`` is already row-major. The ``sparse`` export sets it where every reader of the
-result accepts any strides (:mod:`chop.passes.export.sparse`). On a 4096×4096 layer at 99%
+Layout: the CSR kernels compute ``W @ x.T``, an ``(out_features, rows)`` matrix; they read ``x``
+in either layout at the same speed. By default the result is copied into the usual row-major
+``(rows, out_features)`` layout. With ``transposed=True`` it is returned as the transpose of that
+matrix (the same values, column-major strides; the fake kernel gives the same strides), which
+skips that copy. The ``sparse`` export sets it where every reader of the result accepts any
+strides (:mod:`chop.passes.export.sparse`). On a 4096×4096 layer at 99%
 sparsity and 32 rows, the copy costs about a fifth of the product (``bench_sparse.py`` prints
 the copy's time).
 
@@ -19,9 +18,8 @@ Four CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2
 
 - ``torch-linear``: ``F.linear(x, W_csr, bias)``, torch's CSR kernel on ``x @ W.T``; fast at
   one row, far slower than the others from a few rows on;
-- ``torch-mm``: ``(W_csr @ x.T).T`` (``torch.addmm``, with ``x.T`` made contiguous first: MKL's
-  sparse product reads a row-major right-hand side faster, copy included), multi-threaded, the
-  fastest from a few rows on;
+- ``torch-mm``: ``(W_csr @ x.T).T`` (``torch.addmm``), multi-threaded, the fastest from a few
+  rows on;
 - ``torch-mv``: one ``torch.addmv(bias, W_csr, row)`` per input row, written into the output;
   torch's sparse matrix-vector kernel beats ``torch-mm`` on one row (``bench_sparse.py``
   prints each kernel's time there) and loses from a handful of rows on;
@@ -39,10 +37,12 @@ cannot serialise sparse buffers.
 
 It is a custom op (``torch.library.define`` + ``impl``) with a fake implementation and an
 autograd formula, so graphs holding it still export with torch.export and run under FakeTensor;
-loading such a ``.pt2`` needs this module imported (``import chop``) so the op is registered. A plan naming ``scipy`` runs ``torch-mm``
-where scipy is not installed (same result). Each call through the dispatcher costs ~10 µs more
-than calling :func:`csr_linear_forward` directly, which
-:func:`chop.passes.export.common.deployable` does.
+loading such a ``.pt2`` needs this module imported (``import chop``) so the op is registered. A
+plan naming ``scipy`` runs ``torch-mm`` where scipy is not installed (same result). Each call
+through the dispatcher costs ~15 µs more than calling :func:`csr_linear_forward` directly, and
+that function rebuilds the CSR tensor and checks its input; :func:`bind` does both once per
+layer, for :func:`chop.passes.export.common.deployable` (``bench_sparse.py`` prints each
+cost).
 
 Autograd: the gradient flows to ``x`` and ``bias`` (so layers before a sparse layer can still
 train); the stored non-zero values are buffers and get no gradient — the sparse export is for
@@ -59,7 +59,7 @@ import importlib.util
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -176,34 +176,71 @@ def csr_linear_forward(
     """The computation of ``chop::csr_linear`` (the module doc), as a plain function: no
     dispatcher, no autograd (call it under ``torch.no_grad()``/``inference_mode``)."""
     _check(x, values)
-    features = x.shape[-1]
+    csr = (values, col_indices, crow_indices)
+    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values,
+                                     (out_features, x.shape[-1]), check_invariants=False)
+    column = None if bias is None else bias.unsqueeze(1)
+    return _product(x, weight, csr, bias, column, kernels, from_rows, transposed)
+
+
+def bind(
+    values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
+    shape: tuple[int, int], bias: torch.Tensor | None = None,
+    kernels: Sequence[int] | None = None, from_rows: Sequence[int] | None = None,
+    transposed: bool = False,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ csr_linear_forward(x, values, …)`` for one layer whose weight has ``shape``, with
+    what does not depend on ``x`` done once: the CSR tensor (over the same storage: in-place
+    changes to ``values`` show, nothing is copied), the bias column, the plan's check. Per call
+    it checks nothing (a wrong input fails inside torch's op): for serving, where each
+    microsecond of a small layer counts (:func:`chop.passes.export.common.deployable`)."""
+    _check(values, values)
+    if bias is not None and bias.dtype != values.dtype:
+        raise PassError(f"chop.csr_linear: bias dtype {bias.dtype} differs from the weights' "
+                        f"{values.dtype}: cast one of them")
+    check_plan(kernels, from_rows)
+    csr = (values, col_indices, crow_indices)
+    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values, shape,
+                                     check_invariants=False)
+    column = None if bias is None else bias.unsqueeze(1)
+    kernels, from_rows = list(kernels or ()), list(from_rows or ())
+
+    def sparse_linear(x: torch.Tensor) -> torch.Tensor:
+        return _product(x, weight, csr, bias, column, kernels, from_rows, transposed)
+
+    return sparse_linear
+
+
+def _product(
+    x: torch.Tensor, weight: torch.Tensor, csr: tuple[torch.Tensor, ...],
+    bias: torch.Tensor | None, column: torch.Tensor | None, kernels: Sequence[int] | None,
+    from_rows: Sequence[int] | None, transposed: bool,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` by the plan's kernel, in the layout the op promises; ``csr`` is
+    ``weight``'s three tensors (for scipy), ``column`` is ``bias[:, None]``."""
+    out_features, features = weight.shape
     rows = x if x.dim() == 2 else x.reshape(-1, features)
     kernel = kernel_for(rows.shape[0], kernels, from_rows)
     if kernel == SCIPY and have_scipy():
-        y = _scipy_times(values, col_indices, crow_indices, (out_features, features), rows)
-        if bias is not None:
-            y += bias.unsqueeze(1)
+        y = _scipy_times(*csr, (out_features, features), rows)
+        if column is not None:
+            y += column
         y = y.t()
-    else:
-        weight = torch.sparse_csr_tensor(
-            crow_indices, col_indices, values, (out_features, features), check_invariants=False
-        )
-        if kernel == TORCH_LINEAR:
-            y = F.linear(rows, weight, bias)
-        elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no loop
-            row = rows[0]
-            y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row))[None]
-        elif kernel == TORCH_MV:
-            y = rows.new_empty(rows.shape[0], out_features)
-            for row, out in zip(rows, y):
-                if bias is None:
-                    torch.mv(weight, row, out=out)
-                else:
-                    torch.addmv(bias, weight, row, out=out)
-        else:
-            right = rows.t().contiguous()  # row-major: MKL's sparse product reads it faster
-            y = (torch.mm(weight, right) if bias is None
-                 else torch.addmm(bias.unsqueeze(1), weight, right)).t()
+    elif kernel == TORCH_LINEAR:
+        y = F.linear(rows, weight, bias)
+    elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no loop
+        row = rows[0]
+        y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row))[None]
+    elif kernel == TORCH_MV:
+        y = rows.new_empty(rows.shape[0], out_features)
+        for row, out in zip(rows, y):
+            if bias is None:
+                torch.mv(weight, row, out=out)
+            else:
+                torch.addmv(bias, weight, row, out=out)
+    else:  # rows.t() as it is: a row-major copy first measured no faster (bench_sparse.py)
+        y = (torch.mm(weight, rows.t()) if column is None
+             else torch.addmm(column, weight, rows.t())).t()
     y = _layout(y, transposed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 

@@ -78,13 +78,42 @@ def test_transposed_results_have_the_same_values_in_column_major_strides(kernel)
     for x in (torch.randn(7, 40), torch.randn(40, 7).t(), torch.randn(2, 3, 40),
               torch.randn(40, 6).t().reshape(2, 3, 40)):
         reference = F.linear(x, weight * mask, bias)
-        for op in (sparse_ops.csr_linear, sparse_ops.csr_linear_forward):
-            y = op(x, *csr, 24, bias, [kernel], [], True)
+        bound = sparse_ops.bind(*csr, (24, 40), bias, [kernel], [], True)
+        for op in (sparse_ops.csr_linear, sparse_ops.csr_linear_forward, "bound"):
+            y = bound(x) if op == "bound" else op(x, *csr, 24, bias, [kernel], [], True)
             torch.testing.assert_close(y, reference)
             assert y.reshape(-1, 24).t().is_contiguous() and not y.is_contiguous()
             assert y.stride() == sparse_ops.empty_result(x, 24, True).stride()
         default = sparse_ops.csr_linear(x, *csr, 24, bias, [kernel], [])
         assert default.is_contiguous() and torch.equal(default, y)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_IDS)
+def test_a_bound_layer_computes_the_plain_function_over_the_same_storage(kernel):
+    torch.manual_seed(kernel)
+    weight, mask = torch.randn(24, 40, dtype=torch.float64), torch.rand(24, 40) < 0.2
+    csr = sparse_ops.to_csr(weight, mask)
+    for bias in (None, torch.randn(24, dtype=torch.float64)):
+        layer = sparse_ops.bind(*csr, (24, 40), bias, [kernel], [])
+        for shape in ((1, 40), (7, 40), (2, 3, 40), (0, 40)):
+            x = torch.randn(*shape, dtype=torch.float64)
+            y = layer(x)
+            assert y.is_contiguous()
+            torch.testing.assert_close(y, F.linear(x, weight * mask, bias), rtol=0, atol=1e-12)
+    csr[0].mul_(-1)  # in place: the bound layer sees it (nothing was copied)
+    ones = torch.ones(1, 40, dtype=torch.float64)
+    torch.testing.assert_close(layer(ones), F.linear(ones, -weight * mask, bias))
+
+
+def test_bind_rejects_what_the_op_would_reject_once_instead_of_per_call():
+    csr = sparse_ops.to_csr(torch.randn(4, 6), torch.ones(4, 6, dtype=torch.bool))
+    with pytest.raises(PassError, match="bias dtype torch.float64 differs"):
+        sparse_ops.bind(*csr, (4, 6), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(PassError, match="invalid kernel plan"):
+        sparse_ops.bind(*csr, (4, 6), None, [0, 1], [])
+    with pytest.raises(PassError, match="float32/float64"):
+        sparse_ops.bind(*sparse_ops.to_csr(torch.randn(4, 6).half(),
+                                           torch.ones(4, 6, dtype=torch.bool)), (4, 6))
 
 
 def test_the_plan_picks_the_kernel_by_row_count(monkeypatch):

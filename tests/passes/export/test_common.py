@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import chop
-from chop.kernels.csr import csr_linear_forward
 from chop.passes.export.common import deployable
 
 
@@ -33,18 +32,49 @@ def test_deployable_computes_the_eval_graph_and_shares_its_tensors(cnn_graph, cn
         module(torch.randn(2, 5, 8, 8))
 
 
-def test_deployable_calls_the_sparse_kernel_directly(mlp, mlp_batches):
+def test_deployable_calls_each_sparse_layer_bound_once(mlp, mlp_batches):
     graph = chop.trace(mlp, (mlp_batches[0][0],))
-    chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all, kernel=torch-mm}")
+    chop.run(graph, "magnitude, mask{sparsity=0.7}, sparse{mode=all, kernel=torch-mm}")
     graph.eval()
     module = deployable(graph)
-    targets = [n.target for n in module.graph.nodes if n.op == "call_function"]
-    assert targets.count(csr_linear_forward) == 3
-    assert torch.ops.chop.csr_linear.default not in targets
+    calls = [n for n in module.graph.nodes if n.op == "call_function"]
+    layers = [n for n in calls if n.target.__name__ == "sparse_linear"]
+    assert len(layers) == 3 and all(len(n.args) == 1 for n in layers)  # x only: tensors bound
+    assert torch.ops.chop.csr_linear.default not in [n.target for n in calls]
+    assert "pytree" not in module.code  # positional tensors in, a tensor out: plain calls
     x = mlp_batches[1][0]
     with torch.inference_mode():
         for rows in (1, 8):
-            torch.testing.assert_close(module(x[:rows]), graph(x[:rows]), rtol=0, atol=0)
+            expected = graph(x[:rows])
+            got = module(x[:rows])
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            assert got.is_contiguous()
+        values = graph.module.get_buffer("layers.0.weight_values")
+        values.mul_(2)  # the bound layer reads the graph's storage: nothing was copied
+        torch.testing.assert_close(module(x), graph(x), rtol=0, atol=0)
+        loose = deployable(graph, contiguous_outputs=False)(x)
+        torch.testing.assert_close(loose, graph(x), rtol=0, atol=0)
+        assert loose.t().is_contiguous() and not loose.is_contiguous()  # the kernel's layout
+
+
+def test_deployable_keeps_the_calling_convention_of_tuple_outputs():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 5), torch.nn.Linear(6, 3)
+
+        def forward(self, x, y):
+            return self.a(x), {"b": self.b(y), "sum": x + y}
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    graph = chop.run(chop.trace(Two(), (x, y)), "magnitude, mask{sparsity=0.5}, sparse{mode=all}")
+    module = deployable(graph.eval())
+    assert "pytree" not in module.code
+    with torch.inference_mode():
+        expected, got = graph(x, y), module(x, y)
+    assert isinstance(got, tuple) and isinstance(got[1], dict) and list(got[1]) == ["b", "sum"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_deployable_keeps_keyword_inputs_and_structured_outputs():
