@@ -122,7 +122,8 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     return {k: (v.detach().clone(), v.requires_grad) for k, v in state.items()}
 
 
-def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: int, clock) -> dict:
+def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: int, clock,
+          sample_s: float = 0.0) -> dict:
     args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), None)
     graph = chop.trace(model, args, kwargs)  # untimed; starts in train mode, like the model
     model.eval()
@@ -134,20 +135,28 @@ def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: i
             loss = cross_entropy(call(graph.module, inputs), targets)
             torch.autograd.grad(loss, params, allow_unused=True)
 
+    def eager() -> None:  # .grad reset inside the timing: charged to eager, not to snip
+        model.zero_grad(set_to_none=True)
+        eager_step(model, inputs, targets)
+
     runs = {
-        "eager": lambda: eager_step(model, inputs, targets),
+        "eager": eager,
         "snip": lambda: chop.run(graph, "snip", data=[(inputs, targets)]),
         "graph": graph_step,
     }
     before = snapshot(model)
     times: dict[str, list[float]] = {key: [] for key in runs}
     keys = list(runs)
+    inner = 1
     for i in range(WARMUP + repeats):
+        if i == WARMUP:  # calls per sample: a sample of ~sample_s averages out per-call jitter
+            inner = max(1, round(sample_s / statistics.median(times["eager"])))
         for key in keys[i % 3:] + keys[:i % 3]:
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # eager's last .grad: snip must not see (or set) any
             start = clock()
-            runs[key]()
-            times[key].append(clock() - start)
+            for _ in range(inner):
+                runs[key]()
+            times[key].append((clock() - start) / inner)
             if key == "snip":
                 assert all(p.grad is None for p in model.parameters()), "snip set .grad"
     model.zero_grad(set_to_none=True)
@@ -164,7 +173,7 @@ def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: i
         "graph": statistics.median(times["graph"][WARMUP:]),
         "runs": {"eager": eager, "snip": snip},
         "paired": statistics.median(s / e for s, e in zip(snip, eager)),
-        "fastest": min(snip) / min(eager),
+        "fastest": min(snip) / min(eager), "inner": inner,
     }
 
 
@@ -180,6 +189,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: untouched)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads)")
+    parser.add_argument("--sample-ms", type=float, default=0.0,
+                        help="time each sample over as many calls as fill this many ms of eager "
+                             "fwd+bwd (default 0: one call per sample); e.g. 20 for the small "
+                             "models, whose single ~2 ms calls vary by ±20%% between runs")
     parser.add_argument("--verbose", action="store_true", help="print every run and more ratios")
     opts = parser.parse_args()
     if opts.threads:
@@ -205,14 +218,15 @@ def main() -> None:
         torch.manual_seed(0)
         name, make = cases[key]
         try:
-            row = bench(name, *make(), opts.repeats, clock)
+            row = bench(name, *make(), opts.repeats, clock, opts.sample_ms / 1e3)
         except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not stop
             print(f"{name}: not measured: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             continue
         row["target"] = SMALL_TARGET if key in table else TARGET
         rows.append(row)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {opts.clock} clock, "
-          f"median of {opts.repeats}\n")
+          f"median of {opts.repeats}"
+          + (f", samples of ~{opts.sample_ms:g} ms of eager calls" if opts.sample_ms else "") + "\n")
     print("| model | params | batch | eager fwd+bwd s | snip s | ratio | target | graph fwd+bwd ÷ eager |")
     print("|---|---:|---|---:|---:|---:|---|---:|")
     for r in rows:
@@ -222,7 +236,7 @@ def main() -> None:
               f"<= {target} {'ok' if ratio <= target else 'MISSED'} | {r['graph'] / r['eager']:.3f} |")
     for r in rows if opts.verbose else ():
         print(f"\n{r['model']}: median of per-pair ratios {r['paired']:.3f}, "
-              f"ratio of fastest runs {r['fastest']:.3f}")
+              f"ratio of fastest runs {r['fastest']:.3f}, {r['inner']} call(s) per sample")
         for key, values in r["runs"].items():
             print(f"  {key:5s} " + " ".join(f"{v:.3f}" for v in values))
 
