@@ -92,29 +92,39 @@ def bert_case(batch: int, seq: int):
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[: batch // 2, seq * 3 // 4 :] = 0  # pad some rows, so the attention mask matters
-    return model, {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (batch,))
+    return model, {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (batch,)), \
+        cross_entropy
 
 
 def cnn_case(batch: int):
-    return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    return ResNet18(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)), cross_entropy
 
 
 def table_case(name: str):
-    """A model of benchmarks/coverage.py's table at batch 2, with class targets for its logits."""
+    """A model of benchmarks/coverage.py's table at batch 2, with class targets for its logits
+    and the loss both runs use: the default cross-entropy, or for a contrastive model (CLIP,
+    whose output has no ``logits``) cross-entropy of its image-to-text similarities."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import coverage
 
     model, make = coverage.MODELS[name]()
     inputs = make(2, 10)
     with torch.no_grad():
-        logits = logits_of(call(model.eval(), inputs))
+        out = call(model.eval(), inputs)
+    loss = contrastive if hasattr(out, "logits_per_image") else cross_entropy
+    logits = out.logits_per_image if loss is contrastive else logits_of(out)
     model.train()
     g = torch.Generator().manual_seed(1)
-    return model, inputs, torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
+    targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
+    return model, inputs, targets, loss
 
 
-def eager_step(model: nn.Module, inputs, targets: torch.Tensor) -> None:
-    cross_entropy(call(model, inputs), targets).backward()  # the loss snip uses by default
+def contrastive(outputs, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs.logits_per_image, targets)
+
+
+def eager_step(model: nn.Module, inputs, targets: torch.Tensor, loss=cross_entropy) -> None:
+    loss(call(model, inputs), targets).backward()  # by default, the loss snip uses by default
 
 
 def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -122,8 +132,8 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     return {k: (v.detach().clone(), v.requires_grad) for k, v in state.items()}
 
 
-def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: int, clock,
-          sample_s: float = 0.0) -> dict:
+def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, loss, repeats: int,
+          clock, sample_s: float = 0.0) -> dict:
     args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), None)
     graph = chop.trace(model, args, kwargs)  # untimed; starts in train mode, like the model
     model.eval()
@@ -132,16 +142,17 @@ def bench(name: str, model: nn.Module, inputs, targets: torch.Tensor, repeats: i
 
     def graph_step() -> None:  # the graph's own fwd+bwd, without the pass around it
         with graph.mode(batch_norm=False, dropout=False, lean=True):
-            loss = cross_entropy(call(graph.module, inputs), targets)
-            torch.autograd.grad(loss, params, allow_unused=True)
+            value = loss(call(graph.module, inputs), targets)
+            torch.autograd.grad(value, params, allow_unused=True)
 
     def eager() -> None:  # .grad reset inside the timing: charged to eager, not to snip
         model.zero_grad(set_to_none=True)
-        eager_step(model, inputs, targets)
+        eager_step(model, inputs, targets, loss)
 
     runs = {
         "eager": eager,
-        "snip": lambda: chop.run(graph, "snip", data=[(inputs, targets)]),
+        "snip": lambda: chop.run(graph, "snip", data=[(inputs, targets)],
+                                 loss=None if loss is cross_entropy else loss),
         "graph": graph_step,
     }
     before = snapshot(model)
