@@ -78,10 +78,7 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
             found = True
             sums = per_index.get((m.name, m.dim))
             if sums is None:
-                others = [d for d in range(value.dim()) if d != m.dim]
-                sums = (value.detach().sum(others, dtype=torch.float64) if others
-                        else value.detach().double())
-                per_index[m.name, m.dim] = sums
+                sums = per_index[m.name, m.dim] = dim_sums(value.detach(), m.dim)
             if m.single:  # one index per unit (most): one gather
                 score += sums[m.flat]
             else:
@@ -93,6 +90,29 @@ def group_scores(graph: Graph, groups: ChannelGroups, key: str = "saliency",
             f"no channel group of {graph.name} has a {key!r} entry; run a criterion (snip, "
             "magnitude, random) before scoring groups")
     return out
+
+
+_SUM_CHUNK = 2**20  # entries cast to float64 at a time: 8 MB, which stays in cache
+
+
+def dim_sums(value: torch.Tensor, dim: int) -> torch.Tensor:
+    """``value`` summed in float64 over every dim but ``dim``, in blocks of rows of at most
+    ``_SUM_CHUNK`` entries: ``sum(dtype=float64)`` casts its whole input first, and on a large
+    tensor that cast, not the sum, is the cost (23M entries of an embedding: ~65 ms at once,
+    ~6 ms in blocks). The float64 partial sums of the blocks are added in order."""
+    others = [d for d in range(value.dim()) if d != dim]
+    if not others:
+        return value.double()
+    if value.numel() <= _SUM_CHUNK or value.shape[0] < 2:
+        return value.sum(others, dtype=torch.float64)
+    rows = max(1, _SUM_CHUNK * value.shape[0] // value.numel())
+    blocks = value.split(rows)
+    if dim == 0:
+        return torch.cat([b.sum(others, dtype=torch.float64) for b in blocks])
+    total = blocks[0].sum(others, dtype=torch.float64)
+    for block in blocks[1:]:
+        total += block.sum(others, dtype=torch.float64)
+    return total
 
 
 def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Tensor],
@@ -259,7 +279,9 @@ def structured_selection(
         for g, u in order:
             if got >= budget_left:
                 break
-            keep = kept.setdefault(g.id, [True] * g.size)
+            keep = kept.get(g.id)
+            if keep is None:
+                keep = kept[g.id] = [True] * g.size
             n = counts.get(g.id)
             if n is None:
                 n = counts[g.id] = sum(keep)
@@ -327,44 +349,56 @@ class _Budget:
     """The parameters of the chosen layers a unit removes. ``remove`` counts only those not
     removed yet (an entry in a removed row and a removed column counts once) and marks them;
     ``alone`` counts the unit's slices as if nothing else went. Plain Python ints and lists:
-    called once per ranked unit."""
+    called once per ranked unit (~28K times on a BERT-base)."""
 
     def __init__(self, params: Mapping[str, torch.Tensor]):
         self.params = params
-        self.left = {n: list(p.shape) for n, p in params.items()}  # kept slices per dim
+        # per parameter: [entries left, kept slices per dim]; entries = the product of slices
+        self.state: dict[str, list] = {}
         self.gone: dict[tuple[str, int], bytearray] = {}  # removed slices per parameter dim
-        # per group: (name, dim, flat indices, start and count per unit) of its chosen members
-        self.members: dict[int, list[tuple[str, int, list[int], list[int], list[int]]]] = {}
+        # per group, of its chosen members: (dim, flat indices, start and count per unit, the
+        # dim's removed slices, the parameter's state, entries per slice at full size)
+        self.members: dict[int, list[tuple]] = {}
 
-    def _members(self, g: Group) -> list[tuple[str, int, list[int], list[int], list[int]]]:
+    def _members(self, g: Group) -> list[tuple]:
         found = self.members.get(g.id)
         if found is None:
-            found = [(m.name, m.dim, m.flat.tolist(), (m.counts.cumsum(0) - m.counts).tolist(),
-                      m.counts.tolist()) for m in g.members if m.name in self.params]
+            found = []
+            for m in g.members:
+                p = self.params.get(m.name)
+                if p is None:
+                    continue
+                state = self.state.setdefault(m.name, [p.numel(), list(p.shape)])
+                gone = self.gone.setdefault((m.name, m.dim), bytearray(p.shape[m.dim]))
+                counts = m.counts.tolist()
+                found.append((m.dim, m.flat.tolist(), (m.counts.cumsum(0) - m.counts).tolist(),
+                              counts, gone, state, p.numel() // max(p.shape[m.dim], 1)))
             self.members[g.id] = found
         return found
 
     def remove(self, g: Group, u: int) -> int:
         n = 0
-        for name, dim, flat, starts, counts in self._members(g):
-            start, count = starts[u], counts[u]
-            gone = self.gone.get((name, dim))
-            if gone is None:
-                gone = self.gone[name, dim] = bytearray(self.params[name].shape[dim])
-            fresh = 0
-            for i in flat[start:start + count]:  # indices are unique
-                if not gone[i]:
-                    gone[i] = 1
-                    fresh += 1
-            if fresh:
-                left = self.left[name]
-                n += fresh * math.prod(left[:dim]) * math.prod(left[dim + 1:])
-                left[dim] -= fresh
+        for dim, flat, starts, counts, gone, state, _ in self._members(g):
+            count = counts[u]
+            if count == 1:  # most units: one slice per member
+                i = flat[starts[u]]
+                if gone[i]:
+                    continue
+                gone[i], fresh = 1, 1
+            else:
+                fresh, start = 0, starts[u]
+                for i in flat[start:start + count]:  # indices are unique
+                    if not gone[i]:
+                        gone[i] = 1
+                        fresh += 1
+                if not fresh:
+                    continue
+            left = state[1]
+            removed = fresh * (state[0] // left[dim])  # fresh slices of the kept other dims
+            state[0] -= removed
+            left[dim] -= fresh
+            n += removed
         return n
 
     def alone(self, g: Group, u: int) -> int:
-        n = 0
-        for name, dim, _, _, counts in self._members(g):
-            p = self.params[name]
-            n += counts[u] * p.numel() // p.shape[dim]
-        return n
+        return sum(counts[u] * per_slice for _, _, _, counts, _, _, per_slice in self._members(g))

@@ -13,7 +13,9 @@ import chop
 from chop.errors import GranularityError, MissingMetadataError
 from chop.kernels.select import kept_count
 from chop.passes.analysis.channel_groups import channel_groups
+from chop.passes.analysis import group_select
 from chop.passes.analysis.group_select import (
+    dim_sums,
     group_masks,
     group_scores,
     require_granularity,
@@ -46,6 +48,20 @@ def test_group_masks_drop_exactly_the_rows_columns_and_entries_of_the_dropped_ch
     with_bias = group_masks(graph, groups, {hidden.id: torch.tensor([False, True, True])},
                             roles=("bias",))
     assert with_bias == {"0.bias": with_bias["0.bias"]} and with_bias["0.bias"].tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 2**20])  # blocks of 1 row, of several, whole
+def test_dim_sums_in_blocks_equal_one_float64_sum_over_the_other_dims(chunk, monkeypatch):
+    monkeypatch.setattr(group_select, "_SUM_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    for value in (torch.rand(9, 5, 3, 2, generator=g), torch.rand(13, 6, generator=g) * 1e3,
+                  torch.rand(11, generator=g)):
+        for dim in range(value.dim()):
+            others = [d for d in range(value.dim()) if d != dim]
+            expected = value.double().sum(others) if others else value.double()
+            got = dim_sums(value, dim)
+            assert got.dtype == torch.float64 and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
 
 
 def test_group_scores_sum_member_entries_of_the_key_per_channel():
