@@ -334,8 +334,12 @@ def plan_kernels(
     """Time the kernels on one CSR weight of ``shape`` at each input row count of ``rows`` and
     return its plan ``(kernels, from_rows)`` and the timings ``{rows: {kernel: seconds}}``.
 
-    Each row count is timed with the kernels interleaved (median of ``repeats``), so a burst of
-    load from elsewhere hits them alike. Between two timed row counts the plan switches at their
+    Each row count is timed with the kernels interleaved, so load from elsewhere hits them
+    alike, and each kernel's fastest of ``repeats`` rounds counts: its cost when least
+    disturbed. Load that lasts through the whole timing still skews the plan, and the
+    multi-threaded ``torch-mm`` most (on this 2-core machine, with the other core busy, it timed
+    2× slower and a plan chose the one-thread ``torch-mv`` at every row count, which then ran
+    1.4× slower at 32 rows on a quiet machine): plan where and when the model will serve. Between two timed row counts the plan switches at their
     geometric mean; above the last, its winner runs. ``candidates`` defaults to every kernel
     (scipy only when installed); a kernel more than 4× slower than the best at one row count is
     not timed at the larger ones (it only falls further behind there, and costs the most),
@@ -354,7 +358,7 @@ def plan_kernels(
         x = torch.randn(n, shape[1], generator=g, dtype=values.dtype)
         fns = {k: _bound(x, values, col_indices, crow_indices, shape[0], KERNELS.index(k))
                for k in names}
-        timings[n] = interleaved_seconds(fns, repeats=repeats, warmup=1)
+        timings[n] = interleaved_seconds(fns, repeats=repeats, warmup=1, statistic="min")
         best = min(timings[n].values())
         winners.append(KERNELS.index(min(timings[n], key=timings[n].get)))
         names = [k for k in names if timings[n][k] <= 4 * best or k == "torch-mm"]
