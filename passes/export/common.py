@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule
 
 from chop.ir.graph import Graph
-from chop.kernels.csr import bind
+from chop.kernels.csr import bind, csr_linear_forward
 from chop.kernels.timing import median_seconds
 from chop.pipeline.batches import call, check_same_outputs
 from chop.pipeline.pass_base import Context
@@ -117,15 +117,29 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
     return module.eval()
 
 
+_CSR_ARGS = ("x", "values", "col_indices", "crow_indices", "out_features", "bias", "kernels",
+             "from_rows", "transposed")  # chop::csr_linear's schema, in order
+
+
 def _bind_sparse(graph: Graph, node: torch.fx.Node, contiguous: bool) -> None:
     """Point a ``csr_linear`` node at its layer bound by :func:`~chop.kernels.csr.bind`."""
+    args = {"bias": None, "kernels": None, "from_rows": None, "transposed": False,
+            **dict(zip(_CSR_ARGS, node.args)), **node.kwargs}
     x, values, col, crow, out_features, bias, kernels, from_rows, transposed = (
-        list(node.args) + [None, None, None, False][len(node.args) - 5:])
+        args[name] for name in _CSR_ARGS)
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    held = (values, col, crow) + ((bias,) if bias is not None else ())
+    if not (isinstance(val, torch.Tensor) and isinstance(val.shape[-1], int)
+            and isinstance(out_features, int)
+            and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in held)):
+        node.target = csr_linear_forward  # tensors made by the graph: the plain function
+        node.args = tuple(args[name] for name in _CSR_ARGS[:-1]) + (transposed or not contiguous,)
+        node.kwargs = {}
+        return
     tensors = [None if a is None else operator.attrgetter(a.target)(graph.module)
                for a in (values, col, crow, bias)]
-    shape = (out_features, x.meta["val"].shape[-1])
-    node.target = bind(*tensors[:3], shape, tensors[3], kernels, from_rows,
-                       transposed or not contiguous)
+    node.target = bind(*tensors[:3], (out_features, val.shape[-1]), tensors[3], kernels,
+                       from_rows, transposed or not contiguous)
     node.args, node.kwargs = (x,), {}
 
 

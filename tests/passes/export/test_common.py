@@ -55,6 +55,17 @@ def test_deployable_calls_each_sparse_layer_bound_once(mlp, mlp_batches):
         loose = deployable(graph, contiguous_outputs=False)(x)
         torch.testing.assert_close(loose, graph(x), rtol=0, atol=0)
         assert loose.t().is_contiguous() and not loose.is_contiguous()  # the kernel's layout
+    last = [n for n in graph.module.graph.nodes
+            if n.target is torch.ops.chop.csr_linear.default][-1]
+    last.args[0].meta.pop("val")  # its input size unknown: the layer cannot be bound ahead
+    module = deployable(graph, contiguous_outputs=False)
+    calls = [n for n in module.graph.nodes if n.op == "call_function"]
+    assert [n.target.__name__ for n in calls if "linear" in n.target.__name__] == [
+        "sparse_linear", "sparse_linear", "csr_linear_forward"]
+    with torch.inference_mode():
+        loose = module(x)
+        torch.testing.assert_close(loose, graph(x), rtol=0, atol=0)
+        assert loose.t().is_contiguous() and not loose.is_contiguous()  # output: transposed
 
 
 def test_deployable_keeps_the_calling_convention_of_tuple_outputs():
