@@ -237,7 +237,8 @@ def main() -> None:
         rows.append(row)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {opts.clock} clock, "
           f"median of {opts.repeats}"
-          + (f", samples of ~{opts.sample_ms:g} ms of eager calls" if opts.sample_ms else "") + "\n")
+          + (f", samples of ~{opts.sample_ms:g} ms of eager calls" if opts.sample_ms else "")
+          + "\n")
     print("| model | params | batch | eager fwd+bwd s | snip s | ratio | target | graph fwd+bwd ÷ eager |")
     print("|---|---:|---|---:|---:|---:|---|---:|")
     for r in rows:

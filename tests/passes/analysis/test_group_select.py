@@ -12,8 +12,8 @@ from torch import nn
 import chop
 from chop.errors import GranularityError, MissingMetadataError
 from chop.kernels.select import kept_count
-from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis import group_select
+from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.group_select import (
     dim_sums,
     group_masks,
