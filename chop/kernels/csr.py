@@ -337,12 +337,12 @@ def plan_kernels(
     Each row count is timed with the kernels interleaved, so load from elsewhere hits them
     alike, and each kernel's fastest of ``repeats`` rounds counts: its cost when least
     disturbed. Load that lasts through the whole timing still skews the plan, and the
-    multi-threaded ``torch-mm`` most (on this 2-core machine, with the other core busy, it timed
-    2× slower and a plan chose the one-thread ``torch-mv`` at every row count, which then ran
-    1.4× slower at 32 rows on a quiet machine): plan where and when the model will serve.
-    Between two timed row counts the plan switches at their geometric mean; above the last,
-    its winner runs. ``candidates`` defaults to every kernel
-    (scipy only when installed); a kernel more than 4× slower than the best at one row count is
+    multi-threaded ``torch-mm`` most (on a 2-core machine with the other core busy it timed 2×
+    slower, and a plan chose the one-thread ``torch-mv`` at every row count, which then ran
+    1.4× slower at 32 rows when the machine was quiet): plan where and when the model will
+    serve. Between two timed row counts the plan switches at their geometric mean; above the
+    last, its winner runs. ``candidates`` defaults to every kernel (scipy only when
+    installed); a kernel more than 4× slower than the best at one row count is
     not timed at the larger ones (it only falls further behind there, and costs the most),
     except ``torch-mm``: one sparse product for all rows, whose cost per row falls as the rows
     grow: it can trail ``torch-mv`` by several times at one row and still win from a few rows
