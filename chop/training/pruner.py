@@ -334,9 +334,7 @@ class Pruner:
         if before and plain:
             self._run(graph, step_mask, batch)
             after = self._current_masks(graph, pattern=False)
-            if not bool(torch.stack(
-                    [torch.gt(after[name].view(torch.uint8), old.view(torch.uint8)).any()
-                     for name, old in before.items()]).any()):
+            if not _came_back(before, after):
                 return  # nothing pruned came back: the same masks as with the rewrite
             for name in after.keys() - before.keys():  # masked by this run only
                 meta.entries(graph.weight_node(name)).pop("mask")
@@ -355,8 +353,7 @@ class Pruner:
         if masks.keys() == self._masks.keys() and all(
             mask.shape == self._masks[name].shape for name, mask in masks.items()
         ):  # the same parameters as at the last step: update the masks in place
-            for name, mask in masks.items():
-                self._masks[name].copy_(mask)
+            torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
         else:
             self._masks = {
                 name: mask.to(local(self.model.get_parameter(name)).device, copy=True)
@@ -396,3 +393,11 @@ class Pruner:
             )
         self.graph = trace_inputs(self.model, inputs)
         return self.graph
+
+
+def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a position ``before`` masks (False) is kept (True) in ``after``: one comparison
+    over all the masks at once, as a Pruner checks at every step."""
+    old = torch.cat([m.reshape(-1) for m in before.values()]).view(torch.uint8)
+    new = torch.cat([after[name].reshape(-1) for name in before]).view(torch.uint8)
+    return bool(torch.gt(new, old).any())
