@@ -60,7 +60,9 @@ the non-zero pattern of the selected weights) and keeps them applied while fine-
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Callable, Literal
 
 import torch
@@ -78,6 +80,8 @@ from chop.pipeline.manager import as_passes, run
 from chop.pipeline.pass_base import Pass
 from chop.training.schedule import Curve, Schedule
 from chop.training.sharded import ShardedModel, is_sharded
+
+log = logging.getLogger("chop")
 
 
 def criterion_pass(criterion: str | Pass) -> Pass:
@@ -332,9 +336,12 @@ class Pruner:
             step_mask.min_sparsity == 0.0 and step_mask.max_sparsity == 1.0
             and step_mask.min_keep == 0))
         if before and plain:
-            self._run(graph, step_mask, batch)
+            with _held_logs() as held:  # shown only if this run's masks are kept
+                self._run(graph, step_mask, batch)
             after = self._current_masks(graph, pattern=False)
             if not _came_back(before, after):
+                for record in held:
+                    log.handle(record)
                 return  # nothing pruned came back: the same masks as with the rewrite
             for name in after.keys() - before.keys():  # masked by this run only
                 meta.entries(graph.weight_node(name)).pop("mask")
@@ -401,3 +408,21 @@ def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Ten
     old = torch.cat([m.reshape(-1) for m in before.values()]).view(torch.uint8)
     new = torch.cat([after[name].reshape(-1) for name in before]).view(torch.uint8)
     return bool(torch.gt(new, old).any())
+
+
+@contextmanager
+def _held_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what chop's logger emits inside the block (a pass run whose result may be
+    discarded, whose warnings would then be shown twice); the caller passes the records to
+    ``log.handle`` to show them after all."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    log.addFilter(hold)
+    try:
+        yield held
+    finally:
+        log.removeFilter(hold)

@@ -142,6 +142,52 @@ def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
     assert rewrites == (5 if "max_sparsity" in options else 3)
 
 
+def test_a_discarded_plain_ranking_does_not_warn_twice(mlp, mlp_batches, caplog):
+    """A step whose plain ranking brings a pruned weight back is masked again with the rewrite;
+    the discarded run's warnings are not shown, so a layer emptied by the step warns once."""
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    pruner = Pruner(graph, 0.9, criterion="random")
+    g = torch.Generator().manual_seed(0)
+    weights = [n for n in graph.weight_nodes() if n.target.endswith("weight")]
+
+    def score(stale: bool) -> None:
+        for node in weights:
+            value = torch.rand(graph.parameter(node).shape, generator=g) + 0.5
+            mask = meta.entries(node).get("mask")
+            if node.target == "layers.2.weight":
+                value = torch.zeros_like(value)  # the lowest scores: the layer goes
+            elif mask is not None and not stale:
+                value = value * mask
+            elif mask is not None:
+                value = torch.where(mask, value, 10.0)  # pruned weights score the highest
+            meta.entries(node)["saliency"] = value
+
+    score(stale=False)
+    pruner.prune(0.3, score=False)  # layers.2 (128 of 1,700 weights) emptied: warned
+    assert [r.getMessage().startswith("mask emptied 1 layer(s): layers.2.weight")
+            for r in caplog.records if r.levelname == "WARNING"] == [True]
+    caplog.clear()
+    score(stale=True)  # the plain ranking keeps pruned weights: the rewrite decides
+    pruner.prune(0.6, score=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # still empty: quiet
+    caplog.clear()
+    kept = {k: v.clone() for k, v in pruner.masks.items()}
+    for node in weights:  # layers.2 back in the ranking, then emptied again by the rewrite
+        meta.entries(node)["mask"] = torch.ones_like(meta.entries(node)["mask"]) if (
+            node.target == "layers.2.weight") else kept[node.target]
+    score(stale=True)
+    pruner.prune(0.7, score=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("mask emptied 1 layer(s): layers.2")
+    caplog.clear()
+    node = next(n for n in weights if n.target == "layers.2.weight")
+    meta.entries(node)["mask"] = torch.ones_like(meta.entries(node)["mask"])
+    score(stale=False)  # the plain ranking is kept: its warning is shown, once
+    pruner.prune(0.8, score=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("mask emptied 1 layer(s): layers.2")
+
+
 def test_pattern_lock_keeps_masks_on_a_plain_module(mlp, mlp_batches):
     g = torch.Generator().manual_seed(0)
     locked = {f"layers.{i}.weight": torch.rand(mlp.layers[i].weight.shape, generator=g) < 0.3
