@@ -55,6 +55,7 @@ On CUDA, 2:4 semi-structured weights can instead use :func:`torch.sparse.to_spar
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib.util
 import itertools
 import math
@@ -227,7 +228,11 @@ def _product(
             y += column
         y = y.t()
     elif kernel == TORCH_LINEAR:
-        y = F.linear(rows, weight, bias)
+        # torch's sparse F.linear fails in inference mode on a CSR tensor made outside it (a
+        # bound layer's): "Cannot set version_counter for inference tensor"
+        outside = torch.is_inference_mode_enabled() and not weight.is_inference()
+        with torch.inference_mode(False) if outside else contextlib.nullcontext():
+            y = F.linear(rows, weight, bias)
     elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no loop
         row = rows[0]
         y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row))[None]

@@ -94,12 +94,15 @@ def test_a_bound_layer_computes_the_plain_function_over_the_same_storage(kernel)
     weight, mask = torch.randn(24, 40, dtype=torch.float64), torch.rand(24, 40) < 0.2
     csr = sparse_ops.to_csr(weight, mask)
     for bias in (None, torch.randn(24, dtype=torch.float64)):
-        layer = sparse_ops.bind(*csr, (24, 40), bias, [kernel], [])
+        layer = sparse_ops.bind(*csr, (24, 40), bias, [kernel], [])  # outside inference mode
         for shape in ((1, 40), (7, 40), (2, 3, 40), (0, 40)):
             x = torch.randn(*shape, dtype=torch.float64)
-            y = layer(x)
-            assert y.is_contiguous()
-            torch.testing.assert_close(y, F.linear(x, weight * mask, bias), rtol=0, atol=1e-12)
+            for grad_mode in (torch.no_grad, torch.inference_mode):  # as a server calls it
+                with grad_mode():
+                    y = layer(x.clone())
+                assert y.is_contiguous()
+                torch.testing.assert_close(y, F.linear(x, weight * mask, bias), rtol=0,
+                                           atol=1e-12)
     csr[0].mul_(-1)  # in place: the bound layer sees it (nothing was copied)
     ones = torch.ones(1, 40, dtype=torch.float64)
     torch.testing.assert_close(layer(ones), F.linear(ones, -weight * mask, bias))
