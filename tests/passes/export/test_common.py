@@ -98,6 +98,15 @@ def test_deployable_keeps_keyword_inputs_and_structured_outputs():
         got = deployable(graph)(*args, **kwargs)
     assert type(got).__name__ == "SequenceClassifierOutput"
     torch.testing.assert_close(got.logits, expected, rtol=0, atol=0)
+    # sparse layers bound ahead, keyword inputs, served under inference_mode (torch-linear's
+    # sparse F.linear refuses a CSR tensor made outside inference mode unless chop steps out)
+    chop.run(graph, "magnitude, mask{sparsity=0.8}, sparse{mode=all, kernel=torch-linear}")
+    module = deployable(graph.eval())
+    assert sum(getattr(n.target, "__name__", "") == "sparse_linear"
+               for n in module.graph.nodes) == graph.history[-1].info["total"]["csr"] > 0
+    with torch.inference_mode():
+        expected = graph(*args, **kwargs).logits
+        torch.testing.assert_close(module(*args, **kwargs).logits, expected, rtol=0, atol=0)
 
 
 def test_the_export_check_runs_two_samples_and_still_catches_a_wrong_rewrite(cnn_graph, cnn_batches):
