@@ -157,7 +157,7 @@ class Pass:
     @classmethod
     def _known(cls, options: Iterable[str]) -> None:
         """Raise :class:`OptionError` for a name in ``options`` that is not an option."""
-        known = [f.name for f in dataclasses.fields(cls)]
+        known = list(_option_hints(cls))  # the option names, in order (cached per class)
         for key in options:
             if key not in known:
                 allowed = ", ".join(known) if known else "none"
@@ -189,7 +189,7 @@ class Pass:
 
     def options(self) -> dict[str, Any]:
         """The options this pass was built with, by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _option_hints(type(self))}
 
     def __str__(self) -> str:
         changed = {
