@@ -342,10 +342,9 @@ def plan_kernels(
     Each row count is timed with the kernels interleaved, so load from elsewhere hits them
     alike, and each kernel's fastest of ``repeats`` rounds counts: its cost when least
     disturbed. Load that lasts through the whole timing still skews the plan, and the
-    multi-threaded ``torch-mm`` most (on a 2-core machine with the other core busy it timed 2×
-    slower, and a plan chose the one-thread ``torch-mv`` at every row count, which then ran
-    1.4× slower at 32 rows when the machine was quiet): plan where and when the model will
-    serve. Between two timed row counts the plan switches at their geometric mean; above the
+    multi-threaded ``torch-mm`` most: with the other core of a 2-core machine busy, a plan chose
+    the one-thread ``torch-mv`` at every row count, far slower at 32 rows once the machine was
+    quiet. Plan where and when the model will serve. Between two timed row counts the plan switches at their geometric mean; above the
     last, its winner runs. ``candidates`` defaults to every kernel (scipy only when
     installed); a kernel more than 4× slower than the best at one row count is
     not timed at the larger ones (it only falls further behind there, and costs the most),
