@@ -77,7 +77,7 @@ def _refresh(graph: Graph, mode: Any, tags: Mapping[Node, Tag],
 
     tensors = {**dict(graph.module.named_buffers()), **dict(graph.module.named_parameters())}
     changed: set[Node] = set()
-    made: dict[tuple, torch.Tensor] = {}  # one fake value per layout: ~0.3 ms each to make
+    made: dict[tuple, torch.Tensor] = {}  # one fake value per layout (slow to make, symbolic)
     for node in graph.module.graph.nodes:
         old = node.meta.get("val")
         if node.op == "get_attr":
