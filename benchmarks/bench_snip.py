@@ -27,7 +27,8 @@ The defaults (BERT 8x64, CNN batch 64) take about 1-2 s per eager step on 2 idle
 other processes share the cores, torch's OpenMP threads stall and single runs vary by 3-10x:
 raise --repeats, read --verbose (every run, the median of the per-pair ratios, the ratio of the
 fastest runs), or measure CPU time of one thread (--threads 1 --clock cpu), which other processes
-barely disturb.
+barely disturb. The small models' single calls (~2 ms) vary by ±20% between runs however they
+are timed; ``--sample-ms 20`` times each sample over as many calls as fill ~20 ms of eager steps.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def contrastive(outputs, targets: torch.Tensor) -> torch.Tensor:
 
 
 def eager_step(model: nn.Module, inputs, targets: torch.Tensor, loss=cross_entropy) -> None:
-    loss(call(model, inputs), targets).backward()  # by default, the loss snip uses by default
+    loss(call(model, inputs), targets).backward()  # the loss snip is given (or its default)
 
 
 def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
