@@ -68,6 +68,23 @@ def test_deployable_calls_each_sparse_layer_bound_once(mlp, mlp_batches):
         assert loose.t().is_contiguous() and not loose.is_contiguous()  # output: transposed
 
 
+def test_deployable_serves_a_saved_pt2(mlp, mlp_batches, tmp_path):
+    """The `.pt2` that `chop.save` writes, loaded back with torch.export and wrapped in a Graph,
+    deploys with its sparse layers bound and computes what the saved graph does."""
+    x = mlp_batches[0][0]
+    graph = chop.run(chop.trace(mlp, (x,)), "magnitude, mask{sparsity=0.7}, sparse{mode=all}")
+    chop.save(graph, tmp_path / "out", (x,))
+    program = torch.export.load(tmp_path / "out" / "model.pt2")
+    module = deployable(chop.Graph(program.module(), training=False, name="mlp"))
+    calls = [getattr(n.target, "__name__", "") for n in module.graph.nodes
+             if n.op == "call_function"]
+    assert calls.count("sparse_linear") == 3
+    with torch.inference_mode():
+        for rows in (1, 5):  # any batch size, as the .pt2 takes
+            y = mlp_batches[1][0][:rows]
+            torch.testing.assert_close(module(y), graph.eval()(y), rtol=0, atol=0)
+
+
 def test_deployable_keeps_the_calling_convention_of_tuple_outputs():
     class Two(torch.nn.Module):
         def __init__(self):
