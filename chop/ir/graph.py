@@ -684,6 +684,14 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
     args, kwargs = _widen_batch_of_one(args, kwargs)
     name = type(model).__name__
     was_training = model.training
+    try:
+        model.train(was_training)  # trace switches modes: a module that refuses, refuse here
+    except NotImplementedError as e:
+        raise TraceError(
+            f"chop.trace cannot switch {name} between train and eval mode ({_first_line(e)}); "
+            "a torch.export program's module (a loaded .pt2) is a graph already: wrap it with "
+            "chop.Graph(program.module(), training=False) instead of tracing it"
+        ) from e
     traced_training, why = True, None
     try:
         try:

@@ -134,6 +134,19 @@ def test_trace_rejects_non_modules():
         chop.trace(lambda x: x, (torch.randn(2),))
 
 
+def test_tracing_a_loaded_program_says_to_wrap_it_instead(mlp, tmp_path):
+    x = torch.randn(2, 16)
+    torch.export.save(torch.export.export(mlp, (x,)), tmp_path / "model.pt2")
+    module = torch.export.load(tmp_path / "model.pt2").module()
+    with pytest.raises(chop.TraceError, match=r"cannot switch \w+ between train and eval mode.*"
+                                              r"wrap it with chop.Graph\(program.module\(\), "
+                                              r"training=False\)") as info:
+        chop.trace(module, (x,))
+    assert isinstance(info.value.__cause__, NotImplementedError)
+    graph = chop.Graph(module, training=False)  # what the message says works
+    torch.testing.assert_close(graph(x), mlp(x))
+
+
 def test_lint_reports_inconsistent_metadata(cnn_graph):
     node = cnn_graph.weight_node("fc.weight")
     meta.entries(node)["mask"] = torch.ones(3, dtype=torch.bool)
