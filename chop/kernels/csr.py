@@ -243,7 +243,7 @@ def _product(
                 torch.mv(weight, row, out=out)
             else:
                 torch.addmv(bias, weight, row, out=out)
-    else:  # rows.t() as it is: a row-major copy first measured no faster (bench_sparse.py)
+    else:  # rows.t() as it is: copying it into row-major order first was timed no faster
         y = (torch.mm(weight, rows.t()) if column is None
              else torch.addmm(column, weight, rows.t())).t()
     y = _layout(y, transposed)
