@@ -216,8 +216,8 @@ CASES = {"linear": linear_case, "mlp": mlp_case, "gated": gated_case}
 
 def per_call_costs() -> dict[str, float]:
     """Fixed costs in µs per call: the custom op vs its plain function vs the layer bound by
-    ``bind`` on a 1×1 weight, an
-    exported 2-layer graph vs deployable() on a 4×4 MLP at batch 1, and the copy that turns
+    ``bind`` on a 1×1 weight, an exported 2-layer graph vs deployable() on a 4×4 MLP at batch
+    1, and the copy that turns
     ``W_csr @ x.T`` (4096 × 32) into the contiguous ``(32, 4096)`` result chop returns (torch's
     ``W@x.T`` form leaves its result transposed)."""
     csr = to_csr(torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool))

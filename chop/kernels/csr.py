@@ -177,11 +177,19 @@ def csr_linear_forward(
     """The computation of ``chop::csr_linear`` (the module doc), as a plain function: no
     dispatcher, no autograd (call it under ``torch.no_grad()``/``inference_mode``)."""
     _check(x, values)
-    csr = (values, col_indices, crow_indices)
-    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values,
-                                     (out_features, x.shape[-1]), check_invariants=False)
-    column = None if bias is None else bias.unsqueeze(1)
+    csr, weight, column = _prepared(values, col_indices, crow_indices,
+                                    (out_features, x.shape[-1]), bias)
     return _product(x, weight, csr, bias, column, kernels, from_rows, transposed)
+
+
+def _prepared(values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
+              shape: tuple[int, int], bias: torch.Tensor | None) -> tuple:
+    """What a product needs besides ``x``: the three CSR tensors, the CSR view over them (no
+    copy, no validation) and the bias as a column for ``addmm``."""
+    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values, shape,
+                                     check_invariants=False)
+    column = None if bias is None else bias.unsqueeze(1)
+    return (values, col_indices, crow_indices), weight, column
 
 
 def bind(
@@ -195,15 +203,12 @@ def bind(
     changes to ``values`` show, nothing is copied), the bias column, the plan's check. Per call
     it checks nothing (a wrong input fails inside torch's op): for serving, where each
     microsecond of a small layer counts (:func:`chop.passes.export.common.deployable`)."""
-    _check(values, values)
+    _check(values, values)  # on CPU, float32/float64 (the input is not checked per call)
     if bias is not None and bias.dtype != values.dtype:
         raise PassError(f"chop.csr_linear: bias dtype {bias.dtype} differs from the weights' "
                         f"{values.dtype}: cast one of them")
     check_plan(kernels, from_rows)
-    csr = (values, col_indices, crow_indices)
-    weight = torch.sparse_csr_tensor(crow_indices, col_indices, values, shape,
-                                     check_invariants=False)
-    column = None if bias is None else bias.unsqueeze(1)
+    csr, weight, column = _prepared(values, col_indices, crow_indices, shape, bias)
     kernels, from_rows = list(kernels or ()), list(from_rows or ())
 
     def sparse_linear(x: torch.Tensor) -> torch.Tensor:
