@@ -25,15 +25,16 @@ Inputs of at most ``_SMALL`` entries in total use 8-bit digits instead (twice
 the passes, but 256-bin histograms): that keeps every op small enough to run
 single-threaded, which matters when local pruning calls this once per tensor.
 Below ``_DIRECT`` entries on one process, the fixed cost of those passes is more
-than the work: such inputs are concatenated (a small copy) and cut with one
-``torch.kthvalue``, with the same threshold, tie order and masks.
+than the work: such inputs are concatenated (a small copy) and the threshold read
+from one sort of it (:func:`_kth_smallest`), with the same threshold, tie order
+and masks.
 
 Larger inputs on one process first try a **bracket** (:func:`_bracket`, after
 Floyd and Rivest): the k-th largest of a strided sample of ``_SAMPLE`` entries,
 widened by four standard deviations of a sample quantile on each side, gives two
 values ``lo <= hi``; one pass counts the entries above ``hi`` and gathers those
 in ``[lo, hi]``, and when the k-th largest is among them (the counts say so
-exactly) one ``torch.kthvalue`` over the gathered few finds it. That is one pass
+exactly) one sort of the gathered few finds it. That is one pass
 over the scores instead of the radix selection's two. When the counts say the
 bracket missed, or it would gather more than ``_CHUNK`` entries (many equal
 scores), the radix selection runs as above: the result is the same either way.
@@ -78,11 +79,12 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
-_DIRECT = 1 << 17  # below this many entries (no pieces), one kthvalue over a copy is faster
+_DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is faster
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
@@ -267,10 +269,8 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     spread = 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
     top, bottom = math.floor(q * m - spread), math.ceil(q * m + spread)
     ranked = _rankable(sample)
-    hi = (torch.kthvalue(ranked, m - top + 1).values.to(dtype) if top >= 1
-          else sample.new_tensor(float("inf")))
-    lo = (torch.kthvalue(ranked, m - bottom + 1).values.to(dtype) if bottom <= m
-          else sample.new_tensor(float("-inf")))
+    hi, lo = _kth_smallest(ranked, min(m - top + 1, m), max(m - bottom + 1, 1))
+    hi, lo = (hi if top >= 1 else math.inf), (lo if bottom <= m else -math.inf)
     above, sums, band, gathered = [], [], [], 0
     buffers = torch.empty(2, min(_CHUNK, total), dtype=torch.bool, device=sample.device)
     for c in chunks():
@@ -293,38 +293,49 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     band_values = torch.cat(band)
     wanted = k - n_above  # the wanted-th largest of the band
     compute = _rankable(band_values)
-    t = torch.kthvalue(compute, gathered - wanted + 1).values
+    (t,) = _kth_smallest(compute, gathered - wanted + 1)
     n_over, n_eq = torch.stack([torch.count_nonzero(compute > t),
                                 torch.count_nonzero(compute == t)]).tolist()
-    t = t.item()
     return (0.0 if t == 0 else t), wanted - n_over, n_eq
 
 
+def _kth_smallest(values: torch.Tensor, *ranks: int) -> list[float]:
+    """The ``j``-th smallest (1-based) of the 1-D float32/float64 ``values`` for each ``j`` in
+    ``ranks`` (exact as Python floats).
+
+    On CPU from one ``np.sort`` of a copy: ``torch.kthvalue`` on CPU also moves an int64 index
+    per entry, and ``np.partition`` (introselect) degrades by 10-20× when many scores are equal,
+    as pruned weights are; ``np.sort`` does neither (``benchmarks/bench_select.py`` prints it
+    side by side with ``torch.kthvalue``). Elsewhere by ``torch.kthvalue``."""
+    if values.device.type != "cpu":
+        return torch.stack([torch.kthvalue(values, j).values for j in ranks]).tolist()
+    ordered = np.sort(values.detach().numpy())
+    return [ordered[j - 1].item() for j in ranks]
+
+
 def _rankable(values: torch.Tensor) -> torch.Tensor:
-    """``values`` in a dtype ``torch.kthvalue`` ranks on every device: float16/bfloat16 upcast
-    to float32, which is exact."""
+    """``values`` in a dtype :func:`_kth_smallest` ranks on every device: float16/bfloat16
+    upcast to float32, which is exact."""
     return values if values.dtype in (torch.float32, torch.float64) else values.float()
 
 
 def _direct(scores: Sequence[torch.Tensor | Piece], total: int, reduce: Reduce | None) -> bool:
-    """Whether to select with one ``torch.kthvalue`` over a copy (small, all on this process)."""
+    """Whether to select from one sort of a copy (small, all on this process)."""
     return total < _DIRECT and reduce is None and not any(isinstance(s, Piece) for s in scores)
 
 
 def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, float, torch.Tensor, int]:
     """All scores as one flat tensor, the k-th largest ``t`` (``0 < k <= numel``), the mask
-    ``flat >= t`` and its count, read back in one sync (these small selections run at every
-    step of a training loop)."""
+    ``flat >= t`` and its count."""
     flat = torch.cat([s.detach().reshape(-1).to(dtype) if s.requires_grad or s.dtype != dtype
                       else s.reshape(-1) for s in scores])
     compute = _rankable(flat)
-    t = torch.kthvalue(compute, flat.numel() - k + 1).values
+    (t,) = _kth_smallest(compute, flat.numel() - k + 1)
     mask = compute >= t
-    # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes);
-    # counts below 2**17 are exact in float32
-    t, total, count = torch.stack([t, compute.sum(),
-                                   torch.count_nonzero(mask).to(compute.dtype)]).tolist()
+    # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes)
+    total, count = torch.stack([compute.sum().double(),
+                                torch.count_nonzero(mask).double()]).tolist()
     if math.isnan(total):
         _raise_if_nan([flat], None)
     return flat, t, mask, int(count)

@@ -26,8 +26,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def path(request, monkeypatch) -> str:
     """Every test runs on each path: the radix passes (also for small inputs), the bracket
     from a sample that one process tries first (falling back to the radix passes when it
-    misses), and, for inputs below ``_DIRECT`` entries, one kthvalue over a copy (the
-    default for small inputs)."""
+    misses), and, for inputs below ``_DIRECT`` entries, one sort of a copy (the default for
+    small inputs)."""
     if request.param != "direct":
         monkeypatch.setattr(select, "_DIRECT", 0)
     if request.param == "radix":
@@ -197,6 +197,19 @@ def test_nan_raises(fn, dtype: torch.dtype) -> None:
     for size in (0, 40_000):  # 8-bit and 16-bit digits
         with pytest.raises(ValueError, match="NaN"):
             fn([torch.ones(size), payload], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_smallest_answers_every_rank_with_many_equal_values(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5000, generator=g, dtype=dtype)
+    values[torch.rand(5000, generator=g) < 0.9] = 0.0  # pruned weights score alike
+    values[:3] = torch.tensor([float("inf"), -float("inf"), -0.0], dtype=dtype)
+    ranks = [1, 2, 250, 499, 500, 501, 2500, 4999, 5000]
+    got = select._kth_smallest(values, *ranks)
+    ordered = values.sort().values
+    assert got == [ordered[j - 1].item() for j in ranks]
+    assert all(type(t) is float for t in got)
 
 
 def test_non_float_rejected() -> None:
