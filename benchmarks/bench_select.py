@@ -15,8 +15,10 @@ process (median of ``--repeats`` interleaved runs):
 * ``cat+np.partition`` and ``cat+np.sort``: the same copy cut by numpy's introselect or
   sorted by numpy (what chop's small selections use on CPU, :func:`select._kth_smallest`).
 
-``--numel 20000`` measures the size a small model's Pruner step selects over (there
-``kth_largest`` is the one-copy path: cat, then ``np.sort``).
+``--cuts`` adds a second table: one cut of one tensor (what chop sorts: a small selection
+whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition`` and ``np.sort``,
+at 20K–4M scores, with no zeros and with 90% zeros (pruned weights score alike), keeping 10%;
+1 thread, best of ``--repeats`` timed loops.
 
 Peak extra memory is measured per method in a fresh subprocess, as the RSS
 high-water mark after one run minus the RSS right after allocating the scores
@@ -24,7 +26,7 @@ high-water mark after one run minus the RSS right after allocating the scores
 ``keep_masks`` it includes the returned masks (1 byte per score). The
 thresholds of both approaches are checked to agree.
 
-Usage: ``python benchmarks/bench_select.py [--numel N] [--repeats R] [--threads T]``
+Usage: ``python benchmarks/bench_select.py [--numel N] [--repeats R] [--threads T] [--cuts]``
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,42 @@ def run_method(method: str, scores: list[torch.Tensor], k: int) -> float:
     return torch.kthvalue(flat, j + 1).values.item()
 
 
+def cut_table(repeats: int) -> None:
+    """Times one cut (the j-th smallest of one float32 tensor) three ways; see the module doc."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    ways = {"torch.kthvalue": lambda x, j: torch.kthvalue(x, j + 1).values.item(),
+            "np.partition": lambda x, j: np.partition(x.numpy(), j)[j].item(),
+            "np.sort": lambda x, j: np.sort(x.numpy())[j].item()}
+    print("\none cut of one tensor, 1 thread, keeping 10% (ms, best of "
+          f"{repeats} loops)\n")
+    print("| scores | zeros | " + " | ".join(ways) + " | kthvalue ÷ np.sort |")
+    print("|---:|---:|" + "---:|" * (len(ways) + 1))
+    for n in (20_000, 131_072, 1 << 20, 1 << 22):
+        for zeros in (0.0, 0.9):
+            x = torch.randn(n, generator=gen).abs_()
+            x[torch.rand(n, generator=gen) < zeros] = 0.0
+            j, loops = n - n // 10, max(1, 2_000_000 // n)
+            best, values = {}, set()
+            for name, way in ways.items():
+                values.add(way(x, j))
+                best[name] = min(_loop_seconds(way, x, j, loops) for _ in range(repeats))
+            assert len(values) == 1, values
+            cells = " | ".join(f"{best[w] * 1e3:.3f}" for w in ways)
+            print(f"| {n:,} | {zeros:.0%} | {cells} | "
+                  f"{best['torch.kthvalue'] / best['np.sort']:.2f} |")
+    torch.set_num_threads(threads)
+
+
+def _loop_seconds(way: Callable[[torch.Tensor, int], float], x: torch.Tensor, j: int,
+                  loops: int) -> float:
+    start = time.perf_counter()
+    for _ in range(loops):
+        way(x, j)
+    return (time.perf_counter() - start) / loops
+
+
 def reset_peak_rss() -> bool:
     """Returns freed heap to the OS, then resets the RSS high-water mark (Linux); False if unsupported."""
     try:
@@ -127,6 +166,8 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of scores kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--cuts", action="store_true",
+                        help="also time one cut of one tensor by kthvalue, np.partition, np.sort")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -166,6 +207,8 @@ def main() -> None:
         med = statistics.median(times[method])
         print(f"| {method} | {med * 1e3:.2f} | {ref / med:.1f}x | {extra[method]:.0f} | "
               f"{score_mib:.0f} |")
+    if args.cuts:
+        cut_table(args.repeats)
 
 
 if __name__ == "__main__":
