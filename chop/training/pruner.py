@@ -336,6 +336,7 @@ class Pruner:
             step_mask.min_sparsity == 0.0 and step_mask.max_sparsity == 1.0
             and step_mask.min_keep == 0))
         if before and plain:
+            start = len(graph.history)
             with _held_logs() as held:  # shown only if this run's masks are kept
                 self._run(graph, step_mask, batch)
             after = self._current_masks(graph, pattern=False)
@@ -343,6 +344,7 @@ class Pruner:
                 for record in held:
                     log.handle(record)
                 return  # nothing pruned came back: the same masks as with the rewrite
+            del graph.history[start:]  # the discarded run's record: the rewrite's replaces it
             for name in after.keys() - before.keys():  # masked by this run only
                 meta.entries(graph.weight_node(name)).pop("mask")
             for name, old in before.items():  # the masks the rewrite ranks by

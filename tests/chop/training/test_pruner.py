@@ -170,6 +170,11 @@ def test_a_discarded_plain_ranking_does_not_warn_twice(mlp, mlp_batches, caplog)
     score(stale=True)  # the plain ranking keeps pruned weights: the rewrite decides
     pruner.prune(0.6, score=False)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # still empty: quiet
+    # one record of the step's mask run, the rewrite's (the discarded run left none)
+    assert [r.name for r in graph.history] == ["mask"]
+    assert graph.history[-1].options["sparsity"] == 0.6
+    assert sum(k for k, _ in graph.history[-1].info["kept"].values()) == sum(
+        int(m.sum()) for m in pruner.masks.values())
     caplog.clear()
     kept = {k: v.clone() for k, v in pruner.masks.items()}
     for node in weights:  # layers.2 back in the ranking, then emptied again by the rewrite
