@@ -1,4 +1,4 @@
-"""Benchmark exact global top-k selection: chop.kernels.select vs torch.cat + torch.kthvalue.
+"""Benchmark exact global top-k selection: chop.kernels.select vs one concatenated copy.
 
 Builds ``--numel`` float32 SNIP-like scores (|N(0,1)| times a per-layer scale,
 10% exact zeros) split over 100 tensors of varied sizes, three of them larger
@@ -24,7 +24,7 @@ Peak extra memory is measured per method in a fresh subprocess, as the RSS
 high-water mark after one run minus the RSS right after allocating the scores
 (Linux VmHWM, reset via /proc/self/clear_refs; else ``ru_maxrss``). For
 ``keep_masks`` it includes the returned masks (1 byte per score). The
-thresholds of both approaches are checked to agree.
+thresholds of every method are checked to agree.
 
 Usage: ``python benchmarks/bench_select.py [--numel N] [--repeats R] [--threads T] [--cuts]``
 """
