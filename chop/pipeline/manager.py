@@ -189,6 +189,8 @@ class PassManager:
         """Raise :class:`MissingMetadataError` if a pass needs a key that neither ``graph``
         carries nor an earlier pass provides (no graph: check the pipeline on its own, as for
         a freshly traced model)."""
+        if not any(p.requires for p in self.passes):
+            return  # nothing is needed, so nothing can be missing (a scoring pass alone)
         available = carried(graph) if graph is not None else set()
         for index, p in enumerate(self.passes):
             for key in p.requires:
