@@ -16,18 +16,22 @@ User errors (:class:`~chop.errors.ChopError`) print a short message and exit wit
 without a traceback. Anything else is a bug: a one-line message and status 3 (set
 ``CHOP_TRACEBACK=1`` to see the traceback). Ctrl-C (SIGINT) and SIGTERM, at any moment, unwind
 the run so that its temporary files are removed, then print one line and exit with status 130
-and 143; a second signal meanwhile is ignored so that the clean-up finishes.
+and 143; a second signal meanwhile is ignored so that the clean-up finishes. A signal that
+arrives while a finalizer runs (a ``__del__``, a weakref callback), where Python cannot raise
+it, is delivered again just after.
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from chop.errors import ChopError, ReportError
@@ -223,11 +227,35 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
 
 
+def _redeliver(previous: Callable[[Any], None], pending: list[threading.Timer],
+               unraisable: Any) -> None:
+    """``sys.unraisablehook`` while :func:`main` runs. Python runs a signal's handler wherever
+    the main thread is, finalizers included; an exception raised in a finalizer cannot leave it,
+    so Python prints it and goes on, and with both signals ignored by then the run would finish
+    as if never stopped. So the handler is put back and, from a timer thread a moment later
+    (after the finalizer, not inside this hook), the signal is delivered again (``pending``:
+    the timers, which :func:`main` cancels when it ends). Every other unraisable exception goes
+    to ``previous``."""
+    error = unraisable.exc_value
+    if (isinstance(error, (KeyboardInterrupt, Terminated))
+            and threading.current_thread() is threading.main_thread()):
+        signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
+        signal.signal(signum, _on_signal)
+        timer = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
+        timer.daemon = True
+        pending.append(timer)
+        timer.start()
+        return
+    previous(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chop`` console script; returns the exit status (see the module doc)."""
     saved: dict[int, Any] = {}
     show_traceback = bool(os.environ.get("CHOP_TRACEBACK"))
+    hook, pending = sys.unraisablehook, []
     try:  # from the first line on: a signal while installing the handlers is caught too
+        sys.unraisablehook = functools.partial(_redeliver, hook, pending)
         for sig in (signal.SIGINT, signal.SIGTERM):
             if (threading.current_thread() is threading.main_thread()
                     and signal.getsignal(sig) is not signal.SIG_IGN):  # e.g. SIGINT under nohup
@@ -241,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{what}: stopped; no partial output was left\n")
         return code
     finally:
+        sys.unraisablehook = hook
+        for timer in pending:
+            timer.cancel()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 

@@ -679,6 +679,39 @@ def catches_sigterm(pid: int) -> bool:
     return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
+@pytest.mark.parametrize(("sig", "code", "line"), [
+    (signal.SIGINT, 130, "interrupted: stopped; no partial output was left"),
+    (signal.SIGTERM, 143, "terminated: stopped; no partial output was left"),
+])
+def test_a_signal_during_a_finalizer_still_stops_the_run(monkeypatch, capfd, sig, code,
+                                                         line) -> None:
+    """A signal that arrives while a ``__del__`` runs raises there, where Python only prints
+    the exception: the run went on to exit 0 with the signals ignored (a CI run caught it)."""
+    import chop.cli.main as cli
+
+    after: list[int] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), sig)  # the handler runs inside this finalizer
+            sum(range(1000))
+
+    def run(argv, show_traceback) -> int:
+        Finalized()  # collected at once: the signal arrives inside its __del__
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:  # after the finalizer, where it is delivered again
+            after.append(1)
+        return 0
+
+    monkeypatch.setattr(cli, "_main", run)
+    hook, start = sys.unraisablehook, time.monotonic()
+    assert main([]) == code
+    assert capfd.readouterr().err == line + "\n"
+    assert after and time.monotonic() - start < 4.0  # stopped in the loop, not at its end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert sys.unraisablehook is hook
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 @pytest.mark.parametrize(("sig", "code", "line"), [
     (signal.SIGINT, 130, "interrupted: stopped; no partial output was left"),
