@@ -5,6 +5,8 @@
 - :mod:`~chop.kernels.csr`: the ``chop::csr_linear`` custom op (CSR weight times dense input,
   by a kernel chosen per input row count by measurement) and the CUDA 2:4 semi-structured
   conversion.
+- :mod:`~chop.kernels.reduce`: reductions torch's CPU kernels make slow (whether slices hold
+  a nonzero entry).
 - :mod:`~chop.kernels.timing`: median wall time of a call, or of several calls interleaved.
 - :mod:`~chop.kernels.distributed`: torch.distributed for chop: sums over the ranks with clear
   errors on failure or timeout, and where a rank's shard of a DTensor lies in the whole tensor.

@@ -18,8 +18,10 @@ from chop.ir.masks import factor, mask_nodes, mask_of
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 
-def fold_masks(graph: Graph) -> list[str]:
-    """Fold every mask node of ``graph``; returns the names of the folded parameters."""
+def fold_masks(graph: Graph, *, recompile: bool = True) -> list[str]:
+    """Fold every mask node of ``graph``; returns the names of the folded parameters. Without
+    ``recompile`` the module's code still reads the mask nodes: for a caller that edits the
+    graph further and recompiles once (before anything runs it, even on an error)."""
     folded = []
     for mul in list(mask_nodes(graph)):
         name = mask_of(mul)
@@ -35,7 +37,8 @@ def fold_masks(graph: Graph) -> list[str]:
             owner, _, attr = mask_node.target.rpartition(".")
             delattr(graph.module.get_submodule(owner), attr)
         folded.append(name)
-    graph.recompile()
+    if recompile:
+        graph.recompile()
     return folded
 
 

@@ -54,8 +54,15 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
     parameters of the graph, and the FLOPs of those layers) and ``removed`` (channels or heads
     removed, per group id of ``channel_groups(graph)`` before shrinking).
     """
-    if is_masked(graph):
-        fold_masks(graph)  # masked entries become zero weights: the weights alone tell what goes
+    if is_masked(graph):  # masked entries become zero weights: the weights alone tell what goes
+        fold_masks(graph, recompile=False)
+    try:
+        return _shrink(graph, compensate)
+    finally:
+        graph.recompile()  # once, for the fold and the cut (and after an error, for the fold)
+
+
+def _shrink(graph: Graph, compensate: bool) -> dict[str, Any]:
     layers = _layers(graph)
     before = (_stats(graph, layers), _total(graph))
     reused = current_flow(graph)  # mask's walk and groups, if this graph still is what it walked
@@ -75,7 +82,6 @@ def shrink(graph: Graph, *, compensate: bool = True) -> dict[str, Any]:
                    if n.op == "call_function"}
     sizes = _rewrite_nodes(flow, cut)
     edited = {n for n, was in before_edit.items() if was != (n.target, n.args, n.kwargs)}
-    graph.recompile()
     graph.module.meta.get("chop", {}).pop(KEY, None)  # the groups and walk of the graph before
     refresh_shapes(graph, flow.tags, sizes, edited)
     return _report(graph, layers, before, groups, removed)
@@ -148,23 +154,33 @@ def _cut_tensors(graph: Graph, flow: Flow, cut: Cut, created: dict[str, Consumer
         rows = flow.members.get((c.weight, c.rule.out_dim))
         if rows is not None:
             records.append(MemberRecord(name, 0, "parameter", "out", rows.atoms))
+    kept: dict[str, list[tuple[int, torch.Tensor]]] = {}  # per tensor: (dim, kept indices)
+    kinds = {}
     for record in records:
         known = record.atoms >= 0
         drop = torch.zeros_like(known)
         drop[known] = cut.removed[record.atoms[known]]
-        if not drop.any():
-            continue
-        index = (~drop).nonzero().flatten()
-        owner_name, _, attr = record.name.rpartition(".")
+        if drop.any():
+            kept.setdefault(record.name, []).append((record.dim, (~drop).nonzero().flatten()))
+            kinds[record.name] = record.kind
+    for name, dims in kept.items():
+        dims.sort(key=lambda d: d[0])  # rows first: a gather of rows is cheap, of columns not
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            for dim, index in dims:
+                t = t.index_select(dim, index)
+            return t
+
+        owner_name, _, attr = name.rpartition(".")
         owner = graph.module.get_submodule(owner_name)
-        if record.kind == "parameter":
-            graph.replace_parameter(record.name, getattr(owner, attr).detach().index_select(record.dim, index))
-            entry = meta.entries(nodes[record.name]) if record.name in nodes else {}
+        if kinds[name] == "parameter":
+            graph.replace_parameter(name, take(getattr(owner, attr).detach()))
+            entry = meta.entries(nodes[name]) if name in nodes else {}
             for key in ("mask", "saliency"):
                 if isinstance(entry.get(key), torch.Tensor):
-                    entry[key] = entry[key].index_select(record.dim, index)
+                    entry[key] = take(entry[key])
         else:
-            owner._buffers[attr] = owner._buffers[attr].index_select(record.dim, index)
+            owner._buffers[attr] = take(owner._buffers[attr])
 
 
 def _rewrite_nodes(flow: Flow, cut: Cut) -> dict[Node, dict[int, int]]:

@@ -10,7 +10,7 @@ import torch
 
 import chop
 from chop.cli.outputs import export_program
-from chop.ir.masks import insert_mask
+from chop.ir.masks import insert_mask, is_masked
 from chop.passes.analysis.channel_groups import channel_groups
 from chop.passes.analysis.group_select import group_masks
 from chop.passes.export.shrink import shrink
@@ -324,3 +324,23 @@ def test_in_place_ops_shrink_like_their_out_of_place_ops():
         torch.testing.assert_close(graph(*args), expected, rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in graph.module.parameters()) == (
         4 * 3 * 9 + 4 + 2 * 4) + (4 * 4 + 4) + (10 * 4 + 10)
+
+
+def test_a_shrink_that_fails_leaves_the_folded_graph_runnable(monkeypatch):
+    import chop.passes.export.shrink as shrink_module
+
+    _, graph = trace("vgg")
+    chop.run(graph, "random{seed=2}, mask{granularity=channel, sparsity=0.5}")
+    args, _ = new_inputs("vgg")
+    with torch.no_grad():
+        expected = graph(*args)
+
+    def broken(*a, **k):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(shrink_module, "_decide", broken)
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        shrink(graph)
+    assert not is_masked(graph)  # the masks were folded before the error
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected)  # the code reads the folded weights

@@ -20,6 +20,7 @@ import torch
 from torch.fx import Node
 
 from chop.ir.graph import node_arg
+from chop.kernels.reduce import any_nonzero
 from chop.passes.analysis.flow.rule import (
     Const,
     Consumer,
@@ -284,7 +285,7 @@ class Matmuls(Matmul):
         return unknown(step.info["shape"])
 
     def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.detach() != 0).any(1)
+        return any_nonzero(weight, 1)
 
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:

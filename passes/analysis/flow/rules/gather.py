@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.fx import Node
 
+from chop.kernels.reduce import any_nonzero
 from chop.passes.analysis.flow.rule import (
     Const,
     Rule,
@@ -70,4 +71,4 @@ class Gather(Rule):
         if "weight" not in step.info:
             return super().constant(node, step, consts, graph)
         weight = graph.module.get_parameter(step.info["weight"]).detach()
-        return torch.zeros(weight.shape[1]), ~(weight != 0).any(0)
+        return torch.zeros(weight.shape[1]), ~any_nonzero(weight, 0)

@@ -10,6 +10,7 @@ import torch
 from torch.fx import Node
 
 from chop.ir.graph import node_arg, set_node_arg
+from chop.kernels.reduce import any_nonzero
 from chop.passes.analysis.flow.rule import (
     Const,
     Consumer,
@@ -67,9 +68,10 @@ class Producer(Rule):
     def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
         weight = graph.module.get_parameter(step.info["weight"]).detach()
         bias = tensor(graph, step.info["bias"])
-        rows = weight.movedim(self.out_dim, 0).reshape(weight.shape[self.out_dim], -1)
-        value = bias.float().clone() if bias is not None else torch.zeros(len(rows))
-        return value, ~(rows != 0).any(1)
+        others = tuple(d for d in range(weight.dim()) if d != self.out_dim)
+        rows = weight.shape[self.out_dim]
+        value = bias.float().clone() if bias is not None else torch.zeros(rows)
+        return value, ~any_nonzero(weight, others)
 
 
 class Matmul(Producer):
@@ -101,7 +103,7 @@ class Linear(Matmul):
     out_dim, in_dim, bias_at = 0, 1, 2
 
     def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.detach() != 0).any(0)
+        return any_nonzero(weight, 0)
 
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ class Addmm(Matmul):
         return 1
 
     def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.detach() != 0).any(1)
+        return any_nonzero(weight, 1)
 
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:
@@ -181,9 +183,9 @@ class Conv(Producer):
         return 1
 
     def reads(self, c: Consumer, weight: torch.Tensor) -> torch.Tensor:
-        out_g = weight.shape[0] // c.groups
-        rows = (weight.detach() != 0).flatten(2).any(2)  # [out, in_per_group]
-        return torch.cat([rows[g * out_g:(g + 1) * out_g].any(0) for g in range(c.groups)])
+        out_c, in_g = weight.shape[:2]  # over the outputs of a group first: a vectorised pass
+        per_group = weight.detach().reshape(c.groups, out_c // c.groups, in_g, -1)
+        return any_nonzero(per_group, 1).any(-1).flatten()
 
     def delta(self, c: Consumer, weight: torch.Tensor, value: torch.Tensor,
               gone: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,19 @@ def test_a_computed_weight_blocks():
     _, flow = traced_flow(Computed(), torch.randn(2, 4))
     (reason,) = {flow.blocked.get(a) for a in flow.members["fc1.weight", 0].atoms.tolist()}
     assert reason == "linear_1 (aten.linear.default): its weight or bias is computed, not a parameter"
+
+
+def test_a_grouped_conv_reads_the_inputs_its_output_depends_on():
+    torch.manual_seed(0)
+    model = Chain()
+    with torch.no_grad():
+        model.grouped.weight[:3, 1] = 0  # group 0 ignores its second input (channel 1)
+        model.grouped.weight[3:, 1] = 0  # and so does group 1 (channel 3)
+    _, flow = traced_flow(model, torch.randn(2, 3, 6, 6))
+    (c,) = [c for c in flow.consumers if c.weight == "grouped.weight"]
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        nudged = [x + torch.eye(4)[j].view(1, 4, 1, 1) for j in range(4)]
+        depends = [not torch.equal(model.grouped(x), model.grouped(y)) for y in nudged]
+    assert depends == [True, False, True, False]
+    assert c.rule.reads(c, model.grouped.weight).tolist() == depends
