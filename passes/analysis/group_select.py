@@ -99,20 +99,21 @@ def dim_sums(value: torch.Tensor, dim: int) -> torch.Tensor:
     """``value`` summed in float64 over every dim but ``dim``, in blocks of rows of at most
     ``_SUM_CHUNK`` entries: ``sum(dtype=float64)`` casts its whole input first, and on a large
     tensor (a word embedding) that cast, out of cache, costs several times the sum. The float64
-    partial sums of the blocks are added in order."""
+    partial sums of the blocks are added in order. For ``dim`` > 0 the rows are summed first
+    (a vectorised pass over contiguous memory) and the other dims after, on the small result:
+    summing a conv weight's 3×3 kernels first is 2–3× slower."""
     others = [d for d in range(value.dim()) if d != dim]
     if not others:
         return value.double()
-    if value.numel() <= _SUM_CHUNK or value.shape[0] < 2:
-        return value.sum(others, dtype=torch.float64)
-    rows = max(1, _SUM_CHUNK * value.shape[0] // value.numel())
-    blocks = value.split(rows)
+    rows = max(1, _SUM_CHUNK * value.shape[0] // max(value.numel(), 1))
+    blocks = value.split(rows) if value.numel() > _SUM_CHUNK and value.shape[0] > 1 else [value]
     if dim == 0:
         return torch.cat([b.sum(others, dtype=torch.float64) for b in blocks])
-    total = blocks[0].sum(others, dtype=torch.float64)
+    total = blocks[0].sum(0, dtype=torch.float64)
     for block in blocks[1:]:
-        total += block.sum(others, dtype=torch.float64)
-    return total
+        total += block.sum(0, dtype=torch.float64)
+    inner = [d - 1 for d in others[1:]]  # the dims left besides ``dim``, now one lower
+    return total.sum(inner) if inner else total
 
 
 def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Tensor],
