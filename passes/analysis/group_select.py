@@ -101,7 +101,7 @@ def dim_sums(value: torch.Tensor, dim: int) -> torch.Tensor:
     tensor (a word embedding) that cast, out of cache, costs several times the sum. The float64
     partial sums of the blocks are added in order. For ``dim`` > 0 the rows are summed first
     (a vectorised pass over contiguous memory) and the other dims after, on the small result:
-    summing a conv weight's 3×3 kernels first is 2–3× slower."""
+    summing a conv weight's 3×3 kernels first is several times slower."""
     others = [d for d in range(value.dim()) if d != dim]
     if not others:
         return value.double()
