@@ -22,7 +22,8 @@ would mislead later analyses)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,11 +45,24 @@ def refresh_shapes(graph: Graph, tags: Mapping[Node, Tag], sizes: Mapping[Node, 
     if mode is None:
         return propagate_shapes(graph)
     try:
-        with mode:
+        with mode, _uncached(mode):
             _refresh(graph, mode, tags, sizes, set(edited))
     except Exception as e:  # anything unexpected: the slow, general way
         log.debug("shrink: updating node shapes from the cut failed (%s); recomputing them all", e)
         propagate_shapes(graph)
+
+
+@contextmanager
+def _uncached(mode: Any) -> Iterator[None]:
+    """``mode`` without its dispatch cache: each distinct layout is made once (``made``) and
+    each op on changed values runs once, so the cache would only be filled, which costs about
+    what making the fake value does."""
+    cached = getattr(mode, "cache_enabled", False)
+    mode.cache_enabled = False
+    try:
+        yield
+    finally:
+        mode.cache_enabled = cached
 
 
 def propagate_shapes(graph: Graph) -> None:

@@ -64,6 +64,25 @@ def test_a_failure_falls_back_to_fake_tensor_propagation(monkeypatch):
     assert described(graph) == described(reference)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_fake_mode_gets_its_cache_back(fails, monkeypatch):
+    graph = masked("resnet")
+    mode = shapes._fake_mode(graph)
+    assert mode.cache_enabled
+    seen = []
+    refresh = shapes._refresh
+
+    def watched(*args):
+        seen.append(mode.cache_enabled)  # off while the values are made: each is made once
+        if fails:
+            raise RuntimeError("boom")
+        refresh(*args)
+
+    monkeypatch.setattr(shapes, "_refresh", watched)
+    shrink(graph)
+    assert seen == [False] and mode.cache_enabled
+
+
 class SpatialSplit(nn.Module):
     """A split along a dim without channels: the split node itself carries none, but its
     results shrink with its input."""
