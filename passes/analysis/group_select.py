@@ -108,7 +108,8 @@ def dim_sums(value: torch.Tensor, dim: int) -> torch.Tensor:
     rows = max(1, _SUM_CHUNK * value.shape[0] // max(value.numel(), 1))
     blocks = value.split(rows) if value.numel() > _SUM_CHUNK and value.shape[0] > 1 else [value]
     if dim == 0:
-        return torch.cat([b.sum(others, dtype=torch.float64) for b in blocks])
+        sums = [b.sum(others, dtype=torch.float64) for b in blocks]
+        return sums[0] if len(sums) == 1 else torch.cat(sums)
     total = blocks[0].sum(0, dtype=torch.float64)
     for block in blocks[1:]:
         total += block.sum(0, dtype=torch.float64)

@@ -69,8 +69,8 @@ class Producer(Rule):
         weight = graph.module.get_parameter(step.info["weight"]).detach()
         bias = tensor(graph, step.info["bias"])
         others = tuple(d for d in range(weight.dim()) if d != self.out_dim)
-        rows = weight.shape[self.out_dim]
-        value = bias.float().clone() if bias is not None else torch.zeros(rows)
+        outputs = weight.shape[self.out_dim]
+        value = bias.float().clone() if bias is not None else torch.zeros(outputs)
         return value, ~any_nonzero(weight, others)
 
 
