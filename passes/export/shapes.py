@@ -97,12 +97,13 @@ def _refresh(graph: Graph, mode: Any, tags: Mapping[Node, Tag],
         if node.op == "get_attr":
             t = tensors.get(node.target)
             if t is not None and not (isinstance(old, FakeTensor) and old.shape == t.shape):
-                node.meta["val"] = _empty(made, t.shape, t.stride(), t.dtype, t.device, False)
+                node.meta["val"] = _empty(mode, made, t.shape, t.stride(), t.dtype, t.device,
+                                          False)
                 changed.add(node)  # as FakeTensorProp's value, without a copy of the tensor
         elif node.op != "call_function":
             continue
         elif node in sizes and isinstance(old, torch.Tensor):
-            node.meta["val"] = _resized(made, old, sizes[node]) if _resizable(
+            node.meta["val"] = _resized(mode, made, old, sizes[node]) if _resizable(
                 old, tags[node]) else _run(node)
             changed.add(node)
         elif node in edited or (node not in tags and any(
@@ -121,7 +122,7 @@ def _resizable(old: torch.Tensor, tag: Tag) -> bool:
         for i, d in enumerate(tag.dims))
 
 
-def _resized(made: dict[tuple, torch.Tensor], old: torch.Tensor,
+def _resized(mode: Any, made: dict[tuple, torch.Tensor], old: torch.Tensor,
              sizes: Mapping[int, int]) -> torch.Tensor:
     """``old`` with the dims of ``sizes`` resized, its dims in the same order of strides."""
     shape = list(old.shape)
@@ -129,23 +130,34 @@ def _resized(made: dict[tuple, torch.Tensor], old: torch.Tensor,
         shape[d] = size
     strides = [_hint(s) for s in old.stride()]
     layout = tuple(sorted(range(old.dim()), key=lambda d: (-strides[d], d)))  # outermost first
-    return _empty(made, shape, layout, old.dtype, old.device, old.requires_grad, permuted=True)
+    return _empty(mode, made, shape, layout, old.dtype, old.device, old.requires_grad,
+                  permuted=True)
 
 
-def _empty(made: dict[tuple, torch.Tensor], shape: Any, order: Any, dtype: torch.dtype,
-           device: torch.device, requires_grad: bool, permuted: bool = False) -> torch.Tensor:
-    """A fake tensor of ``shape`` with strides ``order`` (or, ``permuted``, the dims from
-    outermost to innermost), made once per distinct layout: nodes of equal layout share it, as
-    an in-place op shares its input's value under ``FakeTensorProp``. Sizes are keyed by their
-    expression: equal symbols are equal sizes."""
+def _empty(mode: Any, made: dict[tuple, torch.Tensor], shape: Any, order: Any,
+           dtype: torch.dtype, device: torch.device, requires_grad: bool,
+           permuted: bool = False) -> torch.Tensor:
+    """A fake tensor of ``mode`` of ``shape`` with strides ``order`` (or, ``permuted``, the
+    dims from outermost to innermost), made once per distinct layout: nodes of equal layout
+    share it, as an in-place op shares its input's value under ``FakeTensorProp``. Sizes are
+    keyed by their expression: equal symbols are equal sizes.
+
+    Made as the fake mode makes a tensor constructor's result (the constructor on the meta
+    device inside the mode's kernel invocation, wrapped as a FakeTensor of the real device),
+    without the mode's dispatch around it: its argument normalization and checks cost about
+    twice what the symbolic tensor does."""
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
     key = (tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape), tuple(order),
            dtype, device, requires_grad, permuted)
     value = made.get(key)
     if value is None:
-        value = made[key] = (
-            torch.empty_permuted(shape, order, dtype=dtype, device=device,
-                                 requires_grad=requires_grad) if permuted
-            else torch.empty_strided(shape, order, dtype=dtype, device=device))
+        meta = torch.device("meta")
+        with in_kernel_invocation_manager(mode):
+            value = (torch.empty_permuted(shape, order, dtype=dtype, device=meta,
+                                          requires_grad=requires_grad) if permuted
+                     else torch.empty_strided(shape, order, dtype=dtype, device=meta))
+        value = made[key] = FakeTensor(mode, value, device)
     return value
 
 

@@ -142,10 +142,14 @@ class Walk:
         kind = "parameter" if name in self.params else "buffer"
         tensor = self.params.get(name, self.buffers.get(name))
         key = (name, dim)
-        if key not in self.members:
-            self.members[key] = MemberRecord(name, dim, kind, role,
-                                             torch.full((tensor.shape[dim],), -1, dtype=torch.long))
-        record = self.members[key]
+        record = self.members.get(key)
+        if record is None:
+            if index is None and atoms.shape == (tensor.shape[dim],):  # the whole dim, first seen
+                self.members[key] = MemberRecord(name, dim, kind, role,
+                                                 atoms.to(torch.long, copy=True))
+                return
+            record = self.members[key] = MemberRecord(
+                name, dim, kind, role, torch.full((tensor.shape[dim],), -1, dtype=torch.long))
         index = torch.arange(len(atoms)) if index is None else index
         old = record.atoms[index]
         seen = old >= 0

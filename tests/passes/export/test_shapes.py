@@ -29,16 +29,24 @@ def masked(name, *args):
 
 
 def described(graph):
-    """Each node's value as (shape, dtype, device), the output node aside."""
+    """Each node's value as (type, shape, dtype, device, fake mode) and, for op results,
+    requires_grad (FakeTensorProp's weights never require it, as traced ones do), the output
+    node aside. Not the strides: a resized view (a transpose, a split's part) gets its own dense
+    strides in the view's dim order, not its base's (no analysis reads the strides of node
+    values; a re-export traces them anew)."""
+    modes = {id(n.meta["val"].fake_mode) for n in graph.module.graph.find_nodes(op="placeholder")}
 
-    def one(v):
+    def one(v, op):
         if isinstance(v, torch.Tensor):
-            return tuple(str(s) for s in v.shape), v.dtype, v.device.type
+            return (type(v).__name__, tuple(str(s) for s in v.shape), v.dtype, v.device.type,
+                    id(getattr(v, "fake_mode", None)) in modes,
+                    v.requires_grad if op == "call_function" else None)
         if isinstance(v, (list, tuple)):
-            return tuple(one(x) for x in v)
+            return tuple(one(x, op) for x in v)
         return str(v)
 
-    return {n.name: one(n.meta.get("val")) for n in graph.module.graph.nodes if n.op != "output"}
+    return {n.name: one(n.meta.get("val"), n.op) for n in graph.module.graph.nodes
+            if n.op != "output"}
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet", "inception", "mlp", "bert", "gpt2",
