@@ -167,14 +167,11 @@ class Conv(Producer):
             step = Step(self, [x], lambda ts: ts[0].repeat_interleave(k), {**info, "depthwise": True})
             return walk.set(node, (1,), out, step)
         if tag is not None:
-            for g in range(1, groups):  # grouped: the same relative index goes in every group
-                walk.join(tag.atoms[:in_g], tag.atoms[g * in_g:(g + 1) * in_g])
+            _join_groups(walk, tag.atoms, groups)  # the same relative index in every group
             walk.member(w, 1, tag.atoms[:in_g], "in")
             walk.consumers.append(Consumer(node, w, x, self, groups, folds=not padded))
         out = walk.space(w, 0)
-        out_g = out_c // groups
-        for g in range(1, groups):
-            walk.join(out[:out_g], out[g * out_g:(g + 1) * out_g])
+        _join_groups(walk, out, groups)
         walk.member(w, 0, out, "out")
         walk.member(b, 0, out, "out")
         walk.set(node, (1,), out, Step(self, [], info=info))
@@ -205,6 +202,14 @@ class Conv(Producer):
                 node.update_arg(8, kept)
             else:
                 set_node_arg(node, 6, "groups", kept)
+
+
+def _join_groups(walk: Walk, atoms: torch.Tensor, groups: int) -> None:
+    """Join each group's channels of ``atoms`` (a conv's, in group order) with the first
+    group's at the same relative index, in one join."""
+    if groups > 1:
+        per_group = atoms.reshape(groups, -1)
+        walk.join(per_group[:1].expand(groups - 1, -1), per_group[1:])
 
 
 def _live(gone: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
