@@ -20,7 +20,9 @@ layer's *channels*; parameters and FLOPs (``torch.utils.flop_counter``, per batc
 before and after are printed for both.
 
 Runs are interleaved: each repeat prunes a fresh copy with chop, then with Torch-Pruning (the
-order alternates per repeat); medians. ``chop ÷ TP`` compares chop's snip+mask+shrink with
+order alternates per repeat), each after a full ``gc.collect()`` so that neither pays for the
+other's garbage; medians. (chop pauses Python's cyclic garbage collector while it traces and
+while passes run; Torch-Pruning leaves it on.) ``chop ÷ TP`` compares chop's snip+mask+shrink with
 Torch-Pruning's constructor+backward+step; ``incl. trace`` adds chop's trace.
 
 ``--round-to 8 16``: for each, chop's pipeline with ``mask{..., round_to=R}`` once more (not
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import gc
 import os
 import pstats
 import statistics
@@ -155,6 +158,7 @@ def report(name: str, model: nn.Module, inputs: tuple, targets: torch.Tensor, cl
     for r in range(args.repeats):
         order = ["chop", "tp"] if r % 2 == 0 else ["tp", "chop"]
         for who in order:
+            gc.collect()  # neither pays for the garbage the other left
             if who == "chop":
                 last["chop"] = run_chop(model, inputs, targets, args.sparsity)
                 chop_times.append(last["chop"]["times"])

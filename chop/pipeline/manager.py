@@ -15,7 +15,8 @@ that score or prune weights. While running it times each pass, lints the graph a
 else the entries it provides; not again after a pass that ran and was linted on the graph as
 it is, which a training loop's repeated runs pay otherwise),
 records a :class:`~chop.ir.graph.PassRecord` in ``graph.history``, and wraps failures with the
-pass name, the passes before it and the node the pass was working on.
+pass name, the passes before it and the node the pass was working on. Python's cyclic garbage
+collector is paused while the passes run (:func:`~chop.ir.graph.gc_paused`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from chop.errors import (
     TraceError,
 )
 from chop.ir import meta
-from chop.ir.graph import Graph, PassRecord
+from chop.ir.graph import Graph, PassRecord, gc_paused
 from chop.pipeline import registry
 from chop.pipeline.pass_base import Context, Pass
 
@@ -214,6 +215,7 @@ class PassManager:
         """The most ``(inputs, targets)`` batches any pass of the pipeline reads."""
         return max((p.data_batches() for p in self.passes), default=0)
 
+    @gc_paused()
     def run(
         self,
         graph: Graph,

@@ -115,6 +115,33 @@ class DataDependent(nn.Module):
         return x
 
 
+@pytest.mark.parametrize("exportable", [True, False])
+def test_trace_runs_with_the_garbage_collector_paused_and_restores_it(exportable):
+    import gc
+
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            seen.append(gc.isenabled())
+            if not exportable and x.sum() > 0:  # data-dependent: torch.export refuses it
+                return self.fc(x)
+            return self.fc(x)
+
+    assert gc.isenabled()
+    if exportable:
+        chop.trace(Probe(), (torch.randn(2, 3),))
+    else:
+        with pytest.raises(chop.TraceError):
+            chop.trace(Probe(), (torch.randn(2, 3),))
+    assert seen and not any(seen)  # every forward torch.export ran saw it paused
+    assert gc.isenabled()
+
+
 def test_untraceable_model_gets_a_trace_error_with_the_cause_chained():
     with pytest.raises(chop.TraceError) as info:
         chop.trace(DataDependent(), (torch.randn(2, 4),))

@@ -187,3 +187,36 @@ def test_verify_false_skips_the_checks_and_lints_but_records_and_wraps(cnn_graph
     assert cnn_graph.history[-1].info["kept"]["fc.weight"][1] == 1280
     with pytest.raises(chop.LintError, match="conv1.bias"):
         chop.run(cnn_graph, "mask{sparsity=0.5}")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_passes_run_with_the_garbage_collector_paused_and_restored(cnn_graph, fails, enabled):
+    import gc
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    seen = []
+
+    @dataclass(frozen=True)
+    class Probe(chop.Pass):
+        name: ClassVar[str] = "probe"
+        kind: ClassVar[str] = "analysis"
+
+        def apply(self, graph, ctx):
+            seen.append(gc.isenabled())
+            if fails:
+                raise ValueError("boom")
+            return chop.PassResult(False)
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        if fails:
+            with pytest.raises(chop.InternalError, match="boom"):
+                chop.run(cnn_graph, [Probe(), Probe()])
+        else:
+            chop.run(cnn_graph, [Probe(), Probe()])
+        assert seen == ([False] if fails else [False, False])
+        assert gc.isenabled() is enabled  # as it was before the run, also after a failure
+    finally:
+        gc.enable()
