@@ -3,8 +3,10 @@ against Torch-Pruning's Taylor ``MetaPruner`` (constructor + one backward + ``st
 
 Models (``--models``): ResNet-50 (built as torchvision builds it, see ``bench_shrink.py``;
 ``--batch`` images of 224×224) and BERT-base (``BertForSequenceClassification(BertConfig())``,
-built from the config, nothing downloaded; ``--batch`` × ``--seq`` tokens). Both pruners get
-the same batch. chop: ``chop.trace`` (reported separately), then
+built from the config, nothing downloaded; ``--batch`` × ``--seq`` tokens); with torchvision
+installed, any of its classifiers as ``torchvision:<name>`` (untrained, 224×224 images, the
+last linear layer left alone by both). Both pruners get the same batch. chop: ``chop.trace``
+(reported separately), then
 ``chop.run(graph, "snip, mask{granularity=channel, sparsity=S}, shrink", data=...)``; the
 stage times are the pass manager's (``graph.history``), so ``mask`` includes the channel
 coupling analysis and ``shrink`` its check of the shrunk output against the masked one (two
@@ -30,8 +32,8 @@ timed against TP): its parameters, FLOPs, the latency of the shrunk model (inter
 unrounded one, ``--latency-repeats``) and how far its output is from the unrounded shrunk
 model's (max |Δ| ÷ max |y|, and top-1 agreement of the logits).
 
-Usage: ``python benchmarks/bench_structured.py [--models resnet50 bert] [--repeats 3]
-[--sparsity 0.5] [--batch 4] [--seq 128] [--round-to 8 16] [--profile resnet50]``
+Usage: ``python benchmarks/bench_structured.py [--models resnet50 bert torchvision:NAME]
+[--repeats 3] [--sparsity 0.5] [--batch 4] [--seq 128] [--round-to 8 16] [--profile resnet50]``
 """
 
 from __future__ import annotations
@@ -78,7 +80,40 @@ def bert(batch: int, seq: int) -> tuple[nn.Module, tuple, torch.Tensor, str]:
     return model, (ids,), torch.randint(0, 2, (batch,), generator=g), "classifier"
 
 
+def torchvision_model(name: str):
+    """``torchvision:<name>``: that torchvision classifier, untrained (nothing downloaded), on
+    224×224 images; its last linear layer is the classifier both leave alone."""
+
+    def build(batch: int, seq: int) -> tuple[nn.Module, tuple, torch.Tensor, str]:
+        import torchvision
+
+        extra = {"aux_logits": False, "init_weights": False} if name in (
+            "inception_v3", "googlenet") else {}
+        model = torchvision.models.get_model(name, weights=None, **extra)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, 224, 224, generator=g)
+        classifier = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        return model, (x,), torch.randint(0, 1000, (batch,), generator=g), classifier
+
+    return build
+
+
 MODELS = {"resnet50": resnet50, "bert": bert}
+
+
+def model_builder(name: str):
+    """The builder of ``--models`` entry ``name``; None (said why) when it cannot run here."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("torchvision:"):
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            print(f"{name}: torchvision absent, skipped\n")
+            return None
+        return torchvision_model(name.removeprefix("torchvision:"))
+    raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)} or "
+                     "torchvision:<name> (e.g. torchvision:mobilenet_v2)")
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -241,7 +276,8 @@ def load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help=f"from {', '.join(MODELS)}, or torchvision:<name> (needs torchvision)")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
@@ -249,7 +285,7 @@ def main() -> None:
     parser.add_argument("--round-to", type=int, nargs="*", default=[])
     parser.add_argument("--latency-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--profile", choices=list(MODELS), default=None,
+    parser.add_argument("--profile", default=None,
                         help="cProfile one chop run of this model instead of benchmarking")
     parser.add_argument("--profile-lines", type=int, default=40)
     args = parser.parse_args()
@@ -257,7 +293,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.profile:
-        model, inputs, targets, _ = MODELS[args.profile](args.batch, args.seq)
+        build = model_builder(args.profile)
+        if build is None:
+            return
+        model, inputs, targets, _ = build(args.batch, args.seq)
         profile(model, inputs, targets, args)
         return
     version = have_tp()
@@ -266,7 +305,10 @@ def main() -> None:
           f"median of {args.repeats} interleaved repeats; load average {load()}\n")
     for name in args.models:
         torch.manual_seed(0)  # the same weights whichever models run before
-        model, inputs, targets, classifier = MODELS[name](args.batch, args.seq)
+        build = model_builder(name)
+        if build is None:
+            continue
+        model, inputs, targets, classifier = build(args.batch, args.seq)
         report(name, model, inputs, targets, classifier, args)
 
 
