@@ -25,20 +25,23 @@ def checked_export(
     graph: Graph, ctx: Context, apply: Callable[[], Any], timing: bool, who: str
 ) -> tuple[Any, dict[str, Any]]:
     """Run ``apply()`` (the rewrite); when the pipeline has data, compare the outputs in eval
-    mode before and after on the first two samples of the first batch
-    (:func:`~chop.pipeline.batches.check_same_outputs`: an :class:`~chop.errors.InternalError`
-    if they differ), reporting the seconds those two forwards took as ``check_s``, and, with
-    ``timing``, report the model's median latency on the whole first batch before and after as
-    ``model_latency_us = [before, after]``.
+    mode before and after on the first two samples of the first batch, cut to at most
+    ``CHECK_LENGTH`` positions along their other dynamic dims (:func:`check_inputs`; an
+    :class:`~chop.errors.InternalError` from
+    :func:`~chop.pipeline.batches.check_same_outputs` if they differ), reporting the seconds
+    those two forwards took as ``check_s``, and, with ``timing``, report the model's median
+    latency on the whole first batch before and after as ``model_latency_us = [before, after]``.
 
     Two samples, not the whole batch: in eval mode each sample's outputs depend on that sample
     alone, and a rewrite that is wrong is wrong on any sample, so the check costs two small
-    forwards instead of two of the batch (most of an export pass's time on a large model).
-    Inputs whose tensors do not share one leading batch size are checked whole."""
+    forwards instead of two of the batch (most of an export pass's time on a large model). The
+    same holds along a dynamic sequence dim: a wrong cut of a channel, head or weight shows at
+    every position, so of a batch of 128 tokens the check reads 16. Should the graph refuse the
+    shorter inputs, the check runs the two samples whole."""
     if ctx.data is None:
         return apply(), {}
     inputs = next(iter(ctx.data))[0]
-    sample = _first_samples(graph, inputs, 2)
+    samples = _first_samples(graph, inputs, 2)
     info: dict[str, Any] = {}
 
     def run() -> Any:
@@ -46,7 +49,14 @@ def checked_export(
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         start = time.perf_counter()
-        before = call(graph.module, sample)
+        sample = check_inputs(graph, samples)
+        try:
+            before = call(graph.module, sample)
+        except Exception:  # noqa: BLE001 - e.g. a length guard: check the samples whole
+            if sample is samples:
+                raise
+            start, sample = time.perf_counter(), samples
+            before = call(graph.module, sample)
         checking = time.perf_counter() - start
         if timing:
             info["model_latency_us"] = [median_seconds(run) * 1e6]
@@ -75,6 +85,51 @@ def _first_samples(graph: Graph, inputs: Any, count: int) -> Any:
         return inputs
     return torch.utils._pytree.tree_map(
         lambda x: x[:count] if isinstance(x, torch.Tensor) else x, inputs)
+
+
+CHECK_LENGTH = 16  # positions the export check keeps along a dynamic dim other than the batch
+
+
+def check_inputs(graph: Graph, inputs: Any, length: int = CHECK_LENGTH) -> Any:
+    """``inputs`` cut to their first ``length`` positions along every dim after the first that
+    the graph traced as a dynamic size of its own (a symbol, such as a token sequence), never
+    below that symbol's smallest allowed value; ``inputs`` itself when nothing is cut (or the
+    inputs do not match the graph's inputs one to one)."""
+    spec = getattr(graph.module, "_in_spec", None)
+    if spec is None:
+        return inputs
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
+        (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
+    try:
+        leaves = torch.fx._pytree.tree_flatten_spec((args, kwargs), spec)
+    except Exception:  # noqa: BLE001 - not the structure the graph was traced with
+        return inputs
+    vals = [n.meta.get("val") for n in graph.module.graph.find_nodes(op="placeholder")]
+    if len(leaves) != len(vals):
+        return inputs
+    cuts: dict[int, dict[int, int]] = {}  # id of an input tensor -> {dim: new size}
+    for leaf, val in zip(leaves, vals):
+        if not (isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor)):
+            continue
+        for d in range(1, min(leaf.dim(), val.dim())):
+            size = val.shape[d]
+            if not (isinstance(size, torch.SymInt) and size.node.expr.is_Symbol):
+                continue
+            bounds = size.node.shape_env.var_to_range.get(size.node.expr)
+            if bounds is None or not bounds.lower.is_integer:
+                continue
+            new = max(int(bounds.lower), min(length, leaf.shape[d]))
+            if new < leaf.shape[d]:
+                cuts.setdefault(id(leaf), {})[d] = new
+    if not cuts:
+        return inputs
+
+    def cut(x: Any) -> Any:
+        for d, n in cuts.get(id(x), {}).items():
+            x = x.narrow(d, 0, n)
+        return x
+
+    return pytree.tree_map(cut, inputs)
 
 
 def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:

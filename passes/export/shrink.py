@@ -270,6 +270,10 @@ class Shrink(Pass):
     timing: bool = option(False, "with data: measure the model's latency before and after")
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
+        if ctx.data is not None and is_masked(graph):
+            # folded before the check's reference forward, which then multiplies no masks:
+            # on a transformer at the check's few tokens they cost more than the forward itself
+            fold_masks(graph)
         report, timed = checked_export(
             graph, ctx, lambda: shrink(graph, compensate=self.compensate), self.timing, "shrunk"
         )

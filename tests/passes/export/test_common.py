@@ -1,11 +1,14 @@
-"""chop.passes.export.common.deployable: the graph in eval mode without per-call overheads."""
+"""chop.passes.export.common: the export check (what it runs, what it catches) and
+deployable, the graph in eval mode without per-call overheads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import chop
+import zoo
 from chop.passes.export.common import deployable
 
 
@@ -158,3 +161,73 @@ def test_the_export_check_runs_inputs_whole_when_no_batch_size_is_shared(cnn_gra
     placeholder = next(iter(cnn_graph.module.graph.find_nodes(op="placeholder")))
     placeholder.meta["val"] = torch.empty(5, 3, 8, 8)  # as if the batch size were static
     assert _first_samples(cnn_graph, x, 2).shape[0] == 5
+
+
+def _recording(graph):
+    """The shapes of every input tensor each call of ``graph``'s module gets, in call order."""
+    seen = []
+    graph.module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append({k: tuple(v.shape) for k, v in kwargs.items()}),
+        with_kwargs=True)
+    return seen
+
+
+def test_the_export_check_reads_sixteen_positions_of_a_token_sequence_and_still_catches():
+    from chop.passes.export.common import checked_export
+    from chop.pipeline.pass_base import Context
+
+    _, graph = zoo.trace("bert")
+    ids = torch.randint(0, 120, (5, 40), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    seen = _recording(graph)
+
+    def wrong() -> None:  # a "rewrite" that changes the function
+        with torch.no_grad():
+            graph.parameter("classifier.bias").add_(1.0)
+
+    with pytest.raises(chop.InternalError, match="the wrong graph"):
+        checked_export(graph, Context(data=[(inputs, None)]), wrong, False, "wrong")
+    short = {"input_ids": (2, 16), "attention_mask": (2, 16)}
+    assert seen == [short, short]
+    seen.clear()
+    checked_export(graph, Context(data=[(inputs, None)]), lambda: None, True, "timed")
+    assert seen[0] == short and seen.count(short) == 2  # the check: two samples of 16 tokens
+    whole = {"input_ids": (5, 40), "attention_mask": (5, 40)}
+    assert all(s in (short, whole) for s in seen) and whole in seen  # the timing: all of it
+
+
+def test_the_export_check_keeps_a_sequence_as_long_as_the_graph_needs():
+    from chop.passes.export.common import check_inputs
+
+    class AtLeast20(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            torch._check(ids.shape[1] >= 20)
+            return self.fc(self.emb(ids)).mean(1)
+
+    ids = torch.randint(0, 50, (2, 30))
+    graph = chop.trace(AtLeast20(), (ids,))
+    assert check_inputs(graph, ids).shape == (2, 20)  # the smallest length it accepts
+    assert check_inputs(graph, ids[:, :18]).shape == (2, 18)  # never longer than given
+    images = torch.randn(2, 3, 8, 8)
+    _, cnn = zoo.trace("vgg")
+    assert check_inputs(cnn, images) is images  # static sizes: nothing to cut
+
+
+def test_the_export_check_runs_the_samples_whole_when_the_graph_refuses_them_cut(monkeypatch):
+    from chop.passes.export import common
+    from chop.pipeline.pass_base import Context
+
+    _, graph = zoo.trace("bert")
+    ids = torch.randint(0, 120, (5, 40), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    refused = {"input_ids": ids[:2, :16], "attention_mask": ids[:2, :7]}  # lengths disagree
+    monkeypatch.setattr(common, "check_inputs", lambda graph, x: refused)
+    seen = _recording(graph)
+    _, info = common.checked_export(graph, Context(data=[(inputs, None)]), lambda: None, False,
+                                    "same")
+    whole = {"input_ids": (2, 40), "attention_mask": (2, 40)}
+    assert seen[-2:] == [whole, whole] and info["check_s"] > 0

@@ -289,6 +289,30 @@ def test_shrink_pass_checks_and_times_itself_with_data():
     assert "check_s" not in unchecked.history[-1].info["total"]  # no data: nothing checked
 
 
+def test_shrink_checks_against_the_folded_graph_and_still_catches_a_wrong_cut(monkeypatch):
+    from chop.passes.analysis.flow.rule import Cut
+    from chop.passes.export import shrink as shrink_module
+
+    _, graph = trace("vgg")
+    args, _ = ZOO["vgg"].inputs(4)
+    data = [(args[0], torch.zeros(4, dtype=torch.long))]
+    chop.run(graph, "random{seed=2}, mask{granularity=channel, sparsity=0.5, scope=local}")
+    masked = []  # per forward of the module: were masks still multiplied in?
+    graph.module.register_forward_pre_hook(lambda m, a: masked.append(is_masked(graph)))
+
+    class Wrong(Cut):  # one more channel of every cut tensor goes than the masks removed
+        def gone(self, node):
+            gone = super().gone(node).clone()
+            if gone.any() and not gone.all():
+                gone[(~gone).nonzero()[0]] = True
+            return gone
+
+    monkeypatch.setattr(shrink_module, "Cut", Wrong)
+    with pytest.raises(chop.InternalError, match="the shrunk graph"):
+        chop.run(graph, "shrink", data=data)
+    assert masked == [False, False]  # the reference forward ran on the folded weights
+
+
 class InPlace(torch.nn.Module):
     """In-place activations and an in-place residual add (EfficientNet/MobileNetV3 style)."""
 
