@@ -26,7 +26,7 @@ from torch.fx import Node
 
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.ir.masks import add_tensor, is_masked, weight_name
+from chop.ir.masks import add_tensor, is_masked, mask_nodes, mask_of, weight_name
 from chop.passes.analysis.channel_groups import (
     KEY,
     ChannelGroups,
@@ -247,6 +247,19 @@ def _report(graph: Graph, layers: Layers, before: tuple[dict, int], groups: Chan
     }
 
 
+def _mostly_linear_masks(graph: Graph) -> bool:
+    """Whether most masked weight entries are linear ones. Such a weight is read once per token,
+    a conv's once per output position: at the size of the export check (two samples, a few
+    tokens) multiplying linear weights by their masks costs more than the rest of the forward
+    (folding them first, and recompiling once more, pays), a conv's mask products little."""
+    sizes = {"linear": 0, "conv": 0}
+    for node in mask_nodes(graph):
+        entries = meta.entries(graph.weight_node(mask_of(node)))
+        if entries.get("role") in sizes:
+            sizes[entries["role"]] += node.meta["val"].numel() if "val" in node.meta else 0
+    return sizes["linear"] > sizes["conv"]
+
+
 def _hint(size: Any) -> int:
     if isinstance(size, int):
         return size
@@ -270,10 +283,8 @@ class Shrink(Pass):
     timing: bool = option(False, "with data: measure the model's latency before and after")
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
-        if ctx.data is not None and is_masked(graph):
-            # folded before the check's reference forward, which then multiplies no masks:
-            # on a transformer at the check's few tokens they cost more than the forward itself
-            fold_masks(graph)
+        if ctx.data is not None and _mostly_linear_masks(graph):
+            fold_masks(graph)  # then the check's reference forward multiplies no masks
         report, timed = checked_export(
             graph, ctx, lambda: shrink(graph, compensate=self.compensate), self.timing, "shrunk"
         )
