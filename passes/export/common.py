@@ -25,8 +25,8 @@ def checked_export(
     graph: Graph, ctx: Context, apply: Callable[[], Any], timing: bool, who: str
 ) -> tuple[Any, dict[str, Any]]:
     """Run ``apply()`` (the rewrite); when the pipeline has data, compare the outputs in eval
-    mode before and after on the first two samples of the first batch, cut to at most
-    ``CHECK_LENGTH`` positions along their other dynamic dims (:func:`check_inputs`; an
+    mode before and after on the first two samples of the first batch, cut to their first 16
+    positions along a dynamic sequence dim (:func:`check_inputs`; an
     :class:`~chop.errors.InternalError` from
     :func:`~chop.pipeline.batches.check_same_outputs` if they differ), reporting the seconds
     those two forwards took as ``check_s``, and, with ``timing``, report the model's median
@@ -35,13 +35,11 @@ def checked_export(
     Two samples, not the whole batch: in eval mode each sample's outputs depend on that sample
     alone, and a rewrite that is wrong is wrong on any sample, so the check costs two small
     forwards instead of two of the batch (most of an export pass's time on a large model). The
-    same holds along a dynamic sequence dim: a wrong cut of a channel, head or weight shows at
-    every position, so of a batch of 128 tokens the check reads 16. Should the graph refuse the
-    shorter inputs, the check runs the two samples whole."""
+    same holds along a sequence: a wrong cut of a channel, head or weight shows at every
+    position. Should the graph refuse the cut inputs, the check runs the first batch whole."""
     if ctx.data is None:
         return apply(), {}
     inputs = next(iter(ctx.data))[0]
-    samples = _first_samples(graph, inputs, 2)
     info: dict[str, Any] = {}
 
     def run() -> Any:
@@ -49,13 +47,13 @@ def checked_export(
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         start = time.perf_counter()
-        sample = check_inputs(graph, samples)
+        sample = check_inputs(graph, inputs)
         try:
             before = call(graph.module, sample)
-        except Exception:  # noqa: BLE001 - e.g. a length guard: check the samples whole
-            if sample is samples:
+        except Exception:  # noqa: BLE001 - e.g. a guard the bounds did not show: run them whole
+            if sample is inputs:
                 raise
-            start, sample = time.perf_counter(), samples
+            start, sample = time.perf_counter(), inputs
             before = call(graph.module, sample)
         checking = time.perf_counter() - start
         if timing:
@@ -71,56 +69,48 @@ def checked_export(
     return result, info
 
 
-def _first_samples(graph: Graph, inputs: Any, count: int) -> Any:
-    """``inputs`` cut to their first ``count`` samples when every tensor in them has one
-    leading (batch) size above ``count`` and the graph's tensor inputs all have a dynamic
-    leading size; otherwise ``inputs`` unchanged."""
-    leaves = [x for x in torch.utils._pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
-    sizes = {x.shape[0] if x.dim() else None for x in leaves}
-    if len(sizes) != 1 or None in sizes or next(iter(sizes)) <= count:
-        return inputs
-    vals = [n.meta.get("val") for n in graph.module.graph.find_nodes(op="placeholder")]
-    if not all(isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
-               for v in vals if v is None or isinstance(v, torch.Tensor)):
-        return inputs
-    return torch.utils._pytree.tree_map(
-        lambda x: x[:count] if isinstance(x, torch.Tensor) else x, inputs)
+CHECK_SAMPLES = 2  # samples the export check keeps along a dynamic batch dim
+CHECK_LENGTH = 16  # positions it keeps along another dynamic dim (a token sequence)
 
 
-CHECK_LENGTH = 16  # positions the export check keeps along a dynamic dim other than the batch
-
-
-def check_inputs(graph: Graph, inputs: Any, length: int = CHECK_LENGTH) -> Any:
-    """``inputs`` cut to their first ``length`` positions along every dim after the first that
-    the graph traced as a dynamic size of its own (a symbol, such as a token sequence), never
-    below that symbol's smallest allowed value; ``inputs`` itself when nothing is cut (or the
-    inputs do not match the graph's inputs one to one)."""
+def check_inputs(graph: Graph, inputs: Any) -> Any:
+    """What the export check runs: ``inputs`` cut along every dim the graph traced as a
+    dynamic size of its own (a symbol), to their first ``CHECK_SAMPLES`` samples where the
+    symbol is a leading (batch) dim and to ``CHECK_LENGTH`` positions elsewhere (a sequence),
+    never below the smallest size the graph accepts for it; ``inputs`` itself when nothing is
+    cut or they are not the graph's inputs one to one (the check then runs them whole)."""
     spec = getattr(graph.module, "_in_spec", None)
-    if spec is None:
+    if spec is None or spec.num_children != 2:
         return inputs
     args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
         (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
+    positional, keywords = spec.children()
+    if len(args) != positional.num_children or set(kwargs) != set(keywords.context or ()):
+        return inputs  # not the graph's inputs: its own call says what is wrong
     try:
         leaves = torch.fx._pytree.tree_flatten_spec((args, kwargs), spec)
-    except Exception:  # noqa: BLE001 - not the structure the graph was traced with
+    except Exception:  # noqa: BLE001 - nested otherwise than the graph was traced with
         return inputs
     vals = [n.meta.get("val") for n in graph.module.graph.find_nodes(op="placeholder")]
     if len(leaves) != len(vals):
         return inputs
-    cuts: dict[int, dict[int, int]] = {}  # id of an input tensor -> {dim: new size}
+    dims = []  # (input tensor, dim, its size's symbol)
     for leaf, val in zip(leaves, vals):
-        if not (isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor)):
-            continue
-        for d in range(1, min(leaf.dim(), val.dim())):
-            size = val.shape[d]
-            if not (isinstance(size, torch.SymInt) and size.node.expr.is_Symbol):
-                continue
-            bounds = size.node.shape_env.var_to_range.get(size.node.expr)
-            if bounds is None or not bounds.lower.is_integer:
-                continue
-            new = max(int(bounds.lower), min(length, leaf.shape[d]))
-            if new < leaf.shape[d]:
-                cuts.setdefault(id(leaf), {})[d] = new
+        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
+            dims += [(leaf, d, size) for d, size in enumerate(val.shape[:leaf.dim()])
+                     if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol]
+    keep: dict[Any, int] = {}  # symbol -> how much of it the check runs
+    for _, d, size in dims:
+        bounds = size.node.shape_env.var_to_range.get(size.node.expr)
+        low = int(bounds.lower) if bounds is not None and bounds.lower.is_integer else None
+        if low is not None:
+            n = max(low, CHECK_SAMPLES if d == 0 else CHECK_LENGTH)
+            keep[size.node.expr] = min(keep.get(size.node.expr, n), n)
+    cuts: dict[int, dict[int, int]] = {}  # id of an input tensor -> {dim: new size}
+    for leaf, d, size in dims:
+        n = keep.get(size.node.expr)
+        if n is not None and n < leaf.shape[d]:
+            cuts.setdefault(id(leaf), {})[d] = n
     if not cuts:
         return inputs
 

@@ -151,16 +151,16 @@ def test_the_export_check_runs_two_samples_and_still_catches_a_wrong_rewrite(cnn
     assert set(seen) == {2, x.shape[0]}  # the timing: the whole batch
 
 
-def test_the_export_check_runs_inputs_whole_when_no_batch_size_is_shared(cnn_graph):
-    from chop.passes.export.common import _first_samples
+def test_the_export_check_runs_inputs_whole_when_they_are_not_the_graphs(cnn_graph):
+    from chop.passes.export.common import check_inputs
 
     x = torch.randn(5, 3, 8, 8)
-    assert _first_samples(cnn_graph, x, 2).shape[0] == 2
-    assert _first_samples(cnn_graph, (x, torch.randn(4)), 2)[0].shape[0] == 5  # sizes differ
-    assert _first_samples(cnn_graph, x[:2], 2).shape[0] == 2
+    assert check_inputs(cnn_graph, x).shape[0] == 2
+    assert check_inputs(cnn_graph, (x, torch.randn(4)))[0].shape[0] == 5  # not its inputs
+    assert check_inputs(cnn_graph, x[:2]).shape[0] == 2
     placeholder = next(iter(cnn_graph.module.graph.find_nodes(op="placeholder")))
     placeholder.meta["val"] = torch.empty(5, 3, 8, 8)  # as if the batch size were static
-    assert _first_samples(cnn_graph, x, 2).shape[0] == 5
+    assert check_inputs(cnn_graph, x).shape[0] == 5
 
 
 def _recording(graph):
@@ -217,7 +217,7 @@ def test_the_export_check_keeps_a_sequence_as_long_as_the_graph_needs():
     assert check_inputs(cnn, images) is images  # static sizes: nothing to cut
 
 
-def test_the_export_check_runs_the_samples_whole_when_the_graph_refuses_them_cut(monkeypatch):
+def test_the_export_check_runs_the_batch_whole_when_the_graph_refuses_it_cut(monkeypatch):
     from chop.passes.export import common
     from chop.pipeline.pass_base import Context
 
@@ -229,5 +229,5 @@ def test_the_export_check_runs_the_samples_whole_when_the_graph_refuses_them_cut
     seen = _recording(graph)
     _, info = common.checked_export(graph, Context(data=[(inputs, None)]), lambda: None, False,
                                     "same")
-    whole = {"input_ids": (2, 40), "attention_mask": (2, 40)}
+    whole = {"input_ids": (5, 40), "attention_mask": (5, 40)}  # the first batch as it is
     assert seen[-2:] == [whole, whole] and info["check_s"] > 0
