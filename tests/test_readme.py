@@ -101,7 +101,8 @@ def test_readme_many_gpus_commands_run_as_written(tmp_path):
     for name in ("lenet5_snip.toml", "lenet5.ckpt", "models.py", "fsdp_snip.py"):
         shutil.copy(ROOT / "examples" / name, tmp_path / "examples" / name)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}  # torchrun's own temporary folders go there too
     env.pop("CHOP_TRACEBACK", None)
     outputs = []
     for command in commands:

@@ -42,7 +42,10 @@ sparsity = 0.9
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
+    scratch = cwd.parent / f"{cwd.name}-tmp"  # torchrun's own temporary folders, not in /tmp
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(scratch)}
     env.pop("CHOP_TRACEBACK", None)
     return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m",
                            "chop.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
