@@ -660,10 +660,10 @@ def gc_paused() -> Iterator[None]:
     Tracing and passes make and drop hundreds of thousands of Python objects (fx nodes and
     their metadata, symbolic sizes, fake tensors). Every allocation counts towards the
     collector's thresholds, and about once per ``snip, mask, shrink`` on a ResNet-50 that set
-    off a full collection, which walks every live object of the process: 0.3-0.5 s, as much
-    as the whole difference to Torch-Pruning (``benchmarks/bench_structured.py``). Reference
-    counting still frees all that is not in a reference cycle at once; the cycles made inside
-    the block wait for the collector's next run after it."""
+    off a full collection, which walks every live object of the process. Those came from
+    short-lived objects promoted while still alive, so pausing saves them rather than moving
+    them later. Reference counting still frees all that is not in a reference cycle at once;
+    the cycles made inside the block wait for the collector's next run after it."""
     if not gc.isenabled():
         yield
         return

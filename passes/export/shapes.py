@@ -54,9 +54,9 @@ def refresh_shapes(graph: Graph, tags: Mapping[Node, Tag], sizes: Mapping[Node, 
 
 @contextmanager
 def _uncached(mode: Any) -> Iterator[None]:
-    """``mode`` without its dispatch cache: each distinct layout is made once (``made``) and
-    each op on changed values runs once, so the cache would only be filled, which costs about
-    what making the fake value does."""
+    """``mode`` without its dispatch cache: the ops the update runs through the mode
+    (:func:`_run`, each on changed values, once) would only fill it, and filling it costs about
+    what the op does. (The fake values :func:`_empty` makes do not go through the dispatch.)"""
     cached = getattr(mode, "cache_enabled", False)
     mode.cache_enabled = False
     try:
@@ -144,8 +144,8 @@ def _empty(mode: Any, made: dict[tuple, torch.Tensor], shape: Any, order: Any,
 
     Made as the fake mode makes a tensor constructor's result (the constructor on the meta
     device inside the mode's kernel invocation, wrapped as a FakeTensor of the real device),
-    without the mode's dispatch around it: its argument normalization and checks cost about
-    twice what the symbolic tensor does."""
+    without the mode's dispatch around it, whose argument normalization and checks cost more
+    than the symbolic tensor itself."""
     from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 
     key = (tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape), tuple(order),
