@@ -20,13 +20,20 @@ whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition`` an
 at 20K–4M scores, with no zeros and with 90% zeros (pruned weights score alike), keeping 10%;
 1 thread, best of ``--repeats`` timed loops.
 
+``--masks`` adds a third table: the bool work around a selection, torch against numpy on the
+same memory (what :func:`select.true_counts`, the small selections' comparisons and the
+Pruner's check that no pruned weight came back use on CPU): counting the True entries of a
+mask, comparing float scores with a threshold into a bool mask, and asking whether any entry
+is True in one mask and False in another; at 20K–16M entries, this process's threads.
+
 Peak extra memory is measured per method in a fresh subprocess, as the RSS
 high-water mark after one run minus the RSS right after allocating the scores
 (Linux VmHWM, reset via /proc/self/clear_refs; else ``ru_maxrss``). For
 ``keep_masks`` it includes the returned masks (1 byte per score). The
 thresholds of every method are checked to agree.
 
-Usage: ``python benchmarks/bench_select.py [--numel N] [--repeats R] [--threads T] [--cuts]``
+Usage: ``python benchmarks/bench_select.py [--numel N] [--repeats R] [--threads T] [--cuts]
+[--masks]``
 """
 
 from __future__ import annotations
@@ -123,6 +130,32 @@ def cut_table(repeats: int) -> None:
     torch.set_num_threads(threads)
 
 
+def mask_table(repeats: int) -> None:
+    """Times the bool work around a selection in torch and in numpy; see the module doc."""
+    gen = torch.Generator().manual_seed(0)
+    print(f"\nbool work on CPU, {torch.get_num_threads()} threads (ms, best of {repeats} loops)\n")
+    print("| entries | work | torch | numpy | torch ÷ numpy |")
+    print("|---:|---|---:|---:|---:|")
+    for n in (20_000, 1 << 20, 1 << 24):
+        x = torch.rand(n, generator=gen)
+        old, new = x > 0.5, x > 0.4
+        works = {
+            "count True": (lambda: int(torch.count_nonzero(old)),
+                           lambda: int(np.count_nonzero(old.numpy()))),
+            "scores >= t": (lambda: torch.ge(x, 0.5), lambda: torch.from_numpy(x.numpy() >= 0.5)),
+            "any True where False before": (
+                lambda: bool(torch.gt(new.view(torch.uint8), old.view(torch.uint8)).any()),
+                lambda: bool(np.greater(new.numpy(), old.numpy()).any())),
+        }
+        loops = max(1, 2_000_000 // n)
+        for name, (in_torch, in_numpy) in works.items():
+            assert torch.equal(torch.as_tensor(in_torch()), torch.as_tensor(in_numpy()))
+            best = [min(_loop_seconds(lambda x, j, f=f: f(), x, 0, loops) for _ in range(repeats))
+                    for f in (in_torch, in_numpy)]
+            print(f"| {n:,} | {name} | {best[0] * 1e3:.3f} | {best[1] * 1e3:.3f} | "
+                  f"{best[0] / best[1]:.2f} |")
+
+
 def _loop_seconds(way: Callable[[torch.Tensor, int], float], x: torch.Tensor, j: int,
                   loops: int) -> float:
     start = time.perf_counter()
@@ -166,6 +199,8 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of scores kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--masks", action="store_true",
+                        help="also time counts and comparisons of bool masks, torch vs numpy")
     parser.add_argument("--cuts", action="store_true",
                         help="also time one cut of one tensor by kthvalue, np.partition, np.sort")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
@@ -209,6 +244,8 @@ def main() -> None:
               f"{score_mib:.0f} |")
     if args.cuts:
         cut_table(args.repeats)
+    if args.masks:
+        mask_table(args.repeats)
 
 
 if __name__ == "__main__":

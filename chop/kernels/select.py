@@ -25,9 +25,9 @@ Inputs of at most ``_SMALL`` entries in total use 8-bit digits instead (twice
 the passes, but 256-bin histograms): that keeps every op small enough to run
 single-threaded, which matters when local pruning calls this once per tensor.
 Below ``_DIRECT`` entries on one process, the fixed cost of those passes is more
-than the work: such inputs are concatenated (a small copy) and the threshold read
-from one sort of it (:func:`_kth_smallest`), with the same threshold, tie order
-and masks.
+than the work: such inputs are concatenated (a small copy) and the threshold and
+its counts read from one sort of it (:func:`_direct_threshold`), with the same
+threshold, tie order and masks.
 
 Larger inputs on one process first try a **bracket** (:func:`_bracket`, after
 Floyd and Rivest): the k-th largest of a strided sample of ``_SAMPLE`` entries,
@@ -136,9 +136,23 @@ def mask_counts(
 ) -> list[int]:
     """Kept entries of each whole tensor: the masks' True counts, summed over processes with
     ``reduce`` (copies, ``counted=False``, count nothing)."""
-    counts = [int(torch.count_nonzero(m)) if not isinstance(s, Piece) or s.counted else 0
-              for m, s in zip(masks, scores, strict=True)]
-    return _summed(counts, reduce)
+    counted = [not isinstance(s, Piece) or s.counted for s in scores]
+    counts = iter(true_counts([m for m, c in zip(masks, counted, strict=True) if c]))
+    return _summed([next(counts) if c else 0 for c in counted], reduce)
+
+
+def true_counts(masks: Sequence[torch.Tensor]) -> list[int]:
+    """The True entries of each bool tensor. On CPU counted by numpy, which is faster than
+    ``torch.count_nonzero`` on bool there (``benchmarks/bench_select.py --masks``); elsewhere
+    read back in one sync."""
+    if all(readable_by_numpy(m) for m in masks):
+        return [int(np.count_nonzero(m.numpy())) for m in masks]
+    return torch.stack([torch.count_nonzero(m) for m in masks]).tolist()
+
+
+def readable_by_numpy(tensor: torch.Tensor) -> bool:
+    """Whether numpy can read ``tensor`` as it is: a plain CPU tensor (no subclass)."""
+    return type(tensor) is torch.Tensor and tensor.device.type == "cpu"
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -167,16 +181,15 @@ def keep_masks(
         ValueError: If ``k`` is out of range or any score is NaN.
         TypeError: If a tensor is not floating point.
     """
-    pieces = _pieces(scores)
-    total = _validate(pieces, k)
-    counted = [p.local for p in pieces if p.counted]
+    total = _validate(scores, k)
+    locals_, counted = _locals(scores)
     if k in (0, total):
         _raise_if_nan(counted, reduce)
-        return [torch.full(p.local.shape, k > 0, dtype=torch.bool, device=p.local.device)
-                for p in pieces]
-    dtype = _common_dtype([p.local for p in pieces])
+        return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in locals_]
+    dtype = _common_dtype(locals_)
     if _direct(scores, total, reduce):
         return _direct_masks(counted, k, dtype)
+    pieces = _pieces(scores)
     t, ties, n_eq = _threshold(scores, counted, total, k, dtype, reduce)
     all_ties = ties == n_eq
     bases = list(itertools.accumulate((p.numel for p in pieces), initial=0))
@@ -227,16 +240,15 @@ def kth_largest(
         ValueError: If ``k`` is out of range or any score is NaN.
         TypeError: If a tensor is not floating point.
     """
-    pieces = _pieces(scores)
-    total = _validate(pieces, k)
-    counted = [p.local for p in pieces if p.counted]
+    total = _validate(scores, k)
+    locals_, counted = _locals(scores)
     if k == 0:
         _raise_if_nan(counted, reduce)
         return float("inf"), 0
-    dtype = _common_dtype([p.local for p in pieces])
+    dtype = _common_dtype(locals_)
     if _direct(scores, total, reduce):
-        flat, t, _, _ = _direct_threshold(counted, k, dtype)
-        return (0.0 if t == 0 else t), k - int(torch.count_nonzero(flat > t))
+        _, t, above, _ = _direct_threshold(counted, k, dtype)
+        return (0.0 if t == 0 else t), k - above
     t, ties, _ = _threshold(scores, counted, total, k, dtype, reduce)
     return t, ties
 
@@ -325,32 +337,55 @@ def _direct(scores: Sequence[torch.Tensor | Piece], total: int, reduce: Reduce |
 
 
 def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, float, torch.Tensor, int]:
-    """All scores as one flat tensor, the k-th largest ``t`` (``0 < k <= numel``), the mask
-    ``flat >= t`` and its count."""
-    flat = torch.cat([s.detach().reshape(-1).to(dtype) if s.requires_grad or s.dtype != dtype
-                      else s.reshape(-1) for s in scores])
-    compute = _rankable(flat)
-    (t,) = _kth_smallest(compute, flat.numel() - k + 1)
-    mask = compute >= t
+                      ) -> tuple[torch.Tensor, float, int, int]:
+    """All scores as one flat tensor (in a dtype :func:`_rankable` keeps), the k-th largest
+    ``t`` (``0 < k <= numel``), and how many scores are above ``t`` and at least ``t``.
+
+    On CPU, all of it comes from one ``np.sort`` of the copy: ``t`` by index, the two counts by
+    binary search, and NaN (sorted last) from its last entry; no pass over the scores beyond
+    the copy and the sort. Elsewhere ``torch.kthvalue``, then both counts and a NaN check in
+    one read-back."""
+    flat = _rankable(torch.cat([s.detach().reshape(-1).to(dtype)
+                                if s.requires_grad or s.dtype != dtype else s.reshape(-1)
+                                for s in scores]))
+    j = flat.numel() - k  # 0-based rank of t from the smallest
+    if flat.device.type == "cpu":
+        ordered = np.sort(flat.numpy())
+        if math.isnan(ordered[-1]):
+            _raise_if_nan([flat], None)
+        t = ordered[j].item()
+        return (flat, t, flat.numel() - int(np.searchsorted(ordered, t, "right")),
+                flat.numel() - int(np.searchsorted(ordered, t, "left")))
+    t = torch.kthvalue(flat, j + 1).values
     # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes)
-    total, count = torch.stack([compute.sum().double(),
-                                torch.count_nonzero(mask).double()]).tolist()
+    total, above, at_least = torch.stack([flat.sum().double(), torch.count_nonzero(flat > t),
+                                          torch.count_nonzero(flat >= t)]).tolist()
     if math.isnan(total):
         _raise_if_nan([flat], None)
-    return flat, t, mask, int(count)
+    return flat, t.item(), int(above), int(at_least)
 
 
 def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """:func:`keep_masks` by :func:`_direct_threshold`: entries above the threshold and the
-    first ties in position order."""
-    flat, t, mask, count = _direct_threshold(scores, k, dtype)
-    extra = count - k
-    if extra:  # more ties at t than the budget takes: drop the last ones in position order
+    first ties in position order. On CPU the comparisons run in numpy, faster than torch's
+    comparisons into bool there (``bench_select.py --masks``); each mask wraps its own part
+    of numpy's result, so no two share a storage (as safetensors requires of tensors saved
+    together)."""
+    flat, t, above, at_least = _direct_threshold(scores, k, dtype)
+    sizes = [s.numel() for s in scores]
+    if flat.device.type == "cpu":
+        values = flat.numpy()
+        keep = values >= t
+        if at_least > k:  # more ties at t than the budget takes: drop the last ones
+            keep[np.flatnonzero(values == t)[k - above:]] = False
+        bounds = itertools.accumulate(sizes, initial=0)
+        return [torch.from_numpy(keep[start:start + n].reshape(s.shape))
+                for start, n, s in zip(bounds, sizes, scores)]
+    mask = flat >= t
+    if at_least > k:
         eq = flat == t
-        mask &= ~eq | (eq.cumsum(0, dtype=torch.int32) <= int(torch.count_nonzero(eq)) - extra)
-    return [m.view(s.shape).clone() for m, s in zip(mask.split([s.numel() for s in scores]),
-                                                    scores)]
+        mask &= ~eq | (eq.cumsum(0, dtype=torch.int32) <= k - above)
+    return [m.view(s.shape).clone() for m, s in zip(mask.split(sizes), scores)]
 
 
 def _select(
@@ -553,20 +588,34 @@ def _common_dtype(scores: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype if dtype in _LAYOUT else torch.float32  # e.g. float8 upcasts exactly
 
 
-def _validate(pieces: Sequence[Piece], k: int) -> int:
-    for p in pieces:
-        if not p.local.is_floating_point():
-            raise TypeError(f"scores must be floating-point tensors, got {p.local.dtype}")
-        if len(p.offset) != len(p.shape) or p.local.dim() != len(p.shape) or any(
-            o < 0 or o + n > size for o, n, size in zip(p.offset, p.local.shape, p.shape)
+def _validate(scores: Sequence[torch.Tensor | Piece], k: int) -> int:
+    """The total entries of the whole tensors, after checking the scores' dtypes, that each
+    piece fits in its tensor, and that ``0 <= k <= total``."""
+    total = 0
+    for s in scores:
+        local = s.local if isinstance(s, Piece) else s
+        if not local.is_floating_point():
+            raise TypeError(f"scores must be floating-point tensors, got {local.dtype}")
+        if not isinstance(s, Piece):
+            total += s.numel()
+            continue
+        if len(s.offset) != len(s.shape) or local.dim() != len(s.shape) or any(
+            o < 0 or o + n > size for o, n, size in zip(s.offset, local.shape, s.shape)
         ):
-            raise ValueError(f"a piece of shape {tuple(p.local.shape)} at offset {p.offset} "
-                             f"does not fit in a tensor of shape {p.shape}")
-    total = sum(p.numel for p in pieces)
+            raise ValueError(f"a piece of shape {tuple(local.shape)} at offset {s.offset} "
+                             f"does not fit in a tensor of shape {s.shape}")
+        total += s.numel
     k = operator.index(k)
     if not 0 <= k <= total:
         raise ValueError(f"k must satisfy 0 <= k <= {total} (the total number of scores), got k={k}")
     return total
+
+
+def _locals(scores: Sequence[torch.Tensor | Piece]
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This process's tensors of ``scores``, all and those it counts (not a replicated copy)."""
+    locals_ = [s.local if isinstance(s, Piece) else s for s in scores]
+    return locals_, [t for s, t in zip(scores, locals_) if not isinstance(s, Piece) or s.counted]
 
 
 def _raise_if_nan(tensors: Iterable[torch.Tensor], reduce: Reduce | None) -> None:

@@ -46,6 +46,7 @@ from chop.kernels.select import (
     keep_masks,
     kept_count,
     mask_counts,
+    true_counts,
     whole_numel,
 )
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
@@ -240,7 +241,7 @@ def mask_weights(
     added = [insert_mask(graph, node, mask) for node, mask in zip(nodes, masks)]
     if any(added):
         graph.recompile()
-    counts = torch.stack([torch.count_nonzero(m) for m in masks]).tolist() if masks else []
+    counts = true_counts(masks)
     report["kept"] = {n.target: (c, m.numel()) for n, m, c in zip(nodes, masks, counts)}
     empty = [n.target for n, m, c in zip(nodes, masks, counts) if m.numel() and not c]
     # warn when a layer becomes empty, not again each time it is re-masked empty (a Pruner

@@ -379,6 +379,34 @@ def test_mask_counts_count_each_entry_once() -> None:
     assert [counts for _, counts in results] == [[int(m.sum()) for m in whole]] * 3
 
 
+def test_each_mask_has_its_own_storage(tmp_path) -> None:
+    """Masks are saved side by side (safetensors refuses tensors that share memory) and edited
+    one at a time, so no two may share storage, with or without surplus ties."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    for scores in ([torch.rand(3, 4, generator=g), torch.rand(7, generator=g)],
+                   [torch.zeros(3, 4), torch.zeros(7)]):  # all tied: the tie cut
+        masks = keep_masks(scores, 5)
+        assert len({m.untyped_storage().data_ptr() for m in masks}) == len(masks)
+        save_file({f"m{i}": m for i, m in enumerate(masks)}, tmp_path / "masks.safetensors")
+        masks[0].fill_(True)
+        assert int(masks[1].sum()) == flat_mask(keep_masks(scores, 5))[12:].count(True)
+
+
+@pytest.mark.parametrize("kind", ["plain", "view", "subclass"])
+def test_true_counts_equal_torch_counts(kind: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    masks = [torch.rand(40, 30, generator=g) > 0.3, torch.rand(7, generator=g) > 0.9,
+             torch.zeros(0, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
+    if kind == "view":  # strided: numpy must read the view, not the storage
+        masks = [m.t() if m.dim() == 2 else m[::2] for m in masks]
+    if kind == "subclass":  # numpy cannot read a subclass: counted by torch
+        masks = [torch.nn.Parameter(m, requires_grad=False) for m in masks]
+    assert select.true_counts(masks) == [int(torch.count_nonzero(m)) for m in masks]
+    assert select.true_counts([]) == []
+
+
 def test_a_piece_must_fit_its_tensor() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         keep_masks([Piece(torch.zeros(3, 2), (4, 2), (2, 0))], 1)

@@ -303,3 +303,27 @@ def test_pruner_masks_of_an_earlier_step_stay_as_they_were(mlp, mlp_batches):
     for name, mask in later.items():
         assert torch.count_nonzero(mlp.get_parameter(name)[~mask]) == 0
         assert torch.count_nonzero(mlp.get_parameter(name)[mask]) == int(mask.sum())
+
+
+@pytest.mark.parametrize("kind", ["plain", "subclass"])
+def test_came_back_finds_a_pruned_position_kept_again(kind: str) -> None:
+    """The Pruner's check that decides whether to rerun the selection with pruned weights
+    ranked last: numpy on plain CPU tensors, torch otherwise; both answer alike."""
+    from chop.training.pruner import _came_back
+
+    g = torch.Generator().manual_seed(0)
+    old = {"a": torch.rand(6, 5, generator=g) > 0.5, "b": torch.rand(9, generator=g) > 0.5}
+    old["b"][-1] = False
+
+    def wrap(masks):
+        return masks if kind == "plain" else {
+            k: torch.nn.Parameter(m, requires_grad=False) for k, m in masks.items()}
+
+    dropped = {k: m.clone() for k, m in old.items()}
+    dropped["a"][old["a"]] = False  # pruned more, nothing back
+    back = {k: m.clone() for k, m in dropped.items()}
+    back["b"][-1] = True  # b's last entry, pruned, kept again
+    assert not _came_back(wrap(old), wrap(old))
+    assert not _came_back(wrap(old), wrap(dropped))
+    assert _came_back(wrap(old), wrap(back))
+    assert _came_back(wrap(dropped), wrap(old))
