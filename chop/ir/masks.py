@@ -122,13 +122,45 @@ def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> bool:
     its ``mul`` node. Records the mask in ``node.meta["chop"]["mask"]``. Returns whether it
     added nodes (the weight was not masked yet): then call ``graph.recompile()`` after the
     last one."""
-    name = node.target
-    mask = mask.to(torch.bool)
-    meta.entries(node)["mask"] = mask
+    return insert_masks(graph, [node], [mask])
+
+
+def insert_masks(graph: Graph, nodes: list[Node], masks: list[torch.Tensor]) -> bool:
+    """:func:`insert_mask` for each of ``nodes``: the masks of weights masked already are
+    copied into their buffers in one ``torch._foreach_copy_`` (a training loop re-masks every
+    weight at each pruning step), the others get a mask node. Returns whether nodes were added
+    (then call ``graph.recompile()``)."""
+    owners = graph.memo().setdefault("mask buffer owners", {})  # name -> (submodule, attr)
+    buffers, updates, added = [], [], False
+    for node, mask in zip(nodes, masks, strict=True):
+        mask = mask.to(torch.bool)
+        meta.entries(node)["mask"] = mask
+        where = owners.get(node.target) or _mask_buffer_owner(graph, node)
+        if where is None:
+            _add_mask_node(graph, node, mask)
+            added = True
+            continue
+        owners[node.target] = where
+        buffers.append(where[0]._buffers[where[1]])  # read afresh: module.to() replaces buffers
+        updates.append(mask)
+    if updates:
+        torch._foreach_copy_(buffers, updates)
+    return added
+
+
+def _mask_buffer_owner(graph: Graph, node: Node) -> tuple[nn.Module, str] | None:
+    """The submodule and attribute of weight ``node``'s mask buffer; None if it has no mask
+    node."""
     for user in node.users:
-        if mask_of(user) == name:  # already masked: update the buffer
-            graph.module.get_buffer(user.args[1].target).copy_(mask)
-            return False
+        if mask_of(user) == node.target:
+            owner, _, attr = user.args[1].target.rpartition(".")
+            return graph.module.get_submodule(owner), attr
+    return None
+
+
+def _add_mask_node(graph: Graph, node: Node, mask: torch.Tensor) -> None:
+    """A new mask buffer (a copy of ``mask``) and ``mul`` node for weight ``node``."""
+    name = node.target
     target = add_tensor(graph, name, f"{name.rpartition('.')[2]}_mask", mask.clone())
     fx = graph.module.graph
     with fx.inserting_after(node):
@@ -139,18 +171,14 @@ def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> bool:
     meta.entries(mul)[MASK_OF] = name
     if "val" in node.meta:
         mul.meta["val"] = node.meta["val"]
-    return True
 
 
 def restore_masks(graph: Graph) -> None:
     """Insert a mask node for every weight whose ``mask`` metadata has none (e.g. after
     ``fold``), so the graph computes with its masks again."""
-    added = False
-    for node in graph.weight_nodes():
-        mask = meta.entries(node).get("mask")
-        if mask is not None and not any(mask_of(u) == node.target for u in node.users):
-            added |= insert_mask(graph, node, mask)
-    if added:
+    missing = [n for n in graph.weight_nodes() if "mask" in meta.entries(n)
+               and not any(mask_of(u) == n.target for u in n.users)]
+    if insert_masks(graph, missing, [meta.entries(n)["mask"] for n in missing]):
         graph.recompile()
 
 

@@ -39,7 +39,7 @@ from torch.fx import Node
 from chop.errors import InternalError, MissingMetadataError, OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.ir.masks import insert_mask, select_weights
+from chop.ir.masks import insert_masks, select_weights
 from chop.kernels.select import (
     Piece,
     Reduce,
@@ -238,8 +238,7 @@ def mask_weights(
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
                  for node, k, s in zip(nodes, kept, scores)]
     before = [meta.entries(n).get("mask") for n in nodes]
-    added = [insert_mask(graph, node, mask) for node, mask in zip(nodes, masks)]
-    if any(added):
+    if insert_masks(graph, nodes, masks):
         graph.recompile()
     counts = true_counts(masks)
     report["kept"] = {n.target: (c, m.numel()) for n, m, c in zip(nodes, masks, counts)}

@@ -69,6 +69,43 @@ def test_insert_mask_twice_updates_the_one_buffer(mlp, mlp_graph, mlp_batches):
     torch.testing.assert_close(mlp_graph(x), mlp_reference(mlp, x, {"layers.0.weight": second}))
 
 
+def test_insert_masks_updates_some_and_adds_others_in_one_call(mlp, mlp_graph, mlp_batches):
+    x = mlp_batches[1][0]
+    names = ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    nodes = [mlp_graph.weight_node(n) for n in names]
+    first = {n: random_mask(mlp_graph.parameter(n).shape, 10 + i) for i, n in enumerate(names)}
+    second = {n: random_mask(mlp_graph.parameter(n).shape, 20 + i) for i, n in enumerate(names)}
+    assert masks.insert_masks(mlp_graph, nodes[:2], [first[n] for n in names[:2]])
+    mlp_graph.recompile()
+    # two are masked already (their buffers take the new masks), the third gets its node
+    assert masks.insert_masks(mlp_graph, nodes, [second[n].float() for n in names])
+    mlp_graph.recompile()
+    assert not masks.insert_masks(mlp_graph, nodes, [second[n] for n in names])  # all updated
+    mlp_graph.lint()
+    assert len(list(masks.mask_nodes(mlp_graph))) == 3
+    for n, node in zip(names, nodes):
+        assert torch.equal(mlp_graph.module.get_buffer(f"{n}_mask"), second[n])
+        assert meta.entries(node)["mask"].dtype == torch.bool
+        assert torch.equal(meta.entries(node)["mask"], second[n])
+    torch.testing.assert_close(mlp_graph(x), mlp_reference(mlp, x, second))
+
+
+def test_insert_masks_writes_the_buffer_the_module_holds_now(mlp, mlp_graph, mlp_batches):
+    """An update goes to the mask buffer the submodule holds at the time of the call, also
+    after the buffer was replaced (``module.to()`` replaces buffers) once a call had found it."""
+    x = mlp_batches[0][0]
+    node = mlp_graph.weight_node("layers.1.weight")
+    masks.insert_mask(mlp_graph, node, random_mask((32, 32), 5))
+    mlp_graph.recompile()
+    masks.insert_mask(mlp_graph, node, random_mask((32, 32), 6))  # found and remembered
+    layer = mlp_graph.module.get_submodule("layers.1")
+    layer._buffers["weight_mask"] = layer.weight_mask.clone()  # as .to(device) would
+    mask = random_mask((32, 32), 7)
+    masks.insert_mask(mlp_graph, node, mask)
+    assert torch.equal(mlp_graph.module.get_buffer("layers.1.weight_mask"), mask)
+    torch.testing.assert_close(mlp_graph(x), mlp_reference(mlp, x, {"layers.1.weight": mask}))
+
+
 def test_restore_masks_after_fold_computes_with_the_masks_again(mlp, mlp_graph, mlp_batches):
     x = mlp_batches[2][0]
     chosen = {"layers.0.weight": random_mask((32, 16), 3), "layers.2.weight": random_mask((4, 32), 4)}
