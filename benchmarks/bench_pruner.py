@@ -17,12 +17,15 @@ eager torch (:class:`HandWritten`: no ties, options or checks), to show what pru
 step costs with no library around it.
 
 Models: LeNet-5 (the 8×8-input one of ``examples/models.py``, batch 32) and BERT-small
-(4 layers, 512 wide, 8 heads, sequence classification; 8×128 tokens). Each loop runs
-``--steps`` steps on fixed random batches after ``--warmup`` untimed steps (the Pruner's
-first step traces the model); loops of every variant are interleaved, ``--rounds`` times, and
-the per-step medians compared. Load average and thread count are printed with the figures.
-On a shared machine, ``--threads 1 --clock cpu`` times the process's CPU time, which other
-processes barely change.
+(4 layers, 512 wide, 8 heads, sequence classification; 8×128 tokens). Every variant trains
+its own copy of the model, ``--steps`` steps on fixed random batches after ``--warmup``
+untimed steps (the Pruner's first step traces the model), and the variants run in **lockstep**:
+step i of every variant, in an order that rotates from step to step, before step i + 1 of
+any. A stretch of load on a shared machine then slows every variant alike, where loops run
+one after another each met different load. Each variant's ratio is the median over steps
+of its step ÷ the no-Pruner step of the same index (paired), over ``--rounds`` rounds. Load average and thread count are
+printed with the figures. ``--threads 1 --clock cpu`` times the process's CPU time, which
+other processes change less than the wall time.
 Target (issue 13): the Pruner adds at most 25% to a LeNet-5 step and 10% to a BERT-small one.
 
 Usage: ``python benchmarks/bench_pruner.py [--models lenet5,bert-small] [--steps 100]
@@ -32,10 +35,12 @@ Usage: ``python benchmarks/bench_pruner.py [--models lenet5,bert-small] [--steps
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -123,9 +128,10 @@ FLOOR = "hand-written magnitude (floor)"
 
 
 def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity: float,
-         clock=time.perf_counter) -> list[float]:
-    """Per-step seconds of ``steps`` training steps (after ``warmup``), pruning at every step
-    with ``criterion`` (None: no Pruner)."""
+         clock=time.perf_counter) -> Iterator[float | None]:
+    """Train a copy of the model ``warmup + steps`` steps, pruning at every step with
+    ``criterion`` (None: no Pruner); yields after each step its seconds (None for a warm-up
+    step), so that the caller can run several loops in lockstep."""
     torch.manual_seed(0)
     model = make()
     model.train()
@@ -138,7 +144,6 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
                         end_step=warmup + steps - 1, frequency=1,
                         example_inputs=batches[0][0], data=None)
         pruner.on_train_begin()
-    times = []
     for step in range(warmup + steps):
         inputs, targets = batches[step % len(batches)]
         start = clock()
@@ -152,12 +157,27 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
         if pruner is not None:
             pruner.on_after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(clock() - start)
+        yield clock() - start if step >= warmup else None
     if pruner is not None:
         kept = sum(int(m.count_nonzero()) for m in pruner.masks.values())
         total = sum(m.numel() for m in pruner.masks.values())
         assert abs(1 - kept / total - sparsity) < 1e-3, (kept, total)
+
+
+def lockstep(make, batches, variants: list, steps: int, warmup: int, sparsity: float,
+             clock) -> dict[str | None, list[float]]:
+    """Per-step seconds of every variant's loop, the loops run in lockstep (see the module
+    doc); index i of each list is the same step."""
+    loops = {v: loop(make, batches, v, steps, warmup, sparsity, clock) for v in variants}
+    times: dict[str | None, list[float]] = {v: [] for v in variants}
+    for i in range(warmup + steps):
+        for v in variants[i % len(variants):] + variants[:i % len(variants)]:
+            seconds = next(loops[v])
+            if seconds is not None:
+                times[v].append(seconds)
+    for rest in loops.values():  # run each to its end: the sparsity check after the loop
+        for _ in rest:
+            pass
     return times
 
 
@@ -172,7 +192,7 @@ def main() -> None:
                         help="criterion pipeline items, separated by ';'")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved loops per variant")
+    parser.add_argument("--rounds", type=int, default=3, help="lockstep runs of every variant")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -184,32 +204,31 @@ def main() -> None:
     criteria = [c.strip() for c in args.criteria.split(";") if c.strip()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"{os.cpu_count()} CPUs; "
-          f"{args.steps} steps × {args.rounds} interleaved rounds, pruning every step to "
+          f"{args.steps} steps × {args.rounds} rounds in lockstep, pruning every step to "
           f"{args.sparsity:.0%}; load average {load()}\n")
-    print("| model | variant | median step ms | × no Pruner | target |")
+    print("| model | variant | median step ms | × no Pruner (paired) | target |")
     print("|---|---|---:|---:|---|")
     for key in args.models.split(","):
         title, build = MODELS[key]
         model, batches = build()
-        state = {k: v.clone() for k, v in model.state_dict().items()}
 
-        def make(model=model, state=state):
-            model.load_state_dict(state)
-            return model
+        def make(model=model):  # each variant trains its own copy
+            return copy.deepcopy(model)
 
         variants = [None, FLOOR, *criteria]
         times: dict[str | None, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                times[v] += loop(make, batches, v, args.steps, args.warmup, args.sparsity, clock)
-        base = statistics.median(times[None])
+            rotated = variants[r % len(variants):] + variants[:r % len(variants)]
+            for v, seconds in lockstep(make, batches, rotated, args.steps, args.warmup,
+                                       args.sparsity, clock).items():
+                times[v] += seconds
+        base = times[None]
         for v in variants:
-            median = statistics.median(times[v])
-            ratio = median / base
+            ratio = statistics.median(t / b for t, b in zip(times[v], base))
             target = TARGETS[key]
             verdict = "" if v is None else f"≤ {target:.2f} {'ok' if ratio <= target else 'MISSED'}"
-            print(f"| {title} | {v or 'no Pruner'} | {median * 1e3:.2f} | {ratio:.2f} | "
-                  f"{verdict} |", flush=True)
+            print(f"| {title} | {v or 'no Pruner'} | {statistics.median(times[v]) * 1e3:.2f} | "
+                  f"{ratio:.2f} | {verdict} |", flush=True)
         print(f"| | load average after {title}: {load()} | | | |")
 
 
