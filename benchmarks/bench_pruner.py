@@ -19,13 +19,13 @@ step costs with no library around it.
 Models: LeNet-5 (the 8×8-input one of ``examples/models.py``, batch 32) and BERT-small
 (4 layers, 512 wide, 8 heads, sequence classification; 8×128 tokens). Every variant trains
 its own copy of the model, ``--steps`` steps on fixed random batches after ``--warmup``
-untimed steps (the Pruner's first step traces the model), and the variants run in **lockstep**:
-step i of every variant, in an order that rotates from step to step, before step i + 1 of
-any. A stretch of load on a shared machine then slows every variant alike, where loops run
-one after another each met different load. Each variant's ratio is the median over steps
-of its step ÷ the no-Pruner step of the same index (paired), over ``--rounds`` rounds. Load average and thread count are
-printed with the figures. ``--threads 1 --clock cpu`` times the process's CPU time, which
-other processes change less than the wall time.
+untimed steps (the Pruner's first step traces the model), and the variants run in
+**lockstep**: step i of every variant, in a new (seeded) order at each step, before step
+i + 1 of any. A stretch of load on a shared machine then slows every variant alike, where
+loops run one after another each met different load. Each variant's ratio is the median
+over steps of its step ÷ the no-Pruner step of the same index (paired), over ``--rounds``
+rounds. Load average and thread count are printed with the figures. ``--threads 1 --clock
+cpu`` times the process's CPU time, which other processes change less than the wall time.
 Target (issue 13): the Pruner adds at most 25% to a LeNet-5 step and 10% to a BERT-small one.
 
 Usage: ``python benchmarks/bench_pruner.py [--models lenet5,bert-small] [--steps 100]
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -165,13 +166,15 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
 
 
 def lockstep(make, batches, variants: list, steps: int, warmup: int, sparsity: float,
-             clock) -> dict[str | None, list[float]]:
+             clock, seed: int = 0) -> dict[str | None, list[float]]:
     """Per-step seconds of every variant's loop, the loops run in lockstep (see the module
     doc); index i of each list is the same step."""
     loops = {v: loop(make, batches, v, steps, warmup, sparsity, clock) for v in variants}
     times: dict[str | None, list[float]] = {v: [] for v in variants}
-    for i in range(warmup + steps):
-        for v in variants[i % len(variants):] + variants[:i % len(variants)]:
+    order, rng = list(variants), random.Random(seed)
+    for _ in range(warmup + steps):
+        rng.shuffle(order)  # a new order each step: no variant always follows the same one
+        for v in order:
             seconds = next(loops[v])
             if seconds is not None:
                 times[v].append(seconds)
@@ -218,9 +221,8 @@ def main() -> None:
         variants = [None, FLOOR, *criteria]
         times: dict[str | None, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            rotated = variants[r % len(variants):] + variants[:r % len(variants)]
-            for v, seconds in lockstep(make, batches, rotated, args.steps, args.warmup,
-                                       args.sparsity, clock).items():
+            for v, seconds in lockstep(make, batches, variants, args.steps, args.warmup,
+                                       args.sparsity, clock, seed=r).items():
                 times[v] += seconds
         base = times[None]
         for v in variants:
