@@ -47,6 +47,11 @@ temporaries), and digits of small tensors are packed together so each
 ``bincount`` sees a full buffer. Masks are then ``score > t`` plus the first
 ``r`` entries ``== t``.
 
+On CPU the comparisons and counts of the direct path, and of the bracket and the
+masks when torch runs on few threads (``_NUMPY_THREADS``), are numpy's on the same
+memory: its single-threaded loop beats torch's comparison into bool there
+(``benchmarks/bench_select.py --masks`` prints both).
+
 Ordering conventions: ties are broken by position (index of the tensor in the
 list, then row-major flat index within it). ``-0.0`` and ``+0.0`` are treated as
 *equal* (as ``==`` does), so they tie and are kept in position order. NaN cannot
@@ -86,6 +91,7 @@ _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
 _DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is faster
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
+_NUMPY_THREADS = 2  # up to this many torch threads, large selections compare in numpy
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
     torch.float16: (torch.int16, 16, 0x7C00),
@@ -199,8 +205,12 @@ def keep_masks(
     masks = []
     for p, base in zip(pieces, bases):
         mask = torch.empty(p.local.numel(), dtype=torch.bool, device=p.local.device)
+        in_numpy = cut is None and _numpy_reads(mask, dtype)
         for start, c in _float_chunks(p.local, dtype):
             m = mask[start : start + c.numel()]
+            if in_numpy:  # the same, compared by numpy (faster on CPU)
+                ties -= _kept_by_numpy(c.numpy(), t, None if all_ties else ties, m.numpy())
+                continue
             if all_ties:
                 torch.ge(c, t, out=m)
                 continue
@@ -283,9 +293,27 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     ranked = _rankable(sample)
     hi, lo = _kth_smallest(ranked, min(m - top + 1, m), max(m - bottom + 1, 1))
     hi, lo = (hi if top >= 1 else math.inf), (lo if bottom <= m else -math.inf)
-    above, sums, band, gathered = [], [], [], 0
-    buffers = torch.empty(2, min(_CHUNK, total), dtype=torch.bool, device=sample.device)
+    scan = _band_by_numpy if _numpy_reads(sample, dtype) else _band_by_torch
+    found = scan(chunks, hi, lo, min(_CHUNK, total))
+    if found is None:
+        return None
+    n_above, band = found
+    if not n_above < k <= n_above + band.numel():
+        return None
+    wanted = k - n_above  # the wanted-th largest of the band
+    _, t, n_over, at_least = _direct_threshold([band], wanted, dtype)
+    return (0.0 if t == 0 else t), wanted - n_over, at_least - n_over
+
+
+def _band_by_torch(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: float,
+                   size: int) -> tuple[int, torch.Tensor] | None:
+    """One pass over ``chunks()`` (each at most ``size`` entries): how many entries are above
+    ``hi``, and those in [lo, hi]; None when more than ``_CHUNK`` are. Raises on NaN."""
+    above, sums, band, gathered, device = [], [], [], 0, None
     for c in chunks():
+        if device is None:
+            device = c.device
+            buffers = torch.empty(2, size, dtype=torch.bool, device=device)
         over, inside = buffers[:, : c.numel()]  # reused: no fresh pages for each chunk
         torch.gt(c, hi, out=over)
         torch.ge(c, lo, out=inside)
@@ -299,16 +327,53 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     n_above, nan = torch.stack([torch.stack(above).sum().double(), sum(sums)]).tolist()
     if math.isnan(nan):
         _raise_if_nan(chunks(), None)
-    n_above = int(n_above)
-    if not n_above < k <= n_above + gathered:
-        return None
-    band_values = torch.cat(band)
-    wanted = k - n_above  # the wanted-th largest of the band
-    compute = _rankable(band_values)
-    (t,) = _kth_smallest(compute, gathered - wanted + 1)
-    n_over, n_eq = torch.stack([torch.count_nonzero(compute > t),
-                                torch.count_nonzero(compute == t)]).tolist()
-    return (0.0 if t == 0 else t), wanted - n_over, n_eq
+    return int(n_above), torch.cat(band)
+
+
+def _band_by_numpy(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: float,
+                   size: int) -> tuple[int, torch.Tensor] | None:
+    """:func:`_band_by_torch` for CPU chunks numpy reads, compared and counted by numpy."""
+    over_buffer, inside_buffer = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
+    above, band, gathered, nan = 0, [], 0, False
+    for c in chunks():
+        a = c.numpy()
+        over, inside = over_buffer[: a.size], inside_buffer[: a.size]
+        np.greater(a, hi, out=over)
+        np.greater_equal(a, lo, out=inside)
+        np.bitwise_xor(inside, over, out=inside)  # lo <= a <= hi
+        above += int(np.count_nonzero(over))
+        nan = nan or bool(np.isnan(a.max()))  # max is NaN if an entry is
+        gathered += int(np.count_nonzero(inside))
+        if gathered > _CHUNK:  # many equal scores: the radix passes, in bounded memory
+            return None
+        band.append(a[inside])
+    if nan:
+        _raise_if_nan(chunks(), None)
+    return above, torch.from_numpy(np.concatenate(band))
+
+
+def _kept_by_numpy(scores: np.ndarray, t: float, ties: int | None, out: np.ndarray) -> int:
+    """``out`` = scores above ``t`` and the first ``ties`` equal to it (every one with
+    ``ties=None``); returns how many equal ones it kept (0 with ``ties=None``)."""
+    if ties is None:
+        np.greater_equal(scores, t, out=out)
+        return 0
+    np.greater(scores, t, out=out)
+    if not ties:
+        return 0
+    first = np.flatnonzero(scores == t)[:ties]
+    out[first] = True
+    return first.size
+
+
+def _numpy_reads(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a large selection's chunks of ``dtype`` on ``tensor``'s device are compared by
+    numpy: on CPU, for the float dtypes numpy has (not bfloat16), while torch runs on at most
+    ``_NUMPY_THREADS`` threads. numpy's loop is one thread; torch's comparison into bool is
+    several times slower per thread but runs on all of them, so with many threads it wins
+    (``benchmarks/bench_select.py --masks`` times both at the current thread count)."""
+    return (tensor.device.type == "cpu" and torch.get_num_threads() <= _NUMPY_THREADS
+            and dtype in (torch.float16, torch.float32, torch.float64))
 
 
 def _kth_smallest(values: torch.Tensor, *ranks: int) -> list[float]:

@@ -22,16 +22,19 @@ from chop.kernels.select import Piece, keep_masks, kth_largest, mask_counts
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, params=["radix", "bracket", "direct"])
+@pytest.fixture(autouse=True, params=["radix", "bracket", "bracket-torch", "direct"])
 def path(request, monkeypatch) -> str:
     """Every test runs on each path: the radix passes (also for small inputs), the bracket
     from a sample that one process tries first (falling back to the radix passes when it
     misses), and, for inputs below ``_DIRECT`` entries, one sort of a copy (the default for
-    small inputs)."""
+    small inputs). The bracket and the final masks compare in numpy on CPU with few torch
+    threads, as here, and in torch otherwise (``bracket-torch``)."""
     if request.param != "direct":
         monkeypatch.setattr(select, "_DIRECT", 0)
     if request.param == "radix":
         monkeypatch.setattr(select, "_bracket", lambda *args: None)
+    if request.param == "bracket-torch":
+        monkeypatch.setattr(select, "_NUMPY_THREADS", 0)
     return request.param
 
 
