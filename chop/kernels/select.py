@@ -48,8 +48,8 @@ temporaries), and digits of small tensors are packed together so each
 ``r`` entries ``== t``.
 
 On CPU the comparisons and counts of the direct path, and of the bracket and the
-masks when torch runs on few threads (``_NUMPY_THREADS``), are numpy's on the same
-memory: its single-threaded loop beats torch's comparison into bool there
+masks when torch runs on few threads (:func:`numpy_compares`), are numpy's on the
+same memory: its single-threaded loop beats torch's comparison into bool there
 (``benchmarks/bench_select.py --masks`` prints both).
 
 Ordering conventions: ties are broken by position (index of the tensor in the
@@ -91,7 +91,7 @@ _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
 _DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is faster
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
-_NUMPY_THREADS = 2  # up to this many torch threads, large selections compare in numpy
+_NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
     torch.float16: (torch.int16, 16, 0x7C00),
@@ -148,17 +148,21 @@ def mask_counts(
 
 
 def true_counts(masks: Sequence[torch.Tensor]) -> list[int]:
-    """The True entries of each bool tensor. On CPU counted by numpy, which is faster than
-    ``torch.count_nonzero`` on bool there (``benchmarks/bench_select.py --masks``); elsewhere
-    read back in one sync."""
-    if all(readable_by_numpy(m) for m in masks):
+    """The True entries of each bool tensor: counted by numpy where :func:`numpy_compares`,
+    else by torch and read back in one sync."""
+    if all(numpy_compares(m) for m in masks):
         return [int(np.count_nonzero(m.numpy())) for m in masks]
     return torch.stack([torch.count_nonzero(m) for m in masks]).tolist()
 
 
-def readable_by_numpy(tensor: torch.Tensor) -> bool:
-    """Whether numpy can read ``tensor`` as it is: a plain CPU tensor (no subclass)."""
-    return type(tensor) is torch.Tensor and tensor.device.type == "cpu"
+def numpy_compares(tensor: torch.Tensor) -> bool:
+    """Whether bool work on ``tensor`` (comparisons into bool, counts) goes to numpy: for a
+    plain CPU tensor (no subclass) while torch runs on at most ``_NUMPY_THREADS`` threads.
+    numpy's loop is one thread and several times faster than torch's per thread; torch's runs
+    on all of them, so with many threads it wins (``benchmarks/bench_select.py --masks``
+    times both at the current thread count)."""
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu"
+            and torch.get_num_threads() <= _NUMPY_THREADS)
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -368,12 +372,8 @@ def _kept_by_numpy(scores: np.ndarray, t: float, ties: int | None, out: np.ndarr
 
 def _numpy_reads(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a large selection's chunks of ``dtype`` on ``tensor``'s device are compared by
-    numpy: on CPU, for the float dtypes numpy has (not bfloat16), while torch runs on at most
-    ``_NUMPY_THREADS`` threads. numpy's loop is one thread; torch's comparison into bool is
-    several times slower per thread but runs on all of them, so with many threads it wins
-    (``benchmarks/bench_select.py --masks`` times both at the current thread count)."""
-    return (tensor.device.type == "cpu" and torch.get_num_threads() <= _NUMPY_THREADS
-            and dtype in (torch.float16, torch.float32, torch.float64))
+    numpy (:func:`numpy_compares`, and a float dtype numpy has: not bfloat16)."""
+    return numpy_compares(tensor) and dtype in (torch.float16, torch.float32, torch.float64)
 
 
 def _kth_smallest(values: torch.Tensor, *ranks: int) -> list[float]:

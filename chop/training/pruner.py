@@ -74,7 +74,7 @@ from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, select_weights
 from chop.kernels.distributed import local
-from chop.kernels.select import readable_by_numpy
+from chop.kernels.select import numpy_compares
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask
 from chop.pipeline import registry
@@ -408,10 +408,10 @@ class Pruner:
 
 def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> bool:
     """Whether a position ``before`` masks (False) is kept (True) in ``after``, as a Pruner
-    checks at every step: compared by numpy on CPU (faster than torch on bool there,
-    ``benchmarks/bench_select.py --masks``), else in one comparison over all masks at once."""
+    checks at every step: compared by numpy where
+    :func:`~chop.kernels.select.numpy_compares`, else in one comparison over all masks."""
     pairs = [(before[name], after[name]) for name in before]
-    if all(readable_by_numpy(old) and readable_by_numpy(new) for old, new in pairs):
+    if all(numpy_compares(old) and numpy_compares(new) for old, new in pairs):
         return any(np.greater(new.numpy(), old.numpy()).any() for old, new in pairs)
     old = torch.cat([m.reshape(-1) for m, _ in pairs]).view(torch.uint8)
     new = torch.cat([m.reshape(-1) for _, m in pairs]).view(torch.uint8)
