@@ -209,7 +209,7 @@ def keep_masks(
     masks = []
     for p, base in zip(pieces, bases):
         mask = torch.empty(p.local.numel(), dtype=torch.bool, device=p.local.device)
-        in_numpy = cut is None and _numpy_reads(mask, dtype)
+        in_numpy = cut is None and _numpy_reads(p.local, dtype)
         for start, c in _float_chunks(p.local, dtype):
             m = mask[start : start + c.numel()]
             if in_numpy:  # the same, compared by numpy (faster on CPU)
