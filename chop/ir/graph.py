@@ -564,7 +564,7 @@ def _bindings() -> dict[Any, Any]:
                "gelu": ("default",), "silu": ("default",), "relu6": ("default",),
                "hardswish": ("default",), "adaptive_avg_pool2d": ("default",),
                "hardswish_": ("default",), "hardsigmoid": ("default",),
-               "hardsigmoid_": ("default",)},
+               "hardsigmoid_": ("default",), "silu_": ("default",)},
         "T": {"view": ("default",), "expand": ("default",), "contiguous": ("default",),
               "add_": ("Tensor",), "mul_": ("Tensor",)},
     }
