@@ -38,6 +38,11 @@ def path(request, monkeypatch) -> str:
     return request.param
 
 
+# Pieces and a reduce never take the direct path (it is for one process's plain tensors), so
+# on "direct" the tests over processes would repeat the "bracket" run
+PIECE_PATHS = pytest.mark.parametrize("path", ["radix", "bracket", "bracket-torch"], indirect=True)
+
+
 def reference_mask(scores: list[torch.Tensor], k: int) -> list[bool]:
     """Kept flags in concatenated row-major order, via Python's (stable) sort."""
     values = [v for s in scores for v in s.detach().double().reshape(-1).tolist()]
@@ -336,6 +341,7 @@ def gathered(results, scores: list[torch.Tensor]) -> list[torch.Tensor]:
     return whole
 
 
+@PIECE_PATHS
 @pytest.mark.parametrize("kind", ["normal", "few", "zeros", "wide"])
 def test_pieces_over_processes_select_like_one_process(kind: str) -> None:
     rng = torch.Generator().manual_seed(len(kind))
@@ -359,6 +365,7 @@ def test_pieces_over_processes_select_like_one_process(kind: str) -> None:
                 assert {r for _, r in thresholds} == {kth_largest(scores, k)}
 
 
+@PIECE_PATHS
 @pytest.mark.parametrize("how", ["cols", "rows"])
 def test_pieces_stream_and_cut_ties_in_many_chunks(monkeypatch, how: str) -> None:
     # Tiny chunks: every pass streams many chunks, the tie cut runs its own multi-pass
