@@ -30,7 +30,8 @@ Every method's output is checked against dense before timing. Speedup is dense t
 time; "vs best torch" is the best torch form's time ÷ chop's (≥ 1: chop is at least as fast),
 for the exported graph and for the deployed module. The chosen plans, the pass's time and the
 fixed per-call costs (a custom-op call vs the plain function vs a bound layer on a 1×1 weight;
-an exported graph vs ``deployable`` on a tiny MLP) follow the table.
+the op with a trainable bias, grad on and off, vs the same op with torch's generic autograd
+kernel; an exported graph vs ``deployable`` on a tiny MLP) follow the table.
 
 Targets (issue 13): chop ≥ the best torch CSR form everywhere; linear at batch 1: ≥ 8× at 95%,
 ≥ 30× at 99%; MLP: ≥ 8× at 95% at batch 1, ≥ 5× at 95% at batch 32.
@@ -214,14 +215,40 @@ def gated_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]:
 CASES = {"linear": linear_case, "mlp": mlp_case, "gated": gated_case}
 
 
+def generic_autograd_op() -> Callable[..., torch.Tensor]:
+    """``chop::csr_linear``'s schema and CPU kernel as a second op whose autograd is
+    ``torch.library.register_autograd``'s generic kernel (saving what chop's saves): the
+    baseline of chop's own Autograd kernel in :func:`per_call_costs`."""
+    if not hasattr(torch.ops.bench_sparse, "csr_linear"):
+        lib = torch.library.Library("bench_sparse", "FRAGMENT")
+        lib.define(torch.ops.chop.csr_linear.default._schema.__str__().split("::", 1)[1])
+        lib.impl("csr_linear", csr_linear_forward, "CPU")
+        GENERIC_LIBS.append(lib)
+
+        def setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+            ctx.save_for_backward(*inputs[1:4])
+
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+            raise NotImplementedError("timed forward only")
+
+        torch.library.register_autograd("bench_sparse::csr_linear", backward, setup_context=setup)
+    return torch.ops.bench_sparse.csr_linear.default
+
+
+GENERIC_LIBS: list[Any] = []  # keeps the baseline op's library (and kernels) alive
+
+
 def per_call_costs() -> dict[str, float]:
     """Fixed costs in µs per call: the custom op vs its plain function vs the layer bound by
-    ``bind`` on a 1×1 weight, an exported 2-layer graph vs deployable() on a 4×4 MLP at batch
-    1, and the copy that turns
+    ``bind`` on a 1×1 weight; the op with a trainable bias (as the export keeps it), with grad
+    on and under ``no_grad``, against the same op with torch's generic autograd kernel; an
+    exported 2-layer graph vs deployable() on a 4×4 MLP at batch 1, and the copy that turns
     ``W_csr @ x.T`` (4096 × 32) into the contiguous ``(32, 4096)`` result chop returns (torch's
     ``W@x.T`` form leaves its result transposed)."""
     csr = to_csr(torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool))
     x = torch.ones(1, 1)
+    bias = nn.Parameter(torch.zeros(1))
+    generic = generic_autograd_op()
     small = MLP((4, 4, 4)).eval()
     graph = chop.run(chop.trace(small, (torch.randn(2, 4),)), "random, mask{sparsity=0.5}, "
                      "sparse{mode=all, kernel=torch-mm}").eval()
@@ -229,10 +256,21 @@ def per_call_costs() -> dict[str, float]:
     x4 = torch.randn(1, 4)
     layer = bind(*csr, (1, 1), None, [1], [])
     transposed = torch.randn(SIZE, 32)
+
+    def with_bias(op: Callable[..., torch.Tensor], grad: bool) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:  # interleaved_seconds times under no_grad
+            with torch.set_grad_enabled(grad):
+                return op(x, *csr, 1, bias, [1], [])
+        return call
+
     t = interleaved_seconds({
         "custom op": lambda: csr_linear(x, *csr, 1, None, [1], []),
         "plain function": lambda: csr_linear_forward(x, *csr, 1, None, [1], []),
         "bound layer": lambda: layer(x),
+        "custom op, trainable bias, grad on": with_bias(csr_linear, True),
+        "the same, generic autograd kernel": with_bias(generic, True),
+        "custom op, trainable bias, no_grad": with_bias(csr_linear, False),
+        "the same, generic autograd kernel, no_grad": with_bias(generic, False),
         "exported graph": lambda: graph(x4),
         "deployable": lambda: deploy(x4),
         "eager MLP (dense)": lambda: small(x4),

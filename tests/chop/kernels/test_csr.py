@@ -163,6 +163,42 @@ def test_bias_gradient_and_no_gradient_for_the_stored_values():
     assert values.grad is None  # buffers: the sparse export is for inference
 
 
+def test_the_autograd_kernel_computes_only_the_gradients_asked_for_and_traces_as_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(2)
+    weight, mask = torch.randn(6, 8, dtype=torch.float64), torch.rand(6, 8) < 0.5
+    csr = sparse_ops.to_csr(weight, mask)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for x_grad in (False, True):
+        x = torch.randn(3, 8, dtype=torch.float64, requires_grad=x_grad)
+        y = sparse_ops.csr_linear(x, *csr, 6, bias)
+        g = torch.randn_like(y)
+        with Calls() as calls:
+            grads = torch.autograd.grad(y, [x, bias] if x_grad else [bias], g)
+        # the input's gradient (a sparse product) only when the input requires grad
+        assert calls.ops.count("chop.csr_linear_backward") == int(x_grad)
+        reference = F.linear(x, weight * mask, bias)
+        expected = torch.autograd.grad(reference, [x, bias] if x_grad else [bias], g)
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    with torch.no_grad():  # nothing recorded under no_grad, whatever requires grad
+        assert not sparse_ops.csr_linear(x, *csr, 6, bias).requires_grad
+    # tracing with inputs that require grad goes through the Autograd kernel (AOT autograd)
+    torch.library.opcheck(torch.ops.chop.csr_linear.default,
+                          (torch.randn(3, 8, dtype=torch.float64, requires_grad=True), *csr, 6,
+                           bias, [1], []))
+
+
 def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
