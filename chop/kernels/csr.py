@@ -48,7 +48,7 @@ Autograd: the gradient flows to ``x`` and ``bias`` (so layers before a sparse la
 train), each only when it requires grad; the stored non-zero values are buffers and get no
 gradient — the sparse export is for inference, train before exporting. The Autograd kernel is
 written out (:func:`_autograd_kernel`), not made by ``torch.library.register_autograd``: with a
-trainable bias, as the export keeps it, a call costs 0.67× as much as through that generic
+trainable bias, as the export keeps it, a call costs about 0.7× as much as through that generic
 kernel (``bench_sparse.py`` prints both).
 
 On CUDA, 2:4 semi-structured weights can instead use :func:`torch.sparse.to_sparse_semi_structured`
