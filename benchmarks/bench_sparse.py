@@ -221,7 +221,7 @@ def generic_autograd_op() -> Callable[..., torch.Tensor]:
     baseline of chop's own Autograd kernel in :func:`per_call_costs`."""
     if not hasattr(torch.ops.bench_sparse, "csr_linear"):
         lib = torch.library.Library("bench_sparse", "FRAGMENT")
-        lib.define(torch.ops.chop.csr_linear.default._schema.__str__().split("::", 1)[1])
+        lib.define(str(torch.ops.chop.csr_linear.default._schema).split("::", 1)[1])
         lib.impl("csr_linear", csr_linear_forward, "CPU")
         GENERIC_LIBS.append(lib)
 
