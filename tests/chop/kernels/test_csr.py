@@ -199,6 +199,28 @@ def test_the_autograd_kernel_computes_only_the_gradients_asked_for_and_traces_as
                            bias, [1], []))
 
 
+def test_export_and_its_decomposition_keep_the_op_through_the_autograd_kernel():
+    torch.manual_seed(3)
+    weight, mask = torch.randn(6, 8), torch.rand(6, 8) < 0.5
+
+    class Sparse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, t in zip(("values", "col", "crow"), sparse_ops.to_csr(weight, mask)):
+                self.register_buffer(name, t)
+            self.bias = torch.nn.Parameter(torch.randn(6))  # requires grad, as the export keeps it
+
+        def forward(self, x):
+            return sparse_ops.csr_linear(x, self.values, self.col, self.crow, 6, self.bias)
+
+    model, x = Sparse(), torch.randn(3, 8)
+    program = torch.export.export(model, (x,))
+    for stage in (program, program.run_decompositions()):
+        ops = [n.target for n in stage.graph.nodes if n.op == "call_function"]
+        assert ops == [torch.ops.chop.csr_linear.default]  # not decomposed into its kernel
+        torch.testing.assert_close(stage.module()(x), F.linear(x, weight * mask, model.bias))
+
+
 def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
