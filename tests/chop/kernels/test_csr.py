@@ -199,6 +199,7 @@ def test_the_autograd_kernel_computes_only_the_gradients_asked_for_and_traces_as
                            bias, [1], []))
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch's pytree, copying
 def test_export_and_its_decomposition_keep_the_op_through_the_autograd_kernel():
     torch.manual_seed(3)
     weight, mask = torch.randn(6, 8), torch.rand(6, 8) < 0.5
