@@ -222,6 +222,34 @@ def test_export_and_its_decomposition_keep_the_op_through_the_autograd_kernel():
         torch.testing.assert_close(stage.module()(x), F.linear(x, weight * mask, model.bias))
 
 
+def test_torch_compile_runs_forward_and_backward_through_the_op_in_one_graph():
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    weight, mask = torch.randn(6, 8), torch.rand(6, 8) < 0.5
+    csr = sparse_ops.to_csr(weight, mask)
+    bias = torch.randn(6, requires_grad=True)
+    seen = []
+
+    def backend(gm, example_inputs):  # records the ops Dynamo hands on, then AOT autograd
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+    @torch.compile(backend=backend, fullgraph=True)  # a graph break is an error
+    def layer(x):
+        return torch.tanh(sparse_ops.csr_linear(x, *csr, 6, bias))
+
+    x = torch.randn(3, 8, requires_grad=True)
+    y = layer(x)
+    assert torch.ops.chop.csr_linear.default in seen
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, bias], g)
+    reference = torch.tanh(F.linear(x, weight * mask, bias))
+    torch.testing.assert_close(y, reference)
+    for got, want in zip(grads, torch.autograd.grad(reference, [x, bias], g), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
