@@ -5,14 +5,15 @@ Models (``--models``): ResNet-50 (built as torchvision builds it, see ``bench_sh
 ``--batch`` images of 224×224) and BERT-base (``BertForSequenceClassification(BertConfig())``,
 built from the config, nothing downloaded; ``--batch`` × ``--seq`` tokens); with torchvision
 installed, any of its classifiers as ``torchvision:<name>`` (untrained, 224×224 images, the
-last linear layer left alone by both). Both pruners get the same batch. chop: ``chop.trace``
+last linear layer left alone by both). Both score the same batch. chop: ``chop.trace``
 (reported separately), then
 ``chop.run(graph, "snip, mask{granularity=channel, sparsity=S}, shrink", data=...)``; the
 stage times are the pass manager's (``graph.history``), so ``mask`` includes the channel
 coupling analysis and ``shrink`` its check of the shrunk output against the masked one (two
 eval forwards on 2 samples, printed apart as well: Torch-Pruning checks nothing).
 Torch-Pruning (when ``torch_pruning`` is importable; "absent" otherwise): ``MetaPruner`` with
-``TaylorImportance`` at ``pruning_ratio=S``, the classifier ignored as in its examples; BERT as
+``TaylorImportance`` at ``pruning_ratio=S``, traced on the batch's first sample and the
+classifier ignored, as in its examples (its backward takes the whole batch); BERT as
 in its Hugging Face BERT example (``num_heads`` of every query/key/value, ``prune_head_dims``,
 not ``prune_num_heads``; the pooler ignored; heads' sizes updated after the step).
 
@@ -159,7 +160,8 @@ def run_tp(model: nn.Module, inputs: tuple, targets: torch.Tensor, sparsity: flo
         kwargs.update(prune_head_dims=True, prune_num_heads=False, head_pruning_ratio=sparsity,
                       output_transform=lambda out: logits(out).sum())
         ignored.append(model.bert.pooler)
-    pruner = tp.pruner.MetaPruner(model, inputs, importance=tp.importance.TaylorImportance(),
+    example = tuple(x[:1] for x in inputs)  # its examples trace one sample, not the batch
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.TaylorImportance(),
                                   pruning_ratio=sparsity, ignored_layers=ignored, **kwargs)
     built = time.perf_counter()
     model.zero_grad()
