@@ -12,6 +12,9 @@
 - ``chop report PATH`` prints the per-layer table of an output folder, a ``.pt2`` or a
   checkpoint.
 
+``transform`` and ``train`` first make glibc keep freed memory for reuse
+(:func:`~chop.kernels.allocator.reuse_freed_memory`; ``CHOP_MALLOC=system`` leaves it alone).
+
 User errors (:class:`~chop.errors.ChopError`) print a short message and exit with status 2,
 without a traceback. Anything else is a bug: a one-line message and status 3 (set
 ``CHOP_TRACEBACK=1`` to see the traceback). Ctrl-C (SIGINT) and SIGTERM, at any moment, unwind
@@ -69,7 +72,9 @@ def _transform(args: argparse.Namespace, console: Console) -> int:
     from chop.cli.commands import transform
     from chop.cli.display import Display, logging_to
     from chop.cli.ranks import process_group
+    from chop.kernels.allocator import reuse_freed_memory
 
+    reuse_freed_memory()  # the steps' activations reuse freed memory (see its module doc)
     err = Console(stderr=True)
     with process_group() as (rank, world):
         quiet = args.quiet or rank != 0  # under torchrun rank 0 alone prints (errors: all)
@@ -108,10 +113,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from chop.cli.commands import train
     from chop.cli.display import Display, epoch_line, logging_to
     from chop.cli.ranks import world
+    from chop.kernels.allocator import reuse_freed_memory
 
     if world()[1] > 1:
         raise ChopError("chop train runs in one process; run it without torchrun (chop "
                         "transform is the command that splits its scoring over ranks)")
+    reuse_freed_memory()
     err = Console(stderr=True)
     shown_on = err if args.json else console  # keep stdout pure JSON with --json
     display = Display(err, enabled=not args.quiet and err.is_terminal)

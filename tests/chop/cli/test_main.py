@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import chop
 from chop.cli.main import main
+from chop.kernels import allocator
 
 ROOT = Path(__file__).resolve().parents[3]
 OUTPUTS = {"model.pt2", "weights.safetensors", "masks.safetensors", "report.json",
@@ -1074,3 +1075,17 @@ def test_a_loss_of_your_own_scores_and_measures_any_model(project: Path, capfd) 
     assert main(["transform", "--config", str(config), str(project / "model.ckpt"), "-o",
                  str(project / "ce")]) == 2  # without it: float targets are refused
     assert "[loss] source" in " ".join(capfd.readouterr().err.split())
+
+
+def test_transform_and_train_make_malloc_reuse_freed_memory_and_others_do_not(
+        monkeypatch, tmp_path, capfd) -> None:
+    calls = []
+    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: calls.append(1) or False)
+    missing = str(tmp_path / "missing.toml")
+    assert main(["transform", "--config", missing, str(tmp_path / "m.pt")]) == 2
+    assert main(["train", "--config", missing, str(tmp_path / "m.pt")]) == 2
+    assert len(calls) == 2
+    assert main(["passes"]) == 0
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert len(calls) == 2
+    capfd.readouterr()
