@@ -21,7 +21,7 @@ Target (issue 13): ≥ 0.8 at batch 32 for both models, and the shrunk ResNet-50
 as Torch-Pruning's.
 
 Usage: ``python benchmarks/bench_shrink.py [--models vgg resnet50] [--batches 1 32]
-[--repeats 10] [--threads N] [--stat median|min]``
+[--repeats 10] [--threads N] [--stat median|min] [--reuse-freed-memory]``
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chop  # noqa: E402
 from chop.ir import meta  # noqa: E402
 from chop.ir.masks import insert_mask  # noqa: E402
+from chop.kernels.allocator import reuse_freed_memory  # noqa: E402
 from chop.kernels.timing import interleaved_seconds  # noqa: E402
 from chop.passes.analysis.channel_groups import channel_groups  # noqa: E402
 from chop.passes.analysis.group_select import group_masks, group_scores  # noqa: E402
@@ -182,7 +183,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic over the repeats (min: least disturbed by other load)")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="first call chop.kernels.allocator.reuse_freed_memory(), as the "
+                        "chop command line does (see benchmarks/bench_allocator.py)")
     args = parser.parse_args()
+    if args.reuse_freed_memory and not reuse_freed_memory():
+        raise SystemExit("--reuse-freed-memory: reuse_freed_memory() did nothing here (not "
+                         "glibc, or the environment chose the allocator)")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -191,7 +198,8 @@ def main() -> None:
     except ImportError:
         have_tp = "Torch-Pruning not installed (its column is left out)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{have_tp}; {args.sparsity:.0%} of each channel group removed; {args.stat} of "
+          f"{have_tp}; {args.sparsity:.0%} of each channel group removed; "
+          f"{'freed memory reused; ' if args.reuse_freed_memory else ''}{args.stat} of "
           f"{args.repeats} interleaved repeats; load average {load()}\n")
     for name in args.models:
         torch.manual_seed(args.seed)
