@@ -6,8 +6,8 @@ from the kernel (``mmap``), and returns it (``munmap``) when the tensor is freed
 backward at a realistic batch allocates its activations afresh at every call, most of them
 larger than 32 MiB (a 16×256×56×56 float activation is 49 MiB), so every call pays a page
 fault and the zeroing of a fresh page for every 4 KiB it touches. On this project's 2-core
-machine a ResNet-50 forward at batch 32 took 5.1–6.5 s with 0.85–1.3M page faults per call,
-and 3.3 s with none once freed memory was kept (``benchmarks/bench_allocator.py`` measures it
+machine a ResNet-50 forward at batch 32 took 6.34 s with 1.27M page faults per call, and 3.21 s
+with none once freed memory was kept (``benchmarks/bench_allocator.py``, which measures the two
 side by side). torch's CPU performance guide recommends jemalloc or tcmalloc for the same
 reason; :func:`reuse_freed_memory` gets the same effect from glibc itself, in the running
 process, with two ``mallopt`` settings:
@@ -17,11 +17,16 @@ process, with two ``mallopt`` settings:
 - ``M_TRIM_THRESHOLD`` = 2 GiB - 1: free memory at the top of the heap is given back only when
   it exceeds that, so the next step's activations find it still mapped.
 
-The cost: the process keeps the memory of its largest step (its peak resident size stays
-about the same, ~1.2 GiB against 0.85–1.1 GiB for that forward) until it exits. The ``chop``
-command line calls it at the start of ``transform`` and ``train``; library code never does (the
-allocator belongs to the process, so the program decides). It leaves glibc alone when the
-process already chose: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+The cost: the process keeps the memory of its largest step until it exits, and its peak is
+higher (15–26% in that benchmark: 1,159 against 921 MiB for that forward). glibc does not
+always fit a new block into freed ones: in a probe, a freed 64 MiB block did not serve the next
+64 MiB request (torch asks for 64-byte aligned blocks) but did serve a 48 MiB one. Where shapes
+change from call to call, memory grows with either setting (fragmentation), faster with this
+one.
+
+The ``chop`` command line calls it at the start of ``transform`` and ``train``; library code
+never does (the allocator belongs to the process, so the program decides). It leaves glibc
+alone when the process already chose: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_`` set, glibc tunables for malloc in
 ``GLIBC_TUNABLES``, another allocator in ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc), or
 ``CHOP_MALLOC=system``; and it does nothing where the C library is not glibc (macOS, Windows,
