@@ -115,10 +115,6 @@ def measure(setting: str, workload: str, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def load() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
@@ -132,6 +128,9 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args)))
         return
     import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_shrink import load
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{args.rounds} rounds of one process per setting, {args.calls} calls each after one "
