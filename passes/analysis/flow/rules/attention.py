@@ -9,8 +9,10 @@ traced to a parameter blocks them. A head whose values are constant outputs that
 ``matmul``/``bmm`` (or an einsum that is one) between two activations, attention written out
 (``q @ kᵀ``, ``probs @ v``), contracts channels only where both sides carry the same ones;
 channels along the batch dims (heads) must match on both sides; a row of channels contracted
-away is one unit. With a parameter as second operand (``x @ W``, ``W`` is ``[in, out]``) it is
-a weight op like ``addmm`` without bias (no constant folds into it)."""
+away is one unit; a product that contracts away every channel it carries (one head's ``q @ kᵀ``)
+blocks them, as a sum over channels does. With a parameter as second operand (``x @ W``,
+``W`` is ``[in, out]``) it is a weight op like ``addmm`` without bias (no constant folds into
+it)."""
 
 from __future__ import annotations
 
@@ -100,10 +102,12 @@ class Attention(Rule):
 
 
 def contract(walk: Walk, ta: Tag | None, tb: Tag | None, sa: list, sb: list
-             ) -> tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]] | None:
+             ) -> tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]]:
     """``a @ b`` for ``a`` ``[*batch, m, k]`` and ``b`` ``[*batch, k, n]`` (tags ``ta``, ``tb``,
     shapes ``sa``, ``sb``): join what the product couples and return the output's ``(dims,
-    atoms, folded)``, or None if it carries no channels."""
+    atoms, folded)``. A product that sums every channel away (one head's ``q @ kᵀ``, ``h · h``)
+    is :class:`Unsupported`: its result reads them all, and no weight of the flow stands for
+    that read."""
     n = len(sa)
     batch = range(n - 2)
     ka = ta is not None and n - 1 in ta.dims  # contracted dims: a's last, b's second to last
@@ -139,8 +143,9 @@ def contract(walk: Walk, ta: Tag | None, tb: Tag | None, sa: list, sb: list
             raise Unsupported("contracts channels laid out differently on both sides")
         walk.join(ra, rb)
     dims = sorted({d for r in reduced if r is not None for d in r[0]})
-    if not dims:
-        return None
+    if not dims:  # only contracted channels: a reduction over them, as sum(dim=channel) is
+        raise Unsupported("sums these channels away (its result carries none of them): "
+                          "removing one changes the result")
     sizes = [next(r[1].shape[r[0].index(d)] for r in reduced if r is not None and d in r[0])
              for d in dims]
     spread = []
@@ -190,11 +195,8 @@ class Einsum(Rule):
         pa = [la.index(c) for c in batch + m + k]
         pb = [lb.index(c) for c in batch + k + nn]
         a, b = operands
-        found = contract(walk, _permute(walk.tag(a), pa), _permute(walk.tag(b), pb),
-                         [shape_of(a)[i] for i in pa], [shape_of(b)[i] for i in pb])
-        if found is None:
-            return
-        dims, atoms, folded = found
+        dims, atoms, folded = contract(walk, _permute(walk.tag(a), pa), _permute(walk.tag(b), pb),
+                                       [shape_of(a)[i] for i in pa], [shape_of(b)[i] for i in pb])
         layout = batch + m + nn  # the output of contract; the einsum's is ``out``
         tag = _permute(Tag(dims, atoms, folded), [layout.index(c) for c in out])
         walk.set(node, tag.dims, tag.atoms, Step(self, [], info={"shape": tag.atoms.shape}),
@@ -274,10 +276,8 @@ class Matmuls(Matmul):
         n = len(shape_of(node))
         if len(shape_of(a)) != n or len(shape_of(b)) != n or n < 3:
             raise Unsupported("multiplies activations of different ranks")
-        found = contract(walk, walk.tag(a), walk.tag(b), shape_of(a), shape_of(b))
-        if found is not None:
-            dims, atoms, folded = found
-            walk.set(node, dims, atoms, Step(self, [], info={"shape": atoms.shape}), folded)
+        dims, atoms, folded = contract(walk, walk.tag(a), walk.tag(b), shape_of(a), shape_of(b))
+        walk.set(node, dims, atoms, Step(self, [], info={"shape": atoms.shape}), folded)
 
     def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
         if "weight" in step.info:

@@ -248,3 +248,50 @@ def test_einsum_attention_has_heads_and_shrinks_exactly():
         shrink(graph)
         torch.testing.assert_close(graph(x), expected)
     assert graph.parameter("qkv.weight").shape == (12, 8) and graph.parameter("o.weight").shape == (8, 4)
+
+
+class SingleHead(nn.Module):
+    """One head written out (SAGAN, non-local blocks): ``q @ kᵀ`` sums every q/k channel away."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.fc = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        return self.fc(scores.softmax(-1) @ self.v(x))
+
+
+class SquaredNorm(nn.Module):
+    """``h · h`` beside a layer that reads only some of h's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.fc = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        return self.fc(h) + (h.unsqueeze(1) @ h.unsqueeze(2)).squeeze(-1)
+
+
+@pytest.mark.parametrize("model", [SingleHead, SquaredNorm])
+def test_a_product_that_sums_every_channel_away_keeps_them(model):
+    torch.manual_seed(0)
+    model = model().eval()
+    first_name = "q.weight" if isinstance(model, SingleHead) else "l1.weight"
+    first = model.get_submodule(first_name.split(".")[0])
+    with torch.no_grad():  # channels 0-2 constant: their q/h values still enter the product
+        first.weight[:3] = 0
+        if isinstance(model, SquaredNorm):
+            model.fc.weight[:, 3:5] = 0  # channels 3-4 not read by fc, only by h · h
+    shape = (5, 6) if isinstance(model, SquaredNorm) else (2, 5, 8)
+    graph, flow = traced_flow(model, torch.randn(shape))
+    product = next(n for n in graph.module.graph.nodes if getattr(n.target, "overloadpacket", None)
+                   in (torch.ops.aten.matmul, torch.ops.aten.bmm))
+    assert "sums these channels away" in flow.blocked[int(flow.tags[product.args[0]].atoms[0])]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = model(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    assert graph.parameter(first_name).shape[0] == 8  # every channel kept
