@@ -57,7 +57,7 @@ class Computed(Rule):
 @register(aten.relu, aten.relu6, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardtanh,
           aten.hardswish, aten.hardsigmoid, aten.leaky_relu, aten.elu, aten.mish, aten.softplus,
           aten.neg, aten.abs, aten.exp, aten.sqrt, aten.rsqrt, aten.square, aten.erf, aten.sin,
-          aten.cos, aten.log, aten.clamp, aten.clamp_min, aten.clamp_max)
+          aten.cos, aten.log)
 class Unary(Computed):
     folds = True
 
@@ -65,18 +65,21 @@ class Unary(Computed):
         walk.same(node, Step(self, [node.args[0]]))
 
 
+_THREE = (aten.where, aten.clamp)  # three tensor operands: where's condition, clamp's bounds
+
+
 @register(aten.add, aten.sub, aten.mul, aten.div, aten.pow, aten.maximum, aten.minimum,
-          aten.where, aten.masked_fill)
+          aten.where, aten.masked_fill, aten.clamp, aten.clamp_min, aten.clamp_max)
 class Binary(Computed):
-    """Tensor operands combined position by position (``where``'s condition and
-    ``masked_fill``'s mask included)."""
+    """Tensor operands combined position by position (``where``'s condition, ``masked_fill``'s
+    mask and ``clamp``'s tensor bounds included; number bounds are not operands)."""
 
     folds = True
 
     def visit(self, walk: Walk, node: Node) -> None:
         ndim = len(shape_of(node))
         tagged, other = [], []
-        for a in node.args[:3] if packet(node) is aten.where else node.args[:2]:
+        for a in node.args[:3] if packet(node) in _THREE else node.args[:2]:
             if not isinstance(a, Node):
                 continue
             shift = ndim - len(shape_of(a))

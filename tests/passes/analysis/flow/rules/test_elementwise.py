@@ -134,3 +134,30 @@ def test_a_parameter_per_channel_is_a_member_and_a_table_keeps_its_dim_whole():
         shrink(graph)
         torch.testing.assert_close(graph(x), expected)
     assert graph.parameter("scale").shape == (5,) and graph.parameter("fc2.weight").shape == (4, 5)
+
+
+def test_clamp_bounds_per_channel_are_members_and_shrink_with_the_channels():
+    class Capped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.fc = nn.Linear(6, 8), nn.Linear(8, 3)
+            self.floor = nn.Parameter(torch.full((8,), -0.5))
+            self.register_buffer("cap", torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            h = torch.clamp(torch.relu(self.l1(x)), max=self.cap)
+            return self.fc(torch.clamp(h, min=self.floor).clamp(max=2.0) + torch.clamp_max(h, 1.0))
+
+    torch.manual_seed(0)
+    model = Capped().eval()
+    with torch.no_grad():
+        model.fc.weight[:, :3] = 0  # channels 0-2 read by nothing
+    graph, flow = traced_flow(model, torch.randn(5, 6))
+    assert set(flow.members) >= {("cap", 0), ("floor", 0)}
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = model(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    assert graph.module.cap.shape == (5,) and graph.parameter("floor").shape == (5,)
+    assert graph.parameter("l1.weight").shape == (5, 6)
