@@ -87,6 +87,9 @@ _ROLE_ORDER = ("embedding", "norm", "bias", "conv", "linear", "other")
 # Arguments that differ between train and eval mode: op packet -> (kind, index, keyword).
 _MODE_ARGS: dict[Any, tuple[str, int, str]] = {
     aten.batch_norm: ("batch_norm", 5, "training"),
+    # InstanceNorm with running statistics: batch statistics in train mode, the running ones in
+    # eval mode (the argument sits where batch_norm's does; without running stats always True)
+    aten.instance_norm: ("batch_norm", 5, "use_input_stats"),
     **{op: ("dropout", 2, "train") for op in (
         aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout,
         aten.dropout_, aten.feature_dropout_, aten.alpha_dropout_, aten.feature_alpha_dropout_)},

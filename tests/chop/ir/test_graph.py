@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -253,6 +255,32 @@ def test_a_graph_traced_in_eval_mode_still_trains_batch_norm_and_dropout(options
     a = graph(x)
     torch.manual_seed(2)
     assert not torch.equal(a, graph(x))  # dropout is on again in train mode
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_instance_norm_with_running_stats_switches_like_batch_norm(traced_in):
+    torch.manual_seed(0)
+    tracked = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), tracked, nn.InstanceNorm2d(4), nn.Flatten(),
+                          nn.Linear(4 * 36, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 3, 6, 6)
+    graph = chop.trace(model.train(traced_in == "train"), (x,))
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    graph.eval()
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):  # the running statistics, left as they were
+            torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, stats[key]), key
+    graph.train()
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():  # batch statistics, and the running ones updated as eager code does
+        torch.testing.assert_close(graph(x), reference(x))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
 
 
 def test_recurrent_layers_switch_their_dropout_between_layers():
