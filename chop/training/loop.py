@@ -19,6 +19,7 @@ Metrics (:func:`evaluate`), one of :data:`METRICS`:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,8 @@ from chop.ir.graph import Graph
 from chop.ir.masks import current_masks, factor, mask_nodes, mask_of
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
+
+log = logging.getLogger("chop")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 # Optimizers whose update of an entry with zero weight, zero gradient and zero state is zero
 # (with any of their options): pruned weights stay zero without re-masking after the step.
 _ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+# Optimizers (by class name) whose update of an entry reads the whole parameter's norm
+_PARAMETER_WIDE = ("adafactor", "lamb", "lars")
 
 
 class FastMasks:
@@ -93,7 +98,13 @@ class FastMasks:
 
     So the kept weights see exactly the gradients and updates of the masked graph, the forward
     outputs are bit for bit those of the masked graph, pruned weights are exactly zero and the
-    optimizer state of pruned entries stays zero. (The plain masked graph lets pruned *weights*
+    optimizer state of pruned entries stays zero. This holds for optimizers that update each
+    entry from that entry's own gradient and state (SGD, Adam and their kin, Adagrad, RMSprop).
+    One that scales a parameter's update by the norm of the whole parameter (Adafactor's
+    relative step, LAMB's and LARS's trust ratios) reads the pruned entries as zeros here, where
+    the masked graph keeps their old values: its kept weights then move differently (a warning
+    is logged for those by name); train the plain masked graph to get the masked graph's
+    updates. (The plain masked graph lets pruned *weights*
     drift under weight decay, invisibly, since they are multiplied by zero; here they stay 0.)
     On exit the mask nodes multiply again: the graph is the masked graph, with its pruned
     weights zero. When the masks change inside (a :class:`~chop.training.pruner.Pruner` pruned,
@@ -108,10 +119,20 @@ class FastMasks:
         self.masks: list[torch.Tensor] = []  # the graph's mask buffers (updated in place)
 
     def __enter__(self) -> FastMasks:
-        if self.optimizer is not None and type(self.optimizer) not in _ZERO_KEEPING:
-            self._handles.append(self.optimizer.register_step_post_hook(
-                lambda *_: self._mask_weights()))
-        self.refresh()
+        name = type(self.optimizer).__name__
+        if any(k in name.lower() for k in _PARAMETER_WIDE):
+            log.warning("fast_masks: %s scales updates by whole-parameter norms, which read the "
+                        "pruned weights as zeros here but as their old values in the masked "
+                        "graph, so training differs from the masked graph's; train without "
+                        "fast_masks to match it", name)
+        try:
+            if self.optimizer is not None and type(self.optimizer) not in _ZERO_KEEPING:
+                self._handles.append(self.optimizer.register_step_post_hook(
+                    lambda *_: self._mask_weights()))
+            self.refresh()
+        except BaseException:
+            self.__exit__()  # no hook or pass-through node left behind
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -125,7 +146,9 @@ class FastMasks:
 
     def refresh(self) -> None:
         """Take up mask nodes added since (they pass their weight through from now on), and
-        zero the pruned weights and their optimizer state under the current masks."""
+        zero the pruned weights, their gradients (a Pruner that prunes after backward leaves
+        gradients computed under the masks before) and their optimizer state under the
+        current masks."""
         module, added = self.graph.module, []
         for node in mask_nodes(self.graph):
             if node.target is torch.ops.aten.mul.Tensor:
@@ -134,9 +157,14 @@ class FastMasks:
                 self._nodes.append(node)
                 self.weights.append(weight)
                 self.masks.append(mask)
-                self._handles.append(weight.register_hook(_grad_masker(mask)))
+                if weight.requires_grad:  # a frozen weight has no gradient to mask
+                    self._handles.append(weight.register_hook(_grad_masker(mask)))
                 added.append(node)
         self._mask_weights()
+        with torch.no_grad():
+            for weight, mask in zip(self.weights, self.masks):
+                if weight.grad is not None:
+                    weight.grad.mul_(factor(mask))
         for node in added:
             node.target = _weight
         if added:

@@ -17,6 +17,7 @@ from chop.errors import DataError
 from chop.ir.masks import current_masks
 from chop.passes.export.fold import fold_masks
 from chop.training.loop import (
+    FastMasks,
     TrainSpec,
     accuracy,
     fast_masks,
@@ -330,13 +331,16 @@ def test_fast_masks_zero_the_state_of_pruned_entries_on_entry_and_refresh(mlp, m
         assert not weight[~newer].any()
 
 
-def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp):
+@pytest.mark.parametrize("criterion", ["magnitude", "snip-momentum{source=grad}"])
+def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp, criterion):
     """train_graph with a Pruner on an unmasked graph: the mask nodes the first pruning step
-    adds are passed through too, and the records equal training without fast_masks."""
+    adds are passed through too, and the records equal training without fast_masks; with a
+    criterion that prunes after backward (from the step's gradients), the gradients of newly
+    pruned weights are masked before the optimizer step."""
     x, y = easy_task(64)
     twin = copy.deepcopy(mlp)
     spec = TrainSpec(lr=0.01, epochs=2, seed=0, weight_decay=0.01, prune_sparsity=0.8,
-                     prune_criterion="magnitude", prune_end=6, prune_frequency=2)
+                     prune_criterion=criterion, prune_end=6, prune_frequency=2)
     fast = chop.trace(mlp, (x[:2],))
     plain = chop.trace(twin, (x[:2],))
     fast_records = train_graph(fast, (x, y), None, spec, batch_size=16)
@@ -373,3 +377,41 @@ def test_fast_masks_re_mask_weights_after_other_optimizers(mlp, mlp_batches):
         fast_losses = steps(fast, optimizer, mlp_batches, 3)
         assert all(torch.count_nonzero(fast.parameter(n)[~m]) == 0 for n, m in masks.items())
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
+
+
+def test_fast_masks_train_a_frozen_masked_weight_as_the_masked_graph(mlp, mlp_batches):
+    plain, fast = masked_twins(mlp, mlp_batches[0][0][:2])
+    name = next(iter(current_masks(plain)))
+    for graph in (plain, fast):
+        graph.parameter(name).requires_grad_(False)
+
+    def params(graph):
+        return [p for p in graph.module.parameters() if p.requires_grad]
+
+    plain_losses = steps(plain, torch.optim.Adam(params(plain), lr=0.01), mlp_batches, 3)
+    optimizer = torch.optim.Adam(params(fast), lr=0.01)
+    with fast_masks(fast, optimizer):
+        fast_losses = steps(fast, optimizer, mlp_batches, 3)
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
+
+
+def test_fast_masks_leave_nothing_behind_when_entering_fails(mlp, mlp_batches, monkeypatch):
+    graph, _ = masked_twins(mlp, mlp_batches[0][0][:2])
+    optimizer = Drift(graph.module.parameters())
+    monkeypatch.setattr(FastMasks, "_mask_weights", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError), fast_masks(graph, optimizer):
+        pass
+    assert not optimizer._optimizer_step_post_hooks
+    assert all(n.target is torch.ops.aten.mul.Tensor for n in mask_muls(graph))
+    assert all(not p._backward_hooks for p in graph.module.parameters())
+
+
+@pytest.mark.parametrize(("name", "warned"), [("Adafactor", True), ("Adam", False)])
+def test_fast_masks_warn_of_optimizers_that_read_whole_parameter_norms(mlp, name, warned,
+                                                                        caplog):
+    graph, _ = masked_twins(mlp, torch.randn(2, 16))
+    optimizer = getattr(torch.optim, name)(graph.module.parameters(), lr=0.01)
+    with caplog.at_level("WARNING", logger="chop"), fast_masks(graph, optimizer):
+        pass
+    said = [r.getMessage() for r in caplog.records if "whole-parameter norms" in r.getMessage()]
+    assert len(said) == warned and all(name in m for m in said)
