@@ -11,7 +11,8 @@
 At the first training step the callback traces the Trainer's model with :func:`chop.trace` on
 the representative batch, scores it with ``snip`` and masks it with ``mask`` (exact kept
 counts), then keeps the masks applied to the model's own parameters: pruned gradients are zeroed
-before each optimizer step and pruned weights re-zeroed after it. All of it is a
+as backward accumulates them (so the Trainer's gradient clipping sees the pruned model's
+gradients) and pruned weights re-zeroed after each optimizer step. All of it is a
 :class:`~chop.training.pruner.Pruner` on the plain module (see there for why masks are applied in place
 rather than with parametrizations); pass ``end_step``/``frequency``/``schedule`` to raise the
 sparsity during training instead of pruning once.
@@ -101,6 +102,7 @@ class SNIPCallback(TrainerCallback):
         self.sparsity = sparsity
         Pruner(torch.nn.Identity(), sparsity, **self.options)  # validate the options now
         self.pruner: Pruner | None = None
+        self._hooks: list[Any] = []  # gradient hooks on the model's parameters
 
     def _data(self, device: torch.device) -> list[tuple[Any, Any]]:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -121,6 +123,18 @@ class SNIPCallback(TrainerCallback):
             example_inputs=data[0][0], **self.options,
         )
         self.pruner.on_train_begin()
+        self._remove_hooks()  # of a run that ended without on_train_end
+        if self.pruner.sharded is None:  # the Trainer clips before on_pre_optimizer_step
+            self._hooks = [p.register_post_accumulate_grad_hook(self.pruner.mask_grad)
+                           for p in model.parameters() if p.requires_grad]
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._started().on_step_begin(state.global_step)

@@ -37,8 +37,9 @@ do not pay for it.
   the first batch of ``data``, or the batch given to :meth:`Pruner.on_step_begin`); the graph
   shares the module's parameters, so scores computed on it are the module's. The masks are kept
   as bool tensors and applied by multiplying the parameters **in place** right after each pruning
-  step and after every optimizer step; pruned gradients are zeroed before the optimizer step, so
-  momentum and Adam moments of pruned weights stay zero. We chose this over
+  step and after every optimizer step; pruned gradients are zeroed before the optimizer step.
+  Momentum and Adam moments that a weight gathered before it was pruned still move it in the
+  step; the multiply after the step puts it back to zero. We chose this over
   ``torch.nn.utils.parametrize`` because parametrizations rename the parameters in ``state_dict``
   (``…parametrizations.weight.original``), which breaks checkpoints, optimizers built earlier
   and tracing, while in-place masking leaves the module exactly as it was, only sparser.
@@ -188,6 +189,7 @@ class Pruner:
         self._locked = dict(masks) if masks is not None else None
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
+        self._factors: dict[nn.Parameter, torch.Tensor] = {}  # the same, for mask_grad
         self._records: list[Any] = []  # the graph.history records of the last pruning step
         self._batch: Any = None  # the batch given to the current step
 
@@ -278,6 +280,16 @@ class Pruner:
                              "kept": sum(k for k, _ in counted),
                              "numel": sum(n for _, n in counted)})
         return masks
+
+    def mask_grad(self, param: nn.Parameter) -> None:
+        """Zero the pruned entries of ``param.grad`` (a plain, unsharded module; nothing for a
+        parameter without a mask). A ``register_post_accumulate_grad_hook`` hook: it masks the
+        gradients as backward accumulates them, for loops that read them before
+        :meth:`on_before_optimizer_step` (the Hugging Face Trainer clips them first)."""
+        mask = self._factors.get(param)
+        if mask is not None and param.grad is not None:
+            with torch.no_grad():
+                param.grad.mul_(mask)
 
     def apply_masks(self) -> None:
         """Multiply the plain module's pruned parameters (their local shards) by their masks,
@@ -373,6 +385,7 @@ class Pruner:
             # (parameter, mask as a 0/1 factor) pairs, looked up once, not at every step
             self._applied = [(self.model.get_parameter(name), factor(mask))
                              for name, mask in self._masks.items()]
+            self._factors = dict(self._applied)
         self.apply_masks()
 
     def _current_masks(self, graph: Graph, pattern: bool = True) -> dict[str, torch.Tensor]:

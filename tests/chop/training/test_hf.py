@@ -84,3 +84,33 @@ def test_chop_imports_without_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_snip_callback_masks_gradients_before_the_trainer_clips_them(tmp_path):
+    """The Trainer clips the gradients before on_pre_optimizer_step: they must be the pruned
+    model's then (pruned entries 0, the kept ones scaled to max_grad_norm), and the hooks that
+    mask them are gone after training."""
+    from chop.training.hf import SNIPCallback
+
+    seen = []
+
+    class Recorder(transformers.TrainerCallback):  # runs before SNIPCallback's own hook
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            masks = snip.masks
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            seen.append((sum(int(torch.count_nonzero(grads[n][~m])) for n, m in masks.items()),
+                         float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in
+                                                                    grads.values()])))))
+
+    model, data = tiny_bert(), dataset()
+    snip = SNIPCallback(representative_batch=transformers.default_data_collator(data[:8]),
+                        sparsity=0.8, end_step=2, frequency=1)
+    run = trainer(model, data, Recorder(), tmp_path, steps=3)
+    run.args.max_grad_norm = 1e-3  # far below the gradients' norm: every step clips
+    run.add_callback(snip)
+    run.train()
+    assert len(seen) == 3
+    for pruned, norm in seen:
+        assert pruned == 0
+        assert norm == pytest.approx(1e-3, rel=1e-4)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
