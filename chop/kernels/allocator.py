@@ -26,11 +26,12 @@ one.
 
 The ``chop`` command line calls it at the start of ``transform`` and ``train``; library code
 never does (the allocator belongs to the process, so the program decides). It leaves glibc
-alone when the process already chose: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
-``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_`` set, glibc tunables for malloc in
-``GLIBC_TUNABLES``, another allocator in ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc), or
-``CHOP_MALLOC=system``; and it does nothing where the C library is not glibc (macOS, Windows,
-musl).
+alone when the process already chose: any of glibc's ``MALLOC_*`` environment variables set
+(``MALLOC_ARENA_MAX``, ``MALLOC_TRIM_THRESHOLD_``…), glibc tunables for malloc in
+``GLIBC_TUNABLES``, another allocator loaded into the process (jemalloc, tcmalloc or mimalloc
+among the files it maps, e.g. through ``LD_PRELOAD``), or ``CHOP_MALLOC`` set (to ``system``,
+the documented value, or anything else); and it does nothing where the C library is not glibc
+(macOS, Windows, musl).
 """
 
 from __future__ import annotations
@@ -45,27 +46,38 @@ _M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30  # bytes: larger blocks are still mapped apart (and unmapped when freed)
 TRIM_THRESHOLD = (1 << 31) - 1  # bytes of free memory at the heap top before it is given back
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                  "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def _why_not(libc: ctypes.CDLL | None) -> str | None:
     """Why :func:`reuse_freed_memory` leaves the allocator alone here, or None."""
-    if os.environ.get("CHOP_MALLOC", "").strip().lower() == "system":
-        return "CHOP_MALLOC=system"
-    chosen = [name for name in _USER_SETTINGS if name in os.environ]
+    value = os.environ.get("CHOP_MALLOC", "").strip()
+    if value:
+        return f"CHOP_MALLOC={value}"
+    chosen = sorted(name for name in os.environ if name.startswith("MALLOC_"))
     if chosen:
         return f"{chosen[0]} is set"
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES sets malloc tunables"
-    preload = os.environ.get("LD_PRELOAD", "")
-    other = next((name for name in _OTHER_ALLOCATORS if name in preload), None)
+    files = _mapped_files()
+    where = "loaded" if files is not None else "preloaded"
+    files = os.environ.get("LD_PRELOAD", "") if files is None else files
+    other = next((name for name in _OTHER_ALLOCATORS if name in files), None)
     if other is not None:
-        return f"{other} is preloaded"
+        return f"{other} is {where}"
     if libc is None:
         return "the C library is not glibc"
     return None
+
+
+def _mapped_files() -> str | None:
+    """The process's memory map (``/proc/self/maps``: every shared library it loaded, by
+    path), or None where there is none to read (then ``LD_PRELOAD`` tells instead)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return maps.read()
+    except OSError:
+        return None
 
 
 def reuse_freed_memory() -> bool:

@@ -43,7 +43,7 @@ print(json.dumps({"applied": applied, "mapped": mapped, "faults": faults}))
 
 def probe(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
-             if k not in allocator._USER_SETTINGS and k not in ("CHOP_MALLOC", "GLIBC_TUNABLES")}
+             if not k.startswith("MALLOC_") and k not in ("CHOP_MALLOC", "GLIBC_TUNABLES")}
     done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                           env={**clean, **env}, timeout=120, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -66,20 +66,36 @@ def test_a_process_that_chose_its_allocator_is_left_alone():
     assert result["mapped"] >= 64 << 20  # still mapped apart, as glibc does by default
 
 
-@pytest.mark.parametrize("env,reason", [
-    ({"CHOP_MALLOC": "System "}, "CHOP_MALLOC=system"),
-    ({"MALLOC_TRIM_THRESHOLD_": "0"}, "MALLOC_TRIM_THRESHOLD_ is set"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}, "GLIBC_TUNABLES sets malloc"),
-    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "jemalloc is preloaded"),
-    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, "tcmalloc is preloaded"),
-    ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, None),
+JEMALLOC = "7f3a2c000000-7f3a2c02a000 r--p 00000000 fe:01 1234 /usr/lib/libjemalloc.so.2\n"
+
+
+@pytest.mark.parametrize("env,maps,reason", [
+    ({"CHOP_MALLOC": "System "}, "", "CHOP_MALLOC=System"),
+    ({"CHOP_MALLOC": "off"}, "", "CHOP_MALLOC=off"),  # any value: the user opted out
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, "", "MALLOC_TRIM_THRESHOLD_ is set"),
+    ({"MALLOC_ARENA_MAX": "2"}, "", "MALLOC_ARENA_MAX is set"),  # any of glibc's MALLOC_*
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}, "", "GLIBC_TUNABLES sets malloc"),
+    ({}, JEMALLOC, "jemalloc is loaded"),  # in the process, however it came
+    ({"LD_PRELOAD": "libjemalloc.so.2"}, "", None),  # named but not loaded: glibc allocates
+    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, None, "tcmalloc is preloaded"),  # no /proc
+    ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "", None),
 ])
-def test_the_reasons_to_leave_the_allocator_alone(monkeypatch, env, reason):
-    for name in (*allocator._USER_SETTINGS, "CHOP_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD"):
+def test_the_reasons_to_leave_the_allocator_alone(monkeypatch, env, maps, reason):
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    for name in ("CHOP_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(allocator, "_mapped_files", lambda: maps)
     found = allocator._why_not(allocator._glibc() or ctypes.CDLL(None))
     assert (found is None) if reason is None else found.startswith(reason)
     assert allocator._why_not(None).startswith(reason or "the C library is not glibc")
 
+
+
+def test_the_memory_map_lists_the_loaded_libraries():
+    maps = allocator._mapped_files()
+    if maps is None:
+        pytest.skip("no /proc/self/maps here")
+    assert os.path.realpath(sys.executable) in maps  # the program itself is mapped
