@@ -148,7 +148,8 @@ class FastMasks:
         """Take up mask nodes added since (they pass their weight through from now on), and
         zero the pruned weights, their gradients (a Pruner that prunes after backward leaves
         gradients computed under the masks before) and their optimizer state under the
-        current masks."""
+        current masks. A weight that a new mask keeps after an older one pruned it restarts
+        from 0 (the masked graph kept its old value)."""
         module, added = self.graph.module, []
         for node in mask_nodes(self.graph):
             if node.target is torch.ops.aten.mul.Tensor:
