@@ -139,8 +139,8 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
       holds the layer's tensors itself (they are no longer the module's attributes, and it
       sees in-place changes to them; it is not re-bound when buffers are replaced).
 
-    With ``contiguous_outputs=False`` a sparse layer whose result is an output of the graph
-    returns it in the layout its kernel produced (the transpose of a row-major matrix, as
+    With ``contiguous_outputs=False`` a sparse layer whose result is an output of the graph, and
+    read by no other op of it, returns it in the layout its kernel produced (the transpose of a row-major matrix, as
     torch's own ``W_csr @ x.T`` leaves it; the same values), saving the copy into row-major
     order (~0.1 ms for 4096 × 32 floats). Inputs and outputs otherwise keep the graph's calling
     convention. Inference only: BatchNorm and dropout are fixed in eval mode, ``train()``
@@ -150,12 +150,13 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
     with graph.mode(batch_norm=False, dropout=False), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
         fx = copy.deepcopy(graph.module.graph)
-    outputs = {id(n) for n in pytree.tree_leaves(fx.output_node().args)}
+    output = fx.output_node()
     for node in list(fx.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             fx.erase_node(node)
         elif node.target is torch.ops.chop.csr_linear.default:
-            _bind_sparse(graph, node, contiguous_outputs or id(node) not in outputs)
+            # its own layout only for a result that the graph returns and reads nowhere else
+            _bind_sparse(graph, node, contiguous_outputs or set(node.users) != {output})
     _plain_calls(fx)
     fx.eliminate_dead_code()  # the eval-mode counter adds, the sparse layers' attribute reads
     module = GraphModule(graph.module, fx, class_name="Deployable")

@@ -71,6 +71,27 @@ def test_deployable_calls_each_sparse_layer_bound_once(mlp, mlp_batches):
         assert loose.t().is_contiguous() and not loose.is_contiguous()  # output: transposed
 
 
+def test_deployable_keeps_row_major_a_returned_result_the_graph_also_reads():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y.view(-1).sum()  # a view needs y row-major
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 12)
+    graph = chop.run(chop.trace(Both(), (x,)),
+                     "random{seed=1}, mask{sparsity=0.8}, sparse{mode=all, kernel=torch-mm}")
+    with torch.inference_mode():
+        y, total = deployable(graph, contiguous_outputs=False)(x)
+        expected = graph(x)
+    torch.testing.assert_close((y, total), expected, rtol=0, atol=0)
+    assert y.is_contiguous()
+
+
 def test_deployable_serves_a_saved_pt2(mlp, mlp_batches, tmp_path):
     """The `.pt2` that `chop.save` writes, loaded back with torch.export and wrapped in a Graph,
     deploys with its sparse layers bound and computes what the saved graph does."""
