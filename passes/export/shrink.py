@@ -18,6 +18,7 @@ updated from the cut sizes (:mod:`chop.passes.export.shapes`).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -96,9 +97,13 @@ def _decide(flow: Flow, groups: ChannelGroups, consts: dict[Node, Const],
     removed = torch.zeros(units, dtype=torch.bool)
     for g in groups:
         removed[torch.tensor(g.units, dtype=torch.long)] = g.prunable
+    sites = Counter(c.weight for c in flow.consumers)
     for c, read in zip(flow.consumers, reads):
         atoms = flow.tags[c.input].atoms
-        foldable = consts[c.input][1] & (compensate and c.folds)
+        # a weight applied at several sites has one bias for all: a constant channel whose value
+        # differs between them cannot be folded into it (so none is)
+        folds = compensate and c.folds and sites[c.weight] == 1
+        foldable = consts[c.input][1] & folds
         removed[groups.unit_of[atoms[read & ~foldable]]] = False
     changed = True
     while changed:  # keep the first channel of any tensor that would be emptied

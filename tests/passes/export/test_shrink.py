@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import chop
 from chop.cli.outputs import export_program
@@ -229,6 +230,36 @@ def test_constants_into_unpadded_convs_and_linears(name):
     assert report["total"]["params"][1] < report["total"]["params"][0]
     if name == "mobilenet":  # pw1 feeds 1×1 convs only: half its units go, bias absorbs them
         assert graph.parameter("pw1.0.weight").shape[0] == 12
+
+
+def test_a_constant_channel_into_a_layer_applied_at_two_sites_stays():
+    """A head shared by two feature maps (RetinaNet/FPN, ALBERT's shared layer) has one bias
+    for both sites: a constant input channel cannot go into it, whatever its value at each;
+    a channel the head does not read still goes."""
+
+    class SharedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            a, b = torch.relu(self.l1(x)), torch.relu(self.l2(x[:, :, ::2, ::2]))
+            return self.head(a).mean((2, 3)) + self.head(b).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = SharedHead().eval()
+    with torch.no_grad():
+        for conv, value in ((model.l1, 1.0), (model.l2, 2.0)):  # channel 0: relu(bias) there
+            conv.weight[0], conv.bias[0] = 0, value
+        model.head.weight[:, 5] = 0  # channel 5: read by nothing
+    graph = chop.trace(model, (torch.randn(2, 3, 8, 8),))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        shrink(graph)
+        torch.testing.assert_close(graph(x), expected)
+    assert graph.parameter("head.weight").shape == (4, 7, 1, 1)  # 5 went, 0 stayed
+    assert graph.parameter("l1.weight").shape[0] == graph.parameter("l2.weight").shape[0] == 7
 
 
 def test_without_compensation_channels_with_constant_readers_stay():
