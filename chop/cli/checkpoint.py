@@ -237,6 +237,8 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
     the file runs (:func:`untrusted_pt2`)."""
     if not zipfile.is_zipfile(path):
         raise _corrupt(path, "not a zip archive")
+    import chop.kernels.csr  # noqa: F401  (registers chop::csr_linear: a sparse export's op)
+
     loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:  # torch.export.load logs tracebacks before re-raising

@@ -43,9 +43,10 @@ from chop.cli.config import Config
 from chop.cli.datasets import load_samples
 from chop.cli.outputs import Output
 from chop.cli.spine import Hooks, Loaded, Result
-from chop.errors import CheckpointError, DataError
+from chop.errors import CheckpointError, ConfigError, DataError
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_mask, restore_masks
+from chop.passes.export.sparse import csr_weights
 from chop.training.loop import split, take_samples, train_graph
 
 log = logging.getLogger("chop")
@@ -118,8 +119,15 @@ def train(
         raise hf.not_local(path)
     config, out = spine.prepare(config_path, overrides, outdir, "-trained-out", [path],
                                 force=force)
+    if "sparse" in [p.name for p in config.passes] and not path.is_dir():
+        raise ConfigError(f"{config.path}: [pipeline] passes: {_INFERENCE_ONLY}; train with a "
+                          "pipeline without sparse, then apply sparse to the trained model")
     with out:  # OUTDIR locked, its temporary folder made: an unwritable place fails here
         return _train(config, path, out, trust_checkpoint, hooks)
+
+
+_INFERENCE_ONLY = ("sparse is an export for inference: its CSR layers have no weights to train, "
+                   "so chop train would train everything else and leave them as they are")
 
 
 def _train(config: Config, path: Path, out: Output, trust: bool, hooks: Hooks) -> Result:
@@ -177,6 +185,8 @@ def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:
             "and weights.safetensors or model.pt2) nor a model folder (config.json); pass an "
             "OUTDIR, a model folder or a checkpoint file"
         )
+    if weights.is_file() and _sparse_export(weights):
+        raise _sparse_outdir(folder)
     if hf.is_folder(folder / "hf"):
         loaded = spine.load_model(config, folder / "hf", trust=trust)
     elif config.model is not None and weights.is_file():
@@ -189,6 +199,23 @@ def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:
     return loaded
 
 
+def _sparse_export(weights: Path) -> bool:
+    """Whether an OUTDIR's ``weights.safetensors`` holds CSR layers (the ``sparse`` export)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, "pt") as f:
+            return any(key.endswith("_crow_indices") for key in f.keys())
+    except (OSError, RuntimeError, ValueError):
+        return False  # unreadable: loading it says why
+
+
+def _sparse_outdir(folder: Path) -> CheckpointError:
+    return CheckpointError(f"{folder} holds a sparse export: {_INFERENCE_ONLY}; train the "
+                           "OUTDIR of the same pipeline without sparse, then apply sparse to "
+                           "the trained model")
+
+
 def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
                   ) -> tuple[Graph, list[str]]:
     """The graph of an OUTDIR's model with its masks inserted, and its state-dict keys."""
@@ -196,6 +223,8 @@ def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
 
     masks_file = folder / "masks.safetensors"
     graph, keys = spine.capture(loaded, config, inputs)
+    if csr_weights(graph):
+        raise _sparse_outdir(folder)
     if loaded.model is None:
         graph.train()
         log.warning(

@@ -51,11 +51,12 @@ from torch import nn
 
 from chop.cli.checkpoint import load_program, sha256
 from chop.cli.viz import layer_graph, render_html, to_dot
-from chop.errors import ChopError, InternalError, OutputError
+from chop.errors import ChopError, InternalError, OutputError, TraceError
 from chop.ir import meta
 from chop.ir.graph import Graph, dynamic_shapes
 from chop.ir.masks import is_masked
 from chop.passes.export.fold import fold_masks
+from chop.passes.export.sparse import csr_weights
 from chop.pipeline.batches import call, check_same_outputs
 
 log = logging.getLogger("chop")
@@ -396,11 +397,11 @@ def export_program(graph: Graph, inputs: Any) -> torch.export.ExportedProgram:
 
 
 def masks_of(graph: Graph) -> dict[str, torch.Tensor]:
-    """The bool mask of every pruned parameter, keyed by its original name."""
-    return {
-        n.target: meta.entries(n)["mask"].contiguous()
-        for n in graph.weight_nodes() if "mask" in meta.entries(n)
-    }
+    """The bool mask of every pruned parameter, keyed by its original name (also of those the
+    ``sparse`` export stored as CSR)."""
+    masks = {n.target: meta.entries(n)["mask"].contiguous()
+             for n in graph.weight_nodes() if "mask" in meta.entries(n)}
+    return masks | {name: mask for name, (_, mask) in csr_weights(graph).items()}
 
 
 def write_outputs(
@@ -473,6 +474,16 @@ def write_outputs(
         try:  # chop's own program must load as an untrusted file: nothing in it unpickled
             saved = load_program(tmp / "model.pt2")
         except ChopError as e:
+            try:
+                load_program(tmp / "model.pt2", trust=True)
+            except ChopError as again:  # torch's own round trip fails: not chop's doing
+                raise TraceError(
+                    f"torch.export cannot load back the model.pt2 it saved for this model "
+                    f"({again.__cause__ or again}); some models do not survive torch.export's "
+                    "save and load (a data-dependent shape, such as Bart's selection of "
+                    "end-of-sequence tokens), so nothing was written; keep the pruned graph in "
+                    "memory, or save graph.module.state_dict() with safetensors"
+                ) from again
             raise InternalError(f"chop's own model.pt2 does not load untrusted: {e}") from e
         check_same_outputs("model.pt2", call(saved.module(), inputs), expected)
         if model is not None:

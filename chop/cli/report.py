@@ -25,6 +25,7 @@ from chop.errors import ReportError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.kernels.select import kth_largest
+from chop.passes.export.sparse import csr_weights
 
 LAYER_ROLES = ("linear", "conv", "embedding")
 
@@ -76,7 +77,8 @@ def layer_record(
 
 
 def graph_layers(graph: Graph, *, matrices: bool = False) -> list[dict[str, Any]]:
-    """Layer records of every masked or weight-bearing (linear/conv/embedding) weight node;
+    """Layer records of every masked or weight-bearing (linear/conv/embedding) weight node and
+    of every weight the ``sparse`` export stored as CSR (its mask rebuilt from the indices);
     with ``matrices``, also of every other floating-point parameter of 2 or more dimensions
     (a foreign ``.pt2`` may use weights through ops chop does not classify, e.g. a mask mul)."""
     layers = []
@@ -92,6 +94,9 @@ def graph_layers(graph: Graph, *, matrices: bool = False) -> list[dict[str, Any]
             if "effective" in entry:  # the collapse pass ran: kept weights on an in->out path
                 record["effective"] = int(entry["effective"].sum())
             layers.append(record)
+    for name, (_, mask) in csr_weights(graph).items():
+        layers.append(layer_record(name, "linear", "linear", torch.empty(mask.shape,
+                                                                         device="meta"), mask))
     return layers
 
 
@@ -110,13 +115,17 @@ def totals(layers: list[dict[str, Any]], parameters: int, nonzero: int) -> dict[
 
 
 def _graph_counts(graph: Graph) -> tuple[int, int]:
-    """All parameters of the graph, and how many are non-zero once masks apply."""
+    """All parameters of the graph, and how many are non-zero once masks apply (a weight
+    stored as CSR counts with its dense size and its stored non-zero values)."""
     parameters = nonzero = 0
     for node in graph.weight_nodes():
         weight = graph.parameter(node).detach()
         mask = meta.entries(node).get("mask")
         parameters += weight.numel()
         nonzero += int(torch.count_nonzero(weight if mask is None else weight * mask))
+    for node, mask in csr_weights(graph).values():
+        parameters += mask.numel()
+        nonzero += int(torch.count_nonzero(graph.module.get_buffer(node.args[1].target)))
     return parameters, nonzero
 
 
@@ -160,7 +169,9 @@ def build_report(graph: Graph, **context: Any) -> dict[str, Any]:
         ],
         "layers": layers,
         "totals": totals(layers, *_graph_counts(graph)),
-        "warnings": not_pruned(layers),
+        # a shrink that removed channels pruned the model, whatever its masks keep now
+        "warnings": [] if any(r.name == "shrink" and r.modified for r in graph.history)
+        else not_pruned(layers),
         "versions": versions(),
     })
 

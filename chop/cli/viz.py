@@ -19,6 +19,7 @@ import networkx as nx
 
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_of
+from chop.passes.export.sparse import SPARSE, csr_weights
 
 # Sparsity colour scale (0 = dense … 1 = empty), YlOrRd-like; unpruned layers are grey.
 _STOPS = [(0.0, (255, 255, 204)), (0.25, (254, 217, 118)), (0.5, (253, 141, 60)),
@@ -59,6 +60,7 @@ def layer_graph(graph: Graph, layers: list[dict[str, Any]]) -> nx.DiGraph:
         owner = mask_of(arg)
         return owner if owner in by_name else None
 
+    sparse = {node: name for name, (node, _) in csr_weights(graph).items()}  # CSR layers
     reach: dict[Any, set[str]] = {}
     for node in graph.module.graph.nodes:
         inputs = node.all_input_nodes
@@ -72,7 +74,9 @@ def layer_graph(graph: Graph, layers: list[dict[str, Any]]) -> nx.DiGraph:
             for source in set().union(*(reach[a] for a in inputs)):
                 out.add_edge(source, "output")
         else:
-            weights = [w for w in map(weight_of, inputs) if w is not None]
+            stored = sparse.get(node, node.meta.get("chop", {}).get(SPARSE, {}).get("weight"))
+            weights = [w for w in map(weight_of, inputs) if w is not None] or [
+                name for name in [stored] if name in by_name]
             sources = set().union(*(reach[a] for a in inputs if weight_of(a) is None))
             if weights:
                 layer = by_name[weights[0]]

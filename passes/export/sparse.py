@@ -325,6 +325,33 @@ def sparsify(
     return rows
 
 
+def csr_weights(graph: Graph) -> dict[str, tuple[Node, torch.Tensor]]:
+    """The weights this pass stored as CSR, by their original names: for each, the first op
+    that reads it and its mask (True at the stored entries: exactly the positions the mask
+    kept), rebuilt from the CSR indices. In a graph loaded from a ``.pt2`` (no chop metadata)
+    the name comes from the values buffer (``fc1.weight_values``: ``fc1.weight``) and the
+    shape from the rows and the input's size."""
+    found: dict[str, tuple[Node, torch.Tensor]] = {}
+    for node in graph.module.graph.find_nodes(op="call_function", target=csr_linear):
+        values, col, crow = node.args[1:4]
+        if not all(isinstance(a, Node) and a.op == "get_attr" for a in (values, col, crow)):
+            continue
+        info = node.meta.get("chop", {}).get(SPARSE) or {}
+        x = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+        name = info.get("weight", values.target.removesuffix("_values"))
+        col, crow = (graph.module.get_buffer(a.target) for a in (col, crow))
+        shape = info.get("shape") or (
+            (len(crow) - 1, x.shape[-1]) if isinstance(x, torch.Tensor) else None)
+        if info.get("format", "csr") != "csr" or name in found or shape is None:
+            continue
+        rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device),
+                                       crow.diff().long())
+        mask = torch.zeros(tuple(shape), dtype=torch.bool, device=crow.device)
+        mask[rows, col.long()] = True
+        found[name] = (node, mask)
+    return found
+
+
 def totals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Sums of the per-layer parameters, FLOPs (and latencies, when timed) of ``rows``."""
     total = {k: [sum(r[k][0] for r in rows.values()), sum(r[k][1] for r in rows.values())]

@@ -185,7 +185,8 @@ def test_transform_end_to_end(project: Path, passes: str, capfd) -> None:
     ],
     ids=["shrink", "sparse"],
 )
-def test_transform_writes_shrunk_and_sparse_models(project: Path, passes, extra, pipeline) -> None:
+def test_transform_writes_shrunk_and_sparse_models(project: Path, passes, extra, pipeline,
+                                                   capfd) -> None:
     config = write_config(project, passes, name="structured.toml")
     config.write_text(config.read_text().replace('scope = "global"\n', 'scope = "global"\n' + extra, 1))
     out = project / "out"
@@ -205,6 +206,31 @@ def test_transform_writes_shrunk_and_sparse_models(project: Path, passes, extra,
     before, after = graph.history[-1].info["total"]["params"]
     assert after < before
     assert f"{graph.history[-1].name}: parameters {before:,} -> {after:,}" in result.stdout
+    assert "not pruned" not in result.stdout + result.stderr  # it is: smaller, or CSR
+    if "sparse" not in passes:
+        return
+    # the CSR layers are reported and their masks saved, as the masked weights' would be
+    masks = load_file(out / "masks.safetensors")
+    assert {"fc1.weight", "fc2.weight"} <= masks.keys()
+    for name in ("fc1.weight", "fc2.weight"):
+        stored = graph.module.get_buffer(name + "_values").numel()
+        assert int(masks[name].sum()) == stored
+        assert re.search(rf"{re.escape(name)} .*│ +{stored:,} │", result.stdout), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["kept"] == sum(int(m.sum()) for m in masks.values())
+    assert "fc1.weight" in (out / "sparsity.html").read_text()  # a layer of the picture
+    dot = (out / "graph.dot").read_text()
+    assert re.search(r'label="fc1 \(linear\)\\n16×36\\nkept \d+/576', dot)
+    shown = run_cli("report", str(out / "model.pt2"))  # a fresh `chop`: the op registers itself
+    assert shown.returncode == 0, shown.stderr
+    assert "fc1.weight" in shown.stdout
+    # a sparse export has no weights left to train: refused, nothing written
+    assert main(["train", "--config", str(config), str(out), "-o", str(project / "t")]) == 2
+    assert "holds a sparse export" in capfd.readouterr().err
+    assert main(["train", "--config", str(config), str(project / "model.ckpt"),
+                 "-o", str(project / "t")]) == 2
+    assert "sparse is an export for inference" in capfd.readouterr().err
+    assert not (project / "t").exists()
 
 
 def test_transform_json_quiet_set_and_default_outdir(project: Path, capfd) -> None:
