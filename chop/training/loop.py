@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chop.errors import DataError
+from chop.errors import DataError, OptionError
 from chop.ir.graph import Graph
 from chop.ir.masks import current_masks, factor, mask_nodes, mask_of
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
@@ -384,6 +384,12 @@ def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None) -> Any:
     masks = list(current_masks(graph).values())
     numel = sum(m.numel() for m in masks)
     initial = 1.0 - sum(int(m.sum()) for m in masks) / numel if numel else 0.0
+    if spec.prune_sparsity < initial - 1e-9:
+        raise OptionError(
+            f"[train] prune_sparsity = {spec.prune_sparsity} is below the sparsity the model's "
+            f"masks already have ({initial:.1%}): pruning during training only raises it; set "
+            "prune_sparsity above that, or leave it out to train with the masks as they are"
+        )
     pruner = Pruner(
         graph, spec.prune_sparsity, criterion=spec.prune_criterion,
         schedule=spec.prune_schedule, start_step=spec.prune_start, end_step=spec.prune_end,

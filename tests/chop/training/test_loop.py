@@ -191,6 +191,16 @@ def test_train_graph_prunes_along_the_schedule(mlp):
     assert [r["sparsity"] for r in records][-1] == pytest.approx(0.8)
 
 
+def test_train_graph_refuses_to_prune_below_the_masks_sparsity(mlp):
+    x, y = easy_task(64)
+    graph = chop.run(chop.trace(mlp, (x[:2],)), "magnitude, mask{sparsity=0.9}")
+    before = {k: v.clone() for k, v in current_masks(graph).items()}
+    spec = TrainSpec(lr=0.01, epochs=1, prune_sparsity=0.5, prune_end=2)
+    with pytest.raises(chop.OptionError, match=r"prune_sparsity = 0.5 is below .*\(90.0%\)"):
+        train_graph(graph, (x, y), None, spec, batch_size=16)
+    assert all(torch.equal(current_masks(graph)[k], m) for k, m in before.items())
+
+
 def test_evaluate_perplexity_and_a_loss_of_your_own(mlp):
     """Perplexity: exp of the mean cross-entropy per scored target (-100 ignored) over all
     batches, not the mean of per-batch means; a user's loss: its mean weighted by batch size."""
