@@ -344,7 +344,9 @@ class _Validator:
         try:
             return cls.from_options({**given, **table})
         except OptionError as e:
-            key = next((k for k in table if re.search(rf"\b{re.escape(k)}\b", str(e))), None)
+            # the key the message quotes (an unknown option), else the first it names
+            key = next((k for k in table if f"'{k}'" in str(e)), None) or next(
+                (k for k in table if re.search(rf"\b{re.escape(k)}\b", str(e))), None)
             return _raise(self.error(f"passes.{cls.name}" + (f".{key}" if key else ""), str(e)))
 
     def train(self, raw: dict[str, Any]) -> TrainSpec:

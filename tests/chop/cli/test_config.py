@@ -116,6 +116,12 @@ def test_unknown_pass_option(tmp_path: Path) -> None:
     assert "passes.mask" in message and "did you mean 'sparsity'" in message
 
 
+def test_an_unknown_pass_option_is_named_not_a_valid_one_its_message_lists(tmp_path: Path) -> None:
+    text = GOOD.replace("sparsity = 0.9", "sparsity = 0.9\nscope = \"local\"\nbogus = 1")
+    message = error(tmp_path, text)  # the message lists the options: scope and sparsity too
+    assert "passes.mask.bogus" in message and "passes.mask.scope" not in message
+
+
 def test_unknown_pass_table(tmp_path: Path) -> None:
     message = error(tmp_path, GOOD + "\n[passes.snipp]\nbatches = 1\n")
     assert "unknown pass 'snipp'" in message and "did you mean 'snip'" in message
