@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -286,9 +287,17 @@ class Output:
             self._made.append(folder)
 
     def _take_lock(self) -> None:
+        """Hold ``.OUTDIR.lock`` beside OUTDIR (an flock, with this process's pid in it). A
+        file of that name that is not chop's (a link, not a regular file, or holding anything
+        but a pid) is refused, never truncated or removed."""
         lock = self.path.parent / f".{self.path.name}.lock"
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise _not_a_lock(lock, self.shown, "a symbolic link") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -305,6 +314,12 @@ class Output:
             if same:  # not a lock file its last holder removed meanwhile
                 break
             os.close(fd)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if not regular or not re.fullmatch(rb"\d{0,20}", os.read(fd, 64)):
+            os.close(fd)
+            raise _not_a_lock(lock, self.shown, "a file holding other data than a process id"
+                              if regular else "not a regular file")
+        os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock = (fd, lock)
@@ -493,6 +508,13 @@ def write_outputs(
                 check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
     out.commit()
     log.info("wrote %s", ", ".join(FILES))
+
+
+def _not_a_lock(lock: Path, shown: Path, what: str) -> OutputError:
+    return OutputError(
+        f"cannot write the output folder {shown}: {lock} is in the way of chop's lock file and "
+        f"is {what}, which chop did not write; move it away, or choose another folder with -o"
+    )
 
 
 def written(report: dict[str, Any]) -> list[str]:

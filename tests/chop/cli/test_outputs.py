@@ -216,6 +216,26 @@ def test_one_run_at_a_time_per_outdir(tmp_path):
     assert leftovers(tmp_path) == [] and (out / "report.json").is_file()
 
 
+def test_a_file_in_the_way_of_the_lock_is_refused_and_left_alone(tmp_path):
+    """A link where the lock goes (to a user's file) was truncated to a pid and removed; a
+    user's own file of that name was removed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".out.lock").symlink_to(victim)
+    (tmp_path / ".notes.lock").write_text("my notes")
+    with pytest.raises(OutputError, match=r"\.out\.lock is in the way .* a symbolic link"):
+        Output(tmp_path / "out").__enter__()
+    with pytest.raises(OutputError, match=r"\.notes\.lock is in the way .* other data"):
+        Output(tmp_path / "notes").__enter__()
+    assert victim.read_text() == "precious" and (tmp_path / ".out.lock").is_symlink()
+    assert (tmp_path / ".notes.lock").read_text() == "my notes"
+    (tmp_path / ".stale.lock").write_text("4194304")  # a killed run's lock: taken over
+    with Output(tmp_path / "stale") as target:
+        (target.tmp / "report.json").write_text("{}")
+        target.commit()
+    assert not (tmp_path / ".stale.lock").exists()
+
+
 def test_unwritable_places_fail_before_any_work(tmp_path):
     """Hole 4: -o under a regular file or at /proc/x failed with exit 3 after the whole run."""
     (tmp_path / "file").write_text("x")
