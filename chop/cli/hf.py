@@ -154,8 +154,15 @@ def load_folder(path: Path, *, trust: bool = False) -> Folder:
         )
     with _quiet():
         try:
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            config = transformers.AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as e:
+            if "custom code" in str(e):
+                raise CheckpointError(
+                    f"{path / 'config.json'} needs code from the folder (auto_map) for its "
+                    f"model type; chop never runs code from a model folder: use a model class "
+                    f"transformers {transformers.__version__} ships"
+                ) from e
             raise CheckpointError(
                 f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}; it must be the "
                 "config.json save_pretrained writes"
@@ -169,7 +176,8 @@ def load_folder(path: Path, *, trust: bool = False) -> Folder:
                 "from a model folder (auto_map). Install a transformers that has it"
             )
         try:
-            model = cls.from_pretrained(path, local_files_only=True, use_safetensors=safetensors)
+            model = cls.from_pretrained(path, local_files_only=True, use_safetensors=safetensors,
+                                        trust_remote_code=False)
         except Exception as e:  # transformers raises many types for a damaged folder
             raise CheckpointError(
                 f"cannot load the model in {path} as {getattr(cls, '__name__', cls)}: "
@@ -180,7 +188,8 @@ def load_folder(path: Path, *, trust: bool = False) -> Folder:
         if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
                                                      "vocab.txt", "tokenizer.model")):
             try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    path, local_files_only=True, trust_remote_code=False)
             except Exception as e:  # a damaged or foreign tokenizer: say so, keep the model
                 raise CheckpointError(
                     f"cannot load the tokenizer in {path}: {type(e).__name__}: "
@@ -392,7 +401,8 @@ def write_folder(folder: Folder, state: dict[str, torch.Tensor], reshaped: bool,
         model.eval().save_pretrained(dest, safe_serialization=True)
         if folder.tokenizer is not None:
             folder.tokenizer.save_pretrained(dest)
-        loaded = cls.from_pretrained(dest, local_files_only=True, use_safetensors=True).eval()
+        loaded = cls.from_pretrained(dest, local_files_only=True, use_safetensors=True,
+                                 trust_remote_code=False).eval()
     with torch.no_grad():
         got = call(loaded, {**inputs, "use_cache": False} if "use_cache" in inspect.signature(
             loaded.forward).parameters else inputs)

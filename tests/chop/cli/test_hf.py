@@ -90,6 +90,48 @@ def test_an_architecture_transformers_lacks_is_refused(hf_folders, tmp_path):
         hf.load_folder(tmp_path)
 
 
+EVIL = """
+open({marker!r}, "w").write("ran")
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+class EvilConfig(BertConfig): model_type = "evilmodel"
+class EvilModel(BertModel): config_class = EvilConfig
+class EvilTokenizer(PreTrainedTokenizerFast): pass
+"""
+
+
+def test_code_in_a_folder_never_runs_even_when_asked(hf_folders, tmp_path):
+    """transformers asks on stdin whether to run a folder's code (auto_map) unless told not
+    to: answering y ran it. A subprocess answers y to everything; nothing runs."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    folders = []
+    for name, file, entries in (
+        ("model", "config.json", {"model_type": "evilmodel", "architectures": ["EvilModel"],
+                                  "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                               "AutoModel": "evil.EvilModel"}}),
+        ("tokenizer", "tokenizer_config.json", {
+            "tokenizer_class": "EvilTokenizer",
+            "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}}),
+    ):
+        folder = shutil.copytree(hf_folders["bert"], tmp_path / name)
+        (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
+        config = json.loads((folder / file).read_text())
+        (folder / file).write_text(json.dumps({**config, **entries}))
+        folders.append(str(folder))
+    script = ("import sys\nfrom pathlib import Path\nfrom chop.cli import hf\n"
+              "from chop.errors import CheckpointError\n"
+              "for path in sys.argv[1:]:\n    try:\n        hf.load_folder(Path(path))\n"
+              "    except CheckpointError as e:\n        print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", script, *folders], input="y\n" * 20,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    assert "config.json needs code from the folder (auto_map)" in done.stdout
+    assert done.stdout.count("refused:") == 1  # the tokenizer's: loaded without its code
+
+
 # -- text in: each task's targets make chop's cross-entropy the model's own loss -----------------
 
 
