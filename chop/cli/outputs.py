@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -449,6 +450,7 @@ def write_outputs(
             checks them against ``expected``, the graph's outputs on ``inputs``; what it
             returns is added to the report.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     with torch.no_grad(), graph.mode(batch_norm=False, dropout=False):
@@ -474,15 +476,24 @@ def write_outputs(
     if tmp is None:
         raise InternalError("write_outputs needs an entered Output")
     try:
-        torch.export.save(program, tmp / "model.pt2")
-        save_file(weights, tmp / "weights.safetensors")
-        save_file(masks, tmp / "masks.safetensors")
+        # saved in memory first: torch's zip writer aborts the process (exit 134) when a write
+        # to disk fails (a full disk), where a Python write raises an OSError
+        program_file = io.BytesIO()
+        torch.export.save(program, program_file)
+        (tmp / "model.pt2").write_bytes(program_file.getbuffer())
+        del program_file
+        for name, tensors in (("weights", weights), ("masks", masks)):
+            try:
+                save_file(tensors, tmp / f"{name}.safetensors")
+            except SafetensorError as e:  # its own type for an OS error (a full disk)
+                raise OSError(errno.EIO, str(e), str(tmp / f"{name}.safetensors")) from e
         if extra is not None:
             report.update(extra(tmp, state, bool(reshaped), expected))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "sparsity.html").write_text(render_html(report, layers), encoding="utf-8")
         (tmp / "graph.dot").write_text(to_dot(layers, report.get("model", "model")), "utf-8")
         write_manifest(tmp)
+        _usual_modes(tmp)
     except OSError as e:
         raise unwritable(out.shown, e) from e
     with torch.no_grad():
@@ -508,6 +519,16 @@ def write_outputs(
                 check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
     out.commit()
     log.info("wrote %s", ", ".join(FILES))
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` (made by mkdtemp: 0700) and everything in it the modes a folder and files
+    made as usual get under the process's umask (safetensors writes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _not_a_lock(lock: Path, shown: Path, what: str) -> OutputError:

@@ -1115,3 +1115,42 @@ def test_transform_and_train_make_malloc_reuse_freed_memory_and_others_do_not(
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert len(calls) == 2
     capfd.readouterr()
+
+
+def test_a_full_disk_is_a_user_error_and_leaves_nothing(project: Path, capfd,
+                                                        monkeypatch) -> None:
+    """torch's zip writer aborted the process (exit 134) on a full disk, and safetensors' error
+    was reported as a bug in chop (exit 3)."""
+    small = project / "small"
+    mount_tmpfs(small, "-o", "size=16k")  # model.pt2 (~32 kB) does not fit
+    try:
+        done = run_cli(*transform_args(project), "-o", str(small / "out"))
+        assert done.returncode == 2, done.stderr  # in a subprocess: an abort must not end pytest
+        assert "No space left on device" in done.stderr and os.listdir(small) == []
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        def full(*_, **__):  # what safetensors raises when the disk is full
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+
+        subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+        assert main([*transform_args(project), "-o", str(small / "out")]) == 2
+        err = " ".join(capfd.readouterr().err.split())
+        assert "cannot write the output folder" in err and "No space left on device" in err, err
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_outputs_get_the_modes_of_files_made_as_usual(project: Path, capfd) -> None:
+    """The temporary folder's 0700 (mkdtemp) and safetensors' 0600 files reached OUTDIR."""
+    umask = os.umask(0o022)
+    try:
+        assert main([*transform_args(project), "-o", str(project / "out"), "--quiet"]) == 0
+    finally:
+        os.umask(umask)
+    assert (project / "out").stat().st_mode & 0o777 == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (project / "out").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
