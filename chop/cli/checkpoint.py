@@ -30,6 +30,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import logging
+import math
+import operator
 import pickle
 import re
 import warnings
@@ -176,6 +178,51 @@ def plain_sympy(text: str, names: Iterable[str] = ()) -> bool:
     return True
 
 
+# Plain arithmetic on sizes that an exported graph may call besides operators (what torch.export
+# serialises for symbolic shapes)
+_ARITHMETIC = frozenset({
+    *(getattr(operator, name) for name in (
+        "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
+        "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "lshift", "rshift")),
+    math.ceil, math.floor, math.trunc, round,
+    *(getattr(torch, name) for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max",
+                                        "sym_min", "sym_sqrt") if hasattr(torch, name)),
+})
+
+
+def _is_operator(target: Any) -> bool:
+    return (isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator))
+            or (not isinstance(target, (str, torch.Tensor)) and target in _ARITHMETIC))
+
+
+def _check_calls(program: torch.export.ExportedProgram, path: Path) -> None:
+    """Refuse an untrusted program that calls, or passes as an argument, anything but an
+    operator (ATen's, a registered custom op's, a higher-order op) or size arithmetic: the
+    deserialiser resolves any ``torch.*`` path a file names (``torch.builtins.exec``, a helper
+    that imports a module the file names), which would run when the program runs."""
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            called = node.target if node.op == "call_function" else None
+            if node.op in ("call_module", "call_method") or (
+                    called is not None and not _is_operator(called)):
+                raise _unsafe(path, "its program", f"a call of {_named(node.target)}, which is "
+                              "not an operator")
+            for value in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+                if (callable(value) and not isinstance(value, (torch.fx.Node, nn.Module))
+                        and not _is_operator(value)):
+                    raise _unsafe(path, "its program", f"{_named(value)} as an argument of "
+                                  f"{node.name}, which is not an operator")
+
+
+def _named(target: Any) -> str:
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    module = getattr(target, "__module__", None)
+    return f"{module}.{name}" if module and name else repr(target)[:80]
+
+
 @contextmanager
 def untrusted_pt2(path: Path) -> Iterator[None]:
     """While ``torch.export.load`` reads the ``.pt2`` at ``path``, let nothing in it run (see the
@@ -245,7 +292,10 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
         logger.setLevel(logging.CRITICAL)
     try:
         with nullcontext() if trust else untrusted_pt2(path):
-            return torch.export.load(path)
+            program = torch.export.load(path)
+        if not trust:
+            _check_calls(program, path)
+        return program
     except CheckpointError:
         raise
     except Exception as e:

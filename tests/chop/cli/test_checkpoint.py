@@ -4,6 +4,7 @@ and precise mismatch errors."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -178,6 +179,32 @@ def test_pt2_with_code_in_a_shape_expression_is_refused(tmp_path: Path) -> None:
                                               r"arithmetic \(\"__import__"):
         load_checkpoint(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("node", "said"), [
+    ({"target": "torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch",
+      "inputs": [{"name": "function_cls_name", "arg": {"as_string": "this.s"}, "kind": 1}],
+      "outputs": [{"as_none": True}], "metadata": {}},
+     "a call of torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch"),
+    ({"target": "torch.ops.higher_order.wrap_with_set_grad_enabled",
+      "inputs": [{"name": "enable_grad", "arg": {"as_bool": True}, "kind": 1},
+                 {"name": "fn", "arg": {"as_operator": "torch.builtins.exec"}, "kind": 1},
+                 {"name": "code", "arg": {"as_string": "open('PWNED', 'w')"}, "kind": 1}],
+      "outputs": [{"as_none": True}], "metadata": {}, "is_hop_single_tensor_return": False},
+     "builtins.exec as an argument"),
+])
+def test_pt2_calling_anything_but_operators_is_refused(tmp_path: Path, node, said) -> None:
+    """Hole: the deserialiser resolves any torch.* path a file names; a helper that imports a
+    module the file names ("this" printed the Zen of Python when the program ran), or exec."""
+    src = saved_program(tmp_path)
+    with zipfile.ZipFile(src) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        doc = json.loads(archive.read(name))
+    doc["graph_module"]["graph"]["nodes"].insert(0, node)
+    evil = replace_entry(src, tmp_path / "evil.pt2", "models/model.json", json.dumps(doc).encode())
+    with pytest.raises(CheckpointError, match=rf"evil\.pt2: its program holds {re.escape(said)}"):
+        load_checkpoint(evil)
+    assert load_checkpoint(src).kind == "program"  # the untouched file loads
 
 
 def test_pt2_with_a_compiled_library_is_refused(tmp_path: Path) -> None:
