@@ -98,6 +98,8 @@ def write_manifest(folder: Path) -> None:
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
+    if (folder / MANIFEST).is_symlink():  # chop writes no links: not chop's manifest
+        return None
     try:
         files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, TypeError, KeyError):
@@ -107,15 +109,19 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 
 def foreign_files(folder: Path) -> list[str]:
     """The entries under ``folder`` chop did not write: files its manifest does not list or
-    that changed since, links (chop writes none), and folders that hold no file chop wrote."""
+    that changed since, links (chop writes none), and folders, at any depth, that hold no file
+    chop wrote (a manifest that is a link lists nothing)."""
     listed = _manifest(folder)
-    foreign = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):  # folders holding nothing
-        if entry.is_dir(follow_symlinks=False) and not any(
-                name.startswith(f"{entry.name}/") for name in listed or {}):
-            foreign.append(entry.name + "/")
+    foreign: list[str] = []
+    for root, folders, _ in os.walk(folder):  # os.walk follows no links to folders
+        inside = os.path.relpath(root, folder)
+        for name in sorted(folders):
+            path = name if inside == "." else f"{inside}/{name}"
+            if not any(p.startswith(f"{path}/") for p in listed or {}) and not any(
+                    path.startswith(f) for f in foreign):
+                foreign.append(path + "/")
     for name, entry in _files(folder):
-        if name.partition("/")[0] + "/" in foreign or (name == MANIFEST and listed is not None):
+        if any(name.startswith(f) for f in foreign) or (name == MANIFEST and listed is not None):
             continue
         record = (listed or {}).get(name)
         ours = (isinstance(record, dict) and entry.is_file(follow_symlinks=False)

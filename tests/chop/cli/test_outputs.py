@@ -99,6 +99,14 @@ def test_force_replaces_only_chop_outputs(tmp_path):
     assert foreign_files(ours) == ["link.py", "notes.txt", "report.json"]
     (ours / MANIFEST).write_text("not json")
     assert MANIFEST in foreign_files(ours)  # a broken manifest proves nothing
+    listing = tmp_path / "listing.json"  # a manifest elsewhere, linked in: chop writes no links
+    (ours / "notes.txt").unlink()
+    (ours / "link.py").unlink()
+    (ours / MANIFEST).rename(listing)
+    write_manifest(ours)
+    (ours / MANIFEST).rename(listing)
+    (ours / MANIFEST).symlink_to(listing)
+    assert foreign_files(ours) == [MANIFEST, "model.pt2", "report.json"]
 
 
 def mounted_tmpfs(path: Path) -> bool:
@@ -351,6 +359,10 @@ def test_the_manifest_covers_nested_folders(tmp_path):
 
     (ours / "hf" / "notes.txt").write_text("mine")
     (ours / "other").mkdir()
+    (ours / "hf" / "mine" / "deeper").mkdir(parents=True)  # a user's empty folders in ours
+    assert foreign_files(ours) == ["other/", "hf/mine/", "hf/notes.txt"]
+    (ours / "hf" / "mine" / "deeper").rmdir()
+    (ours / "hf" / "mine").rmdir()
     assert foreign_files(ours) == ["other/", "hf/notes.txt"]
     with pytest.raises(OutputError, match=r"holds files chop did not write: other/, hf/notes\.txt"):
         check_outdir(ours, [], force=True)
