@@ -100,8 +100,7 @@ def read_records(path: Path, text_field: str = "text") -> Records:
     """The records of a text file: JSON lines, a JSON list of records (or a table of equal
     columns), CSV with a header row, parquet (pyarrow), or plain text with one record
     ``{text_field: line}`` per non-empty line. Raises :class:`DataError` naming the line."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; data.source is relative to the config")
+    _check_file(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -188,9 +187,19 @@ def _synthetic(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _check_file(path: Path) -> None:
+    """A :class:`DataError` unless ``path`` is a regular file (a FIFO or a device would block
+    or never end)."""
+    if path.is_file():
+        return
+    if path.exists():
+        raise DataError(f"data file {path} is not a regular file (a folder, a FIFO or a device); "
+                        "point data.source at a file")
+    raise DataError(f"data file {path} does not exist; data.source is relative to the config")
+
+
 def _read_file(path: Path) -> tuple[Any, torch.Tensor]:
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; data.source is relative to the config")
+    _check_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix in (".pt", ".pth"):

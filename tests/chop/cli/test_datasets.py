@@ -63,6 +63,13 @@ def test_shuffle_is_seeded(tmp_path: Path) -> None:
 def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_batches(spec(source="none.pt"), tmp_path)
+    os.mkfifo(tmp_path / "fifo.pt")  # reading it would block: refused, not read
+    with pytest.raises(DataError, match=r"fifo\.pt is not a regular file \(a folder, a FIFO"):
+        load_batches(spec(source="fifo.pt"), tmp_path)
+    from chop.cli.datasets import read_records
+
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_records(tmp_path / "fifo.pt")
     torch.save({"inputs": torch.randn(20, 2)}, tmp_path / "d.pt")
     with pytest.raises(DataError, match="no 'targets'"):
         load_batches(spec(source="d.pt"), tmp_path)
