@@ -187,6 +187,7 @@ class Graph:
         self._submodules: list[nn.Module] | None = None
         self._memo: dict[Any, Any] = {}  # see memo()
         self._spec_seen: tuple = (None, None)  # (module, input spec) _spec_direct is for
+        self._ties: tuple | None = None  # (module, whether a parameter has several names)
         self._spec_direct: tuple[int, frozenset[str]] | None = None
         self._annotate()
         graph = self
@@ -235,11 +236,27 @@ class Graph:
         return found if found is not None else self.module.get_parameter(name)
 
     def replace_parameter(self, name: str, value: torch.Tensor) -> None:
-        """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone."""
+        """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone;
+        every other name of the same parameter (a tied embedding and LM head) follows."""
         owner, _, attr = name.rpartition(".")
         module = self.module.get_submodule(owner)
         old = getattr(module, attr)
-        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+        tied = self._tied()  # before the new one breaks the tie
+        setattr(module, attr, new)
+        if tied:
+            for holder in self.module.modules():
+                for key, param in list(holder._parameters.items()):
+                    if param is old:
+                        holder._parameters[key] = new
+
+    def _tied(self) -> bool:
+        """Whether some parameter of the module has more than one name (passes make no new
+        ties, so this is looked up once per module)."""
+        if self._ties is None or self._ties[0] is not self.module:
+            names = sum(1 for _ in self.module.named_parameters(remove_duplicate=False))
+            self._ties = (self.module, names != sum(1 for _ in self.module.parameters()))
+        return self._ties[1]
 
     # -- modes -------------------------------------------------------------------------------
 

@@ -283,6 +283,26 @@ def test_instance_norm_with_running_stats_switches_like_batch_norm(traced_in):
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
 
 
+def test_replacing_a_tied_parameter_replaces_it_under_every_name():
+    """fold replaced GPT-2's tied embedding under one name: weights.safetensors held a pruned
+    wte and an unpruned lm_head, and hf/ reloaded the unpruned head."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(12, 6), nn.Linear(6, 12, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    graph = chop.trace(Tied(), (torch.randint(0, 12, (2, 5)),))
+    chop.run(graph, "magnitude, mask{sparsity=0.5, embeddings=true}, fold")
+    state = graph.module.state_dict()
+    embed, head = state["embed.weight"], state["head.weight"]
+    assert embed.data_ptr() == head.data_ptr() and int((embed == 0).sum()) == 36
+
+
 def test_recurrent_layers_switch_their_dropout_between_layers():
     torch.manual_seed(0)
     model = zoo.Recurrent()
