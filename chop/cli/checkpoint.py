@@ -279,12 +279,31 @@ def untrusted_pt2(path: Path) -> Iterator[None]:
         _package.pickle, torch._C._pickle_load_obj = real_pickle, real_torchbind
 
 
+def _register_output_types(path: Path) -> None:
+    """A Hugging Face model's program returns its ``ModelOutput`` (``SequenceClassifierOutput``
+    …), whose pytree registration happens when ``transformers.modeling_outputs`` is imported:
+    import that one module when the program names it and transformers is installed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            named = any(b"transformers.modeling_outputs." in archive.read(name)
+                        for name in archive.namelist() if name.endswith(".json"))
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return  # torch.export.load says what is wrong
+    if named:
+        try:
+            import transformers.modeling_outputs  # noqa: F401
+        except ImportError:
+            pass  # torch.export.load then says which type it cannot read
+
+
 def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedProgram:
     """The ``torch.export`` program in the ``.pt2`` at ``path``; unless ``trust``, nothing in
     the file runs (:func:`untrusted_pt2`)."""
     if not zipfile.is_zipfile(path):
         raise _corrupt(path, "not a zip archive")
     import chop.kernels.csr  # noqa: F401  (registers chop::csr_linear: a sparse export's op)
+
+    _register_output_types(path)
 
     loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
     levels = [logger.level for logger in loggers]

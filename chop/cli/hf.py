@@ -35,6 +35,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,8 +177,11 @@ def load_folder(path: Path, *, trust: bool = False) -> Folder:
                 "from a model folder (auto_map). Install a transformers that has it"
             )
         try:
+            # without a key/value cache (it does not trace and is not needed), set before the
+            # model is built: sub-blocks that copy the config (T5's stacks) see it too
+            no_cache = {"use_cache": False} if getattr(config, "use_cache", None) else {}
             model = cls.from_pretrained(path, local_files_only=True, use_safetensors=safetensors,
-                                        trust_remote_code=False)
+                                        trust_remote_code=False, **no_cache)
         except Exception as e:  # transformers raises many types for a damaged folder
             raise CheckpointError(
                 f"cannot load the model in {path} as {getattr(cls, '__name__', cls)}: "
@@ -196,9 +200,9 @@ def load_folder(path: Path, *, trust: bool = False) -> Folder:
                     f"{str(e).strip().splitlines()[0] if str(e) else ''}; save it again with "
                     "tokenizer.save_pretrained(folder), or remove its files"
                 ) from e
-    original = copy.deepcopy(model.config)
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False  # a key/value cache does not trace and is not needed
+    original = copy.deepcopy(model.config)  # what hf/ is saved with: the folder's own cache
+    if getattr(config, "use_cache", None):
+        original.use_cache = config.use_cache
     architecture = type(model).__name__
     task = task_of(architecture)
     info = {"path": str(path), "sha256": _digest(path), "kind": "folder",
@@ -251,6 +255,14 @@ def encoder(folder: Folder, spec: DataSpec) -> Encode:
         encoded = tokenizer(texts, truncation=True, max_length=max_length,
                             is_split_into_words=words)
         inputs = _padded(encoded, tokenizer, accepted)
+        vocab = getattr(folder.model.config, "vocab_size", None)
+        top = int(inputs["input_ids"].max()) if inputs["input_ids"].numel() else -1
+        if isinstance(vocab, int) and top >= vocab:
+            raise DataError(
+                f"{where}: the folder's tokenizer gives token id {top}, but the model has "
+                f"vocab_size {vocab}: the tokenizer does not belong to this model; save the "
+                "model's own tokenizer into the folder (tokenizer.save_pretrained)"
+            )
         labels = ([_field(r, spec.label_field, where, i, "label_field")
                    for i, r in enumerate(records)] if spec.label_field else None)
         return inputs, _targets(folder, spec, inputs, encoded, labels, where)
@@ -392,15 +404,24 @@ def write_folder(folder: Folder, state: dict[str, torch.Tensor], reshaped: bool,
     with _quiet():
         with no_init_weights():
             model = cls(config)
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        if len(dtypes) == 1:  # the folder's own dtype (bfloat16…): cls(config) makes float32
+            model.to(dtypes.pop())
         own = model.state_dict()
         missing = [k for k in own if k not in state]
         if missing:
             return (f"the pruned graph has no {missing[0]!r} for {cls.__name__}"
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         model.load_state_dict({k: state[k] for k in own}, strict=True)
+        generation = getattr(folder.model, "generation_config", None)
+        if generation is not None and getattr(model, "generation_config", None) is not None:
+            model.generation_config = copy.deepcopy(generation)  # the folder's, not defaults
         model.eval().save_pretrained(dest, safe_serialization=True)
         if folder.tokenizer is not None:
             folder.tokenizer.save_pretrained(dest)
+        for name in _PROCESSOR_FILES:  # an image or audio model's preprocessing, unchanged
+            if (folder.path / name).is_file() and not (dest / name).exists():
+                shutil.copyfile(folder.path / name, dest / name)
         loaded = cls.from_pretrained(dest, local_files_only=True, use_safetensors=True,
                                  trust_remote_code=False).eval()
     with torch.no_grad():
@@ -409,6 +430,10 @@ def write_folder(folder: Folder, state: dict[str, torch.Tensor], reshaped: bool,
     check_same_outputs(f"{dest.name}/ ({cls.__name__}.from_pretrained)", got, expected)
     return None
 
+
+# preprocessing files of a model folder that hf/ keeps as they are (the tokenizer's are saved)
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja",
+                    "chat_template.json")
 
 # config keys that set one dimension of every layer, in the families chop shrinks
 _WIDTHS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")

@@ -460,3 +460,38 @@ def test_text_data_needs_a_model_folder(hf_folders, tmp_path, capfd):
     assert main(["transform", "--config", str(config), str(tmp_path / "model.pt"), "-o",
                  str(tmp_path / "o")]) == 2
     assert "is a text file, which needs a tokenizer" in capfd.readouterr().err
+
+
+def test_hf_keeps_the_folders_dtype_generation_config_and_processor(hf_folders, tmp_path):
+    """A bfloat16 folder's hf/ was written in float32 (and failed its check, exit 3); its
+    generation_config.json was replaced by defaults and preprocessor_config.json dropped. The
+    model.pt2 of a Hugging Face model loads in a fresh chop (its ModelOutput registered)."""
+    folder = tmp_path / "llama16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folders["llama"]).to(
+        torch.bfloat16)
+    model.generation_config.max_new_tokens, model.generation_config.do_sample = 7, True
+    model.generation_config.top_k = 5
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(hf_folders["llama"]).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text('{"mine": 1}')
+    out = tmp_path / "out"
+    config = write_config(tmp_path, hf_folders, "llama")
+    assert main(["transform", "--config", str(config), str(folder), "-o", str(out), "--quiet"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert back.dtype == torch.bfloat16
+    assert (back.generation_config.max_new_tokens, back.generation_config.top_k) == (7, 5)
+    assert (out / "hf" / "preprocessor_config.json").read_text() == '{"mine": 1}'
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "chop.cli", "report", str(out / "model.pt2")],
+                           capture_output=True, text=True, timeout=300)  # a fresh process
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(hf_folders):
+    folder = hf.load_folder(hf_folders["bert"])
+    folder.model.config.vocab_size = 10  # the tokenizer's ids go beyond it
+    with pytest.raises(DataError, match=r"t\.jsonl: the folder's tokenizer gives token id \d+, "
+                                        r"but the model has vocab_size 10"):
+        encoded(folder, text_field="text")
