@@ -172,10 +172,26 @@ def plain_sympy(text: str, names: Iterable[str] = ()) -> bool:
         elif isinstance(node, ast.Name):
             if node.id not in allowed:
                 return False
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            return False  # Python's ** on numbers: 9 ** 9 ** 9 never ends
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Pow" and not (
+                len(node.args) == 2 and _small_exponent(node.args[1])):
+            return False  # sympy evaluates a power of numbers at once: Pow(9, Pow(9, 9)) too
         elif not isinstance(node, (ast.Expression, ast.Call, ast.keyword, ast.Load, ast.BinOp,
                                    ast.UnaryOp, ast.operator, ast.unaryop)):
             return False
     return True
+
+
+def _small_exponent(node: ast.AST) -> bool:
+    """An exponent a shape expression may have: a symbol, or an integer of at most 64."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Integer" and node.args:
+        node = node.args[0]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, int) and abs(node.value) <= 64
+    return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Symbol"
 
 
 # Plain arithmetic on sizes that an exported graph may call besides operators (what torch.export

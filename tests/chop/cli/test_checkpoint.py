@@ -261,6 +261,10 @@ def test_trusted_pt2_and_chop_own_programs_load(tmp_path: Path) -> None:
     ("Symbol('x y; import os')", False),
     ("lambda: 0", False),
     ("eval('1')", False),
+    ("Pow(Symbol('s0', integer=True), Integer(2))", True),
+    ("Pow(Integer(9), Pow(Integer(9), Integer(9)))", False),  # sympy would compute it: no end
+    ("Pow(Integer(9), Integer(387420489))", False),
+    ("Mul(Integer(9 ** 9 ** 9), Integer(1))", False),  # Python's ** too
 ])
 def test_plain_sympy(text: str, plain: bool) -> None:
     assert plain_sympy(text, {"FloorDiv"}) is plain
