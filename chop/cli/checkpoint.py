@@ -174,9 +174,9 @@ def plain_sympy(text: str, names: Iterable[str] = ()) -> bool:
                 return False
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             return False  # Python's ** on numbers: 9 ** 9 ** 9 never ends
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Pow" and not (
+        elif isinstance(node, ast.Call) and "Pow" in getattr(node.func, "id", "") and not (
                 len(node.args) == 2 and _small_exponent(node.args[1])):
-            return False  # sympy evaluates a power of numbers at once: Pow(9, Pow(9, 9)) too
+            return False  # sympy evaluates a power of numbers at once (Pow, torch's PowByNatural)
         elif not isinstance(node, (ast.Expression, ast.Call, ast.keyword, ast.Load, ast.BinOp,
                                    ast.UnaryOp, ast.operator, ast.unaryop)):
             return False

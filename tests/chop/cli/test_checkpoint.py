@@ -264,6 +264,7 @@ def test_trusted_pt2_and_chop_own_programs_load(tmp_path: Path) -> None:
     ("Pow(Symbol('s0', integer=True), Integer(2))", True),
     ("Pow(Integer(9), Pow(Integer(9), Integer(9)))", False),  # sympy would compute it: no end
     ("Pow(Integer(9), Integer(387420489))", False),
+    ("PowByNatural(Integer(9), PowByNatural(Integer(9), Integer(9)))", False),
     ("Mul(Integer(9 ** 9 ** 9), Integer(1))", False),  # Python's ** too
 ])
 def test_plain_sympy(text: str, plain: bool) -> None:
