@@ -463,26 +463,36 @@ def _rank_main(rank: int, world: int, tasks: Any, results: Any) -> None:
     import traceback
 
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout
 
     torch.set_num_threads(1)  # the ranks share the machine's cores
     modules: dict[str, Any] = {}
     while (task := tasks.get()) is not None:
         path, name, args, store, timeout = pickle.loads(task)
+        joined = False
         try:
             if path not in modules:
                 spec = importlib.util.spec_from_file_location(f"ranks_{len(modules)}", path)
                 modules[path] = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(modules[path])
+            # Joining gets a long timeout (a loaded machine connects slowly), and no rank starts
+            # the test before every rank has joined: one that failed at once would otherwise
+            # close its connections while the others still make theirs. Only then does the
+            # test's own collective timeout apply.
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                    world_size=world,
-                                    timeout=datetime.timedelta(seconds=timeout))
+                                    world_size=world, timeout=datetime.timedelta(seconds=60))
             try:
+                dist.barrier()
+                _set_pg_timeout(datetime.timedelta(seconds=timeout))
+                joined = True
                 outcome = ("ok", getattr(modules[path], name)(rank, world, *args))
             finally:
                 dist.destroy_process_group()
         except BaseException as e:  # reported to the test, which decides
             outcome = ("error", type(e).__name__, str(e), traceback.format_exc())
-        results.put(pickle.dumps((rank, outcome)))
+        results.put(pickle.dumps((rank, outcome, joined)))
+        if not joined:  # torch keeps state of a failed join that breaks the next one: restart
+            return
 
 
 class Ranks:
@@ -525,15 +535,20 @@ class Ranks:
         for tasks in self._tasks:
             tasks.put(task)
         outcomes: list[Any] = [None] * self.world
+        failed_join = False
         for _ in range(self.world):
             try:
-                rank, outcome = pickle.loads(self._results.get(timeout=deadline))
+                rank, outcome, joined = pickle.loads(self._results.get(timeout=deadline))
             except queue.Empty:  # stuck: start fresh ranks for the next test
                 self._stop()
                 self._start()
                 raise AssertionError(f"the ranks did not finish {fn.__name__} in {deadline} s"
                                      ) from None
             outcomes[rank] = outcome
+            failed_join = failed_join or not joined
+        if failed_join:  # those ranks have ended; fresh ones serve the next test
+            self._stop()
+            self._start()
         if not check:
             return outcomes
         for rank, outcome in enumerate(outcomes):
