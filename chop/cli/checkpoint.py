@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import logging
 import math
 import operator
 import pickle
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 
 from chop.errors import CheckpointError
+from chop.ir.graph import quiet_loggers
 
 _STATE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
@@ -321,12 +321,9 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
 
     _register_output_types(path)
 
-    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:  # torch.export.load logs tracebacks before re-raising
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with nullcontext() if trust else untrusted_pt2(path):
+    try:  # torch.export.load logs tracebacks before re-raising
+        with quiet_loggers("torch.export", "torch._export.serde.serialize"), (
+                nullcontext() if trust else untrusted_pt2(path)):
             program = torch.export.load(path)
         if not trust:
             _check_calls(program, path)
@@ -335,9 +332,6 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
         raise
     except Exception as e:
         raise _corrupt(path, e) from e
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:

@@ -38,11 +38,15 @@ def layer_table(report: dict[str, Any]) -> Table:
     and the report's warnings under it."""
     totals = report["totals"]
     warnings = "\n".join(f"warning: {w}" for w in report.get("warnings") or ())
-    table = Table(title=f"{report.get('model', 'model')}: per-layer sparsity", show_footer=True,
+    # every name is shown as written: Text, never rich markup (a layer may be named "[/]")
+    table = Table(title=Text(f"{report.get('model', 'model')}: per-layer sparsity"),
+                  show_footer=True,
                   title_justify="left", header_style="bold", footer_style="bold",
                   caption=Text(warnings) if warnings else None, caption_justify="left",
                   caption_style="bold yellow")
-    table.add_column("layer", footer="total", overflow="fold")  # long names wrap, not the numbers
+    # long names wrap, not the numbers, but never into slivers on a narrow terminal
+    longest = max((len(layer["name"]) for layer in report["layers"]), default=5)
+    table.add_column("layer", footer="total", overflow="fold", min_width=min(16, longest))
     table.add_column("op", no_wrap=True)
     table.add_column("shape", no_wrap=True)
     table.add_column("parameters", justify="right", footer=f"{totals['numel']:,}", no_wrap=True)
@@ -54,7 +58,7 @@ def layer_table(report: dict[str, Any]) -> Table:
                          footer=f"{collapse['totals']['effective']:,}")
     for layer in report["layers"]:
         cells = [
-            layer["name"], layer["op"], "×".join(map(str, layer["shape"])),
+            Text(layer["name"]), Text(layer["op"]), "×".join(map(str, layer["shape"])),
             f"{layer['numel']:,}", f"{layer['kept']:,}",
             _bar(layer["sparsity"], layer.get("pruned", True)),
         ]
@@ -104,20 +108,20 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"model: {totals['nonzero']:,} of {totals['parameters']:,} parameters non-zero "
         f"({1 - totals['nonzero'] / max(totals['parameters'], 1):.1%} sparse overall)",
-        highlight=False,
+        highlight=False, markup=False,
     )
     line = metrics_line(report)
     if line is not None:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     history = (report.get("train") or {}).get("history") or []
     if history:
-        console.print("trained: " + epoch_line(history[-1]), highlight=False)
+        console.print("trained: " + epoch_line(history[-1]), highlight=False, markup=False)
     hf = report.get("hf")
     if isinstance(hf, dict) and not hf.get("written", True):
-        console.print(f"hf/ not written: {hf.get('reason')}", highlight=False)
+        console.print(f"hf/ not written: {hf.get('reason')}", highlight=False, markup=False)
     collapse = report_summary(report)
     if collapse is not None:
-        console.print(summary_line(collapse), highlight=False)
+        console.print(summary_line(collapse), highlight=False, markup=False)
     steps = report.get("pipeline", [])
     for step in steps:  # shrink and sparse report [before, after] sizes
         total = (step.get("info") or {}).get("total", {})
@@ -128,10 +132,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             latency = (f", latency {timed[0]:,.0f} -> {timed[1]:,.0f} us "
                        f"({timed[0] / max(timed[1], 1e-9):.2f}x faster)") if timed else ""
             console.print(f"{step['name']}: parameters {p0:,} -> {p1:,} "
-                          f"({p0 / max(p1, 1):.2f}x smaller){flops}{latency}", highlight=False)
+                          f"({p0 / max(p1, 1):.2f}x smaller){flops}{latency}", highlight=False,
+                          markup=False)
     if steps:
         console.print("pipeline: " + ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in steps),
-                      highlight=False)
+                      highlight=False, markup=False)
 
 
 class Display:
@@ -139,7 +144,8 @@ class Display:
 
     def __init__(self, console: Console, enabled: bool):
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+            SpinnerColumn(), TextColumn("{task.description}", markup=False),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
             disable=not enabled,
         )

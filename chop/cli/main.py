@@ -29,7 +29,6 @@ from __future__ import annotations
 import _thread
 import argparse
 import functools
-import json
 import os
 import signal
 import sys
@@ -95,15 +94,16 @@ def _finish(args: argparse.Namespace, result: Any, console: Console) -> int:
 
     from chop.cli.display import print_report
     from chop.cli.outputs import written
+    from chop.cli.report import to_json
 
     if args.json:
-        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
+        sys.stdout.write(to_json(result.report))
     elif not args.quiet:
         print_report(result.report, console)
         shown = os.path.relpath(result.outdir) if result.outdir.is_relative_to(os.getcwd()) \
             else str(result.outdir)
         console.print(f"wrote [bold]{escape(shown)}[/bold]", highlight=False, soft_wrap=True)
-        console.print("  " + ", ".join(written(result.report)), highlight=False)
+        console.print("  " + ", ".join(written(result.report)), highlight=False, markup=False)
     return 0
 
 
@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
     def on_epoch(record: dict[str, Any]) -> None:
         if not args.quiet:
-            shown_on.print(epoch_line(record), highlight=False)
+            shown_on.print(epoch_line(record), highlight=False, markup=False)
 
     with logging_to(err, args.quiet), display.progress:
         result = train(
@@ -138,11 +138,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     from chop.cli.display import print_report
-    from chop.cli.report import read_report
+    from chop.cli.report import read_report, to_json
 
     report = read_report(args.path, trust=args.trust_checkpoint)
     if args.json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(to_json(report))
         return 0
     try:
         print_report(report, console)

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from chop.cli.checkpoint import load_program, sha256
+from chop.cli.report import to_json
 from chop.cli.viz import layer_graph, render_html, to_dot
 from chop.errors import ChopError, InternalError, OutputError, TraceError
 from chop.ir import meta
@@ -495,7 +496,7 @@ def write_outputs(
                 raise OSError(errno.EIO, str(e), str(tmp / f"{name}.safetensors")) from e
         if extra is not None:
             report.update(extra(tmp, state, bool(reshaped), expected))
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
         (tmp / "sparsity.html").write_text(render_html(report, layers), encoding="utf-8")
         (tmp / "graph.dot").write_text(to_dot(layers, report.get("model", "model")), "utf-8")
         write_manifest(tmp)

@@ -14,6 +14,7 @@ radix selection of :mod:`chop.kernels.select`, since ``torch.quantile`` fails ab
 from __future__ import annotations
 
 import json
+import math
 import platform
 from importlib.metadata import version
 from pathlib import Path
@@ -59,9 +60,15 @@ def layer_record(
     name: str, op: str, role: str, weight: torch.Tensor,
     mask: torch.Tensor | None = None, saliency: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """One layer's entry; ``kept`` counts the mask, or non-zero weights when there is none."""
+    """One layer's entry; ``kept`` counts the non-zero weights the mask (if any) keeps: a
+    weight already zero before pruning is not counted as kept (a ``weight`` on the meta device,
+    a CSR layer's stand-in, counts its mask)."""
     numel = weight.numel()
-    kept = int(mask.sum()) if mask is not None else int(torch.count_nonzero(weight))
+    if weight.is_meta:
+        kept = int(mask.sum())
+    else:
+        nonzero = weight != 0
+        kept = int(torch.count_nonzero(nonzero if mask is None else nonzero & mask.bool()))
     return {
         "name": name,
         "layer": name.rpartition(".")[0] or name,
@@ -130,15 +137,24 @@ def _graph_counts(graph: Graph) -> tuple[int, int]:
 
 
 def _jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it: tensors as their value or shape, NaN and infinities
+    (a constant score's rank correlation, an inf weight's saliency) as null, which JSON has."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else list(value.shape)
-    if value is None or isinstance(value, (bool, int, float, str)):
+        return _jsonable(value.item()) if value.numel() == 1 else list(value.shape)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """``report`` as strict JSON text (no ``NaN``/``Infinity``, which JSON parsers refuse)."""
+    return json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
 
 
 def not_pruned(layers: list[dict[str, Any]]) -> list[str]:
@@ -183,13 +199,33 @@ def _zeros_are_pruned(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return layers
 
 
+_STATISTICS = (".running_mean", ".running_var")  # BatchNorm's buffers, by torch's names
+
+
+def _parameters_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point parameters of a state dict: each tensor once under its first name (a
+    tied embedding and LM head are saved as two names of one tensor) and no BatchNorm running
+    statistics (buffers, not parameters)."""
+    seen, kept = set(), {}
+    for key, value in state.items():
+        if not value.is_floating_point() or key.endswith(_STATISTICS):
+            continue
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                value.stride(), value.dtype)
+        if value.numel() == 0 or view not in seen:
+            seen.add(view)
+            kept[key] = value
+    return kept
+
+
 def _state_dict_report(path: Path, state: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
     ops = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+    state = _parameters_of(state)
     layers = _zeros_are_pruned([
         layer_record(k, ops.get(v.dim(), "other"), "conv" if v.dim() > 2 else "linear", v)
-        for k, v in state.items() if v.is_floating_point() and v.dim() >= 2
+        for k, v in state.items() if v.dim() >= 2
     ])
-    floats = [v for v in state.values() if v.is_floating_point()]
+    floats = list(state.values())
     counts = (sum(v.numel() for v in floats), sum(int(torch.count_nonzero(v)) for v in floats))
     return {"model": name, "source": str(path), "layers": layers, "totals": totals(layers, *counts)}
 
@@ -223,5 +259,6 @@ def read_report(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         layers = _zeros_are_pruned(graph_layers(graph, matrices=True))
         return {"model": path.stem, "source": str(path), "layers": layers,
                 "totals": totals(layers, *_graph_counts(graph))}
-    state = ckpt.state_dict if ckpt.state_dict is not None else ckpt.module.state_dict()
+    state = ckpt.state_dict if ckpt.state_dict is not None else dict(
+        ckpt.module.named_parameters())
     return _state_dict_report(path, state, path.stem)

@@ -482,9 +482,25 @@ class Graph:
                 node.meta[_MODE_KEY] = ("counter", 0, "", aten.add_.Tensor, aten.add.Tensor)
 
 
+    def _retie(self) -> None:
+        """Make parameters that are the same view of the same memory one parameter."""
+        seen: dict[tuple, nn.Parameter] = {}
+        for holder in self.module.modules():
+            for key, param in list(holder._parameters.items()):
+                if param is None or param.device.type == "meta" or param.numel() == 0:
+                    continue
+                view = (param.untyped_storage().data_ptr(), param.storage_offset(),
+                        tuple(param.shape), param.stride(), param.dtype)
+                kept = seen.setdefault(view, param)
+                if kept is not param and kept.requires_grad == param.requires_grad:
+                    holder._parameters[key] = kept
+
     def _merge_tied_weights(self) -> None:
         """torch.export emits one get_attr per *name* of a tied parameter (GPT-2's wte and
-        lm_head); keep one node per parameter, named by its first name in ``state_dict``."""
+        lm_head); keep one node per parameter, named by its first name in ``state_dict``.
+        A program loaded from a ``.pt2`` holds a tie as two parameters viewing the same memory:
+        they become one parameter again first, as in the model that was saved."""
+        self._retie()
         first = {id(p): name for name, p in self.module.named_parameters()}
         kept: dict[str, Node] = {}
         for node in list(self.module.graph.find_nodes(op="get_attr")):
@@ -767,8 +783,15 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
     if why is not None:
         log.info("%s: traced in eval mode because %s; BatchNorm and dropout still switch to "
                  "train mode, other training-only behaviour stays off", name, why)
-    graph = Graph(program.module(), training=was_training, name=name,
-                  traced_training=traced_training)
+    try:
+        graph = Graph(program.module(), training=was_training, name=name,
+                      traced_training=traced_training)
+    except SyntaxError as e:  # torch writes names into the Python code it generates
+        raise TraceError(
+            f"{name}: torch.export cannot turn the captured graph back into Python code ({e.msg}"
+            f"); a submodule or parameter name with a quote, backslash or line break does "
+            f"this: rename it (e.g. the keys of an nn.ModuleDict)"
+        ) from e
     for node in graph.module.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
@@ -781,7 +804,26 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, *, training: bool) -> Any:
     model.train(training)
-    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs))
+    # a shape mismatch logs each failed meta kernel's traceback (hundreds of lines) before
+    # torch.export raises the error chop reports in one line
+    with quiet_loggers("torch._subclasses.fake_tensor"):
+        return torch.export.export(model, args, kwargs,
+                                   dynamic_shapes=dynamic_shapes(model, args, kwargs))
+
+
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """The loggers ``names`` (torch's) silent but for CRITICAL inside the block: torch logs the
+    tracebacks of errors it then raises, which chop reports itself."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:

@@ -47,7 +47,7 @@ def printed(report) -> list[str]:
 
 def test_layer_table_rows_and_footer():
     table = layer_table(REPORT)
-    assert table.title == "Net: per-layer sparsity"
+    assert str(table.title) == "Net: per-layer sparsity"
     assert [c.header for c in table.columns] == ["layer", "op", "shape", "parameters", "kept",
                                                  "sparsity"]
     rows = [cells(line) for line in render(table) if "│" in line or "┃" in line]
@@ -185,3 +185,27 @@ def test_epoch_line_shows_the_task_metric():
     own = {"epoch": 1, "loss": 3.2, "eval": {"loss": 0.25}, "seconds": 0.5}
     assert epoch_line(own) == "epoch 1: loss 3.2000, eval loss 0.25 (0.5s)"
     assert epoch_line({**own, "eval": None}) == "epoch 1: loss 3.2000 (0.5s)"
+
+
+def test_names_are_shown_as_written_never_as_markup():
+    """A module named "[/]" or "[red]x" (an nn.ModuleDict key) is text: rich read it as
+    markup, and "[/]" raised a MarkupError in the table and in chop report."""
+    report = {**REPORT, "model": "Mod[/bold]",
+              "layers": [layer("blocks.[/].weight", "linear", [10, 1000], 10000, 1000),
+                         layer("blocks.[red]x.weight", "linear", [2, 10], 20, 20)],
+              "hf": {"written": False, "reason": "shapes [/b] differ"}}
+    lines = printed(report)
+    assert lines[0].startswith("Mod[/bold]: per-layer sparsity")
+    assert cells(lines[4])[0] == "blocks.[/].weight"
+    assert cells(lines[5])[0] == "blocks.[red]x.weight"
+    assert "hf/ not written: shapes [/b] differ" in lines
+
+
+def test_a_narrow_terminal_keeps_layer_names_readable():
+    """At 80 columns the layer column kept 4 characters, folding "conv1.weight" into
+    "conv", "1.we", "ight"; it keeps at least 16."""
+    long = {**REPORT, "layers": [layer("features.0.conv1.weight", "conv2d", [64, 3, 7, 7],
+                                       9408, 941)]}
+    rows = [cells(line) for line in render(layer_table(long), width=80)]
+    names = [row[0] for row in rows if len(row) > 1 and row[1] == "conv2d"]
+    assert len(names) == 1 and len(names[0]) >= 16

@@ -98,3 +98,71 @@ def test_read_report_errors(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text("[1]")
     with pytest.raises(ReportError, match="not a chop report"):
         read_report(tmp_path / "x.json")
+
+
+def test_reports_are_strict_json_without_nan_or_infinity() -> None:
+    """A constant score's rank correlation is NaN and an inf weight's saliency mean is inf:
+    json.dumps wrote them as NaN and Infinity, which JSON parsers refuse."""
+    from chop.cli.report import to_json
+
+    report = {"info": {"spearman": math.nan}, "saliency": {"max": math.inf, "min": -math.inf},
+              "value": torch.tensor(math.nan), "ok": [1.5, 2]}
+    assert json.loads(to_json(report)) == {"info": {"spearman": None},
+                                           "saliency": {"max": None, "min": None},
+                                           "value": None, "ok": [1.5, 2]}
+    graph = pruned_graph()
+    meta = graph.weight_node("fc.weight").meta["chop"]
+    meta["saliency"] = torch.full_like(meta["saliency"], math.inf)
+    text = to_json(build_report(graph))
+    assert "Infinity" not in text and "NaN" not in text
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.fc(self.norm(self.emb(ids).mean(1))))
+
+
+def test_tied_weights_and_buffers_are_counted_once_in_every_kind_of_file(tmp_path: Path) -> None:
+    """A .pt2 holds a tie as two parameters over one memory, a .pt state dict as two names of
+    one tensor: both were counted twice, and BatchNorm's running statistics as parameters."""
+    torch.manual_seed(0)
+    model = Tied().eval()
+    with torch.no_grad():
+        model.fc.weight[:8] = 0
+    parameters = sum(p.numel() for p in model.parameters())  # the embedding once
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    ids = torch.randint(0, 50, (2, 5))
+    torch.export.save(torch.export.export(model, (ids,)), tmp_path / "m.pt2")
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    for name in ("m.pt2", "m.pt"):
+        report = read_report(tmp_path / name)
+        assert (report["totals"]["parameters"], report["totals"]["nonzero"]) == (
+            parameters, nonzero), name
+        names = [layer["name"] for layer in report["layers"]]
+        assert "head.weight" not in names and {"emb.weight", "fc.weight"} <= set(names), name
+    graph = chop.Graph(torch.export.load(tmp_path / "m.pt2").module(), training=False)
+    assert [n.target for n in graph.weight_nodes()].count("emb.weight") == 1
+    assert graph.module.get_parameter("head.weight") is graph.module.get_parameter("emb.weight")
+
+
+def test_kept_counts_the_weights_that_stay_non_zero() -> None:
+    """Masking an already sparse model to a lower sparsity kept the mask's count: 50% where
+    the weights were 96% zeros, and model.pt2's report of the same output said 96%."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 5, (8,))
+    model = Net()
+    with torch.no_grad():
+        model.fc.weight[:, :48] = 0  # 75% of fc already zero
+    graph = chop.trace(model, x)
+    chop.run(graph, "random, mask{sparsity=0.5}", data=[(x, y)])
+    fc = next(layer for layer in build_report(graph)["layers"] if layer["name"] == "fc.weight")
+    mask = graph.weight_node("fc.weight").meta["chop"]["mask"]
+    assert fc["kept"] == int(torch.count_nonzero(model.fc.weight * mask)) < int(mask.sum())

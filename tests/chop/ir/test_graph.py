@@ -559,3 +559,28 @@ def test_lean_code_drops_whole_slices_with_the_same_values_and_gradients():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for lean_grad, grad in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(lean_grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ['q"uote', "new\nline"])
+def test_a_name_torch_cannot_write_as_code_is_a_trace_error(key):
+    """torch writes module names into the code it generates: a quote or a line break in an
+    nn.ModuleDict key gave a raw SyntaxError."""
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleDict({key: nn.Linear(3, 3)})
+
+        def forward(self, x):
+            return self.layers[key](x)
+
+    with pytest.raises(chop.TraceError, match="rename it"):
+        chop.trace(Named(), torch.randn(2, 3))
+
+
+def test_a_failed_trace_says_it_in_one_error_not_torchs_log_of_tracebacks(caplog):
+    """A shape mismatch made torch's fake-tensor logger print a traceback for every meta
+    kernel it tried (287 lines on LeNet-5), even with chop's --quiet."""
+    with caplog.at_level("DEBUG"), pytest.raises(chop.TraceError):
+        chop.trace(nn.Linear(4, 3), torch.randn(2, 5))
+    assert not [r for r in caplog.records if r.name.startswith("torch._subclasses")]
