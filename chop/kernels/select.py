@@ -83,6 +83,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -166,8 +167,18 @@ def numpy_compares(tensor: torch.Tensor) -> bool:
 
 
 def kept_count(numel: int, sparsity: float) -> int:
-    """How many of ``numel`` entries a sparsity keeps: round((1 − sparsity)·numel), halves up."""
-    return min(numel, math.floor((1.0 - sparsity) * numel + 0.5))
+    """How many of ``numel`` entries a sparsity keeps: round((1 − sparsity)·numel), halves up,
+    with ``sparsity`` taken as the decimal it is written as (in floats 1 − 0.9995 is a hair
+    under 0.0005, which rounded 0.5 of 1,000 entries down to 0)."""
+    num, den = _decimal(float(sparsity))
+    return min(numel, (2 * (den - num) * numel + den) // (2 * den))
+
+
+@functools.lru_cache(maxsize=256)
+def _decimal(value: float) -> tuple[int, int]:
+    """``value`` as the fraction of the shortest decimal that gives it (0.9995: 9995/10000)."""
+    exact = Fraction(repr(value))
+    return exact.numerator, exact.denominator
 
 
 def keep_masks(

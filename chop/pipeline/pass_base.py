@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import types
 import typing
@@ -131,9 +132,14 @@ class Pass:
         """``value`` as option ``key``'s type (see :func:`_coerce`), or :class:`OptionError`."""
         hint = _option_hints(type(self))[key]
         checked = _coerce(value, hint)
+        if key == "seed" and isinstance(checked, int) and checked not in SEEDS:
+            raise OptionError(f"{self.name}: option seed={value} is out of range; expected an "
+                              "integer from -2**63 to 2**64 - 1 (what torch's generators take)")
         if checked is _INVALID:
+            finite = isinstance(value, float) and not math.isfinite(value)
             raise OptionError(
                 f"{self.name}: option {key}={value!r} is not valid; expected {_describe(hint)}"
+                + (" (a finite number)" if finite else "")
             )
         return checked
 
@@ -202,6 +208,7 @@ class Pass:
 
 
 _INVALID = object()
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 @functools.cache
@@ -233,9 +240,9 @@ def _coerce(value: Any, hint: Any) -> Any:
         return value if isinstance(value, bool) else _INVALID
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
-    if hint is float:
+    if hint is float:  # NaN and infinities are no option's value (a NaN compares false)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else _INVALID
+        return float(value) if ok and math.isfinite(value) else _INVALID
     if hint is str:
         return value if isinstance(value, str) else _INVALID
     return value  # types we do not check (callables and the like)

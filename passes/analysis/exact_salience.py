@@ -75,13 +75,15 @@ class ExactSalience(DataCriterion):
         scores = []
         with graph.mode(batch_norm=train, dropout=False), torch.no_grad(), \
                 dtype_hint(self.name, cast):
-            base = losses({**weights, **{k: v.clone() for k, v in buffers.items()}})
+            # a rank given no batch (shared data over more ranks than batches) adds zeros
+            base = losses({**weights, **{k: v.clone() for k, v in buffers.items()}}
+                          ) if chosen else None
             for node in ctx.track(nodes, len(nodes), self.name):
                 name = node.target
                 flat = weights[name].reshape(-1)
                 n = flat.numel()
                 delta = torch.zeros(n, dtype=torch.float64)
-                for start in range(0, n, self.chunk):
+                for start in range(0, n if chosen else 0, self.chunk):
                     index = torch.arange(start, min(start + self.chunk, n))
                     rows = len(index)
                     batch = flat.expand(rows, n).clone()

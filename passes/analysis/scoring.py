@@ -143,10 +143,35 @@ def batch_losses(
     *,
     temperature: float = 1.0,
 ) -> Iterator[torch.Tensor]:
-    """The scalar loss of ``module`` on each batch (see :func:`~chop.pipeline.batches.batch_loss`)."""
-    for inputs, targets in batches:
-        yield batch_loss(module, inputs, targets, loss, who,
-                         transform=lambda out: scaled_outputs(out, temperature, who))
+    """The scalar loss of ``module`` on each batch (see :func:`~chop.pipeline.batches.batch_loss`),
+    as a 0-dim floating-point tensor."""
+    for index, (inputs, targets) in enumerate(batches):
+        value = batch_loss(module, inputs, targets, loss, who,
+                           transform=lambda out: scaled_outputs(out, temperature, who))
+        if not value.is_floating_point():
+            raise DataError(
+                f"{who}: the loss of batch {index} is a {str(value.dtype).removeprefix('torch.')}"
+                " tensor; it must be a real floating-point scalar (an accuracy or a count "
+                "cannot be differentiated): return e.g. F.cross_entropy(outputs, targets)"
+            )
+        yield value.reshape(())
+
+
+def differentiable(value: torch.Tensor, index: int, who: str) -> torch.Tensor:
+    """``value``, the loss of batch ``index``, checked before it is differentiated: it must
+    depend on the weights and be finite (a NaN loss gives NaN scores, which rank nothing)."""
+    if not value.requires_grad:
+        raise DataError(
+            f"{who}: the loss of batch {index} does not depend on the model's weights (it is "
+            "detached or computed without gradients); compute it from the outputs with torch "
+            "ops, without .detach(), .item() or torch.no_grad()"
+        )
+    if not bool(torch.isfinite(value)):
+        raise DataError(
+            f"{who}: the loss of batch {index} is {float(value.detach())}; look for NaN or inf in that "
+            "batch's inputs and targets, or for a loss that overflows"
+        )
+    return value
 
 
 def backward_sums(
@@ -178,8 +203,10 @@ def backward_sums(
     twice = second is not None
     with scoring(graph, nodes, bn=bn) as params, differentiable_twice() if twice else nullcontext():
         sums: list[torch.Tensor | None] = [None] * len(params)
-        for value in batch_losses(graph, batches, loss, who, temperature=temperature):
-            terms = torch.autograd.grad(value, params, allow_unused=True, create_graph=twice)
+        losses = batch_losses(graph, batches, loss, who, temperature=temperature)
+        for index, value in enumerate(losses):
+            terms = torch.autograd.grad(differentiable(value, index, who), params,
+                                        allow_unused=True, create_graph=twice)
             if second is not None:
                 terms = [None if t is None else t.detach() for t in second(terms, params)]
             storages = [None if t is None else t.untyped_storage() for t in terms]
@@ -264,8 +291,8 @@ def module_backward_sums(
     bit-identical."""
     with module_scoring(module, params, bn=bn):
         sums: list[torch.Tensor | None] = [None] * len(params)
-        for value in batch_losses(module, batches, loss, who):
-            value.backward()
+        for index, value in enumerate(batch_losses(module, batches, loss, who)):
+            differentiable(value, index, who).backward()
             if accumulate == "sum-of-abs":  # take each batch's term, then clear the gradients
                 with torch.no_grad():
                     for i, p in enumerate(params):

@@ -16,8 +16,8 @@ the last round keeps exactly round(keep·N), as ``mask`` counts it. Each round r
   computes each masked weight as ``θ − stop_grad(θ ⊙ ¬c)`` while scoring — the same values, but
   ∂/∂θ = ∂L/∂(θ ⊙ c) — so snip's |g ⊙ θ| is exactly FORCE's saliency.
 
-The graph's existing masks (from an earlier ``mask``) are the starting point. The data must be
-re-iterable (a list or a DataLoader): every round scores on the same first ``batches`` batches.
+The graph's existing masks (from an earlier ``mask``) are the starting point. Every round scores
+on the same first ``batches`` batches (a one-pass iterator's are read once and kept).
 With a ``torch.distributed`` process group (``distributed=auto``) each round's scores are summed
 over the ranks' batches (as ``snip`` does), so every rank makes the same masks in every round.
 """
@@ -25,6 +25,7 @@ over the ranks' batches (as ``snip`` does), so every rank makes the same masks i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,12 +147,15 @@ class IterativeSnip(Mask):
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         target = 0.9 if self.sparsity is None else self.sparsity  # mask's default
+        data = ctx.data
+        if isinstance(data, Iterator):  # one pass only: every round scores the same batches
+            data = list(itertools.islice(data, self.batches))
         rounds = []
         for step in range(1, self.steps + 1):
             scoring = straight_through(graph) if self.allow_regrowth else _nothing()
             with scoring:
                 snip_saliency(
-                    graph, ctx.data, ctx.loss, batches=self.batches, bn=self.bn,
+                    graph, data, ctx.loss, batches=self.batches, bn=self.bn,
                     accumulate=self.accumulate, distributed=self.distributed, track=ctx.track,
                     shared_data=ctx.shared_data,
                 )

@@ -36,10 +36,17 @@ from typing import ClassVar, Literal
 import torch
 from torch.fx import Node
 
-from chop.errors import InternalError, MissingMetadataError, OptionError
+from chop.errors import (
+    DataError,
+    InternalError,
+    MissingMetadataError,
+    OptionError,
+    PassError,
+)
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_masks, select_weights
+from chop.kernels.csr import csr_linear
 from chop.kernels.select import (
     Piece,
     Reduce,
@@ -214,6 +221,10 @@ def mask_weights(
             )
         scores.append(score)
     nm, block = _NM.match(granularity), _BLOCK.match(granularity)
+    if granularity in ("channel", "head") or nm:  # the element path finds NaN as it selects
+        for node, score in zip(nodes, scores):
+            if score.is_floating_point() and bool(torch.isnan(score).any()):
+                raise _nan_scores(node.target)
     if granularity in ("channel", "head"):
         masks_by_name = _structured_masks(
             graph, nodes, 0.9 if sparsity is None else sparsity, scope, granularity,
@@ -233,8 +244,15 @@ def mask_weights(
     else:
         r, c = (int(block[1]), int(block[2])) if block else (1, 1)
         units = [_block_scores(node, s, r, c) if block else s for node, s in zip(nodes, scores)]
-        kept = layer_counts(units, 0.9 if sparsity is None else sparsity, scope,
-                            min_sparsity=min_sparsity, max_sparsity=max_sparsity, min_keep=min_keep)
+        try:
+            kept = layer_counts(units, 0.9 if sparsity is None else sparsity, scope,
+                                min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+                                min_keep=min_keep)
+        except ValueError as e:
+            if "NaN" not in str(e):
+                raise
+            name = next(n.target for n, u in zip(nodes, units) if bool(torch.isnan(u).any()))
+            raise _nan_scores(name) from e
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
                  for node, k, s in zip(nodes, kept, scores)]
     before = [meta.entries(n).get("mask") for n in nodes]
@@ -255,6 +273,14 @@ def mask_weights(
     elif empty:
         log.debug("mask: %d layer(s) stay empty: %s", len(empty), ", ".join(empty))
     return {n.target: m for n, m in zip(nodes, masks)}
+
+
+def _nan_scores(name: str) -> DataError:
+    return DataError(
+        f"the saliency of {name} holds NaN, which cannot be ranked: the criterion's loss was "
+        "not finite on the data (look for NaN or inf in the inputs) or the criterion "
+        "overflowed in this dtype (score in float32 or float64)"
+    )
 
 
 @dataclass(frozen=True)
@@ -338,17 +364,33 @@ class Mask(Pass):
                 raise OptionError(f"mask: {key}={pattern!r} is not a valid regex: {e}") from None
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
+        stored = graph.module.graph.find_nodes(op="call_function", target=csr_linear)
+        if stored:  # a global budget would fall on the dense layers alone
+            raise PassError(
+                f"{graph.name} holds {len(stored)} layer(s) that the sparse export stored as "
+                "CSR, which mask cannot prune again; put mask before sparse in the pipeline "
+                "(e.g. \"snip, mask, sparse\"), starting from the model before sparse"
+            )
         nodes = select_weights(
             graph, self.include, self.exclude,
             biases=self.biases, norms=self.norms, embeddings=self.embeddings,
         )
         _check_include(graph, self.include, nodes)
         if not nodes:
-            raise OptionError(
-                f"mask selected no weights of {graph.name} (include={self.include!r}, "
-                f"exclude={self.exclude!r}); prunable parameters are: "
-                + ", ".join(n.target for n in graph.weight_nodes()
-                            if meta.entries(n).get("role") in ("linear", "conv"))
+            prunable = [n.target for n in graph.weight_nodes()
+                        if meta.entries(n).get("role") in ("linear", "conv")]
+            if prunable:
+                raise OptionError(
+                    f"mask selected no weights of {graph.name} (include={self.include!r}, "
+                    f"exclude={self.exclude!r}); prunable parameters are: " + ", ".join(prunable)
+                )
+            used = sorted({str(getattr(u.target, "__name__", u.target))
+                           for n in graph.weight_nodes() for u in n.users})
+            raise PassError(
+                f"{graph.name} has no weight chop recognises as a linear or conv layer's (one "
+                "used by linear, conv, embedding, or matmul/addmm as the right-hand operand), "
+                f"so mask has nothing to prune; its weights are used by: {', '.join(used[:8])}"
+                + (" …" if len(used) > 8 else "")
             )
         report: dict = {}
         mask_weights(

@@ -62,6 +62,9 @@ def test_unknown_option_lists_allowed_options():
         ("mask{scope=everywhere}", r"scope='everywhere' is not valid; expected one of 'global', 'local'"),
         ("snip{batches=1.5}", r"snip: option batches=1.5 is not valid; expected int"),
         ("mask{biases=1}", r"option biases=1 is not valid; expected bool"),
+        # NaN compared false with every bound, so range checks let it (and inf) through
+        ("snip-momentum{alpha=nan}", r"alpha=nan is not valid; expected float \(a finite"),
+        ("grasp{temperature=inf}", r"temperature=inf is not valid; expected float \(a finite"),
     ],
 )
 def test_ill_typed_options(text, message):
@@ -220,3 +223,17 @@ def test_passes_run_with_the_garbage_collector_paused_and_restored(cnn_graph, fa
         assert gc.isenabled() is enabled  # as it was before the run, also after a failure
     finally:
         gc.enable()
+
+
+def test_an_export_before_the_masks_it_acts_on_is_warned_about(cnn_graph, cnn_batches, caplog):
+    """"snip, shrink, mask" ran shrink on a graph without masks: it did nothing, silently."""
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(cnn_graph, "snip, shrink, mask{granularity=channel}", data=cnn_batches)
+    assert [(r.name, r.modified) for r in cnn_graph.history][1:] == [("shrink", False),
+                                                                    ("mask", True)]
+    assert ("pass 'shrink' changed nothing: it ran before 'mask', which makes the masks it acts "
+            "on; put it after, e.g. \"snip, mask, shrink\"") in caplog.messages
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(cnn_graph, "shrink")  # nothing comes after: no advice to give
+    assert not [m for m in caplog.messages if "changed nothing" in m]

@@ -147,6 +147,25 @@ def test_shared_data_is_split_over_the_ranks(ranks):
     assert results[0]["snip"][1]["ranks"] == 2
 
 
+def exact_on_one_batch(rank, world):
+    torch.manual_seed(0)
+    data = batches()[:1]  # shared by 2 ranks: rank 1 is given no batch to score
+    graph = chop.trace(Net(), (data[0][0],))
+    chop.run(graph, "exact-salience{batches=1}", data=data, shared_data=True)
+    return {n.target: n.meta["chop"]["saliency"] for n in graph.weight_nodes()}
+
+
+def test_a_rank_without_batches_adds_zeros_to_exact_salience(ranks):
+    """The rank given no batch stacked an empty list of losses (an InternalError there, a
+    timeout on the others)."""
+    zero, one = ranks.run(exact_on_one_batch)
+    torch.manual_seed(0)
+    saliency, _, _ = score("exact-salience", batches()[:1])
+    for name, expected in saliency.items():
+        torch.testing.assert_close(zero[name], expected)
+        assert torch.equal(zero[name], one[name])
+
+
 class Counting(nn.Module):
     """A model whose eval-mode forward changes a buffer in place (a call counter)."""
 
@@ -196,3 +215,33 @@ def test_a_graph_scored_once_runs_its_plain_code_and_lean_code_from_the_second_s
     assert generated == [0, 1, 1]  # generated for the second scoring, reused by the third
     for later in scores[1:]:  # the lean code computes exactly what the plain code does
         assert all(torch.equal(later[k], v) for k, v in scores[0].items())
+
+
+def _losses(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
+
+@pytest.mark.parametrize(("loss", "message"), [
+    (lambda out, y: (out.argmax(1) == y).sum(), "is a int64 tensor; it must be a real "
+                                                "floating-point scalar"),
+    (lambda out, y: _losses(out, y).detach(), "does not depend on the model's weights"),
+    (lambda out, y: _losses(out, y) * float("nan"), "the loss of batch 0 is nan"),
+])
+@pytest.mark.parametrize("criterion", ["snip", "grasp"])
+def test_a_loss_that_cannot_be_differentiated_is_a_data_error(mlp, mlp_batches, criterion,
+                                                              loss, message):
+    """An accuracy, a detached or a NaN loss reached torch.autograd.grad: a RuntimeError,
+    reported as a bug in chop, or NaN scores."""
+    graph = chop.trace(mlp, (mlp_batches[0][0][:2],))
+    with pytest.raises(chop.DataError, match=message):
+        chop.run(graph, criterion, data=mlp_batches, loss=loss)
+
+
+def test_a_one_element_loss_is_a_scalar_to_every_criterion(mlp, mlp_batches):
+    """A loss of shape (1,) worked in snip and broke exact-salience's shapes."""
+    scalar = chop.run(chop.trace(mlp, (mlp_batches[0][0][:2],)), "exact-salience",
+                      data=mlp_batches[:1])
+    one = chop.run(chop.trace(mlp, (mlp_batches[0][0][:2],)), "exact-salience", data=mlp_batches[:1],
+                   loss=lambda out, y: _losses(out, y).reshape(1))
+    for a, b in zip(scalar.weight_nodes(), one.weight_nodes()):
+        torch.testing.assert_close(a.meta["chop"]["saliency"], b.meta["chop"]["saliency"])

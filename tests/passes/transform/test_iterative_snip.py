@@ -49,6 +49,16 @@ def test_exact_counts_every_round_and_differs_from_one_shot(cnn, cnn_batches, re
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_one_pass_iterator_scores_the_same_batches_every_round(cnn, cnn_batches):
+    """Round t read batch t of a generator (the next ones), not the first batch again."""
+    lists = chop.trace(cnn, (cnn_batches[0][0][:2],))
+    chop.run(lists, IterativeSnip(sparsity=0.9, steps=3), data=cnn_batches)
+    once = chop.trace(cnn, (cnn_batches[0][0][:2],))
+    chop.run(once, IterativeSnip(sparsity=0.9, steps=3), data=iter(cnn_batches))
+    a, b = masks(lists), masks(once)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_without_regrowth_each_round_is_a_subset_of_the_previous(cnn, cnn_batches):
     graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
     first = step_sparsity(0.95, 1, 2)

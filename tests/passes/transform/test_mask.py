@@ -514,3 +514,53 @@ def test_round_to_keeps_multiples_in_every_group_and_shrink_equals_the_masked_gr
             if m.role == "out" and m.name in masks_by_name and bool(g.prunable.any()):
                 size = shrunk.module.get_parameter(m.name).shape[m.dim]
                 assert size % round_to == 0 or size == g.size, (m.name, size)
+
+
+def test_sparsities_are_rounded_as_the_decimals_they_are_written_as():
+    """In floats 1 − 0.9995 is a hair under 0.0005: kept_count(1000, 0.9995) rounded the half
+    entry down to 0, emptying the layer, and (1 − 0.1285)·1000 = 871.5 went to 871."""
+    assert kept_count(1000, 0.9995) == 1 and kept_count(1000, 0.1285) == 872
+    assert [kept_count(10, s) for s in (0.0, 0.25, 0.35, 0.5, 1.0)] == [10, 8, 7, 5, 0]
+    assert kept_count(3, 1 / 3) == 2 and kept_count(10**12, 0.9) == 10**11
+
+
+def test_mask_after_sparse_is_refused(mlp, mlp_batches):
+    """After sparse, the CSR layers are no weights mask sees: a global budget fell on the
+    dense layers alone (95% asked, 90.8% given)."""
+    graph = chop.trace(mlp, (mlp_batches[0][0][:2],))
+    chop.run(graph, "snip, mask{sparsity=0.9}, sparse{mode=all}", data=mlp_batches)
+    with pytest.raises(chop.PassError, match="put mask before sparse"):
+        chop.run(graph, "snip, mask{sparsity=0.95}", data=mlp_batches)
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel", "2:4"])
+def test_nan_scores_are_a_data_error_naming_the_layer(cnn_graph, granularity):
+    """NaN saliency (a NaN in the data) was an InternalError ("a bug in chop") on the element
+    path, and the channel and N:M paths built masks from NaN's place in a sort."""
+    for node in cnn_graph.weight_nodes():
+        weight = cnn_graph.parameter(node)
+        meta.entries(node)["saliency"] = torch.rand(weight.shape)
+    meta.entries(cnn_graph.weight_node("conv2.weight"))["saliency"][0, 0, 0, 0] = math.nan
+    pipeline = {"element": "mask{sparsity=0.5}", "2:4": "mask{granularity=2:4}",
+                "channel": "channel-groups, mask{granularity=channel, sparsity=0.5}"}[granularity]
+    with pytest.raises(chop.DataError, match="the saliency of conv2.weight holds NaN"):
+        chop.run(cnn_graph, pipeline)
+
+
+def test_a_model_without_recognised_layers_says_which_ops_use_its_weights():
+    """Falcon's linears compute x @ w.T: no weight was a layer's, and the error listed the
+    prunable parameters as an empty list."""
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    graph = chop.trace(Transposed(), torch.randn(2, 6))
+    chop.run(graph, "magnitude")
+    with pytest.raises(chop.PassError, match=r"no weight chop recognises as a linear or conv "
+                                             r"layer's .* used by: .*numpy_T"):
+        chop.run(graph, "mask{sparsity=0.5}")
