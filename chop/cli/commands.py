@@ -47,6 +47,8 @@ from chop.errors import CheckpointError, ConfigError, DataError
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_mask, restore_masks
 from chop.passes.export.sparse import csr_weights
+from chop.passes.transform.iterative_snip import IterativeSnip
+from chop.passes.transform.mask import Mask
 from chop.training.loop import split, take_samples, train_graph
 
 log = logging.getLogger("chop")
@@ -162,7 +164,7 @@ def _train(config: Config, path: Path, out: Output, trust: bool, hooks: Hooks) -
     hooks.on_stage("training")
     records = train_graph(graph, train_set, eval_set, spec, batch_size, loss=loss,
                           metric=spine.metric_of(config, loaded), track=hooks.track,
-                          on_epoch=hooks.on_epoch)
+                          on_epoch=hooks.on_epoch, mask_options=_mask_options(config))
 
     hooks.on_stage("writing outputs")
     return spine.write(
@@ -171,6 +173,18 @@ def _train(config: Config, path: Path, out: Output, trust: bool, hooks: Hooks) -
               "eval_samples": len(eval_set[1]) if eval_set is not None else 0},
         train={**dataclasses.asdict(spec), "batch_size": batch_size, "history": records},
     )
+
+
+def _mask_options(config: Config) -> dict[str, Any]:
+    """The selection options (all but the sparsity) of the pipeline's last ``mask`` (or
+    ``iterative-snip``) pass, which pruning during training keeps: the same weights, scope and
+    granularity."""
+    masking = [p for p in config.passes if isinstance(p, (Mask, IterativeSnip))]
+    if not masking:
+        return {}
+    chosen = masking[-1]
+    return {f.name: getattr(chosen, f.name) for f in dataclasses.fields(Mask)
+            if f.name != "sparsity" and getattr(chosen, f.name) != f.default}
 
 
 def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:

@@ -31,6 +31,7 @@ and are named in messages as such.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -39,11 +40,12 @@ from typing import Any
 
 import tomllib
 
-from chop.errors import ConfigError, OptionError, PipelineError, did_you_mean
+from chop.errors import ChopError, ConfigError, OptionError, PipelineError, did_you_mean
 from chop.pipeline import registry
 from chop.pipeline.manager import parse_pipeline
-from chop.pipeline.pass_base import Pass
+from chop.pipeline.pass_base import SEEDS, Pass
 from chop.training.loop import TrainSpec
+from chop.training.pruner import criterion_pass
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ _DATA_KEYS = {
     "batch_size": "a positive integer",
     "batches": "a positive integer",
     "shuffle": "true or false",
-    "seed": "an integer",
+    "seed": "an integer from -2**63 to 2**64 - 1",
     "shape": "a list of positive integers",
     "classes": "an integer of at least 2",
     "eval_batches": "an integer of at least 0",
@@ -110,12 +112,12 @@ _LOSS_KEYS = {"source": "a string \"module:callable\" naming loss(outputs, targe
 _PIPELINE_KEYS = {"passes": "a list of pass names or a pipeline string"}
 _TRAIN_KEYS = {
     "optimizer": "\"adam\" or \"sgd\"",
-    "lr": "a positive number",
+    "lr": "a positive (finite) number",
     "epochs": "a positive integer",
     "batch_size": "a positive integer",
     "weight_decay": "a number of at least 0",
     "momentum": "a number in [0, 1)",
-    "seed": "an integer",
+    "seed": "an integer from -2**63 to 2**64 - 1",
     "eval_fraction": "a number in [0, 1)",
     "prune_sparsity": "a number in [0, 1)",
     "prune_criterion": "a scoring pass, e.g. \"magnitude\" or \"snip{batches=1}\"",
@@ -137,7 +139,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
             "--config examples/lenet5_snip.toml"
         )
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no syntax error
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(
             f"{path} is not valid TOML: {e}. Fix the syntax there (strings need quotes, "
@@ -266,7 +268,7 @@ class _Validator:
                     raise self.error(key, f"expected {_DATA_KEYS[name]}, got {_show(value)}")
                 low = {"batch_size": 1, "batches": 1, "classes": 2, "eval_batches": 0,
                        "max_length": 1}.get(name)
-                if low is not None and value < low:
+                if (low is not None and value < low) or (name == "seed" and value not in SEEDS):
                     raise self.error(
                         key, f"{value} is out of range; expected {_DATA_KEYS[name]}"
                     )
@@ -353,29 +355,37 @@ class _Validator:
         """Validate the ``[train]`` table of ``raw``; errors name the file and the key."""
         table = self.table(raw, "train", _TRAIN_KEYS)
         values: dict[str, Any] = {}
+        start = table.get("prune_start", 0)
         for name, value in table.items():
             key = f"train.{name}"
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            number = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value))
             integer = isinstance(value, int) and not isinstance(value, bool)
-            ok = {
-                "optimizer": value in ("adam", "sgd"),
-                "lr": number and value > 0,
-                "epochs": integer and value >= 1,
-                "batch_size": integer and value >= 1,
-                "weight_decay": number and value >= 0,
-                "momentum": number and 0 <= value < 1,
-                "seed": integer,
-                "eval_fraction": number and 0 <= value < 1,
-                "prune_sparsity": number and 0 <= value < 1,
-                "prune_criterion": isinstance(value, str) and bool(value.strip()),
-                "prune_schedule": value in ("exp", "cos", "cube", "linear"),
-                "prune_start": integer and value >= 0,
-                "prune_end": integer and value >= table.get("prune_start", 0),
-                "prune_frequency": integer and value >= 1,
-                "fast_masks": isinstance(value, bool),
-            }[name]
-            if not ok:
+            checks = {  # each checks its own value only (another key's may be of any type)
+                "optimizer": lambda: value in ("adam", "sgd"),
+                "lr": lambda: number and value > 0,
+                "epochs": lambda: integer and value >= 1,
+                "batch_size": lambda: integer and value >= 1,
+                "weight_decay": lambda: number and value >= 0,
+                "momentum": lambda: number and 0 <= value < 1,
+                "seed": lambda: integer and value in SEEDS,
+                "eval_fraction": lambda: number and 0 <= value < 1,
+                "prune_sparsity": lambda: number and 0 <= value < 1,
+                "prune_criterion": lambda: isinstance(value, str) and bool(value.strip()),
+                "prune_schedule": lambda: value in ("exp", "cos", "cube", "linear"),
+                "prune_start": lambda: integer and value >= 0,
+                "prune_end": lambda: integer and value >= (start if isinstance(start, int)
+                                                           else 0),
+                "prune_frequency": lambda: integer and value >= 1,
+                "fast_masks": lambda: isinstance(value, bool),
+            }
+            if not checks[name]():
                 raise self.error(key, f"expected {_TRAIN_KEYS[name]}, got {_show(value)}")
+            if name == "prune_criterion":
+                try:
+                    criterion_pass(value)
+                except ChopError as e:
+                    raise self.error(key, str(e)) from None
             values[name] = float(value) if name in ("lr", "weight_decay", "momentum",
                                                     "eval_fraction", "prune_sparsity") else value
         if "momentum" in values and values.get("optimizer", "adam") != "sgd":

@@ -249,6 +249,9 @@ def batched(inputs: Any, targets: Any, spec: DataSpec, where: str, *, held_out: 
     given = [targets] if targets is not None else []
     if not tensors or not all(isinstance(t, torch.Tensor) for t in [*tensors, *given]):
         raise DataError(f"{where}: \"inputs\" and \"targets\" must be tensors")
+    if any(t.dim() == 0 for t in [*tensors, *given]):
+        raise DataError(f"{where}: \"inputs\" and \"targets\" need one entry per sample along "
+                        "their first dimension; one of them is a single number (a 0-d tensor)")
     count = len(targets) if targets is not None else len(tensors[0])
     if any(len(t) != count for t in tensors):
         raise DataError(

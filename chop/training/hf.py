@@ -123,6 +123,8 @@ class SNIPCallback(TrainerCallback):
             example_inputs=data[0][0], **self.options,
         )
         self.pruner.on_train_begin()
+        if state.global_step > 0:  # resume_from_checkpoint: the model holds the pruned zeros
+            self.pruner.resume(state.global_step)
         self._remove_hooks()  # of a run that ended without on_train_end
         if self.pruner.sharded is None:  # the Trainer clips before on_pre_optimizer_step
             self._hooks = [p.register_post_accumulate_grad_hook(self.pruner.mask_grad)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,11 +296,14 @@ def train_graph(
     metric: str = "accuracy",
     track: Callable[[Iterable, int | None, str], Iterable] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    mask_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``graph.module`` in train mode for ``spec.epochs`` epochs; returns one record per
     epoch: ``epoch``, ``loss`` (the mean training loss), ``train_accuracy`` (with
     ``metric="accuracy"``), ``eval`` (:func:`evaluate` on ``evaluation`` in batches of
-    ``batch_size``, or None without it) and ``seconds``. The graph is left in eval mode."""
+    ``batch_size``, or None without it) and ``seconds``. The graph is left in eval mode.
+    ``mask_options``: the selection of the ``prune_*`` Pruner (``mask`` options but the
+    sparsity: the weights it prunes, scope, granularity), as the pipeline's ``mask`` had."""
     user_loss = loss
     loss = loss or cross_entropy
     params = [p for p in graph.module.parameters() if p.requires_grad]
@@ -312,7 +315,7 @@ def train_graph(
         optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     inputs, targets = train
     generator = torch.Generator().manual_seed(spec.seed)
-    pruner = _pruner(graph, spec, loss)
+    pruner = _pruner(graph, spec, loss, mask_options)
     records = []
     fast = fast_masks(graph, optimizer) if spec.fast_masks else contextlib.nullcontext()
     pruned = 0  # pruning steps taken inside fast
@@ -343,7 +346,14 @@ def train_graph(
                 optimizer.step()
                 if pruner is not None:
                     pruner.on_after_optimizer_step()
-                total_loss += float(value.detach()) * len(index)
+                step_loss = float(value.detach())
+                if not math.isfinite(step_loss):  # nothing is written from a diverged run
+                    raise DataError(
+                        f"training diverged: the loss of a batch of epoch {epoch} is "
+                        f"{step_loss}, and every weight it updated is now NaN or inf; lower "
+                        f"the learning rate (lr = {spec.lr}) or look for NaN or inf in the data"
+                    )
+                total_loss += step_loss * len(index)
                 if metric == "accuracy":
                     logits, kept = _scored(logits_of(outputs).detach(), y)
                     correct += int((logits.argmax(-1) == kept).sum())
@@ -375,7 +385,8 @@ def _refresh(fast: Any, pruner: Pruner, pruned: int) -> int:
     return len(pruner.history)
 
 
-def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None) -> Any:
+def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None,
+            mask_options: Mapping[str, Any] | None = None) -> Any:
     """The :class:`~chop.training.pruner.Pruner` of ``[train] prune_*`` (None without prune_sparsity).
     Its schedule starts at the sparsity the graph's masks already have, so progressive pruning
     never gives a pruned weight back."""
@@ -384,7 +395,8 @@ def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None) -> Any:
     masks = list(current_masks(graph).values())
     numel = sum(m.numel() for m in masks)
     initial = 1.0 - sum(int(m.sum()) for m in masks) / numel if numel else 0.0
-    if spec.prune_sparsity < initial - 1e-9:
+    # each layer's kept count was rounded to a whole number: up to half an entry per layer
+    if spec.prune_sparsity < initial - (0.5 * len(masks) / numel if numel else 0.0) - 1e-12:
         raise OptionError(
             f"[train] prune_sparsity = {spec.prune_sparsity} is below the sparsity the model's "
             f"masks already have ({initial:.1%}): pruning during training only raises it; set "
@@ -394,7 +406,7 @@ def _pruner(graph: Graph, spec: TrainSpec, loss: Callable | None) -> Any:
         graph, spec.prune_sparsity, criterion=spec.prune_criterion,
         schedule=spec.prune_schedule, start_step=spec.prune_start, end_step=spec.prune_end,
         frequency=spec.prune_frequency, initial_sparsity=min(initial, spec.prune_sparsity),
-        loss=loss,
+        loss=loss, mask_options=mask_options,
     )
     pruner.on_train_begin()
     return pruner

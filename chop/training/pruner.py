@@ -158,6 +158,8 @@ class Pruner:
     ):
         if not isinstance(model, (Graph, nn.Module)):
             raise OptionError(f"Pruner needs a chop.Graph or an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the same parameters; DDP's forward does not export
         if mode not in ("progressive", "pattern-lock"):
             raise OptionError(f"Pruner: unknown mode {mode!r}; use 'progressive' or 'pattern-lock'")
         if masks is not None and mode != "pattern-lock":
@@ -208,6 +210,28 @@ class Pruner:
                 insert_mask(graph, graph.weight_node(name), mask)
             graph.recompile()
             self._keep(locked)
+
+    def resume(self, step: int, batch: Any = None) -> None:
+        """Continue a run stopped after ``step`` optimizer steps, from the model as saved then
+        (pruned weights are zeros): the masks become the zero pattern of the weights the
+        selection covers, and the sparsity the schedule's at ``step - 1``, so the next step
+        prunes exactly as the run that never stopped would (a criterion's scores accumulated
+        over earlier steps, as ``snip-momentum``'s, start afresh)."""
+        self.step = step
+        if self.mode != "progressive" or step < 1 or (
+                self.schedule.last_pruning_step(step - 1) is None):
+            return  # nothing was pruned yet
+        self.sparsity = self.schedule.sparsity_at(step - 1)
+        if self.sharded is not None:
+            self._keep({name: self.sharded.local_mask(name, mask)
+                        for name, mask in self.sharded.pattern().items()})
+            return
+        graph = self._graph(batch)
+        masks = self._current_masks(graph)
+        for name, mask in masks.items():
+            insert_mask(graph, graph.weight_node(name), mask)
+        graph.recompile()
+        self._keep(masks)
 
     def on_step_begin(self, step: int | None = None, batch: Any = None) -> None:
         """Before step ``step`` (default: the count of optimizer steps so far): prune when the
@@ -415,8 +439,25 @@ class Pruner:
                 "inputs: pass example_inputs=..., data=[(inputs, targets), ...], or the step's "
                 "batch to on_step_begin(step, batch)"
             )
-        self.graph = trace_inputs(self.model, inputs)
+        with _unwrapped_forward(self.model):
+            self.graph = trace_inputs(self.model, inputs)
         return self.graph
+
+
+@contextmanager
+def _unwrapped_forward(model: nn.Module) -> Iterator[None]:
+    """``model`` with its class's forward while traced: accelerate (the Trainer with bf16 or
+    fp16) replaces the instance's forward by an autocast wrapper, which exports as one opaque
+    node, so no weight would be seen as a layer's; scores are taken in the weights' own dtype."""
+    wrapped = model.__dict__.get("forward") if hasattr(model, "_original_forward") else None
+    if wrapped is None:
+        yield
+        return
+    del model.forward
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> bool:

@@ -109,6 +109,13 @@ class ShardedModel:
         if not isinstance(criterion, Criterion):
             raise OptionError(f"Pruner: {criterion.name} is not a criterion that can score a "
                               "sharded model")
+        if getattr(criterion, "accumulate", None) == "sum-of-abs" and _fully_sharded(self.module):
+            raise OptionError(
+                f"Pruner: {criterion.name}{{accumulate=sum-of-abs}} sums |g·w| per batch of every "
+                "rank, but under FSDP each backward's gradient is already the ranks' mean, so "
+                "the per-rank terms are gone; use accumulate=abs-of-sum (the default) on a "
+                "sharded model"
+            )
         names = list(self.params)
         scores = criterion.score_module(
             self.module, [self.params[n] for n in names], data, loss,
@@ -167,3 +174,11 @@ class ShardedModel:
     def pattern(self) -> dict[str, torch.Tensor]:
         """The non-zero pattern of each local shard."""
         return {name: distributed.local(p).detach() != 0 for name, p in self.params.items()}
+
+
+def _fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) wraps ``module`` or a submodule: its backward reduces
+    the gradients over the ranks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())

@@ -131,7 +131,7 @@ def run_error(args: list[str], capfd) -> str:
 
 @pytest.mark.parametrize(("extra", "expected"), [
     ("epoch = 2\n", "unknown key 'epoch' in [train] (did you mean 'epochs'?)"),
-    ("lr = -1\n", "train.lr: expected a positive number"),
+    ("lr = -1\n", "train.lr: expected a positive (finite) number"),
     ("optimizer = \"adamw\"\n", "train.optimizer: expected \"adam\" or \"sgd\""),
     ("momentum = 0.9\n", "momentum is an option of optimizer = \"sgd\""),
     ("eval_fraction = 1.5\n", "train.eval_fraction: expected a number in [0, 1)"),

@@ -154,6 +154,13 @@ def test_unknown_pass_in_pipeline(tmp_path: Path) -> None:
     ("pipeline.passes=[]", ["pipeline.passes", "non-empty list"]),
     ("pipeline.passes=[1]", ["pipeline.passes"]),
     ("train.fast_masks=1", ["train.fast_masks", "true or false"]),
+    # torch's generators take 64-bit seeds: larger ones were an internal error (exit 3)
+    ("data.seed=99999999999999999999", ["data.seed", "out of range", "2**64 - 1"]),
+    ("train.seed=99999999999999999999", ["train.seed", "2**64 - 1"]),
+    ("train.lr=inf", ["train.lr", "a positive (finite) number"]),
+    # found before loading and tracing, not by the Pruner after them, without the key
+    ('train.prune_criterion="snp"', ["train.prune_criterion", "unknown pass 'snp'"]),
+    ('train.prune_criterion="fold"', ["train.prune_criterion", "not one criterion pass"]),
 ])
 def test_bad_values(tmp_path: Path, override: str, needles: list[str]) -> None:
     message = error(tmp_path, GOOD, (override,))
@@ -199,3 +206,19 @@ def test_loss_section_and_text_data_keys(tmp_path: Path) -> None:
         tmp_path, GOOD.replace("batch_size = 32", "batch_size = 32\neval_batches = -1"))
     assert "data.label_field: expected a string" in error(
         tmp_path, GOOD.replace("batch_size = 32", "batch_size = 32\nlabel_field = 1"))
+
+
+def test_each_train_key_is_checked_on_its_own_value(tmp_path: Path) -> None:
+    """Every key's check ran for every key: at lr = 5 prune_end's compared 5 with
+    prune_start = "a", a TypeError, an internal error (exit 3)."""
+    message = error(tmp_path, GOOD + '\n[train]\nlr = 5\nprune_sparsity = 0.95\n'
+                    'prune_start = "a"\n')
+    assert "train.prune_start" in message and "an integer of at least 0" in message
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Editors on Windows save UTF-8 with a BOM: "Invalid statement (at line 1, column 1)"."""
+    path = write(tmp_path, GOOD)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [p.name for p in load_config(path).passes] == \
+        [p.name for p in load_config(write(tmp_path, GOOD)).passes]

@@ -76,6 +76,9 @@ def test_file_errors(tmp_path: Path) -> None:
     torch.save({"inputs": torch.randn(5, 2), "targets": torch.arange(5)}, tmp_path / "s.pt")
     with pytest.raises(DataError, match="5 samples, fewer than 2 full batches of 4"):
         load_batches(spec(source="s.pt"), tmp_path)
+    torch.save({"inputs": torch.randn(20, 2), "targets": torch.tensor(3)}, tmp_path / "0d.pt")
+    with pytest.raises(DataError, match="one entry per sample .*a 0-d tensor"):  # was len()'s
+        load_batches(spec(source="0d.pt"), tmp_path)
     with pytest.raises(ConfigError, match="does not fit"):
         load_batches(spec(source="s.pt", batches=1, shape=(3,)), tmp_path)
     with pytest.raises(ConfigError, match="not a data file"):

@@ -201,6 +201,45 @@ def test_train_graph_refuses_to_prune_below_the_masks_sparsity(mlp):
     assert all(torch.equal(current_masks(graph)[k], m) for k, m in before.items())
 
 
+def test_pruning_during_training_keeps_the_pipelines_selection(mlp):
+    """chop train's Pruner used mask's defaults (global, every layer) whatever [passes.mask]
+    said: an excluded layer got pruned, a local scope became global."""
+    x, y = easy_task(64)
+    graph = chop.run(chop.trace(mlp, (x[:2],)),
+                     "magnitude, mask{sparsity=0.5, scope=local, exclude='layers.0'}")
+    spec = TrainSpec(lr=0.01, epochs=1, prune_sparsity=0.8, prune_end=2)
+    train_graph(graph, (x, y), None, spec, batch_size=16,
+                mask_options={"scope": "local", "exclude": "layers.0"})
+    masks = current_masks(graph)
+    assert set(masks) == {"layers.1.weight", "layers.2.weight"}
+    for mask in masks.values():  # local: every layer at 80%
+        assert int(mask.sum()) == round(0.2 * mask.numel())
+
+
+def test_the_masks_own_rounded_sparsity_is_not_below_itself(mlp):
+    """Kept counts are whole: 70% of 3 layers is 70.0006% once rounded, and prune_sparsity
+    = 0.7 was refused as "below the sparsity the masks already have (70.0%)"."""
+    x, y = easy_task(64)
+    graph = chop.run(chop.trace(mlp, (x[:2],)), "magnitude, mask{sparsity=0.7, scope=local}")
+    masks = current_masks(graph)
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept < 0.3 * sum(m.numel() for m in masks.values())  # rounded down: above 70%
+    spec = TrainSpec(lr=0.01, epochs=1, prune_sparsity=0.7, prune_end=2,
+                     prune_criterion="magnitude")
+    train_graph(graph, (x, y), None, spec, batch_size=16, mask_options={"scope": "local"})
+
+
+def test_a_diverging_run_stops_with_an_error_before_anything_is_kept(mlp):
+    """lr = 1e30 made every weight NaN; the run went on to write them (and its report's
+    loss was null, which the table could not print: exit 3)."""
+    x, y = easy_task(64)
+    graph = chop.trace(mlp, (x[:2],))
+    spec = TrainSpec(lr=1e30, epochs=1, optimizer="sgd")
+    with pytest.raises(DataError, match=r"training diverged: .* lower the learning rate "
+                                        r"\(lr = 1e\+30\)"):
+        train_graph(graph, (x, y), None, spec, batch_size=16)
+
+
 def test_evaluate_perplexity_and_a_loss_of_your_own(mlp):
     """Perplexity: exp of the mean cross-entropy per scored target (-100 ignored) over all
     batches, not the mean of per-batch means; a user's loss: its mean weighted by batch size."""

@@ -327,3 +327,64 @@ def test_came_back_finds_a_pruned_position_kept_again(kind: str) -> None:
     assert not _came_back(wrap(old), wrap(dropped))
     assert _came_back(wrap(old), wrap(back))
     assert _came_back(wrap(dropped), wrap(old))
+
+
+def _resumable_run(mlp, mlp_batches, steps: range, pruner: Pruner) -> None:
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    for step in steps:
+        x, y = mlp_batches[step % len(mlp_batches)]
+        pruner.on_step_begin(step, (x, y))
+        F.cross_entropy(mlp(x), y).backward()
+        pruner.on_before_optimizer_step()
+        optimizer.step()
+        pruner.on_after_optimizer_step()
+        optimizer.zero_grad()
+
+
+def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches):
+    """A Pruner made afresh after a restart (SNIPCallback with resume_from_checkpoint) scored
+    the trained weights with no masks: pruned weights came back and the masks differed."""
+    import copy
+
+    def pruner(model):
+        return Pruner(model, 0.8, criterion="snip", schedule="linear", start_step=0,
+                      end_step=6, frequency=2, data=mlp_batches[:1])
+
+    straight = copy.deepcopy(mlp)
+    whole = pruner(straight)
+    whole.on_train_begin()
+    _resumable_run(straight, mlp_batches, range(8), whole)
+
+    stopped = copy.deepcopy(mlp)
+    first = pruner(stopped)
+    first.on_train_begin()
+    _resumable_run(stopped, mlp_batches, range(3), first)  # saved after 3 steps
+    restarted = copy.deepcopy(stopped)  # the checkpoint: weights only
+    second = pruner(restarted)
+    second.on_train_begin()
+    second.resume(3, (mlp_batches[0][0], mlp_batches[0][1]))
+    _resumable_run(restarted, mlp_batches, range(3, 8), second)
+
+    assert [h["step"] for h in second.history] == [4, 6]
+    for name, mask in whole.masks.items():
+        assert torch.equal(second.masks[name], mask), name
+    for a, b in zip(straight.parameters(), restarted.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_forward_wrapped_in_autocast_is_traced_as_the_class_wrote_it(mlp, mlp_batches):
+    """accelerate (the Trainer with bf16=True) replaces the instance's forward by an autocast
+    wrapper, which exported as one opaque node: no weight could be scored."""
+    original = mlp.forward
+
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return original(*args, **kwargs)
+
+    mlp._original_forward = original
+    mlp.forward = wrapped
+    pruner = Pruner(mlp, 0.5, criterion="snip", data=mlp_batches[:1])
+    pruner.on_train_begin()
+    pruner.on_step_begin(0, mlp_batches[0])
+    assert pruner.history[-1]["sparsity"] == 0.5 and len(pruner.masks) == 3
+    assert mlp.forward is wrapped  # put back

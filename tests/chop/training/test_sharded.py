@@ -215,7 +215,8 @@ def refused(rank, world):
 
     net = shard(model(False), "fsdp", world)
     messages = []
-    for kwargs in ({"criterion": "grasp"}, {"mask_options": {"granularity": "2x2"}}):
+    for kwargs in ({"criterion": "grasp"}, {"mask_options": {"granularity": "2x2"}},
+                   {"criterion": "snip{accumulate=sum-of-abs}"}):
         try:
             Pruner(net, 0.5, data=[batches()[rank]], **kwargs).prune(0.5)
         except OptionError as e:
@@ -224,7 +225,28 @@ def refused(rank, world):
 
 
 def test_unsupported_criteria_and_granularities_say_what_works(ranks):
-    for grasp, granularity in ranks.run(refused):
+    for grasp, granularity, per_batch in ranks.run(refused):
         assert "grasp cannot score a sharded model" in grasp
         assert all(name in grasp for name in ("magnitude", "snip", "gradient", "snip-momentum"))
         assert "element by element" in granularity
+        # FSDP's backward gives the ranks' mean gradient: per-rank |g·w| terms are gone (the
+        # masks differed from one process's in 36 of 448 entries)
+        assert "accumulate=sum-of-abs" in per_batch and "use accumulate=abs-of-sum" in per_batch
+
+
+def ddp_on_rank(rank, world):
+    net = model(False)
+    pruner = Pruner(nn.parallel.DistributedDataParallel(net), 0.5, criterion="magnitude",
+                    example_inputs=batches()[0][0])
+    masks = pruner.prune(0.5)
+    return {name: int(mask.sum()) for name, mask in masks.items()}, bool(
+        (net[0].weight == 0).sum() == net[0].weight.numel() - masks["0.weight"].sum())
+
+
+def test_a_ddp_wrapped_model_is_pruned_through_the_module_it_wraps(ranks):
+    """Pruner(DDP(model)) traced DDP's forward, which torch.export cannot capture: a
+    TraceError telling the user to check their inputs."""
+    total = 6 * 12 + 12 * 9 + 9 * 3
+    for kept, applied in ranks.run(ddp_on_rank):
+        assert set(kept) == {"0.weight", "2.weight", "4.weight"} and applied
+        assert sum(kept.values()) == math.floor(0.5 * total + 0.5)
