@@ -447,8 +447,26 @@ def fit_config(cls: type, config: Any, state: dict[str, torch.Tensor]) -> Any:
     The MLP width and the head counts (only with an explicit ``head_dim``, which then stays)
     are searched one key at a time, each set to the value among the shapes' sizes that makes
     the most parameter shapes match, until all match or nothing improves; models are built on
-    the meta device, so this costs no memory."""
+    the meta device, so this costs no memory. A config without ``head_dim`` (Qwen2, Phi-3,
+    GPT-NeoX…: their code reads ``head_dim`` when set, else hidden_size ÷ heads) is tried again
+    with ``head_dim`` set to that quotient, so the head counts can change (reloading the
+    folder and comparing its outputs catches a model that ignores it)."""
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    fitted = _fit(cls, config, shapes)
+    hidden, heads = (getattr(config, k, None) for k in ("hidden_size", "num_attention_heads"))
+    if isinstance(fitted, str) and not isinstance(getattr(config, "head_dim", None), int) and (
+            isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+            and hidden % heads == 0):
+        explicit = copy.deepcopy(config)
+        explicit.head_dim = hidden // heads
+        refit = _fit(cls, explicit, shapes)
+        if not isinstance(refit, str):
+            return refit
+    return fitted
+
+
+def _fit(cls: type, config: Any, shapes: dict[str, tuple[int, ...]]) -> Any:
+    """:func:`fit_config` on the parameter ``shapes``, with ``config``'s own ``head_dim``."""
     sizes = sorted({d for s in shapes.values() for d in s})
     head_dim = getattr(config, "head_dim", None)
     options: dict[str, list[int]] = {}

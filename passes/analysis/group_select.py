@@ -194,8 +194,10 @@ def _require_heads(groups: ChannelGroups, names: list[str], granularity: Granula
         raise GranularityError(
             f"granularity=head: the model has no attention heads chop can prune (it recognises "
             f"scaled_dot_product_attention or q @ kᵀ attention fed by per-head views of linear "
-            f"outputs); layer {names[0] if names else '?'} cannot be pruned by heads. Use "
-            "granularity=channel or element")
+            f"outputs, a key/value head with the query heads that share it under grouped-query "
+            f"attention: with one key/value head for all, as in multi-query attention, no head "
+            f"can go on its own); layer {names[0] if names else '?'} cannot be pruned by heads. "
+            "Use granularity=channel or element")
 
 
 @dataclass

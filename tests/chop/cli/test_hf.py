@@ -245,6 +245,23 @@ def test_fit_config_finds_uniform_widths_and_heads_or_says_why():
     assert "cannot express" in hf.fit_config(type(bert), bert.config, state)
 
 
+def test_fit_config_sets_head_dim_for_configs_that_read_it_when_set():
+    """Qwen2 (like Phi-3, GPT-NeoX…) has no head_dim in its config and computes hidden ÷ heads,
+    or head_dim when set: hf/ was refused after head pruning ("cannot express")."""
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    assert getattr(config, "head_dim", None) is None
+    smaller = transformers.Qwen2Config(**{**config.to_dict(), "head_dim": 8,
+                                          "num_attention_heads": 2, "num_key_value_heads": 1})
+    with torch.device("meta"):
+        state = transformers.Qwen2ForCausalLM(smaller).state_dict()
+    fitted = hf.fit_config(transformers.Qwen2ForCausalLM, config, state)
+    assert (fitted.num_attention_heads, fitted.num_key_value_heads, fitted.head_dim,
+            fitted.hidden_size) == (2, 1, 8, 32)
+    assert getattr(config, "head_dim", None) is None  # the folder's own config is untouched
+
+
 # -- end to end through the CLI ------------------------------------------------------------------
 
 CONFIG = """
