@@ -25,6 +25,7 @@ DTensor already exists.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,19 +66,36 @@ def broadcast(tensor: torch.Tensor, *, what: str, src: int = 0) -> torch.Tensor:
     return _in_place(tensor, "broadcast", what, lambda t: dist.broadcast(t, src=src))
 
 
-def sum_over_ranks(tensors: Sequence[torch.Tensor], *, what: str) -> None:
+def sum_over_ranks(tensors: Sequence[torch.Tensor], *, what: str, agree: str | None = None
+                   ) -> None:
     """Replace each tensor by its sum over the ranks, in place. Every rank must pass tensors of
-    the same shapes in the same order: that is checked first (a mismatch would pair unrelated
-    entries, or hang), then small tensors are packed into buckets of ``_BUCKET`` entries so
-    that biases do not cost one collective each."""
+    the same shapes and dtypes in the same order, and the same ``agree`` (what makes the sums
+    comparable: the criterion and its options; default ``what``): that is checked first, in one
+    collective (a mismatch would add unrelated sums, or hang, or abort in gloo), then small
+    tensors are packed into buckets of ``_BUCKET`` entries so that biases do not cost one
+    collective each."""
     count, numel = len(tensors), sum(t.numel() for t in tensors)
-    seen = all_reduce(torch.tensor([count, numel, -count, -numel]), what=what, op="max").tolist()
-    if seen[0] != -seen[2] or seen[1] != -seen[3]:
+    layout = _digest(";".join(f"{tuple(t.shape)}{t.dtype}" for t in tensors))
+    purpose = _digest(what if agree is None else agree)
+    mine = [count, numel, layout, purpose]
+    seen = all_reduce(torch.tensor(mine + [-v for v in mine]), what=what, op="max").tolist()
+    if seen[0] != -seen[4] or seen[1] != -seen[5]:
         raise DistributedError(
             f"{what}: the ranks sum different tensors: rank {rank()} has {count} tensor(s) of "
-            f"{numel} entries in all, the ranks have between {-seen[2]} and {seen[0]} tensors of "
-            f"between {-seen[3]} and {seen[1]} entries; every rank must score the same "
+            f"{numel} entries in all, the ranks have between {-seen[4]} and {seen[0]} tensors of "
+            f"between {-seen[5]} and {seen[1]} entries; every rank must score the same "
             "parameters of the same model with the same options"
+        )
+    if seen[2] != -seen[6]:
+        raise DistributedError(
+            f"{what}: the ranks sum tensors of different shapes or dtypes (a model in float64 "
+            "on one rank, float32 on another?); every rank must score the same model"
+        )
+    if seen[3] != -seen[7]:
+        raise DistributedError(
+            f"{what}: the ranks score differently (rank {rank()}: "
+            f"{what if agree is None else agree}); every rank must run the same criterion with "
+            "the same options"
         )
     bucket: list[torch.Tensor] = []
     for t in [*tensors, None]:
@@ -87,6 +105,11 @@ def sum_over_ranks(tensors: Sequence[torch.Tensor], *, what: str) -> None:
             bucket = []
         if t is not None:
             bucket.append(t)
+
+
+def _digest(text: str) -> int:
+    """A 56-bit hash of ``text``, the same in every process (``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
 
 
 def _sum_bucket(bucket: list[torch.Tensor], what: str) -> None:

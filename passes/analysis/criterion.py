@@ -245,7 +245,8 @@ class DataCriterion(Criterion):
         """Sum ``tensors`` over the ranks in place when :meth:`data_parallel` (every rank must
         pass the same shapes in the same order)."""
         if self.data_parallel():
-            dist.sum_over_ranks(tensors, what=f"{self.name}: summing the scores over the ranks")
+            dist.sum_over_ranks(tensors, what=f"{self.name}: summing the scores over the ranks",
+                                agree=str(self))
 
     def _score(self, graph: Graph, ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         scores, info = super()._score(graph, ctx)

@@ -223,7 +223,10 @@ def backward_sums(
     with torch.no_grad():
         if over_ranks:  # every rank reduces the same list, even where its loss left a None
             sums = [torch.zeros_like(p) if t is None else t for t, p in zip(sums, params)]
-            distributed.sum_over_ranks(sums, what=f"{who}: summing the scores over the ranks")
+            distributed.sum_over_ranks(
+                sums, what=f"{who}: summing the scores over the ranks",
+                agree=f"{who}{{accumulate={accumulate}, times_weight={times_weight}, "
+                      f"temperature={temperature}, second order={second is not None}}}")
         if accumulate != "sum-of-abs":  # |sum ⊙ w| in place, one foreach op for many weights
             same = [i for i, (t, p) in enumerate(zip(sums, params))
                     if t is not None and t.stride() == p.stride() and t.dtype == p.dtype]

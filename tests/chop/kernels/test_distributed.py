@@ -62,6 +62,26 @@ def test_ranks_that_sum_different_tensors_all_fail_clearly(ranks):
         assert "between 2 and 3 tensors" in outcome[2]
 
 
+def disagreeing(rank, world, how):
+    tensors = rank_tensors(0)
+    if how == "dtype" and rank == 1:  # the same sizes: gloo aborted on the mixed dtypes
+        tensors[0] = tensors[0].double()
+    accumulate = "sum-of-abs" if how == "options" and rank == 1 else "abs-of-sum"
+    distributed.sum_over_ranks(tensors, what="scoring", agree=f"snip{{accumulate={accumulate}}}")
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("options", "the ranks score differently (rank {rank}: snip{{accumulate="),
+    ("dtype", "the ranks sum tensors of different shapes or dtypes"),
+])
+def test_ranks_that_score_differently_all_fail_clearly(ranks, how, message):
+    """snip on one rank and gradient (or sum-of-abs) on another added unrelated sums: the
+    masks differed per rank, silently; mixed dtypes aborted the process in gloo."""
+    for rank, outcome in enumerate(ranks.run(disagreeing, how, check=False)):
+        assert outcome[:2] == ("error", "DistributedError")
+        assert message.format(rank=rank) in outcome[2]
+
+
 def one_fails(rank, world, how):
     if rank == 1:
         if how == "stuck":
