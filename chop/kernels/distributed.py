@@ -192,6 +192,30 @@ def piece(tensor: torch.Tensor, score: torch.Tensor, name: str) -> Piece:
     return Piece(score, tuple(tensor.shape), tuple(offset), counted=counted)
 
 
+def collective_failure(error: BaseException, name: str, what: str) -> DistributedError:
+    """The :class:`DistributedError` of ``error``, raised by the collective ``name`` (its own,
+    or one inside a sharded model's forward or backward) while ``what`` ran."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DistributedError(
+        f"{what}: {name} failed on rank {rank()} of {world_size()}: {message}. Another rank "
+        "probably failed before reaching this collective, is stuck, or called a different one "
+        "(under FSDP every rank must run as many forwards and backwards): look at the other "
+        "ranks' errors. A rank that never arrives is given up on after the process group's "
+        "timeout (init_process_group(timeout=...))"
+    )
+
+
+# what gloo's and NCCL's errors say (gloo's transport raises plain RuntimeErrors)
+_BACKEND_ERRORS = ("gloo", "NCCL", "Timed out", "Connection closed by peer",
+                   "Connection reset by peer")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed or timed-out collective of the process group."""
+    return active() and (isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _BACKEND_ERRORS)))
+
+
 def _in_place(
     tensor: torch.Tensor, name: str, what: str, call: Callable[[torch.Tensor], Any]
 ) -> torch.Tensor:
@@ -206,14 +230,7 @@ def _in_place(
     try:
         call(buffer)
     except RuntimeError as e:  # DistBackendError, DistNetworkError, gloo and nccl timeouts
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(
-            f"{what}: torch.distributed {name} failed on rank {rank()} of {world_size()}: "
-            f"{message}. Another rank probably failed before reaching this collective, is "
-            "stuck, or called a different one: look at the other ranks' errors. A rank that "
-            "never arrives is given up on after the process group's timeout "
-            "(init_process_group(timeout=...))"
-        ) from e
+        raise collective_failure(e, f"torch.distributed {name}", what) from e
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from chop.errors import ChopError, DataError, InternalError
 from chop.ir.graph import Graph
+from chop.kernels import distributed
 
 
 def call(module: Callable, inputs: Any) -> Any:
@@ -140,6 +141,9 @@ def batch_loss(
     except ChopError:
         raise
     except Exception as e:
+        if distributed.is_collective_failure(e):  # a sharded model's gather: another rank's
+            raise distributed.collective_failure(e, "a collective of the model's forward",
+                                                 who) from e
         traced = expected_inputs(module)
         raise DataError(
             f"{who}: the model failed on a batch of the data ({type(e).__name__}: "

@@ -295,7 +295,13 @@ def module_backward_sums(
     with module_scoring(module, params, bn=bn):
         sums: list[torch.Tensor | None] = [None] * len(params)
         for index, value in enumerate(batch_losses(module, batches, loss, who)):
-            differentiable(value, index, who).backward()
+            try:
+                differentiable(value, index, who).backward()
+            except RuntimeError as e:
+                if not distributed.is_collective_failure(e):
+                    raise
+                raise distributed.collective_failure(
+                    e, "a collective of the model's backward", who) from e
             if accumulate == "sum-of-abs":  # take each batch's term, then clear the gradients
                 with torch.no_grad():
                     for i, p in enumerate(params):

@@ -250,3 +250,27 @@ def test_a_ddp_wrapped_model_is_pruned_through_the_module_it_wraps(ranks):
     for kept, applied in ranks.run(ddp_on_rank):
         assert set(kept) == {"0.weight", "2.weight", "4.weight"} and applied
         assert sum(kept.values()) == math.floor(0.5 * total + 0.5)
+
+
+def one_rank_fails_in_its_loss(rank, world):
+    net = shard(model(False), "fsdp", world)
+
+    def loss(outputs, targets):
+        if rank == 1:
+            raise ValueError("rank 1's loss broke")
+        return F.cross_entropy(outputs, targets)
+
+    try:
+        Pruner(net, 0.5, criterion="snip", data=[batches()[rank]], loss=loss).prune(0.5)
+    except Exception as e:  # noqa: BLE001 - what each rank saw
+        return type(e).__name__, str(e)
+    return "no error", ""
+
+
+def test_a_rank_failing_under_fsdp_is_a_distributed_error_on_the_others(ranks):
+    """Rank 0 waited in FSDP's backward for a rank that had failed: a raw RuntimeError from
+    gloo (a DataError blaming the data when it was the forward)."""
+    zero, one = ranks.run(one_rank_fails_in_its_loss, timeout=10.0)
+    assert one[0] == "DataError" and "rank 1's loss broke" in one[1]
+    assert zero[0] == "DistributedError"
+    assert "a collective of the model's backward failed on rank 0 of 2" in zero[1]
