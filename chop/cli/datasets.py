@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ from chop.cli.config import ConfigError, DataSpec
 from chop.cli.sources import call_user, import_callable, is_reference
 from chop.errors import DataError
 from chop.pipeline.batches import take
+
+log = logging.getLogger("chop")
 
 Batch = tuple[Any, Any]
 Records = list[dict[str, Any]]
@@ -73,6 +76,15 @@ def read_source(spec: DataSpec, folder: Path, encode: Encode | None = None
     """All samples of a file, ``digits`` or ``synthetic`` source, unbatched, with a description
     of where they came from (for messages). ``module:callable`` sources yield batches instead:
     use :func:`load_batches`. Text files are tokenised by ``encode``."""
+    unused = set()
+    if not is_text(spec.source):
+        unused |= spec.given & {"text_field", "label_field", "max_length"}
+    if spec.source != "synthetic":
+        unused |= spec.given & {"classes"}
+    for key in sorted(unused):  # left from another source, or a misunderstanding: say so
+        log.warning("data.%s does nothing for data.source = %r (%s); remove it from [data]",
+                    key, spec.source, "classes is for the synthetic source" if key == "classes"
+                    else "text_field, label_field and max_length are for text files")
     if spec.source == "digits":
         return (*digits(), "digits")
     if spec.source == "synthetic":

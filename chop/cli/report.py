@@ -238,6 +238,11 @@ def read_report(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     )
 
     path = Path(path)
+    if not path.exists():
+        raise ReportError(
+            f"{path} does not exist; pass a chop transform output folder, a report.json, a "
+            ".pt2 or a checkpoint"
+        )
     if path.is_dir():
         path = path / "report.json"
         if not path.is_file():

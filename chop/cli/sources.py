@@ -42,6 +42,12 @@ def import_callable(source: str, folder: Path, key: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name) and module_name.endswith(".py"):
+            stem = module_name.removesuffix(".py")
+            raise ConfigError(
+                f"{key} = {source!r}: name the module without .py, as Python imports it: "
+                f"\"{stem}:{attr}\" for {attr} in {stem}.py next to the config"
+            ) from e
         if e.name and module_name.startswith(e.name):
             raise ConfigError(
                 f"{key} = {source!r}: no module named {module_name!r} in {folder} or on "

@@ -19,6 +19,19 @@ def spec(**kw) -> DataSpec:
     return DataSpec(**{"batch_size": 4, "batches": 2, **kw}, given=frozenset(kw))
 
 
+def test_keys_that_do_nothing_for_the_source_are_warned_about(tmp_path: Path, caplog) -> None:
+    """classes, label_field and max_length with the digits were accepted and did nothing."""
+    torch.save({"inputs": torch.randn(20, 2), "targets": torch.arange(20)}, tmp_path / "d.pt")
+    with caplog.at_level("WARNING", logger="chop"):
+        load_batches(spec(source="d.pt", classes=5, label_field="y"), tmp_path)
+        load_batches(spec(source="synthetic", shape=(3,), classes=3), tmp_path)
+    assert caplog.messages == [
+        "data.classes does nothing for data.source = 'd.pt' (classes is for the synthetic "
+        "source); remove it from [data]",
+        "data.label_field does nothing for data.source = 'd.pt' (text_field, label_field and "
+        "max_length are for text files); remove it from [data]"]
+
+
 def test_digits() -> None:
     pytest.importorskip("sklearn")
     batches = load_batches(spec(source="digits"), Path("."))

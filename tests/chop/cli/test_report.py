@@ -93,6 +93,9 @@ def test_read_report_of_each_kind(tmp_path: Path) -> None:
 
 
 def test_read_report_errors(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="does not exist; pass a chop transform output folder, "
+                                          "a report.json, a .pt2 or a checkpoint"):
+        read_report(tmp_path / "nothere")  # was: a checkpoint error, for checkpoints only
     with pytest.raises(ReportError, match="has no report.json"):
         read_report(tmp_path)
     (tmp_path / "x.json").write_text("[1]")

@@ -65,6 +65,10 @@ def test_missing_module(folder):
     with pytest.raises(ConfigError, match=r"^model\.source = 'srcmod_none:build': no module named "
                                           r"'srcmod_none' in .*; put srcmod_none\.py next to the config"):
         import_callable("srcmod_none:build", folder, "model.source")
+    write(folder, "srcmod_py", "def build():\n    return 1\n")  # named as its file
+    with pytest.raises(ConfigError, match=r"name the module without \.py, as Python imports it: "
+                                          r"\"srcmod_py:build\""):  # was: put srcmod_py/py.py
+        import_callable("srcmod_py.py:build", folder, "model.source")
 
 
 def test_module_importing_a_missing_package(folder):
