@@ -19,12 +19,15 @@ def kept(n: int, s: float) -> int:
     return math.floor((1 - s) * n + 0.5)
 
 
-def train(pruner: Pruner, module: torch.nn.Module, batches, steps: int) -> list[int]:
-    """A plain training loop calling the hooks; returns the total kept count after each step."""
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
-    pruner.on_train_begin()
+def train(pruner: Pruner, module: torch.nn.Module, batches, steps: int | range, *,
+          momentum: float = 0.9, begin: bool = True) -> list[int]:
+    """A plain training loop calling the hooks (``on_train_begin`` unless not ``begin``) for
+    ``steps`` (a count, or the steps' numbers); returns the total kept count after each step."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=momentum)
+    if begin:
+        pruner.on_train_begin()
     counts = []
-    for step in range(steps):
+    for step in range(steps) if isinstance(steps, int) else steps:
         x, y = batches[step % len(batches)]
         pruner.on_step_begin(step, (x, y))
         F.cross_entropy(module(x), y).backward()
@@ -329,18 +332,6 @@ def test_came_back_finds_a_pruned_position_kept_again(kind: str) -> None:
     assert _came_back(wrap(dropped), wrap(old))
 
 
-def _resumable_run(mlp, mlp_batches, steps: range, pruner: Pruner) -> None:
-    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
-    for step in steps:
-        x, y = mlp_batches[step % len(mlp_batches)]
-        pruner.on_step_begin(step, (x, y))
-        F.cross_entropy(mlp(x), y).backward()
-        pruner.on_before_optimizer_step()
-        optimizer.step()
-        pruner.on_after_optimizer_step()
-        optimizer.zero_grad()
-
-
 def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches):
     """A Pruner made afresh after a restart (SNIPCallback with resume_from_checkpoint) scored
     the trained weights with no masks: pruned weights came back and the masks differed."""
@@ -352,18 +343,15 @@ def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches):
 
     straight = copy.deepcopy(mlp)
     whole = pruner(straight)
-    whole.on_train_begin()
-    _resumable_run(straight, mlp_batches, range(8), whole)
+    train(whole, straight, mlp_batches, 8, momentum=0.0)  # no optimizer state to restore
 
     stopped = copy.deepcopy(mlp)
-    first = pruner(stopped)
-    first.on_train_begin()
-    _resumable_run(stopped, mlp_batches, range(3), first)  # saved after 3 steps
+    train(pruner(stopped), stopped, mlp_batches, 3, momentum=0.0)  # saved after 3 steps
     restarted = copy.deepcopy(stopped)  # the checkpoint: weights only
     second = pruner(restarted)
     second.on_train_begin()
-    second.resume(3, (mlp_batches[0][0], mlp_batches[0][1]))
-    _resumable_run(restarted, mlp_batches, range(3, 8), second)
+    second.resume(3, mlp_batches[0])
+    train(second, restarted, mlp_batches, range(3, 8), momentum=0.0, begin=False)
 
     assert [h["step"] for h in second.history] == [4, 6]
     for name, mask in whole.masks.items():
