@@ -356,30 +356,26 @@ class _Validator:
         table = self.table(raw, "train", _TRAIN_KEYS)
         values: dict[str, Any] = {}
         start = table.get("prune_start", 0)
+        checks = {  # each looks at its own key's value only (another's may be of any type)
+            "optimizer": lambda v: v in ("adam", "sgd"),
+            "lr": lambda v: _number(v) and v > 0,
+            "epochs": lambda v: _integer(v) and v >= 1,
+            "batch_size": lambda v: _integer(v) and v >= 1,
+            "weight_decay": lambda v: _number(v) and v >= 0,
+            "momentum": lambda v: _number(v) and 0 <= v < 1,
+            "seed": lambda v: _integer(v) and v in SEEDS,
+            "eval_fraction": lambda v: _number(v) and 0 <= v < 1,
+            "prune_sparsity": lambda v: _number(v) and 0 <= v < 1,
+            "prune_criterion": lambda v: isinstance(v, str) and bool(v.strip()),
+            "prune_schedule": lambda v: v in ("exp", "cos", "cube", "linear"),
+            "prune_start": lambda v: _integer(v) and v >= 0,
+            "prune_end": lambda v: _integer(v) and v >= (start if _integer(start) else 0),
+            "prune_frequency": lambda v: _integer(v) and v >= 1,
+            "fast_masks": lambda v: isinstance(v, bool),
+        }
         for name, value in table.items():
             key = f"train.{name}"
-            number = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value))
-            integer = isinstance(value, int) and not isinstance(value, bool)
-            checks = {  # each checks its own value only (another key's may be of any type)
-                "optimizer": lambda: value in ("adam", "sgd"),
-                "lr": lambda: number and value > 0,
-                "epochs": lambda: integer and value >= 1,
-                "batch_size": lambda: integer and value >= 1,
-                "weight_decay": lambda: number and value >= 0,
-                "momentum": lambda: number and 0 <= value < 1,
-                "seed": lambda: integer and value in SEEDS,
-                "eval_fraction": lambda: number and 0 <= value < 1,
-                "prune_sparsity": lambda: number and 0 <= value < 1,
-                "prune_criterion": lambda: isinstance(value, str) and bool(value.strip()),
-                "prune_schedule": lambda: value in ("exp", "cos", "cube", "linear"),
-                "prune_start": lambda: integer and value >= 0,
-                "prune_end": lambda: integer and value >= (start if isinstance(start, int)
-                                                           else 0),
-                "prune_frequency": lambda: integer and value >= 1,
-                "fast_masks": lambda: isinstance(value, bool),
-            }
-            if not checks[name]():
+            if not checks[name](value):
                 raise self.error(key, f"expected {_TRAIN_KEYS[name]}, got {_show(value)}")
             if name == "prune_criterion":
                 try:
@@ -400,6 +396,15 @@ class _Validator:
                 "it raises the sparsity to; set it, or remove the prune_* keys"
             )
         return TrainSpec(**values)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    """An int or a finite float (TOML has inf and nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _raise(error: Exception) -> Any:

@@ -24,7 +24,7 @@ import torch
 
 from chop.errors import ReportError
 from chop.ir import meta
-from chop.ir.graph import Graph
+from chop.ir.graph import Graph, view_of
 from chop.kernels.select import kth_largest
 from chop.passes.export.sparse import csr_weights
 
@@ -210,8 +210,7 @@ def _parameters_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not value.is_floating_point() or key.endswith(_STATISTICS):
             continue
-        view = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                value.stride(), value.dtype)
+        view = view_of(value)
         if value.numel() == 0 or view not in seen:
             seen.add(view)
             kept[key] = value

@@ -481,7 +481,6 @@ class Graph:
             elif node.target is aten.add_.Tensor and _is_counter(node.args[0]):
                 node.meta[_MODE_KEY] = ("counter", 0, "", aten.add_.Tensor, aten.add.Tensor)
 
-
     def _retie(self) -> None:
         """Make parameters that are the same view of the same memory one parameter."""
         seen: dict[tuple, nn.Parameter] = {}
@@ -489,9 +488,7 @@ class Graph:
             for key, param in list(holder._parameters.items()):
                 if param is None or param.device.type == "meta" or param.numel() == 0:
                     continue
-                view = (param.untyped_storage().data_ptr(), param.storage_offset(),
-                        tuple(param.shape), param.stride(), param.dtype)
-                kept = seen.setdefault(view, param)
+                kept = seen.setdefault(view_of(param), param)
                 if kept is not param and kept.requires_grad == param.requires_grad:
                     holder._parameters[key] = kept
 
@@ -809,6 +806,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, *, training: bool) -> A
     with quiet_loggers("torch._subclasses.fake_tensor"):
         return torch.export.export(model, args, kwargs,
                                    dynamic_shapes=dynamic_shapes(model, args, kwargs))
+
+
+def view_of(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors the same values in the same memory: their storage, offset,
+    shape, strides and dtype (a tie saved by torch and loaded back is two tensors with one)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tensor.stride(), tensor.dtype)
 
 
 @contextmanager
