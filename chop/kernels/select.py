@@ -694,7 +694,12 @@ def _locals(scores: Sequence[torch.Tensor | Piece]
     return locals_, [t for s, t in zip(scores, locals_) if not isinstance(s, Piece) or s.counted]
 
 
+class NaNScoresError(ValueError):
+    """Scores given to a selection hold NaN, which has no place in a ranking."""
+
+
 def _raise_if_nan(tensors: Iterable[torch.Tensor], reduce: Reduce | None) -> None:
     (nan,) = _summed([sum(int(torch.count_nonzero(torch.isnan(s))) for s in tensors)], reduce)
     if nan:
-        raise ValueError("NaN scores cannot be ranked; replace or remove NaN values before selecting")
+        raise NaNScoresError(
+            "NaN scores cannot be ranked; replace or remove NaN values before selecting")

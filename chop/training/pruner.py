@@ -199,17 +199,8 @@ class Pruner:
 
     def on_train_begin(self, batch: Any = None) -> None:
         """Before the first step: in ``pattern-lock`` mode, freeze and apply the masks."""
-        if self.mode == "pattern-lock" and self.sharded is not None:
-            self._keep({name: self.sharded.local_mask(name, mask) for name, mask in
-                        (self._locked if self._locked is not None
-                         else self.sharded.pattern()).items()})
-        elif self.mode == "pattern-lock":
-            graph = self._graph(batch)
-            locked = self._locked if self._locked is not None else self._current_masks(graph)
-            for name, mask in locked.items():
-                insert_mask(graph, graph.weight_node(name), mask)
-            graph.recompile()
-            self._keep(locked)
+        if self.mode == "pattern-lock":
+            self._adopt(self._locked, batch)
 
     def resume(self, step: int, batch: Any = None) -> None:
         """Continue a run stopped after ``step`` optimizer steps, from the model as saved then
@@ -222,16 +213,7 @@ class Pruner:
                 self.schedule.last_pruning_step(step - 1) is None):
             return  # nothing was pruned yet
         self.sparsity = self.schedule.sparsity_at(step - 1)
-        if self.sharded is not None:
-            self._keep({name: self.sharded.local_mask(name, mask)
-                        for name, mask in self.sharded.pattern().items()})
-            return
-        graph = self._graph(batch)
-        masks = self._current_masks(graph)
-        for name, mask in masks.items():
-            insert_mask(graph, graph.weight_node(name), mask)
-        graph.recompile()
-        self._keep(masks)
+        self._adopt(None, batch)
 
     def on_step_begin(self, step: int | None = None, batch: Any = None) -> None:
         """Before step ``step`` (default: the count of optimizer steps so far): prune when the
@@ -392,6 +374,20 @@ class Pruner:
 
     def _data(self, batch: Any) -> Iterable | None:
         return self.data if self.data is not None else ([batch] if batch is not None else None)
+
+    def _adopt(self, masks: Mapping[str, torch.Tensor] | None, batch: Any) -> None:
+        """Take ``masks`` (None: the masks already on the graph, else the zero pattern of the
+        weights the selection covers) as the current masks: into the graph and applied."""
+        if self.sharded is not None:
+            masks = masks if masks is not None else self.sharded.pattern()
+            self._keep({name: self.sharded.local_mask(name, mask) for name, mask in masks.items()})
+            return
+        graph = self._graph(batch)
+        masks = masks if masks is not None else self._current_masks(graph)
+        for name, mask in masks.items():
+            insert_mask(graph, graph.weight_node(name), mask)
+        graph.recompile()
+        self._keep(masks)
 
     def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Hold ``masks`` (copies, on the parameters' devices) and apply them."""

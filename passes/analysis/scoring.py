@@ -168,8 +168,8 @@ def differentiable(value: torch.Tensor, index: int, who: str) -> torch.Tensor:
         )
     if not bool(torch.isfinite(value)):
         raise DataError(
-            f"{who}: the loss of batch {index} is {float(value.detach())}; look for NaN or inf in that "
-            "batch's inputs and targets, or for a loss that overflows"
+            f"{who}: the loss of batch {index} is {float(value.detach())}; look for NaN or inf "
+            "in that batch's inputs and targets, or for a loss that overflows"
         )
     return value
 

@@ -48,6 +48,7 @@ from chop.ir.graph import Graph
 from chop.ir.masks import insert_masks, select_weights
 from chop.kernels.csr import csr_linear
 from chop.kernels.select import (
+    NaNScoresError,
     Piece,
     Reduce,
     keep_masks,
@@ -248,9 +249,7 @@ def mask_weights(
             kept = layer_counts(units, 0.9 if sparsity is None else sparsity, scope,
                                 min_sparsity=min_sparsity, max_sparsity=max_sparsity,
                                 min_keep=min_keep)
-        except ValueError as e:
-            if "NaN" not in str(e):
-                raise
+        except NaNScoresError as e:
             name = next(n.target for n, u in zip(nodes, units) if bool(torch.isnan(u).any()))
             raise _nan_scores(name) from e
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k

@@ -241,7 +241,7 @@ def test_a_one_element_loss_is_a_scalar_to_every_criterion(mlp, mlp_batches):
     """A loss of shape (1,) worked in snip and broke exact-salience's shapes."""
     scalar = chop.run(chop.trace(mlp, (mlp_batches[0][0][:2],)), "exact-salience",
                       data=mlp_batches[:1])
-    one = chop.run(chop.trace(mlp, (mlp_batches[0][0][:2],)), "exact-salience", data=mlp_batches[:1],
-                   loss=lambda out, y: _losses(out, y).reshape(1))
+    one = chop.run(chop.trace(mlp, (mlp_batches[0][0][:2],)), "exact-salience",
+                   data=mlp_batches[:1], loss=lambda out, y: _losses(out, y).reshape(1))
     for a, b in zip(scalar.weight_nodes(), one.weight_nodes()):
         torch.testing.assert_close(a.meta["chop"]["saliency"], b.meta["chop"]["saliency"])
