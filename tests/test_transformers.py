@@ -120,6 +120,12 @@ def family(name):
     if name == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **SMALL))
         return (*decoder(model), lambda g: kv_group + 16 + 8 + 8 if g.kind == "head" else 3 * 32)
+    if name in ("qwen3", "gemma3"):  # q_norm/k_norm: an RMSNorm of each head's vector
+        build, config = {"qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
+                         "gemma3": (transformers.Gemma3ForCausalLM,
+                                    transformers.Gemma3TextConfig)}[name]
+        model = build(config(num_key_value_heads=2, head_dim=8, **SMALL))
+        return (*decoder(model), lambda g: kv_group if g.kind == "head" else 3 * 32)
     if name == "phi3":  # fused qkv_proj (sliced) and gate_up_proj (chunked)
         model = transformers.Phi3ForCausalLM(transformers.Phi3Config(num_key_value_heads=2, **SMALL))
         return (*decoder(model), lambda g: kv_group if g.kind == "head" else 3 * 32)
@@ -167,7 +173,8 @@ def family(name):
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "t5", "whisper", "vit"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "t5", "whisper",
+                                  "vit"])
 def test_channel_pruning_shrinks_exactly_with_parameter_counts_from_the_architecture(name):
     from chop.passes.analysis.channel_groups import stored_channel_groups
 
@@ -199,8 +206,10 @@ def test_channel_pruning_shrinks_exactly_with_parameter_counts_from_the_architec
     torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-4, atol=1e-5)
 
 
-def test_head_granularity_prunes_gqa_groups_of_llama():
-    model, inputs, _ = family("llama")
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_head_granularity_prunes_gqa_groups(name):
+    """Qwen3 also normalises each head's q and k (q_norm/k_norm): a whole head still goes."""
+    model, inputs, _ = family(name)
     graph = chop.trace(model.eval(), (), inputs(2, 10))
     graph.eval()
     chop.run(graph, "random{seed=1}, mask{granularity=head, sparsity=0.5}")

@@ -215,12 +215,12 @@ def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:
 
 def _sparse_export(weights: Path) -> bool:
     """Whether an OUTDIR's ``weights.safetensors`` holds CSR layers (the ``sparse`` export)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(weights, "pt") as f:
             return any(key.endswith("_crow_indices") for key in f.keys())
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, RuntimeError, ValueError, SafetensorError):
         return False  # unreadable: loading it says why
 
 
@@ -233,6 +233,7 @@ def _sparse_outdir(folder: Path) -> CheckpointError:
 def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
                   ) -> tuple[Graph, list[str]]:
     """The graph of an OUTDIR's model with its masks inserted, and its state-dict keys."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     masks_file = folder / "masks.safetensors"
@@ -248,8 +249,9 @@ def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
         )
     try:
         masks = load_file(masks_file)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {masks_file}: {e}") from e
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {masks_file} ({e}); it is damaged: rerun chop "
+                              "transform to write the OUTDIR again") from e
     names = {n.target for n in graph.weight_nodes()}
     for name, mask in masks.items():
         if name not in names:
@@ -258,6 +260,13 @@ def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
                 f"parameters: {', '.join(sorted(names)[:5])}…); use the config the OUTDIR was "
                 "made with"
             )
+        weight = graph.parameter(name)
+        if mask.shape != weight.shape or not (mask.dtype == torch.bool or bool(
+                ((mask == 0) | (mask == 1)).all())):
+            raise CheckpointError(
+                f"{masks_file}: the mask of {name!r} is {mask.dtype}{list(mask.shape)}, not a "
+                f"0/1 mask of the weight's shape {list(weight.shape)}; it is damaged: rerun "
+                "chop transform to write the OUTDIR again")
         insert_mask(graph, graph.weight_node(name), mask.to(torch.bool))
     graph.recompile()
     return graph, keys

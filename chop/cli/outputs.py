@@ -56,7 +56,7 @@ from chop.cli.report import to_json
 from chop.cli.viz import layer_graph, render_html, to_dot
 from chop.errors import ChopError, InternalError, OutputError, TraceError
 from chop.ir import meta
-from chop.ir.graph import Graph, dynamic_shapes
+from chop.ir.graph import Graph, dynamic_shapes, widen_batch_of_one
 from chop.ir.masks import is_masked
 from chop.passes.export.fold import fold_masks
 from chop.passes.export.sparse import csr_weights
@@ -403,8 +403,9 @@ def _remove_outputs(old: Path, shown: Path) -> None:
 def export_program(graph: Graph, inputs: Any) -> torch.export.ExportedProgram:
     """``graph.module`` exported in eval mode with a dynamic batch (as :func:`chop.trace` marks
     it), so the program runs without chop and accepts any batch size."""
-    args, kwargs = (((), inputs) if isinstance(inputs, dict)
-                    else (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {}))
+    args, kwargs = widen_batch_of_one(*(
+        ((), inputs) if isinstance(inputs, dict)
+        else (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {})))
     with graph.mode(batch_norm=False, dropout=False):
         try:
             return torch.export.export(

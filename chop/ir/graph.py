@@ -250,6 +250,20 @@ class Graph:
                     if param is old:
                         holder._parameters[key] = new
 
+    def remove_parameter(self, name: str) -> None:
+        """Delete parameter ``name`` and every other name of the same parameter (a tie), once
+        no node reads it."""
+        owner, _, attr = name.rpartition(".")
+        module = self.module.get_submodule(owner)
+        old = getattr(module, attr)
+        tied = self._tied()  # before the deletion breaks the tie
+        delattr(module, attr)
+        if tied:
+            for holder in self.module.modules():
+                for key, param in list(holder._parameters.items()):
+                    if param is old:
+                        del holder._parameters[key]
+
     def _tied(self) -> bool:
         """Whether some parameter of the module has more than one name (passes make no new
         ties, so this is looked up once per module)."""
@@ -659,7 +673,7 @@ def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any
     return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.items()}
 
 
-def _widen_batch_of_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def widen_batch_of_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """torch.export specialises size-1 dims, so trace a batch of 1 as a batch of 2."""
     leaves = [
         x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)
@@ -739,7 +753,7 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
         raise TraceError(f"chop.trace needs a torch.nn.Module, got {type(model).__name__}")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(kwargs or {})
-    args, kwargs = _widen_batch_of_one(args, kwargs)
+    args, kwargs = widen_batch_of_one(args, kwargs)
     name = type(model).__name__
     was_training = model.training
     try:

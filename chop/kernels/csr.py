@@ -211,6 +211,7 @@ def bind(
         raise PassError(f"chop.csr_linear: bias dtype {bias.dtype} differs from the weights' "
                         f"{values.dtype}: cast one of them")
     check_plan(kernels, from_rows)
+    bias = None if bias is None else bias.detach()  # for inference: no kernel then needs no_grad
     csr, weight, column = _prepared(values, col_indices, crow_indices, shape, bias)
     kernels, from_rows = list(kernels or ()), list(from_rows or ())
 

@@ -194,6 +194,7 @@ def _replace_with_csr(
         with g.inserting_before(mul):
             getters.append(g.get_attr(buffer))
     out_features = shape[0]
+    transposed = uses[0][1][2]  # the parameter is (in, out); the CSR arrays are (out, in)
     for user, (x, bias, _) in uses:
         with g.inserting_before(user):
             node = g.call_function(csr_linear, (x, *getters, out_features, bias, *plan, False))
@@ -201,7 +202,7 @@ def _replace_with_csr(
         node.meta.update({k: v for k, v in user.meta.items() if k in kept_meta})
         meta.entries(node)[SPARSE] = {
             "weight": name, "format": "csr", "shape": shape, "nnz": csr[0].numel(),
-            "plan": describe_plan(*plan),
+            "plan": describe_plan(*plan), "transposed": transposed,
         }
         user.replace_all_uses_with(node)
         g.erase_node(user)
@@ -230,11 +231,13 @@ def _erase_masked_weight(graph: Graph, mul: Node) -> None:
     g = graph.module.graph
     weight_node, mask_node = mul.args
     g.erase_node(mul)
-    for node in (mask_node, weight_node):
-        if not node.users:
-            g.erase_node(node)
-            owner, _, attr = node.target.rpartition(".")
-            delattr(graph.module.get_submodule(owner), attr)
+    if not mask_node.users:
+        g.erase_node(mask_node)
+        owner, _, attr = mask_node.target.rpartition(".")
+        delattr(graph.module.get_submodule(owner), attr)
+    if not weight_node.users:
+        g.erase_node(weight_node)
+        graph.remove_parameter(weight_node.target)
 
 
 def sparsify(
@@ -328,9 +331,10 @@ def sparsify(
 def csr_weights(graph: Graph) -> dict[str, tuple[Node, torch.Tensor]]:
     """The weights this pass stored as CSR, by their original names: for each, the first op
     that reads it and its mask (True at the stored entries: exactly the positions the mask
-    kept), rebuilt from the CSR indices. In a graph loaded from a ``.pt2`` (no chop metadata)
-    the name comes from the values buffer (``fc1.weight_values``: ``fc1.weight``) and the
-    shape from the rows and the input's size."""
+    kept), rebuilt from the CSR indices in the parameter's own layout (``(in, out)`` for a
+    ``Conv1D``/``addmm`` weight). In a graph loaded from a ``.pt2`` (no chop metadata) the
+    name comes from the values buffer (``fc1.weight_values``: ``fc1.weight``) and the shape
+    from the rows and the input's size: the stored ``(out, in)`` layout."""
     found: dict[str, tuple[Node, torch.Tensor]] = {}
     for node in graph.module.graph.find_nodes(op="call_function", target=csr_linear):
         values, col, crow = node.args[1:4]
@@ -348,7 +352,7 @@ def csr_weights(graph: Graph) -> dict[str, tuple[Node, torch.Tensor]]:
                                        crow.diff().long())
         mask = torch.zeros(tuple(shape), dtype=torch.bool, device=crow.device)
         mask[rows, col.long()] = True
-        found[name] = (node, mask)
+        found[name] = (node, mask.t().contiguous() if info.get("transposed") else mask)
     return found
 
 

@@ -332,6 +332,14 @@ class Mask(Pass):
             )
         if self.min_keep < 0:
             raise OptionError(f"mask: min_keep={self.min_keep} must be 0 or more")
+        bounded = [k for k, default in (("min_sparsity", 0.0), ("max_sparsity", 1.0))
+                   if getattr(self, k) != default]
+        if bounded and self.granularity in ("channel", "head"):
+            raise OptionError(
+                f"mask: {' and '.join(bounded)} bound(s) each layer's sparsity in element, block "
+                f"and N:M selection; granularity={self.granularity} removes whole channel groups "
+                "under one parameter budget and cannot honour per-layer bounds: remove "
+                f"{' and '.join(bounded)} (min_keep keeps units in every group)")
         nm, block = _NM.match(self.granularity), _BLOCK.match(self.granularity)
         if not (self.granularity in ("element", "channel", "head") or nm or block):
             raise OptionError(
@@ -400,6 +408,22 @@ class Mask(Pass):
         for name, why in report["unprunable"].items():
             log.info("mask: %s is not pruned (granularity=%s): %s", name, self.granularity, why)
         kept = report.pop("kept")
+        removed = report.get("removed", {})
+        if self.scope == "local" and removed.get("of") and self.sparsity is not None and (
+                removed["params"] / removed["of"] > self.sparsity + 0.02):
+            log.warning(
+                "mask: scope=local removed %.1f%% of the pruned layers' parameters (sparsity=%g): "
+                "each channel group removes that share of its own parameters, and a layer "
+                "between two pruned groups loses rows and columns; scope=global meets the "
+                "share in total", 100 * removed["params"] / removed["of"], self.sparsity)
+        if not kept and report["unprunable"]:  # a structured mask with no unit it may remove
+            reasons = list(report["unprunable"].items())
+            raise PassError(
+                f"mask{{granularity={self.granularity}}}: no weight of {graph.name} can be pruned "
+                f"at this granularity, so the model would be written unpruned. Why, per layer: "
+                + "; ".join(f"{name}: {why}" for name, why in reasons[:3])
+                + (f"; … ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
+                + ". Use granularity=element (or channel), or prune another model")
         return PassResult(modified=True, info={"kept": kept, **report})
 
 

@@ -122,6 +122,30 @@ def test_train_from_a_transform_outdir_keeps_its_masks(project: Path, capfd) -> 
     assert any(not torch.equal(after[k], before[k]) for k in masks)  # it trained
 
 
+def test_train_refuses_an_outdir_with_damaged_masks(project: Path, capfd) -> None:
+    from safetensors.torch import save_file
+
+    pruned = project / "pruned"
+    assert main(["transform", "--config", str(project / "prune.toml"),
+                 str(project / "lenet5.ckpt"), "-o", str(pruned), "--quiet"]) == 0
+    masks_file = pruned / "masks.safetensors"
+    masks = {k: v.clone() for k, v in load_file(masks_file).items()}  # not over the file
+    for damage, expected in [
+        (lambda: masks_file.write_bytes(masks_file.read_bytes()[:100]),
+         "masks.safetensors (Error while deserializing header"),
+        (lambda: save_file({**masks, "conv1.weight": torch.ones(3, 3, dtype=torch.bool)},
+                           masks_file), "the mask of 'conv1.weight' is torch.bool[3, 3], not a "
+         "0/1 mask of the weight's shape [6, 1, 3, 3]"),
+        (lambda: save_file({**masks, "conv1.weight": torch.full((6, 1, 3, 3), 0.3)}, masks_file),
+         "the mask of 'conv1.weight' is torch.float32[6, 1, 3, 3], not a 0/1 mask"),
+    ]:
+        damage()
+        shown = run_error(["train", "--config", str(project / "train.toml"), str(pruned), "-o",
+                           str(project / "trained")], capfd)
+        assert expected in shown and "rerun chop transform" in shown
+        assert not (project / "trained").exists()
+
+
 def run_error(args: list[str], capfd) -> str:
     assert main(args) == 2
     err = capfd.readouterr().err

@@ -10,7 +10,7 @@ import chop
 from chop.cli.outputs import export_program
 from chop.ir.masks import insert_mask
 from chop.kernels import csr as sparse_ops
-from chop.passes.export.sparse import SPARSE, Sparse
+from chop.passes.export.sparse import SPARSE, Sparse, csr_weights
 
 pytest.importorskip("scipy")
 
@@ -186,12 +186,37 @@ def test_transformers_match_the_masked_graph_and_reexport(which):
         assert crow.numel() == 96 + 1 and int(crow[-1]) == int(masks[name].sum())
     nodes = [n for n in graph.module.graph.nodes if SPARSE in n.meta.get("chop", {})]
     assert len(nodes) == len(masks)
+    stored = {name: mask for name, (_, mask) in csr_weights(graph).items()}  # what files show
+    assert stored.keys() == masks.keys()
+    assert all(torch.equal(stored[name], masks[name]) for name in masks)  # the parameter's layout
     if which == "gpt2":
         program = export_program(graph, other)  # the custom op has a fake kernel: re-exportable
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         buffer.seek(0)
         torch.testing.assert_close(torch.export.load(buffer).module()(**other).logits, masked)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_tied_weight_stored_as_csr_leaves_no_dense_copy_under_its_other_name():
+    x = torch.randn(4, 16)
+    graph = chop.trace(Tied(), (x,))
+    chop.run(graph, "magnitude, mask{sparsity=0.9, scope=local}")
+    graph.eval()
+    masked = graph(x)
+    chop.run(graph, "sparse{mode=all}")
+    torch.testing.assert_close(graph(x), masked)
+    state = graph.module.state_dict()
+    assert "a.weight_values" in state and not {"a.weight", "b.weight"} & state.keys()
 
 
 def test_state_dict_round_trip_into_a_fresh_sparse_graph(mlp_batches):

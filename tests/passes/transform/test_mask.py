@@ -264,6 +264,9 @@ def test_pattern_errors_name_the_layer(cnn_graph, cnn_batches):
         ("min_sparsity=0.8, max_sparsity=0.5", "min_sparsity=0.8 is above max_sparsity=0.5"),
         ("max_sparsity=1.5", r"max_sparsity=1.5 must be in \[0, 1\]"),
         ("min_keep=-1", "min_keep=-1 must be 0 or more"),
+        ("granularity=channel, max_sparsity=0.3", "max_sparsity bound.*granularity=channel "
+         "removes whole channel groups.*remove max_sparsity"),
+        ("granularity=head, min_sparsity=0.1, max_sparsity=0.8", "min_sparsity and max_sparsity"),
     ],
 )
 def test_pattern_option_errors(options, message):
@@ -272,13 +275,17 @@ def test_pattern_option_errors(options, message):
 
 
 @pytest.mark.parametrize(("name", "granularity"), [("vgg", "channel"), ("resnet", "channel"), ("bert", "head")])
-def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granularity):
+def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granularity, caplog):
     import zoo
     from chop.passes.analysis.channel_groups import stored_channel_groups
 
     model, graph = zoo.trace(name)
     args, kwargs = zoo.ZOO[name].inputs(5)
     chop.run(graph, f"random{{seed=1}}, mask{{granularity={granularity}, sparsity=0.5, scope=local}}")
+    removed = graph.history[-1].info["removed"]
+    share = removed["params"] / removed["of"]  # layers between two pruned groups lose more
+    assert (f"scope=local removed {100 * share:.1f}% of the pruned layers' parameters"
+            in caplog.text) == (share > 0.52)
     groups = stored_channel_groups(graph)
     chosen = [g for g in groups if g.kind == granularity and bool(g.prunable.any())]
     assert chosen
@@ -307,6 +314,26 @@ def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granula
 def test_head_granularity_on_a_cnn_names_the_layer(cnn_graph):
     with pytest.raises(chop.OptionError, match="granularity=head: the model has no attention heads.*layer conv1.weight"):
         chop.run(cnn_graph, "magnitude, mask{granularity=head}")
+
+
+class OutputHeads(nn.Module):
+    """Attention whose heads are the model's output: it has heads, none of which may go."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_a_structured_mask_that_can_remove_nothing_says_why():
+    graph = chop.trace(OutputHeads(), (torch.randn(2, 5, 8),))
+    with pytest.raises(chop.PassError, match=r"mask\{granularity=head\}: no weight of OutputHeads "
+                       r"can be pruned at this granularity.*qkv.weight: .*reaches the model output"):
+        chop.run(graph, "magnitude, mask{granularity=head, sparsity=0.5}")
+    assert not [n for n in graph.weight_nodes() if "mask" in n.meta["chop"]]
 
 
 def sharded_layer_counts(rank, world, scores, splits, configs):

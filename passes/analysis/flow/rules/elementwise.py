@@ -91,14 +91,40 @@ class Binary(Computed):
                 other.append((a, shift))
         if not tagged:
             raise Unsupported("carries channels in an operand other than the first two")
+        tagged.sort(key=lambda t: -len(t[1]))  # the operand with the most channel dims leads
         _, dims, atoms, folded = tagged[0]
-        for _, d, at, f in tagged[1:]:
-            if d != dims or at.shape != atoms.shape or f != folded:
+        broadcast = False
+        for a, d, at, f in tagged[1:]:
+            if d != dims:
+                at = self.broadcast(a, ndim, d, at, dims, atoms)
+                broadcast = True
+            if at is None or at.shape != atoms.shape or f != folded:
                 raise Unsupported(f"combines channels along {dims} with channels along {d}")
             walk.join(atoms, at)
         for a, shift in other:
             self.untracked(walk, node, a, shift, dims, atoms, folded)
-        walk.set(node, dims, atoms, Step(self, [t[0] for t in tagged]), folded)
+        walk.set(node, dims, atoms, Step(self, [t[0] for t in tagged],
+                                         info={"broadcast": broadcast}), folded)
+
+    def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
+        if step.info.get("broadcast"):  # tag-space operands of different layouts
+            return unknown(consts[step.inputs[0]][0].shape)
+        return super().constant(node, step, consts, graph)
+
+    @staticmethod
+    def broadcast(a: Node, ndim: int, dims: tuple[int, ...], atoms: torch.Tensor,
+                  full: tuple[int, ...], full_atoms: torch.Tensor) -> torch.Tensor | None:
+        """``a``'s atoms spread over the layout ``full`` when ``a`` carries channels along some
+        of its dims and has size 1 along the others (a head's RMS scaling its vector), else
+        None."""
+        shape, shift = shape_of(a), ndim - len(shape_of(a))
+        missing = [i for i, d in enumerate(full) if d not in dims]
+        if not set(dims) <= set(full) or any(
+                full[i] - shift >= 0 and shape[full[i] - shift] != 1 for i in missing):
+            return None
+        for i in missing:
+            atoms = atoms.unsqueeze(i)
+        return atoms.expand_as(full_atoms)
 
     @staticmethod
     def untracked(walk: Walk, node: Node, a: Node, shift: int, dims: tuple[int, ...],

@@ -39,7 +39,7 @@ class KeepsConstant(Rule):
     def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
         if step.info["exact"]:
             return super().constant(node, step, consts, graph)
-        return unknown(consts[step.inputs[0]][0].shape)
+        return unknown(step.transfer([consts[step.inputs[0]][0]]).shape)
 
 
 @register(*_SPATIAL)
@@ -63,6 +63,12 @@ class Pool(KeepsConstant):
 
 @register(aten.mean, aten.sum, aten.amax, aten.amin)
 class Reduce(KeepsConstant):
+    """A reduction over dims without channels passes them. Over some of the channel dims of a
+    multi-dim layout, within each position of the others (RMSNorm of each head's vector, as
+    Qwen3's and Gemma3's ``q_norm``/``k_norm``), the result depends on whole hyperplanes: those
+    go as units (whole heads), and the result carries the remaining dims, each position holding
+    an atom of its hyperplane. Over every channel dim, channels cannot go one by one: blocked."""
+
     def visit(self, walk: Walk, node: Node) -> None:
         x, tag = node.args[0], walk.first(node)
         ndim = len(shape_of(x))
@@ -70,12 +76,18 @@ class Reduce(KeepsConstant):
         if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
             raise Unsupported("reduces over every dim, channels included")
         dims = {positive(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-        if dims & set(tag.dims):
+        reduced = [i for i, d in enumerate(tag.dims) if d in dims]
+        if len(reduced) == len(tag.dims):
             if packet(node) is aten.mean:
                 raise Unsupported("normalises over these channels (a mean over them, as in "
                                   "RMSNorm): removing one changes the others")
             raise Unsupported("reduces over a channel dim")
-        out = tag.dims if node_arg(node, 2, "keepdim", False) else tuple(
-            d - sum(r < d for r in dims) for d in tag.dims)
-        exact = packet(node) is not aten.sum
-        walk.set(node, out, tag.atoms, Step(self, [x], info={"exact": exact}))
+        if reduced:  # each hyperplane along the kept dims goes whole
+            walk.box(tag.atoms, tuple(i for i in range(len(tag.dims)) if i not in reduced))
+        kept = [d for d in tag.dims if d not in dims]
+        out = tuple(kept) if node_arg(node, 2, "keepdim", False) else tuple(
+            d - sum(r < d for r in dims) for d in kept)
+        index = tuple(0 if i in reduced else slice(None) for i in range(len(tag.dims)))
+        exact = packet(node) is not aten.sum and not reduced
+        walk.set(node, out, tag.atoms[index], Step(self, [x], transfer=lambda ts: ts[0][index],
+                                                   info={"exact": exact}))
