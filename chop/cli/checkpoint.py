@@ -126,7 +126,7 @@ def _entry_holding(path: Path, data: Any) -> str:
     data = data.getvalue() if hasattr(data, "getvalue") else bytes(data)
     try:
         with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
+            for info in archive.infolist():  # only entries of the same size are read
                 if info.file_size == len(data) and archive.read(info) == data:
                     return info.filename
     except (OSError, zipfile.BadZipFile):
@@ -295,14 +295,27 @@ def untrusted_pt2(path: Path) -> Iterator[None]:
         _package.pickle, torch._C._pickle_load_obj = real_pickle, real_torchbind
 
 
+def _holds(archive: zipfile.ZipFile, name: str, text: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether entry ``name`` holds ``text``, read in chunks: a small archive may inflate an
+    entry to gigabytes, which must not all be in memory at once."""
+    tail = b""
+    with archive.open(name) as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            if text in tail + block:
+                return True
+            tail = block[-len(text):]
+    return False
+
+
 def _register_output_types(path: Path) -> None:
     """A Hugging Face model's program returns its ``ModelOutput`` (``SequenceClassifierOutput``
     …), whose pytree registration happens when ``transformers.modeling_outputs`` is imported:
     import that one module when the program names it and transformers is installed."""
     try:
         with zipfile.ZipFile(path) as archive:
-            named = any(b"transformers.modeling_outputs." in archive.read(name)
-                        for name in archive.namelist() if name.endswith(".json"))
+            named = any(_holds(archive, name, b"transformers.modeling_outputs.")
+                        for name in archive.namelist()
+                        if name.endswith(".json") and "/models/" in name)
     except (OSError, zipfile.BadZipFile, KeyError):
         return  # torch.export.load says what is wrong
     if named:
@@ -434,15 +447,23 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> N
         f"{k} {tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} in the model"
         for k in own if k in state and state[k].shape != own[k].shape
     ]
+    kinds = [  # what load_state_dict cannot copy into a dense real tensor
+        f"{k} is " + (f"a {state[k].layout} tensor" if state[k].layout != torch.strided
+                      else str(state[k].dtype))
+        for k in own if k in state and (state[k].layout != torch.strided or (
+            state[k].is_complex() and not own[k].is_complex()))
+    ]
     problems = [
         f"{len(items)} {what}: {_listed(items)}"
         for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", shapes)) if items
+                            ("shape mismatches", shapes), ("tensors of another kind", kinds))
+        if items
     ]
     if problems:
         raise CheckpointError(
             f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(problems)
-            + ". Check that [model] source and kwargs build the architecture the checkpoint "
-            "was saved from."
+            + (". Check that [model] source and kwargs build the architecture the checkpoint "
+               "was saved from." if missing or unexpected or shapes else
+               ". Save dense tensors of the model's dtypes (tensor.to_dense(), .real).")
         )
     model.load_state_dict(state, strict=True)

@@ -140,9 +140,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no syntax error
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, RecursionError) as e:  # nested past Python's stack
         raise ConfigError(
-            f"{path} is not valid TOML: {e}. Fix the syntax there (strings need quotes, "
+            f"{path} is not valid TOML: {str(e)[:200]}. Fix the syntax there (strings need quotes, "
             "tables are written [name], lists [a, b])."
         ) from e
     except (OSError, UnicodeDecodeError) as e:
@@ -162,7 +162,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         )
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         parsed = value.strip()  # a bare word: a string, as in pipeline strings
     return parts, parsed
 

@@ -158,8 +158,9 @@ def read_records(path: Path, text_field: str = "text") -> Records:
 def _json(text: str, path: Path, where: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError as e:
-        raise DataError(f"{path}{f' {where}' if where else ''} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # nested past Python's stack
+        raise DataError(f"{path}{f' {where}' if where else ''} is not valid JSON: "
+                        f"{str(e)[:200]}") from e
 
 
 def _record(value: Any, path: Path, where: str) -> dict[str, Any]:

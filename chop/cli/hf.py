@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -421,13 +422,34 @@ def write_folder(folder: Folder, state: dict[str, torch.Tensor], reshaped: bool,
             folder.tokenizer.save_pretrained(dest)
         for name in _PROCESSOR_FILES:  # an image or audio model's preprocessing, unchanged
             if (folder.path / name).is_file() and not (dest / name).exists():
-                shutil.copyfile(folder.path / name, dest / name)
+                why = _foreign(folder.path, name)
+                if why:
+                    log.warning("hf/: %s of %s not copied: %s", name, folder.path, why)
+                else:
+                    shutil.copyfile(folder.path / name, dest / name)
         loaded = cls.from_pretrained(dest, local_files_only=True, use_safetensors=True,
                                  trust_remote_code=False).eval()
     with torch.no_grad():
         got = call(loaded, {**inputs, "use_cache": False} if "use_cache" in inspect.signature(
             loaded.forward).parameters else inputs)
     check_same_outputs(f"{dest.name}/ ({cls.__name__}.from_pretrained)", got, expected)
+    return None
+
+
+def _foreign(folder: Path, name: str) -> str | None:
+    """Why ``folder/name`` is not the folder's own preprocessing file, or None: a link out of
+    the folder (but into a Hugging Face cache's ``blobs``, where its snapshots link) could make
+    chop copy any file of the user's into a model they share; a ``.json`` must be JSON."""
+    path = folder / name
+    target = path.resolve()
+    if path.is_symlink() and not target.is_relative_to(folder.resolve()) and (
+            target.parent.name != "blobs"):
+        return f"it links to {target}, outside the folder"
+    if name.endswith(".json"):
+        try:
+            json.loads(target.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return f"it is not JSON ({e})"
     return None
 
 

@@ -252,8 +252,8 @@ def read_report(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     if path.suffix == ".json":
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ReportError(f"cannot read report {path}: {e}") from e
+        except (OSError, ValueError, RecursionError) as e:  # nested past Python's stack
+            raise ReportError(f"cannot read report {path}: {str(e)[:200]}") from e
         if not isinstance(report, dict) or "layers" not in report:
             raise ReportError(f"{path} is not a chop report (it has no \"layers\")")
         return report

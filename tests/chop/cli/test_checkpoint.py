@@ -105,6 +105,17 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "l.pt")
 
 
+def test_sparse_or_complex_tensors_are_named_not_an_internal_error(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.weight"] = state["0.weight"].to_sparse()
+    state["1.bias"] = state["1.bias"].to(torch.complex64)
+    with pytest.raises(CheckpointError, match=r"2 tensors of another kind: 0\.weight is a "
+                       r"torch\.sparse_coo tensor, 1\.bias is torch\.complex64\. Save dense "
+                       r"tensors of the model's dtypes"):
+        load_into(model, state, tmp_path / "m.pt")
+
+
 def test_mismatch_lists_first_few_then_count(tmp_path: Path) -> None:
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(8)])
     state = {f"other.{i}": torch.zeros(1) for i in range(7)}
@@ -278,3 +289,24 @@ def test_random_bytes_never_get_the_weights_only_false_advice(tmp_path: Path) ->
         load_checkpoint(tmp_path / "random.pt")
     assert "weights_only" not in str(info.value)
     assert info.value.__cause__ is not None
+
+
+def test_a_program_entry_is_searched_in_chunks_not_inflated_whole(tmp_path):
+    """A few kB of zip may inflate to gigabytes: the search for Hugging Face output types
+    reads the program's JSON a chunk at a time (and finds text across two chunks)."""
+    import tracemalloc
+
+    from chop.cli.checkpoint import _holds
+
+    path = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/models/model.json", b" " * (64 << 20) + b"needle")
+    with zipfile.ZipFile(path) as archive:
+        assert _holds(archive, "archive/models/model.json", b"needle", chunk=(1 << 20) + 3)
+        tracemalloc.start()
+        try:
+            assert not _holds(archive, "archive/models/model.json", b"other")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 << 20, peak  # the entry is 64 MiB

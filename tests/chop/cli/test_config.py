@@ -222,3 +222,9 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert [p.name for p in load_config(path).passes] == \
         [p.name for p in load_config(write(tmp_path, GOOD)).passes]
+
+
+def test_a_config_nested_past_the_stack_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(write(tmp_path, "a = " + "[" * 100_000))
+    assert parse_override("x.y=" + "[" * 100_000)[1].startswith("[[")  # a bare word

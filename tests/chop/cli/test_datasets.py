@@ -207,6 +207,9 @@ def test_text_file_layouts_and_errors(tmp_path: Path) -> None:
     bad.write_text('{"text": "a"}\n\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl line 3 is not valid JSON"):
         read_records(bad)
+    bad.write_text('{"text": "a"}\n' + "[" * 100_000 + "\n")  # deeper than Python's stack
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not valid JSON"):
+        read_records(bad)
     bad.write_text('{"text": "a"}\n["not", "a", "record"]\n')
     with pytest.raises(DataError, match="line 2 is a JSON list, not a record"):
         read_records(bad)

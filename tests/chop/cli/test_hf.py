@@ -491,6 +491,8 @@ def test_hf_keeps_the_folders_dtype_generation_config_and_processor(hf_folders, 
     model.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(hf_folders["llama"]).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text('{"mine": 1}')
+    (tmp_path / "secret.json").write_text('{"key": "the user\'s"}')
+    (folder / "processor_config.json").symlink_to(tmp_path / "secret.json")  # out of the folder
     out = tmp_path / "out"
     config = write_config(tmp_path, hf_folders, "llama")
     assert main(["transform", "--config", str(config), str(folder), "-o", str(out), "--quiet"]) == 0
@@ -498,6 +500,7 @@ def test_hf_keeps_the_folders_dtype_generation_config_and_processor(hf_folders, 
     assert back.dtype == torch.bfloat16
     assert (back.generation_config.max_new_tokens, back.generation_config.top_k) == (7, 5)
     assert (out / "hf" / "preprocessor_config.json").read_text() == '{"mine": 1}'
+    assert not (out / "hf" / "processor_config.json").exists()
     import subprocess
     import sys
 

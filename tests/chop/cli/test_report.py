@@ -101,6 +101,9 @@ def test_read_report_errors(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text("[1]")
     with pytest.raises(ReportError, match="not a chop report"):
         read_report(tmp_path / "x.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000)  # deeper than Python's stack
+    with pytest.raises(ReportError, match="cannot read report .*deep.json"):
+        read_report(tmp_path / "deep.json")
 
 
 def test_reports_are_strict_json_without_nan_or_infinity() -> None:
