@@ -472,6 +472,12 @@ class Graph:
                     if index in uses and (arg is node or _recurrent_param(user, index, arg, node)):
                         roles.append(_param_role(uses[index], self.parameter(node)))
                         ops.append(str(_packet(user)).removeprefix("aten."))
+                if _swaps_last_two(user):  # x @ wᵀ written out (Falcon), MoE experts' grouped mm
+                    for product in user.users:
+                        name = getattr(_packet(product), "__name__", str(_packet(product)))
+                        if name in _PRODUCTS and len(product.args) > 1 and product.args[1] is user:
+                            roles.append("linear")
+                            ops.append(f"t+{name}")
             role = min(roles, key=_ROLE_ORDER.index) if roles else "other"
             entry = meta.entries(node)
             if "role" not in entry:  # a copy keeps its roles (its users may be mask nodes now)
@@ -629,6 +635,30 @@ def _bindings() -> dict[Any, Any]:
 
 
 _BINDINGS = _bindings()
+
+
+# matrix products whose second operand, a weight seen transposed, makes it a linear weight
+# [(experts,) out, in]: x @ wᵀ, and Mixture-of-Experts layers' grouped products over experts
+_PRODUCTS = {"mm", "matmul", "bmm", "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+
+
+def _swaps_last_two(node: Node) -> bool:
+    """Whether ``node`` is a transpose of its operand's last two dims (``t``, ``transpose``,
+    ``permute``) and nothing else."""
+    value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], Node) else None
+    ndim = value.dim() if isinstance(value, torch.Tensor) else None
+    if ndim is None or ndim < 2 or node.op != "call_function":
+        return False
+    op = _packet(node)
+    if op in (aten.t, aten.numpy_T):  # w.T
+        return ndim == 2
+    if op in (aten.mT, aten.adjoint):
+        return True
+    if op is aten.transpose and len(node.args) == 3:
+        return {d % ndim for d in node.args[1:]} == {ndim - 2, ndim - 1}
+    if op is aten.permute and len(node.args) == 2:
+        return [d % ndim for d in node.args[1]] == [*range(ndim - 2), ndim - 1, ndim - 2]
+    return False
 
 
 def _recurrent_param(user: Node, index: int, arg: Any, node: Node) -> bool:

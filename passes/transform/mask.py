@@ -64,14 +64,21 @@ _NM = re.compile(r"^(\d+):(\d+)$")
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
 
 
+_IN_OUT = ("addmm", "mm", "matmul")  # x @ W: the weight is stored [in, out]
+
+
 def _as_matrix(node: Node, score: torch.Tensor) -> torch.Tensor:
-    """The weight as [out, in]: conv weights flattened, Conv1D/addmm weights ([in, out]) transposed."""
+    """The weight as [out, in]: conv weights flattened, weights of ``x @ W`` (Conv1D/addmm,
+    [in, out]) transposed, experts' weights ([experts, out, in], seen transposed by their
+    grouped product) stacked by rows."""
+    if score.dim() == 3 and meta.entries(node).get("role") == "linear":
+        return score.reshape(-1, score.shape[-1])
     matrix = score.reshape(score.shape[0], -1) if score.dim() > 1 else score.reshape(1, -1)
-    return matrix.t() if meta.entries(node).get("op") == "addmm" else matrix
+    return matrix.t() if meta.entries(node).get("op") in _IN_OUT else matrix
 
 
 def _from_matrix(node: Node, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if meta.entries(node).get("op") == "addmm":
+    if meta.entries(node).get("op") in _IN_OUT and len(shape) == 2:
         matrix = matrix.t()
     return matrix.reshape(shape)
 
