@@ -835,12 +835,27 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
         ) from e
     for node in graph.module.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        if _fixed(value.shape[0]):
             log.warning(
                 "%s: input %r keeps a fixed batch size of %d (the model's code fixes it); the "
                 "graph only accepts that batch size", name, node.name, value.shape[0],
             )
+        elif (value.dim() == 2 and _fixed(value.shape[1]) and not value.is_floating_point()
+              and value.dtype != torch.bool):  # token ids: dynamic_shapes marked dim 1
+            log.warning(
+                "%s: input %r keeps a fixed sequence length of %d (the model's code fixes it); "
+                "the graph only accepts sequences of that length", name, node.name,
+                int(value.shape[1]),
+            )
     return graph
+
+
+def _fixed(size: Any) -> bool:
+    """Whether a traced size is a number (torch.export may keep a size it specialised as a
+    SymInt whose expression is a number)."""
+    return not isinstance(size, torch.SymInt) or bool(size.node.expr.is_number)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, *, training: bool) -> Any:

@@ -110,11 +110,16 @@ def _parsed(text: str) -> tuple[Pass, ...]:
         raise PipelineError("the pipeline is empty; name at least one pass, e.g. \"snip, mask\"")
     while True:
         _, name, column = expect(("bare",), None, "a pass name")
+        other = next((k for k, c in enumerate(name) if c in ";|&"), None)
+        if other is not None:
+            raise _syntax(text, column + other, repr(name[other]), "',' between passes")
         options: dict[str, Any] = {}
         if tokens[i][1] == "{" and tokens[i][0] == "punct":
             i += 1
             while not (tokens[i][0] == "punct" and tokens[i][1] == "}"):
-                _, key, _ = expect(("bare",), None, "an option name")
+                _, key, at = expect(("bare",), None, "an option name")
+                if key in options:
+                    raise _syntax(text, at, f"{key!r} a second time", "each option once")
                 expect(("punct",), ("=",), "'='")
                 kind, raw, _ = expect(("bare", "quoted"), None, "a value")
                 options[key] = _value(kind, raw)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import sys
 import types
 import typing
@@ -238,11 +239,15 @@ def _coerce(value: Any, hint: Any) -> Any:
         return value if value is None else _INVALID
     if hint is bool:
         return value if isinstance(value, bool) else _INVALID
-    if hint is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is int:  # numpy's integers too (a sweep over np.arange)
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return int(value) if ok else _INVALID
     if hint is float:  # NaN and infinities are no option's value (a NaN compares false)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok and math.isfinite(value) else _INVALID
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value):
+            return _INVALID
+        # numpy's float32 0.9 is 0.8999999761…: the number written is the shortest decimal
+        return float(str(value)) if hasattr(value, "dtype") else float(value)
     if hint is str:
         return value if isinstance(value, str) else _INVALID
     return value  # types we do not check (callables and the like)

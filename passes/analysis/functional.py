@@ -56,9 +56,12 @@ def dtype_hint(who: str, cast: torch.dtype | None) -> Iterator[None]:
     asserts that torch.export records, e.g. in GPT-2) into an error that says what to do."""
     try:
         yield
-    except RuntimeError as e:
-        if cast is None or "dtype" not in str(e).lower():
+    except (RuntimeError, DataError) as e:  # a DataError of the batch's forward: its cause
+        cause = e.__cause__ if isinstance(e, DataError) else e
+        if cast is None or not isinstance(cause, RuntimeError) or "dtype" not in str(
+                cause).lower():
             raise
+        e = cause
         raise DataError(
             f"{who}: the graph fixes its dtype (torch.export recorded casts or dtype checks, "
             f"e.g. of attention masks), so it cannot run in {cast}: pass dtype=model. ({e})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -584,3 +585,20 @@ def test_a_failed_trace_says_it_in_one_error_not_torchs_log_of_tracebacks(caplog
     with caplog.at_level("DEBUG"), pytest.raises(chop.TraceError):
         chop.trace(nn.Linear(4, 3), torch.randn(2, 5))
     assert not [r for r in caplog.records if r.name.startswith("torch._subclasses")]
+
+
+def test_trace_warns_when_the_model_fixes_the_batch_or_the_sequence(caplog):
+    class Positions(nn.Module):  # a position table of 7 rows fixes the sequence length
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(10, 4), nn.Parameter(torch.randn(7, 4))
+
+        def forward(self, ids):
+            return self.emb(ids) + self.pos
+
+    ids = torch.randint(0, 10, (2, 7))
+    with caplog.at_level(logging.WARNING, logger="chop"):
+        graph = chop.trace(Positions(), (ids,))
+    assert "input 'ids' keeps a fixed sequence length of 7 (the model's code fixes it)" in caplog.text
+    assert "fixed batch size" not in caplog.text
+    graph(torch.randint(0, 10, (5, 7)))  # the batch stays dynamic

@@ -38,6 +38,9 @@ def test_pipeline_forms_are_equivalent():
         ("mask{sparsity 0.9}", r"expected '=', found '0.9'"),
         ("mask{include='abc}", r"an unterminated quote"),
         ("", r"the pipeline is empty"),
+        ("snip; mask", r"column 5: expected ',' between passes, found ';'"),
+        ("mask{sparsity=0.5, sparsity=0.99}",
+         r"column 20: expected each option once, found 'sparsity' a second time"),
     ],
 )
 def test_syntax_errors_point_at_the_column(text, message):

@@ -61,6 +61,10 @@ def test_defaults_and_lossless_coercion():
     assert q.rate == 1.0 and isinstance(q.rate, float)  # int widened to float
     assert q.limit == 7 and q.scope == "global"
     assert q.options() == {**p.options(), "rate": 1.0, "limit": 7, "scope": "global"}
+    import numpy as np  # a sweep over np.linspace(…, dtype=np.float32) gives numpy scalars
+
+    n = Tune(rate=np.float32(0.9), steps=np.int64(4))
+    assert (n.rate, n.steps) == (0.9, 4) and type(n.rate) is float and type(n.steps) is int
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -113,3 +113,21 @@ def test_refuses_large_models_with_the_fix(mlp, mlp_batches):
         chop.run(graph, "exact-salience{max_weights=100}", data=mlp_batches)
     with pytest.raises(chop.OptionError, match="chunk=0 must be at least 1"):
         ExactSalience(chunk=0)
+
+
+def test_a_graph_with_baked_dtypes_says_to_use_the_model_dtype():
+    """The batch's forward wrapped the dtype error as a DataError blaming the data."""
+
+    class CastsToFloat32(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.to(torch.float32))  # torch.export records a dtype check
+
+    graph = chop.trace(CastsToFloat32(), (torch.ones(2, 4),))
+    batches = [(torch.randn(2, 4), torch.tensor([0, 2]))]
+    with pytest.raises(chop.DataError, match="cannot run in torch.float64: pass dtype=model"):
+        chop.run(graph, "exact-salience", data=batches)
+    chop.run(graph, "exact-salience{dtype=model}", data=batches)
