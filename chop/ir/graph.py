@@ -861,8 +861,9 @@ def _fixed(size: Any) -> bool:
 def _export(model: nn.Module, args: tuple, kwargs: dict, *, training: bool) -> Any:
     model.train(training)
     # a shape mismatch logs each failed meta kernel's traceback (hundreds of lines) before
-    # torch.export raises the error chop reports in one line
-    with quiet_loggers("torch._subclasses.fake_tensor"):
+    # torch.export raises the error chop reports in one line; a failed export's shape warnings
+    # are noise too (chop retries in eval mode, or says what failed)
+    with quiet_loggers("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes"):
         return torch.export.export(model, args, kwargs,
                                    dynamic_shapes=dynamic_shapes(model, args, kwargs))
 

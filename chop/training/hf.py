@@ -25,13 +25,18 @@ does not.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from chop.errors import ChopError, DataError
+from chop.passes.transform.mask import Mask
 from chop.training.pruner import Curve, Pruner
+
+log = logging.getLogger("chop")
 
 try:
     from transformers import TrainerCallback
@@ -60,7 +65,8 @@ class SNIPCallback(TrainerCallback):
     Args:
         representative_batch: a dict of model inputs (as the Trainer's data collator gives
             them), with ``labels`` unless ``loss`` is given; moved to the model's device.
-        sparsity: the fraction of the selected weights to prune, in [0, 1).
+        sparsity: the fraction of the selected weights to prune, in [0, 1); default 0.9, or
+            the share an N:M ``granularity`` in ``mask_options`` fixes (0.5 for ``"2:4"``).
         criterion: the criterion pass (``"snip"``, ``"snip{accumulate=sum-of-abs}"``, …).
         loss: ``loss(outputs, labels)``; None means the model's own ``outputs.loss``.
         start_step, end_step, frequency, schedule, initial_sparsity: a
@@ -72,7 +78,7 @@ class SNIPCallback(TrainerCallback):
     def __init__(
         self,
         representative_batch: Mapping[str, Any],
-        sparsity: float = 0.9,
+        sparsity: float | None = None,
         *,
         criterion: str = "snip",
         loss: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -99,14 +105,29 @@ class SNIPCallback(TrainerCallback):
             criterion=criterion, schedule=schedule, start_step=start_step, end_step=end_step,
             frequency=frequency, initial_sparsity=initial_sparsity, mask_options=mask_options,
         )
+        if sparsity is None:  # 0.9, or the share an N:M granularity fixes
+            pattern = Mask.from_options(dict(mask_options or {})).pattern_sparsity()
+            sparsity = 0.9 if pattern is None else pattern
         self.sparsity = sparsity
         Pruner(torch.nn.Identity(), sparsity, **self.options)  # validate the options now
         self.pruner: Pruner | None = None
         self._hooks: list[Any] = []  # gradient hooks on the model's parameters
 
-    def _data(self, device: torch.device) -> list[tuple[Any, Any]]:
+    def _data(self, model: Any, device: torch.device) -> list[tuple[Any, Any]]:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                  for k, v in self.batch.items()}
+        # the class's forward (accelerate may wrap the instance's): its named inputs
+        params = inspect.signature(type(getattr(model, "module", model)).forward).parameters
+        named = {n for n, p in params.items() if n != "self" and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        extra = sorted(k for k in batch if k not in named and k != "labels")
+        if named and extra:  # a forward's **kwargs: torch.export cannot take them by name
+            log.warning("SNIPCallback: %s of the representative batch %s no input of %s's "
+                        "forward; scored without", ", ".join(extra),
+                        "is" if len(extra) == 1 else "are", type(model).__name__)
+            batch = {k: v for k, v in batch.items() if k not in extra}
+        if "use_cache" in named and "use_cache" not in batch:
+            batch["use_cache"] = False  # a key/value cache in the outputs does not export
         if self.loss is None:  # the model's own loss: labels go in with the inputs
             return [(batch, None)]
         labels = batch.pop("labels", None)
@@ -117,7 +138,7 @@ class SNIPCallback(TrainerCallback):
         if model is None:
             raise ChopError("SNIPCallback: the Trainer gave no model to on_train_begin")
         device = next(model.parameters()).device
-        data = self._data(device)
+        data = self._data(model, device)
         self.pruner = Pruner(
             model, self.sparsity, data=data, loss=self.loss or _model_loss,
             example_inputs=data[0][0], **self.options,
@@ -130,8 +151,24 @@ class SNIPCallback(TrainerCallback):
             self._hooks = [p.register_post_accumulate_grad_hook(self.pruner.mask_grad)
                            for p in model.parameters() if p.requires_grad]
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                     **kwargs: Any) -> None:
         self._remove_hooks()
+        if model is None or self.pruner is None or self.pruner.sharded is not None:
+            return
+        model = getattr(model, "module", model)
+        with torch.no_grad():  # load_best_model_at_end may load a checkpoint from before pruning
+            back = [name for name, mask in self.masks.items()
+                    if bool(model.get_parameter(name).detach()[~mask.to(
+                        model.get_parameter(name).device)].any())]
+        if back:
+            log.warning(
+                "SNIPCallback: the model the Trainer ends with has weights the masks pruned (in %d "
+                "layer(s), e.g. %s): it loaded a checkpoint saved before pruning ended "
+                "(load_best_model_at_end=%s, best checkpoint %s); save and evaluate only after "
+                "the schedule's end_step, or apply the masks again", len(back), back[0],
+                getattr(args, "load_best_model_at_end", None),
+                getattr(state, "best_model_checkpoint", None))
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:

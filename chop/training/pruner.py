@@ -62,6 +62,7 @@ the non-zero pattern of the selected weights) and keeps them applied while fine-
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Literal
@@ -170,8 +171,15 @@ class Pruner:
             raise OptionError("Pruner: give the sparsity as Pruner(model, sparsity), not in "
                               "mask_options (the schedule sets it at each step)")
         self.mask_options = options
-        # validated now; each pruning step makes a copy at its sparsity
-        self._selection = selection = Mask.from_options({**options, "sparsity": sparsity})
+        # validated now; each pruning step makes a copy at its sparsity (an N:M pattern has one)
+        pattern = Mask.from_options(options).pattern_sparsity()
+        if pattern is not None and not math.isclose(sparsity, pattern, abs_tol=1e-9):
+            raise OptionError(
+                f"Pruner: granularity {options['granularity']} keeps a fixed share of the "
+                f"weights (sparsity {pattern:g}), not {sparsity:g}: ask for {pattern:g} (each "
+                "pruning step applies the whole pattern)")
+        self._selection = selection = Mask.from_options(
+            {**options, "sparsity": None if pattern is not None else sparsity})
         self.schedule = Schedule(sparsity, schedule, start_step, end_step, frequency,
                                  initial_sparsity)
         self.criterion = (_scoring_selected(criterion_pass(criterion), options)
@@ -269,7 +277,8 @@ class Pruner:
         first = len(graph.history)
         if score:
             self.score(batch)
-        step_mask = self._selection.replace(sparsity=sparsity)
+        step_mask = (self._selection if self._selection.pattern_sparsity() is not None
+                     else self._selection.replace(sparsity=sparsity))
         self._select(graph, step_mask, batch)
         # graph.history keeps this step's pass records only: a step supersedes the one before,
         # and a record per pass per step would grow without end over a long training run

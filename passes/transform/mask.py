@@ -324,6 +324,11 @@ class Mask(Pass):
                               "channels (nearest multiple of the budget's count; 8 or 16 suit "
                               "GPUs and vector units)")
 
+    def pattern_sparsity(self) -> float | None:
+        """The sparsity an N:M granularity fixes (1 − N/M), else None."""
+        nm = _NM.match(self.granularity)
+        return 1 - int(nm[1]) / int(nm[2]) if nm else None
+
     def check(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise OptionError(

@@ -114,3 +114,34 @@ def test_snip_callback_masks_gradients_before_the_trainer_clips_them(tmp_path):
         assert pruned == 0
         assert norm == pytest.approx(1e-3, rel=1e-4)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_snip_callback_scores_a_t5_with_its_cache_and_a_batch_with_extra_columns(tmp_path, caplog):
+    """A default T5 returns a key/value cache (which does not export) and the Trainer trains it;
+    with remove_unused_columns=False the batch carries columns the forward takes only as
+    **kwargs (which torch.export cannot take by name). Both failed to trace."""
+    from chop.training.hf import SNIPCallback
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 120, (10,), generator=g),
+             "labels": torch.randint(0, 120, (6,), generator=g), "row": i} for i in range(16)]
+    batch = transformers.default_data_collator(data[:8])
+    callback = SNIPCallback(representative_batch=batch, sparsity=0.5)
+    run = trainer(model, data, callback, tmp_path, steps=2)
+    run.args.remove_unused_columns = False
+    run.train()
+    assert "row of the representative batch is no input of T5ForConditionalGeneration's " \
+           "forward; scored without" in caplog.text
+    masks = callback.masks
+    total = sum(m.numel() for m in masks.values())
+    assert masks and sum(int(m.sum()) for m in masks.values()) == total - total // 2
+    assert "weights the masks pruned" not in caplog.text
+    name, mask = next(iter(masks.items()))
+    with torch.no_grad():  # as a checkpoint from before pruning, loaded as the best model
+        model.get_parameter(name)[~mask] = 1.0
+    callback.on_train_end(run.args, run.state, None, model=model)
+    assert f"has weights the masks pruned (in 1 layer(s), e.g. {name})" in caplog.text

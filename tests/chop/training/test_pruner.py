@@ -228,6 +228,21 @@ def test_pattern_lock_on_a_graph_uses_its_masks_and_zero_pattern(mlp, mlp_batche
     assert int((plain.layers[1].weight == 0).sum()) == 32 * 16
 
 
+def test_an_n_m_pattern_prunes_at_its_own_sparsity(mlp, mlp_batches):
+    """The Pruner set every step's sparsity, which an N:M mask refuses (it fixes its own)."""
+    with pytest.raises(OptionError, match=r"granularity 2:4 keeps a fixed share of the weights "
+                                          r"\(sparsity 0\.5\), not 0\.9: ask for 0\.5"):
+        Pruner(mlp, 0.9, mask_options={"granularity": "2:4"})
+    pruner = Pruner(mlp, 0.5, criterion="magnitude", mask_options={"granularity": "2:4"},
+                    example_inputs=mlp_batches[0][0])
+    pruner.on_train_begin()
+    pruner.on_step_begin(0)
+    assert len(pruner.masks) == 3
+    for name, mask in pruner.masks.items():
+        groups = mask.reshape(-1, 4)
+        assert torch.equal(groups.sum(1), torch.full((len(groups),), 2)), name
+
+
 def test_pruner_errors_say_what_to_do(mlp, mlp_batches):
     with pytest.raises(OptionError, match="criterion"):
         Pruner(mlp, 0.9, criterion="mask")
