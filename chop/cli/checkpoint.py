@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import logging
 import math
 import operator
 import pickle
@@ -334,8 +335,9 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
 
     _register_output_types(path)
 
-    try:  # torch.export.load logs tracebacks before re-raising
-        with quiet_loggers("torch.export", "torch._export.serde.serialize"), (
+    said: list[logging.LogRecord] = []
+    try:  # torch.export.load logs the reason, then raises "see the warnings above"
+        with quiet_loggers("torch.export", "torch._export.serde.serialize", kept=said), (
                 nullcontext() if trust else untrusted_pt2(path)):
             program = torch.export.load(path)
         if not trust:
@@ -344,7 +346,21 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
     except CheckpointError:
         raise
     except Exception as e:
-        raise _corrupt(path, e) from e
+        if "not compiled with CUDA" in str(e):
+            raise CheckpointError(
+                f"{path} holds tensors saved on a CUDA device, and this torch has no CUDA: load "
+                "it where CUDA is, or export the model again on the CPU") from e
+        reason = next((_reason(r) for r in reversed(said) if _reason(r)), None)
+        raise _corrupt(path, f"{type(e).__name__}: {reason}" if reason else e) from e
+
+
+def _reason(record: logging.LogRecord) -> str | None:
+    """The last line of a logged exception (or the message): what torch saw go wrong."""
+    if record.exc_info and record.exc_info[1] is not None:
+        text = str(record.exc_info[1]).strip()
+        return text.splitlines()[-1] if text else type(record.exc_info[1]).__name__
+    text = record.getMessage().strip()
+    return text.splitlines()[-1] if text else None
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:

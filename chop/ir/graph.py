@@ -876,18 +876,34 @@ def view_of(tensor: torch.Tensor) -> tuple:
 
 
 @contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """The loggers ``names`` (torch's) silent but for CRITICAL inside the block: torch logs the
-    tracebacks of errors it then raises, which chop reports itself."""
+def quiet_loggers(*names: str, kept: list[logging.LogRecord] | None = None) -> Iterator[None]:
+    """The loggers ``names`` (torch's) silent inside the block: torch logs the tracebacks of
+    errors it then raises, which chop reports itself. With ``kept``, their warnings and errors
+    are appended to it instead (an error whose message says "see the warnings above")."""
     loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
+    saved = [(logger.level, logger.propagate, logger.handlers) for logger in loggers]
+    handler = _Keep(kept) if kept is not None else None
     for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+        if handler is None:
+            logger.setLevel(logging.CRITICAL)
+        else:
+            logger.setLevel(logging.WARNING)
+            logger.propagate, logger.handlers = False, [handler]
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
+        for logger, (level, propagate, handlers) in zip(loggers, saved, strict=True):
             logger.setLevel(level)
+            logger.propagate, logger.handlers = propagate, handlers
+
+
+class _Keep(logging.Handler):
+    def __init__(self, kept: list[logging.LogRecord]):
+        super().__init__(logging.WARNING)
+        self.kept = kept
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.kept.append(record)
 
 
 def _first_line(e: BaseException) -> str:

@@ -310,3 +310,17 @@ def test_a_program_entry_is_searched_in_chunks_not_inflated_whole(tmp_path):
         finally:
             tracemalloc.stop()
     assert peak < 8 << 20, peak  # the entry is 64 MiB
+
+
+def test_a_damaged_pt2_says_what_torch_found_wrong(tmp_path: Path) -> None:
+    """torch.export.load logs the reason and raises "check the warnings above", which chop
+    silences: the message had no reason."""
+    src = saved_program(tmp_path)
+    damaged = tmp_path / "damaged.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(damaged, "w") as zout:
+        for info in zin.infolist():
+            if "/data/weights/" not in info.filename or info.filename.endswith(".json"):
+                zout.writestr(info.filename, zin.read(info))  # every weight's bytes left out
+    with pytest.raises(CheckpointError, match=r"damaged\.pt2 is corrupt or not a \.pt2 file "
+                                              r"\(RuntimeError: .*failed locating file"):
+        load_checkpoint(damaged)
