@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 from chop.errors import ChopError, DataError, InternalError
 from chop.ir.graph import Graph
@@ -145,12 +146,21 @@ def batch_loss(
             raise distributed.collective_failure(e, "a collective of the model's forward",
                                                  who) from e
         traced = expected_inputs(module)
+        weights = {p.dtype for p in (module.module if isinstance(module, Graph) else module
+                                     ).parameters() if p.is_floating_point()}
+        given = {x.dtype for x in pytree.tree_leaves(inputs)
+                 if isinstance(x, torch.Tensor) and x.is_floating_point()}
+        if "dtype" in str(e).lower() and len(weights) == 1 and given - weights:
+            weight = str(next(iter(weights))).removeprefix("torch.")
+            fix = (f"The model's weights are {weight}: give {weight} inputs (e.g. "
+                   f"x.to(torch.{weight}), or save the data file as {weight})")
+        else:
+            fix = ("Give every batch the structure, dtypes and per-sample shapes of the example "
+                   "inputs the model was traced with (only the batch size may differ)")
         raise DataError(
             f"{who}: the model failed on a batch of the data ({type(e).__name__}: "
             f"{_first_line(e)}). The batch's inputs are {describe(inputs)}"
-            + (f"; the model was traced with {traced}" if traced else "")
-            + ". Give every batch the structure, dtypes and per-sample shapes of the example "
-            "inputs the model was traced with (only the batch size may differ)"
+            + (f"; the model was traced with {traced}" if traced else "") + ". " + fix
         ) from e
     if transform is not None:
         outputs = transform(outputs)
@@ -163,7 +173,8 @@ def batch_loss(
         raise DataError(
             f"{who}: {which} raised {type(e).__name__}: {_first_line(e)}. Check the targets "
             f"({describe(targets)})"
-            + (" or pass loss=callable(outputs, targets)" if loss is None else
+            + (" or give a loss of your own (loss=callable(outputs, targets) in Python, "
+               "[loss] source in the command line's config)" if loss is None else
                " and the loss function")
         ) from e
     if not isinstance(value, torch.Tensor) or value.numel() != 1:

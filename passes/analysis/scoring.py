@@ -157,9 +157,11 @@ def batch_losses(
         yield value.reshape(())
 
 
-def differentiable(value: torch.Tensor, index: int, who: str) -> torch.Tensor:
+def differentiable(value: torch.Tensor, index: int, who: str,
+                   model: nn.Module | None = None) -> torch.Tensor:
     """``value``, the loss of batch ``index``, checked before it is differentiated: it must
-    depend on the weights and be finite (a NaN loss gives NaN scores, which rank nothing)."""
+    depend on the weights and be finite (a NaN loss gives NaN scores, which rank nothing; a
+    non-finite tensor of ``model`` is named as the cause)."""
     if not value.requires_grad:
         raise DataError(
             f"{who}: the loss of batch {index} does not depend on the model's weights (it is "
@@ -167,6 +169,14 @@ def differentiable(value: torch.Tensor, index: int, who: str) -> torch.Tensor:
             "ops, without .detach(), .item() or torch.no_grad()"
         )
     if not bool(torch.isfinite(value)):
+        tensors = [] if model is None else [*model.named_parameters(), *model.named_buffers()]
+        bad = next((name for name, t in tensors
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise DataError(
+                f"{who}: the loss of batch {index} is {float(value.detach())}, and the model's "
+                f"{bad} holds NaN or inf: the checkpoint (or its training) is damaged; load "
+                "finite weights")
         raise DataError(
             f"{who}: the loss of batch {index} is {float(value.detach())}; look for NaN or inf "
             "in that batch's inputs and targets, or for a loss that overflows"
@@ -205,7 +215,8 @@ def backward_sums(
         sums: list[torch.Tensor | None] = [None] * len(params)
         losses = batch_losses(graph, batches, loss, who, temperature=temperature)
         for index, value in enumerate(losses):
-            terms = torch.autograd.grad(differentiable(value, index, who), params,
+            value = differentiable(value, index, who, graph.module)
+            terms = torch.autograd.grad(value, params,
                                         allow_unused=True, create_graph=twice)
             if second is not None:
                 terms = [None if t is None else t.detach() for t in second(terms, params)]

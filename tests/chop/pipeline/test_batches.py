@@ -154,6 +154,17 @@ def test_batch_loss_model_failure_is_a_data_error_with_the_cause(mlp, mlp_batche
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+def test_batch_loss_says_to_give_inputs_of_the_weights_dtype(mlp, mlp_batches):
+    """float16 data for a float32 model: the message asked for the dtypes it was traced with,
+    which were the data's own."""
+    x, y = mlp_batches[0]
+    graph = chop.trace(mlp, x.half())
+    with pytest.raises(DataError, match=r"The batch's inputs are float16\[8, 16\]; the model "
+                       r"was traced with x: float16\[batch, 16\]\. The model's weights are "
+                       r"float32: give float32 inputs"):
+        batch_loss(graph, x.half(), y, None, "snip")
+
+
 def test_batch_loss_names_the_shape_a_graph_was_traced_with(mlp, mlp_batches):
     """Hole 6: a wrong input shape gave only torch's guard message."""
     x, y = mlp_batches[0]

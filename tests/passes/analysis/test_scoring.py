@@ -237,6 +237,16 @@ def test_a_loss_that_cannot_be_differentiated_is_a_data_error(mlp, mlp_batches, 
         chop.run(graph, criterion, data=mlp_batches, loss=loss)
 
 
+def test_a_nan_loss_from_a_nan_weight_names_the_weight(mlp, mlp_batches):
+    graph = chop.trace(mlp, (mlp_batches[0][0][:2],))
+    weight = next(n for n in graph.weight_nodes() if n.meta["chop"]["role"] == "linear").target
+    with torch.no_grad():
+        graph.parameter(weight)[0, 0] = float("nan")
+    with pytest.raises(chop.DataError, match=rf"the loss of batch 0 is nan, and the model's "
+                                             rf"{weight} holds NaN or inf"):
+        chop.run(graph, "snip", data=mlp_batches)
+
+
 def test_a_one_element_loss_is_a_scalar_to_every_criterion(mlp, mlp_batches):
     """A loss of shape (1,) worked in snip and broke exact-salience's shapes."""
     scalar = chop.run(chop.trace(mlp, (mlp_batches[0][0][:2],)), "exact-salience",
