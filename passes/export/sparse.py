@@ -268,6 +268,9 @@ def sparsify(
         reason = ""
         if not uses:
             reason = "the masked weight has no users"
+        elif weight.dim() < 2:
+            role = meta.entries(weight_node).get("role", "vector")
+            reason = f"a {role} of {row['op']}: one dim, kept dense with its mask folded"
         elif weight.dim() != 2 or any(use is None for _, use in uses):
             ops = sorted({str(getattr(u.target, "__name__", u.target)) for u, use in uses if use is None})
             reason = ("conv: no sparse conv kernel, kept dense" if row["op"].startswith("conv")
@@ -403,6 +406,11 @@ class Sparse(Pass):
         if self.kernel == "scipy":
             require_scipy("sparse{kernel=scipy}")
         if not is_masked(graph):
+            stored = graph.module.graph.find_nodes(op="call_function", target=csr_linear)
+            if stored:
+                raise PassError(
+                    f"sparse: {graph.name} holds {len(stored)} layer(s) an earlier sparse "
+                    "stored as CSR and no masks left to store: run sparse once")
             raise PassError(
                 "sparse: the graph carries masks but no mask nodes: an earlier pass (fold, "
                 "fold-bn, shrink) baked them into the weights; run sparse before it, e.g. "

@@ -252,6 +252,9 @@ def test_bad_inputs_are_clear_errors(cnn_graph, monkeypatch):
         Sparse(kernel="mkl")
     with pytest.raises(chop.PassError, match="no mask nodes: an earlier pass .* run sparse before"):
         chop.run(cnn_graph, "magnitude, mask, fold-bn, sparse")  # fold-bn folded the masks
+    with pytest.raises(chop.PassError, match=r"holds 1 layer\(s\) an earlier sparse stored as "
+                                             r"CSR and no masks left to store: run sparse once"):
+        chop.run(cnn_graph.copy(), "magnitude, mask, sparse{mode=all}, sparse")
     monkeypatch.setattr(sparse_ops, "have_scipy", lambda: False)
     with pytest.raises(chop.PassError, match=r"pass 'sparse'.*kernel=scipy.*needs scipy.*chop\[sparse\]"):
         chop.run(cnn_graph, "magnitude, mask, sparse{kernel=scipy}")
@@ -461,3 +464,14 @@ def test_zoo_sparse_matches_the_masked_graph(name):
     layers = graph.history[-1].info["layers"]
     assert all((r["decision"] == "csr") == (r["op"] in ("linear", "addmm")) for r in layers.values())
     assert not any(k.endswith("_mask") for k in graph.module.state_dict())
+
+
+def test_masked_biases_stay_dense_and_say_why():
+    """Their reason read "used by csr_linear.default, which has no sparse kernel"."""
+    graph = chop.trace(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                       (torch.randn(3, 8),))
+    chop.run(graph, "magnitude, mask{sparsity=0.5, biases=true}, sparse{mode=all}")
+    layers = graph.history[-1].info["layers"]
+    assert {name: row["decision"] for name, row in layers.items()} == {
+        "0.weight": "csr", "0.bias": "dense", "2.weight": "csr", "2.bias": "dense"}
+    assert layers["0.bias"]["reason"] == "a bias of linear: one dim, kept dense with its mask folded"
