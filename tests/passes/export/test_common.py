@@ -71,6 +71,19 @@ def test_deployable_calls_each_sparse_layer_bound_once(mlp, mlp_batches):
         assert loose.t().is_contiguous() and not loose.is_contiguous()  # output: transposed
 
 
+@pytest.mark.parametrize("kernel", ["scipy", "torch-mv"])
+def test_deployable_serves_without_no_grad(mlp, mlp_batches, kernel):
+    """Outside no_grad the bias (a parameter) made scipy's numpy() and addmv's out= fail."""
+    pytest.importorskip("scipy")
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    chop.run(graph, f"magnitude, mask{{sparsity=0.7}}, sparse{{mode=all, kernel={kernel}}}")
+    graph.eval()
+    x = mlp_batches[1][0]
+    with torch.no_grad():
+        expected = graph(x)
+    torch.testing.assert_close(deployable(graph)(x), expected, rtol=0, atol=0)
+
+
 def test_deployable_keeps_row_major_a_returned_result_the_graph_also_reads():
     class Both(nn.Module):
         def __init__(self):
