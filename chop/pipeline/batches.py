@@ -146,8 +146,9 @@ def batch_loss(
             raise distributed.collective_failure(e, "a collective of the model's forward",
                                                  who) from e
         traced = expected_inputs(module)
-        weights = {p.dtype for p in (module.module if isinstance(module, Graph) else module
-                                     ).parameters() if p.is_floating_point()}
+        owner = module.module if isinstance(module, Graph) else module  # or a function
+        weights = {p.dtype for p in owner.parameters() if p.is_floating_point()} if isinstance(
+            owner, torch.nn.Module) else set()
         given = {x.dtype for x in pytree.tree_leaves(inputs)
                  if isinstance(x, torch.Tensor) and x.is_floating_point()}
         if "dtype" in str(e).lower() and len(weights) == 1 and given - weights:
