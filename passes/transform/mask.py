@@ -435,7 +435,9 @@ class Mask(Pass):
                 f"at this granularity, so the model would be written unpruned. Why, per layer: "
                 + "; ".join(f"{name}: {why}" for name, why in reasons[:3])
                 + (f"; … ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
-                + ". Use granularity=element (or channel), or prune another model")
+                + (". Use granularity=element (or channel), or prune another model"
+                   if self.granularity == "head" else
+                   ". Use granularity=element, or prune another model"))
         return PassResult(modified=True, info={"kept": kept, **report})
 
 

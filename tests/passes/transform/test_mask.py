@@ -334,6 +334,9 @@ def test_a_structured_mask_that_can_remove_nothing_says_why():
                        r"can be pruned at this granularity.*qkv.weight: .*reaches the model output"):
         chop.run(graph, "magnitude, mask{granularity=head, sparsity=0.5}")
     assert not [n for n in graph.weight_nodes() if "mask" in n.meta["chop"]]
+    with pytest.raises(chop.PassError, match=r"mask\{granularity=channel\}: .*Use "
+                                             r"granularity=element, or prune another model$"):
+        chop.run(graph, "magnitude, mask{granularity=channel, sparsity=0.5}")
 
 
 def sharded_layer_counts(rank, world, scores, splits, configs):
