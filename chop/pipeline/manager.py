@@ -300,6 +300,11 @@ class PassManager:
                     log.warning("pass %r changed nothing: it ran before %r, which makes the "
                                 "masks it acts on; put it after, e.g. \"snip, mask, %s\"",
                                 p.name, later, p.name)
+                elif p.acts_on_masks and not any("mask" in meta.entries(n)
+                                                 for n in graph.weight_nodes()):
+                    log.warning("pass %r changed nothing: the graph has no masks for it to act "
+                                "on; run a criterion and mask before it, e.g. \"snip, "
+                                "mask{granularity=channel}, %s\"", p.name, p.name)
             ctx.before.append(p.name)
         return graph
 

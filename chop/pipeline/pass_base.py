@@ -31,6 +31,8 @@ from its name:
   original model class no longer loads the graph's state dict.
 - ``accumulates``: the pass adds to the saliency already on the graph (``snip-momentum``), so a
   training loop runs it at every step rather than only when it prunes.
+- ``acts_on_masks``: the pass removes what masks emptied (``shrink``), so on a graph with no
+  mask it has nothing to do, and the pass manager says so.
 - :meth:`Pass.data_batches`: how many ``(inputs, targets)`` batches the pass reads (0: none),
   so callers can check and load data before running anything.
 
@@ -123,6 +125,7 @@ class Pass:
     preserves: ClassVar[tuple[str, ...] | Literal["all"]] = "all"
     reshapes: ClassVar[bool] = False
     accumulates: ClassVar[bool] = False
+    acts_on_masks: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -158,8 +161,11 @@ class Pass:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Pass:
         """Build the pass from a mapping of option names to values, rejecting unknown names."""
-        cls._known(options)
         return cls(**options)
+
+    def __new__(cls, *args: Any, **options: Any) -> Pass:
+        cls._known(options)  # Mask(sparsty=0.9): the pipeline string's error, not a TypeError
+        return super().__new__(cls)
 
     @classmethod
     def _known(cls, options: Iterable[str]) -> None:

@@ -281,6 +281,7 @@ class Shrink(Pass):
     kind: ClassVar[Literal["export"]] = "export"
     preserves: ClassVar[tuple[str, ...]] = ("saliency", "mask")  # sliced with their weights
     reshapes: ClassVar[bool] = True
+    acts_on_masks: ClassVar[bool] = True
 
     compensate: bool = option(
         True, "fold the constant output of a removed channel into the next layer's bias "

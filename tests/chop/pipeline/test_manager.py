@@ -238,5 +238,15 @@ def test_an_export_before_the_masks_it_acts_on_is_warned_about(cnn_graph, cnn_ba
             "on; put it after, e.g. \"snip, mask, shrink\"") in caplog.messages
     caplog.clear()
     with caplog.at_level("WARNING", logger="chop"):
-        chop.run(cnn_graph, "shrink")  # nothing comes after: no advice to give
+        chop.run(cnn_graph, "shrink")  # masks there, nothing they emptied: nothing to say
     assert not [m for m in caplog.messages if "changed nothing" in m]
+
+
+def test_an_export_on_a_graph_without_masks_is_warned_about(cnn, cnn_batches, caplog):
+    """"snip, shrink" (no mask anywhere) did nothing, silently."""
+    graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(graph, "snip, shrink", data=cnn_batches)
+    assert [m for m in caplog.messages if "changed nothing" in m] == [
+        "pass 'shrink' changed nothing: the graph has no masks for it to act on; run a criterion "
+        "and mask before it, e.g. \"snip, mask{granularity=channel}, shrink\""]

@@ -105,6 +105,8 @@ def test_from_options_builds_and_rejects_unknown_names_with_a_hint():
         Bare.from_options({"x": 1})
     with pytest.raises(OptionError, match="expected int"):
         Tune.from_options({"steps": "two"})  # known names are still type-checked
+    with pytest.raises(OptionError, match=r"^tune has no option 'stesp' \(did you mean 'steps'"):
+        Tune(stesp=2)  # the constructor too: it was Python's TypeError, without the hint
 
 
 def test_replace_changes_options_typed_and_checked_like_a_new_pass():
