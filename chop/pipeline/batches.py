@@ -149,12 +149,15 @@ def batch_loss(
         owner = module.module if isinstance(module, Graph) else module  # or a function
         weights = {p.dtype for p in owner.parameters() if p.is_floating_point()} if isinstance(
             owner, torch.nn.Module) else set()
-        given = {x.dtype for x in pytree.tree_leaves(inputs)
-                 if isinstance(x, torch.Tensor) and x.is_floating_point()}
-        if "dtype" in str(e).lower() and len(weights) == 1 and given - weights:
-            weight = str(next(iter(weights))).removeprefix("torch.")
+        tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+        given = {x.dtype for x in tensors if x.is_floating_point()}
+        weight = str(next(iter(weights))).removeprefix("torch.") if len(weights) == 1 else None
+        if "dtype" in str(e).lower() and weight is not None and given - weights:
             fix = (f"The model's weights are {weight}: give {weight} inputs (e.g. "
                    f"x.to(torch.{weight}), or save the data file as {weight})")
+        elif "dtype" in str(e).lower() and weight is not None and tensors and not given:
+            fix = (f"The inputs are integers and the model's weights {weight}: if they are "
+                   f"features, not token ids, give {weight} inputs (e.g. x.to(torch.{weight}))")
         else:
             fix = ("Give every batch the structure, dtypes and per-sample shapes of the example "
                    "inputs the model was traced with (only the batch size may differ)")

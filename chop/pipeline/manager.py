@@ -332,7 +332,12 @@ def run(
     pipeline: str | Pass | Sequence[Pass | str],
     data: Iterable | None = None,
     loss: Callable[[Any, Any], Any] | None = None,
-    **kwargs: Any,
+    *,
+    track: Callable[[Iterable, int | None, str], Iterable] | None = None,
+    on_pass: Callable[[Pass, int, int], None] | None = None,
+    shared_data: bool = False,
+    verify: bool = True,
 ) -> Graph:
     """Run ``pipeline`` on ``graph``; see :class:`PassManager`. Returns ``graph``."""
-    return PassManager(pipeline).run(graph, data, loss, **kwargs)
+    return PassManager(pipeline).run(graph, data, loss, track=track, on_pass=on_pass,
+                                     shared_data=shared_data, verify=verify)

@@ -163,6 +163,10 @@ def test_batch_loss_says_to_give_inputs_of_the_weights_dtype(mlp, mlp_batches):
                        r"was traced with x: float16\[batch, 16\]\. The model's weights are "
                        r"float32: give float32 inputs"):
         batch_loss(graph, x.half(), y, None, "snip")
+    graph = chop.trace(mlp, (x * 10).long())  # features saved as integers
+    with pytest.raises(DataError, match=r"The inputs are integers and the model's weights "
+                       r"float32: if they are features, not token ids, give float32 inputs"):
+        batch_loss(graph, (x * 10).long(), y, None, "snip")
 
 
 def test_batch_loss_names_the_shape_a_graph_was_traced_with(mlp, mlp_batches):

@@ -250,3 +250,10 @@ def test_an_export_on_a_graph_without_masks_is_warned_about(cnn, cnn_batches, ca
     assert [m for m in caplog.messages if "changed nothing" in m] == [
         "pass 'shrink' changed nothing: the graph has no masks for it to act on; run a criterion "
         "and mask before it, e.g. \"snip, mask{granularity=channel}, shrink\""]
+
+
+def test_chop_run_names_itself_for_a_misspelled_keyword(mlp, mlp_batches):
+    """It said "PassManager.run() got an unexpected keyword argument", a function not called."""
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    with pytest.raises(TypeError, match=r"^run\(\) got an unexpected keyword argument 'los'"):
+        chop.run(graph, "magnitude", data=mlp_batches, los=None)
