@@ -350,7 +350,7 @@ def load_program(path: Path, *, trust: bool = False) -> torch.export.ExportedPro
             raise CheckpointError(
                 f"{path} holds tensors saved on a CUDA device, and this torch has no CUDA: load "
                 "it where CUDA is, or export the model again on the CPU") from e
-        reason = next((_reason(r) for r in reversed(said) if _reason(r)), None)
+        reason = next(filter(None, map(_reason, reversed(said))), None)
         raise _corrupt(path, f"{type(e).__name__}: {reason}" if reason else e) from e
 
 

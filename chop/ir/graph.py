@@ -238,31 +238,26 @@ class Graph:
     def replace_parameter(self, name: str, value: torch.Tensor) -> None:
         """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone;
         every other name of the same parameter (a tied embedding and LM head) follows."""
-        owner, _, attr = name.rpartition(".")
-        module = self.module.get_submodule(owner)
-        old = getattr(module, attr)
-        new = nn.Parameter(value, requires_grad=old.requires_grad)
-        tied = self._tied()  # before the new one breaks the tie
-        setattr(module, attr, new)
-        if tied:
-            for holder in self.module.modules():
-                for key, param in list(holder._parameters.items()):
-                    if param is old:
-                        holder._parameters[key] = new
+        self._retarget(name, nn.Parameter(value, requires_grad=self.parameter(name).requires_grad))
 
     def remove_parameter(self, name: str) -> None:
         """Delete parameter ``name`` and every other name of the same parameter (a tie), once
         no node reads it."""
+        self._retarget(name, None)
+
+    def _retarget(self, name: str, new: nn.Parameter | None) -> None:
+        """Every name of the parameter ``name`` (one, or several for a tie) now holds ``new``;
+        None deletes them."""
         owner, _, attr = name.rpartition(".")
         module = self.module.get_submodule(owner)
         old = getattr(module, attr)
-        tied = self._tied()  # before the deletion breaks the tie
-        delattr(module, attr)
-        if tied:
-            for holder in self.module.modules():
-                for key, param in list(holder._parameters.items()):
-                    if param is old:
+        for holder in list(self.module.modules() if self._tied() else [module]):
+            for key, param in list(holder._parameters.items()):
+                if param is old:
+                    if new is None:
                         del holder._parameters[key]
+                    else:
+                        holder._parameters[key] = new
 
     def _tied(self) -> bool:
         """Whether some parameter of the module has more than one name (passes make no new

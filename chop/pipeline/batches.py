@@ -152,10 +152,11 @@ def batch_loss(
         tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
         given = {x.dtype for x in tensors if x.is_floating_point()}
         weight = str(next(iter(weights))).removeprefix("torch.") if len(weights) == 1 else None
-        if "dtype" in str(e).lower() and weight is not None and given - weights:
+        dtypes = "dtype" in str(e).lower() and weight is not None  # weights of one dtype
+        if dtypes and given - weights:
             fix = (f"The model's weights are {weight}: give {weight} inputs (e.g. "
                    f"x.to(torch.{weight}), or save the data file as {weight})")
-        elif "dtype" in str(e).lower() and weight is not None and tensors and not given:
+        elif dtypes and tensors and not given:
             fix = (f"The inputs are integers and the model's weights {weight}: if they are "
                    f"features, not token ids, give {weight} inputs (e.g. x.to(torch.{weight}))")
         else:

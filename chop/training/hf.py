@@ -158,9 +158,9 @@ class SNIPCallback(TrainerCallback):
             return
         model = getattr(model, "module", model)
         with torch.no_grad():  # load_best_model_at_end may load a checkpoint from before pruning
+            weights = {name: model.get_parameter(name) for name in self.masks}
             back = [name for name, mask in self.masks.items()
-                    if bool(model.get_parameter(name).detach()[~mask.to(
-                        model.get_parameter(name).device)].any())]
+                    if bool(weights[name][~mask.to(weights[name].device)].any())]
         if back:
             log.warning(
                 "SNIPCallback: the model the Trainer ends with has weights the masks pruned (in %d "

@@ -178,8 +178,9 @@ class Pruner:
                 f"Pruner: granularity {options['granularity']} keeps a fixed share of the "
                 f"weights (sparsity {pattern:g}), not {sparsity:g}: ask for {pattern:g} (each "
                 "pruning step applies the whole pattern)")
+        self._pattern = pattern is not None  # every step selects the whole pattern
         self._selection = selection = Mask.from_options(
-            {**options, "sparsity": None if pattern is not None else sparsity})
+            {**options, "sparsity": None if self._pattern else sparsity})
         self.schedule = Schedule(sparsity, schedule, start_step, end_step, frequency,
                                  initial_sparsity)
         self.criterion = (_scoring_selected(criterion_pass(criterion), options)
@@ -277,7 +278,7 @@ class Pruner:
         first = len(graph.history)
         if score:
             self.score(batch)
-        step_mask = (self._selection if self._selection.pattern_sparsity() is not None
+        step_mask = (self._selection if self._pattern
                      else self._selection.replace(sparsity=sparsity))
         self._select(graph, step_mask, batch)
         # graph.history keeps this step's pass records only: a step supersedes the one before,

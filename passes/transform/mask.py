@@ -68,18 +68,22 @@ _IN_OUT = ("addmm", "mm", "matmul")  # x @ W: the weight is stored [in, out]
 
 
 def _as_matrix(node: Node, score: torch.Tensor) -> torch.Tensor:
-    """The weight as [out, in]: conv weights flattened, weights of ``x @ W`` (Conv1D/addmm,
-    [in, out]) transposed, experts' weights ([experts, out, in], seen transposed by their
-    grouped product) stacked by rows."""
-    if score.dim() == 3 and meta.entries(node).get("role") == "linear":
-        return score.reshape(-1, score.shape[-1])
-    matrix = score.reshape(score.shape[0], -1) if score.dim() > 1 else score.reshape(1, -1)
-    return matrix.t() if meta.entries(node).get("op") in _IN_OUT else matrix
+    """The weight as rows of its input dim, [out, in]: conv weights flattened per output
+    channel, weights of ``x @ W`` (Conv1D/addmm, [..., in, out]) transposed, other linear
+    weights ([..., out, in]: experts of a grouped product too) stacked by rows."""
+    if score.dim() < 2:
+        return score.reshape(1, -1)
+    if meta.entries(node).get("op") in _IN_OUT:
+        score = score.transpose(-1, -2)
+    elif meta.entries(node).get("role") != "linear":  # a conv: [out, in, *kernel]
+        return score.reshape(score.shape[0], -1)
+    return score.reshape(-1, score.shape[-1])
 
 
 def _from_matrix(node: Node, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if meta.entries(node).get("op") in _IN_OUT and len(shape) == 2:
-        matrix = matrix.t()
+    """The inverse of :func:`_as_matrix`: ``matrix`` in the weight's ``shape``."""
+    if len(shape) >= 2 and meta.entries(node).get("op") in _IN_OUT:
+        return matrix.reshape(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
     return matrix.reshape(shape)
 
 

@@ -607,6 +607,28 @@ def test_weights_seen_transposed_by_a_product_are_linear_weights(transpose):
         assert torch.equal(mask.reshape(-1, 4), rows >= rows.sort(1).values[:, 2:3])
 
 
+class InOut(nn.Module):
+    """x @ W with W stored [in, out], 2-D and batched ([experts, in, out])."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4))
+        self.experts = nn.Parameter(torch.randn(2, 4, 3))
+
+    def forward(self, x):
+        return torch.matmul((x @ self.w).expand(2, -1, -1), self.experts)
+
+
+def test_n_m_of_an_in_out_weight_runs_along_its_input_dim():
+    """2:4 of a weight x @ W read it as [out, in] (only addmm's was transposed)."""
+    graph = chop.trace(InOut(), torch.randn(5, 8))
+    chop.run(graph, "magnitude, mask{granularity='2:4'}")
+    for name in ("w", "experts"):  # 2 of every 4 along dim -2, the input dim
+        mask = graph.weight_node(name).meta["chop"]["mask"].transpose(-1, -2).reshape(-1, 4)
+        rows = graph.parameter(name).detach().abs().transpose(-1, -2).reshape(-1, 4)
+        assert torch.equal(mask, rows >= rows.sort(1).values[:, 2:3]), name
+
+
 def test_a_model_without_recognised_layers_says_which_ops_use_its_weights():
     class Scaled(nn.Module):
         def __init__(self):
