@@ -37,6 +37,7 @@ import copy
 import gc
 import inspect
 import logging
+import sys
 import types
 import warnings
 from collections.abc import Iterable, Iterator
@@ -858,9 +859,47 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, *, training: bool) -> A
     # a shape mismatch logs each failed meta kernel's traceback (hundreds of lines) before
     # torch.export raises the error chop reports in one line; a failed export's shape warnings
     # are noise too (chop retries in eval mode, or says what failed)
-    with quiet_loggers("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes"):
+    with quiet_loggers("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes"), \
+            _partial_graphs_logged():
         return torch.export.export(model, args, kwargs,
                                    dynamic_shapes=dynamic_shapes(model, args, kwargs))
+
+
+@contextmanager
+def _partial_graphs_logged() -> Iterator[None]:
+    """Inside the block, fx code written to ``sys.stderr`` goes to chop's debug log instead.
+
+    An export that fails on a data-dependent branch (LayerDrop's ``if self.training and
+    torch.rand([]) < p``) makes torch print the graph it had captured so far, hundreds of
+    lines, to stderr before it raises; chop then retries in eval mode or reports the error in
+    one line, so the dump is noise. Other writes pass straight through."""
+    real = sys.stderr
+    sys.stderr = _NoGraphDumps(real)
+    try:
+        yield
+    finally:
+        sys.stderr = real
+
+
+class _NoGraphDumps:
+    """A text stream that passes writes on to ``stream``, except fx code (torch's print of a
+    partial graph, and the line break after it), which it logs at debug level."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._dropped = stream, False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, False
+        if dropped and text == "\n":
+            return len(text)
+        if text.lstrip("\n").startswith("def forward(self") and "torch.ops." in text:
+            log.debug("torch.export's partial graph of a failed export:\n%s", text)
+            self._dropped = True
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
 
 
 def view_of(tensor: torch.Tensor) -> tuple:

@@ -22,6 +22,7 @@ gradient, which FSDP2 has already reduced over the ranks.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
@@ -168,7 +169,11 @@ def differentiable(value: torch.Tensor, index: int, who: str,
             "detached or computed without gradients); compute it from the outputs with torch "
             "ops, without .detach(), .item() or torch.no_grad()"
         )
-    if not bool(torch.isfinite(value)):
+    # a plain tensor's value read back as a Python float: ~0.3 µs, where torch.isfinite and
+    # bool() cost ~8 µs, a share of the small models' scoring (one read-back either way)
+    finite = (math.isfinite(value.item()) if type(value) is torch.Tensor
+              else bool(torch.isfinite(value)))
+    if not finite:
         tensors = [] if model is None else [*model.named_parameters(), *model.named_buffers()]
         bad = next((name for name, t in tensors
                     if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)

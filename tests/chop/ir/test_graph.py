@@ -241,6 +241,32 @@ def test_eval_outputs_are_deterministic_and_equal_the_eager_models(options, trac
         torch.testing.assert_close(graph.copy()(x), expected, rtol=0, atol=0)  # a copy too
 
 
+def test_a_failed_train_mode_export_prints_no_partial_graph(capsys):
+    # torch prints the graph it captured before the data-dependent branch to stderr; chop
+    # retries in eval mode, so that dump goes to chop's debug log, and other writes go through
+    import logging
+    import sys
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("chop")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        sys.stderr.write("before\n")
+        graph = chop.trace(patterned(layerdrop=0.3), (torch.randn(2, 3, 6, 6),))
+        sys.stderr.write("after\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert not graph.traced_training
+    assert capsys.readouterr().err.splitlines() == ["before", "after"]
+    dumps = [r.getMessage() for r in records if "partial graph" in r.getMessage()]
+    assert dumps and all("torch.ops.aten.rand" in d for d in dumps)
+
+
 @pytest.mark.parametrize("options", [{"drop_path": 0.3}, {"layerdrop": 0.3}])
 def test_a_graph_traced_in_eval_mode_still_trains_batch_norm_and_dropout(options):
     model = patterned(**options)
