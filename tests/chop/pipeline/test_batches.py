@@ -257,6 +257,15 @@ def test_check_same_outputs_raises_internal_error_on_a_real_difference(got, expe
         check_same_outputs("model.pt2", got, expected)
 
 
+def test_check_same_outputs_allows_half_precision_round_off_only():
+    y = torch.tensor([2.75, 1.0], dtype=torch.bfloat16)
+    check_same_outputs("x", y + torch.tensor([0.0078, 0.0], dtype=torch.bfloat16), y)  # ~1 eps
+    with pytest.raises(InternalError, match=r"tolerance 0\.031 of it"):
+        check_same_outputs("x", y + torch.tensor([0.25, 0.0], dtype=torch.bfloat16), y)
+    with pytest.raises(InternalError, match=r"tolerance 0\.0001 of it"):  # float32 stays strict
+        check_same_outputs("x", y.float() + torch.tensor([0.0078, 0.0]), y.float())
+
+
 def test_check_same_outputs_tolerance_is_adjustable():
     check_same_outputs("x", torch.tensor([1.01]), torch.tensor([1.0]), rtol=0.02)
     with pytest.raises(InternalError):

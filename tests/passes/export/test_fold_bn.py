@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import operator
 
@@ -83,6 +84,24 @@ def test_conv_bn_folds_exactly(bias, affine):
     assert info["folded"] == 1 and info["batch_norms"] == {"bn": {"into": "conv.weight", "op": "conv2d"}}
     assert info["params"] == [6 * 3 * 9 + 6 * bias + 12 * affine, 6 * 3 * 9 + 6]
     assert graph.history[-1].reshaped  # BatchNorm keys leave the state dict
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_folds_pass_the_output_check(dtype):
+    # the folded conv rounds differently from conv then BatchNorm by about one epsilon of the
+    # dtype (bfloat16: 2.9e-3 of the output's scale here), which the check accepts
+    torch.manual_seed(0)
+    model = randomise_statistics(ConvBn(bias=False))
+    x = torch.randn(4, 3, 8, 8).to(dtype)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x.double())
+    model.to(dtype)
+    graph = chop.trace(model, (x,)).eval()
+    chop.run(graph, "fold-bn", data=[(x, torch.zeros(4, dtype=torch.long))])
+    assert graph.history[-1].info["folded"] == 1 and not batch_norms(graph)
+    with torch.no_grad():
+        error = (graph(x).double() - reference).abs().max() / reference.abs().max()
+    assert error < 4 * torch.finfo(dtype).eps
 
 
 def test_linear_bn1d_folds_and_the_traced_model_is_left_alone():
