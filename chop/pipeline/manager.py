@@ -293,15 +293,14 @@ class PassManager:
             graph.history.append(PassRecord(p.name, p.options(), seconds, result.modified,
                                             result.info, reshaped=p.reshapes))
             log.info("%s: %.3fs%s", p, seconds, "" if result.modified else " (no change)")
-            if p.kind == "export" and not result.modified:
+            if p.acts_on_masks and not result.modified:
                 later = next((q.name for q in self.passes[index + 1:] if "mask" in q.provides),
                              None)
                 if later is not None:  # e.g. "snip, shrink, mask": shrink found nothing to do
                     log.warning("pass %r changed nothing: it ran before %r, which makes the "
                                 "masks it acts on; put it after, e.g. \"snip, mask, %s\"",
                                 p.name, later, p.name)
-                elif p.acts_on_masks and not any("mask" in meta.entries(n)
-                                                 for n in graph.weight_nodes()):
+                elif not any("mask" in meta.entries(n) for n in graph.weight_nodes()):
                     log.warning("pass %r changed nothing: the graph has no masks for it to act "
                                 "on; run a criterion and mask before it, e.g. \"snip, "
                                 "mask{granularity=channel}, %s\"", p.name, p.name)

@@ -16,6 +16,7 @@ before and after is reported, so measure before shipping. The memory format surv
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -26,22 +27,33 @@ from chop.ir.graph import Graph
 from chop.passes.export.common import checked_export
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
+log = logging.getLogger("chop")
+
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def to_channels_last(graph: Graph) -> list[str]:
     """Store every conv weight of ``graph`` channels-last; returns the names converted (those
-    already channels-last are left alone)."""
+    already channels-last are left alone).
+
+    A weight counts as channels-last when its strides are the ones ``torch.channels_last``
+    gives its shape. ``is_contiguous(memory_format=...)`` is not that test: a 1×1 or depthwise
+    kernel (or one input channel) is contiguous in both formats, yet a conv reads the layout
+    from the strides' order and runs NCHW on the row-major copy."""
     converted = []
     for node in graph.weight_nodes():
         weight = graph.parameter(node)
         layout = _FORMATS.get(weight.dim())
         if meta.entries(node).get("role") != "conv" or layout is None:
             continue
-        if not weight.is_contiguous(memory_format=layout):
-            graph.replace_parameter(node.target, weight.detach().contiguous(memory_format=layout))
+        if weight.stride() != _strides(weight.shape, layout):
+            graph.replace_parameter(node.target, weight.detach().clone(memory_format=layout))
             converted.append(node.target)
     return converted
+
+
+def _strides(shape: torch.Size, layout: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=layout).stride()
 
 
 @dataclass(frozen=True)
@@ -57,4 +69,8 @@ class ChannelsLast(Pass):
         converted, info = checked_export(graph, ctx, lambda: to_channels_last(graph), self.timing,
                                          "channels-last")
         info["converted"] = converted
+        if not converted and not any(meta.entries(n).get("role") == "conv"
+                                     for n in graph.weight_nodes()):
+            log.warning("channels-last changed nothing: %s has no conv weight (it only changes "
+                        "the layout of convolutions); leave it out of the pipeline", graph.name)
         return PassResult(modified=bool(converted), info=info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import torch
 from torch import nn
@@ -68,3 +69,39 @@ def test_analyses_survive_and_the_channels_last_graph_still_trains(cnn, cnn_batc
     loss = graph(cnn_batches[0][0]).square().mean()
     loss.backward()  # channels-last parameters train like any others
     assert graph.parameter("conv1.weight").grad is not None
+
+
+def test_pointwise_and_depthwise_convs_are_restrided_as_module_to_does(tmp_path):
+    # their kernels are contiguous in both formats, but a conv reads the layout from the
+    # strides: a MobileNet's 1x1 and depthwise weights were left NCHW, and so was the model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    graph = chop.trace(model, (x,)).eval()
+    with torch.no_grad():
+        before = graph(x)
+    chop.run(graph, "channels-last")
+    assert graph.history[-1].info["converted"] == ["0.weight", "2.weight", "4.weight"]
+    eager = model.to(memory_format=torch.channels_last)
+    for name, value in graph.module.named_parameters():
+        assert value.stride() == eager.get_parameter(name).stride(), name
+    with torch.no_grad():
+        after = graph(x)
+    assert after.is_contiguous(memory_format=torch.channels_last) and not after.is_contiguous()
+    torch.testing.assert_close(after, before)
+    chop.run(graph, "channels-last")
+    assert graph.history[-1].info["converted"] == []
+    with warnings.catch_warnings(record=True) as caught:  # torch's "No complete tensor found"
+        warnings.simplefilter("always")
+        chop.save(graph, tmp_path / "out", x)
+    assert not [w for w in caught if "complete tensor" in str(w.message)]
+
+
+def test_a_graph_without_convs_is_told_so_and_not_blamed_on_masks(mlp, mlp_batches, caplog):
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(graph, "channels-last, snip, mask", data=mlp_batches)
+    assert [m for m in caplog.messages if "changed nothing" in m] == [
+        f"channels-last changed nothing: {graph.name} has no conv weight (it only changes the "
+        "layout of convolutions); leave it out of the pipeline"]
