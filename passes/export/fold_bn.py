@@ -10,7 +10,7 @@ and ``num_batches_tracked`` counter. Both ``aten.batch_norm`` and
 ``aten._native_batch_norm_legit_no_training`` are folded. Each BatchNorm left alone is reported
 with the reason: no running statistics, its input also feeds another op, or it does not come
 from a conv/linear whose weight and bias are parameters of their own (shared weights are not
-folded).
+folded; nor are transposed convolutions), and a warning names the first few.
 
 Masks still in the graph are folded first (as ``fold`` does): folding scales whole rows, so the
 pruned entries stay zero and the ``mask`` metadata stays true; the other analyses (saliency,
@@ -26,6 +26,7 @@ The state dict has new keys (the new biases) and lacks the BatchNorm's, so the p
 
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -41,8 +42,10 @@ from chop.passes.export.fold import fold_masks
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 aten = torch.ops.aten
+log = logging.getLogger("chop")
 _BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 _CONVS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+_TRANSPOSED = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
 
 
 def fold_batch_norms(graph: Graph) -> dict[str, dict[str, Any]]:
@@ -56,6 +59,8 @@ def fold_batch_norms(graph: Graph) -> dict[str, dict[str, Any]]:
             continue
         stats = bn.args[3:5]
         name = stats[0].target.rpartition(".")[0] if isinstance(stats[0], Node) else bn.name
+        if name in rows:  # one BatchNorm module called twice: a row per call
+            name = f"{name} ({bn.name})"
         producer, reason = _foldable(graph, bn)
         if producer is None:
             rows[name] = {"reason": reason}
@@ -90,6 +95,8 @@ def _foldable(graph: Graph, bn: Node) -> tuple[Node | None, str]:
     ):
         return None, "its batch statistics outputs are used"
     packet = getattr(x, "target", None) if isinstance(x, Node) else None
+    if getattr(packet, "overloadpacket", None) in _TRANSPOSED:
+        return None, f"{x.name} is a transposed convolution"
     if getattr(packet, "overloadpacket", None) not in (*_CONVS, aten.linear):
         return None, f"its input is not a conv or linear output ({getattr(x, 'name', x)})"
     if len(x.users) != 1:
@@ -178,6 +185,12 @@ class FoldBn(Pass):
         params = sum(p.numel() for p in graph.module.parameters())
         rows, info = checked_export(graph, ctx, lambda: fold_batch_norms(graph), False, "fold-bn")
         folded = sum("into" in r for r in rows.values())
+        left = [f"{name} ({row['reason']})" for name, row in rows.items() if "reason" in row]
+        if left:
+            log.warning("fold-bn: %d of %d BatchNorm(s) not folded, they stay in the graph: %s",
+                        len(left), len(rows), "; ".join(left[:3])
+                        + (f"; … ({len(left) - 3} more in the pass's info)" if len(left) > 3
+                           else ""))
         info.update(batch_norms=rows, folded=folded,
                     params=[params, sum(p.numel() for p in graph.module.parameters())])
         return PassResult(modified=folded > 0, info=info)

@@ -160,9 +160,14 @@ class Unfoldable(nn.Module):
         return self.bn_seq(self.seq(y.mean(-1)))  # (N, 3, 4): channels are dim 1
 
 
-def test_batch_norms_that_cannot_fold_are_reported_and_kept():
+def test_batch_norms_that_cannot_fold_are_reported_and_kept(caplog):
     x = torch.randn(3, 3, 4, 4)
-    graph, before = folded(Unfoldable(), x)
+    with caplog.at_level("WARNING", logger="chop"):
+        graph, before = folded(Unfoldable(), x)
+    said = [m for m in caplog.messages if m.startswith("fold-bn:")]
+    assert len(said) == 1 and said[0].startswith(
+        "fold-bn: 4 of 4 BatchNorm(s) not folded, they stay in the graph: ")
+    assert said[0].endswith("; … (1 more in the pass's info)")
     with torch.no_grad():
         torch.testing.assert_close(graph(x), before)
     rows = graph.history[-1].info["batch_norms"]
@@ -269,3 +274,34 @@ def test_a_wrong_fold_is_caught_by_the_output_check(monkeypatch):
     monkeypatch.setattr(fold_bn, "_fold", no_scaling)
     with pytest.raises(chop.InternalError, match="fold-bn graph does not reproduce"):
         folded(ConvBn(), torch.randn(4, 3, 8, 8))
+
+
+class TwiceAndTransposed(nn.Module):
+    """One BatchNorm module after two convs, and a BatchNorm after a transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.up, self.bn_up = nn.ConvTranspose2d(4, 2, 2, stride=2), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        y = self.bn(self.c1(x)) + self.bn(self.c2(x))
+        return self.bn_up(self.up(y))
+
+
+def test_a_batch_norm_called_twice_is_reported_per_call_and_transposed_convs_are_named(caplog):
+    x = torch.randn(3, 3, 4, 4)
+    with caplog.at_level("WARNING", logger="chop"):
+        graph, before = folded(TwiceAndTransposed(), x)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), before)
+    info = graph.history[-1].info
+    assert info["folded"] == 2 and len(batch_norms(graph)) == 1
+    rows = info["batch_norms"]
+    assert sorted(r["into"] for r in rows.values() if "into" in r) == ["c1.weight", "c2.weight"]
+    assert len(rows) == 3 and "bn" in rows
+    assert rows["bn_up"] == {"reason": "conv_transpose2d is a transposed convolution"}
+    assert [m for m in caplog.messages if m.startswith("fold-bn:")] == [
+        "fold-bn: 1 of 3 BatchNorm(s) not folded, they stay in the graph: bn_up (conv_transpose2d "
+        "is a transposed convolution)"]
