@@ -432,6 +432,15 @@ class Mask(Pass):
                 "each channel group removes that share of its own parameters, and a layer "
                 "between two pruned groups loses rows and columns; scope=global meets the "
                 "share in total", 100 * removed["params"] / removed["of"], self.sparsity)
+        asked = 0.9 if self.sparsity is None else self.sparsity
+        if self.round_to > 1 and removed.get("of") and (
+                removed["params"] < 0.5 * asked * removed["of"]):
+            log.warning(
+                "mask: round_to=%d removed %.1f%% of the pruned layers' parameters (sparsity=%g): "
+                "each channel group keeps a multiple of %d channels, at least %d, so a group of "
+                "%d channels or fewer keeps them all; lower round_to (or leave it out)",
+                self.round_to, 100 * removed["params"] / removed["of"], asked, self.round_to,
+                self.round_to, self.round_to)
         if not kept and report["unprunable"]:  # a structured mask with no unit it may remove
             reasons = list(report["unprunable"].items())
             raise PassError(

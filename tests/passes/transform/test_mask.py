@@ -643,3 +643,26 @@ def test_a_model_without_recognised_layers_says_which_ops_use_its_weights():
     with pytest.raises(chop.PassError, match=r"no weight chop recognises as a linear or conv "
                                              r"layer's .* used by: mul"):
         chop.run(graph, "mask{sparsity=0.5}")
+
+
+def test_round_to_that_keeps_whole_groups_is_warned_about(caplog):
+    # groups of 16 channels with round_to=16 keep all 16: nothing is removed, and raising the
+    # sparsity cannot help
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    x = torch.randn(4, 3, 8, 8)
+    data = [(x, torch.randint(0, 4, (4,)))]
+    graph = chop.trace(model, (x,))
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(graph, "snip, mask{granularity=channel, sparsity=0.5, round_to=16}", data=data)
+    assert graph.history[-1].info["removed"]["params"] == 0
+    assert [m for m in caplog.messages if "round_to" in m] == [
+        "mask: round_to=16 removed 0.0% of the pruned layers' parameters (sparsity=0.5): each "
+        "channel group keeps a multiple of 16 channels, at least 16, so a group of 16 channels "
+        "or fewer keeps them all; lower round_to (or leave it out)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chop"):  # round_to=8 halves them: nothing to say
+        chop.run(chop.trace(model, (x,)), "snip, mask{granularity=channel, sparsity=0.5, "
+                                          "round_to=8}", data=data)
+    assert not [m for m in caplog.messages if "round_to" in m]
