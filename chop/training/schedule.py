@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,11 @@ class Schedule:
             raise OptionError(
                 f"schedule: unknown curve {self.curve!r}; use one of {', '.join(CURVES)}"
             )
+        for key in ("start_step", "end_step", "frequency"):  # numpy's integers too
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise OptionError(f"schedule: {key}={value!r} must be a whole number of steps")
+            object.__setattr__(self, key, int(value))
         for key in ("target", "initial"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:

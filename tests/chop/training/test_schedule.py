@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from chop.errors import OptionError
@@ -71,6 +72,9 @@ def test_start_equal_to_end_prunes_once_to_the_target():
     ({"start_step": 5, "end_step": 2}, r"need 0 <= start_step <= end_step, got start_step=5, end_step=2"),
     ({"start_step": -1}, r"need 0 <= start_step"),
     ({"frequency": 0}, r"frequency=0 must be at least 1"),
+    ({"frequency": 2.5}, r"frequency=2\.5 must be a whole number of steps"),
+    ({"end_step": 10.0}, r"end_step=10\.0 must be a whole number of steps"),
+    ({"start_step": True}, r"start_step=True must be a whole number of steps"),
     ({"initial": 0.99}, r"initial sparsity 0.99 is above the target 0.9"),
     ({"initial": -0.1}, r"initial sparsity -0.1 is out of range; it must be in \[0, 1\)"),
 ])
@@ -83,3 +87,9 @@ def test_schedule_rejects_bad_settings(kwargs, message):
 def test_target_must_be_in_range(target):
     with pytest.raises(OptionError, match=r"target sparsity .* is out of range"):
         Schedule(target)
+
+
+def test_numpy_integers_are_steps():
+    schedule = Schedule(0.5, "linear", start_step=np.int64(0), end_step=np.int32(4),
+                        frequency=np.int64(2))
+    assert schedule.pruning_steps() == [0, 2, 4] and type(schedule.end_step) is int
