@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chop.errors import DataError, OptionError
+from chop.errors import DataError, OptionError, did_you_mean
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, select_weights
@@ -202,6 +202,7 @@ class Pruner:
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
         self._factors: dict[nn.Parameter, torch.Tensor] = {}  # the same, for mask_grad
         self._records: list[Any] = []  # the graph.history records of the last pruning step
+        self._scored: list[Any] = []  # those of the last scoring
         self._batch: Any = None  # the batch given to the current step
 
     # -- hooks -------------------------------------------------------------------------------
@@ -211,18 +212,38 @@ class Pruner:
         if self.mode == "pattern-lock":
             self._adopt(self._locked, batch)
 
-    def resume(self, step: int, batch: Any = None) -> None:
-        """Continue a run stopped after ``step`` optimizer steps, from the model as saved then
-        (pruned weights are zeros): the masks become the zero pattern of the weights the
-        selection covers, and the sparsity the schedule's at ``step - 1``, so the next step
-        prunes exactly as the run that never stopped would (a criterion's scores accumulated
-        over earlier steps, as ``snip-momentum``'s, start afresh)."""
+    def resume(self, step: int, batch: Any = None, *,
+               masks: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Continue a run stopped after ``step`` optimizer steps: the sparsity becomes the
+        schedule's at ``step - 1`` and the masks ``masks`` (by parameter name, e.g.
+        :attr:`masks` saved with the checkpoint), else the zero pattern of the weights the
+        selection covers (a plain module's pruned weights are zeros), so the next step prunes
+        exactly as the run that never stopped would (a criterion's scores accumulated over
+        earlier steps, as ``snip-momentum``'s, start afresh).
+
+        Raises:
+            DataError: without ``masks``, when the weights are less sparse than the schedule
+                was at ``step - 1`` (a :class:`~chop.ir.graph.Graph` masks its weights in the
+                graph and leaves them dense, or the checkpoint is not this run's).
+        """
         self.step = step
         if self.mode != "progressive" or step < 1 or (
                 self.schedule.last_pruning_step(step - 1) is None):
             return  # nothing was pruned yet
         self.sparsity = self.schedule.sparsity_at(step - 1)
-        self._adopt(None, batch)
+        if masks is None and self.sharded is None:
+            found = self._current_masks(self._graph(batch))
+            numel = sum(m.numel() for m in found.values())
+            zeros = numel - sum(int(m.count_nonzero()) for m in found.values())
+            if numel and zeros / numel < self.sparsity - 0.01:
+                raise DataError(
+                    f"Pruner.resume({step}): the pruned weights are {zeros / numel:.1%} zeros, "
+                    f"but the schedule had reached sparsity {self.sparsity:g} by step {step - 1}, "
+                    "so the masks cannot be read from the weights (a chop.Graph keeps its "
+                    "pruned weights dense behind its masks; or the checkpoint is not this "
+                    "run's): save pruner.masks with the checkpoint and pass them, "
+                    "resume(step, masks=...)")
+        self._adopt(masks, batch)
 
     def on_step_begin(self, step: int | None = None, batch: Any = None) -> None:
         """Before step ``step`` (default: the count of optimizer steps so far): prune when the
@@ -265,7 +286,15 @@ class Pruner:
         if self.sharded is not None:
             self.sharded.score(self.criterion, self._data(batch), self.loss)
             return
-        self._run(self._graph(batch), self.criterion, batch)
+        graph = self._graph(batch)
+        first = len(graph.history)
+        self._run(graph, self.criterion, batch)
+        # graph.history keeps the last scoring's record: scored at every step, it would grow
+        # by one record per training step (the pruning step's own stay, see prune)
+        stale = {id(r) for r in self._scored if id(r) not in {id(q) for q in self._records}}
+        self._scored = graph.history[first:]
+        if stale:
+            graph.history[:] = [r for r in graph.history if id(r) not in stale]
 
     def prune(self, sparsity: float, batch: Any = None, *, score: bool = True
               ) -> dict[str, torch.Tensor]:
@@ -290,6 +319,8 @@ class Pruner:
             graph.history[:] = [r for r in graph.history if id(r) not in earlier]
         masks = self._current_masks(graph, pattern=False)
         self._keep(masks)
+        if self._pattern:  # the whole pattern at once: later steps would select it again
+            sparsity = self.schedule.target
         self.sparsity = sparsity
         counted = self._records[-1].info["kept"].values()  # mask's own counts: no extra sync
         self.history.append({"step": self.step, "sparsity": sparsity,
@@ -393,11 +424,34 @@ class Pruner:
             self._keep({name: self.sharded.local_mask(name, mask) for name, mask in masks.items()})
             return
         graph = self._graph(batch)
+        if masks is not None:
+            self._check_masks(masks)
         masks = masks if masks is not None else self._current_masks(graph)
         for name, mask in masks.items():
             insert_mask(graph, graph.weight_node(name), mask)
         graph.recompile()
         self._keep(masks)
+
+    def _check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Raise :class:`OptionError` unless every mask names a weight of the (unsharded) model
+        and is a bool or 0/1 tensor of that weight's shape."""
+        if self.sharded is not None:
+            return  # checked against the shards by ShardedModel.local_mask
+        graph = self._graph(None)
+        names = [n.target for n in graph.weight_nodes()]
+        for name, mask in masks.items():
+            if name not in names:
+                raise OptionError(f"Pruner: masks= has a mask for {name!r}, which is not a "
+                                  f"parameter of {graph.name}{did_you_mean(name, names)}")
+            shape = tuple(graph.parameter(name).shape)
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+                got = (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                       else f"a {type(mask).__name__}")
+                raise OptionError(f"Pruner: the mask of {name} is {got}; give a bool tensor of "
+                                  f"the parameter's shape {shape} (True = kept)")
+            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                raise OptionError(f"Pruner: the mask of {name} holds values other than 0 and "
+                                  "1; give a bool tensor (True = kept)")
 
     def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Hold ``masks`` (copies, on the parameters' devices) and apply them."""

@@ -241,6 +241,14 @@ def test_an_n_m_pattern_prunes_at_its_own_sparsity(mlp, mlp_batches):
     for name, mask in pruner.masks.items():
         groups = mask.reshape(-1, 4)
         assert torch.equal(groups.sum(1), torch.full((len(groups),), 2)), name
+    # along a schedule, the first pruning step applies the whole pattern: it says so, and
+    # the later steps (below the pattern's sparsity) do not select it again
+    progressive = Pruner(mlp, 0.5, criterion="magnitude", mask_options={"granularity": "2:4"},
+                         schedule="linear", start_step=0, end_step=4, frequency=1,
+                         example_inputs=mlp_batches[0][0], initial_sparsity=0.1)
+    train(progressive, mlp, mlp_batches, 6)
+    assert [(h["step"], h["sparsity"]) for h in progressive.history] == [(0, 0.5)]
+    assert progressive.history[0]["kept"] * 2 == progressive.history[0]["numel"]
 
 
 def test_pruner_errors_say_what_to_do(mlp, mlp_batches):
@@ -391,3 +399,67 @@ def test_a_forward_wrapped_in_autocast_is_traced_as_the_class_wrote_it(mlp, mlp_
     pruner.on_step_begin(0, mlp_batches[0])
     assert pruner.history[-1]["sparsity"] == 0.5 and len(pruner.masks) == 3
     assert mlp.forward is wrapped  # put back
+
+
+@pytest.mark.parametrize(("masks", "message"), [
+    ({"layers.9.weight": None}, r"masks= has a mask for 'layers\.9\.weight', which is not a "
+                                r"parameter of MLP \(did you mean 'layers\.2\.weight'\?\)"),
+    ({"layers.1.weight": torch.ones(16, 32, dtype=torch.bool)},
+     r"the mask of layers\.1\.weight is shape \(16, 32\); give a bool tensor of the "
+     r"parameter's shape \(32, 32\) \(True = kept\)"),
+    ({"layers.1.weight": torch.ones(32, dtype=torch.bool)},  # broadcastable, not the shape
+     r"the mask of layers\.1\.weight is shape \(32,\)"),
+    ({"layers.1.weight": [[True]]}, r"the mask of layers\.1\.weight is a list"),
+    ({"layers.1.weight": torch.full((32, 32), 0.5)},
+     r"the mask of layers\.1\.weight holds values other than 0 and 1"),
+])
+def test_pattern_lock_masks_are_checked(mlp, mlp_batches, masks, message):
+    pruner = Pruner(mlp, 0.9, mode="pattern-lock", masks=masks, example_inputs=mlp_batches[0][0])
+    with pytest.raises(OptionError, match=r"^Pruner: " + message):
+        pruner.on_train_begin()
+    assert not pruner.masks  # nothing inserted into the graph
+
+
+def test_a_graph_resumes_from_saved_masks_not_from_its_dense_weights(mlp, mlp_batches):
+    """A chop.Graph keeps its pruned weights dense behind its masks: resume read "keep all"
+    from them, silently, and trained on dense."""
+    import copy
+
+    def pruner(graph):
+        return Pruner(graph, 0.8, criterion="magnitude", schedule="linear", start_step=0,
+                      end_step=6, frequency=2)
+
+    straight = chop.trace(copy.deepcopy(mlp), (mlp_batches[0][0],))
+    whole = pruner(straight)
+    train(whole, straight.module, mlp_batches, 8, momentum=0.0)
+
+    stopped = chop.trace(copy.deepcopy(mlp), (mlp_batches[0][0],))
+    first = pruner(stopped)
+    train(first, stopped.module, mlp_batches, 3, momentum=0.0)
+    saved = {name: mask.clone() for name, mask in first.masks.items()}
+    weights = {k: v.clone() for k, v in stopped.module.state_dict().items()
+               if not k.endswith("_mask")}
+    model = copy.deepcopy(mlp)
+    model.load_state_dict(weights)  # the checkpoint: dense weights
+    restarted = chop.trace(model, (mlp_batches[0][0],))
+    with pytest.raises(DataError, match=r"^Pruner\.resume\(3\): the pruned weights are 0\.0% "
+                                        r"zeros, but the schedule had reached sparsity 0\.266667 "
+                                        r"by step 2.*resume\(step, masks=\.\.\.\)"):
+        pruner(restarted).resume(3)
+    second = pruner(restarted)
+    second.resume(3, masks=saved)
+    train(second, restarted.module, mlp_batches, range(3, 8), momentum=0.0, begin=False)
+    assert [h["step"] for h in second.history] == [4, 6]
+    for name, mask in whole.masks.items():
+        assert torch.equal(second.masks[name], mask), name
+
+
+def test_scoring_every_step_keeps_one_scoring_record(mlp, mlp_batches):
+    """snip-momentum scored at every step added a graph.history record each time: report.json
+    listed the criterion once per training step."""
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    pruner = Pruner(graph, 0.8, criterion="snip-momentum{source=grad}", schedule="linear",
+                    start_step=0, end_step=20, frequency=10)
+    train(pruner, graph.module, mlp_batches, 15)
+    assert [r.name for r in graph.history] == ["mask", "snip-momentum"]
+    assert [h["step"] for h in pruner.history] == [10]  # step 0's sparsity is 0
