@@ -316,6 +316,16 @@ def train_graph(
     inputs, targets = train
     generator = torch.Generator().manual_seed(spec.seed)
     pruner = _pruner(graph, spec, loss, mask_options)
+    steps = spec.epochs * len(_batches(len(targets), batch_size))
+    if pruner is not None and spec.prune_end > steps - 1:
+        reached = pruner.schedule.sparsity_at(steps - 1) if spec.prune_start < steps else None
+        log.warning(
+            "[train] prune_end = %d is after the run's last step (%d: %d epoch(s) of %d "
+            "batches, counted from 0): %s; set prune_end to at most %d, or train longer",
+            spec.prune_end, steps - 1, spec.epochs, steps // spec.epochs,
+            f"the run stops at sparsity {reached:.3g} of prune_sparsity {spec.prune_sparsity:g}"
+            if reached is not None else "prune_start is after it too, so nothing is pruned",
+            steps - 1)
     records = []
     fast = fast_masks(graph, optimizer) if spec.fast_masks else contextlib.nullcontext()
     pruned = 0  # pruning steps taken inside fast

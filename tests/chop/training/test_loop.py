@@ -191,6 +191,25 @@ def test_train_graph_prunes_along_the_schedule(mlp):
     assert [r["sparsity"] for r in records][-1] == pytest.approx(0.8)
 
 
+def test_a_schedule_past_the_last_step_is_warned_about(mlp, caplog):
+    # chop train stopped at sparsity 0.95 of 0.99, exit 0, saying nothing
+    x, y = easy_task(64)
+    spec = TrainSpec(lr=0.01, epochs=2, prune_sparsity=0.8, prune_schedule="linear",
+                     prune_start=0, prune_end=10, prune_frequency=2)
+    with caplog.at_level("WARNING", logger="chop"):
+        records = train_graph(chop.trace(mlp, (x[:2],)), (x, y), None, spec, batch_size=16)
+    assert [m for m in caplog.messages if "prune_end" in m] == [
+        "[train] prune_end = 10 is after the run's last step (7: 2 epoch(s) of 4 batches, "
+        "counted from 0): the run stops at sparsity 0.48 of prune_sparsity 0.8; set prune_end "
+        "to at most 7, or train longer"]
+    assert records[-1]["sparsity"] == pytest.approx(0.48, abs=1e-3)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chop"):
+        train_graph(chop.trace(mlp, (x[:2],)), (x, y), None,
+                    TrainSpec(lr=0.01, epochs=2, prune_sparsity=0.8, prune_end=7), batch_size=16)
+    assert not [m for m in caplog.messages if "prune_end" in m]
+
+
 def test_train_graph_refuses_to_prune_below_the_masks_sparsity(mlp):
     x, y = easy_task(64)
     graph = chop.run(chop.trace(mlp, (x[:2],)), "magnitude, mask{sparsity=0.9}")
