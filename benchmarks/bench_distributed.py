@@ -44,6 +44,7 @@ import argparse
 import datetime
 import multiprocessing
 import os
+import queue
 import resource
 import tempfile
 import time
@@ -156,9 +157,29 @@ def launch(mode: str, world: int, args: argparse.Namespace) -> list[dict]:
                  for r in range(world)]
         for p in procs:
             p.start()
-        out = [results.get(timeout=1800) for _ in procs]
-        for p in procs:
-            p.join()
+        out: list[dict] = []
+        try:  # short waits, so that a rank that dies stops the run at once (not after 30 min)
+            deadline = time.monotonic() + 1800
+            while len(out) < world:
+                try:
+                    out.append(results.get(timeout=0.2))
+                    deadline = time.monotonic() + 1800
+                    continue
+                except queue.Empty:
+                    pass
+                done = {x["rank"] for x in out}  # a rank that reported may fail after it
+                dead = [f"rank {r} exited with code {p.exitcode}"
+                        + (f" (signal {-p.exitcode})" if p.exitcode < 0 else "")
+                        for r, p in enumerate(procs)
+                        if r not in done and p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    why = ", ".join(dead) or "no result in 30 minutes"
+                    raise SystemExit(f"{mode} run ({world} ranks) stopped: {why}")
+        finally:
+            for p in procs:
+                if p.is_alive() and len(out) < world:
+                    p.terminate()
+                p.join()
     return sorted(out, key=lambda r: r["rank"])
 
 
@@ -171,6 +192,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2, help="batches in all (split over ranks)")
     parser.add_argument("--sparsity", type=float, default=0.9)
     args = parser.parse_args()
+    if args.batches < 2:
+        parser.error(f"--batches {args.batches}: at least 2, since the 2-rank runs split the "
+                     "batches over the ranks and each rank needs one to score")
     params = args.depth * (args.width * args.width + args.width) + args.classes * (args.width + 1)
     print(f"model: {args.depth} x Linear({args.width}, {args.width}) + head, "
           f"{params / 1e6:.0f}M parameters ({params * 4 / GiB:.2f} GiB float32); "

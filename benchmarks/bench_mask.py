@@ -45,9 +45,17 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: untouched)")
     opts = parser.parse_args()
+    if opts.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {opts.repeats}")
+    if not 0 <= opts.sparsity < 1:
+        parser.error(f"--sparsity must be in [0, 1), got {opts.sparsity}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    from transformers import BertConfig, BertForSequenceClassification
+    try:
+        from transformers import BertConfig, BertForSequenceClassification
+    except ImportError:
+        raise SystemExit("BERT-base: transformers absent, not measured "
+                         "(pip install 'chop[hf]')") from None
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig())

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
 import random
 import statistics
@@ -82,6 +83,19 @@ def bert_small(batch: int, seq: int = 128):
 
 MODELS = {"lenet5": ("LeNet-5 (8×8)", lambda: lenet5(32)),
           "bert-small": ("BERT-small (4×512)", lambda: bert_small(8))}
+NEEDS = {"bert-small": ("transformers", "hf")}  # model: (optional module, chop's extra)
+
+
+def absent(key: str) -> str | None:
+    """Why model ``key`` cannot run here (an optional dependency is missing), or None."""
+    if key not in NEEDS:
+        return None
+    module, extra = NEEDS[key]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"{key}: {module} absent, skipped (pip install 'chop[{extra}]')"
+    return None
 
 
 class HandWritten:
@@ -201,6 +215,21 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads)")
     args = parser.parse_args()
+    keys = args.models.split(",")
+    for key in keys:
+        if key not in MODELS:
+            parser.error(f"unknown model {key!r}; choose from {', '.join(MODELS)}")
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if not 0 <= args.sparsity < 1:
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    skipped = {key: why for key in keys if (why := absent(key))}
+    keys = [key for key in keys if key not in skipped]
+    if not keys:
+        raise SystemExit("\n".join(skipped.values()))
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,9 +238,11 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; "
           f"{args.steps} steps × {args.rounds} rounds in lockstep, pruning every step to "
           f"{args.sparsity:.0%}; load average {load()}\n")
+    for why in skipped.values():
+        print(why + "\n")
     print("| model | variant | median step ms | × no Pruner (paired) | target |")
     print("|---|---|---:|---:|---|")
-    for key in args.models.split(","):
+    for key in keys:
         title, build = MODELS[key]
         model, batches = build()
 

@@ -205,6 +205,14 @@ def main() -> None:
                         help="also time one cut of one tensor by kthvalue, np.partition, np.sort")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if not 0 < args.keep < 1:
+        parser.error(f"--keep must be between 0 and 1 (exclusive), got {args.keep}")
+    if int(args.keep * args.numel) < 1:
+        parser.error(f"--keep {args.keep} of --numel {args.numel} keeps no score")
+    if args.threads < 0:
+        parser.error(f"--threads must be at least 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

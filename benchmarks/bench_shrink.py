@@ -173,7 +173,7 @@ def load() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["vgg", "resnet50"], choices=["vgg", "resnet50"])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 64, 128, 128, 256, 256])
     parser.add_argument("--sparsity", type=float, default=0.5)

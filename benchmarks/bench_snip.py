@@ -221,7 +221,7 @@ def main() -> None:
     for name in coverage.MODELS:
         key = f"{name}-tiny" if name in cases else name
         table[key] = name
-        cases[key] = (name, lambda name=name: table_case(name))
+        cases[key] = (key, lambda name=name: table_case(name))  # rows say the key typed
     keys = [k for key in opts.models.split(",") for k in (list(table) if key == "table" else [key])]
     rows = []
     for key in keys:

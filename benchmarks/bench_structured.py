@@ -104,6 +104,12 @@ MODELS = {"resnet50": resnet50, "bert": bert}
 
 def model_builder(name: str):
     """The builder of ``--models`` entry ``name``; None (said why) when it cannot run here."""
+    if name == "bert":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print(f"{name}: transformers absent, skipped (pip install 'chop[hf]')\n")
+            return None
     if name in MODELS:
         return MODELS[name]
     if name.startswith("torchvision:"):
@@ -212,9 +218,10 @@ def report(name: str, model: nn.Module, inputs: tuple, targets: torch.Tensor, cl
     stages = " + ".join(f"{k} {med(chop_times, k):.2f}" for k in chop_times[0] if k != "trace")
     print(f"### {name}\n")
     check = statistics.median(checks)
+    samples = min(args.batch, 2)  # shrink checks the first two samples of the batch
     print(f"chop: trace {med(chop_times, 'trace'):.2f} s; {stages} = {chop_total:.2f} s "
-          f"(incl. trace {chop_all:.2f} s; shrink's check of its output on 2 samples: "
-          f"{check:.2f} s)")
+          f"(incl. trace {chop_all:.2f} s; shrink's check of its output on {samples} "
+          f"sample{'s' if samples > 1 else ''}: {check:.2f} s)")
     if tp_times:
         tp_total = statistics.median(sum(s.values()) for s in tp_times)
         tp_stages = " + ".join(f"{k} {med(tp_times, k):.2f}" for k in tp_times[0])
@@ -277,7 +284,7 @@ def load() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         help=f"from {', '.join(MODELS)}, or torchvision:<name> (needs torchvision)")
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -297,17 +304,19 @@ def main() -> None:
     if args.profile:
         build = model_builder(args.profile)
         if build is None:
-            return
+            raise SystemExit(1)
         model, inputs, targets, _ = build(args.batch, args.seq)
         profile(model, inputs, targets, args)
         return
+    builds = [(name, model_builder(name)) for name in args.models]  # says why one is skipped
+    if not any(build for _, build in builds):
+        raise SystemExit(1)
     version = have_tp()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"Torch-Pruning {version or 'absent'}; sparsity {args.sparsity}; batch {args.batch}; "
           f"median of {args.repeats} interleaved repeats; load average {load()}\n")
-    for name in args.models:
+    for name, build in builds:
         torch.manual_seed(0)  # the same weights whichever models run before
-        build = model_builder(name)
         if build is None:
             continue
         model, inputs, targets, classifier = build(args.batch, args.seq)

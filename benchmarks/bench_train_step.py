@@ -146,11 +146,11 @@ def peak_extra_mib(v: Variant, batches, warmup: int, steps: int) -> float:
     return (_status("VmHWM") - before) / 1024
 
 
-def memory_table(args: argparse.Namespace) -> None:
+def memory_table(args: argparse.Namespace, keys: list[str]) -> None:
     """Each variant's :func:`peak_extra_mib`, one fresh process per variant."""
     print("\n| model | variant | peak extra MiB during the steps | − dense |")
     print("|---|---|---:|---:|")
-    for key in args.models.split(","):
+    for key in keys:
         title = MODELS[key][0]
         peaks = []
         for index in range(len(VARIANTS)):
@@ -181,6 +181,21 @@ def main() -> None:
                         help="also each variant's peak memory, in a fresh process per variant")
     parser.add_argument("--peak-of", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    keys = args.models.split(",")
+    for key in keys:
+        if key not in MODELS:
+            parser.error(f"unknown model {key!r}; choose from {', '.join(MODELS)}")
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if not 0 <= args.sparsity < 1:
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    skipped = {key: why for key in keys if (why := bench_pruner.absent(key))}
+    keys = [key for key in keys if key not in skipped]
+    if not keys:
+        raise SystemExit("\n".join(skipped.values()))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_of is not None:  # a child of --memory: one variant of one model
@@ -191,9 +206,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{args.sparsity:.0%} sparsity, Adam; {args.steps} steps × {args.rounds} rounds, "
           f"interleaved step by step; load average {load()}\n")
+    for why in skipped.values():
+        print(why + "\n")
     print("| model | variant | median step ms | × dense | target |")
     print("|---|---|---:|---:|---|")
-    for key in args.models.split(","):
+    for key in keys:
         title, build = MODELS[key]
         model, batches = build()
         runs = variants(model, batches, args.sparsity)
@@ -218,7 +235,7 @@ def main() -> None:
                 v.context.__exit__(None, None, None)
         print(f"| | load average after {title}: {load()} | | | |")
     if args.memory:
-        memory_table(args)
+        memory_table(args, keys)
 
 
 if __name__ == "__main__":

@@ -534,7 +534,7 @@ def _unchanged(cell: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated names (default: all but torchvision)")
     parser.add_argument("--torchvision", action="store_true", help="add torchvision's models")
     parser.add_argument("--list", action="store_true", help="list the model names and exit")
@@ -551,6 +551,10 @@ def main() -> None:
         return
     names = args.models.split(",") if args.models else [
         k for k in models if args.torchvision or k not in TORCHVISION]
+    for name in names:
+        if name not in models:
+            parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)} or "
+                         f"torchvision's {', '.join(TORCHVISION)} (--list shows the names)")
     warnings.filterwarnings("ignore")
     for name in ("chop", "torch", "torch._dynamo", "torch.export", "transformers"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

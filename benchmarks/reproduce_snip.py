@@ -389,9 +389,9 @@ def _pct(x: float, digits: int = 1) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    """Mean ± std in %; the mean alone for one value (one seed has no spread)."""
+    mean = f"{100 * statistics.fmean(values):.1f}"
+    return f"{mean} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else mean
 
 
 def _sparsity_label(s: float) -> str:
@@ -474,7 +474,8 @@ def markdown(runs: list[Run], fractions: dict | None = None, sizes: dict | None 
     """The whole report as markdown."""
     parts = ["# SNIP reproduction on scikit-learn digits", ""]
     seeds = sorted({r.seed for r in runs})
-    parts.append(f"Test accuracy (%, 500 test samples), mean ± std over {len(seeds)} seed(s)"
+    parts.append("Test accuracy (%, 500 test samples), "
+                 + (f"mean ± std over {len(seeds)} seed(s)" if len(seeds) > 1 else "one seed")
                  + (f", {epochs} epochs of Adam" if epochs else "")
                  + (f"; run time {seconds / 60:.1f} min" if seconds and seconds >= 60 else
                     f"; run time {seconds:.0f} s" if seconds else "") + ". "
@@ -572,11 +573,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in criteria:
         if c not in CRITERIA:
             parser.error(f"unknown criterion {c!r}; known: {', '.join(CRITERIA)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        import sklearn  # noqa: F401  (load_data: the digits and their split)
+    except ImportError:
+        raise SystemExit("scikit-learn absent: the digits data needs it "
+                         "(pip install 'chop[bench]')") from None
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     start = time.perf_counter()
     data = load_data()
+    args.out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     seeds = list(range(args.seeds))
 
     def progress(r: Run) -> None:
