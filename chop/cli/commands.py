@@ -13,8 +13,9 @@ masks, and writes the same files. The model comes from either
 - an OUTDIR of ``chop transform`` (``masks.safetensors`` with ``weights.safetensors`` or
   ``model.pt2``): rebuilt from ``[model]`` and ``weights.safetensors`` when the config has a
   ``[model]`` (BatchNorm and dropout then train as usual), else the ``model.pt2`` program (which
-  was exported in eval mode: BatchNorm statistics and dropout stay in eval mode); the pipeline
-  is not run again; or
+  was exported in eval mode: BatchNorm statistics and dropout stay in eval mode; also after
+  ``shrink``, whose shapes ``[model]`` does not build); the pipeline is not run again (the
+  OUTDIR of a ``sparse`` or ``fold-bn`` export, made for inference, is refused); or
 - a checkpoint: the config's pipeline runs first, exactly as in ``chop transform``.
 
 Either way the masks are ``mul(weight, mask)`` nodes while training (a ``fold`` in the pipeline
@@ -29,6 +30,7 @@ one, through its ``hf/``) trains and writes ``hf/`` like ``chop transform``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -201,16 +203,32 @@ def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:
         )
     if weights.is_file() and _sparse_export(weights):
         raise _sparse_outdir(folder)
+    passes = _outdir_passes(folder)
+    if "fold-bn" in passes:
+        raise CheckpointError(
+            f"{folder} holds a fold-bn export: its BatchNorms are folded into the convs, a model "
+            "for inference (trained further it is a network without normalisation); train the "
+            "OUTDIR of the same pipeline without fold-bn, then fold the trained model")
     if hf.is_folder(folder / "hf"):
         loaded = spine.load_model(config, folder / "hf", trust=trust)
-    elif config.model is not None and weights.is_file():
-        loaded = spine.load_model(config, weights, trust=trust)
+    elif config.model is not None and weights.is_file() and "shrink" not in passes:
+        loaded = spine.load_model(config, weights, trust=trust)  # [model]'s shapes: not shrunk
     else:
         loaded = Loaded(load_checkpoint(program, trust=trust))
     loaded.info = {**loaded.info, "path": str(folder), "kind": "outdir",
                    "sha256": loaded.checkpoint.sha256 if loaded.checkpoint else
                    loaded.info["sha256"]}
     return loaded
+
+
+def _outdir_passes(folder: Path) -> list[str]:
+    """The names of the passes the OUTDIR's ``report.json`` lists (none if it cannot be read:
+    the other files then say what they hold)."""
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        return [str(p.get("name")) for p in report.get("pipeline", []) if isinstance(p, dict)]
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        return []
 
 
 def _sparse_export(weights: Path) -> bool:
@@ -242,11 +260,11 @@ def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
         raise _sparse_outdir(folder)
     if loaded.model is None:
         graph.train()
-        log.warning(
-            "%s was exported in eval mode: BatchNorm statistics and dropout stay in eval mode "
-            "while training; add a [model] section to %s to train them", folder / "model.pt2",
-            config.path,
-        )
+        fix = (f"add a [model] section to {config.path} to train them" if config.model is None
+               else "the OUTDIR was shrunk, so [model] no longer builds its shapes: train the "
+                    "OUTDIR of the pipeline without shrink to train them, then shrink")
+        log.warning("%s was exported in eval mode: BatchNorm statistics and dropout stay in eval "
+                    "mode while training; %s", folder / "model.pt2", fix)
     try:
         masks = load_file(masks_file)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:

@@ -208,6 +208,13 @@ def test_transform_writes_shrunk_and_sparse_models(project: Path, passes, extra,
     assert f"{graph.history[-1].name}: parameters {before:,} -> {after:,}" in result.stdout
     assert "not pruned" not in result.stdout + result.stderr  # it is: smaller, or CSR
     if "sparse" not in passes:
+        # [model] builds the unshrunk shapes: chop train takes model.pt2 and says why
+        assert main(["train", "--config", str(config), str(out), "-o", str(project / "t")]) == 0
+        said = " ".join(capfd.readouterr().err.split())  # rich wraps lines
+        assert "the OUTDIR was shrunk, so [model] no longer builds its shapes" in said
+        trained = torch.export.load(project / "t" / "model.pt2").state_dict
+        assert {k: v.shape for k, v in trained.items()} == {
+            k: v.shape for k, v in program.state_dict.items()}
         return
     # the CSR layers are reported and their masks saved, as the masked weights' would be
     masks = load_file(out / "masks.safetensors")
@@ -1154,3 +1161,14 @@ def test_outputs_get_the_modes_of_files_made_as_usual(project: Path, capfd) -> N
     assert (project / "out").stat().st_mode & 0o777 == 0o755
     modes = {p.name: p.stat().st_mode & 0o777 for p in (project / "out").iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_train_refuses_a_fold_bn_outdir(project: Path, capfd) -> None:
+    config = write_config(project, '["snip", "mask", "fold-bn"]', name="folded.toml")
+    out = project / "out"
+    assert main(["transform", "--config", str(config), str(project / "model.ckpt"),
+                 "-o", str(out)]) == 0
+    capfd.readouterr()
+    assert main(["train", "--config", str(config), str(out), "-o", str(project / "t")]) == 2
+    assert "holds a fold-bn export" in capfd.readouterr().err
+    assert not (project / "t").exists()
