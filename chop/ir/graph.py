@@ -833,7 +833,13 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
-        if _fixed(value.shape[0]):
+        if _fixed(value.shape[0]) and value.dim() == 1 and value.is_floating_point():
+            log.warning(
+                "%s: input %r is 1-D, one unbatched sample (its %d features are not a batch): "
+                "the graph only accepts that shape; trace with a batch, e.g. x[None], for a "
+                "graph that takes any batch size", name, node.name, value.shape[0],
+            )
+        elif _fixed(value.shape[0]):
             log.warning(
                 "%s: input %r keeps a fixed batch size of %d (the model's code fixes it); the "
                 "graph only accepts that batch size", name, node.name, value.shape[0],

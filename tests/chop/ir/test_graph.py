@@ -628,3 +628,13 @@ def test_trace_warns_when_the_model_fixes_the_batch_or_the_sequence(caplog):
     assert "input 'ids' keeps a fixed sequence length of 7 (the model's code fixes it)" in caplog.text
     assert "fixed batch size" not in caplog.text
     graph(torch.randint(0, 10, (5, 7)))  # the batch stays dynamic
+
+
+def test_a_one_dimensional_input_is_called_unbatched_not_a_fixed_batch(caplog):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with caplog.at_level(logging.WARNING, logger="chop"):
+        graph = chop.trace(model, (torch.randn(16),))
+    assert "input 'input_1' is 1-D, one unbatched sample (its 16 features are not a batch)" in (
+        caplog.text)
+    assert "fixed batch size" not in caplog.text
+    assert graph(torch.randn(16)).shape == (3,)
