@@ -500,13 +500,16 @@ def _fit(cls: type, config: Any, shapes: dict[str, tuple[int, ...]]) -> Any:
             if isinstance(getattr(config, key, None), int):
                 options[key] = sorted({d // head_dim for d in sizes if d % head_dim == 0})
 
-    def matching(candidate: Any) -> int:
+    def built(candidate: Any) -> dict[str, tuple[int, ...]] | None:
         try:
             with torch.device("meta"):
-                got = {k: tuple(v.shape) for k, v in _init(cls, candidate).state_dict().items()}
+                return {k: tuple(v.shape) for k, v in _init(cls, candidate).state_dict().items()}
         except Exception:  # noqa: BLE001 - a combination the model refuses
-            return -1
-        if got.keys() != shapes.keys():
+            return None
+
+    def matching(candidate: Any) -> int:
+        got = built(candidate)
+        if got is None or got.keys() != shapes.keys():
             return -1
         return sum(got[k] == shapes[k] for k in shapes)
 
@@ -526,9 +529,16 @@ def _fit(cls: type, config: Any, shapes: dict[str, tuple[int, ...]]) -> Any:
                     best, score, improved = candidate, got, True
     if score == len(shapes):
         return best
+    closest = built(best) or {}
+    wrong = [k for k in shapes if closest.get(k) != shapes[k]]
+    first = wrong[0]
     return (f"transformers' {cls.__name__} cannot express the shrunk shapes with one config "
-            "value per dimension (the layers differ, or the heads change their size); "
-            "model.pt2 is the shrunk model")
+            f"value per dimension: with the closest config, {first} would be "
+            f"{'×'.join(map(str, closest[first]))}, but it is "
+            f"{'×'.join(map(str, shapes[first]))} ({len(wrong)} parameter(s) differ). Layers "
+            "shrunk to different widths (mask{scope=global} ranks all layers together; "
+            "scope=local removes the same share of each) or heads that change their size "
+            "do this; model.pt2 is the shrunk model")
 
 
 def _init(cls: type, config: Any) -> nn.Module:

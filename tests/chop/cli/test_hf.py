@@ -234,8 +234,10 @@ def test_fit_config_finds_uniform_widths_and_heads_or_says_why():
     assert (fitted.intermediate_size, fitted.num_attention_heads, fitted.num_key_value_heads,
             fitted.head_dim) == (24, 2, 1, 8)
     uneven = {**state, "model.layers.1.mlp.up_proj.weight": torch.zeros(16, 32)}
-    assert "cannot express the shrunk shapes" in hf.fit_config(
-        transformers.LlamaForCausalLM, llama.config, uneven)
+    assert hf.fit_config(transformers.LlamaForCausalLM, llama.config, uneven).startswith(
+        "transformers' LlamaForCausalLM cannot express the shrunk shapes with one config value "
+        "per dimension: with the closest config, model.layers.1.mlp.up_proj.weight would be "
+        "24×32, but it is 16×32 (1 parameter(s) differ). Layers shrunk to different widths")
     csr = {k: v for k, v in state.items() if k != "model.layers.0.mlp.up_proj.weight"}
     csr["model.layers.0.mlp.up_proj.crow_indices"] = torch.zeros(25, dtype=torch.int64)
     assert "the sparse export stores weights in its own format" in hf.fit_config(
