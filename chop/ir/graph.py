@@ -468,7 +468,7 @@ class Graph:
                     if index in uses and (arg is node or _recurrent_param(user, index, arg, node)):
                         roles.append(_param_role(uses[index], self.parameter(node)))
                         ops.append(str(_packet(user)).removeprefix("aten."))
-                if _swaps_last_two(user):  # x @ wᵀ written out (Falcon), MoE experts' grouped mm
+                if swaps_last_two(user):  # x @ wᵀ written out (Falcon), MoE experts' grouped mm
                     for product in user.users:
                         name = getattr(_packet(product), "__name__", str(_packet(product)))
                         if name in _PRODUCTS and len(product.args) > 1 and product.args[1] is user:
@@ -638,7 +638,7 @@ _BINDINGS = _bindings()
 _PRODUCTS = {"mm", "matmul", "bmm", "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
 
 
-def _swaps_last_two(node: Node) -> bool:
+def swaps_last_two(node: Node) -> bool:
     """Whether ``node`` is a transpose of its operand's last two dims (``t``, ``transpose``,
     ``permute``) and nothing else."""
     value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], Node) else None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.fx import Node
 
-from chop.ir.graph import node_arg
+from chop.ir.graph import node_arg, swaps_last_two
 from chop.kernels.reduce import any_nonzero
 from chop.passes.analysis.flow.rule import (
     Const,
@@ -37,7 +37,7 @@ from chop.passes.analysis.flow.rule import (
     shape_of,
     unknown,
 )
-from chop.passes.analysis.flow.rules.producers import Matmul, _where
+from chop.passes.analysis.flow.rules.producers import LINEAR_T, Matmul, _where
 
 if TYPE_CHECKING:
     from chop.ir.graph import Graph
@@ -251,8 +251,9 @@ def uniform_along(node: Node, dim: int) -> list[tuple[Node, int, int, int]] | No
 
 @register(aten.matmul, aten.bmm, aten.mm)
 class Matmuls(Matmul):
-    """A weight op when the second operand is a parameter ``[in, out]``; otherwise a
-    contraction of two activations (see the module doc)."""
+    """A weight op when the second operand is a parameter ``[in, out]`` (or a transposed
+    ``[out, in]`` one: :class:`~.producers.LinearT`); otherwise a contraction of two
+    activations (see the module doc)."""
 
     out_dim, in_dim, bias_at = 1, 0, -1
     creates = True
@@ -263,10 +264,14 @@ class Matmuls(Matmul):
 
     def visit(self, walk: Walk, node: Node) -> None:
         weight = walk.param_of(node.args[1])
+        seen = node.args[1]  # x @ wᵀ: the weight read through a transpose
+        transposed = weight is None and isinstance(seen, Node) and swaps_last_two(seen)
+        if transposed:
+            weight = walk.param_of(seen.args[0])
         if weight is not None and weight in walk.params and walk.params[weight].dim() == 2:
             if any(walk.tag(a) is not None and walk.tag(a).folded for a in node.args[:2]):
                 raise Unsupported("multiplies channels folded into the batch by a weight")
-            return super().visit(walk, node)
+            return LINEAR_T.visit(walk, node) if transposed else super().visit(walk, node)
         if not any(walk.tag(a) is not None for a in node.args[:2]):
             return
         self.contract(walk, node)

@@ -111,6 +111,27 @@ class Linear(Matmul):
         return weight.detach()[:, idx].double() @ value[idx].double()
 
 
+class LinearT(Linear):
+    """``x @ wᵀ`` written out (Falcon's linear layers): a product of the input with a transpose
+    of a ``[out, in]`` weight, and no bias argument (a bias added after it is a per-channel
+    add). Not registered: :class:`~.attention.Matmuls` hands such products to it."""
+
+    bias_at = -1
+
+    def operands(self, node: Node) -> tuple[Any, Any, Any]:
+        return node.args[0], node.args[1].args[0], None
+
+    def visit(self, walk: Walk, node: Node) -> None:
+        seen = node.args[1]
+        if set(seen.users) != {node}:
+            raise Unsupported(f"its transpose {seen.name} is also read by other ops")
+        super().visit(walk, node)
+        walk.uses.setdefault(walk.param_of(seen.args[0]), set()).add(seen)  # read through it
+
+
+LINEAR_T = LinearT()
+
+
 @register(aten.addmm)
 class Addmm(Matmul):
     """``addmm(bias, x, weight)``: the weight is ``[in, out]`` (GPT-2's Conv1D)."""

@@ -89,3 +89,44 @@ def test_a_grouped_conv_reads_the_inputs_its_output_depends_on():
         depends = [not torch.equal(model.grouped(x), model.grouped(y)) for y in nudged]
     assert depends == [True, False, True, False]
     assert c.rule.reads(c, model.grouped.weight).tolist() == depends
+
+
+class WrittenOut(nn.Linear):
+    """transformers' FalconLinear: ``x @ self.weight.T + self.bias``."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class TwoWrittenOut(nn.Module):
+    def __init__(self, shared_transpose: bool = False):
+        super().__init__()
+        self.pre, self.a, self.b = nn.Linear(6, 6), WrittenOut(6, 8), WrittenOut(8, 3)
+        self.shared_transpose = shared_transpose
+
+    def forward(self, x):
+        x = torch.relu(self.pre(x))
+        if not self.shared_transpose:
+            return self.b(torch.relu(self.a(x)))
+        transposed = self.a.weight.T  # one transpose, also read by an op the rule cannot see
+        return self.b(torch.relu(x @ transposed + self.a.bias)) + transposed.sum()
+
+
+def test_a_weight_read_through_a_transpose_is_a_linear_layer():
+    """Falcon's x @ wᵀ: its channels were "in no channel group", so nothing could be shrunk."""
+    _, flow = traced_flow(TwoWrittenOut(), torch.randn(2, 6))
+    assert flow.members["a.weight", 1].atoms.tolist() == flow.members["pre.weight", 0].atoms.tolist()
+    atoms = flow.members["a.weight", 0].atoms.tolist()
+    assert flow.members["b.weight", 1].atoms.tolist() == atoms  # b reads a's rows
+    assert flow.members["a.bias", 0].atoms.tolist() == atoms  # the bias added after the product
+    assert not any(flow.blocked.get(a) for a in atoms)
+    consumers = {c.weight: c for c in flow.consumers}
+    assert isinstance(consumers["b.weight"].rule, Linear) and not consumers["b.weight"].folds
+
+
+def test_a_transpose_read_by_another_op_blocks():
+    _, flow = traced_flow(TwoWrittenOut(shared_transpose=True), torch.randn(2, 6))
+    assert ("a.weight", 0) not in flow.members
+    reasons = {flow.blocked.get(a) for a in flow.members["pre.weight", 0].atoms.tolist()}
+    assert len(reasons) == 1 and reasons.pop().endswith(
+        "its transpose numpy_t is also read by other ops")
