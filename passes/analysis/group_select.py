@@ -37,6 +37,7 @@ The building blocks, for other rules::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -190,14 +191,24 @@ def require_granularity(groups: ChannelGroups, names: Iterable[str], granularity
 
 
 def _require_heads(groups: ChannelGroups, names: list[str], granularity: Granularity) -> None:
-    if granularity == "head" and not any(g.kind == "head" for g in groups):
-        raise GranularityError(
-            f"granularity=head: the model has no attention heads chop can prune (it recognises "
-            f"scaled_dot_product_attention or q @ kᵀ attention fed by per-head views of linear "
-            f"outputs, a key/value head with the query heads that share it under grouped-query "
-            f"attention: with one key/value head for all, as in multi-query attention, no head "
-            f"can go on its own); layer {names[0] if names else '?'} cannot be pruned by heads. "
-            "Use granularity=channel or element")
+    if granularity != "head" or any(g.kind == "head" for g in groups):
+        return
+    # what stopped the channels of the attention projections is what stopped their heads
+    attention = [n for n in names if _ATTENTION.search(n)]
+    found = next(((n, r) for n in attention for role in ("out", "channel", "in")
+                  for g in groups.of(n, role) for r in g.blocked if r), None)
+    where = (f"; at {found[0]}: {found[1]}" if found else
+             f"; layer {names[0] if names else '?'} is in no attention head")
+    raise GranularityError(
+        "granularity=head: the model has no attention heads chop can prune (it recognises "
+        "scaled_dot_product_attention or q @ kᵀ attention fed by per-head views of linear "
+        "outputs; under grouped-query attention a key/value head goes with the query heads "
+        f"that share it, and with a single key/value head no head can go alone){where}. Use "
+        "granularity=channel or element")
+
+
+_ATTENTION = re.compile(r"(^|[._])(q|k|v|qkv|query|key|value|query_key_value|c_attn|in_proj|"
+                        r"[qkv]_proj|qkv_proj|attn|attention|self_attn|self_attention)([._]|$)")
 
 
 @dataclass

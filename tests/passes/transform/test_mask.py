@@ -312,7 +312,8 @@ def test_structured_masks_remove_whole_groups_and_shrink_cuts_them(name, granula
 
 
 def test_head_granularity_on_a_cnn_names_the_layer(cnn_graph):
-    with pytest.raises(chop.OptionError, match="granularity=head: the model has no attention heads.*layer conv1.weight"):
+    with pytest.raises(chop.OptionError, match="granularity=head: the model has no attention "
+                                               "heads.*; layer conv1.weight is in no attention head"):
         chop.run(cnn_graph, "magnitude, mask{granularity=head}")
 
 
@@ -666,3 +667,19 @@ def test_round_to_that_keeps_whole_groups_is_warned_about(caplog):
         chop.run(chop.trace(model, (x,)), "snip, mask{granularity=channel, sparsity=0.5, "
                                           "round_to=8}", data=data)
     assert not [m for m in caplog.messages if "round_to" in m]
+
+
+def test_head_granularity_names_what_stopped_the_attention_projections():
+    """Falcon's fused query_key_value, split by indexing: the error gave a fixed text (one
+    about multi-query attention) and not the reason."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_kv_heads=2, new_decoder_architecture=True, use_cache=False))
+    ids = torch.randint(0, 64, (2, 8))
+    graph = chop.trace(model, (), {"input_ids": ids})
+    with pytest.raises(chop.OptionError, match=r"; at transformer\.h\.0\.self_attention\."
+                                               r"query_key_value\.weight: index_\d+ \(aten\.index"
+                                               r"\.Tensor\): indexes after a full slice"):
+        chop.run(graph, "magnitude, mask{granularity=head}")
