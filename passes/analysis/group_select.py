@@ -159,9 +159,15 @@ def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Te
     return masks
 
 
-def unprunable_reason(groups: ChannelGroups, name: str, granularity: Granularity) -> str | None:
+_BY_CHANNEL = ("linear", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "mm", "matmul",
+               "bmm")  # the ops whose weights channel groups follow (as "t+matmul": x @ wᵀ)
+
+
+def unprunable_reason(groups: ChannelGroups, name: str, granularity: Granularity,
+                      op: str | None = None) -> str | None:
     """Why layer ``name`` cannot be pruned under ``granularity`` (no group of that kind it is a
-    member of, by rows or columns, has a removable unit), or None if it can."""
+    member of, by rows or columns, has a removable unit), or None if it can. ``op``: the op
+    that reads the weight (its ``op`` metadata), named when channel groups do not follow it."""
     mine = [g for g in groups.of(name) if matches(g, granularity)]
     if any(bool(g.prunable.any()) for g in mine):
         return None
@@ -170,6 +176,9 @@ def unprunable_reason(groups: ChannelGroups, name: str, granularity: Granularity
                if matches(g, granularity) for r in g.blocked if r]
     why = (f"its {granularity}s cannot be removed: {reasons[0]}" if reasons else
            f"it is in no {granularity} group")
+    if not reasons and op is not None and op.removeprefix("t+") not in _BY_CHANNEL:
+        why += (f" (its weight is used by {op}; channels are removed from linear, addmm, conv "
+                "and x @ wᵀ layers)")
     hint = f"; it can be pruned with granularity={others[0].kind}" if others else ""
     return f"{why}{hint}"
 
@@ -268,7 +277,8 @@ def structured_selection(
         require_granularity(groups, names, granularity)
     selection = Selection({}, {})
     for name in names:
-        why = unprunable_reason(groups, name, granularity)
+        why = unprunable_reason(groups, name, granularity,
+                                meta.entries(graph.weight_node(name)).get("op"))
         if why is not None:
             selection.unprunable[name] = why
         out = [g for g in groups.of(name, "out") if matches(g, granularity)]

@@ -683,3 +683,13 @@ def test_head_granularity_names_what_stopped_the_attention_projections():
                                                r"query_key_value\.weight: index_\d+ \(aten\.index"
                                                r"\.Tensor\): indexes after a full slice"):
         chop.run(graph, "magnitude, mask{granularity=head}")
+
+
+def test_a_layer_channel_groups_do_not_follow_is_named_by_its_op():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    graph = chop.trace(model, (torch.randn(2, 3, 8, 8),))
+    with pytest.raises(chop.PassError, match=r"2\.weight: it is in no channel group \(its weight "
+                                             r"is used by conv_transpose2d; channels are removed "
+                                             r"from linear, addmm, conv and x @ wᵀ layers\)"):
+        chop.run(graph, "magnitude, mask{granularity=channel, sparsity=0.5}")
