@@ -47,7 +47,7 @@ from chop.cli.outputs import Output
 from chop.cli.spine import Hooks, Loaded, Result
 from chop.errors import CheckpointError, ConfigError, DataError
 from chop.ir.graph import Graph
-from chop.ir.masks import insert_mask, restore_masks
+from chop.ir.masks import insert_mask, is_mask_of, restore_masks
 from chop.passes.export.sparse import csr_weights
 from chop.passes.transform.iterative_snip import IterativeSnip
 from chop.passes.transform.mask import Mask
@@ -279,8 +279,7 @@ def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
                 "made with"
             )
         weight = graph.parameter(name)
-        if mask.shape != weight.shape or not (mask.dtype == torch.bool or bool(
-                ((mask == 0) | (mask == 1)).all())):
+        if not is_mask_of(mask, weight):
             raise CheckpointError(
                 f"{masks_file}: the mask of {name!r} is {mask.dtype}{list(mask.shape)}, not a "
                 f"0/1 mask of the weight's shape {list(weight.shape)}; it is damaged: rerun "

@@ -117,6 +117,13 @@ def select_weights(
     return list(memo[key])
 
 
+def is_mask_of(mask: Any, weight: torch.Tensor) -> bool:
+    """Whether ``mask`` can be ``weight``'s mask (from a file or a caller): a tensor of the
+    weight's shape, bool or holding only 0 and 1."""
+    return (isinstance(mask, torch.Tensor) and mask.shape == weight.shape
+            and (mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())))
+
+
 def insert_mask(graph: Graph, node: Node, mask: torch.Tensor) -> bool:
     """Mask weight ``node`` with ``mask`` (bool, True = kept): add or update its mask buffer and
     its ``mul`` node. Records the mask in ``node.meta["chop"]["mask"]``. Returns whether it

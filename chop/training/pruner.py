@@ -74,7 +74,7 @@ from torch import nn
 from chop.errors import DataError, OptionError, did_you_mean
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
-from chop.ir.masks import factor, insert_mask, select_weights
+from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
 from chop.kernels.distributed import local
 from chop.kernels.select import numpy_compares
 from chop.passes.transform.iterative_snip import pruned_last
@@ -443,15 +443,13 @@ class Pruner:
             if name not in names:
                 raise OptionError(f"Pruner: masks= has a mask for {name!r}, which is not a "
                                   f"parameter of {graph.name}{did_you_mean(name, names)}")
-            shape = tuple(graph.parameter(name).shape)
-            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
-                got = (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
-                       else f"a {type(mask).__name__}")
-                raise OptionError(f"Pruner: the mask of {name} is {got}; give a bool tensor of "
-                                  f"the parameter's shape {shape} (True = kept)")
-            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-                raise OptionError(f"Pruner: the mask of {name} holds values other than 0 and "
-                                  "1; give a bool tensor (True = kept)")
+            weight = graph.parameter(name)
+            if not is_mask_of(mask, weight):
+                got = (f"{str(mask.dtype).removeprefix('torch.')}{list(mask.shape)}"
+                       if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}")
+                raise OptionError(f"Pruner: the mask of {name} is {got}, not a bool (or 0/1) "
+                                  f"tensor of the parameter's shape {list(weight.shape)}; give "
+                                  "one (True = kept)")
 
     def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Hold ``masks`` (copies, on the parameters' devices) and apply them."""

@@ -405,13 +405,13 @@ def test_a_forward_wrapped_in_autocast_is_traced_as_the_class_wrote_it(mlp, mlp_
     ({"layers.9.weight": None}, r"masks= has a mask for 'layers\.9\.weight', which is not a "
                                 r"parameter of MLP \(did you mean 'layers\.2\.weight'\?\)"),
     ({"layers.1.weight": torch.ones(16, 32, dtype=torch.bool)},
-     r"the mask of layers\.1\.weight is shape \(16, 32\); give a bool tensor of the "
-     r"parameter's shape \(32, 32\) \(True = kept\)"),
+     r"the mask of layers\.1\.weight is bool\[16, 32\], not a bool \(or 0/1\) tensor of the "
+     r"parameter's shape \[32, 32\]; give one \(True = kept\)"),
     ({"layers.1.weight": torch.ones(32, dtype=torch.bool)},  # broadcastable, not the shape
-     r"the mask of layers\.1\.weight is shape \(32,\)"),
-    ({"layers.1.weight": [[True]]}, r"the mask of layers\.1\.weight is a list"),
+     r"the mask of layers\.1\.weight is bool\[32\], not"),
+    ({"layers.1.weight": [[True]]}, r"the mask of layers\.1\.weight is a list, not"),
     ({"layers.1.weight": torch.full((32, 32), 0.5)},
-     r"the mask of layers\.1\.weight holds values other than 0 and 1"),
+     r"the mask of layers\.1\.weight is float32\[32, 32\], not a bool \(or 0/1\)"),
 ])
 def test_pattern_lock_masks_are_checked(mlp, mlp_batches, masks, message):
     pruner = Pruner(mlp, 0.9, mode="pattern-lock", masks=masks, example_inputs=mlp_batches[0][0])
