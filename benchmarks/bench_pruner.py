@@ -98,6 +98,29 @@ def absent(key: str) -> str | None:
     return None
 
 
+def checked(parser: argparse.ArgumentParser, args: argparse.Namespace, models: dict
+            ) -> tuple[list[str], dict[str, str]]:
+    """``--models`` (known names; those whose optional dependency is absent set apart, with why)
+    and the range of ``--steps``, ``--rounds``, ``--warmup`` and ``--sparsity``: parser errors
+    before anything runs; exits when no model can run."""
+    keys = args.models.split(",")
+    for key in keys:
+        if key not in models:
+            parser.error(f"unknown model {key!r}; choose from {', '.join(models)}")
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if not 0 <= args.sparsity < 1:
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    skipped = {key: why for key in keys if (why := absent(key))}
+    keys = [key for key in keys if key not in skipped]
+    if not keys:
+        raise SystemExit("\n".join(skipped.values()))
+    return keys, skipped
+
+
 class HandWritten:
     """The floor: global magnitude pruning of the linear/conv weights written by hand for this
     one model, with the Pruner's hooks: at each step |w| (pruned weights ranked last), one
@@ -215,21 +238,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads)")
     args = parser.parse_args()
-    keys = args.models.split(",")
-    for key in keys:
-        if key not in MODELS:
-            parser.error(f"unknown model {key!r}; choose from {', '.join(MODELS)}")
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
-    if not 0 <= args.sparsity < 1:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    skipped = {key: why for key in keys if (why := absent(key))}
-    keys = [key for key in keys if key not in skipped]
-    if not keys:
-        raise SystemExit("\n".join(skipped.values()))
+    keys, skipped = checked(parser, args, MODELS)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -181,21 +181,7 @@ def main() -> None:
                         help="also each variant's peak memory, in a fresh process per variant")
     parser.add_argument("--peak-of", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    keys = args.models.split(",")
-    for key in keys:
-        if key not in MODELS:
-            parser.error(f"unknown model {key!r}; choose from {', '.join(MODELS)}")
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
-    if not 0 <= args.sparsity < 1:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    skipped = {key: why for key in keys if (why := bench_pruner.absent(key))}
-    keys = [key for key in keys if key not in skipped]
-    if not keys:
-        raise SystemExit("\n".join(skipped.values()))
+    keys, skipped = bench_pruner.checked(parser, args, MODELS)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_of is not None:  # a child of --memory: one variant of one model
