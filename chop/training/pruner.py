@@ -291,7 +291,8 @@ class Pruner:
         self._run(graph, self.criterion, batch)
         # graph.history keeps the last scoring's record: scored at every step, it would grow
         # by one record per training step (the pruning step's own stay, see prune)
-        stale = {id(r) for r in self._scored if id(r) not in {id(q) for q in self._records}}
+        pruning = {id(r) for r in self._records}
+        stale = {id(r) for r in self._scored if id(r) not in pruning}
         self._scored = graph.history[first:]
         if stale:
             graph.history[:] = [r for r in graph.history if id(r) not in stale]

@@ -49,6 +49,8 @@ from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.kernels.select import kept_count
 from chop.passes.analysis.channel_groups import ChannelGroups, Group, stored_channel_groups
+from chop.passes.analysis.flow.rule import RULES
+from chop.passes.analysis.flow.rules.producers import Producer
 
 Granularity = Literal["channel", "head"]
 
@@ -159,10 +161,6 @@ def group_masks(graph: Graph, groups: ChannelGroups, keep: Mapping[int, torch.Te
     return masks
 
 
-_BY_CHANNEL = ("linear", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "mm", "matmul",
-               "bmm")  # the ops whose weights channel groups follow (as "t+matmul": x @ wᵀ)
-
-
 def unprunable_reason(groups: ChannelGroups, name: str, granularity: Granularity,
                       op: str | None = None) -> str | None:
     """Why layer ``name`` cannot be pruned under ``granularity`` (no group of that kind it is a
@@ -176,11 +174,18 @@ def unprunable_reason(groups: ChannelGroups, name: str, granularity: Granularity
                if matches(g, granularity) for r in g.blocked if r]
     why = (f"its {granularity}s cannot be removed: {reasons[0]}" if reasons else
            f"it is in no {granularity} group")
-    if not reasons and op is not None and op.removeprefix("t+") not in _BY_CHANNEL:
+    if not reasons and op is not None and not _followed(op):
         why += (f" (its weight is used by {op}; channels are removed from linear, addmm, conv "
                 "and x @ wᵀ layers)")
     hint = f"; it can be pruned with granularity={others[0].kind}" if others else ""
     return f"{why}{hint}"
+
+
+def _followed(op: str) -> bool:
+    """Whether channel groups follow the weights of ``op`` (a weight's ``op`` metadata; as
+    ``t+matmul``, x @ wᵀ): a weight op of the channel rules."""
+    return op.removeprefix("t+") in {getattr(o, "__name__", str(o)) for o, rule in RULES.items()
+                                     if isinstance(rule, Producer)}
 
 
 def require_granularity(groups: ChannelGroups, names: Iterable[str], granularity: Granularity) -> None:
