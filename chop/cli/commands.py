@@ -217,7 +217,7 @@ def _outdir_model(folder: Path, config: Config, trust: bool) -> Loaded:
         loaded = Loaded(load_checkpoint(program, trust=trust))
     loaded.info = {**loaded.info, "path": str(folder), "kind": "outdir",
                    "sha256": loaded.checkpoint.sha256 if loaded.checkpoint else
-                   loaded.info["sha256"]}
+                   loaded.info["sha256"], "pipeline": passes}
     return loaded
 
 

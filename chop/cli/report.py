@@ -185,9 +185,10 @@ def build_report(graph: Graph, **context: Any) -> dict[str, Any]:
         ],
         "layers": layers,
         "totals": totals(layers, *_graph_counts(graph)),
-        # a shrink that removed channels pruned the model, whatever its masks keep now
+        # a shrink that removed channels pruned the model, whatever its masks keep now (also
+        # the shrink that made a trained OUTDIR: its pipeline is the checkpoint's)
         "warnings": [] if any(r.name == "shrink" and r.modified for r in graph.history)
-        else not_pruned(layers),
+        or "shrink" in context.get("checkpoint", {}).get("pipeline", ()) else not_pruned(layers),
         "versions": versions(),
     })
 

@@ -210,8 +210,13 @@ def test_transform_writes_shrunk_and_sparse_models(project: Path, passes, extra,
     if "sparse" not in passes:
         # [model] builds the unshrunk shapes: chop train takes model.pt2 and says why
         assert main(["train", "--config", str(config), str(out), "-o", str(project / "t")]) == 0
-        said = " ".join(capfd.readouterr().err.split())  # rich wraps lines
+        captured = capfd.readouterr()
+        said, out_text = (" ".join(t.split()) for t in (captured.err, captured.out))  # rich wraps
         assert "the OUTDIR was shrunk, so [model] no longer builds its shapes" in said
+        assert "not pruned" not in said + out_text  # it was: by the shrink that made the OUTDIR
+        report = json.loads((project / "t" / "report.json").read_text())
+        assert report["checkpoint"]["pipeline"] == json.loads(passes)
+        assert report["warnings"] == []
         trained = torch.export.load(project / "t" / "model.pt2").state_dict
         assert {k: v.shape for k, v in trained.items()} == {
             k: v.shape for k, v in program.state_dict.items()}
