@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from arguments import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "reuse")
 WORKLOADS = ("forward", "train", "structured")
@@ -118,10 +120,10 @@ def measure(setting: str, workload: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--batch-forward", type=int, default=32)
-    parser.add_argument("--batch-train", type=int, default=16)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--calls", type=at_least(1), default=3)
+    parser.add_argument("--batch-forward", type=at_least(1), default=32)
+    parser.add_argument("--batch-train", type=at_least(1), default=16)
     parser.add_argument("--worker", nargs=2, metavar=("SETTING", "WORKLOAD"), default=None)
     args = parser.parse_args()
     if args.worker:

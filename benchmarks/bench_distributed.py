@@ -51,6 +51,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from arguments import at_least, sparsity_arg
 from torch import nn
 
 import chop
@@ -185,12 +186,12 @@ def launch(mode: str, world: int, args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--depth", type=int, default=24)
-    parser.add_argument("--classes", type=int, default=16)
+    parser.add_argument("--width", type=at_least(1), default=4096)
+    parser.add_argument("--depth", type=at_least(1), default=24)
+    parser.add_argument("--classes", type=at_least(2), default=16)
     parser.add_argument("--batch", type=int, default=8, help="samples per batch")
     parser.add_argument("--batches", type=int, default=2, help="batches in all (split over ranks)")
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sparsity", type=sparsity_arg, default=0.9)
     args = parser.parse_args()
     if args.batches < 2:
         parser.error(f"--batches {args.batches}: at least 2, since the 2-rank runs split the "

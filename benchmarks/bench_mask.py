@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arguments import at_least, sparsity_arg  # noqa: E402
+
 import chop  # noqa: E402
 from chop.ir import meta  # noqa: E402
 from chop.ir.masks import select_weights  # noqa: E402
@@ -41,14 +43,11 @@ TARGET = 3.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: untouched)")
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--sparsity", type=sparsity_arg, default=0.9)
+    parser.add_argument("--threads", type=at_least(1),
+                        help="torch.set_num_threads (default: untouched)")
     opts = parser.parse_args()
-    if opts.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {opts.repeats}")
-    if not 0 <= opts.sparsity < 1:
-        parser.error(f"--sparsity must be in [0, 1), got {opts.sparsity}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     try:

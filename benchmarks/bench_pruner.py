@@ -51,6 +51,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+from arguments import at_least, sparsity_arg  # noqa: E402
+
 from chop.pipeline.batches import call, logits_of  # noqa: E402
 from chop.training.pruner import Pruner  # noqa: E402
 from chop.training.schedule import Schedule  # noqa: E402
@@ -100,20 +102,12 @@ def absent(key: str) -> str | None:
 
 def checked(parser: argparse.ArgumentParser, args: argparse.Namespace, models: dict
             ) -> tuple[list[str], dict[str, str]]:
-    """``--models`` (known names; those whose optional dependency is absent set apart, with why)
-    and the range of ``--steps``, ``--rounds``, ``--warmup`` and ``--sparsity``: parser errors
-    before anything runs; exits when no model can run."""
+    """``--models``: known names (else a parser error before anything runs), those whose
+    optional dependency is absent set apart, with why; exits when no model can run."""
     keys = args.models.split(",")
     for key in keys:
         if key not in models:
             parser.error(f"unknown model {key!r}; choose from {', '.join(models)}")
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
-    if not 0 <= args.sparsity < 1:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
     skipped = {key: why for key in keys if (why := absent(key))}
     keys = [key for key in keys if key not in skipped]
     if not keys:
@@ -230,11 +224,12 @@ def main() -> None:
     parser.add_argument("--models", default="lenet5,bert-small")
     parser.add_argument("--criteria", default=";".join(CRITERIA),
                         help="criterion pipeline items, separated by ';'")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="lockstep runs of every variant")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps", type=at_least(1), default=100)
+    parser.add_argument("--warmup", type=at_least(0), default=5)
+    parser.add_argument("--rounds", type=at_least(1), default=3,
+                        help="lockstep runs of every variant")
+    parser.add_argument("--sparsity", type=sparsity_arg, default=0.9)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads)")
     args = parser.parse_args()

@@ -54,6 +54,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arguments import at_least  # noqa: E402
+
 from chop.kernels import select  # noqa: E402
 from chop.kernels.select import keep_masks, kth_largest  # noqa: E402
 
@@ -194,25 +196,24 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--numel", type=int, default=100_000_000, help="total number of scores")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument("--numel", type=at_least(1), default=100_000_000,
+                        help="total number of scores")
+    parser.add_argument("--repeats", type=at_least(1), default=3,
+                        help="timed runs per method (median)")
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of scores kept")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--threads", type=at_least(0), default=0,
+                        help="torch intra-op threads (0: torch default)")
     parser.add_argument("--masks", action="store_true",
                         help="also time counts and comparisons of bool masks, torch vs numpy")
     parser.add_argument("--cuts", action="store_true",
                         help="also time one cut of one tensor by kthvalue, np.partition, np.sort")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if not 0 < args.keep < 1:
         parser.error(f"--keep must be between 0 and 1 (exclusive), got {args.keep}")
     if int(args.keep * args.numel) < 1:
         parser.error(f"--keep {args.keep} of --numel {args.numel} keeps no score")
-    if args.threads < 0:
-        parser.error(f"--threads must be at least 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arguments import at_least, sparsity_arg  # noqa: E402
+
 import chop  # noqa: E402
 from chop.ir import meta  # noqa: E402
 from chop.ir.masks import insert_mask  # noqa: E402
@@ -175,11 +177,12 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["vgg", "resnet50"], choices=["vgg", "resnet50"])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 64, 128, 128, 256, 256])
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--widths", type=at_least(1), nargs="+",
+                        default=[64, 64, 128, 128, 256, 256])
+    parser.add_argument("--sparsity", type=sparsity_arg, default=0.5)
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=at_least(1), default=10)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic over the repeats (min: least disturbed by other load)")

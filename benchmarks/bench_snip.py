@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from arguments import at_least
 from torch import nn
 
 import chop
@@ -194,11 +195,14 @@ def main() -> None:
     parser.add_argument("--models", default="bert,cnn",
                         help="comma-separated, from: bert, cnn, table (every model of "
                              "benchmarks/coverage.py at batch 2) or a name of that table")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved")
-    parser.add_argument("--batch", type=int, default=8, help="BERT batch size")
-    parser.add_argument("--seq", type=int, default=64, help="BERT sequence length")
-    parser.add_argument("--cnn-batch", type=int, default=64, help="CNN batch size (32x32 images)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: untouched)")
+    parser.add_argument("--repeats", type=at_least(1), default=5,
+                        help="timed runs of each, interleaved")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="BERT batch size")
+    parser.add_argument("--seq", type=at_least(1), default=64, help="BERT sequence length")
+    parser.add_argument("--cnn-batch", type=at_least(1), default=64,
+                        help="CNN batch size (32x32 images)")
+    parser.add_argument("--threads", type=at_least(1),
+                        help="torch.set_num_threads (default: untouched)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads)")
     parser.add_argument("--sample-ms", type=float, default=0.0,

@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arguments import at_least, sparsity_arg  # noqa: E402
+
 import chop  # noqa: E402
 from chop.kernels.csr import (  # noqa: E402
     bind,
@@ -285,10 +287,10 @@ def load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.90, 0.95, 0.99])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--sparsities", type=sparsity_arg, nargs="+", default=[0.90, 0.95, 0.99])
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 32])
     parser.add_argument("--cases", nargs="+", default=["linear", "mlp"], choices=list(CASES))
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=at_least(1), default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic over the repeats (min: least disturbed by other load)")

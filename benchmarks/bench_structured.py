@@ -57,6 +57,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import at_least, sparsity_arg  # noqa: E402
 from bench_shrink import ResNet50  # noqa: E402
 
 import chop  # noqa: E402
@@ -287,16 +288,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         help=f"from {', '.join(MODELS)}, or torchvision:<name> (needs torchvision)")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--round-to", type=int, nargs="*", default=[])
-    parser.add_argument("--latency-repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sparsity", type=sparsity_arg, default=0.5)
+    parser.add_argument("--batch", type=at_least(1), default=4)
+    parser.add_argument("--seq", type=at_least(1), default=128)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--round-to", type=at_least(1), nargs="*", default=[])
+    parser.add_argument("--latency-repeats", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--profile", default=None,
                         help="cProfile one chop run of this model instead of benchmarking")
-    parser.add_argument("--profile-lines", type=int, default=40)
+    parser.add_argument("--profile-lines", type=at_least(1), default=40)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

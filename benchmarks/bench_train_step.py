@@ -57,6 +57,7 @@ from chop.training.loop import fast_masks  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_pruner  # noqa: E402
+from arguments import at_least, sparsity_arg  # noqa: E402
 from bench_snip import ResNet18  # noqa: E402  (the same ResNet-18 for 32×32 inputs)
 
 TARGET = 1.05
@@ -172,11 +173,12 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bert-small,resnet18")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps", type=at_least(1), default=20,
+                        help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--sparsity", type=sparsity_arg, default=0.9)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--memory", action="store_true",
                         help="also each variant's peak memory, in a fresh process per variant")
     parser.add_argument("--peak-of", type=int, default=None, help=argparse.SUPPRESS)
