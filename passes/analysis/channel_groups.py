@@ -40,7 +40,7 @@ from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_of
 from chop.passes.analysis.flow import Flow, trace_channels
-from chop.passes.analysis.flow.rule import rank
+from chop.passes.analysis.flow.rule import find_tensor, rank
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 KEY = "channel_groups"
@@ -172,8 +172,8 @@ def _signature(graph: Graph, names: set[str], nodes: tuple[Node, ...] | None = N
     """The graph's ops (mask nodes aside) and the shapes of the member tensors ``names``: cheap
     to compare, and changed by anything that changes the groups (shrink, sparse, a new op)."""
     ops = tuple(n.target for n in (_walked(graph) if nodes is None else nodes))
-    tensors = {**dict(graph.module.named_buffers()), **dict(graph.module.named_parameters())}
-    return ops, {name: tuple(tensors[name].shape) if name in tensors else None for name in names}
+    found = {name: find_tensor(graph, name) for name in names}
+    return ops, {name: None if t is None else tuple(t.shape) for name, t in found.items()}
 
 
 def channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups:
@@ -187,12 +187,7 @@ def channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups:
     unit_head = set(unit_of[torch.tensor(sorted(flow.heads), dtype=torch.long)].tolist())
     # every (unit, member, index) triple, members numbered in sorted order
     keys = sorted(flow.members)
-    per_key = []
-    for k, key in enumerate(keys):
-        record = flow.members[key]
-        index = (record.atoms >= 0).nonzero().flatten()
-        per_key.append((unit_of[record.atoms[index]], index))
-    triples = _owned(per_key, units)
+    triples = _owned([flow.members[key].atoms for key in keys], unit_of)
     if triples is None:
         return ChannelGroups([], unit_of, _signature(graph, set()), flow, _walked(graph))
     unit, k, index = triples
@@ -208,14 +203,17 @@ def channel_groups(graph: Graph, flow: Flow | None = None) -> ChannelGroups:
     unit, k, index = unit[by], k[by], index[by]
     gk = group_of[unit] * len(keys) + k
     pairs, counts = torch.unique_consecutive(gk, return_counts=True)
-    pieces = torch.split(torch.stack([unit, index]), counts.tolist(), 1)
+    flats = torch.split(index, counts.tolist())
+    # per pair, the indices each unit owns: a unit's are consecutive (sorted by order_in),
+    # so its runs of (pair, unit), split by pair
+    runs, per_unit = torch.unique_consecutive(gk * units + unit, return_counts=True)
+    _, runs_per_pair = torch.unique_consecutive(runs // units, return_counts=True)
+    owns = torch.split(per_unit, runs_per_pair.tolist())
     members: dict[int, list[Member]] = defaultdict(list)
-    for pair, piece in zip(pairs.tolist(), pieces):
+    for pair, flat, owned in zip(pairs.tolist(), flats, owns):
         gid, key = divmod(pair, len(keys))
-        owner, flat = piece[0], piece[1]
-        _, per_unit = torch.unique_consecutive(owner, return_counts=True)
         record = flow.members[keys[key]]
-        members[gid].append(Member(record.name, record.dim, record.kind, record.role, flat, per_unit))
+        members[gid].append(Member(record.name, record.dim, record.kind, record.role, flat, owned))
     for gid, us in enumerate(members_of):
         ms = sorted(members[gid], key=lambda m: role_order[m.role])  # stable: keys sorted
         kind = "head" if bool(heads_of[us].any()) else "channel"
@@ -241,15 +239,21 @@ def _blocked(flow: Flow, unit_of: torch.Tensor, units: int) -> dict[int, str]:
     return dict(zip(found.tolist(), (flow.blocked[a] for a in (best[found] % flow.count).tolist())))
 
 
-def _owned(per_key: list[tuple[torch.Tensor, torch.Tensor]], units: int
+def _owned(atoms: list[torch.Tensor], unit_of: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(unit, member, index)`` of every member index that belongs to a unit, or None."""
-    if not any(len(u) for u, _ in per_key):
+    """``(unit, member, index)`` of every member index that belongs to a unit (``atoms``: per
+    member, each index's atom, -1 for none), in member then index order; None if there is
+    none. All members at once: there are hundreds."""
+    if not atoms:
         return None
-    unit = torch.cat([u for u, _ in per_key])
-    k = torch.cat([torch.full((len(u),), i, dtype=torch.long) for i, (u, _) in enumerate(per_key)])
-    index = torch.cat([i for _, i in per_key])
-    return unit, k, index
+    lengths = torch.tensor([len(a) for a in atoms], dtype=torch.long)
+    flat = torch.cat(atoms)
+    k = torch.repeat_interleave(torch.arange(len(atoms)), lengths)
+    index = torch.arange(len(flat)) - (lengths.cumsum(0) - lengths)[k]
+    known = flat >= 0
+    if not bool(known.any()):
+        return None
+    return unit_of[flat[known]], k[known], index[known]
 
 
 def _same_rows(row: torch.Tensor, col: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor,

@@ -48,7 +48,12 @@ from chop.errors import GranularityError, MissingMetadataError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.kernels.select import kept_count
-from chop.passes.analysis.channel_groups import ChannelGroups, Group, stored_channel_groups
+from chop.passes.analysis.channel_groups import (
+    ChannelGroups,
+    Group,
+    Member,
+    stored_channel_groups,
+)
 from chop.passes.analysis.flow.rule import RULES
 from chop.passes.analysis.flow.rules.producers import Producer
 
@@ -301,45 +306,63 @@ def structured_selection(
     floor = max(min_keep, 1)
     budget = _Budget(params)
     total = sum(p.numel() for p in params.values())
-    kept: dict[int, list[bool]] = {}  # per ranked group, per unit
+    kept: dict[int, torch.Tensor] = {}  # per ranked group, per unit
 
-    def take(order: list[tuple[Group, int]], budget_left: int, exact: bool) -> int:
-        got = 0
-        counts: dict[int, int] = {}
-        for g, u in order:
-            if got >= budget_left:
+    def take(gs: list[Group], gi: torch.Tensor, us: torch.Tensor, budget_left: int,
+             exact: bool) -> None:
+        """Remove the ranked units (``gs[gi[i]]``'s unit ``us[i]``, in order) until
+        ``budget_left`` parameters went, skipping those of a group down to its floor: what a
+        loop over the units would do, for all of them at once (tens of thousands on a BERT)."""
+        if not len(gi):
+            return
+        # a group's j-th unit in the ranking goes while the group keeps more than the floor
+        sizes = torch.tensor([g.size for g in gs], dtype=torch.long)
+        by = torch.argsort(gi, stable=True)
+        per_group = torch.bincount(gi, minlength=len(gs))
+        j = torch.empty_like(gi)
+        j[by] = torch.arange(len(gi)) - (per_group.cumsum(0) - per_group)[gi[by]]
+        taken = j < sizes[gi] - floor
+        got = budget.removed(gs, gi, us, taken, exact)
+        over = (got.cumsum(0) - got >= budget_left).nonzero().flatten()  # got before each unit
+        stop = int(over[0]) if over.numel() else len(gi)
+        gi, us, taken = gi[:stop], us[:stop], taken[:stop]
+        # the groups (and the floors) in the order the loop would meet them
+        met = torch.full((len(gs),), stop, dtype=torch.long)
+        met.scatter_reduce_(0, gi, torch.arange(stop), "amin")
+        skipped = torch.full((len(gs),), stop, dtype=torch.long)
+        skipped.scatter_reduce_(0, gi[~taken], (~taken).nonzero().flatten(), "amin")
+        skips = torch.bincount(gi[~taken], minlength=len(gs)).tolist()
+        for k in torch.argsort(met).tolist():
+            if int(met[k]) == stop:
                 break
-            keep = kept.get(g.id)
-            if keep is None:
-                keep = kept[g.id] = [True] * g.size
-            n = counts.get(g.id)
-            if n is None:
-                n = counts[g.id] = sum(keep)
-            if n <= floor:
-                label = ", ".join(g.layers("out"))
-                selection.floor[label] = selection.floor.get(label, 0) + 1
-                continue
-            keep[u] = False
-            counts[g.id] = n - 1
-            got += budget.remove(g, u) if exact else budget.alone(g, u)
-        return got
+            keep = kept[gs[k].id] = torch.ones(gs[k].size, dtype=torch.bool)
+            keep[us[taken & (gi == k)]] = False
+        for k in torch.argsort(skipped).tolist():
+            if int(skipped[k]) == stop:
+                break
+            label = ", ".join(gs[k].layers("out"))
+            selection.floor[label] = selection.floor.get(label, 0) + skips[k]
 
-    def ranked(gs: list[Group]) -> list[tuple[Group, int]]:
+    def ranked(gs: list[Group]) -> tuple[list[Group], torch.Tensor, torch.Tensor]:
+        """The prunable units of ``gs`` by increasing score (ties by group, then unit): the
+        groups that have some, and per unit its group's position among them and its index."""
         units = [(g, g.prunable.nonzero().flatten()) for g in gs]
         units = [(g, us) for g, us in units if us.numel()]
         if not units:
-            return []
+            return [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         scores = torch.cat([all_scores[g.id][us] for g, us in units])
-        pairs = [(g, u) for g, us in units for u in us.tolist()]
-        return [pairs[i] for i in torch.argsort(scores, stable=True).tolist()]
+        gi = torch.repeat_interleave(torch.arange(len(units)),
+                                     torch.tensor([len(us) for _, us in units], dtype=torch.long))
+        order = torch.argsort(scores, stable=True)
+        return [g for g, _ in units], gi[order], torch.cat([us for _, us in units])[order]
 
     if scope == "local":
         for g in candidates:
-            size = sum(budget.alone(g, u) for u in range(g.size))
-            take(ranked([g]), size - kept_count(size, sparsity), exact=False)
+            size = int(budget.alone(g).sum())
+            take(*ranked([g]), size - kept_count(size, sparsity), exact=False)
     else:
-        take(ranked(candidates), total - kept_count(total, sparsity), exact=True)
-    selection.keep = {gid: torch.tensor(keep, dtype=torch.bool) for gid, keep in kept.items()}
+        take(*ranked(candidates), total - kept_count(total, sparsity), exact=True)
+    selection.keep = kept
     if round_to > 1:
         for gid, keep in selection.keep.items():
             _round_kept(groups[gid], keep, all_scores[gid], round_to, floor)
@@ -376,59 +399,72 @@ def _round_kept(g: Group, keep: torch.Tensor, scores: torch.Tensor, round_to: in
 
 
 class _Budget:
-    """The parameters of the chosen layers a unit removes. ``remove`` counts only those not
-    removed yet (an entry in a removed row and a removed column counts once) and marks them;
-    ``alone`` counts the unit's slices as if nothing else went. Plain Python ints and lists:
-    called once per ranked unit (~28K times on a BERT-base)."""
+    """The parameters of the chosen layers that units remove. ``removed`` counts, in ranking
+    order, only those not removed yet (an entry in a removed row and a removed column counts
+    once); ``alone`` counts a unit's slices as if nothing else went."""
 
     def __init__(self, params: Mapping[str, torch.Tensor]):
         self.params = params
-        # per parameter: [entries left, kept slices per dim]; entries = the product of slices
-        self.state: dict[str, list] = {}
-        self.gone: dict[tuple[str, int], bytearray] = {}  # removed slices per parameter dim
-        # per group, of its chosen members: (dim, flat indices, start and count per unit, the
-        # dim's removed slices, the parameter's state, entries per slice at full size)
-        self.members: dict[int, list[tuple]] = {}
+        self.members: dict[int, list[Member]] = {}  # per group, its members among ``params``
 
-    def _members(self, g: Group) -> list[tuple]:
+    def _members(self, g: Group) -> list[Member]:
         found = self.members.get(g.id)
         if found is None:
-            found = []
-            for m in g.members:
-                p = self.params.get(m.name)
-                if p is None:
-                    continue
-                state = self.state.setdefault(m.name, [p.numel(), list(p.shape)])
-                gone = self.gone.setdefault((m.name, m.dim), bytearray(p.shape[m.dim]))
-                counts = m.counts.tolist()
-                found.append((m.dim, m.flat.tolist(), (m.counts.cumsum(0) - m.counts).tolist(),
-                              counts, gone, state, p.numel() // max(p.shape[m.dim], 1)))
-            self.members[g.id] = found
+            found = self.members[g.id] = [m for m in g.members if m.name in self.params]
         return found
 
-    def remove(self, g: Group, u: int) -> int:
-        n = 0
-        for dim, flat, starts, counts, gone, state, _ in self._members(g):
-            count = counts[u]
-            if count == 1:  # most units: one slice per member
-                i = flat[starts[u]]
-                if gone[i]:
-                    continue
-                gone[i], fresh = 1, 1
-            else:
-                fresh, start = 0, starts[u]
-                for i in flat[start:start + count]:  # indices are unique
-                    if not gone[i]:
-                        gone[i] = 1
-                        fresh += 1
-                if not fresh:
-                    continue
-            left = state[1]
-            removed = fresh * (state[0] // left[dim])  # fresh slices of the kept other dims
-            state[0] -= removed
-            left[dim] -= fresh
-            n += removed
-        return n
+    def alone(self, g: Group) -> torch.Tensor:
+        """Per unit of ``g``: the parameters of its slices, as if nothing else went."""
+        total = torch.zeros(g.size, dtype=torch.long)
+        for m in self._members(g):
+            p = self.params[m.name]
+            total += m.counts * (p.numel() // max(p.shape[m.dim], 1))
+        return total
 
-    def alone(self, g: Group, u: int) -> int:
-        return sum(counts[u] * per_slice for _, _, _, counts, _, _, per_slice in self._members(g))
+    def removed(self, gs: list[Group], gi: torch.Tensor, us: torch.Tensor, taken: torch.Tensor,
+                exact: bool) -> torch.Tensor:
+        """Per ranked unit (``gs[gi[i]]``'s unit ``us[i]``): the parameters removing it removes
+        after the ``taken`` units before it went (0 where not ``taken``); not ``exact``:
+        :meth:`alone`'s count."""
+        got = torch.zeros(len(gi), dtype=torch.long)
+        if not exact:
+            alone = [self.alone(g) for g in gs]
+            sizes = torch.tensor([len(a) for a in alone], dtype=torch.long)
+            got[taken] = torch.cat(alone)[(sizes.cumsum(0) - sizes)[gi[taken]] + us[taken]]
+            return got
+        # one event per taken unit and chosen member of its group, in ranking order, a unit's
+        # members in its group's order: it removes its slices of that member's dim, times the
+        # slices of the parameter's other dims still kept
+        pairs = [m for g in gs for m in self._members(g)]
+        if not pairs:
+            return got
+        per_group = torch.tensor([len(self._members(g)) for g in gs], dtype=torch.long)
+        names = list(dict.fromkeys(m.name for m in pairs))
+        index = {n: i for i, n in enumerate(names)}
+        ndim = max(self.params[n].dim() for n in names)
+        shapes = torch.tensor([list(self.params[n].shape) + [1] * (ndim - self.params[n].dim())
+                               for n in names], dtype=torch.long)
+        pair_param = torch.tensor([index[m.name] for m in pairs], dtype=torch.long)
+        pair_dim = torch.tensor([m.dim for m in pairs], dtype=torch.long)
+        lengths = torch.tensor([len(m.counts) for m in pairs], dtype=torch.long)
+        counts = torch.cat([m.counts for m in pairs])
+        units = taken.nonzero().flatten()
+        reps = per_group[gi[units]]
+        at = torch.repeat_interleave(units, reps)  # each event's position in the ranking
+        j = torch.arange(len(at)) - torch.repeat_interleave(reps.cumsum(0) - reps, reps)
+        pair = (per_group.cumsum(0) - per_group)[gi[at]] + j
+        param, dim = pair_param[pair], pair_dim[pair]
+        count = counts[(lengths.cumsum(0) - lengths)[pair] + us[at]]
+        # per parameter (events sorted by it, in order), the slices of each dim removed before
+        by = torch.argsort(param, stable=True)
+        param, dim, count = param[by], dim[by], count[by]
+        _, runs = torch.unique_consecutive(param, return_counts=True)
+        factor = torch.ones_like(count)
+        for d in range(ndim):
+            here = torch.where(dim == d, count, 0)
+            before = here.cumsum(0) - here
+            before -= torch.repeat_interleave(before[runs.cumsum(0) - runs], runs)
+            factor *= torch.where(dim == d, 1, shapes[param, d] - before)
+        removed = torch.empty_like(count)
+        removed[by] = count * factor
+        return got.index_add_(0, at, removed)

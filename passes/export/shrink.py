@@ -36,7 +36,7 @@ from chop.passes.analysis.channel_groups import (
     current_flow,
 )
 from chop.passes.analysis.flow import Flow, MemberRecord, rule_for, trace_channels
-from chop.passes.analysis.flow.rule import Const, Consumer, Cut
+from chop.passes.analysis.flow.rule import Const, Consumer, Cut, owner
 from chop.passes.analysis.flow.rules.producers import Producer
 from chop.passes.export.common import checked_export
 from chop.passes.export.constants import channel_constants
@@ -73,7 +73,7 @@ def _shrink(graph: Graph, compensate: bool) -> dict[str, Any]:
         flow = trace_channels(graph)
         groups = current_channel_groups(graph, flow) or channel_groups(graph, flow)
     consts = channel_constants(graph, flow)
-    reads = [c.rule.reads(c, graph.module.get_parameter(c.weight)) for c in flow.consumers]
+    reads = [c.rule.reads(c, graph.parameter(c.weight)) for c in flow.consumers]
     removed = _decide(flow, groups, consts, reads, compensate)  # per unit
     cut = Cut(flow.tags, removed[groups.unit_of])  # per atom
     with torch.no_grad():
@@ -95,8 +95,8 @@ def _decide(flow: Flow, groups: ChannelGroups, consts: dict[Node, Const],
     reader can absorb exactly; never every channel of a tensor."""
     units = int(groups.unit_of.max()) + 1 if groups.unit_of.numel() else 0
     removed = torch.zeros(units, dtype=torch.bool)
-    for g in groups:
-        removed[torch.tensor(g.units, dtype=torch.long)] = g.prunable
+    if len(groups):  # a unit is in one group at most
+        removed[_units(groups)[0]] = torch.cat([g.prunable for g in groups])
     sites = Counter(c.weight for c in flow.consumers)
     for c, read in zip(flow.consumers, reads):
         atoms = flow.tags[c.input].atoms
@@ -105,15 +105,33 @@ def _decide(flow: Flow, groups: ChannelGroups, consts: dict[Node, Const],
         folds = compensate and c.folds and sites[c.weight] == 1
         foldable = consts[c.input][1] & folds
         removed[groups.unit_of[atoms[read & ~foldable]]] = False
-    changed = True
-    while changed:  # keep the first channel of any tensor that would be emptied
-        changed = False
-        for tag in flow.tags.values():
-            units = groups.unit_of[tag.atoms.flatten()]
-            if units.numel() and bool(removed[units].all()):
-                removed[units[0]] = False
-                changed = True
-    return removed
+    # keep the first channel of any tensor that would be emptied, tensor after tensor in graph
+    # order (keeping one never empties another, so one pass does it); each step finds the next
+    # emptied tensor over all of them at once
+    tags = [t.atoms.flatten() for t in flow.tags.values() if t.atoms.numel()]
+    if not tags:
+        return removed
+    sizes = torch.tensor([len(t) for t in tags], dtype=torch.long)
+    unit = groups.unit_of[torch.cat(tags)]
+    which = torch.repeat_interleave(torch.arange(len(tags)), sizes)
+    first = unit[sizes.cumsum(0) - sizes]
+    start = 0
+    while True:
+        kept = torch.zeros(len(tags), dtype=torch.long).index_add_(
+            0, which, (~removed[unit]).long())
+        emptied = (kept[start:] == 0).nonzero().flatten()
+        if not emptied.numel():
+            return removed
+        start += int(emptied[0])
+        removed[first[start]] = False
+        start += 1
+
+
+def _units(groups: ChannelGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's units, concatenated, and the position in ``groups`` of each one's group."""
+    sizes = torch.tensor([g.size for g in groups], dtype=torch.long)
+    units = torch.tensor([u for g in groups for u in g.units], dtype=torch.long)
+    return units, torch.repeat_interleave(torch.arange(len(sizes)), sizes)
 
 
 def _carry_constants(graph: Graph, flow: Flow, cut: Cut, consts: dict[Node, Const],
@@ -126,7 +144,7 @@ def _carry_constants(graph: Graph, flow: Flow, cut: Cut, consts: dict[Node, Cons
         value = consts[c.input][0]
         if not bool((gone & (value != 0)).any()):  # nothing to carry
             continue
-        weight = graph.module.get_parameter(c.weight)
+        weight = graph.parameter(c.weight)
         delta = c.rule.delta(c, weight, value, gone)
         if not delta.any():
             continue
@@ -134,7 +152,7 @@ def _carry_constants(graph: Graph, flow: Flow, cut: Cut, consts: dict[Node, Cons
         if bias is None:
             created[_new_bias(graph, c, delta.to(weight.dtype))] = c
         else:
-            old = graph.module.get_parameter(bias)
+            old = graph.parameter(bias)
             graph.replace_parameter(bias, (old.detach().double() + delta).to(old.dtype))
     return created
 
@@ -159,14 +177,22 @@ def _cut_tensors(graph: Graph, flow: Flow, cut: Cut, created: dict[str, Consumer
         rows = flow.members.get((c.weight, c.rule.out_dim))
         if rows is not None:
             records.append(MemberRecord(name, 0, "parameter", "out", rows.atoms))
+    if not records:
+        return
+    # the kept indices of every record at once (hundreds of records, a few ops each otherwise):
+    # an index without an atom (-1) reads the False appended to ``removed``
+    lengths = torch.tensor([len(r.atoms) for r in records])
+    drop = torch.cat([cut.removed, cut.removed.new_zeros(1)])[torch.cat([r.atoms for r in records])]
+    which = torch.repeat_interleave(torch.arange(len(records)), lengths)
+    index = torch.arange(len(drop)) - (lengths.cumsum(0) - lengths)[which]
+    dropped = torch.zeros(len(records), dtype=torch.long).index_add_(0, which, drop.long())
+    kept_counts = (lengths - dropped).tolist()
+    pieces = torch.split(index[~drop], kept_counts)
     kept: dict[str, list[tuple[int, torch.Tensor]]] = {}  # per tensor: (dim, kept indices)
     kinds = {}
-    for record in records:
-        known = record.atoms >= 0
-        drop = torch.zeros_like(known)
-        drop[known] = cut.removed[record.atoms[known]]
-        if drop.any():
-            kept.setdefault(record.name, []).append((record.dim, (~drop).nonzero().flatten()))
+    for record, n, piece in zip(records, dropped.tolist(), pieces):
+        if n:
+            kept.setdefault(record.name, []).append((record.dim, piece))
             kinds[record.name] = record.kind
     for name, dims in kept.items():
         dims.sort(key=lambda d: d[0])  # rows first: a gather of rows is cheap, of columns not
@@ -176,16 +202,15 @@ def _cut_tensors(graph: Graph, flow: Flow, cut: Cut, created: dict[str, Consumer
                 t = t.index_select(dim, index)
             return t
 
-        owner_name, _, attr = name.rpartition(".")
-        owner = graph.module.get_submodule(owner_name)
         if kinds[name] == "parameter":
-            graph.replace_parameter(name, take(getattr(owner, attr).detach()))
+            graph.replace_parameter(name, take(graph.parameter(name).detach()))
             entry = meta.entries(nodes[name]) if name in nodes else {}
             for key in ("mask", "saliency"):
                 if isinstance(entry.get(key), torch.Tensor):
                     entry[key] = take(entry[key])
         else:
-            owner._buffers[attr] = take(owner._buffers[attr])
+            module, attr = owner(graph, name)
+            module._buffers[attr] = take(module._buffers[attr])
 
 
 def _rewrite_nodes(flow: Flow, cut: Cut) -> dict[Node, dict[int, int]]:
@@ -225,9 +250,9 @@ def _layers(graph: Graph) -> Layers:
 def _stats(graph: Graph, layers: Layers) -> dict[str, dict[str, int]]:
     stats = {}
     for name, (node, rule, positions) in layers.items():
-        weight = graph.module.get_parameter(name)
+        weight = graph.parameter(name)
         bias = weight_name(graph, rule.operands(node)[2])
-        params = weight.numel() + (graph.module.get_parameter(bias).numel() if bias else 0)
+        params = weight.numel() + (graph.parameter(bias).numel() if bias else 0)
         stats[name] = {"params": params, "flops": 2 * weight.numel() * positions}
     return stats
 
@@ -242,7 +267,10 @@ def _report(graph: Graph, layers: Layers, before: tuple[dict, int], groups: Chan
     per_layer = {name: {"params": (b["params"], after.get(name, {}).get("params", 0)),
                         "flops": (b["flops"], after.get(name, {}).get("flops", 0))}
                  for name, b in before[0].items()}
-    per_group = {g.id: int(removed[torch.tensor(g.units)].sum()) for g in groups}
+    units, position = _units(groups)
+    counts = torch.zeros(len(groups), dtype=torch.long).index_add_(
+        0, position, removed[units].long())
+    per_group = dict(zip((g.id for g in groups), counts.tolist()))
     return {
         "layers": per_layer,
         "total": {"params": (before[1], _total(graph)),

@@ -86,10 +86,15 @@ class Cut:
 
     tags: dict[Node, Tag]
     removed: torch.Tensor
+    _gone: dict[Node, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def gone(self, node: Node) -> torch.Tensor:
-        """Bool, ``node``'s tag shape: True at the positions that go."""
-        return self.removed[self.tags[node].atoms]
+        """Bool, ``node``'s tag shape: True at the positions that go (computed once per node:
+        shrink and the rules ask several times; do not modify it)."""
+        found = self._gone.get(node)
+        if found is None:
+            found = self._gone[node] = self.removed[self.tags[node].atoms]
+        return found
 
     def any(self, node: Any) -> bool:
         return node in self.tags and bool(self.gone(node).any())
@@ -97,6 +102,8 @@ class Cut:
     def sizes(self, node: Node) -> dict[int, int]:
         """The new size of each channel dim of ``node`` (the kept positions must form a box)."""
         keep = ~self.gone(node)
+        if keep.dim() == 1:  # one channel dim: always a box
+            return {self.tags[node].dims[0]: int(keep.sum())}
         sizes, box = [], torch.ones((), dtype=torch.bool)
         for i in range(keep.dim()):
             kept_i = keep.movedim(i, 0).reshape(keep.shape[i], -1).any(1)
@@ -191,10 +198,45 @@ def tensor(graph: Graph, name: str | None) -> torch.Tensor | None:
     """The parameter or buffer ``name`` (None for None)."""
     if name is None:
         return None
-    try:
+    found = find_tensor(graph, name)
+    if found is not None:
+        return found.detach()
+    try:  # raises fx's error
         return graph.module.get_parameter(name).detach()
     except AttributeError:
         return graph.module.get_buffer(name).detach()
+
+
+def find_tensor(graph: Graph, name: str) -> torch.Tensor | None:
+    """The parameter or buffer ``name``, else None; read afresh from its owner (passes replace
+    tensors, see :func:`owner`)."""
+    module, attr = owner(graph, name)
+    if module is None:
+        return None
+    found = module._parameters.get(attr)
+    return found if found is not None else module._buffers.get(attr)
+
+
+def owner(graph: Graph, name: str) -> tuple[torch.nn.Module | None, str]:
+    """The submodule that ``name`` (a parameter or buffer) names an attribute of (None if none),
+    and the attribute. The submodules are looked up once per graph structure (``Graph.memo``;
+    passes never replace a submodule): ``get_submodule`` walks the path each time, and the
+    constants analysis, shrink and the groups' signature ask for hundreds of tensors."""
+    memo = graph.memo()
+    modules = memo.get(_MODULES)
+    if modules is None:
+        modules = memo[_MODULES] = dict(graph.module.named_modules())
+    path, _, attr = name.rpartition(".")
+    module = modules.get(path)
+    if module is None:  # a submodule shared under another name (named once), or none
+        try:
+            module = graph.module.get_submodule(path)
+        except AttributeError:
+            pass
+    return module, attr
+
+
+_MODULES = "chop.flow.modules"  # the memo key of the submodules by name
 
 
 def value_of(node: Any) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ from chop.passes.analysis.flow.rule import (
     positive,
     register,
     shape_of,
+    tensor,
 )
 
 if TYPE_CHECKING:
@@ -70,5 +71,5 @@ class Gather(Rule):
     def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
         if "weight" not in step.info:
             return super().constant(node, step, consts, graph)
-        weight = graph.module.get_parameter(step.info["weight"]).detach()
+        weight = tensor(graph, step.info["weight"])
         return torch.zeros(weight.shape[1]), ~any_nonzero(weight, 0)

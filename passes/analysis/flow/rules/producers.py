@@ -66,7 +66,7 @@ class Producer(Rule):
         return w, b
 
     def constant(self, node: Node, step: Step, consts: dict[Node, Const], graph: Graph) -> Const:
-        weight = graph.module.get_parameter(step.info["weight"]).detach()
+        weight = tensor(graph, step.info["weight"])
         bias = tensor(graph, step.info["bias"])
         others = tuple(d for d in range(weight.dim()) if d != self.out_dim)
         outputs = weight.shape[self.out_dim]
