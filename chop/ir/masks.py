@@ -140,7 +140,8 @@ def insert_masks(graph: Graph, nodes: list[Node], masks: list[torch.Tensor]) -> 
     owners = graph.memo().setdefault("mask buffer owners", {})  # name -> (submodule, attr)
     buffers, updates, added = [], [], False
     for node, mask in zip(nodes, masks, strict=True):
-        mask = mask.to(torch.bool)
+        if mask.dtype != torch.bool:
+            mask = mask.to(torch.bool)
         meta.entries(node)["mask"] = mask
         where = owners.get(node.target) or _mask_buffer_owner(graph, node)
         if where is None:

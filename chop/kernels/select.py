@@ -151,19 +151,19 @@ def mask_counts(
 def true_counts(masks: Sequence[torch.Tensor]) -> list[int]:
     """The True entries of each bool tensor: counted by numpy where :func:`numpy_compares`,
     else by torch and read back in one sync."""
-    if all(numpy_compares(m) for m in masks):
+    if not masks or numpy_compares(*masks):
         return [int(np.count_nonzero(m.numpy())) for m in masks]
     return torch.stack([torch.count_nonzero(m) for m in masks]).tolist()
 
 
-def numpy_compares(tensor: torch.Tensor) -> bool:
-    """Whether bool work on ``tensor`` (comparisons into bool, counts) goes to numpy: for a
-    plain CPU tensor (no subclass) while torch runs on at most ``_NUMPY_THREADS`` threads.
+def numpy_compares(*tensors: torch.Tensor) -> bool:
+    """Whether bool work on ``tensors`` (comparisons into bool, counts) goes to numpy: for
+    plain CPU tensors (no subclass) while torch runs on at most ``_NUMPY_THREADS`` threads.
     numpy's loop is one thread and several times faster than torch's per thread; torch's runs
     on all of them, so with many threads it wins (``benchmarks/bench_select.py --masks``
     times both at the current thread count)."""
-    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu"
-            and torch.get_num_threads() <= _NUMPY_THREADS)
+    return torch.get_num_threads() <= _NUMPY_THREADS and all(
+        type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
 def kept_count(numel: int, sparsity: float) -> int:

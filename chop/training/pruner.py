@@ -474,8 +474,8 @@ class Pruner:
     def _current_masks(self, graph: Graph, pattern: bool = True) -> dict[str, torch.Tensor]:
         """Masks in the graph's metadata; with ``pattern`` and none there, the non-zero
         pattern of the weights ``mask_options`` selects."""
-        found = {n.target: meta.entries(n)["mask"] for n in graph.weight_nodes()
-                 if "mask" in meta.entries(n)}
+        found = {n.target: mask for n in graph.weight_nodes()
+                 if (mask := meta.entries(n).get("mask")) is not None}
         if found or not pattern:
             return found
         options = Mask.from_options({**self.mask_options, "sparsity": 0.0})
@@ -524,7 +524,7 @@ def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Ten
     checks at every step: compared by numpy where
     :func:`~chop.kernels.select.numpy_compares`, else in one comparison over all masks."""
     pairs = [(before[name], after[name]) for name in before]
-    if all(numpy_compares(old) and numpy_compares(new) for old, new in pairs):
+    if numpy_compares(*before.values(), *after.values()):
         return any(np.greater(new.numpy(), old.numpy()).any() for old, new in pairs)
     old = torch.cat([m.reshape(-1) for m, _ in pairs]).view(torch.uint8)
     new = torch.cat([m.reshape(-1) for _, m in pairs]).view(torch.uint8)

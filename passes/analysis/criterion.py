@@ -80,6 +80,16 @@ def scored_nodes(graph: Graph, params: str = "all") -> list[Node]:
     return list(memo[key])
 
 
+def _unscored(graph: Graph, params: str) -> list[Node]:
+    """The weight nodes :func:`scored_nodes` leaves out (remembered like them)."""
+    key = ("unscored nodes", params)
+    memo = graph.memo()
+    if key not in memo:
+        chosen = set(scored_nodes(graph, params))
+        memo[key] = [n for n in graph.weight_nodes() if n not in chosen]
+    return memo[key]
+
+
 def effective_weight(graph: Graph, node: Node) -> torch.Tensor:
     """The weight as the graph computes with it: masked entries are zero. A masked weight's is
     a new tensor (the caller may edit it in place), an unmasked one's the parameter's memory."""
@@ -203,10 +213,8 @@ class Criterion(Pass, ABC):
         if self.normalize:
             info["normalizer"] = total = float(sum(s.double().abs().sum() for s in scores))
             scores = [s / total for s in scores] if total else scores
-        chosen = set(nodes)
-        for node in graph.weight_nodes():
-            if node not in chosen:
-                node.meta.get("chop", {}).pop("saliency", None)
+        for node in _unscored(graph, self.params):
+            node.meta.get("chop", {}).pop("saliency", None)
         for node, score in zip(nodes, scores, strict=True):
             meta.entries(node)["saliency"] = score
         return {node.target: score for node, score in zip(nodes, scores)}, info
