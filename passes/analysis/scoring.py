@@ -58,7 +58,6 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
     statistics, its counter update is switched off); later ones copy only those and check by
     the counters that no other buffer changed. Otherwise every buffer is copied each time."""
     params = [graph.parameter(n) for n in nodes]
-    flags = [p.requires_grad for p in params]
     memo = graph.memo()
     if "buffer slots" not in memo:
         memo["buffer slots"] = [(m, name) for m in graph.module.modules()
@@ -80,7 +79,7 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
     # the exported module checks the structure of every call's inputs in a forward pre-hook;
     # batch_loss turns a mismatch into a DataError anyway, so skip that per-call cost here
     validate = getattr(graph.module, "validate_inputs", None)
-    frozen = [p for p, flag in zip(params, flags) if not flag]  # most already require grad
+    frozen = [p for p in params if not p.requires_grad]  # most already require grad
     done = False
     try:
         for p in frozen:
@@ -94,14 +93,15 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
         if validate:
             graph.module.__dict__["validate_inputs"] = validate
         changed = [i for i, (b, v) in enumerate(zip(buffers, versions)) if b._version != v]
-        with torch.no_grad():
-            for p in frozen:
-                p.requires_grad_(False)
-            for i, original in saved:
-                buffers[i].copy_(original)
+        for p in frozen:
+            p.requires_grad_(False)
+        if saved:
+            with torch.no_grad():
+                for i, original in saved:
+                    buffers[i].copy_(original)
         if counted and changing is None and done:
             memo[("scoring changes", bn)] = changed
-        elif changing is not None and not set(changed) <= set(changing):
+        elif changing is not None and changed and not set(changed) <= set(changing):
             names = [memo["buffer slots"][i][1] for i in sorted(set(changed) - set(changing))]
             raise InternalError(
                 f"scoring changed buffers it had not changed before ({', '.join(names)}) and "
@@ -146,16 +146,17 @@ def batch_losses(
 ) -> Iterator[torch.Tensor]:
     """The scalar loss of ``module`` on each batch (see :func:`~chop.pipeline.batches.batch_loss`),
     as a 0-dim floating-point tensor."""
+    scale = None if temperature == 1.0 else lambda out: scaled_outputs(out, temperature, who)
     for index, (inputs, targets) in enumerate(batches):
-        value = batch_loss(module, inputs, targets, loss, who,
-                           transform=lambda out: scaled_outputs(out, temperature, who))
+        value = batch_loss(module, inputs, targets, loss, who, transform=scale)
         if not value.is_floating_point():
             raise DataError(
                 f"{who}: the loss of batch {index} is a {str(value.dtype).removeprefix('torch.')}"
                 " tensor; it must be a real floating-point scalar (an accuracy or a count "
                 "cannot be differentiated): return e.g. F.cross_entropy(outputs, targets)"
             )
-        yield value.reshape(())
+        # a 0-dim loss (cross-entropy's) as it is: a reshape adds a node to every backward
+        yield value if value.dim() == 0 else value.reshape(())
 
 
 def differentiable(value: torch.Tensor, index: int, who: str,
@@ -227,15 +228,20 @@ def backward_sums(
                 terms = [None if t is None else t.detach() for t in second(terms, params)]
             storages = [None if t is None else t.untyped_storage() for t in terms]
             shared = _shared([s.data_ptr() for s in storages if s is not None])
-            with torch.no_grad():
-                for i, (term, storage, p) in enumerate(zip(terms, storages, params, strict=True)):
-                    if term is None:
-                        continue
-                    if accumulate == "sum-of-abs":
-                        term = _finish(term, p, times_weight, _owned(term, storage, shared))
-                    elif sums[i] is None and not _owned(term, storage, shared):
-                        term = term.clone()  # the first term becomes the running sum
-                    sums[i] = term if sums[i] is None else sums[i].add_(term)
+            if accumulate == "sum-of-abs":
+                with torch.no_grad():  # terms ⊙ w: w requires grad
+                    terms = [None if t is None else _finish(t, p, times_weight,
+                                                            _owned(t, s, shared))
+                             for t, s, p in zip(terms, storages, params, strict=True)]
+            for i, (term, storage) in enumerate(zip(terms, storages, strict=True)):
+                if term is None:
+                    continue
+                if sums[i] is not None:  # terms require no grad: add_ records nothing
+                    sums[i].add_(term)
+                elif accumulate != "sum-of-abs" and not _owned(term, storage, shared):
+                    sums[i] = term.clone()  # the first term becomes the running sum
+                else:
+                    sums[i] = term
     with torch.no_grad():
         if over_ranks:  # every rank reduces the same list, even where its loss left a None
             sums = [torch.zeros_like(p) if t is None else t for t, p in zip(sums, params)]
@@ -244,16 +250,22 @@ def backward_sums(
                 agree=f"{who}{{accumulate={accumulate}, times_weight={times_weight}, "
                       f"temperature={temperature}, second order={second is not None}}}")
         if accumulate != "sum-of-abs":  # |sum ⊙ w| in place, one foreach op for many weights
-            same = [i for i, (t, p) in enumerate(zip(sums, params))
-                    if t is not None and t.stride() == p.stride() and t.dtype == p.dtype]
-            if times_weight and same:
-                torch._foreach_mul_([sums[i] for i in same], [params[i] for i in same])
-            if accumulate == "abs-of-sum" and same:
-                torch._foreach_abs_([sums[i] for i in same])
-            done = set(same)
-            sums = [t if i in done or t is None else
+            same = [t is not None and t.stride() == p.stride() and t.dtype == p.dtype
+                    for t, p in zip(sums, params)]
+            if all(same):  # the usual case: every weight was used, each sum in its layout
+                if times_weight:
+                    torch._foreach_mul_(sums, params)
+                if accumulate == "abs-of-sum":
+                    torch._foreach_abs_(sums)
+                return sums
+            if times_weight and any(same):
+                torch._foreach_mul_([t for t, ok in zip(sums, same) if ok],
+                                    [p for p, ok in zip(params, same) if ok])
+            if accumulate == "abs-of-sum" and any(same):
+                torch._foreach_abs_([t for t, ok in zip(sums, same) if ok])
+            sums = [t if ok or t is None else
                     _finish(t, p, times_weight, owned=True, absolute=accumulate == "abs-of-sum")
-                    for i, (t, p) in enumerate(zip(sums, params))]
+                    for t, p, ok in zip(sums, params, same)]
         return [torch.zeros_like(p) if t is None else t for t, p in zip(sums, params)]
 
 
