@@ -292,3 +292,102 @@ def test_round_to_rounds_up_where_chop_must_keep_the_units_and_respects_the_floo
     keep[:13] = False  # 7 kept -> 8 (multiple of 2 units of 4 channels)
     _round_kept(g, keep, torch.arange(20.0), 8, 1)
     assert keep.nonzero().flatten().tolist() == list(range(12, 20))
+
+
+# -- structured_selection against a plain loop over the units, entry by entry -------------------
+
+
+class _Residual(nn.Module):
+    """Linear(5, 6), then two residual linears: their weights' rows and columns are in one
+    group, so a removed unit's row and column of the same weight overlap."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 6),
+                                          nn.Linear(6, 3))
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x + self.b(torch.relu(x))
+        return self.d(x + self.c(x))
+
+
+def _unit_loop(graph, names, sparsity, scope, min_keep):
+    """The selection as the module doc spells it, one unit at a time: units by (score, group,
+    index); each goes unless its group is down to the floor, until the budget is met; global
+    scope marks the removed entries of each parameter (an entry counts once), local scope
+    gives each group the entries of its own units' slices."""
+    groups = channel_groups(graph)
+    params = {n: p for n, p in graph.module.named_parameters() if n in names}
+    scores = group_scores(graph, groups)
+    candidates = [g for g in groups if g.id in scores and bool(g.prunable.any())
+                  and any(m.name in params and m.role == "out" for m in g.members)]
+    floor = max(min_keep, 1)
+    keep, skipped = {}, {}
+
+    def slices(g, u):
+        for m in g.members:
+            if m.name in params:
+                yield m.name, torch.zeros(params[m.name].shape, dtype=torch.bool).index_fill_(
+                    m.dim, m.index[u], True)
+
+    def run(gs, budget, gone):
+        ranking = sorted((float(scores[g.id][u]), i, u) for i, g in enumerate(gs)
+                         for u in range(g.size) if g.prunable[u])
+        got = 0
+        for _, i, u in ranking:
+            if got >= budget:
+                break
+            g = gs[i]
+            kept = keep.setdefault(g.id, torch.ones(g.size, dtype=torch.bool))
+            if int(kept.sum()) <= floor:
+                label = ", ".join(m.name for m in g.members if m.role == "out")
+                skipped[label] = skipped.get(label, 0) + 1
+                continue
+            kept[u] = False
+            for name, entries in slices(g, u):
+                got += int((entries & ~gone[name]).sum()) if gone else int(entries.sum())
+                if gone:
+                    gone[name] |= entries
+
+    total = sum(p.numel() for p in params.values())
+    if scope == "global":
+        run(candidates, total - kept_count(total, sparsity),
+            {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()})
+    else:
+        for g in candidates:
+            size = sum(int(s.sum()) for u in range(g.size) for _, s in slices(g, u))
+            run([g], size - kept_count(size, sparsity), None)
+    removed = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
+    for gid, kept in keep.items():
+        for u in (~kept).nonzero().flatten().tolist():
+            for name, entries in slices(groups[gid], u):
+                removed[name] |= entries
+    return keep, skipped, (sum(int(r.sum()) for r in removed.values()), total)
+
+
+@pytest.mark.parametrize("model", ["chain", "residual", "vgg"])
+def test_selection_equals_a_loop_over_the_units_on_tied_scores(model):
+    # integer saliency: many tied unit scores, so the tie order (group, then unit) matters
+    if model == "chain":
+        graph = chain()
+    elif model == "residual":
+        torch.manual_seed(0)
+        graph = chop.trace(_Residual(), (torch.randn(2, 5),))
+    else:
+        graph = trace("vgg")[1]
+    names = [n.target for n in graph.weight_nodes() if graph.parameter(n).dim() > 1]
+    g = torch.Generator().manual_seed(0)
+    for seed in range(3):
+        for node in graph.weight_nodes():
+            node.meta["chop"]["saliency"] = torch.randint(
+                0, 3 - seed, graph.parameter(node).shape, generator=g).float()
+        for scope in ("global", "local"):
+            for sparsity, min_keep in ((0.2, 0), (0.5, 3), (0.8, 0), (0.99, 2)):
+                sel = structured_selection(graph, names, sparsity, scope, min_keep=min_keep)
+                keep, floor, params = _unit_loop(graph, names, sparsity, scope, min_keep)
+                case = (seed, scope, sparsity, min_keep)
+                assert list(sel.keep) == list(keep), case  # groups in the order met
+                assert all(torch.equal(sel.keep[gid], k) for gid, k in keep.items()), case
+                assert list(sel.floor.items()) == list(floor.items()), case
+                assert sel.params == params, case
