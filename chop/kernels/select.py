@@ -83,7 +83,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+from decimal import Decimal
 
 import numpy as np
 import torch
@@ -162,8 +162,8 @@ def numpy_compares(*tensors: torch.Tensor) -> bool:
     numpy's loop is one thread and several times faster than torch's per thread; torch's runs
     on all of them, so with many threads it wins (``benchmarks/bench_select.py --masks``
     times both at the current thread count)."""
-    return torch.get_num_threads() <= _NUMPY_THREADS and all(
-        type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    return torch.get_num_threads() <= _NUMPY_THREADS and (
+        {(type(t), t.device.type) for t in tensors} <= {(torch.Tensor, "cpu")})
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -177,8 +177,7 @@ def kept_count(numel: int, sparsity: float) -> int:
 @functools.lru_cache(maxsize=256)
 def _decimal(value: float) -> tuple[int, int]:
     """``value`` as the fraction of the shortest decimal that gives it (0.9995: 9995/10000)."""
-    exact = Fraction(repr(value))
-    return exact.numerator, exact.denominator
+    return Decimal(repr(value)).as_integer_ratio()  # in lowest terms, as Fraction's
 
 
 def keep_masks(

@@ -525,7 +525,9 @@ def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Ten
     :func:`~chop.kernels.select.numpy_compares`, else in one comparison over all masks."""
     pairs = [(before[name], after[name]) for name in before]
     if numpy_compares(*before.values(), *after.values()):
-        return any(np.greater(new.numpy(), old.numpy()).any() for old, new in pairs)
+        old = np.concatenate([m.numpy() for m, _ in pairs], axis=None)
+        new = np.concatenate([m.numpy() for _, m in pairs], axis=None)
+        return bool(np.greater(new, old).any())
     old = torch.cat([m.reshape(-1) for m, _ in pairs]).view(torch.uint8)
     new = torch.cat([m.reshape(-1) for _, m in pairs]).view(torch.uint8)
     return bool(torch.gt(new, old).any())
