@@ -185,6 +185,7 @@ class Graph:
         self._mode_nodes: list[tuple[Node, tuple]] | None = None
         self._weights: list[Node] | None = None
         self._owners: dict[str, tuple[nn.Module, str]] = {}
+        self._by_path: dict[str, nn.Module] | None = None  # the submodules by name
         self._submodules: list[nn.Module] | None = None
         self._memo: dict[Any, Any] = {}  # see memo()
         self._spec_seen: tuple = (None, None)  # (module, input spec) _spec_direct is for
@@ -226,15 +227,28 @@ class Graph:
     def parameter(self, node: Node | str) -> nn.Parameter:
         """The parameter behind a weight node (or a parameter name)."""
         name = node if isinstance(node, str) else node.target
-        where = self._owners.get(name)  # the submodule that holds it (passes never replace one)
-        if where is None:
-            owner, _, attr = name.rpartition(".")
-            try:
-                where = self._owners[name] = (self.module.get_submodule(owner), attr)
-            except AttributeError:
-                return self.module.get_parameter(name)  # raises fx's error
-        found = where[0]._parameters.get(where[1])  # read afresh: parameters get replaced
+        try:
+            module, attr = self.owner(name)
+        except AttributeError:
+            return self.module.get_parameter(name)  # raises fx's error
+        found = module._parameters.get(attr)  # read afresh: parameters get replaced
         return found if found is not None else self.module.get_parameter(name)
+
+    def owner(self, name: str) -> tuple[nn.Module, str]:
+        """The submodule that parameter or buffer ``name`` is an attribute of, and the
+        attribute (``AttributeError`` if there is no such submodule). Looked up once per name
+        while the graph's structure holds (passes never replace a submodule), from one walk
+        over the submodules: passes read hundreds of tensors, and ``get_submodule`` walks the
+        path each time. Read the tensor from it afresh: passes replace tensors."""
+        where = self._owners.get(name)
+        if where is None:
+            path, _, attr = name.rpartition(".")
+            if self._by_path is None:
+                self._by_path = dict(self.module.named_modules(remove_duplicate=False))
+            module = self._by_path.get(path)
+            where = self._owners[name] = (
+                module if module is not None else self.module.get_submodule(path), attr)
+        return where
 
     def replace_parameter(self, name: str, value: torch.Tensor) -> None:
         """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone;
@@ -249,8 +263,7 @@ class Graph:
     def _retarget(self, name: str, new: nn.Parameter | None) -> None:
         """Every name of the parameter ``name`` (one, or several for a tie) now holds ``new``;
         None deletes them."""
-        owner, _, attr = name.rpartition(".")
-        module = self.module.get_submodule(owner)
+        module, attr = self.owner(name)
         old = getattr(module, attr)
         for holder in list(self.module.modules() if self._tied() else [module]):
             for key, param in list(holder._parameters.items()):
@@ -368,7 +381,7 @@ class Graph:
         if module._code is self._code_installed and module.graph._len == self._code_nodes:
             return
         self._codes.clear()
-        self._mode_nodes = self._weights = self._submodules = None
+        self._mode_nodes = self._weights = self._submodules = self._by_path = None
         self._owners.clear()
         self._memo.clear()
         self._code_installed, self._code_nodes = module._code, module.graph._len

@@ -161,8 +161,7 @@ def _mask_buffer_owner(graph: Graph, node: Node) -> tuple[nn.Module, str] | None
     node."""
     for user in node.users:
         if mask_of(user) == node.target:
-            owner, _, attr = user.args[1].target.rpartition(".")
-            return graph.module.get_submodule(owner), attr
+            return graph.owner(user.args[1].target)
     return None
 
 

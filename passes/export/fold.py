@@ -23,24 +23,19 @@ def fold_masks(graph: Graph, *, recompile: bool = True) -> list[str]:
     ``recompile`` the module's code still reads the mask nodes: for a caller that edits the
     graph further and recompiles once (before anything runs it, even on an error)."""
     folded = []
-    muls = list(mask_nodes(graph))
-    # the masks' owners, found once (``get_submodule`` walks the path on each call)
-    modules = dict(graph.module.named_modules()) if muls else {}
-    for mul in muls:
+    for mul in list(mask_nodes(graph)):
         name = mask_of(mul)
         weight_node, mask_node = mul.args
-        path, _, attr = mask_node.target.rpartition(".")
-        if path not in modules:
-            modules[path] = graph.module.get_submodule(path)
+        owner, attr = graph.owner(mask_node.target)
         with torch.no_grad():
             weight = graph.parameter(name)
-            mask = modules[path].get_buffer(attr)
+            mask = owner.get_buffer(attr)
             graph.replace_parameter(name, weight.detach() * factor(mask))
         mul.replace_all_uses_with(weight_node)
         graph.module.graph.erase_node(mul)
         if not mask_node.users:
             graph.module.graph.erase_node(mask_node)
-            delattr(modules[path], attr)
+            delattr(owner, attr)
         folded.append(name)
     if recompile:
         graph.recompile()

@@ -36,7 +36,7 @@ from chop.passes.analysis.channel_groups import (
     current_flow,
 )
 from chop.passes.analysis.flow import Flow, MemberRecord, rule_for, trace_channels
-from chop.passes.analysis.flow.rule import Const, Consumer, Cut, owner
+from chop.passes.analysis.flow.rule import Const, Consumer, Cut
 from chop.passes.analysis.flow.rules.producers import Producer
 from chop.passes.export.common import checked_export
 from chop.passes.export.constants import channel_constants
@@ -209,7 +209,7 @@ def _cut_tensors(graph: Graph, flow: Flow, cut: Cut, created: dict[str, Consumer
                 if isinstance(entry.get(key), torch.Tensor):
                     entry[key] = take(entry[key])
         else:
-            module, attr = owner(graph, name)
+            module, attr = graph.owner(name)
             module._buffers[attr] = take(module._buffers[attr])
 
 

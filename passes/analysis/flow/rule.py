@@ -208,35 +208,14 @@ def tensor(graph: Graph, name: str | None) -> torch.Tensor | None:
 
 
 def find_tensor(graph: Graph, name: str) -> torch.Tensor | None:
-    """The parameter or buffer ``name``, else None; read afresh from its owner (passes replace
-    tensors, see :func:`owner`)."""
-    module, attr = owner(graph, name)
-    if module is None:
+    """The parameter or buffer ``name``, else None; read afresh from its owner
+    (:meth:`~chop.ir.graph.Graph.owner`: passes replace tensors)."""
+    try:
+        module, attr = graph.owner(name)
+    except AttributeError:
         return None
     found = module._parameters.get(attr)
     return found if found is not None else module._buffers.get(attr)
-
-
-def owner(graph: Graph, name: str) -> tuple[torch.nn.Module | None, str]:
-    """The submodule that ``name`` (a parameter or buffer) names an attribute of (None if none),
-    and the attribute. The submodules are looked up once per graph structure (``Graph.memo``;
-    passes never replace a submodule): ``get_submodule`` walks the path each time, and the
-    constants analysis, shrink and the groups' signature ask for hundreds of tensors."""
-    memo = graph.memo()
-    modules = memo.get(_MODULES)
-    if modules is None:
-        modules = memo[_MODULES] = dict(graph.module.named_modules())
-    path, _, attr = name.rpartition(".")
-    module = modules.get(path)
-    if module is None:  # a submodule shared under another name (named once), or none
-        try:
-            module = graph.module.get_submodule(path)
-        except AttributeError:
-            pass
-    return module, attr
-
-
-_MODULES = "chop.flow.modules"  # the memo key of the submodules by name
 
 
 def value_of(node: Any) -> torch.Tensor | None:
