@@ -1,9 +1,12 @@
 """Sparse weight kernels used by the ``sparse`` export pass.
 
 ``torch.ops.chop.csr_linear(x, values, col_indices, crow_indices, out_features, bias, kernels,
-from_rows, transposed)`` computes ``x @ W.T + bias`` for a weight ``W`` of shape ``(out_features,
-x.shape[-1])`` stored in CSR form (three plain tensors, so they are buffers in ``state_dict``).
-``x`` may have any leading shape and any strides.
+from_rows, transposed, in_features)`` computes ``x @ W.T + bias`` for a weight ``W`` of shape
+``(out_features, in_features)`` stored in CSR form (three plain tensors, so they are buffers in
+``state_dict``). ``x`` may have any leading shape and any strides; its last dim must be
+``in_features`` (a :class:`~chop.errors.DataError` otherwise: the kernels take the CSR indices on
+trust, and a narrower input would be read past its end). Without ``in_features`` (graphs saved
+before it existed) the largest column index is checked against ``x`` at each call instead.
 
 Layout: the CSR kernels compute ``W @ x.T``, an ``(out_features, rows)`` matrix; they read ``x``
 in either layout at the same speed. By default the result is copied into the usual row-major
@@ -69,7 +72,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chop.errors import PassError
+from chop.errors import DataError, PassError
 from chop.kernels.timing import interleaved_seconds
 
 CSR_OP = "chop::csr_linear"
@@ -150,6 +153,22 @@ def _check(x: torch.Tensor, values: torch.Tensor) -> None:
         )
 
 
+def _check_width(features: int, in_features: int | None, col_indices: torch.Tensor) -> None:
+    """Raise :class:`DataError` unless an input with ``features`` in its last dim fits the
+    weight: ``in_features`` wide, or (None) wider than its largest column index."""
+    if in_features is None:
+        fits = col_indices.numel() == 0 or int(col_indices.max()) < features
+        wide = "wider than its largest column index"
+    else:
+        fits, wide = features == in_features, f"{in_features}"
+    if not fits:
+        raise DataError(
+            f"chop.csr_linear: the input's last dim has {features} features, but the sparse "
+            f"layer's weight takes {wide}: give the layer inputs of the shape it was exported "
+            "with"
+        )
+
+
 def check_plan(kernels: Sequence[int] | None, from_rows: Sequence[int] | None) -> None:
     """Raise :class:`PassError` unless ``(kernels, from_rows)`` is a valid plan (module doc)."""
     kernels, from_rows = list(kernels or ()), list(from_rows or ())
@@ -176,10 +195,12 @@ def csr_linear_forward(
     x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
     out_features: int, bias: torch.Tensor | None = None, kernels: Sequence[int] | None = None,
     from_rows: Sequence[int] | None = None, transposed: bool = False,
+    in_features: int | None = None,
 ) -> torch.Tensor:
     """The computation of ``chop::csr_linear`` (the module doc), as a plain function: no
     dispatcher, no autograd (call it under ``torch.no_grad()``/``inference_mode``)."""
     _check(x, values)
+    _check_width(x.shape[-1], in_features, col_indices)
     csr, weight, column = _prepared(values, col_indices, crow_indices,
                                     (out_features, x.shape[-1]), bias)
     return _product(x, weight, csr, bias, column, kernels, from_rows, transposed)
@@ -204,8 +225,10 @@ def bind(
     """``x ↦ csr_linear_forward(x, values, …)`` for one layer whose weight has ``shape``, with
     what does not depend on ``x`` done once: the CSR tensor (over the same storage: in-place
     changes to ``values`` show, nothing is copied), the bias column, the plan's check. Per call
-    it checks nothing (a wrong input fails inside torch's op): for serving, where each
-    microsecond of a small layer counts (:func:`chop.passes.export.common.deployable`)."""
+    it checks nothing else (a wrong dtype fails inside torch's op): for serving, where each
+    microsecond of a small layer counts (:func:`chop.passes.export.common.deployable`), except
+    the input's width against ``shape`` (a :class:`DataError`: the kernels would read past a
+    narrower input's end)."""
     _check(values, values)  # on CPU, float32/float64 (the input is not checked per call)
     if bias is not None and bias.dtype != values.dtype:
         raise PassError(f"chop.csr_linear: bias dtype {bias.dtype} differs from the weights' "
@@ -216,6 +239,8 @@ def bind(
     kernels, from_rows = list(kernels or ()), list(from_rows or ())
 
     def sparse_linear(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != shape[1]:
+            _check_width(x.shape[-1], shape[1], col_indices)
         return _product(x, weight, csr, bias, column, kernels, from_rows, transposed)
 
     return sparse_linear
@@ -272,16 +297,18 @@ def _layout(y: torch.Tensor, transposed: bool) -> torch.Tensor:
 torch.library.define(
     CSR_OP,
     "(Tensor x, Tensor values, Tensor col_indices, Tensor crow_indices, SymInt out_features, "
-    "Tensor? bias=None, int[]? kernels=None, int[]? from_rows=None, bool transposed=False) "
-    "-> Tensor",
+    "Tensor? bias=None, int[]? kernels=None, int[]? from_rows=None, bool transposed=False, "
+    "SymInt? in_features=None) -> Tensor",
 )
 torch.library.impl(CSR_OP, "CPU")(csr_linear_forward)
 
 
 @torch.library.register_fake(CSR_OP)
 def _(x, values, col_indices, crow_indices, out_features, bias=None, kernels=None, from_rows=None,
-      transposed=False):
+      transposed=False, in_features=None):
     check_plan(kernels, from_rows)  # once, when a graph is traced or exported
+    if isinstance(in_features, int) and isinstance(x.shape[-1], int):
+        _check_width(x.shape[-1], in_features, col_indices)
     return empty_result(x, out_features, transposed)
 
 
@@ -342,19 +369,19 @@ class _CsrLinearGrad(torch.autograd.Function):
         grad_x = (torch.ops.chop.csr_linear_backward(grad, values, col, crow, ctx.in_features)
                   if needs[1] else None)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if needs[6] else None
-        return None, grad_x, None, None, None, None, grad_bias, None, None, None
+        return None, grad_x, None, None, None, None, grad_bias, None, None, None, None
 
 
 def _autograd_kernel(keyset: torch._C.DispatchKeySet, x: torch.Tensor, values: torch.Tensor,
                      col: torch.Tensor, crow: torch.Tensor, out_features: int,
                      bias: torch.Tensor | None = None, kernels: Sequence[int] | None = None,
-                     from_rows: Sequence[int] | None = None, transposed: bool = False
-                     ) -> torch.Tensor:
+                     from_rows: Sequence[int] | None = None, transposed: bool = False,
+                     in_features: int | None = None) -> torch.Tensor:
     """The op's Autograd kernel (see the module doc): ``torch.library.register_autograd``'s
     generic one also checks for out= arguments, builds a metadata object and fills in the
     defaults at every call, with or without grad. Like it, this one goes below the Autograd
     key by redispatching, so tracing (FakeTensor, ``torch.export``) records the op itself."""
-    args = (x, values, col, crow, out_features, bias, kernels, from_rows, transposed)
+    args = (x, values, col, crow, out_features, bias, kernels, from_rows, transposed, in_features)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _CsrLinearGrad.apply(keyset, *args)
     with torch._C._AutoDispatchBelowAutograd():

@@ -6,8 +6,8 @@ Each masked weight whose users are all linear-like (``aten.linear(x, W, b)``, GP
 - **csr**: its kept entries (exactly ``mask.sum()`` of them) become three buffers on the weight's
   module — ``<attr>_values``, ``<attr>_col_indices``, ``<attr>_crow_indices`` — and every user
   becomes one ``chop.csr_linear(x, values, col_indices, crow_indices, out, bias, kernels,
-  from_rows)`` call (see :mod:`chop.kernels.csr`). The dense parameter and the mask are removed,
-  so ``state_dict`` holds the non-zeros only;
+  from_rows, transposed, in)`` call (see :mod:`chop.kernels.csr`). The dense parameter and
+  the mask are removed, so ``state_dict`` holds the non-zeros only;
 - **semi-structured** (CUDA only): a 2:4 mask along the input dim becomes a
   ``torch.sparse.to_sparse_semi_structured`` parameter read by ``aten.linear``;
 - **dense**: kept dense, its mask folded (as ``fold`` does), with the reason recorded.
@@ -146,7 +146,7 @@ def _transpose_results(graph: Graph) -> int:
     layers = 0
     for node in chosen:
         if node.target is csr_linear:
-            node.args = (*node.args[:8], True)
+            node.args = (*node.args[:8], True, *node.args[9:])
             layers += 1
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):  # a result shaped like val: its leading dims are x's
@@ -197,7 +197,8 @@ def _replace_with_csr(
     transposed = uses[0][1][2]  # the parameter is (in, out); the CSR arrays are (out, in)
     for user, (x, bias, _) in uses:
         with g.inserting_before(user):
-            node = g.call_function(csr_linear, (x, *getters, out_features, bias, *plan, False))
+            node = g.call_function(csr_linear, (x, *getters, out_features, bias, *plan, False,
+                                                shape[1]))
         kept_meta = ("val", "stack_trace", "nn_module_stack")
         node.meta.update({k: v for k, v in user.meta.items() if k in kept_meta})
         meta.entries(node)[SPARSE] = {

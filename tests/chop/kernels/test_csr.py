@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chop.errors import PassError
+from chop.errors import DataError, PassError
 from chop.kernels import csr as sparse_ops
 
 needs_scipy = pytest.mark.skipif(not sparse_ops.have_scipy(), reason="the scipy kernel needs scipy")
@@ -117,6 +117,30 @@ def test_bind_rejects_what_the_op_would_reject_once_instead_of_per_call():
     with pytest.raises(PassError, match="float32/float64"):
         sparse_ops.bind(*sparse_ops.to_csr(torch.randn(4, 6).half(),
                                            torch.ones(4, 6, dtype=torch.bool)), (4, 6))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_IDS)
+def test_an_input_of_the_wrong_width_is_refused_not_read_past_its_end(kernel):
+    weight = torch.randn(4, 64)
+    mask = torch.zeros(4, 64, dtype=torch.bool)
+    mask[:, -1] = True  # the last column kept: a narrower input would be read past its end
+    csr = sparse_ops.to_csr(weight, mask)
+    layer = sparse_ops.bind(*csr, (4, 64), None, [kernel], [])
+    for features in (32, 63, 128):
+        x = torch.randn(2, features)
+        with pytest.raises(DataError, match=f"has {features} features, but the sparse layer's "
+                                            "weight takes 64"):
+            sparse_ops.csr_linear(x, *csr, 4, None, [kernel], [], False, 64)
+        with pytest.raises(DataError, match=f"has {features} features"), torch.no_grad():
+            layer(x)
+    # a graph saved before in_features: the largest stored column index is checked instead
+    for features in (32, 63):
+        with pytest.raises(DataError, match="wider than its largest column index"):
+            sparse_ops.csr_linear(torch.randn(2, features), *csr, 4, None, [kernel], [])
+    x = torch.randn(2, 64)
+    for y in (sparse_ops.csr_linear(x, *csr, 4, None, [kernel], [], False, 64),
+              sparse_ops.csr_linear(x, *csr, 4, None, [kernel], [])):
+        torch.testing.assert_close(y, F.linear(x, weight * mask))
 
 
 def test_the_plan_picks_the_kernel_by_row_count(monkeypatch):
