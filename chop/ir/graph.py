@@ -561,16 +561,27 @@ _CHECKS = {getattr(aten, n).default for n in (
     "sym_constrain_range_for_size") if hasattr(aten, n)}
 
 
+def droppable_guards(fx: torch.fx.Graph) -> bool:
+    """Whether code that skips torch.export's input guards (``_guards_fn``) still computes what
+    the graph does: every input is a tensor, so a wrong one fails inside an op. A number, flag or
+    string input was fixed at its traced value; only the guards refuse another value, which
+    the code would otherwise ignore."""
+    return all(isinstance(n.meta.get("val"), torch.Tensor)
+               for n in fx.find_nodes(op="placeholder"))
+
+
 def _lean_code(module: GraphModule) -> tuple:
-    """The code of ``module``'s graph without its checks (the input guards module, the assert
-    ops), without casts of a tensor to its own dtype (``to`` returns the tensor itself then),
-    slices that take all of a tensor, and values nothing uses: what :meth:`Graph.mode` runs
-    with ``lean``."""
+    """The code of ``module``'s graph without its checks (the input guards module where
+    :func:`droppable_guards`, the assert ops), without casts of a tensor to its own dtype
+    (``to`` returns the tensor itself then), slices that take all of a tensor, and values
+    nothing uses: what :meth:`Graph.mode` runs with ``lean``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
         fx = copy.deepcopy(module.graph)  # node.meta is copied shallowly
+    guards = droppable_guards(fx)
     for node in list(fx.nodes):
-        if (node.op == "call_module" and node.target == "_guards_fn" and not node.users) or (
+        if (node.op == "call_module" and node.target == "_guards_fn" and guards
+                and not node.users) or (
                 node.op == "call_function" and node.target in _CHECKS and not node.users):
             fx.erase_node(node)
         elif (node.target is aten.to.dtype and len(node.args) == 2 and not node.kwargs

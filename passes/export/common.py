@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.fx import GraphModule
 
-from chop.ir.graph import Graph
+from chop.ir.graph import Graph, droppable_guards
 from chop.kernels.csr import bind, csr_linear_forward
 from chop.kernels.timing import median_seconds
 from chop.pipeline.batches import call, check_same_outputs
@@ -129,7 +129,9 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
     what ``graph`` computes in eval mode, minus these per-call costs:
 
     - the input guards of the exported module (a ``_guards_fn`` submodule call, ~30 µs; a wrong
-      input shape now fails inside an op instead of with torch.export's message);
+      input shape now fails inside an op instead of with torch.export's message), when every
+      input is a tensor: a number or flag that torch.export fixed at its traced value keeps
+      them, so that another value still fails instead of being ignored;
     - the BatchNorm counter updates;
     - the pytree flattening of inputs and outputs, when the graph takes positional tensors and
       returns tensors in tuples, lists or dicts (other calling conventions, keyword inputs and
@@ -151,27 +153,29 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
         fx = copy.deepcopy(graph.module.graph)
     output = fx.output_node()
+    guards = droppable_guards(fx)
     for node in list(fx.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if node.op == "call_module" and node.target == "_guards_fn" and guards:
             fx.erase_node(node)
         elif node.target is torch.ops.chop.csr_linear.default:
             # its own layout only for a result that the graph returns and reads nowhere else
             _bind_sparse(graph, node, contiguous_outputs or set(node.users) != {output})
     _plain_calls(fx)
-    fx.eliminate_dead_code()  # the eval-mode counter adds, the sparse layers' attribute reads
     module = GraphModule(graph.module, fx, class_name="Deployable")
+    fx.eliminate_dead_code()  # the eval-mode counter adds, the sparse layers' attribute reads
+    module.recompile()
     return module.eval()
 
 
 _CSR_ARGS = ("x", "values", "col_indices", "crow_indices", "out_features", "bias", "kernels",
-             "from_rows", "transposed")  # chop::csr_linear's schema, in order
+             "from_rows", "transposed", "in_features")  # chop::csr_linear's schema, in order
 
 
 def _bind_sparse(graph: Graph, node: torch.fx.Node, contiguous: bool) -> None:
     """Point a ``csr_linear`` node at its layer bound by :func:`~chop.kernels.csr.bind`."""
     args = {"bias": None, "kernels": None, "from_rows": None, "transposed": False,
-            **dict(zip(_CSR_ARGS, node.args)), **node.kwargs}
-    x, values, col, crow, out_features, bias, kernels, from_rows, transposed = (
+            "in_features": None, **dict(zip(_CSR_ARGS, node.args)), **node.kwargs}
+    x, values, col, crow, out_features, bias, kernels, from_rows, transposed, _ = (
         args[name] for name in _CSR_ARGS)
     val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
     held = (values, col, crow) + ((bias,) if bias is not None else ())
@@ -179,8 +183,8 @@ def _bind_sparse(graph: Graph, node: torch.fx.Node, contiguous: bool) -> None:
             and isinstance(out_features, int)
             and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in held)):
         node.target = csr_linear_forward  # tensors made by the graph: the plain function
-        node.args = tuple(args[name] for name in _CSR_ARGS[:-1]) + (transposed or not contiguous,)
-        node.kwargs = {}
+        args["transposed"] = transposed or not contiguous
+        node.args, node.kwargs = tuple(args[name] for name in _CSR_ARGS), {}
         return
     tensors = [None if a is None else operator.attrgetter(a.target)(graph.module)
                for a in (values, col, crow, bias)]

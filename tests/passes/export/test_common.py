@@ -9,6 +9,7 @@ from torch import nn
 
 import chop
 import zoo
+from chop.errors import DataError
 from chop.passes.export.common import deployable
 
 
@@ -120,6 +121,44 @@ def test_deployable_serves_a_saved_pt2(mlp, mlp_batches, tmp_path):
         for rows in (1, 5):  # any batch size, as the .pt2 takes
             y = mlp_batches[1][0][:rows]
             torch.testing.assert_close(module(y), graph.eval()(y), rtol=0, atol=0)
+
+
+def test_a_saved_sparse_graph_and_its_deployable_refuse_an_input_of_the_wrong_width(
+        mlp, mlp_batches, tmp_path):
+    """The kernels take the CSR indices on trust: each sparse layer carries its input width
+    through the `.pt2`, and the bound layers check it."""
+    x = mlp_batches[0][0]
+    graph = chop.run(chop.trace(mlp, (x,)), "magnitude, mask{sparsity=0.7}, sparse{mode=all}")
+    chop.save(graph, tmp_path / "out", (x,))
+    loaded = torch.export.load(tmp_path / "out" / "model.pt2").module()
+    layers = loaded.graph.find_nodes(op="call_function", target=torch.ops.chop.csr_linear.default)
+    widths = [n.args[0].meta["val"].shape[-1] for n in layers]
+    assert [n.args[9] for n in layers] == widths and len(widths) == 3
+    module = deployable(chop.Graph(loaded, training=False, name="mlp"))
+    with torch.inference_mode(), pytest.raises(DataError, match=f"has {widths[0] - 1} features"):
+        module(x[:, :-1])
+
+
+def test_deployable_keeps_the_guards_of_an_input_that_export_fixed_at_its_traced_value():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, scale):
+            return self.fc(x) * scale
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    graph = chop.trace(Scaled(), (x, 2.0)).eval()
+    module = deployable(graph)
+    assert "_guards_fn" in module.code
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x, 2.0), graph(x, 2.0), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="scale == 2.0"):
+            module(x, 3.0)  # not computed with 2.0 instead
+    tensors_only = deployable(chop.trace(nn.Linear(4, 4), (x,)))
+    assert "_guards_fn" not in tensors_only.code
 
 
 def test_deployable_keeps_the_calling_convention_of_tuple_outputs():
