@@ -252,8 +252,15 @@ class Graph:
 
     def replace_parameter(self, name: str, value: torch.Tensor) -> None:
         """Point parameter ``name`` at a new tensor, leaving the old one (and the model) alone;
-        every other name of the same parameter (a tied embedding and LM head) follows."""
-        self._retarget(name, nn.Parameter(value, requires_grad=self.parameter(name).requires_grad))
+        every other name of the same parameter (a tied embedding and LM head) follows. A
+        parameter stored channels-last (the ``channels-last`` pass) stays so: the new value is
+        restrided when it is not (``weight * mask`` of a 1×1 kernel comes out row-major)."""
+        old = self.parameter(name)
+        layout = channels_last_format(old)
+        if layout is not None and value.dim() == old.dim() and value.stride() != strides_of(
+                value.shape, layout):
+            value = value.clone(memory_format=layout)
+        self._retarget(name, nn.Parameter(value, requires_grad=old.requires_grad))
 
     def remove_parameter(self, name: str) -> None:
         """Delete parameter ``name`` and every other name of the same parameter (a tie), once
@@ -541,6 +548,25 @@ class Graph:
                 node.replace_all_uses_with(kept[name])
                 self.module.graph.erase_node(node)
         self.module.recompile()
+
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dim
+
+
+def strides_of(shape: torch.Size, layout: torch.memory_format) -> tuple[int, ...]:
+    """The strides a new tensor of ``shape`` gets in memory format ``layout``."""
+    return torch.empty(shape, device="meta", memory_format=layout).stride()
+
+
+def channels_last_format(tensor: torch.Tensor) -> torch.memory_format | None:
+    """``torch.channels_last`` (``_3d``) when ``tensor`` (4-D, 5-D) has exactly the strides that
+    format gives its shape and not the row-major ones, else None. ``is_contiguous(memory_format=
+    ...)`` is not that test: a 1×1 or depthwise kernel is contiguous in both formats, yet a
+    convolution reads the layout from the order of the strides."""
+    layout = CHANNELS_LAST.get(tensor.dim())
+    if layout is None or tensor.stride() != strides_of(tensor.shape, layout):
+        return None
+    return None if tensor.stride() == strides_of(tensor.shape, torch.contiguous_format) else layout
 
 
 def _code_of(module: GraphModule) -> tuple:

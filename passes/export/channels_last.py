@@ -11,7 +11,8 @@ Whether it pays depends on the machine and the batch: on this project's 2-core C
 shrunk ResNet-50 much faster at batch 16–32 and a little slower at batch 1
 (``benchmarks/bench_shrink.py`` prints both). With ``timing`` and data, the model's latency
 before and after is reported, so measure before shipping. The memory format survives
-``torch.export.save``/``load``.
+``torch.export.save``/``load`` and the passes that replace a conv weight after this one
+(``fold``, ``fold-bn``, ``shrink``, and the mask folding of ``chop.save``).
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
-
 from chop.ir import meta
-from chop.ir.graph import Graph
+from chop.ir.graph import CHANNELS_LAST, Graph, strides_of
 from chop.passes.export.common import checked_export
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 log = logging.getLogger("chop")
-
-_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def to_channels_last(graph: Graph) -> list[str]:
@@ -37,23 +34,18 @@ def to_channels_last(graph: Graph) -> list[str]:
     already channels-last are left alone).
 
     A weight counts as channels-last when its strides are the ones ``torch.channels_last``
-    gives its shape. ``is_contiguous(memory_format=...)`` is not that test: a 1×1 or depthwise
-    kernel (or one input channel) is contiguous in both formats, yet a conv reads the layout
-    from the strides' order and runs NCHW on the row-major copy."""
+    gives its shape (:func:`~chop.ir.graph.strides_of`). Passes that replace such a weight
+    later keep its layout (:meth:`~chop.ir.graph.Graph.replace_parameter`)."""
     converted = []
     for node in graph.weight_nodes():
         weight = graph.parameter(node)
-        layout = _FORMATS.get(weight.dim())
+        layout = CHANNELS_LAST.get(weight.dim())
         if meta.entries(node).get("role") != "conv" or layout is None:
             continue
-        if weight.stride() != _strides(weight.shape, layout):
+        if weight.stride() != strides_of(weight.shape, layout):
             graph.replace_parameter(node.target, weight.detach().clone(memory_format=layout))
             converted.append(node.target)
     return converted
-
-
-def _strides(shape: torch.Size, layout: torch.memory_format) -> tuple[int, ...]:
-    return torch.empty(shape, device="meta", memory_format=layout).stride()
 
 
 @dataclass(frozen=True)

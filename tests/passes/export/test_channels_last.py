@@ -10,6 +10,7 @@ from torch import nn
 
 import chop
 from chop.cli.outputs import export_program
+from chop.ir.graph import strides_of
 
 
 class Mixed(nn.Module):
@@ -96,6 +97,41 @@ def test_pointwise_and_depthwise_convs_are_restrided_as_module_to_does(tmp_path)
         warnings.simplefilter("always")
         chop.save(graph, tmp_path / "out", x)
     assert not [w for w in caught if "complete tensor" in str(w.message)]
+
+
+def _separable() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, groups=16, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+
+
+def _conv_strides(named: dict) -> dict:
+    """name -> (strides, channels-last strides of its shape) of each 4-D weight."""
+    return {k: (v.stride(), strides_of(v.shape, torch.channels_last)) for k, v in named.items()
+            if k.endswith("weight") and v.dim() == 4}
+
+
+def test_passes_after_channels_last_and_the_saved_model_keep_the_layout(tmp_path):
+    """fold (weight × mask), shrink (sliced weights), fold-bn (scaled weights) and chop.save's
+    mask folding replace conv weights: a 1×1 or depthwise product came out row-major, and the
+    model ran NCHW again from its first conv on, silently."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    for pipeline in ("channels-last, random, mask{sparsity=0.5}, fold",
+                     "channels-last, random, mask{granularity=channel, sparsity=0.5}, shrink, "
+                     "fold-bn"):
+        graph = chop.run(chop.trace(_separable(), (x,)).eval(), pipeline)
+        strides = _conv_strides(dict(graph.module.named_parameters()))
+        assert len(strides) == 4 and all(s == cl for s, cl in strides.values()), (pipeline, strides)
+        with torch.no_grad():
+            assert graph(x)[0].numel() == 4
+    graph = chop.run(chop.trace(_separable(), (x,)).eval(),
+                     "random, mask{sparsity=0.5}, channels-last")
+    chop.save(graph, tmp_path / "out", x)
+    saved = torch.export.load(tmp_path / "out" / "model.pt2").state_dict
+    strides = _conv_strides(saved)
+    assert len(strides) == 4 and all(s == cl for s, cl in strides.values()), strides
 
 
 def test_a_graph_without_convs_is_told_so_and_not_blamed_on_masks(mlp, mlp_batches, caplog):
