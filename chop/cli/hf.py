@@ -515,8 +515,13 @@ def _fit(cls: type, config: Any, shapes: dict[str, tuple[int, ...]]) -> Any:
 
     best, score = config, matching(config)
     if score < 0:
-        return (f"the pruned graph's parameters are not {cls.__name__}'s (the sparse export "
-                "stores weights in its own format); model.pt2 is the pruned model")
+        names = set(built(config) or {})
+        missing, new = sorted(names - shapes.keys()), sorted(shapes.keys() - names)
+        told = "; ".join(f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in (
+            (missing, f"of {cls.__name__}'s are gone"), (new, "are not its")) if keys)
+        return (f"the pruned graph's parameter names are not {cls.__name__}'s ({told}: a pass "
+                "such as fold-bn, which folds BatchNorm into the convs, or sparse, which stores "
+                "weights in its own format, changed them); model.pt2 is the pruned model")
     improved = True
     while improved and score < len(shapes):
         improved = False

@@ -240,8 +240,9 @@ def test_fit_config_finds_uniform_widths_and_heads_or_says_why():
         "24×32, but it is 16×32 (1 parameter(s) differ). Layers shrunk to different widths")
     csr = {k: v for k, v in state.items() if k != "model.layers.0.mlp.up_proj.weight"}
     csr["model.layers.0.mlp.up_proj.crow_indices"] = torch.zeros(25, dtype=torch.int64)
-    assert "the sparse export stores weights in its own format" in hf.fit_config(
-        transformers.LlamaForCausalLM, llama.config, csr)
+    assert ("(1 of LlamaForCausalLM's are gone, e.g. model.layers.0.mlp.up_proj.weight; 1 are "
+            "not its, e.g. model.layers.0.mlp.up_proj.crow_indices: a pass such as fold-bn") in (
+        hf.fit_config(transformers.LlamaForCausalLM, llama.config, csr))
     bert = zoo.hf_model("bert")  # fewer heads of the same size: BERT's head size is fixed
     state = {k: v[:16] if "attention.self" in k else v for k, v in bert.state_dict().items()}
     assert "cannot express" in hf.fit_config(type(bert), bert.config, state)
