@@ -3,6 +3,8 @@ deployable, the graph in eval mode without per-call overheads."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -222,6 +224,44 @@ def test_the_export_check_runs_two_samples_and_still_catches_a_wrong_rewrite(cnn
     checked_export(cnn_graph, Context(data=[(x, None)]), lambda: None, True, "timed")
     assert seen[0] == 2 and seen.count(2) == 2  # the check: two samples before and after
     assert set(seen) == {2, x.shape[0]}  # the timing: the whole batch
+
+
+def _ill_conditioned() -> tuple[nn.Module, torch.Tensor]:
+    """A conv + BatchNorm on inputs around 1000, with the running statistics such data leaves:
+    float32 loses about four digits to cancellation, in the model and in any rewrite of it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    x = 1000 + torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        z = model[0](x)
+        model[1].running_mean.copy_(z.mean((0, 2, 3)))
+        model[1].running_var.copy_(z.var((0, 2, 3)))
+    return model.eval(), x
+
+
+def test_the_export_check_tells_float32_round_off_of_an_ill_conditioned_model_from_a_bug(caplog):
+    from chop.passes.export.common import ROUND_OFF_MARGIN, checked_export
+    from chop.pipeline.pass_base import Context
+
+    model, x = _ill_conditioned()
+    graph = chop.trace(model, (x,))
+    data = [(x, torch.zeros(4, dtype=torch.long))]
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(graph, "fold-bn", data=data)  # was an InternalError: "a bug in chop"
+    found = graph.history[-1].info["check_round_off"]
+    assert 0 < found["difference"] <= ROUND_OFF_MARGIN * found["float32_round_off"]
+    assert "it is float32 round-off" in caplog.text
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        folded = (graph.eval()(x).double() - exact).abs().max()
+        assert folded <= 2 * (model(x).double() - exact).abs().max()  # as exact as the model
+
+    def wrong() -> None:  # a real change of the function is still refused on such a model
+        with torch.no_grad():
+            graph.parameter("0.bias").add_(0.01)
+
+    with pytest.raises(chop.InternalError, match="the wrong graph"):
+        checked_export(graph, Context(data=data), wrong, False, "wrong")
 
 
 def test_the_export_check_runs_inputs_whole_when_they_are_not_the_graphs(cnn_graph):
