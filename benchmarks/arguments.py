@@ -5,6 +5,7 @@ measurement, or an empty table)."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -24,6 +25,23 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def number_at_least(low: float, *, inclusive: bool = True) -> Callable[[str], float]:
+    """An ``argparse`` type: a finite number ``>= low`` (``> low`` when not ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f"at least {low:g}" if inclusive else f"more than {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound} (a finite number), got {text}")
+        return value
+
+    parse.__name__ = f"number {'>=' if inclusive else '>'} {low:g}"
+    return parse
+
+
 def sparsity_arg(text: str) -> float:
     """An ``argparse`` type: a share of weights to prune, in [0, 1)."""
     try:
@@ -33,3 +51,21 @@ def sparsity_arg(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (0.9 prunes 90%), got {value}")
     return value
+
+
+def unique(values: list) -> list:
+    """``values`` without repeats, in their first order (``--batches 1 1`` measures batch 1 once:
+    tables keyed by the value would otherwise lose or misalign a column)."""
+    return list(dict.fromkeys(values))
+
+
+def share(value: float) -> str:
+    """A sparsity for a table cell: two decimals, or all it needs (0.999, not 1.00)."""
+    text = f"{value:.2f}"
+    return text if float(text) == value else str(value)
+
+
+def percent(value: float) -> str:
+    """A sparsity as a percentage: whole, or with the decimals it needs (99.9%, not 100%)."""
+    text = f"{value:.0%}"
+    return text if float(text[:-1]) / 100 == value else f"{value * 100:.6g}%"

@@ -124,8 +124,12 @@ def main() -> None:
     parser.add_argument("--calls", type=at_least(1), default=3)
     parser.add_argument("--batch-forward", type=at_least(1), default=32)
     parser.add_argument("--batch-train", type=at_least(1), default=16)
-    parser.add_argument("--worker", nargs=2, metavar=("SETTING", "WORKLOAD"), default=None)
+    parser.add_argument("--worker", nargs=2, metavar=("SETTING", "WORKLOAD"), default=None,
+                        help="internal: one measuring process")
     args = parser.parse_args()
+    if args.worker and (args.worker[0] not in SETTINGS or args.worker[1] not in WORKLOADS):
+        parser.error(f"--worker {' '.join(args.worker)}: SETTING is one of {', '.join(SETTINGS)}, "
+                     f"WORKLOAD one of {', '.join(WORKLOADS)}")
     if args.worker:
         print(json.dumps(worker(*args.worker, args)))
         return
@@ -136,7 +140,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{args.rounds} rounds of one process per setting, {args.calls} calls each after one "
-          f"to warm up; load average {load()}\n")
+          f"to warm up; batch {args.batch_forward} (forward), {args.batch_train} (train, "
+          f"structured); load average {load()}\n")
     print("| workload | default: s per call | reuse: s per call | default ÷ reuse "
           "| page faults per call (default / reuse) | peak MiB (default / reuse) "
           "| MiB kept after (default / reuse) |")

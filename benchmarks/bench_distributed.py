@@ -51,7 +51,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from arguments import at_least, sparsity_arg
+from arguments import at_least, percent, sparsity_arg
 from torch import nn
 
 import chop
@@ -189,18 +189,21 @@ def main() -> None:
     parser.add_argument("--width", type=at_least(1), default=4096)
     parser.add_argument("--depth", type=at_least(1), default=24)
     parser.add_argument("--classes", type=at_least(2), default=16)
-    parser.add_argument("--batch", type=int, default=8, help="samples per batch")
-    parser.add_argument("--batches", type=int, default=2, help="batches in all (split over ranks)")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="samples per batch")
+    parser.add_argument("--batches", type=int, default=2,
+                        help="batches in all, an even number (split over the 2 ranks)")
     parser.add_argument("--sparsity", type=sparsity_arg, default=0.9)
     args = parser.parse_args()
-    if args.batches < 2:
-        parser.error(f"--batches {args.batches}: at least 2, since the 2-rank runs split the "
-                     "batches over the ranks and each rank needs one to score")
+    if args.batches < 2 or args.batches % 2:
+        parser.error(f"--batches {args.batches}: an even number (at least 2), since the 2-rank "
+                     "runs split the batches over the ranks and each rank needs as many to score "
+                     "(FSDP2's ranks wait for each other at every forward and backward)")
     params = args.depth * (args.width * args.width + args.width) + args.classes * (args.width + 1)
+    count = f"{params / 1e6:.0f}M" if params >= 1e6 else f"{params:,}"
     print(f"model: {args.depth} x Linear({args.width}, {args.width}) + head, "
-          f"{params / 1e6:.0f}M parameters ({params * 4 / GiB:.2f} GiB float32); "
-          f"snip on {args.batches} batches of {args.batch}, mask at {args.sparsity:.0%} global; "
-          f"{os.cpu_count()} CPU cores")
+          f"{count} parameters ({params * 4 / GiB:.2f} GiB float32); "
+          f"snip on {args.batches} batches of {args.batch}, mask at {percent(args.sparsity)} "
+          f"global; {os.cpu_count()} CPU cores")
     runs = {"one": launch("one", 1, args), "dp": launch("dp", 2, args),
             "fsdp": launch("fsdp", 2, args)}
     names = {"one": "1 rank, whole model", "dp": "2 ranks, data parallel",

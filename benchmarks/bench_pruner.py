@@ -51,10 +51,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
-from arguments import at_least, sparsity_arg  # noqa: E402
+from arguments import at_least, percent, sparsity_arg, unique  # noqa: E402
 
+from chop.errors import ChopError  # noqa: E402
 from chop.pipeline.batches import call, logits_of  # noqa: E402
-from chop.training.pruner import Pruner  # noqa: E402
+from chop.training.pruner import Pruner, criterion_pass  # noqa: E402
 from chop.training.schedule import Schedule  # noqa: E402
 
 TARGETS = {"lenet5": 1.25, "bert-small": 1.10}
@@ -193,7 +194,8 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
     if pruner is not None:
         kept = sum(int(m.count_nonzero()) for m in pruner.masks.values())
         total = sum(m.numel() for m in pruner.masks.values())
-        assert abs(1 - kept / total - sparsity) < 1e-3, (kept, total)
+        reached = 1 - kept / total if total else 0.0  # at sparsity 0 nothing is masked
+        assert abs(reached - sparsity) < 1e-3, (kept, total)
 
 
 def lockstep(make, batches, variants: list, steps: int, warmup: int, sparsity: float,
@@ -237,11 +239,16 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    criteria = [c.strip() for c in args.criteria.split(";") if c.strip()]
+    criteria = unique([c.strip() for c in args.criteria.split(";") if c.strip()])
+    for c in criteria:  # before any model is built
+        try:
+            criterion_pass(c)
+        except ChopError as e:
+            parser.error(f"--criteria {c!r}: {str(e).splitlines()[0]}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"{os.cpu_count()} CPUs; "
           f"{args.steps} steps × {args.rounds} rounds in lockstep, pruning every step to "
-          f"{args.sparsity:.0%}; load average {load()}\n")
+          f"{percent(args.sparsity)}; load average {load()}\n")
     for why in skipped.values():
         print(why + "\n")
     print("| model | variant | median step ms | × no Pruner (paired) | target |")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arguments import at_least, sparsity_arg  # noqa: E402
+from arguments import at_least, percent, sparsity_arg, unique  # noqa: E402
 
 import chop  # noqa: E402
 from chop.ir import meta  # noqa: E402
@@ -190,6 +190,10 @@ def main() -> None:
                         help="first call chop.kernels.allocator.reuse_freed_memory(), as the "
                         "chop command line does (see benchmarks/bench_allocator.py)")
     args = parser.parse_args()
+    if "vgg" in args.models and len(args.widths) > 11:
+        parser.error(f"--widths: at most 11 layers, got {len(args.widths)} (a 2×2 max-pool "
+                     "follows every second one, and the inputs are 32×32)")
+    args.models, args.batches = unique(args.models), unique(args.batches)  # one column each
     if args.reuse_freed_memory and not reuse_freed_memory():
         raise SystemExit("--reuse-freed-memory: reuse_freed_memory() did nothing here (not "
                          "glibc, or the environment chose the allocator)")
@@ -200,10 +204,13 @@ def main() -> None:
         have_tp = f"Torch-Pruning {tp.__version__}"
     except ImportError:
         have_tp = "Torch-Pruning not installed (its column is left out)"
+    big_repeats = min(args.repeats, max(3, args.repeats // 2))  # batches over 32 32×32 images
+    fewer = (f" ({big_repeats} for batches with more pixels than 32 images of 32×32)"
+             if big_repeats < args.repeats else "")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{have_tp}; {args.sparsity:.0%} of each channel group removed; "
+          f"{have_tp}; {percent(args.sparsity)} of each channel group removed; "
           f"{'freed memory reused; ' if args.reuse_freed_memory else ''}{args.stat} of "
-          f"{args.repeats} interleaved repeats; load average {load()}\n")
+          f"{args.repeats} interleaved repeats{fewer}; load average {load()}\n")
     for name in args.models:
         torch.manual_seed(args.seed)
         model, size = (VGG(args.widths), 32) if name == "vgg" else (ResNet50(), 224)
@@ -218,7 +225,7 @@ def main() -> None:
         times = {}
         for batch in args.batches:
             x = torch.randn(batch, 3, size, size)
-            repeats = args.repeats if batch * size * size <= 32 * 32 * 32 else max(3, args.repeats // 2)
+            repeats = big_repeats if batch * size * size > 32 * 32 * 32 else args.repeats
             times[batch] = interleaved_seconds({k: (lambda v=v, x=x: v(x)) for k, v in variants.items()},
                                                repeats=repeats, warmup=1, statistic=args.stat)
         print("| variant | " + " | ".join(f"batch {b}: ms | speedup | ÷ FLOPs" for b in args.batches)

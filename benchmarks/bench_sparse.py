@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arguments import at_least, sparsity_arg  # noqa: E402
+from arguments import at_least, share, sparsity_arg  # noqa: E402
 
 import chop  # noqa: E402
 from chop.kernels.csr import (  # noqa: E402
@@ -291,7 +291,8 @@ def main() -> None:
     parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 32])
     parser.add_argument("--cases", nargs="+", default=["linear", "mlp"], choices=list(CASES))
     parser.add_argument("--repeats", type=at_least(1), default=15)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=at_least(1), default=None,
+                        help="torch intra-op threads")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic over the repeats (min: least disturbed by other load)")
     args = parser.parse_args()
@@ -317,7 +318,7 @@ def main() -> None:
                                         statistic=args.stat)
                 best_torch = min(t[m] for m in TORCH_FORMS)
                 cells = [f"{t['dense'] / t[m]:.1f}×" for m in METHODS[1:]]
-                print(f"| {case} | {batch} | {sparsity:.2f} | {t['dense'] * 1e3:.3f} | "
+                print(f"| {case} | {batch} | {share(sparsity)} | {t['dense'] * 1e3:.3f} | "
                       + " | ".join(cells) + f" | {best_torch / t['chop']:.2f} | "
                       f"{best_torch / t['chop deploy']:.2f} |", flush=True)
                 notes.append(f"{case} b={batch} s={sparsity}: {extra}")

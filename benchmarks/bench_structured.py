@@ -101,6 +101,7 @@ def torchvision_model(name: str):
 
 
 MODELS = {"resnet50": resnet50, "bert": bert}
+BERT_POSITIONS = 512  # BertConfig().max_position_embeddings
 
 
 def model_builder(name: str):
@@ -299,6 +300,9 @@ def main() -> None:
                         help="cProfile one chop run of this model instead of benchmarking")
     parser.add_argument("--profile-lines", type=at_least(1), default=40)
     args = parser.parse_args()
+    if "bert" in ([args.profile] if args.profile else args.models) and args.seq > BERT_POSITIONS:
+        parser.error(f"--seq {args.seq}: BERT-base takes at most {BERT_POSITIONS} tokens "
+                     "(its max_position_embeddings)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

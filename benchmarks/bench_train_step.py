@@ -57,7 +57,7 @@ from chop.training.loop import fast_masks  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_pruner  # noqa: E402
-from arguments import at_least, sparsity_arg  # noqa: E402
+from arguments import at_least, percent, sparsity_arg  # noqa: E402
 from bench_snip import ResNet18  # noqa: E402  (the same ResNet-18 for 32×32 inputs)
 
 TARGET = 1.05
@@ -192,7 +192,7 @@ def main() -> None:
         print(f"{peak_extra_mib(v, batches, args.warmup, args.steps):.3f}")
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{args.sparsity:.0%} sparsity, Adam; {args.steps} steps × {args.rounds} rounds, "
+          f"{percent(args.sparsity)} sparsity, Adam; {args.steps} steps × {args.rounds} rounds, "
           f"interleaved step by step; load average {load()}\n")
     for why in skipped.values():
         print(why + "\n")

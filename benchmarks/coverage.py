@@ -71,6 +71,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from arguments import number_at_least
+
 import chop
 from chop.passes.analysis.channel_groups import channel_groups
 
@@ -540,7 +543,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the model names and exit")
     parser.add_argument("--no-torch-pruning", action="store_true",
                         help="leave out the Torch-Pruning column")
-    parser.add_argument("--tp-timeout", type=float, default=120.0,
+    parser.add_argument("--tp-timeout", type=number_at_least(0, inclusive=False),
+                        default=120.0,
                         help="seconds for Torch-Pruning's constructor and step per model")
     args = parser.parse_args()
     models = dict(MODELS)

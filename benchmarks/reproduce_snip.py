@@ -57,6 +57,7 @@ import importlib.util
 import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -67,13 +68,16 @@ from typing import Any
 import torch
 from torch import nn
 
-import chop
-from chop.cli.models import LeNet300100
-from chop.ir import meta
-from chop.ir.graph import Graph
-from chop.ir.masks import MASK_OF, insert_mask
-from chop.passes.analysis.collapse import collapse_summary, effective_masks
-from chop.training.loop import TrainSpec, accuracy, train_graph
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import at_least, sparsity_arg, unique  # noqa: E402
+
+import chop  # noqa: E402
+from chop.cli.models import LeNet300100  # noqa: E402
+from chop.ir import meta  # noqa: E402
+from chop.ir.graph import Graph  # noqa: E402
+from chop.ir.masks import MASK_OF, insert_mask  # noqa: E402
+from chop.passes.analysis.collapse import collapse_summary, effective_masks  # noqa: E402
+from chop.training.loop import TrainSpec, accuracy, train_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -543,21 +547,24 @@ def plot(runs: list[Run], path: Path) -> bool:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def _sparsities(text: str) -> list[float]:
+    """Comma-separated sparsities, each in [0, 1), without repeats."""
+    return unique([sparsity_arg(x) for x in text.split(",") if x.strip()])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
+    parser.add_argument("--seeds", type=at_least(1), default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--epochs", type=at_least(1), default=60,
+                        help="training epochs (default 60)")
     parser.add_argument("--models", default="mlp,lenet5", help="mlp,lenet5")
     parser.add_argument("--criteria", default=",".join(CRITERIA), help=",".join(CRITERIA))
-    parser.add_argument("--sparsities", type=_floats, default=list(SPARSITIES),
+    parser.add_argument("--sparsities", type=_sparsities, default=list(SPARSITIES),
                         help="comma-separated, e.g. 0.9,0.98")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out",
                         help="folder for reproduction.md, reproduction.png, results.json")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=at_least(1), default=2,
+                        help="torch threads (default 2)")
     parser.add_argument("--no-collapse", action="store_true",
                         help="skip the masks-only analyses (collapse scan, effective fractions)")
     parser.add_argument("--from-json", type=Path, metavar="RESULTS",
