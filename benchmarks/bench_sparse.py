@@ -144,7 +144,7 @@ def linear_case(sparsity: float, batch: int, seed: int = 0) -> tuple[dict, dict]
     layer = bind(*csr, (SIZE, SIZE), bias, kernels, from_rows, True)
     fns = {
         "dense": lambda: F.linear(x, dense, bias),
-        "chop": lambda: csr_linear(x, *csr, SIZE, bias, kernels, from_rows, True),
+        "chop": lambda: csr_linear(x, *csr, SIZE, bias, kernels, from_rows, True, SIZE),
         "chop deploy": lambda: layer(x),
         **torch_forms([(dense, bias)], x),
     }
@@ -262,12 +262,12 @@ def per_call_costs() -> dict[str, float]:
     def with_bias(op: Callable[..., torch.Tensor], grad: bool) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:  # interleaved_seconds times under no_grad
             with torch.set_grad_enabled(grad):
-                return op(x, *csr, 1, bias, [1], [])
+                return op(x, *csr, 1, bias, [1], [], False, 1)
         return call
 
     t = interleaved_seconds({
-        "custom op": lambda: csr_linear(x, *csr, 1, None, [1], []),
-        "plain function": lambda: csr_linear_forward(x, *csr, 1, None, [1], []),
+        "custom op": lambda: csr_linear(x, *csr, 1, None, [1], [], False, 1),
+        "plain function": lambda: csr_linear_forward(x, *csr, 1, None, [1], [], False, 1),
         "bound layer": lambda: layer(x),
         "custom op, trainable bias, grad on": with_bias(csr_linear, True),
         "the same, generic autograd kernel": with_bias(generic, True),

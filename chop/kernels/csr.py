@@ -42,7 +42,7 @@ It is a custom op (``torch.library.define`` + ``impl``) with a fake implementati
 autograd formula, so graphs holding it still export with torch.export and run under FakeTensor;
 loading such a ``.pt2`` needs this module imported (``import chop``) so the op is registered. A
 plan naming ``scipy`` runs ``torch-mm`` where scipy is not installed (same result). Each call
-through the dispatcher costs ~15 µs more than calling :func:`csr_linear_forward` directly, and
+through the dispatcher costs ~8 µs more than calling :func:`csr_linear_forward` directly, and
 that function rebuilds the CSR tensor and checks its input; :func:`bind` does both once per
 layer, for :func:`chop.passes.export.common.deployable` (``bench_sparse.py`` prints each
 cost).
@@ -380,16 +380,24 @@ def _autograd_kernel(keyset: torch._C.DispatchKeySet, x: torch.Tensor, values: t
     """The op's Autograd kernel (see the module doc): ``torch.library.register_autograd``'s
     generic one also checks for out= arguments, builds a metadata object and fills in the
     defaults at every call, with or without grad. Like it, this one goes below the Autograd
-    key by redispatching, so tracing (FakeTensor, ``torch.export``) records the op itself."""
+    key by redispatching, so tracing (FakeTensor, ``torch.export``, ``torch.compile``) records
+    the op itself; except that without grad, on plain CPU tensors with no dispatch mode active
+    (the CPU kernel is what the redispatch would reach), it calls the kernel's function
+    directly, ~4 µs a call less (``bench_sparse.py``'s fixed costs). ``torch.jit.trace``
+    records the op above this kernel."""
     args = (x, values, col, crow, out_features, bias, kernels, from_rows, transposed, in_features)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _CsrLinearGrad.apply(keyset, *args)
+    below = keyset & _AFTER_AUTOGRAD
+    if below.highestPriorityTypeId() == _CPU:
+        return csr_linear_forward(*args)  # plain CPU tensors, nothing tracing: the CPU kernel
     with torch._C._AutoDispatchBelowAutograd():
-        return csr_linear.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+        return csr_linear.redispatch(below, *args)
 
 
 csr_linear = torch.ops.chop.csr_linear.default  # x @ W.T + bias by the plan's kernel (module doc)
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_CPU = torch._C.DispatchKey.CPU
 _LIBRARY = torch.library.Library("chop", "FRAGMENT")  # held: dropping it drops the kernel
 _LIBRARY.impl("csr_linear", _autograd_kernel, "Autograd", with_keyset=True)
 
@@ -424,7 +432,7 @@ def plan_kernels(
     winners, timings = [], {}
     for n in rows:
         x = torch.randn(n, shape[1], generator=g, dtype=values.dtype)
-        fns = {k: _bound(x, values, col_indices, crow_indices, shape[0], KERNELS.index(k))
+        fns = {k: _bound(x, values, col_indices, crow_indices, shape, KERNELS.index(k))
                for k in names}
         timings[n] = interleaved_seconds(fns, repeats=repeats, warmup=1, statistic="min")
         best = min(timings[n].values())
@@ -439,8 +447,9 @@ def plan_kernels(
 
 
 def _bound(x: torch.Tensor, values: torch.Tensor, col: torch.Tensor, crow: torch.Tensor,
-           out_features: int, kernel: int) -> Any:
-    return lambda: csr_linear_forward(x, values, col, crow, out_features, None, [kernel], [])
+           shape: tuple[int, int], kernel: int) -> Any:
+    return lambda: csr_linear_forward(x, values, col, crow, shape[0], None, [kernel], [], False,
+                                      shape[1])
 
 
 def describe_plan(kernels: Sequence[int] | None, from_rows: Sequence[int] | None) -> str:

@@ -161,7 +161,7 @@ def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[in
     x = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
     times = interleaved_seconds({
         "dense": lambda: F.linear(x, weight),
-        "csr": lambda: csr_linear(x, *csr, weight.shape[0], None, *plan),
+        "csr": lambda: csr_linear(x, *csr, weight.shape[0], None, *plan, False, weight.shape[1]),
     })
     return times["dense"], times["csr"]
 

@@ -224,6 +224,37 @@ def test_the_autograd_kernel_computes_only_the_gradients_asked_for_and_traces_as
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch's pytree, copying
+def test_without_grad_plain_calls_skip_the_redispatch_but_tracing_still_records_the_op(
+        monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    csr = sparse_ops.to_csr(torch.randn(4, 6), torch.rand(4, 6) < 0.5)
+    calls = []
+    plain = sparse_ops.csr_linear_forward
+    monkeypatch.setattr(sparse_ops, "csr_linear_forward",
+                        lambda *a: calls.append(1) or plain(*a))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        y = sparse_ops.csr_linear(x, *csr, 4, None, [1], [], False, 6)
+    assert calls == [1]  # the direct call (the registered CPU kernel is the original function)
+    torch.testing.assert_close(y, plain(x, *csr, 4, None, [1], [], False, 6), rtol=0, atol=0)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return sparse_ops.csr_linear(x, *csr, 4, None, [1], [], False, 6)
+
+    calls.clear()
+    with torch.no_grad():
+        program = torch.export.export(Layer(), (x,))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = Layer()(torch.randn(3, 6))
+        assert calls == [] and fake.shape == (3, 4)
+        traced = torch.jit.trace(Layer(), (x,))  # records the op, then runs it
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.ops.chop.csr_linear.default]
+    assert "chop::csr_linear" in str(traced.graph)
+
+
 def test_export_and_its_decomposition_keep_the_op_through_the_autograd_kernel():
     torch.manual_seed(3)
     weight, mask = torch.randn(6, 8), torch.rand(6, 8) < 0.5
