@@ -24,6 +24,7 @@ beta = 1.0) decays the previous score instead of summing: ``snip-momentum{alpha=
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -75,7 +76,7 @@ class SnipMomentum(DataCriterion):
                                     over_ranks=self.data_parallel())
         else:
             weights = [graph.parameter(n) for n in nodes]
-            current = _grad_terms(weights, [w.grad for w in weights])
+            current = _grad_terms(weights, [w.grad for w in weights], [n.target for n in nodes])
             self.sum_over_ranks(current)
             torch._foreach_abs_(current)
         return self._momentum(current, [meta.entries(n).get("saliency") for n in nodes])
@@ -87,7 +88,9 @@ class SnipMomentum(DataCriterion):
                                            bn=self.bn)
         else:
             weights = [distributed.local(p) for p in params]
-            current = _grad_terms(weights, [distributed.local_grad(p) for p in params])
+            names = {id(p): name for name, p in module.named_parameters()}
+            current = _grad_terms(weights, [distributed.local_grad(p) for p in params],
+                                  [names.get(id(p), "?") for p in params])
             torch._foreach_abs_(current)
         return self._momentum(current, previous)
 
@@ -106,19 +109,31 @@ class SnipMomentum(DataCriterion):
         return current
 
 
-def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None]
+def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None], names: list[str]
                 ) -> list[torch.Tensor]:
-    """w ⊙ g for each weight (0 where it has no gradient), refusing when none has one."""
+    """w ⊙ g for each weight (0 where it has no gradient, with a warning naming those, once
+    per set of names), refusing when none has one."""
     if all(g is None for g in grads):
         raise DataError(
             "snip-momentum{source=grad} found no .grad on the parameters: call "
             "loss.backward() before scoring, or use source=data with data=... batches"
         )
     present = [i for i, g in enumerate(grads) if g is not None]
+    missing = tuple(name for name, g in zip(names, grads) if g is None)
+    if missing and missing not in _WARNED:
+        _WARNED.add(missing)
+        log.warning("snip-momentum{source=grad}: %d weight(s) have no .grad (frozen, or unused "
+                    "by the loss): %s. They score 0, so a global selection prunes them first "
+                    "and can empty them; leave them out of the mask (exclude='regex') or score "
+                    "from data (source=data)", len(missing), ", ".join(missing[:5])
+                    + (f", … ({len(missing) - 5} more)" if len(missing) > 5 else ""))
     products = dict(zip(present, torch._foreach_mul([weights[i].detach() for i in present],
                                                     [grads[i] for i in present])))
     return [products[i] if i in products else torch.zeros_like(w.detach())
             for i, w in enumerate(weights)]
 
+
+_WARNED: set[tuple[str, ...]] = set()  # names already warned about (a Pruner scores each step)
+log = logging.getLogger("chop")
 
 snip_momentum_saliency = SnipMomentum.compute

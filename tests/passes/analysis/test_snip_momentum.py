@@ -55,6 +55,27 @@ def test_source_grad_without_gradients_says_what_to_do(mlp, mlp_batches):
         chop.run(graph, "snip-momentum{source=grad}")
 
 
+def test_source_grad_names_the_weights_without_gradients_once(mlp, mlp_batches, caplog,
+                                                             monkeypatch):
+    """A frozen weight scores 0 from .grad, and a global selection empties it first: the
+    Pruner scores at every step, so this is said once, naming it."""
+    import chop.passes.analysis.snip_momentum as snip_momentum
+
+    monkeypatch.setattr(snip_momentum, "_WARNED", set())  # what earlier tests had said
+    model = copy.deepcopy(mlp)
+    model.layers[0].weight.requires_grad_(False)
+    graph = chop.trace(model, (mlp_batches[0][0],))
+    x, y = mlp_batches[0]
+    with caplog.at_level("WARNING", logger="chop"):
+        for _ in range(3):
+            nn.functional.cross_entropy(graph.module(x), y).backward()
+            chop.run(graph, "snip-momentum{source=grad}")
+    said = [r.getMessage() for r in caplog.records if "have no .grad" in r.getMessage()]
+    assert len(said) == 1 and "1 weight(s) have no .grad (frozen, or unused by the loss): " \
+        "layers.0.weight. They score 0" in said[0]
+    assert not graph.weight_node("layers.0.weight").meta["chop"]["saliency"].any()
+
+
 def test_scoring_from_data_leaves_the_model_bit_identical(bn_cnn, cnn_batches, unchanged):
     graph = chop.trace(bn_cnn, (cnn_batches[0][0],))
     with unchanged(bn_cnn):
