@@ -107,6 +107,7 @@ _RANDOM = {getattr(aten, n) for n in (
     "geometric_", "cauchy_", "log_normal_", "multinomial", "native_dropout", "random_",
     "poisson", "rrelu_with_noise", "rrelu", "_fused_dropout") if hasattr(aten, n)}
 _MODE_KEY = "chop_mode"  # node.meta entry: (kind, index, keyword, train-mode value, eval value)
+COPY_TARGET = "chop_copy_target"  # node.meta entry: the node's target in a copy (Graph.copy)
 
 
 def _packet(node: Node) -> Any:
@@ -396,15 +397,22 @@ class Graph:
     # -- plumbing ----------------------------------------------------------------------------
 
     def copy(self) -> Graph:
-        """An independent copy: its own parameters, buffers and chop metadata, same mode."""
+        """An independent copy: its own parameters, buffers and chop metadata, same mode. A node
+        whose ``meta[COPY_TARGET]`` holds a target (one rewritten in place for the length of a
+        block, as :func:`~chop.training.loop.fast_masks` does) has that target in the copy."""
         traced = self.traced_training  # the copy starts with the arguments as traced
         with self.mode(batch_norm=traced, dropout=traced):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
                 module = copy.deepcopy(self.module)
+        restored = False
         for node in module.graph.nodes:  # fx copies node.meta shallowly
             if "chop" in node.meta:
                 node.meta["chop"] = dict(node.meta["chop"])
+            if COPY_TARGET in node.meta:  # rewritten in place for a while: not in the copy
+                node.target, restored = node.meta.pop(COPY_TARGET), True
+        if restored:
+            module.recompile()
         twin = Graph(module, training=self.training, name=self.name,
                      traced_training=self.traced_training)
         twin.history = list(self.history)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from chop.errors import DataError, OptionError
-from chop.ir.graph import Graph
+from chop.ir.graph import COPY_TARGET, Graph
 from chop.ir.masks import current_masks, factor, mask_nodes, mask_of
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
@@ -106,8 +106,10 @@ class FastMasks:
     is logged for those by name); train the plain masked graph to get the masked graph's
     updates. (The plain masked graph lets pruned *weights*
     drift under weight decay, invisibly, since they are multiplied by zero; here they stay 0.)
-    On exit the mask nodes multiply again: the graph is the masked graph, with its pruned
-    weights zero. When the masks change inside (a :class:`~chop.training.pruner.Pruner` pruned,
+    A masked weight frozen on entry and unfrozen inside (gradual unfreezing) has its gradient
+    masked from the next forward of ``graph.module`` on; a ``graph.copy()`` taken inside is the
+    masked graph. On exit the mask nodes multiply again: the graph is the masked graph, with its
+    pruned weights zero. When the masks change inside (a :class:`~chop.training.pruner.Pruner` pruned,
     updating the mask buffers in place), call :meth:`refresh` before the next forward.
     """
 
@@ -117,6 +119,8 @@ class FastMasks:
         self._handles: list[Any] = []
         self.weights: list[nn.Parameter] = []
         self.masks: list[torch.Tensor] = []  # the graph's mask buffers (updated in place)
+        self._frozen: list[tuple[nn.Parameter, torch.Tensor]] = []  # masked, not requiring grad
+        self._watch: Any = None  # the forward pre-hook that watches them
 
     def __enter__(self) -> FastMasks:
         name = type(self.optimizer).__name__
@@ -140,9 +144,11 @@ class FastMasks:
             handle.remove()
         for node in self._nodes:
             node.target = torch.ops.aten.mul.Tensor
+            node.meta.pop(COPY_TARGET, None)
         if self._nodes:
             self.graph.recompile()
         self._handles, self._nodes, self.weights, self.masks = [], [], [], []
+        self._frozen, self._watch = [], None
 
     def refresh(self) -> None:
         """Take up mask nodes added since (they pass their weight through from now on), and
@@ -158,9 +164,14 @@ class FastMasks:
                 self._nodes.append(node)
                 self.weights.append(weight)
                 self.masks.append(mask)
-                if weight.requires_grad:  # a frozen weight has no gradient to mask
+                if weight.requires_grad:  # a frozen weight has no gradient to mask, yet
                     self._handles.append(weight.register_hook(_grad_masker(mask)))
+                else:
+                    self._frozen.append((weight, mask))
                 added.append(node)
+        if self._frozen and self._watch is None:  # gradual unfreezing: watch them
+            self._watch = module.register_forward_pre_hook(lambda *_: self._unfrozen())
+            self._handles.append(self._watch)
         self._mask_weights()
         with torch.no_grad():
             for weight, mask in zip(self.weights, self.masks):
@@ -168,6 +179,7 @@ class FastMasks:
                     weight.grad.mul_(factor(mask))
         for node in added:
             node.target = _weight
+            node.meta[COPY_TARGET] = torch.ops.aten.mul.Tensor  # a graph.copy() multiplies
         if added:
             self.graph.recompile()
         if self.optimizer is None:
@@ -177,6 +189,15 @@ class FastMasks:
                 for value in self.optimizer.state.get(weight, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == weight.shape:
                         value.mul_(factor(mask))
+
+    def _unfrozen(self) -> None:
+        """Before a forward: mask the gradients of the frozen masked weights that require grad
+        now (unfrozen inside the block), as those of the others are."""
+        thawed = [(weight, mask) for weight, mask in self._frozen if weight.requires_grad]
+        for weight, mask in thawed:
+            self._handles.append(weight.register_hook(_grad_masker(mask)))
+        if thawed:
+            self._frozen = [(w, m) for w, m in self._frozen if not w.requires_grad]
 
     def _mask_weights(self) -> None:
         with torch.no_grad():

@@ -4,6 +4,7 @@ falls on an easy task, pruning while training)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -461,6 +462,47 @@ def test_fast_masks_train_a_frozen_masked_weight_as_the_masked_graph(mlp, mlp_ba
     with fast_masks(fast, optimizer):
         fast_losses = steps(fast, optimizer, mlp_batches, 3)
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, fast_losses))
+
+
+def test_fast_masks_mask_a_weight_unfrozen_inside_the_block():
+    """Gradual unfreezing: a masked weight frozen on entry and unfrozen after some steps had no
+    gradient hook, so its pruned entries trained and the forward read them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))]
+    plain = chop.run(chop.trace(model, (batches[0][0][:2],)),
+                     "magnitude, mask{sparsity=0.5, scope=local}")
+    fast = plain.copy()
+    mask = current_masks(plain)["0.weight"]
+    losses = {}
+    for graph in (plain, fast):
+        graph.parameter("0.weight").requires_grad_(False)
+        optimizer = torch.optim.Adam(graph.module.parameters(), lr=0.05)
+        with fast_masks(graph, optimizer) if graph is fast else contextlib.nullcontext():
+            losses[graph] = steps(graph, optimizer, batches, 2)
+            graph.parameter("0.weight").requires_grad_(True)
+            losses[graph] += steps(graph, optimizer, batches, 3)
+            if graph is fast:
+                assert torch.count_nonzero(fast.parameter("0.weight")[~mask]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(losses[plain], losses[fast], strict=True))
+
+
+def test_a_copy_taken_inside_fast_masks_is_the_masked_graph(mlp, mlp_batches):
+    graph, _ = masked_twins(mlp, mlp_batches[0][0][:2])
+    masks = current_masks(graph)
+    optimizer = torch.optim.Adam(graph.module.parameters(), lr=0.01)
+    with fast_masks(graph, optimizer):
+        steps(graph, optimizer, mlp_batches, 1)
+        best = graph.copy()  # e.g. the best model so far
+    assert all(n.target is torch.ops.aten.mul.Tensor for n in mask_muls(best))
+    assert all(n.target is torch.ops.aten.mul.Tensor for n in mask_muls(graph))
+    x = mlp_batches[1][0]
+    with torch.no_grad():
+        expected = best(x)
+        for name, mask in masks.items():  # what a masked graph hides: its pruned weights
+            best.parameter(name)[~mask] = 1.0
+        torch.testing.assert_close(best(x), expected, rtol=0, atol=0)
 
 
 def test_fast_masks_leave_nothing_behind_when_entering_fails(mlp, mlp_batches, monkeypatch):
