@@ -30,12 +30,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from chop.errors import OptionError
+from chop.errors import DataError, DistributedError, OptionError
 from chop.ir.masks import PRUNABLE_ROLES
 from chop.kernels import distributed
 from chop.kernels.select import mask_counts, whole_numel
 from chop.passes.analysis.criterion import Criterion
 from chop.passes.transform.mask import Mask, layer_counts
+from chop.pipeline.batches import take
 from chop.pipeline.pass_base import Pass
 
 _ROLE_ORDER = ("embedding", "norm", "bias", "conv", "linear", "other")  # as chop.ir.graph
@@ -116,6 +117,7 @@ class ShardedModel:
                 "the per-rank terms are gone; use accumulate=abs-of-sum (the default) on a "
                 "sharded model"
             )
+        data = _same_count_everywhere(criterion, data)
         names = list(self.params)
         scores = criterion.score_module(
             self.module, [self.params[n] for n in names], data, loss,
@@ -182,3 +184,33 @@ def _fully_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _same_count_everywhere(criterion: Criterion, data: Iterable | None) -> Iterable | None:
+    """``data``'s batches for ``criterion`` (a list), once every rank has said how many it
+    scores: a sharded model's ranks run each forward and backward together, so a rank with
+    fewer batches left the others waiting in a collective until the process group's timeout
+    (30 minutes by default). Different counts are a :class:`DistributedError` on every rank;
+    a rank whose data is short says so too (its :class:`DataError`), the others the count."""
+    count = criterion.data_batches()
+    if not count or not distributed.active():
+        return data
+    try:
+        batches, failure = list(take(data, count, criterion.name)), None
+    except DataError as e:
+        batches, failure = None, e
+    mine = -1 if batches is None else len(batches)
+    span = distributed.all_reduce(torch.tensor([mine, -mine]), op="max",
+                                  what="Pruner: counting each rank's batches")
+    if failure is not None:
+        raise failure
+    most, fewest = int(span[0]), -int(span[1])
+    if most != fewest:
+        raise DistributedError(
+            f"Pruner: {criterion.name} on rank {distributed.rank()} scores {mine} batch(es), "
+            f"but another rank scores {fewest if mine == most else most}"
+            + (" (its data ran short)" if fewest < 0 else "")
+            + ": the ranks of a sharded model run each forward and backward together, so "
+            "give every rank the same `batches` option and enough data (e.g. a "
+            "DistributedSampler with drop_last=True)")
+    return batches

@@ -274,3 +274,26 @@ def test_a_rank_failing_under_fsdp_is_a_distributed_error_on_the_others(ranks):
     assert one[0] == "DataError" and "rank 1's loss broke" in one[1]
     assert zero[0] == "DistributedError"
     assert "a collective of the model's backward failed on rank 0 of 2" in zero[1]
+
+
+def ranks_score_different_counts(rank, world, counts, have):
+    net = shard(model(False), "fsdp", world)
+    try:
+        Pruner(net, 0.5, criterion=f"snip{{batches={counts[rank]}}}",
+               data=batches(2)[:have[rank]]).prune(0.5)
+    except Exception as e:  # noqa: BLE001 - what each rank saw
+        return type(e).__name__, str(e)
+    return "no error", ""
+
+
+def test_ranks_scoring_different_numbers_of_batches_are_told_so_at_once(ranks):
+    """Under FSDP2 a rank with fewer batches left the other waiting in a collective until the
+    process group's timeout (30 minutes by default)."""
+    zero, one = ranks.run(ranks_score_different_counts, (2, 1), (2, 2), timeout=60.0)
+    assert zero[0] == one[0] == "DistributedError"
+    assert "snip on rank 0 scores 2 batch(es), but another rank scores 1" in zero[1]
+    assert "snip on rank 1 scores 1 batch(es), but another rank scores 2" in one[1]
+    zero, one = ranks.run(ranks_score_different_counts, (2, 2), (2, 1), timeout=60.0)
+    assert one[0] == "DataError" and "asked for 2 batches but data gave 1" in one[1]
+    assert zero[0] == "DistributedError" and "(its data ran short)" in zero[1]
+
