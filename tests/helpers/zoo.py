@@ -309,6 +309,18 @@ class CrossAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, n, 8))
 
 
+class Scaled(nn.Module):
+    """A linear layer times a number input, which torch.export fixes at its traced value (its
+    guards refuse another)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.fc(x) * scale
+
+
 class Recurrent(nn.Module):
     """An embedding, a 2-layer bidirectional LSTM, a GRU and a linear head."""
 

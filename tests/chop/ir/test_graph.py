@@ -478,16 +478,8 @@ def test_lean_code_leaves_out_checks_but_not_random_or_in_place_ops():
 
 
 def test_lean_code_keeps_the_guards_of_an_input_that_export_fixed_at_its_traced_value():
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x, scale):
-            return self.fc(x) * scale
-
     x = torch.randn(3, 4)
-    graph = chop.trace(Scaled(), (x, 2.0))
+    graph = chop.trace(zoo.Scaled(), (x, 2.0))
     with graph.mode(batch_norm=False, dropout=False, lean=True):
         assert "_guards_fn" in graph.module.code
         with pytest.raises(AssertionError, match="scale == 2.0"):

@@ -142,17 +142,9 @@ def test_a_saved_sparse_graph_and_its_deployable_refuse_an_input_of_the_wrong_wi
 
 
 def test_deployable_keeps_the_guards_of_an_input_that_export_fixed_at_its_traced_value():
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x, scale):
-            return self.fc(x) * scale
-
     torch.manual_seed(0)
     x = torch.randn(3, 4)
-    graph = chop.trace(Scaled(), (x, 2.0)).eval()
+    graph = chop.trace(zoo.Scaled(), (x, 2.0)).eval()
     module = deployable(graph)
     assert "_guards_fn" in module.code
     with torch.inference_mode():
