@@ -128,7 +128,7 @@ def _resized(mode: Any, made: dict[tuple, torch.Tensor], old: torch.Tensor,
     shape = list(old.shape)
     for d, size in sizes.items():
         shape[d] = size
-    strides = [_hint(s) for s in old.stride()]
+    strides = [size_hint(s) for s in old.stride()]
     layout = tuple(sorted(range(old.dim()), key=lambda d: (-strides[d], d)))  # outermost first
     return _empty(mode, made, shape, layout, old.dtype, old.device, old.requires_grad,
                   permuted=True)
@@ -181,8 +181,20 @@ def _same_shapes(a: Any, b: Any) -> bool:
     return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
 
 
-def _hint(size: Any) -> int:
+def size_hint(size: Any) -> int:
+    """A size as an int: itself, or a symbolic size's value at the traced shapes."""
     if isinstance(size, int):
         return size
     hint = size.node.hint
     return int(hint) if hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
+
+
+def positions_per_example(graph: Graph, out: torch.Tensor, channel_dim: int) -> int:
+    """How many times per example a layer whose result is ``out`` (its ``meta["val"]``) applies
+    its weight, at the traced sizes: ``out``'s elements per example and output channel (1 for
+    a linear layer on one vector, the output pixels of a conv, the tokens of a sequence).
+    FLOPs per example are 2 · (weights used) · this."""
+    batch = next((n.meta["val"].shape[0] for n in graph.module.graph.find_nodes(op="placeholder")
+                  if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim()), 1)
+    channels = size_hint(out.shape[channel_dim])
+    return size_hint(out.numel()) // max(size_hint(batch), 1) // max(channels, 1)

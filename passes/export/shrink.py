@@ -41,7 +41,7 @@ from chop.passes.analysis.flow.rules.producers import Producer
 from chop.passes.export.common import checked_export
 from chop.passes.export.constants import channel_constants
 from chop.passes.export.fold import fold_masks
-from chop.passes.export.shapes import refresh_shapes
+from chop.passes.export.shapes import positions_per_example, refresh_shapes
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 Layers = dict[str, tuple[Node, Producer, int]]
@@ -231,9 +231,7 @@ def _rewrite_nodes(flow: Flow, cut: Cut) -> dict[Node, dict[int, int]]:
 
 def _layers(graph: Graph) -> Layers:
     """Each conv/linear/addmm by weight name, with its rule and its output positions per
-    example (at the traced sizes): FLOPs are 2 · weight.numel() · positions."""
-    batch = next((n.meta["val"].shape[0] for n in graph.module.graph.find_nodes(op="placeholder")
-                  if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim()), 1)
+    example (:func:`~chop.passes.export.shapes.positions_per_example`)."""
     found = {}
     for node in graph.module.graph.nodes:
         rule = rule_for(node) if node.op == "call_function" else None
@@ -242,8 +240,7 @@ def _layers(graph: Graph) -> Layers:
         name, out = weight_name(graph, rule.operands(node)[1]), node.meta.get("val")
         if name is None or not isinstance(out, torch.Tensor):
             continue
-        channels = out.shape[rule.channel_dim(out.dim())]
-        found[name] = (node, rule, _hint(out.numel()) // max(_hint(batch), 1) // max(int(channels), 1))
+        found[name] = (node, rule, positions_per_example(graph, out, rule.channel_dim(out.dim())))
     return found
 
 
@@ -291,13 +288,6 @@ def _mostly_linear_masks(graph: Graph) -> bool:
         if entries.get("role") in sizes:
             sizes[entries["role"]] += node.meta["val"].numel() if "val" in node.meta else 0
     return sizes["linear"] > sizes["conv"]
-
-
-def _hint(size: Any) -> int:
-    if isinstance(size, int):
-        return size
-    hint = size.node.hint
-    return int(hint) if hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
 
 
 @dataclass(frozen=True)

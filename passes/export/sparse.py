@@ -31,8 +31,9 @@ or with numbers, as in a gated MLP or a tanh GELU), returns it transposed (``tra
 see :mod:`chop.kernels.csr`): no transposing copy between sparse layers. A result that leaves the graph, or meets any other op (a residual add
 with a row-major tensor, a view), keeps the row-major layout of the layer it replaces.
 
-``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per input
-row before/after, the kernel plan and its timings, latency if ``timing``) and totals. With data,
+``PassResult.info`` has a row per masked weight (decision, reason, parameters and FLOPs per
+example before/after, counted as ``shrink`` counts them, the kernel plan and its timings, latency
+if ``timing``) and totals. With data,
 the first samples of the first batch are run before and after in eval mode and the outputs must agree (fp32 allclose),
 as for every chop export.
 """
@@ -64,6 +65,7 @@ from chop.kernels.csr import (
 from chop.kernels.timing import interleaved_seconds, median_seconds
 from chop.passes.export.common import checked_export
 from chop.passes.export.fold import fold_masks
+from chop.passes.export.shapes import positions_per_example
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
 aten = torch.ops.aten
@@ -152,6 +154,14 @@ def _transpose_results(graph: Graph) -> int:
         if isinstance(val, torch.Tensor):  # a result shaped like val: its leading dims are x's
             node.meta["val"] = empty_result(val, val.shape[-1], True)
     return layers
+
+
+def _positions(graph: Graph, users: Any, conv: bool) -> int:
+    """How many times per example the ops in ``users`` apply a weight, summed over them (a
+    weight read twice costs twice): output pixels of a conv, tokens of a linear layer."""
+    outs = [u.meta.get("val") for u in users]
+    outs = [o for o in outs if isinstance(o, torch.Tensor) and o.dim()]
+    return sum(positions_per_example(graph, o, 1 if conv else o.dim() - 1) for o in outs) or 1
 
 
 def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[int]],
@@ -258,11 +268,14 @@ def sparsify(
         weight = graph.parameter(name).detach()
         mask = graph.module.get_buffer(mask_node.target)
         kept = int(mask.sum())
+        op = meta.entries(weight_node).get("op", "other")
+        positions = _positions(graph, mul.users, conv=op.startswith("conv"))
         row: dict[str, Any] = {
             "shape": tuple(weight.shape), "sparsity": 1 - kept / max(mask.numel(), 1),
             "params": [weight.numel(), weight.numel()],
-            "flops": [2 * weight.numel(), 2 * weight.numel()],  # per input row: [before, after]
-            "op": meta.entries(weight_node).get("op", "other"),
+            # per example, as shrink counts them: [before, after]
+            "flops": [2 * weight.numel() * positions, 2 * weight.numel() * positions],
+            "op": op,
         }
         rows[name] = row
         uses = [(u, _linear_use(u, mul)) for u in mul.users]
@@ -295,7 +308,7 @@ def sparsify(
                 continue
             _replace_with_semi_structured(graph, mul, name, tensor, uses)
             row.update(decision="semi-structured", reason="2:4 mask on CUDA")
-            row["params"][1], row["flops"][1] = kept, 2 * kept
+            row["params"][1], row["flops"][1] = kept, 2 * kept * positions
             continue
         if mode == "auto" and (row["sparsity"] < min_sparsity or weight.numel() < min_numel):
             row.update(decision="dense", reason=(
@@ -325,7 +338,7 @@ def sparsify(
             reason = f"sparsity {row['sparsity']:.3f} >= min_sparsity {min_sparsity}"
         _replace_with_csr(graph, mul, name, csr, tuple(w.shape), uses, plan)
         row.update(decision="csr", reason=reason)
-        row["params"][1], row["flops"][1] = kept, 2 * kept
+        row["params"][1], row["flops"][1] = kept, 2 * kept * positions
     if _transpose_results(graph):
         graph.recompile()
     fold_masks(graph)  # the layers kept dense

@@ -8,7 +8,7 @@ from torch import nn
 
 import chop
 from chop.cli.outputs import export_program
-from chop.ir.masks import insert_mask
+from chop.ir.masks import current_masks, insert_mask
 from chop.kernels import csr as sparse_ops
 from chop.passes.export.sparse import SPARSE, Sparse, csr_weights
 
@@ -74,6 +74,25 @@ def test_mlp_with_flatten_stores_exactly_the_kept_weights_and_matches_the_masked
                    for n in graph.module.graph.nodes)
     for name, value in model.named_parameters():  # the traced model is left alone
         assert torch.equal(value, weights[name])
+
+
+def test_flops_are_per_example_as_shrink_counts_them():
+    """A conv's FLOPs were counted for one output pixel and a sequence's linear for one token,
+    so a conv model's total looked a fraction of what shrink reported for it."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(16 * 8 * 8, 10))
+    graph = chop.run(chop.trace(cnn, (torch.randn(2, 3, 8, 8),)), "random, mask{sparsity=0.5}")
+    shrunk = chop.run(graph.copy(), "shrink").history[-1].info["layers"]
+    kept = {k: int(m.sum()) for k, m in current_masks(graph).items()}
+    rows = chop.run(graph, "sparse{mode=all, kernel=torch-mm}").history[-1].info["layers"]
+    assert rows["0.weight"]["flops"] == [2 * 432 * 64] * 2 == list(shrunk["0.weight"]["flops"])
+    assert rows["3.weight"]["flops"] == [2 * 10240, 2 * kept["3.weight"]]
+    tokens = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    graph = chop.run(chop.trace(tokens, (torch.randn(2, 5, 8),)), "random, mask{sparsity=0.5}")
+    kept = {k: int(m.sum()) for k, m in current_masks(graph).items()}
+    rows = chop.run(graph, "sparse{mode=all, kernel=torch-mm}").history[-1].info["layers"]
+    assert rows["0.weight"]["flops"] == [2 * 96 * 5, 2 * kept["0.weight"] * 5]  # 5 tokens
 
 
 def test_cnn_keeps_convs_dense_with_folded_masks_and_converts_the_head(cnn, cnn_graph, cnn_batches):
@@ -227,7 +246,9 @@ def test_state_dict_round_trip_into_a_fresh_sparse_graph(mlp_batches):
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                               nn.Linear(32, 4))
         graph = chop.trace(model, (x,))
-        chop.run(graph, "magnitude, mask{sparsity=0.8, scope=local}, sparse{mode=all}")
+        # one kernel for both: plans measured under load could differ, and so would the sums
+        chop.run(graph, "magnitude, mask{sparsity=0.8, scope=local}, "
+                 "sparse{mode=all, kernel=torch-mm}")
         return graph.eval()
 
     a, b = sparse_graph(0), sparse_graph(1)
