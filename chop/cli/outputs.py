@@ -166,9 +166,10 @@ def check_outdir(outdir: Path, inputs: Sequence[Path], *, force: bool = False) -
     for path, what in places:
         p = path.expanduser().resolve()
         if p == out or out in p.parents:
+            where = f"output path {outdir} is" if p == out else f"output folder {outdir} holds"
             raise OutputError(
-                f"output folder {outdir} holds {what}; writing there would overwrite it. "
-                "Choose another folder with -o"
+                f"{where} {what}; writing there would overwrite it. Choose another folder "
+                "with -o"
             )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {outdir} is a file; pass a folder with -o")

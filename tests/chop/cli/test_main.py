@@ -463,7 +463,7 @@ def test_force_never_deletes_files_chop_did_not_write(project: Path, capfd, monk
     (mine / "train.py").write_text("print('my work')")
     monkeypatch.chdir(mine)
     assert main([*transform_args(project), "-o", ".", "--force"]) == 2
-    assert "holds the current folder" in capfd.readouterr().err
+    assert "output path . is the current folder" in capfd.readouterr().err
     other = project.parent / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -68,14 +68,17 @@ def test_check_outdir_refusals(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"already exists and is not empty; .*--force"):
         check_outdir(full, [])
     model = full / "sub" / "model.pt"
-    for out in (full, full / "sub", model):  # holds the input, or is it: even with force
-        with pytest.raises(OutputError, match=r"holds the input .*model\.pt.*Choose another folder"):
+    for out in (full, full / "sub"):  # holds the input: even with force
+        with pytest.raises(OutputError, match=r"folder .* holds the input .*model\.pt.*Choose another"):
             check_outdir(out, [model], force=True)
+    with pytest.raises(OutputError, match=r"output path .*model\.pt is the input .*model\.pt; "):
+        check_outdir(model, [model], force=True)  # is the input (a file, not a folder)
     assert check_outdir(full / "sub2", [model], force=True) == (full / "sub2").resolve()
     monkeypatch.chdir(full / "sub2" if (full / "sub2").is_dir() else full)
-    for out in (Path("."), tmp_path):  # the current folder, or a folder above it
-        with pytest.raises(OutputError, match=r"holds the current folder"):
-            check_outdir(out, [], force=True)
+    with pytest.raises(OutputError, match=r"output path \. is the current folder"):
+        check_outdir(Path("."), [], force=True)
+    with pytest.raises(OutputError, match=r"holds the current folder"):  # a folder above it
+        check_outdir(tmp_path, [], force=True)
 
 
 def test_force_replaces_only_chop_outputs(tmp_path):
