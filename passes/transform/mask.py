@@ -352,8 +352,8 @@ class Mask(Pass):
                    if getattr(self, k) != default]
         if bounded and self.granularity in ("channel", "head"):
             raise OptionError(
-                f"mask: {' and '.join(bounded)} bound(s) each layer's sparsity in element, block "
-                f"and N:M selection; granularity={self.granularity} removes whole channel groups "
+                f"mask: {' and '.join(bounded)} bound(s) each layer's sparsity in element and "
+                f"block selection; granularity={self.granularity} removes whole channel groups "
                 "under one parameter budget and cannot honour per-layer bounds: remove "
                 f"{' and '.join(bounded)} (min_keep keeps units in every group)")
         nm, block = _NM.match(self.granularity), _BLOCK.match(self.granularity)
@@ -369,6 +369,12 @@ class Mask(Pass):
                 f"mask: granularity {self.granularity} fixes the sparsity at "
                 f"{1 - int(nm[1]) / int(nm[2]):g}; remove sparsity={self.sparsity}"
             )
+        fixed = bounded + (["min_keep"] if self.min_keep else [])
+        if nm and fixed:
+            raise OptionError(
+                f"mask: granularity {self.granularity} keeps {nm[1]} of every {nm[2]} weights in "
+                f"each layer, whatever its scores, so {' and '.join(fixed)} would change "
+                f"nothing; remove {' and '.join(fixed)} (exclude layers with exclude='...')")
         if block and (int(block[1]) < 1 or int(block[2]) < 1):
             raise OptionError(f"mask: block granularity {self.granularity} needs sizes >= 1")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:

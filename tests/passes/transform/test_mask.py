@@ -396,6 +396,15 @@ def test_inconsistent_counts_over_processes_fail_instead_of_looping():
         layer_counts(scores, 0.5, "global", min_keep=5, reduce=lambda t: t * 2)  # counted twice
 
 
+def test_n_m_refuses_bounds_it_cannot_honour():
+    """They were accepted and ignored: every layer ends at N/M whatever they say."""
+    for named, value in (("max_sparsity", 0.25), ("min_sparsity", 0.9), ("min_keep", 20)):
+        with pytest.raises(chop.OptionError, match=f"keeps 2 of every 4 weights in each layer, "
+                                                   f"whatever its scores, so {named} would change"):
+            Mask(granularity="2:4", **{named: value})
+    Mask(granularity="2:4", max_sparsity=1.0, min_keep=0)  # the defaults
+
+
 # -- what structured and N:M selection skip, and report ------------------------------------------
 
 
