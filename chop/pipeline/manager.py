@@ -22,10 +22,11 @@ collector is paused while the passes run (:func:`~chop.ir.graph.gc_paused`).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from chop.errors import (
@@ -237,6 +238,8 @@ class PassManager:
         Args:
             graph: the graph, edited in place.
             data: ``(inputs, targets)`` batches for passes that need data (e.g. ``snip``).
+                A one-pass iterator (a generator) is read once, as many batches as the
+                pipeline's passes need, so every pass reads the same batches, as from a list.
             loss: ``loss(outputs, targets)``; None means cross-entropy.
             track: progress wrapper for long loops (see :class:`~chop.pipeline.pass_base.Context`).
             on_pass: called as ``on_pass(pass, index, count)`` before each pass starts.
@@ -261,6 +264,8 @@ class PassManager:
                 "score or prune; trace the model that holds the weights (a program exported "
                 "with its weights as inputs has none)"
             )
+        if isinstance(data, Iterator):  # one pass over it: every pass reads the same batches
+            data = list(itertools.islice(data, max(self.data_batches(), 1)))
         ctx = Context(data=data, loss=loss, shared_data=shared_data)
         if track is not None:
             ctx.track = track

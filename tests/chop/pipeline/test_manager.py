@@ -257,3 +257,21 @@ def test_chop_run_names_itself_for_a_misspelled_keyword(mlp, mlp_batches):
     graph = chop.trace(mlp, (mlp_batches[0][0],))
     with pytest.raises(TypeError, match=r"^run\(\) got an unexpected keyword argument 'los'"):
         chop.run(graph, "magnitude", data=mlp_batches, los=None)
+
+
+def test_every_pass_reads_the_same_batches_from_a_generator(mlp, mlp_batches):
+    """snip took the first two batches and gradient the next two; after a one-batch scoring,
+    shrink's output check found the generator empty."""
+    from_list = chop.run(chop.trace(mlp, (mlp_batches[0][0],)), "snip{batches=2}",
+                         data=mlp_batches[:2])
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    stream = iter(mlp_batches)
+    chop.run(graph, "gradient{batches=1}, snip{batches=2}", data=stream)
+    assert next(stream) is mlp_batches[2]  # read once, as many as the passes need
+    for node in graph.weight_nodes():
+        assert torch.equal(node.meta["chop"]["saliency"],
+                           from_list.weight_node(node.target).meta["chop"]["saliency"])
+    one = (batch for batch in mlp_batches[:1])
+    chop.run(chop.trace(mlp, (mlp_batches[0][0],)),
+             "snip, mask{granularity=channel, sparsity=0.3}, shrink", data=one)
+
