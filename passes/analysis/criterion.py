@@ -111,7 +111,8 @@ class Criterion(Pass, ABC):
         "biases/norms) or prunable (mask's default set: linear and conv weights; cheaper)"
     )
     normalize: bool = option(
-        False, "divide scores by the sum of their absolute values (ranking unchanged; sum reported)"
+        False, "divide scores by the sum of their absolute values (ranking unchanged; sum "
+               "reported; float16/bfloat16 scores become float32)"
     )
 
     def check(self) -> None:
@@ -212,12 +213,17 @@ class Criterion(Pass, ABC):
         info = {"scored": len(nodes), **self.info(graph, nodes, scores)}
         if self.normalize:
             info["normalizer"] = total = float(sum(s.double().abs().sum() for s in scores))
-            scores = [s / total for s in scores] if total else scores
+            # half-precision scores divided in float32: in float16 they underflowed and tied
+            scores = [(s.float() if s.dtype in _HALF else s) / total for s in scores] if total \
+                else scores
         for node in _unscored(graph, self.params):
             node.meta.get("chop", {}).pop("saliency", None)
         for node, score in zip(nodes, scores, strict=True):
             meta.entries(node)["saliency"] = score
         return {node.target: score for node, score in zip(nodes, scores)}, info
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)

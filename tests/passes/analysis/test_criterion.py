@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from torch import nn
 
 import chop
 from chop.passes.analysis.criterion import Criterion, DataCriterion
@@ -77,6 +78,24 @@ def test_normalize_divides_by_the_sum_of_absolute_values(mlp, mlp_batches, salie
     assert graph.history[-1].info["normalizer"] == pytest.approx(total, rel=1e-12)
     for name, p in mlp.named_parameters():
         torch.testing.assert_close(saliency_of(graph)[name], p.detach() / total)
+
+
+def test_normalize_keeps_the_ranking_of_half_precision_scores(saliency_of):
+    """Divided in float16, the scores of a 1000x1000 layer underflowed to a few dozen values and
+    the mask changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 10)).half()
+    graph = chop.trace(model, (torch.randn(2, 1000, dtype=torch.float16),))
+    plain = chop.run(graph.copy(), "magnitude, mask{sparsity=0.9}")
+    chop.run(graph, "magnitude{normalize=true}, mask{sparsity=0.9}")
+    scores = saliency_of(graph)["0.weight"]
+    assert scores.dtype == torch.float32
+    assert scores.unique().numel() == saliency_of(plain)["0.weight"].unique().numel()
+    masks = {n.target: n.meta["chop"]["mask"] for n in graph.weight_nodes()
+             if "mask" in n.meta["chop"]}
+    assert len(masks) == 2
+    for name, mask in masks.items():
+        assert torch.equal(mask, plain.weight_node(name).meta["chop"]["mask"])
 
 
 def test_compute_is_the_plain_function_form(mlp, mlp_batches, saliency_of):
