@@ -69,21 +69,28 @@ _IN_OUT = ("addmm", "mm", "matmul")  # x @ W: the weight is stored [in, out]
 
 def _as_matrix(node: Node, score: torch.Tensor) -> torch.Tensor:
     """The weight as rows of its input dim, [out, in]: conv weights flattened per output
-    channel, weights of ``x @ W`` (Conv1D/addmm, [..., in, out]) transposed, other linear
-    weights ([..., out, in]: experts of a grouped product too) stacked by rows."""
+    channel (a transposed conv's, stored [in, out, *kernel], as [out, in·kernel] too), weights
+    of ``x @ W`` (Conv1D/addmm, [..., in, out]) transposed, other linear weights ([..., out,
+    in]: experts of a grouped product too) stacked by rows."""
     if score.dim() < 2:
         return score.reshape(1, -1)
-    if meta.entries(node).get("op") in _IN_OUT:
+    op = meta.entries(node).get("op")
+    if op in _IN_OUT:
         score = score.transpose(-1, -2)
     elif meta.entries(node).get("role") != "linear":  # a conv: [out, in, *kernel]
+        if str(op).startswith("conv_transpose"):
+            score = score.transpose(0, 1)
         return score.reshape(score.shape[0], -1)
     return score.reshape(-1, score.shape[-1])
 
 
 def _from_matrix(node: Node, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The inverse of :func:`_as_matrix`: ``matrix`` in the weight's ``shape``."""
-    if len(shape) >= 2 and meta.entries(node).get("op") in _IN_OUT:
+    op = meta.entries(node).get("op")
+    if len(shape) >= 2 and op in _IN_OUT:
         return matrix.reshape(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    if len(shape) >= 3 and str(op).startswith("conv_transpose"):
+        return matrix.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous()
     return matrix.reshape(shape)
 
 

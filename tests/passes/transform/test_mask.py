@@ -396,6 +396,18 @@ def test_inconsistent_counts_over_processes_fail_instead_of_looping():
         layer_counts(scores, 0.5, "global", min_keep=5, reduce=lambda t: t * 2)  # counted twice
 
 
+def test_n_m_groups_a_transposed_conv_along_its_input_dim():
+    """A ConvTranspose weight is stored [in, out, *kernel]: it was grouped along out·kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 4))
+    graph = chop.run(chop.trace(model, (torch.randn(2, 8, 4, 4),)),
+                     "magnitude, mask{granularity='2:4'}")
+    mask = graph.weight_node("0.weight").meta["chop"]["mask"]
+    assert mask.shape == (8, 4, 1, 1)
+    rows = mask.transpose(0, 1).reshape(4, 8)  # [out, in·kh·kw], as a conv's
+    assert (rows.reshape(-1, 4).sum(1) == 2).all()
+
+
 def test_n_m_refuses_bounds_it_cannot_honour():
     """They were accepted and ignored: every layer ends at N/M whatever they say."""
     for named, value in (("max_sparsity", 0.25), ("min_sparsity", 0.9), ("min_keep", 20)):
