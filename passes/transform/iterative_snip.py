@@ -16,7 +16,9 @@ the last round keeps exactly round(keep·N), as ``mask`` counts it. Each round r
   computes each masked weight as ``θ − stop_grad(θ ⊙ ¬c)`` while scoring — the same values, but
   ∂/∂θ = ∂L/∂(θ ⊙ c) — so snip's |g ⊙ θ| is exactly FORCE's saliency.
 
-The graph's existing masks (from an earlier ``mask``) are the starting point. Every round scores
+The graph's existing masks (from an earlier ``mask``) are the starting point; without
+``allow_regrowth``, masks that already prune more than round 1 would are refused (a round
+cannot keep weights they pruned). Every round scores
 on the same first ``batches`` batches (a one-pass iterator's are read once and kept).
 With a ``torch.distributed`` process group (``distributed=auto``) each round's scores are summed
 over the ranks' batches (as ``snip`` does), so every rank makes the same masks in every round.
@@ -36,7 +38,8 @@ import torch
 from chop.errors import OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.ir.masks import mask_nodes, mask_of
+from chop.ir.masks import mask_nodes, mask_of, select_weights
+from chop.kernels.select import kept_count
 from chop.passes.analysis.snip import snip_saliency
 from chop.passes.transform.mask import Mask
 from chop.pipeline.pass_base import Context, PassResult, option
@@ -140,6 +143,30 @@ class IterativeSnip(Mask):
     def data_batches(self) -> int:
         return self.batches
 
+    def _refuse_regrowth(self, graph: Graph, first: float, target: float) -> None:
+        """Raise :class:`OptionError` when the graph's masks already keep fewer of the selected
+        weights (in all, or in a layer with ``scope=local``) than round 1 would: without
+        ``allow_regrowth`` pruned weights rank last and tie, so the round would bring some
+        back by position, not by score."""
+        nodes = select_weights(graph, self.include, self.exclude, biases=self.biases,
+                               norms=self.norms, embeddings=self.embeddings)
+        counts = []
+        for node in nodes:
+            mask, numel = meta.entries(node).get("mask"), graph.parameter(node).numel()
+            counts.append((node.target, numel if mask is None else int(mask.sum()), numel))
+        groups = [counts] if self.scope == "global" else [[c] for c in counts]
+        for group in groups:
+            have, numel = sum(k for _, k, _ in group), sum(n for _, _, n in group)
+            if numel and kept_count(numel, first) > have:
+                where = "" if self.scope == "global" else f" of {group[0][0]}"
+                raise OptionError(
+                    f"{self.name}: the graph's masks already prune {1 - have / numel:.1%} of the "
+                    f"weights it selects{where}, more than its first round's sparsity "
+                    f"{first:.1%} (rounds go up to sparsity={target:g}); without allow_regrowth "
+                    "a round cannot keep weights the masks pruned (they tie, and would come "
+                    "back by position). Start from an unmasked graph, raise sparsity above "
+                    f"{1 - have / numel:.3g} with steps=1, or set allow_regrowth=true")
+
     def mask_pass(self, sparsity: float) -> Mask:
         """The ``mask`` pass of one round: this pass's selection options at ``sparsity``."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(Mask)}
@@ -150,6 +177,8 @@ class IterativeSnip(Mask):
         data = ctx.data
         if isinstance(data, Iterator):  # one pass only: every round scores the same batches
             data = list(itertools.islice(data, self.batches))
+        if not self.allow_regrowth:
+            self._refuse_regrowth(graph, step_sparsity(target, 1, self.steps), target)
         rounds = []
         for step in range(1, self.steps + 1):
             scoring = straight_through(graph) if self.allow_regrowth else _nothing()

@@ -73,6 +73,22 @@ def test_without_regrowth_each_round_is_a_subset_of_the_previous(cnn, cnn_batche
     assert all(torch.equal(masks(fresh)[k], round2[k]) for k in round2)
 
 
+def test_masks_sparser_than_the_first_round_are_refused_without_regrowth(cnn, cnn_batches):
+    """Round 1 kept more weights than the masks did: the pruned ones, ranked last and tied,
+    came back by position (flat indices 0, 1, 2, ... of each layer)."""
+    graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
+    chop.run(graph, "snip, mask{sparsity=0.95}", data=cnn_batches)
+    before = masks(graph)
+    with pytest.raises(OptionError, match=r"already prune 95\.0% of the weights it selects, more "
+                                          r"than its first round's sparsity 29\.3%"):
+        chop.run(graph, "iterative-snip{sparsity=0.5, steps=2}", data=cnn_batches)
+    assert all(torch.equal(masks(graph)[k], m) for k, m in before.items())  # left as they were
+    with pytest.raises(OptionError,
+                       match=r"prune 77\.3% of the weights it selects of conv1\.weight"):
+        chop.run(graph, "iterative-snip{sparsity=0.5, steps=2, scope=local}", data=cnn_batches)
+    chop.run(graph, "iterative-snip{sparsity=0.5, steps=2, allow_regrowth=true}", data=cnn_batches)
+
+
 def test_force_saliency_is_masked_weight_gradient_times_weight(cnn, cnn_batches):
     graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
     chop.run(graph, "snip, mask{sparsity=0.7}", data=cnn_batches)
