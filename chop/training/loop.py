@@ -109,8 +109,8 @@ class FastMasks:
     A masked weight frozen on entry and unfrozen inside (gradual unfreezing) has its gradient
     masked from the next forward of ``graph.module`` on; a ``graph.copy()`` taken inside is the
     masked graph. On exit the mask nodes multiply again: the graph is the masked graph, with its
-    pruned weights zero. When the masks change inside (a :class:`~chop.training.pruner.Pruner` pruned,
-    updating the mask buffers in place), call :meth:`refresh` before the next forward.
+    pruned weights zero. When the masks change inside (a :class:`~chop.training.pruner.Pruner`
+    pruned, updating the mask buffers in place), call :meth:`refresh` before the next forward.
     """
 
     def __init__(self, graph: Graph, optimizer: torch.optim.Optimizer | None = None):

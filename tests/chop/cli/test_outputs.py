@@ -69,7 +69,8 @@ def test_check_outdir_refusals(tmp_path, monkeypatch):
         check_outdir(full, [])
     model = full / "sub" / "model.pt"
     for out in (full, full / "sub"):  # holds the input: even with force
-        with pytest.raises(OutputError, match=r"folder .* holds the input .*model\.pt.*Choose another"):
+        with pytest.raises(OutputError,
+                           match=r"folder .* holds the input .*model\.pt.*Choose another"):
             check_outdir(out, [model], force=True)
     with pytest.raises(OutputError, match=r"output path .*model\.pt is the input .*model\.pt; "):
         check_outdir(model, [model], force=True)  # is the input (a file, not a folder)
