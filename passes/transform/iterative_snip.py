@@ -19,7 +19,7 @@ the last round keeps exactly round(keep·N), as ``mask`` counts it. Each round r
 The graph's existing masks (from an earlier ``mask``) are the starting point; without
 ``allow_regrowth``, masks that already prune more than round 1 would are refused (a round
 cannot keep weights they pruned). Every round scores
-on the same first ``batches`` batches (a one-pass iterator's are read once and kept).
+on the same first ``batches`` batches (``chop.run`` reads a one-pass iterator once).
 With a ``torch.distributed`` process group (``distributed=auto``) each round's scores are summed
 over the ranks' batches (as ``snip`` does), so every rank makes the same masks in every round.
 """
@@ -27,7 +27,6 @@ over the ranks' batches (as ``snip`` does), so every rank makes the same masks i
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,9 +173,7 @@ class IterativeSnip(Mask):
 
     def apply(self, graph: Graph, ctx: Context) -> PassResult:
         target = 0.9 if self.sparsity is None else self.sparsity  # mask's default
-        data = ctx.data
-        if isinstance(data, Iterator):  # one pass only: every round scores the same batches
-            data = list(itertools.islice(data, self.batches))
+        data = ctx.data  # a one-pass iterator was read into a list by the pass manager
         if not self.allow_regrowth:
             self._refuse_regrowth(graph, step_sparsity(target, 1, self.steps), target)
         rounds = []
