@@ -69,3 +69,14 @@ def percent(value: float) -> str:
     """A sparsity as a percentage: whole, or with the decimals it needs (99.9%, not 100%)."""
     text = f"{value:.0%}"
     return text if float(text[:-1]) / 100 == value else f"{value * 100:.6g}%"
+
+
+BERT_POSITIONS = 512  # BertConfig().max_position_embeddings
+
+
+def check_bert_seq(parser: argparse.ArgumentParser, seq: int) -> None:
+    """A parser error when BERT-base would be given more tokens than it has positions."""
+    if seq > BERT_POSITIONS:
+        parser.error(f"--seq {seq}: BERT-base takes at most {BERT_POSITIONS} tokens "
+                     "(its max_position_embeddings)")
+

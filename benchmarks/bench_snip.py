@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from arguments import at_least, number_at_least
+from arguments import at_least, check_bert_seq, number_at_least
 from torch import nn
 
 import chop
@@ -49,7 +49,6 @@ from chop.pipeline.batches import call, cross_entropy, logits_of
 
 TARGET = 1.15  # BERT-base-size models
 SMALL_TARGET = 1.3  # every model of the structured-coverage table, at batch 2
-BERT_POSITIONS = 512  # BertConfig().max_position_embeddings
 WARMUP = 2  # untimed rounds: the second snip still touches fresh memory (the old scores are alive)
 
 
@@ -212,9 +211,8 @@ def main() -> None:
                              "models, whose single ~2 ms calls vary by ±20%% between runs")
     parser.add_argument("--verbose", action="store_true", help="print every run and more ratios")
     opts = parser.parse_args()
-    if "bert" in opts.models.split(",") and opts.seq > BERT_POSITIONS:
-        parser.error(f"--seq {opts.seq}: BERT-base takes at most {BERT_POSITIONS} tokens "
-                     "(its max_position_embeddings)")
+    if "bert" in opts.models.split(","):
+        check_bert_seq(parser, opts.seq)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     clock = time.perf_counter if opts.clock == "wall" else time.process_time

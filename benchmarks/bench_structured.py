@@ -57,7 +57,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import at_least, sparsity_arg  # noqa: E402
+from arguments import at_least, check_bert_seq, sparsity_arg  # noqa: E402
 from bench_shrink import ResNet50  # noqa: E402
 
 import chop  # noqa: E402
@@ -101,7 +101,6 @@ def torchvision_model(name: str):
 
 
 MODELS = {"resnet50": resnet50, "bert": bert}
-BERT_POSITIONS = 512  # BertConfig().max_position_embeddings
 
 
 def model_builder(name: str):
@@ -300,9 +299,8 @@ def main() -> None:
                         help="cProfile one chop run of this model instead of benchmarking")
     parser.add_argument("--profile-lines", type=at_least(1), default=40)
     args = parser.parse_args()
-    if "bert" in ([args.profile] if args.profile else args.models) and args.seq > BERT_POSITIONS:
-        parser.error(f"--seq {args.seq}: BERT-base takes at most {BERT_POSITIONS} tokens "
-                     "(its max_position_embeddings)")
+    if "bert" in ([args.profile] if args.profile else args.models):
+        check_bert_seq(parser, args.seq)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
