@@ -33,7 +33,7 @@ Larger inputs on one process first try a **bracket** (:func:`_bracket`, after
 Floyd and Rivest): the k-th largest of a strided sample of ``_SAMPLE`` entries,
 widened by four standard deviations of a sample quantile on each side, gives two
 values ``lo <= hi``; one pass counts the entries above ``hi`` and gathers those
-in ``[lo, hi]``, and when the k-th largest is among them (the counts say so
+in ``(lo, hi]``, and when the k-th largest is among them (the counts say so
 exactly) one sort of the gathered few finds it. That is one pass
 over the scores instead of the radix selection's two. When the counts say the
 bracket missed, or it would gather more than ``_CHUNK`` entries (many equal
@@ -322,7 +322,12 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
 def _band_by_torch(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: float,
                    size: int) -> tuple[int, torch.Tensor] | None:
     """One pass over ``chunks()`` (each at most ``size`` entries): how many entries are above
-    ``hi``, and those in [lo, hi]; None when more than ``_CHUNK`` are. Raises on NaN."""
+    ``hi``, and those in (lo, hi]; None when more than ``_CHUNK`` are. Raises on NaN.
+
+    ``lo`` is left out: progressive pruning asks, step after step, for a threshold just above
+    the pruned weights' scores (all 0 for magnitude), where a sample's ``lo`` is that very
+    value, and gathering every pruned weight would fail the bracket. When the threshold is
+    ``lo`` itself, the counts miss and the radix selection finds it."""
     above, sums, band, gathered, device = [], [], [], 0, None
     for c in chunks():
         if device is None:
@@ -330,8 +335,8 @@ def _band_by_torch(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: 
             buffers = torch.empty(2, size, dtype=torch.bool, device=device)
         over, inside = buffers[:, : c.numel()]  # reused: no fresh pages for each chunk
         torch.gt(c, hi, out=over)
-        torch.ge(c, lo, out=inside)
-        inside ^= over  # lo <= c <= hi (lo <= hi: what is over hi is at least lo)
+        torch.gt(c, lo, out=inside)
+        inside ^= over  # lo < c <= hi (lo <= hi: what is over hi is over lo)
         above.append(torch.count_nonzero(over))
         sums.append(c.sum().double())  # NaN if a score is (or when +inf meets -inf)
         gathered += int(torch.count_nonzero(inside))
@@ -353,8 +358,8 @@ def _band_by_numpy(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: 
         a = c.numpy()
         over, inside = over_buffer[: a.size], inside_buffer[: a.size]
         np.greater(a, hi, out=over)
-        np.greater_equal(a, lo, out=inside)
-        np.bitwise_xor(inside, over, out=inside)  # lo <= a <= hi
+        np.greater(a, lo, out=inside)
+        np.bitwise_xor(inside, over, out=inside)  # lo < a <= hi
         above += int(np.count_nonzero(over))
         nan = nan or bool(np.isnan(a.max()))  # max is NaN if an entry is
         gathered += int(np.count_nonzero(inside))

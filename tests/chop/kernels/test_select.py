@@ -493,3 +493,22 @@ class TestBracket:
         assert found == [None]  # the band at 1.0 is larger than a chunk
         assert int(masks[1].sum()) == 1 << 16 and int(masks[0][: 1 << 15].sum()) == 1 << 15
         assert int(masks[0].sum()) == 1 << 15
+
+    @pytest.mark.parametrize("path_", ["numpy", "torch"])
+    def test_a_threshold_just_above_many_zeros_is_bracketed(self, monkeypatch, path_) -> None:
+        """Progressive pruning: most scores are the pruned weights' 0 and the step keeps a few
+        fewer than the rest, so the sample's lower bracket is 0; gathering every 0 missed the
+        bracket and the radix passes ran at every step. 0 itself is out of the band, and
+        when the threshold is 0 the bracket misses, and the radix passes give the masks."""
+        if path_ == "torch":
+            monkeypatch.setattr(select, "_NUMPY_THREADS", 0)
+        g = torch.Generator().manual_seed(6)
+        scores = torch.rand(1 << 19, generator=g)
+        scores[torch.rand(1 << 19, generator=g) < 0.85] = 0.0
+        positive = int(torch.count_nonzero(scores))
+        found = _bracketed(monkeypatch)
+        for k in (positive - 40, positive - 2_000, positive + 1_000):
+            masks = keep_masks([scores], k)
+            assert flat_mask(masks) == reference_mask([scores], k), k
+        assert found[0] is not None and found[1] is not None  # no radix pass
+        assert found[2] is None  # the threshold is 0: the radix passes found it
