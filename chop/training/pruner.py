@@ -28,6 +28,17 @@ runs at every step in :meth:`Pruner.on_before_optimizer_step` instead, where the
 manager lints a pass's output once while the graph stays as that run left it, so later steps
 do not pay for it.
 
+**The eager path.** A plain module pruned element by element with a criterion that needs no
+data (``magnitude``, ``snip-momentum{source=grad}``), with no process group, runs no pass per
+step: the weights are those ``mask`` selects on the traced graph (found once, with its checks
+and errors), and each step scores the module's parameters with the criterion's
+:meth:`~chop.passes.analysis.criterion.Criterion.score_module` (their pruned entries are zero
+in place, so these are the scores of the graph's masked weights) and selects with the same
+exact ranking as ``mask``. The masks, kept counts and warnings are those of running the passes
+(a test trains both ways and compares them at every step); the graph's metadata and history
+then carry no masks, :attr:`Pruner.masks` does. Pruning at every step, the passes' own work
+per call was most of what the Pruner added to a small model's step.
+
 **Two kinds of model.**
 
 - A :class:`~chop.ir.graph.Graph` (you train ``graph.module``): masks are ``mul(weight, mask)`` nodes
@@ -75,10 +86,12 @@ from chop.errors import DataError, OptionError, did_you_mean
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
+from chop.kernels import distributed
 from chop.kernels.distributed import local
-from chop.kernels.select import numpy_compares
+from chop.kernels.select import numpy_compares, true_counts
+from chop.passes.analysis.criterion import Criterion
 from chop.passes.transform.iterative_snip import pruned_last
-from chop.passes.transform.mask import Mask
+from chop.passes.transform.mask import Mask, ranked_masks, warn_emptied
 from chop.pipeline import registry
 from chop.pipeline.manager import as_passes, run
 from chop.pipeline.pass_base import Pass
@@ -199,11 +212,17 @@ class Pruner:
         self.history: list[dict[str, Any]] = []  # one record per pruning step
         self._locked = dict(masks) if masks is not None else None
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
+        self._held: torch.Tensor | None = None  # the same, one flat buffer (see _keep)
+        self._counts: list[int] | None = None  # the eager path's kept counts of _masks
+        self._current: dict[str, torch.Tensor] = {}  # the eager path's masks, as last made
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
         self._factors: dict[nn.Parameter, torch.Tensor] = {}  # the same, for mask_grad
         self._records: list[Any] = []  # the graph.history records of the last pruning step
         self._scored: list[Any] = []  # those of the last scoring
         self._batch: Any = None  # the batch given to the current step
+        self._eager: dict[str, nn.Parameter] | None = None  # see _eager_weights
+        self._graph_path = False  # decided (by _eager_weights): every step runs passes
+        self._scores: dict[str, torch.Tensor] = {}  # the eager path's last scores, by name
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -286,6 +305,13 @@ class Pruner:
         if self.sharded is not None:
             self.sharded.score(self.criterion, self._data(batch), self.loss)
             return
+        weights = self._eager_weights(batch)
+        if weights is not None:
+            scores = self.criterion.score_module(
+                self.model, list(weights.values()), self._data(batch), self.loss,
+                [self._scores.get(name) for name in weights])
+            self._scores = dict(zip(weights, scores))
+            return
         graph = self._graph(batch)
         first = len(graph.history)
         self._run(graph, self.criterion, batch)
@@ -304,6 +330,8 @@ class Pruner:
         rank's shard of each)."""
         if self.sharded is not None:
             return self._prune_sharded(sparsity, batch, score)
+        if self._eager_weights(batch) is not None:
+            return self._prune_eager(sparsity, batch, score)
         graph = self._graph(batch)
         first = len(graph.history)
         if score:
@@ -354,6 +382,8 @@ class Pruner:
         rank's shard of each."""
         if self.sharded is not None:
             return dict(self._masks)
+        if self._eager is not None:
+            return dict(self._current)
         if self.graph is None:
             return {}
         return self._current_masks(self.graph, pattern=False)
@@ -380,6 +410,66 @@ class Pruner:
                              "numel": numel})
         return masks
 
+    def _eager_weights(self, batch: Any) -> dict[str, nn.Parameter] | None:
+        """The parameters the selection covers, by name, when this Pruner scores and selects
+        on the module itself at each step (its eager path), else None.
+
+        A plain module pruned element by element with a criterion that needs no data
+        (``magnitude``, ``snip-momentum{source=grad}``) and no process group takes this path:
+        the criterion's :meth:`~chop.passes.analysis.criterion.Criterion.score_module` on
+        the parameters (whose pruned entries are zero in place, so the scores are those the
+        graph's masked weights get) and :func:`~chop.passes.transform.mask.ranked_masks`
+        over them, with no pass run, graph metadata or mask node per step. A Pruner that
+        prunes at every step spends most of a small model's step in those. The weights are
+        those ``mask`` selects on the traced graph (the same roles, checks and errors); the
+        masks and counts are those of the graph's passes."""
+        if self._eager is not None or self._graph_path:
+            return self._eager
+        criterion = self.criterion
+        self._graph_path = not (
+            isinstance(criterion, Criterion) and not isinstance(self.model, Graph)
+            and self.sharded is None and criterion.data_batches() == 0
+            and not criterion.normalize and self._selection.granularity == "element"
+            and type(criterion).module_scores is not Criterion.module_scores
+            and not distributed.active())
+        if not self._graph_path:
+            nodes = self._selection.selected(self._graph(batch))
+            self._eager = {n.target: self.model.get_parameter(n.target) for n in nodes}
+        return self._eager
+
+    def _prune_eager(self, sparsity: float, batch: Any, score: bool) -> dict[str, torch.Tensor]:
+        """:meth:`prune` on the eager path (:meth:`_eager_weights`)."""
+        if score:
+            self.score(batch)
+        names = list(self._eager)
+        if not self._scores:
+            raise OptionError("Pruner: nothing is scored yet; score before pruning with "
+                              "score=False")
+        options, scores = self._selection, [self._scores[name] for name in names]
+
+        def ranked(pruned_last: bool) -> list[torch.Tensor]:  # as Pruner._select ranks
+            ranks = ([torch.where(self._masks[n], s, -1.0) for n, s in zip(names, scores)]
+                     if pruned_last else scores)
+            return ranked_masks(names, ranks, sparsity, options.scope,
+                                min_sparsity=options.min_sparsity,
+                                max_sparsity=options.max_sparsity, min_keep=options.min_keep)
+
+        alone = _ranks_alone(options)
+        kept = ranked(pruned_last=bool(self._masks) and not alone)
+        if self._masks and alone and _came_back(
+                [self._held] if self._held is not None else list(self._masks.values()), kept):
+            kept = ranked(pruned_last=True)
+        masks = dict(zip(names, kept))
+        self._keep(masks)
+        sizes, before = [m.numel() for m in kept], self._counts
+        self._counts = true_counts(kept)
+        warn_emptied(names, sizes, self._counts, lambda i: before is None or before[i] > 0)
+        self._current = masks
+        self.sparsity = sparsity
+        self.history.append({"step": self.step, "sparsity": sparsity, "kept": sum(self._counts),
+                             "numel": sum(sizes)})
+        return masks
+
     def _run(self, graph: Graph, p: Pass, batch: Any) -> None:
         run(graph, [p], data=self._data(batch), loss=self.loss)
 
@@ -394,15 +484,12 @@ class Pruner:
         first, and the rewrite runs only when a pruned weight came back (or the pattern cannot
         tell)."""
         before = self._current_masks(graph, pattern=False)
-        plain = step_mask.granularity == "element" and (step_mask.scope == "local" or (
-            step_mask.min_sparsity == 0.0 and step_mask.max_sparsity == 1.0
-            and step_mask.min_keep == 0))
-        if before and plain:
+        if before and _ranks_alone(step_mask):
             start = len(graph.history)
             with _held_logs() as held:  # shown only if this run's masks are kept
                 self._run(graph, step_mask, batch)
             after = self._current_masks(graph, pattern=False)
-            if not _came_back(before, after):
+            if not _came_back(list(before.values()), [after[name] for name in before]):
                 for record in held:
                     log.handle(record)
                 return  # nothing pruned came back: the same masks as with the rewrite
@@ -428,10 +515,24 @@ class Pruner:
         if masks is not None:
             self._check_masks(masks)
         masks = masks if masks is not None else self._current_masks(graph)
-        for name, mask in masks.items():
-            insert_mask(graph, graph.weight_node(name), mask)
-        graph.recompile()
-        self._keep(masks)
+        weights = self._eager_weights(batch)
+        if weights is None:
+            for name, mask in masks.items():
+                insert_mask(graph, graph.weight_node(name), mask)
+            graph.recompile()
+            self._keep(masks)
+            return
+        # the eager path holds one mask per weight it selects, in its order
+        others = [name for name in masks if name not in weights]
+        if others:
+            raise OptionError(
+                f"Pruner: masks= has masks for {', '.join(others)}, which mask_options do not "
+                f"select (they select {', '.join(weights)}); select them in mask_options "
+                "(include=..., biases=true…) or leave their masks out")
+        self._keep({name: masks[name].to(torch.bool) if name in masks
+                    else torch.ones(p.shape, dtype=torch.bool) for name, p in weights.items()})
+        self._current = {name: mask.clone() for name, mask in self._masks.items()}
+        self._counts = true_counts(list(self._masks.values()))
 
     def _check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Raise :class:`OptionError` unless every mask names a weight of the (unsharded) model
@@ -460,10 +561,16 @@ class Pruner:
             mask.shape == self._masks[name].shape for name, mask in masks.items()
         ):  # the same parameters as at the last step: update the masks in place
             torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
-        else:
+        else:  # one flat buffer, each mask a view: read whole by a step's checks and counts
+            devices = {name: local(self.model.get_parameter(name)).device for name in masks}
+            held = torch.empty(sum(m.numel() for m in masks.values()), dtype=torch.bool,
+                               device=next(iter(devices.values()), "cpu"))
+            parts = held.split([m.numel() for m in masks.values()])
+            self._held = held if len(set(devices.values())) <= 1 else None
             self._masks = {
-                name: mask.to(local(self.model.get_parameter(name)).device, copy=True)
-                for name, mask in masks.items()
+                name: (part.view(mask.shape).copy_(mask) if self._held is not None
+                       else mask.to(devices[name], copy=True))
+                for part, (name, mask) in zip(parts, masks.items())
             }
             # (parameter, mask as a 0/1 factor) pairs, looked up once, not at every step
             self._applied = [(self.model.get_parameter(name), factor(mask))
@@ -519,18 +626,30 @@ def _unwrapped_forward(model: nn.Module) -> Iterator[None]:
         model.forward = wrapped
 
 
-def _came_back(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a position ``before`` masks (False) is kept (True) in ``after``, as a Pruner
-    checks at every step: compared by numpy where
-    :func:`~chop.kernels.select.numpy_compares`, else in one comparison over all masks."""
-    pairs = [(before[name], after[name]) for name in before]
-    if numpy_compares(*before.values(), *after.values()):
-        old = np.concatenate([m.numpy() for m, _ in pairs], axis=None)
-        new = np.concatenate([m.numpy() for _, m in pairs], axis=None)
-        return bool(np.greater(new, old).any())
-    old = torch.cat([m.reshape(-1) for m, _ in pairs]).view(torch.uint8)
-    new = torch.cat([m.reshape(-1) for _, m in pairs]).view(torch.uint8)
-    return bool(torch.gt(new, old).any())
+def _ranks_alone(options: Mask) -> bool:
+    """Whether ``options`` rank each unit on its own (element granularity, per layer or
+    globally without per-layer bounds): then ranking pruned weights last changes the masks
+    only where the plain ranking keeps a pruned weight (see :meth:`Pruner._select`)."""
+    return options.granularity == "element" and (options.scope == "local" or (
+        options.min_sparsity == 0.0 and options.max_sparsity == 1.0 and options.min_keep == 0))
+
+
+def _came_back(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    """Whether a position the bool masks ``before`` (one per mask of ``after``, or all of
+    them as one flat tensor) mask (False) is kept (True) by ``after``, as a Pruner checks at
+    every step: compared by numpy where :func:`~chop.kernels.select.numpy_compares`, else in
+    one comparison over all masks (mask by mask where they lie on several devices)."""
+    def flat(masks: list[torch.Tensor]) -> np.ndarray:
+        return masks[0].numpy().reshape(-1) if len(masks) == 1 else np.concatenate(
+            [m.numpy() for m in masks], axis=None)
+
+    if numpy_compares(*before, *after):
+        return bool(np.greater(flat(after), flat(before)).any())
+    if len({m.device for m in (*before, *after)}) > 1:
+        return any(bool(torch.gt(n.view(torch.uint8), o.view(torch.uint8)).any())
+                   for o, n in zip(before, after, strict=True))
+    old, new = (torch.cat([m.reshape(-1) for m in masks]) for masks in (before, after))
+    return bool(torch.gt(new.view(torch.uint8), old.view(torch.uint8)).any())
 
 
 @contextmanager

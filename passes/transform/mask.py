@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch.fx import Node
@@ -153,8 +153,9 @@ def layer_counts(
     process would make. Every process must make the same call.
     """
     sizes = [whole_numel(s) for s in scores]
-    upper = [kept_count(n, min_sparsity) for n in sizes]
-    lower = [min(n, max(kept_count(n, max_sparsity), min_keep)) for n in sizes]
+    upper = sizes if min_sparsity == 0.0 else [kept_count(n, min_sparsity) for n in sizes]
+    lower = ([0] * len(sizes) if max_sparsity == 1.0 and min_keep == 0
+             else [min(n, max(kept_count(n, max_sparsity), min_keep)) for n in sizes])
     if scope == "local":
         return [keep_masks([s], min(max(kept_count(n, sparsity), lo), hi), reduce=reduce)[0]
                 for s, n, lo, hi in zip(scores, sizes, lower, upper)]
@@ -263,33 +264,50 @@ def mask_weights(
     else:
         r, c = (int(block[1]), int(block[2])) if block else (1, 1)
         units = [_block_scores(node, s, r, c) if block else s for node, s in zip(nodes, scores)]
-        try:
-            kept = layer_counts(units, 0.9 if sparsity is None else sparsity, scope,
-                                min_sparsity=min_sparsity, max_sparsity=max_sparsity,
-                                min_keep=min_keep)
-        except NaNScoresError as e:
-            name = next(n.target for n, u in zip(nodes, units) if bool(torch.isnan(u).any()))
-            raise _nan_scores(name) from e
+        kept = ranked_masks([n.target for n in nodes], units,
+                            0.9 if sparsity is None else sparsity, scope,
+                            min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+                            min_keep=min_keep)
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
                  for node, k, s in zip(nodes, kept, scores)]
     before = [meta.entries(n).get("mask") for n in nodes]
     if insert_masks(graph, nodes, masks):
         graph.recompile()
     counts = true_counts(masks)
+    warn_emptied([n.target for n in nodes], [m.numel() for m in masks], counts,
+                 lambda i: before[i] is None or bool(before[i].any()))
     report["kept"] = {n.target: (c, m.numel()) for n, m, c in zip(nodes, masks, counts)}
-    empty = [n.target for n, m, c in zip(nodes, masks, counts) if m.numel() and not c]
-    # warn when a layer becomes empty, not again each time it is re-masked empty (a Pruner
-    # masks at every step)
-    new = [n.target for n, m, c, old in zip(nodes, masks, counts, before)
-           if m.numel() and not c and (old is None or bool(old.any()))]
+    return {n.target: m for n, m in zip(nodes, masks)}
+
+
+def ranked_masks(names: list[str], scores: list[torch.Tensor], sparsity: float, scope: str, *,
+                 min_sparsity: float = 0.0, max_sparsity: float = 1.0, min_keep: int = 0
+                 ) -> list[torch.Tensor]:
+    """:func:`layer_counts` over the weights ``names`` (their unit scores), NaN scores refused
+    with the name of a weight that holds them."""
+    try:
+        return layer_counts(scores, sparsity, scope, min_sparsity=min_sparsity,
+                            max_sparsity=max_sparsity, min_keep=min_keep)
+    except NaNScoresError as e:
+        name = next(n for n, s in zip(names, scores) if bool(torch.isnan(s).any()))
+        raise _nan_scores(name) from e
+
+
+def warn_emptied(names: list[str], numels: list[int], counts: list[int],
+                 nonempty_before: Callable[[int], bool]) -> None:
+    """Warn when a new mask (``counts`` kept of ``numels``) empties a layer of ``names`` that
+    was not empty before (``nonempty_before(i)``; a Pruner masks at every step, and a layer
+    re-masked empty is not news)."""
+    empty = [i for i, (n, c) in enumerate(zip(numels, counts)) if n and not c]
+    new = [names[i] for i in empty if nonempty_before(i)]
     if new:
         log.warning(
             "mask emptied %d layer(s): %s; the network may be disconnected (lower the sparsity, "
             "set min_keep, or use scope=local)", len(new), ", ".join(new),
         )
     elif empty:
-        log.debug("mask: %d layer(s) stay empty: %s", len(empty), ", ".join(empty))
-    return {n.target: m for n, m in zip(nodes, masks)}
+        log.debug("mask: %d layer(s) stay empty: %s", len(empty),
+                  ", ".join(names[i] for i in empty))
 
 
 def _nan_scores(name: str) -> DataError:
@@ -339,6 +357,32 @@ class Mask(Pass):
         """The sparsity an N:M granularity fixes (1 − N/M), else None."""
         nm = _NM.match(self.granularity)
         return 1 - int(nm[1]) / int(nm[2]) if nm else None
+
+    def selected(self, graph: Graph) -> list[Node]:
+        """The weight nodes these options select (``include``, ``exclude``, roles); raises
+        when they select none or ``include`` names a weight the roles leave out."""
+        nodes = select_weights(
+            graph, self.include, self.exclude,
+            biases=self.biases, norms=self.norms, embeddings=self.embeddings,
+        )
+        _check_include(graph, self.include, nodes)
+        if not nodes:
+            prunable = [n.target for n in graph.weight_nodes()
+                        if meta.entries(n).get("role") in ("linear", "conv")]
+            if prunable:
+                raise OptionError(
+                    f"mask selected no weights of {graph.name} (include={self.include!r}, "
+                    f"exclude={self.exclude!r}); prunable parameters are: " + ", ".join(prunable)
+                )
+            used = sorted({str(getattr(u.target, "__name__", u.target))
+                           for n in graph.weight_nodes() for u in n.users})
+            raise PassError(
+                f"{graph.name} has no weight chop recognises as a linear or conv layer's (one "
+                "used by linear, conv, embedding, or matmul/addmm as the right-hand operand), "
+                f"so mask has nothing to prune; its weights are used by: {', '.join(used[:8])}"
+                + (" …" if len(used) > 8 else "")
+            )
+        return nodes
 
     def check(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -407,27 +451,7 @@ class Mask(Pass):
                 "CSR, which mask cannot prune again; put mask before sparse in the pipeline "
                 "(e.g. \"snip, mask, sparse\"), starting from the model before sparse"
             )
-        nodes = select_weights(
-            graph, self.include, self.exclude,
-            biases=self.biases, norms=self.norms, embeddings=self.embeddings,
-        )
-        _check_include(graph, self.include, nodes)
-        if not nodes:
-            prunable = [n.target for n in graph.weight_nodes()
-                        if meta.entries(n).get("role") in ("linear", "conv")]
-            if prunable:
-                raise OptionError(
-                    f"mask selected no weights of {graph.name} (include={self.include!r}, "
-                    f"exclude={self.exclude!r}); prunable parameters are: " + ", ".join(prunable)
-                )
-            used = sorted({str(getattr(u.target, "__name__", u.target))
-                           for n in graph.weight_nodes() for u in n.users})
-            raise PassError(
-                f"{graph.name} has no weight chop recognises as a linear or conv layer's (one "
-                "used by linear, conv, embedding, or matmul/addmm as the right-hand operand), "
-                f"so mask has nothing to prune; its weights are used by: {', '.join(used[:8])}"
-                + (" …" if len(used) > 8 else "")
-            )
+        nodes = self.selected(graph)
         report: dict = {}
         mask_weights(
             graph, nodes, self.sparsity, self.scope, granularity=self.granularity,

@@ -282,19 +282,127 @@ def test_snip_momentum_scores_every_step_from_the_training_gradients(mlp, mlp_ba
         assert torch.count_nonzero(mlp.get_parameter(name)[~mask]) == 0
 
 
-def test_pruner_scores_only_what_its_mask_can_select(mlp, mlp_batches):
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])  # eager path, graph path
+def test_pruner_scores_only_what_its_mask_can_select(mlp, mlp_batches, criterion):
     def scored(pruner):
         pruner.prune(0.5)
+        if criterion == "magnitude":
+            return sorted(pruner._scores)
         return sorted(n.target for n in pruner.graph.weight_nodes()
                       if "saliency" in meta.entries(n))
 
     x = mlp_batches[0][0]
-    assert scored(Pruner(mlp, 0.9, criterion="magnitude", example_inputs=x)) == [
+    assert scored(Pruner(mlp, 0.9, criterion=criterion, example_inputs=x)) == [
         "layers.0.weight", "layers.1.weight", "layers.2.weight"]
-    biases = Pruner(mlp, 0.9, criterion="magnitude", example_inputs=x,
+    biases = Pruner(mlp, 0.9, criterion=criterion, example_inputs=x,
                     mask_options={"biases": True})
     assert scored(biases) == sorted(n for n, _ in mlp.named_parameters())
     assert "layers.0.bias" in biases.masks
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "snip-momentum{source=grad}"])
+@pytest.mark.parametrize("options", [{}, {"scope": "local"}, {"max_sparsity": 0.95},
+                                     {"min_keep": 40, "biases": True},
+                                     {"exclude": "layers.1"}])
+def test_eager_steps_make_the_masks_of_the_graph_passes(mlp, mlp_batches, monkeypatch,
+                                                        criterion, options):
+    """A plain module pruned with a data-free criterion is scored and selected on the module
+    itself at each step, with no pass run: at every step of a training run its masks, kept
+    counts and weights are those of running the passes on the graph."""
+    import copy
+
+    from chop.pipeline import manager
+
+    def run(eager: bool):
+        module = copy.deepcopy(mlp)
+        pruner = Pruner(module, 0.9, criterion=criterion, schedule="cube", start_step=0,
+                        end_step=7, frequency=1, mask_options=options,
+                        example_inputs=mlp_batches[0][0])
+        runs = []
+        with monkeypatch.context() as patch:
+            if not eager:
+                patch.setattr(Pruner, "_eager_weights", lambda self, batch: None)
+            real = manager.run
+            patch.setattr(manager, "run", lambda *a, **k: (runs.append(a[1]), real(*a, **k))[1])
+            patch.setattr("chop.training.pruner.run", manager.run)
+            masks = []
+            optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
+            for step in range(10):
+                x, y = mlp_batches[step % 3]
+                pruner.on_step_begin(step, (x, y))
+                F.cross_entropy(module(x), y).backward()
+                pruner.on_before_optimizer_step()
+                optimizer.step()
+                pruner.on_after_optimizer_step()
+                optimizer.zero_grad()
+                masks.append({k: v.clone() for k, v in pruner.masks.items()})
+        return masks, pruner.history, module.state_dict(), runs
+
+    eager, graph = run(True), run(False)
+    assert eager[3] == [] and graph[3], "the eager path runs no pass"
+    for step, (a, b) in enumerate(zip(eager[0], graph[0], strict=True)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+    assert eager[1] == graph[1] and len(eager[1]) == 7  # steps 1-7 (0 is at sparsity 0)
+    assert all(torch.equal(v, graph[2][k]) for k, v in eager[2].items())
+
+
+@pytest.mark.parametrize("options", [{}, {"scope": "local"}, {"max_sparsity": 0.97}])
+def test_eager_steps_rank_pruned_weights_last(mlp, mlp_batches, options):
+    """Given the same scores at each step (pruned ones 0, stale ones that may be high, ties at
+    0 in front of kept weights), the eager path's masks are the graph passes' (which rank
+    pruned weights last): no pruned weight comes back."""
+    import copy
+
+    x = mlp_batches[0][0]
+    graph = chop.trace(copy.deepcopy(mlp), (x,))
+    on_graph = Pruner(graph, 0.9, criterion="random", mask_options=options)
+    eager = Pruner(mlp, 0.9, criterion="magnitude", mask_options=options, example_inputs=x)
+    names = list(eager._eager_weights(None))
+    g = torch.Generator().manual_seed(5)
+    previous = None
+    for sparsity, kind in {0.3: "masked", 0.5: "masked", 0.6: "stale", 0.7: "ties",
+                           0.8: "masked"}.items():
+        scores = {}
+        for name in names:
+            score = torch.rand(mlp.get_parameter(name).shape, generator=g)
+            score = score.round() if kind == "ties" else score
+            if kind != "stale" and previous is not None:
+                score = score * previous[name]
+            scores[name] = score
+            meta.entries(graph.weight_node(name))["saliency"] = score
+        eager._scores = dict(scores)
+        expected = on_graph.prune(sparsity, score=False)
+        got = eager.prune(sparsity, score=False)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), (sparsity, kind)
+        if previous is not None:
+            assert all(not (got[k] & ~previous[k]).any() for k in got)
+        previous = {k: v.clone() for k, v in got.items()}
+
+
+def test_eager_resume_refuses_masks_of_weights_it_does_not_select(mlp, mlp_batches):
+    pruner = Pruner(mlp, 0.8, criterion="magnitude", example_inputs=mlp_batches[0][0],
+                    schedule="linear", start_step=0, end_step=4)
+    masks = {"layers.0.weight": torch.ones(32, 16, dtype=torch.bool),
+             "layers.0.bias": torch.ones(32, dtype=torch.bool)}
+    with pytest.raises(OptionError, match=r"^Pruner: masks= has masks for layers\.0\.bias, "
+                                          r"which mask_options do not select"):
+        pruner.resume(3, masks=masks)
+    del masks["layers.0.bias"]
+    masks["layers.0.weight"][0] = False  # given for one layer: the others keep everything
+    pruner.resume(3, masks=masks)
+    assert {k: int(m.sum()) for k, m in pruner.masks.items()} == {
+        "layers.0.weight": 32 * 16 - 16, "layers.1.weight": 32 * 32, "layers.2.weight": 4 * 32}
+    assert torch.count_nonzero(mlp.layers[0].weight[0]) == 0
+
+
+def test_eager_steps_name_a_layer_with_nan_scores(mlp, mlp_batches):
+    pruner = Pruner(mlp, 0.9, criterion="magnitude", example_inputs=mlp_batches[0][0])
+    with torch.no_grad():
+        mlp.layers[1].weight[0, 0] = float("nan")
+    with pytest.raises(DataError, match="the saliency of layers.1.weight holds NaN"):
+        pruner.prune(0.5)
+    assert pruner.masks == {} and not pruner.history
 
 
 def test_pruner_steps_are_linted_once_and_again_after_an_edit(mlp, mlp_batches, monkeypatch):
@@ -342,26 +450,33 @@ def test_came_back_finds_a_pruned_position_kept_again(kind: str) -> None:
     old["b"][-1] = False
 
     def wrap(masks):
-        return masks if kind == "plain" else {
-            k: torch.nn.Parameter(m, requires_grad=False) for k, m in masks.items()}
+        return list(masks.values()) if kind == "plain" else [
+            torch.nn.Parameter(m, requires_grad=False) for m in masks.values()]
+
+    def came_back(before, after):  # the masks one by one, and before as one flat tensor
+        one = _came_back(wrap(before), wrap(after))
+        flat = [torch.cat([m.reshape(-1) for m in wrap(before)])]
+        assert _came_back(flat, wrap(after)) == one
+        return one
 
     dropped = {k: m.clone() for k, m in old.items()}
     dropped["a"][old["a"]] = False  # pruned more, nothing back
     back = {k: m.clone() for k, m in dropped.items()}
     back["b"][-1] = True  # b's last entry, pruned, kept again
-    assert not _came_back(wrap(old), wrap(old))
-    assert not _came_back(wrap(old), wrap(dropped))
-    assert _came_back(wrap(old), wrap(back))
-    assert _came_back(wrap(dropped), wrap(old))
+    assert not came_back(old, old)
+    assert not came_back(old, dropped)
+    assert came_back(old, back)
+    assert came_back(dropped, old)
 
 
-def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches):
+@pytest.mark.parametrize("criterion", ["snip", "magnitude"])  # graph path, eager path
+def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches, criterion):
     """A Pruner made afresh after a restart (SNIPCallback with resume_from_checkpoint) scored
     the trained weights with no masks: pruned weights came back and the masks differed."""
     import copy
 
     def pruner(model):
-        return Pruner(model, 0.8, criterion="snip", schedule="linear", start_step=0,
+        return Pruner(model, 0.8, criterion=criterion, schedule="linear", start_step=0,
                       end_step=6, frequency=2, data=mlp_batches[:1])
 
     straight = copy.deepcopy(mlp)
@@ -369,11 +484,14 @@ def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches):
     train(whole, straight, mlp_batches, 8, momentum=0.0)  # no optimizer state to restore
 
     stopped = copy.deepcopy(mlp)
-    train(pruner(stopped), stopped, mlp_batches, 3, momentum=0.0)  # saved after 3 steps
+    first = pruner(stopped)
+    train(first, stopped, mlp_batches, 3, momentum=0.0)  # saved after 3 steps
     restarted = copy.deepcopy(stopped)  # the checkpoint: weights only
     second = pruner(restarted)
     second.on_train_begin()
     second.resume(3, mlp_batches[0])
+    assert second.masks.keys() == first.masks.keys()
+    assert all(torch.equal(second.masks[k], m) for k, m in first.masks.items())
     train(second, restarted, mlp_batches, range(3, 8), momentum=0.0, begin=False)
 
     assert [h["step"] for h in second.history] == [4, 6]
