@@ -208,7 +208,7 @@ def keep_masks(
         return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in locals_]
     dtype = _common_dtype(locals_)
     if _direct(scores, total, reduce):
-        return _direct_masks(counted, k, dtype)
+        return _direct_masks(counted, k, dtype)[0]
     pieces = _pieces(scores)
     t, ties, n_eq = _threshold(scores, counted, total, k, dtype, reduce)
     all_ties = ties == n_eq
@@ -243,6 +243,28 @@ def keep_masks(
             m |= eq
         masks.append(mask.view(p.local.shape))
     return masks
+
+
+def keep_masks_and_flat(scores: Sequence[torch.Tensor], k: int
+                        ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`keep_masks` of plain tensors on one process, and, when the selection ran on one
+    flat copy of all the scores (fewer than ``_DIRECT`` entries: a small model), the same
+    masks as one flat bool tensor in the scores' order (else None), over the same memory: a
+    caller that reads every mask at once, as a Pruner's step does, reads that one."""
+    total = _validate(scores, k)
+    if 0 < k < total and _direct(scores, total, None):
+        return _direct_masks(list(scores), k, _common_dtype(scores))
+    return keep_masks(scores, k), None
+
+
+def true_counts_of_flat(flat: torch.Tensor, sizes: Sequence[int]) -> list[int]:
+    """:func:`true_counts` of the consecutive parts of ``sizes`` entries of the flat bool
+    ``flat`` (one call per part on its memory, no split)."""
+    if not numpy_compares(flat):
+        return torch.stack([part.count_nonzero() for part in flat.split(list(sizes))]).tolist()
+    values = flat.numpy()
+    return [int(np.count_nonzero(values[start:start + n]))
+            for start, n in zip(itertools.accumulate(sizes, initial=0), sizes)]
 
 
 def kth_largest(
@@ -445,12 +467,13 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
     return flat, t.item(), int(above), int(at_least)
 
 
-def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`keep_masks` by :func:`_direct_threshold`: entries above the threshold and the
-    first ties in position order. On CPU the comparisons run in numpy, faster than torch's
-    comparisons into bool there (``bench_select.py --masks``); each mask wraps its own part
-    of numpy's result, so no two share a storage (as safetensors requires of tensors saved
-    together)."""
+    first ties in position order; also all masks as one flat tensor. On CPU the comparisons
+    run in numpy, faster than torch's comparisons into bool there (``bench_select.py
+    --masks``); each mask wraps its own part of numpy's result, so no two share a storage (as
+    safetensors requires of tensors saved together)."""
     flat, t, above, at_least = _direct_threshold(scores, k, dtype)
     sizes = [s.numel() for s in scores]
     if flat.device.type == "cpu":
@@ -460,12 +483,12 @@ def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> lis
             keep[np.flatnonzero(values == t)[k - above:]] = False
         bounds = itertools.accumulate(sizes, initial=0)
         return [torch.from_numpy(keep[start:start + n].reshape(s.shape))
-                for start, n, s in zip(bounds, sizes, scores)]
+                for start, n, s in zip(bounds, sizes, scores)], torch.from_numpy(keep)
     mask = flat >= t
     if at_least > k:
         eq = flat == t
         mask &= ~eq | (eq.cumsum(0, dtype=torch.int32) <= k - above)
-    return [m.view(s.shape).clone() for m, s in zip(mask.split(sizes), scores)]
+    return [m.view(s.shape).clone() for m, s in zip(mask.split(sizes), scores)], mask
 
 
 def _select(

@@ -88,7 +88,7 @@ from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
 from chop.kernels import distributed
 from chop.kernels.distributed import local
-from chop.kernels.select import numpy_compares, true_counts
+from chop.kernels.select import numpy_compares, true_counts, true_counts_of_flat
 from chop.passes.analysis.criterion import Criterion
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask, ranked_masks, warn_emptied
@@ -447,22 +447,24 @@ class Pruner:
                               "score=False")
         options, scores = self._selection, [self._scores[name] for name in names]
 
-        def ranked(pruned_last: bool) -> list[torch.Tensor]:  # as Pruner._select ranks
+        def ranked(pruned_last: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
             ranks = ([torch.where(self._masks[n], s, -1.0) for n, s in zip(names, scores)]
-                     if pruned_last else scores)
+                     if pruned_last else scores)  # as Pruner._select ranks
             return ranked_masks(names, ranks, sparsity, options.scope,
                                 min_sparsity=options.min_sparsity,
                                 max_sparsity=options.max_sparsity, min_keep=options.min_keep)
 
         alone = _ranks_alone(options)
-        kept = ranked(pruned_last=bool(self._masks) and not alone)
+        kept, flat = ranked(pruned_last=bool(self._masks) and not alone)
         if self._masks and alone and _came_back(
-                [self._held] if self._held is not None else list(self._masks.values()), kept):
-            kept = ranked(pruned_last=True)
+                [self._held] if self._held is not None else list(self._masks.values()),
+                [flat] if flat is not None else kept):
+            kept, flat = ranked(pruned_last=True)
         masks = dict(zip(names, kept))
-        self._keep(masks)
+        self._keep(masks, flat)
         sizes, before = [m.numel() for m in kept], self._counts
-        self._counts = true_counts(kept)
+        self._counts = (true_counts_of_flat(flat, sizes) if flat is not None
+                        else true_counts(kept))
         warn_emptied(names, sizes, self._counts, lambda i: before is None or before[i] > 0)
         self._current = masks
         self.sparsity = sparsity
@@ -553,15 +555,18 @@ class Pruner:
                                   f"tensor of the parameter's shape {list(weight.shape)}; give "
                                   "one (True = kept)")
 
-    def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Hold ``masks`` (copies, on the parameters' devices) and apply them."""
+    def _keep(self, masks: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        """Hold ``masks`` (copies, on the parameters' devices) and apply them; ``flat``: the
+        same masks as one flat tensor, copied in one call."""
         if isinstance(self.model, Graph):
             return
-        if masks.keys() == self._masks.keys() and all(
+        if flat is not None and self._held is not None and list(masks) == list(self._masks):
+            self._held.copy_(flat)  # the same parameters, in order (a flat mask has their sizes)
+        elif masks.keys() == self._masks.keys() and all(
             mask.shape == self._masks[name].shape for name, mask in masks.items()
         ):  # the same parameters as at the last step: update the masks in place
             torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
-        else:  # one flat buffer, each mask a view: read whole by a step's checks and counts
+        else:  # one flat buffer, each mask a view: read whole by a step's came-back check
             devices = {name: local(self.model.get_parameter(name)).device for name in masks}
             held = torch.empty(sum(m.numel() for m in masks.values()), dtype=torch.bool,
                                device=next(iter(devices.values()), "cpu"))

@@ -52,6 +52,7 @@ from chop.kernels.select import (
     Piece,
     Reduce,
     keep_masks,
+    keep_masks_and_flat,
     kept_count,
     mask_counts,
     true_counts,
@@ -264,10 +265,10 @@ def mask_weights(
     else:
         r, c = (int(block[1]), int(block[2])) if block else (1, 1)
         units = [_block_scores(node, s, r, c) if block else s for node, s in zip(nodes, scores)]
-        kept = ranked_masks([n.target for n in nodes], units,
-                            0.9 if sparsity is None else sparsity, scope,
-                            min_sparsity=min_sparsity, max_sparsity=max_sparsity,
-                            min_keep=min_keep)
+        kept, _ = ranked_masks([n.target for n in nodes], units,
+                               0.9 if sparsity is None else sparsity, scope,
+                               min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+                               min_keep=min_keep)
         masks = [_expand_blocks(node, k, r, c, s.shape) if block else k
                  for node, k, s in zip(nodes, kept, scores)]
     before = [meta.entries(n).get("mask") for n in nodes]
@@ -282,12 +283,17 @@ def mask_weights(
 
 def ranked_masks(names: list[str], scores: list[torch.Tensor], sparsity: float, scope: str, *,
                  min_sparsity: float = 0.0, max_sparsity: float = 1.0, min_keep: int = 0
-                 ) -> list[torch.Tensor]:
-    """:func:`layer_counts` over the weights ``names`` (their unit scores), NaN scores refused
-    with the name of a weight that holds them."""
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`layer_counts` over the weights ``names`` (their unit scores, on this process),
+    NaN scores refused with the name of a weight that holds them; and, for one global ranking
+    without bounds on a small model, the masks as one flat tensor too
+    (:func:`~chop.kernels.select.keep_masks_and_flat`; else None)."""
     try:
+        if scope == "global" and (min_sparsity, max_sparsity, min_keep) == (0.0, 1.0, 0):
+            total = sum(s.numel() for s in scores)
+            return keep_masks_and_flat(scores, kept_count(total, sparsity))
         return layer_counts(scores, sparsity, scope, min_sparsity=min_sparsity,
-                            max_sparsity=max_sparsity, min_keep=min_keep)
+                            max_sparsity=max_sparsity, min_keep=min_keep), None
     except NaNScoresError as e:
         name = next(n for n, s in zip(names, scores) if bool(torch.isnan(s).any()))
         raise _nan_scores(name) from e

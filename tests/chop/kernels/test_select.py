@@ -404,6 +404,21 @@ def test_each_mask_has_its_own_storage(tmp_path) -> None:
         assert int(masks[1].sum()) == flat_mask(keep_masks(scores, 5))[12:].count(True)
 
 
+def test_keep_masks_and_flat_gives_the_masks_also_as_one_flat_tensor(path: str) -> None:
+    from chop.kernels.select import keep_masks_and_flat, true_counts_of_flat
+
+    g = torch.Generator().manual_seed(8)
+    scores = [torch.rand(30, 20, generator=g).round(decimals=1), torch.rand(50, generator=g)]
+    for k in (0, 1, 333, 650):
+        masks, flat = keep_masks_and_flat(scores, k)
+        assert flat_mask(masks) == reference_mask(scores, k)
+        if path == "direct" and 0 < k < 650:  # one sort of a copy: the flat masks come along
+            assert flat.tolist() == flat_mask(masks)
+            assert true_counts_of_flat(flat, [600, 50]) == [int(m.sum()) for m in masks]
+        else:
+            assert flat is None
+
+
 @pytest.mark.parametrize("kind", ["plain", "view", "subclass", "many threads"])
 def test_true_counts_equal_torch_counts(kind: str, monkeypatch, path: str) -> None:
     g = torch.Generator().manual_seed(2)
