@@ -35,8 +35,11 @@ and errors), and each step scores the module's parameters with the criterion's
 :meth:`~chop.passes.analysis.criterion.Criterion.score_module` (their pruned entries are zero
 in place, so these are the scores of the graph's masked weights) and selects with the same
 exact ranking as ``mask``. The masks, kept counts and warnings are those of running the passes
-(a test trains both ways and compares them at every step); the graph's metadata and history
-then carry no masks, :attr:`Pruner.masks` does. Pruning at every step, the passes' own work
+(a test trains both ways and compares them at every step), with two differences: errors come
+without the pass manager's ``pass 'mask':`` prefix, and weights the selection leaves out are not
+scored (nor warned about). The graph's metadata and history carry no saliency or masks then,
+:attr:`Pruner.masks` does; ``resume(step, masks=...)`` refuses masks of weights the selection
+leaves out. Pruning at every step, the passes' own work
 per call was most of what the Pruner added to a small model's step.
 
 **Two kinds of model.**
@@ -82,7 +85,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chop.errors import DataError, OptionError, did_you_mean
+from chop.errors import DataError, MissingMetadataError, OptionError, did_you_mean
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
@@ -328,6 +331,8 @@ class Pruner:
         """Mask to ``sparsity`` now, scoring first unless ``score`` is False (the saliency
         already on the graph is used); returns the masks by name (on a sharded model, this
         rank's shard of each)."""
+        if not self._pattern and not 0.0 <= sparsity < 1.0:
+            self._selection.replace(sparsity=sparsity)  # raises mask's error, before scoring
         if self.sharded is not None:
             return self._prune_sharded(sparsity, batch, score)
         if self._eager_weights(batch) is not None:
@@ -430,8 +435,7 @@ class Pruner:
             isinstance(criterion, Criterion) and not isinstance(self.model, Graph)
             and self.sharded is None and criterion.data_batches() == 0
             and not criterion.normalize and self._selection.granularity == "element"
-            and type(criterion).module_scores is not Criterion.module_scores
-            and not distributed.active())
+            and _scores_alike(type(criterion)) and not distributed.active())
         if not self._graph_path:
             nodes = self._selection.selected(self._graph(batch))
             self._eager = {n.target: self.model.get_parameter(n.target) for n in nodes}
@@ -443,8 +447,9 @@ class Pruner:
             self.score(batch)
         names = list(self._eager)
         if not self._scores:
-            raise OptionError("Pruner: nothing is scored yet; score before pruning with "
-                              "score=False")
+            raise MissingMetadataError(
+                f"Pruner: the weights have no saliency yet; score them first ({self.criterion}"
+                " scores at pruner.score()), or prune with score=True")
         options, scores = self._selection, [self._scores[name] for name in names]
 
         def ranked(pruned_last: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -533,7 +538,7 @@ class Pruner:
                 "(include=..., biases=true…) or leave their masks out")
         self._keep({name: masks[name].to(torch.bool) if name in masks
                     else torch.ones(p.shape, dtype=torch.bool) for name, p in weights.items()})
-        self._current = {name: mask.clone() for name, mask in self._masks.items()}
+        self._current = {name: self._masks[name].clone() for name in masks}
         self._counts = true_counts(list(self._masks.values()))
 
     def _check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -629,6 +634,15 @@ def _unwrapped_forward(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.forward = wrapped
+
+
+def _scores_alike(cls: type[Criterion]) -> bool:
+    """Whether the criterion class scores a module as it scores a graph: the class that
+    defines its ``module_scores`` (not the base's refusal) also defines its ``scores`` (a
+    subclass of ``magnitude`` that overrides only ``scores`` scores otherwise)."""
+    def owner(name: str) -> type:
+        return next(c for c in cls.__mro__ if name in vars(c))
+    return owner("module_scores") is owner("scores") is not Criterion
 
 
 def _ranks_alone(options: Mask) -> bool:

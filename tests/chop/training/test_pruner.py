@@ -391,9 +391,62 @@ def test_eager_resume_refuses_masks_of_weights_it_does_not_select(mlp, mlp_batch
     del masks["layers.0.bias"]
     masks["layers.0.weight"][0] = False  # given for one layer: the others keep everything
     pruner.resume(3, masks=masks)
-    assert {k: int(m.sum()) for k, m in pruner.masks.items()} == {
-        "layers.0.weight": 32 * 16 - 16, "layers.1.weight": 32 * 32, "layers.2.weight": 4 * 32}
+    assert {k: int(m.sum()) for k, m in pruner.masks.items()} == {"layers.0.weight": 32 * 16 - 16}
     assert torch.count_nonzero(mlp.layers[0].weight[0]) == 0
+    assert all(torch.count_nonzero(p) == p.numel() for p in mlp.layers[1:].parameters())
+    pruner.on_step_begin(3)  # the others are pruned from their dense weights
+    assert pruner.history[-1]["kept"] == kept(1664, pruner.schedule.sparsity_at(3))
+
+
+def test_a_criterion_that_rewrites_scores_only_is_scored_on_the_graph(mlp, mlp_batches,
+                                                                       monkeypatch):
+    """A subclass of magnitude that overrides scores() inherits module_scores, which computes
+    plain |w|: the eager path would have ignored the user's scores."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from chop.passes.analysis.criterion import effective_weight
+    from chop.passes.analysis.magnitude import Magnitude
+
+    @dataclass(frozen=True)
+    class LayerScaled(Magnitude):
+        name: ClassVar[str] = "layer-scaled-test"
+
+        def scores(self, graph, nodes, ctx):
+            return [effective_weight(graph, n).abs() / (1 + i) ** 3 for i, n in enumerate(nodes)]
+
+    import copy
+
+    def pruned(criterion):  # each on its own copy: the Pruner masks the weights in place
+        return Pruner(copy.deepcopy(mlp), 0.9, criterion=criterion,
+                      example_inputs=mlp_batches[0][0]).prune(0.7)
+
+    got, magnitude = pruned(LayerScaled()), pruned("magnitude")
+    monkeypatch.setattr(Pruner, "_eager_weights", lambda self, batch: None)
+    expected = pruned(LayerScaled())
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not all(torch.equal(magnitude[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])  # eager path, graph path
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, float("nan")])
+def test_prune_refuses_a_sparsity_out_of_range_before_scoring(mlp, mlp_batches, criterion,
+                                                              sparsity):
+    pruner = Pruner(mlp, 0.9, criterion=criterion, example_inputs=mlp_batches[0][0])
+    with pytest.raises(OptionError, match=r"^mask: (sparsity=|option sparsity=nan)"):
+        pruner.prune(sparsity)
+    assert not pruner.history and not pruner.masks
+    assert all(torch.count_nonzero(p) == p.numel() for p in mlp.parameters())
+
+
+def test_eager_prune_without_scores_names_the_missing_saliency(mlp, mlp_batches):
+    from chop.errors import MissingMetadataError
+
+    pruner = Pruner(mlp, 0.9, criterion="magnitude", example_inputs=mlp_batches[0][0])
+    with pytest.raises(MissingMetadataError, match=r"^Pruner: the weights have no saliency yet"):
+        pruner.prune(0.5, score=False)
+    pruner.score()
+    assert sum(int(m.sum()) for m in pruner.prune(0.5, score=False).values()) == kept(1664, 0.5)
 
 
 def test_eager_steps_name_a_layer_with_nan_scores(mlp, mlp_batches):
