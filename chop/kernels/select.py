@@ -455,9 +455,11 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
         ordered = np.sort(flat.numpy())
         if math.isnan(ordered[-1]):
             _raise_if_nan([flat], None)
-        t = ordered[j].item()
-        return (flat, t, flat.numel() - int(np.searchsorted(ordered, t, "right")),
-                flat.numel() - int(np.searchsorted(ordered, t, "left")))
+        t, n = ordered[j].item(), flat.numel()
+        if (j == 0 or ordered[j - 1] < t) and (j + 1 == n or ordered[j + 1] > t):
+            return flat, t, n - j - 1, n - j  # t is not tied: no search
+        return (flat, t, n - int(np.searchsorted(ordered, t, "right")),
+                n - int(np.searchsorted(ordered, t, "left")))
     t = torch.kthvalue(flat, j + 1).values
     # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes)
     total, above, at_least = torch.stack([flat.sum().double(), torch.count_nonzero(flat > t),
