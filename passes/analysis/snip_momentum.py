@@ -88,9 +88,11 @@ class SnipMomentum(DataCriterion):
                                            bn=self.bn)
         else:
             weights = [distributed.local(p) for p in params]
-            names = {id(p): name for name, p in module.named_parameters()}
-            current = _grad_terms(weights, [distributed.local_grad(p) for p in params],
-                                  [names.get(id(p), "?") for p in params])
+            grads = [distributed.local_grad(p) for p in params]
+            names = {}  # for the warning about weights without .grad (a walk of the module)
+            if any(g is None for g in grads):
+                names = {id(p): name for name, p in module.named_parameters()}
+            current = _grad_terms(weights, grads, [names.get(id(p), "?") for p in params])
             torch._foreach_abs_(current)
         return self._momentum(current, previous)
 
