@@ -675,19 +675,42 @@ def _ranks_alone(options: Mask) -> bool:
 def _came_back(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
     """Whether a position the bool masks ``before`` (one per mask of ``after``, or all of
     them as one flat tensor) mask (False) is kept (True) by ``after``, as a Pruner checks at
-    every step: compared by numpy where :func:`~chop.kernels.select.numpy_compares`, else in
-    one comparison over all masks (mask by mask where they lie on several devices)."""
-    def flat(masks: list[torch.Tensor]) -> np.ndarray:
-        return masks[0].numpy().reshape(-1) if len(masks) == 1 else np.concatenate(
-            [m.numpy() for m in masks], axis=None)
-
+    every step: by numpy where :func:`~chop.kernels.select.numpy_compares`, part by part
+    (:func:`_gained`: no concatenated copy), else by torch in one comparison over all masks
+    (mask by mask where they lie on several devices)."""
     if numpy_compares(*before, *after):
-        return bool(np.greater(flat(after), flat(before)).any())
+        def parts(masks: list[torch.Tensor]) -> Iterator[np.ndarray]:
+            for m in masks:
+                yield m.numpy().reshape(-1)
+
+        olds, news = parts(before), parts(after)
+        old = new = np.empty(0, dtype=bool)
+        while True:  # walk both in step: either side may be one flat array or several
+            if not old.size:
+                old = next(olds, None)
+            if not new.size:
+                new = next(news, None)
+            if old is None or new is None:
+                return False
+            n = min(old.size, new.size)
+            if _gained(new[:n], old[:n]):
+                return True
+            old, new = old[n:], new[n:]
     if len({m.device for m in (*before, *after)}) > 1:
         return any(bool(torch.gt(n.view(torch.uint8), o.view(torch.uint8)).any())
                    for o, n in zip(before, after, strict=True))
     old, new = (torch.cat([m.reshape(-1) for m in masks]) for masks in (before, after))
     return bool(torch.gt(new.view(torch.uint8), old.view(torch.uint8)).any())
+
+
+def _gained(new: np.ndarray, old: np.ndarray) -> bool:
+    """Whether the flat bool array ``new`` is True where ``old`` is False: eight entries at a
+    time, as the bytes of 64-bit words (a bool is the byte 0 or 1), then the rest."""
+    words = new.size - new.size % 8
+    if words and np.bitwise_and(new[:words].view(np.uint64),
+                                np.invert(old[:words].view(np.uint64))).any():
+        return True
+    return bool(np.greater(new[words:], old[words:]).any())
 
 
 @contextmanager

@@ -492,6 +492,27 @@ def test_pruner_masks_of_an_earlier_step_stay_as_they_were(mlp, mlp_batches):
         assert torch.count_nonzero(mlp.get_parameter(name)[mask]) == int(mask.sum())
 
 
+def test_came_back_walks_flat_and_split_masks_alike() -> None:
+    """The numpy check walks both sides part by part, eight entries at a time: any layout
+    (one flat tensor or one per layer, sizes not multiples of 8, empty layers) gives the
+    answer of comparing entry by entry."""
+    import random
+
+    from chop.training.pruner import _came_back
+
+    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    for _ in range(500):
+        sizes = [rng.randint(0, 40) for _ in range(rng.randint(1, 5))]
+        old = [torch.rand(n, generator=g) > 0.3 for n in sizes]
+        new = [o & (torch.rand(n, generator=g) > 0.5) for o, n in zip(old, sizes)]
+        if rng.random() < 0.5 and sum(sizes):
+            i = rng.choice([i for i, n in enumerate(sizes) if n])
+            new[i][rng.randrange(sizes[i])] = True
+        expected = any(bool((n & ~o).any()) for n, o in zip(new, old))
+        for before, after in ((old, new), ([torch.cat(old)], new), (old, [torch.cat(new)])):
+            assert _came_back(before, after) == expected, sizes
+
+
 @pytest.mark.parametrize("kind", ["plain", "subclass"])
 def test_came_back_finds_a_pruned_position_kept_again(kind: str) -> None:
     """The Pruner's check that decides whether to rerun the selection with pruned weights
