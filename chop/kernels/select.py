@@ -249,8 +249,8 @@ def keep_masks_and_flat(scores: Sequence[torch.Tensor], k: int
                         ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """:func:`keep_masks` of plain tensors on one process, and, when the selection ran on one
     flat copy of all the scores (fewer than ``_DIRECT`` entries: a small model), the same
-    masks as one flat bool tensor in the scores' order (else None), over the same memory: a
-    caller that reads every mask at once, as a Pruner's step does, reads that one."""
+    masks as one flat bool tensor in the scores' order (else None; over the same memory on
+    CPU): a caller that reads every mask at once, as a Pruner's step does, reads that one."""
     total = _validate(scores, k)
     if 0 < k < total and _direct(scores, total, None):
         return _direct_masks(list(scores), k, _common_dtype(scores))

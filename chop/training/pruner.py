@@ -334,6 +334,7 @@ class Pruner:
         rank's shard of each)."""
         if not self._pattern and not 0.0 <= sparsity < 1.0:
             self._selection.replace(sparsity=sparsity)  # raises mask's error, before scoring
+        self._check_same_parameters()
         if self.sharded is not None:
             return self._prune_sharded(sparsity, batch, score)
         if self._eager_weights(batch) is not None:
@@ -541,6 +542,21 @@ class Pruner:
                     else torch.ones(p.shape, dtype=torch.bool) for name, p in weights.items()})
         self._current = {name: self._masks[name].clone() for name in masks}
         self._counts = true_counts(list(self._masks.values()))
+
+    def _check_same_parameters(self) -> None:
+        """Raise :class:`DataError` when the plain module's masked parameters are not the ones
+        the Pruner holds (one looked up per pruning step): ``load_state_dict(assign=True)`` or
+        a conversion with ``set_overwrite_module_params_on_conversion`` made new ones, which
+        the masks (and the traced graph) do not reach, so the model would train dense."""
+        if isinstance(self.model, Graph) or not self._applied:
+            return
+        name, (param, _) = next(iter(self._masks)), self._applied[0]
+        if self.model.get_parameter(name) is not param:
+            raise DataError(
+                f"Pruner: the model's parameter {name} is not the one the Pruner masks: the "
+                "parameters were replaced (load_state_dict(assign=True), or a conversion with "
+                "torch.__future__.set_overwrite_module_params_on_conversion); make a new "
+                "Pruner on the model and call resume(step, masks=old_pruner.masks)")
 
     def _check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Raise :class:`OptionError` unless every mask names a weight of the (unsharded) model

@@ -449,6 +449,23 @@ def test_eager_prune_without_scores_names_the_missing_saliency(mlp, mlp_batches)
     assert sum(int(m.sum()) for m in pruner.prune(0.5, score=False).values()) == kept(1664, 0.5)
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "snip"])  # eager path, graph path
+def test_replaced_parameters_are_refused_not_left_dense(mlp, mlp_batches, criterion):
+    """load_state_dict(assign=True) makes new parameters, which the masks did not reach: the
+    model trained dense while the history said 90%."""
+    pruner = Pruner(mlp, 0.9, criterion=criterion, data=mlp_batches[:1],
+                    example_inputs=mlp_batches[0][0])
+    pruner.prune(0.5)
+    mlp.load_state_dict({k: v.clone() for k, v in mlp.state_dict().items()}, assign=True)
+    with pytest.raises(DataError, match=r"^Pruner: the model's parameter layers\.0\.weight is "
+                                        r"not the one the Pruner masks.*resume\(step, masks="):
+        pruner.prune(0.6)
+    fresh = Pruner(mlp, 0.9, criterion=criterion, data=mlp_batches[:1],
+                   example_inputs=mlp_batches[0][0])
+    fresh.resume(1, masks=pruner.masks)
+    assert sum(int(m.sum()) for m in fresh.prune(0.6).values()) == kept(1664, 0.6)
+
+
 def test_eager_steps_name_a_layer_with_nan_scores(mlp, mlp_batches):
     pruner = Pruner(mlp, 0.9, criterion="magnitude", example_inputs=mlp_batches[0][0])
     with torch.no_grad():
