@@ -217,6 +217,8 @@ class Pruner:
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
         self._held: torch.Tensor | None = None  # the same, one flat buffer (see _keep)
         self._copied: torch.Tensor | None = None  # a small model's factors (see _keep)
+        self._factor_list: list[torch.Tensor] = []  # the factors of _applied, in order
+        self._targets: list[nn.Parameter] | None = None  # its parameters, when none is sharded
         self._counts: list[int] | None = None  # the eager path's kept counts of _masks
         self._current: dict[str, torch.Tensor] = {}  # the eager path's masks, as last made
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
@@ -288,6 +290,12 @@ class Pruner:
             self._maybe_prune(score=False)
         if isinstance(self.model, Graph):
             return
+        if self._targets is not None:  # plain tensors: the step's common case, in one call
+            grads = [param.grad for param in self._targets]
+            if all(g is not None for g in grads):
+                with torch.no_grad():
+                    torch._foreach_mul_(grads, self._factor_list)
+                return
         grads = [(local(param.grad), mask) for param, mask in self._applied
                  if param.grad is not None]
         if grads:
@@ -380,8 +388,9 @@ class Pruner:
         if isinstance(self.model, Graph) or not self._applied:
             return
         with torch.no_grad():
-            torch._foreach_mul_([local(param) for param, _ in self._applied],
-                                [mask for _, mask in self._applied])
+            torch._foreach_mul_(self._targets if self._targets is not None
+                                else [local(param) for param, _ in self._applied],
+                                self._factor_list)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -614,6 +623,8 @@ class Pruner:
                     self._copied.split([f.numel() for f in factors]), factors)]
             self._applied = list(zip(params, factors))
             self._factors = dict(self._applied)
+            self._factor_list = factors
+            self._targets = None if any(map(distributed.is_dtensor, params)) else params
             self.apply_masks()
             return
         if self._copied is not None:
