@@ -560,7 +560,8 @@ class Pruner:
         if isinstance(self.model, Graph) or not self._applied:
             return
         name, (param, _) = next(iter(self._masks)), self._applied[0]
-        if self.model.get_parameter(name) is not param:
+        owner, _, attr = name.rpartition(".")
+        if self.model.get_submodule(owner)._parameters.get(attr) is not param:
             raise DataError(
                 f"Pruner: the model's parameter {name} is not the one the Pruner masks: the "
                 "parameters were replaced (load_state_dict(assign=True), or a conversion with "
@@ -733,8 +734,10 @@ def _came_back(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
 def _gained(new: np.ndarray, old: np.ndarray) -> bool:
     """Whether the flat bool array ``new`` is True where ``old`` is False: eight entries at a
     time, as the bytes of 64-bit words (a bool is the byte 0 or 1), then the rest."""
+    if new.size < 1 << 16:  # a few calls' fixed costs are more than the work
+        return bool(np.greater(new, old).any())
     words = new.size - new.size % 8
-    if words and np.bitwise_and(new[:words].view(np.uint64),
+    if np.bitwise_and(new[:words].view(np.uint64),
                                 np.invert(old[:words].view(np.uint64))).any():
         return True
     return bool(np.greater(new[words:], old[words:]).any())

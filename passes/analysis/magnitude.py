@@ -28,7 +28,7 @@ class Magnitude(Criterion):
 
     def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
                       previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        return [local(p).detach().abs() for p in params]  # masked weights are zero in place
+        return torch._foreach_abs([local(p).detach() for p in params])  # masked: zero in place
 
 
 magnitude_saliency = Magnitude.compute

@@ -528,6 +528,14 @@ def test_came_back_walks_flat_and_split_masks_alike() -> None:
         expected = any(bool((n & ~o).any()) for n, o in zip(new, old))
         for before, after in ((old, new), ([torch.cat(old)], new), (old, [torch.cat(new)])):
             assert _came_back(before, after) == expected, sizes
+    for where in (None, 0, 3, 70_001, 70_002, 140_004):  # large parts: 64-bit words
+        flat_old = torch.rand(140_005, generator=g) > 0.3
+        flat_new = flat_old & (torch.rand(140_005, generator=g) > 0.5)
+        if where is not None:  # pruned before, kept now
+            flat_old[where], flat_new[where] = False, True
+        old, new = flat_old.split([70_003, 70_002]), flat_new.split([70_003, 70_002])
+        assert _came_back(list(old), list(new)) == (where is not None)
+        assert _came_back([flat_old], [flat_new]) == (where is not None)
 
 
 @pytest.mark.parametrize("kind", ["plain", "subclass"])
