@@ -4,8 +4,9 @@ A training step here is forward, cross-entropy loss, backward and an Adam step o
 ``nn.Module``, as a user's loop runs it. With the Pruner, the loop also calls its hooks
 (``on_step_begin``, ``on_before_optimizer_step``, ``on_after_optimizer_step``) and the Pruner
 prunes at **every** step (``frequency=1``, cube schedule from 0 to ``--sparsity`` over the
-``--steps`` steps): the criterion scores, ``mask`` selects with exact counts, the masks are
-applied to the weights in place and to their gradients. Criteria:
+``--steps`` steps): the criterion scores, the selection keeps exact counts, the masks are
+applied to the weights in place and to their gradients (the first two criteria below take the
+Pruner's eager path: no pass run per step, see :mod:`chop.training.pruner`). Criteria:
 
 - ``magnitude``: |w|, scored at every pruning step;
 - ``snip-momentum{source=grad}``: INC's running SNIP score from the step's own ``.grad``, scored

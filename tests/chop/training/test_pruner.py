@@ -20,10 +20,14 @@ def kept(n: int, s: float) -> int:
 
 
 def train(pruner: Pruner, module: torch.nn.Module, batches, steps: int | range, *,
-          momentum: float = 0.9, begin: bool = True) -> list[int]:
+          momentum: float = 0.9, begin: bool = True, optimizer=None,
+          snapshots: list | None = None) -> list[int]:
     """A plain training loop calling the hooks (``on_train_begin`` unless not ``begin``) for
-    ``steps`` (a count, or the steps' numbers); returns the total kept count after each step."""
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=momentum)
+    ``steps`` (a count, or the steps' numbers), with ``optimizer`` (default: SGD with
+    ``momentum``); returns the total kept count after each step and appends a copy of the
+    masks after each step to ``snapshots``."""
+    if optimizer is None:
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=momentum)
     if begin:
         pruner.on_train_begin()
     counts = []
@@ -36,6 +40,8 @@ def train(pruner: Pruner, module: torch.nn.Module, batches, steps: int | range, 
         pruner.on_after_optimizer_step()
         optimizer.zero_grad()
         counts.append(sum(int(m.sum()) for m in pruner.masks.values()))
+        if snapshots is not None:
+            snapshots.append({k: v.clone() for k, v in pruner.masks.items()})
     return counts
 
 
@@ -326,16 +332,8 @@ def test_eager_steps_make_the_masks_of_the_graph_passes(mlp, mlp_batches, monkey
             patch.setattr(manager, "run", lambda *a, **k: (runs.append(a[1]), real(*a, **k))[1])
             patch.setattr("chop.training.pruner.run", manager.run)
             masks = []
-            optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
-            for step in range(10):
-                x, y = mlp_batches[step % 3]
-                pruner.on_step_begin(step, (x, y))
-                F.cross_entropy(module(x), y).backward()
-                pruner.on_before_optimizer_step()
-                optimizer.step()
-                pruner.on_after_optimizer_step()
-                optimizer.zero_grad()
-                masks.append({k: v.clone() for k, v in pruner.masks.items()})
+            train(pruner, module, mlp_batches, 10, begin=False, snapshots=masks,
+                  optimizer=torch.optim.Adam(module.parameters(), lr=0.05))
         return masks, pruner.history, module.state_dict(), runs
 
     eager, graph = run(True), run(False)
