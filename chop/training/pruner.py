@@ -600,12 +600,13 @@ class Pruner:
             torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
         else:  # one flat buffer, each mask a view: read whole by a step's came-back check
             devices = {name: local(self.model.get_parameter(name)).device for name in masks}
-            held = torch.empty(sum(m.numel() for m in masks.values()), dtype=torch.bool,
-                               device=next(iter(devices.values()), "cpu"))
-            parts = held.split([m.numel() for m in masks.values()])
-            self._held = held if len(set(devices.values())) <= 1 else None
+            self._held = held = None if len(set(devices.values())) > 1 else torch.empty(
+                sum(m.numel() for m in masks.values()), dtype=torch.bool,
+                device=next(iter(devices.values()), "cpu"))
+            parts = (held.split([m.numel() for m in masks.values()]) if held is not None
+                     else [None] * len(masks))
             self._masks = {
-                name: (part.view(mask.shape).copy_(mask) if self._held is not None
+                name: (part.view(mask.shape).copy_(mask) if part is not None
                        else mask.to(devices[name], copy=True))
                 for part, (name, mask) in zip(parts, masks.items())
             }
@@ -614,7 +615,7 @@ class Pruner:
             factors = [factor(mask) for mask in self._masks.values()]
             dtypes = {local(p).dtype for p in params}
             self._copied = None
-            if self._held is not None and held.numel() <= _COPIED and len(dtypes) == 1 and (
+            if held is not None and held.numel() <= _COPIED and len(dtypes) == 1 and (
                     next(iter(dtypes)).is_floating_point):
                 # a small model's factors: one copy in the weights' dtype, which torch
                 # multiplies by several times faster than by the uint8 view (a mixed-dtype
@@ -737,8 +738,7 @@ def _gained(new: np.ndarray, old: np.ndarray) -> bool:
     if new.size < 1 << 16:  # a few calls' fixed costs are more than the work
         return bool(np.greater(new, old).any())
     words = new.size - new.size % 8
-    if np.bitwise_and(new[:words].view(np.uint64),
-                                np.invert(old[:words].view(np.uint64))).any():
+    if np.bitwise_and(new[:words].view(np.uint64), np.invert(old[:words].view(np.uint64))).any():
         return True
     return bool(np.greater(new[words:], old[words:]).any())
 
