@@ -25,8 +25,13 @@ per-step medians are compared with the dense median. Target (issue 13): ≤ 1.05
 memory before them: the memory a step needs beyond the model and its optimizer state
 (tracemalloc does not see torch's allocator).
 
+``--fused`` gives every variant torch's fused Adam. On CPU the default Adam's ``sqrt`` of its
+second moment runs far slower on zeros, which every pruned entry's moment is (its gradient is
+0), so with the default Adam the masked variants pay for that in the optimizer step; the fused
+kernel does not.
+
 Usage: ``python benchmarks/bench_train_step.py [--models bert-small,resnet18] [--steps 20]
-[--rounds 3] [--threads N] [--memory]``
+[--rounds 3] [--threads N] [--fused] [--memory]``
 """
 
 from __future__ import annotations
@@ -84,9 +89,9 @@ MODELS = {"bert-small": ("BERT-small (4×512, 8×128 tokens)", bert_small),
 class Variant:
     """One model copy, its optimizer and how one step runs."""
 
-    def __init__(self, name: str, forward, params, enter=None):
+    def __init__(self, name: str, forward, params, enter=None, fused: bool = False):
         self.name, self.forward = name, forward
-        self.optimizer = torch.optim.Adam(params, lr=1e-4)
+        self.optimizer = torch.optim.Adam(params, lr=1e-4, fused=fused or None)
         self.context = enter(self.optimizer) if enter is not None else None
         if self.context is not None:
             self.context.__enter__()
@@ -101,7 +106,7 @@ class Variant:
         return time.perf_counter() - start
 
 
-def variants(model: nn.Module, batches, sparsity: float) -> list[Variant]:
+def variants(model: nn.Module, batches, sparsity: float, fused: bool = False) -> list[Variant]:
     example = batches[0][0]
     dense = copy.deepcopy(model)
     dense.train()
@@ -117,11 +122,12 @@ def variants(model: nn.Module, batches, sparsity: float) -> list[Variant]:
     masked.train()
     fast.train()
     return [
-        Variant(VARIANTS[0], lambda x: call(dense, x), dense.parameters()),
-        Variant(VARIANTS[1], lambda x: call(masked.module, x), masked.module.parameters()),
+        Variant(VARIANTS[0], lambda x: call(dense, x), dense.parameters(), fused=fused),
+        Variant(VARIANTS[1], lambda x: call(masked.module, x), masked.module.parameters(),
+                fused=fused),
         Variant(VARIANTS[2], lambda x: call(fast.module, x), fast.module.parameters(),
-                enter=lambda opt: fast_masks(fast, opt)),
-        Variant(VARIANTS[3], lambda x: call(hooked, x), hooked.parameters()),
+                enter=lambda opt: fast_masks(fast, opt), fused=fused),
+        Variant(VARIANTS[3], lambda x: call(hooked, x), hooked.parameters(), fused=fused),
     ]
 
 
@@ -160,6 +166,8 @@ def memory_table(args: argparse.Namespace, keys: list[str]) -> None:
                        "--sparsity", str(args.sparsity)]
             if args.threads:
                 command += ["--threads", str(args.threads)]
+            if args.fused:
+                command.append("--fused")
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             peaks.append(float(out.split()[-1]))
         for name, peak in zip(VARIANTS, peaks):
@@ -179,6 +187,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--sparsity", type=sparsity_arg, default=0.9)
     parser.add_argument("--threads", type=at_least(1), default=None)
+    parser.add_argument("--fused", action="store_true",
+                        help="torch's fused Adam for every variant (one kernel per parameter; "
+                             "on CPU it does not slow down on the zero moments of pruned "
+                             "entries, where the default Adam's sqrt does)")
     parser.add_argument("--memory", action="store_true",
                         help="also each variant's peak memory, in a fresh process per variant")
     parser.add_argument("--peak-of", type=int, default=None, help=argparse.SUPPRESS)
@@ -188,11 +200,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.peak_of is not None:  # a child of --memory: one variant of one model
         model, batches = MODELS[args.models][1]()
-        v = variants(model, batches, args.sparsity)[args.peak_of]
+        v = variants(model, batches, args.sparsity, args.fused)[args.peak_of]
         print(f"{peak_extra_mib(v, batches, args.warmup, args.steps):.3f}")
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{percent(args.sparsity)} sparsity, Adam; {args.steps} steps × {args.rounds} rounds, "
+          f"{percent(args.sparsity)} sparsity, Adam{' (fused)' if args.fused else ''}; "
+          f"{args.steps} steps × {args.rounds} rounds, "
           f"interleaved step by step; load average {load()}\n")
     for why in skipped.values():
         print(why + "\n")
@@ -201,7 +214,7 @@ def main() -> None:
     for key in keys:
         title, build = MODELS[key]
         model, batches = build()
-        runs = variants(model, batches, args.sparsity)
+        runs = variants(model, batches, args.sparsity, args.fused)
         for v in runs:
             for i in range(args.warmup):
                 v.step(*batches[i % len(batches)])

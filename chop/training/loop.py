@@ -328,12 +328,17 @@ def train_graph(
     user_loss = loss
     loss = loss or cross_entropy
     params = [p for p in graph.module.parameters() if p.requires_grad]
+    # torch's fused kernels where they run (one per parameter, not one per op): on CPU also
+    # free of the default Adam's slow sqrt of zero moments, which every pruned entry has
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                 for p in params) or None
     if spec.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-        )
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+            fused=fused)
     else:
-        optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay,
+                                     fused=fused)
     inputs, targets = train
     generator = torch.Generator().manual_seed(spec.seed)
     pruner = _pruner(graph, spec, loss, mask_options)

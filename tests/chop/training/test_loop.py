@@ -150,6 +150,23 @@ def test_one_sgd_epoch_equals_a_plain_loop_in_the_seeded_order(mlp):
         torch.testing.assert_close(graph.parameter(name), value)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_training_uses_torchs_fused_optimizer(mlp, monkeypatch, name):
+    """torch's fused Adam/SGD: on CPU several times faster a step, and the default Adam's
+    sqrt runs slowly on the zero moments that every pruned entry has."""
+    made = []
+    for cls in (torch.optim.SGD, torch.optim.Adam):
+        class Spy(cls):
+            def __init__(self, *args, **kwargs):
+                made.append(kwargs.get("fused"))
+                super().__init__(*args, **kwargs)
+        monkeypatch.setattr(torch.optim, cls.__name__, Spy)
+    x, y = easy_task(32)
+    graph = chop.trace(mlp, (x[:2],))
+    train_graph(graph, (x, y), None, TrainSpec(optimizer=name, epochs=1), batch_size=16)
+    assert made == [True]
+
+
 def test_a_last_batch_of_one_joins_the_one_before():
     """A batch of 1 would fail in BatchNorm's train mode; the loop never makes one."""
     torch.manual_seed(0)
