@@ -29,8 +29,12 @@ rounds. Load average and thread count are printed with the figures. ``--threads 
 cpu`` times the process's CPU time, which other processes change less than the wall time.
 Target (issue 13): the Pruner adds at most 25% to a LeNet-5 step and 10% to a BERT-small one.
 
+``--fused`` trains every variant with torch's fused Adam: the default Adam's ``sqrt`` runs far
+more slowly on the zero moments of pruned entries (``bench_train_step.py``), a cost of pruned
+training under that optimizer rather than of the Pruner.
+
 Usage: ``python benchmarks/bench_pruner.py [--models lenet5,bert-small] [--steps 100]
-[--rounds 3] [--threads N] [--clock wall|cpu]``
+[--rounds 3] [--threads N] [--clock wall|cpu] [--fused]``
 """
 
 from __future__ import annotations
@@ -161,14 +165,14 @@ FLOOR = "hand-written magnitude (floor)"
 
 
 def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity: float,
-         clock=time.perf_counter) -> Iterator[float | None]:
+         clock=time.perf_counter, fused: bool = False) -> Iterator[float | None]:
     """Train a copy of the model ``warmup + steps`` steps, pruning at every step with
     ``criterion`` (None: no Pruner); yields after each step its seconds (None for a warm-up
     step), so that the caller can run several loops in lockstep."""
     torch.manual_seed(0)
     model = make()
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
     pruner = None
     if criterion == FLOOR:
         pruner = HandWritten(model, Schedule(sparsity, "cube", 0, warmup + steps - 1))
@@ -199,10 +203,11 @@ def loop(make, batches, criterion: str | None, steps: int, warmup: int, sparsity
 
 
 def lockstep(make, batches, variants: list, steps: int, warmup: int, sparsity: float,
-             clock, seed: int = 0) -> dict[str | None, list[float]]:
+             clock, seed: int = 0, fused: bool = False) -> dict[str | None, list[float]]:
     """Per-step seconds of every variant's loop, the loops run in lockstep (see the module
     doc); index i of each list is the same step."""
-    loops = {v: loop(make, batches, v, steps, warmup, sparsity, clock) for v in variants}
+    loops = {v: loop(make, batches, v, steps, warmup, sparsity, clock, fused)
+             for v in variants}
     times: dict[str | None, list[float]] = {v: [] for v in variants}
     order, rng = list(variants), random.Random(seed)
     for _ in range(warmup + steps):
@@ -234,6 +239,9 @@ def main() -> None:
     parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads)")
+    parser.add_argument("--fused", action="store_true",
+                        help="torch's fused Adam for every variant (see bench_train_step.py: "
+                             "the default Adam's sqrt is slow on pruned entries' zero moments)")
     args = parser.parse_args()
     keys, skipped = checked(parser, args, MODELS)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -248,7 +256,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"{os.cpu_count()} CPUs; "
           f"{args.steps} steps × {args.rounds} rounds in lockstep, pruning every step to "
-          f"{percent(args.sparsity)}; load average {load()}\n")
+          f"{percent(args.sparsity)}, Adam{' (fused)' if args.fused else ''}; "
+          f"load average {load()}\n")
     for why in skipped.values():
         print(why + "\n")
     print("| model | variant | median step ms | × no Pruner (paired) | target |")
@@ -264,7 +273,7 @@ def main() -> None:
         times: dict[str | None, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for v, seconds in lockstep(make, batches, variants, args.steps, args.warmup,
-                                       args.sparsity, clock, seed=r).items():
+                                       args.sparsity, clock, seed=r, fused=args.fused).items():
                 times[v] += seconds
         base = times[None]
         for v in variants:
