@@ -257,16 +257,6 @@ def keep_masks_and_flat(scores: Sequence[torch.Tensor], k: int
     return keep_masks(scores, k), None
 
 
-def true_counts_of_flat(flat: torch.Tensor, sizes: Sequence[int]) -> list[int]:
-    """:func:`true_counts` of the consecutive parts of ``sizes`` entries of the flat bool
-    ``flat`` (one call per part on its memory, no split)."""
-    if not numpy_compares(flat):
-        return torch.stack([part.count_nonzero() for part in flat.split(list(sizes))]).tolist()
-    values = flat.numpy()
-    return [int(np.count_nonzero(values[start:start + n]))
-            for start, n in zip(itertools.accumulate(sizes, initial=0), sizes)]
-
-
 def kth_largest(
     scores: Sequence[torch.Tensor | Piece], k: int, *, reduce: Reduce | None = None
 ) -> tuple[float, int]:

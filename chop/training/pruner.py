@@ -91,7 +91,7 @@ from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
 from chop.kernels import distributed
 from chop.kernels.distributed import local
-from chop.kernels.select import numpy_compares, true_counts, true_counts_of_flat
+from chop.kernels.select import numpy_compares, true_counts
 from chop.passes.analysis.criterion import Criterion
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask, ranked_masks, warn_emptied
@@ -459,8 +459,8 @@ class Pruner:
         names = list(self._eager)
         if not self._scores:
             raise MissingMetadataError(
-                f"Pruner: the weights have no saliency yet; score them first ({self.criterion}"
-                " scores at pruner.score()), or prune with score=True")
+                f"Pruner: the weights have no saliency yet; call pruner.score() first (it runs "
+                f"{self.criterion}), or prune with score=True")
         options, scores = self._selection, [self._scores[name] for name in names]
 
         def ranked(pruned_last: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -479,8 +479,7 @@ class Pruner:
         masks = dict(zip(names, kept))
         self._keep(masks, flat)
         sizes, before = [m.numel() for m in kept], self._counts
-        self._counts = (true_counts_of_flat(flat, sizes) if flat is not None
-                        else true_counts(kept))
+        self._counts = true_counts(kept)
         warn_emptied(names, sizes, self._counts, lambda i: before is None or before[i] > 0)
         self._current = masks
         self.sparsity = sparsity
