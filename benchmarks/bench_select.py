@@ -13,12 +13,14 @@ process (median of ``--repeats`` interleaved runs):
 * ``torch.cat + torch.kthvalue``: the threshold from one concatenated copy (the
   cat is included, since a user needs it);
 * ``cat+np.partition`` and ``cat+np.sort``: the same copy cut by numpy's introselect or
-  sorted by numpy (what chop's small selections use on CPU, :func:`select._kth_smallest`).
+  sorted by numpy (what chop's bracket samples use on CPU, :func:`select._kth_smallest`).
 
-``--cuts`` adds a second table: one cut of one tensor (what chop sorts: a small selection
-whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition`` and ``np.sort``,
-at 20K–4M scores, with no zeros and with 90% zeros (pruned weights score alike), keeping 10%;
-1 thread, best of ``--repeats`` timed loops.
+``--cuts`` adds a second table: one cut of one tensor (what chop cuts: a small selection
+whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition``, ``np.sort``
+and chop's own cut (:func:`select._direct_threshold`: the partition unless a sample shows a
+block of equal values, then the sort; its counts included), at 20K–4M scores, with no zeros
+and with 90% zeros (pruned weights score alike), keeping 10%; 1 thread, best of
+``--repeats`` timed loops.
 
 ``--masks`` adds a third table: the bool work around a selection, torch against numpy on the
 same memory (what :func:`select.true_counts`, the small selections' comparisons and the
@@ -111,11 +113,13 @@ def cut_table(repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     ways = {"torch.kthvalue": lambda x, j: torch.kthvalue(x, j + 1).values.item(),
             "np.partition": lambda x, j: np.partition(x.numpy(), j)[j].item(),
-            "np.sort": lambda x, j: np.sort(x.numpy())[j].item()}
+            "np.sort": lambda x, j: np.sort(x.numpy())[j].item(),
+            # what chop cuts with: np.partition unless a sample shows a block of equal values
+            "chop": lambda x, j: select._direct_threshold([x], x.numel() - j, x.dtype)[1]}
     print("\none cut of one tensor, 1 thread, keeping 10% (ms, best of "
           f"{repeats} loops)\n")
-    print("| scores | zeros | " + " | ".join(ways) + " | kthvalue ÷ np.sort |")
-    print("|---:|---:|" + "---:|" * (len(ways) + 1))
+    print("| scores | zeros | " + " | ".join(ways) + " | kthvalue ÷ np.sort | chop ÷ np.sort |")
+    print("|---:|---:|" + "---:|" * (len(ways) + 2))
     for n in (20_000, 131_072, 1 << 20, 1 << 22):
         for zeros in (0.0, 0.9):
             x = torch.randn(n, generator=gen).abs_()
@@ -128,7 +132,8 @@ def cut_table(repeats: int) -> None:
             assert len(values) == 1, values
             cells = " | ".join(f"{best[w] * 1e3:.3f}" for w in ways)
             print(f"| {n:,} | {zeros:.0%} | {cells} | "
-                  f"{best['torch.kthvalue'] / best['np.sort']:.2f} |")
+                  f"{best['torch.kthvalue'] / best['np.sort']:.2f} | "
+                  f"{best['chop'] / best['np.sort']:.2f} |")
     torch.set_num_threads(threads)
 
 

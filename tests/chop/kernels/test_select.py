@@ -526,3 +526,56 @@ class TestBracket:
             assert flat_mask(masks) == reference_mask([scores], k), k
         assert found[0] is not None and found[1] is not None  # no radix pass
         assert found[2] is None  # the threshold is 0: the radix passes found it
+
+
+class TestPartition:
+    """A direct selection (one process, fewer than ``_DIRECT`` entries) of scores with no large
+    block of equal values finds its threshold by ``np.partition`` instead of a sort: the same
+    masks, ties at the threshold cut in position order, and NaN refused wherever it lies."""
+
+    @pytest.fixture(autouse=True)
+    def path(self, monkeypatch) -> list:
+        calls, real = [], select._partitioned_threshold
+
+        def spy(*args):
+            calls.append(real(*args))
+            return calls[-1]
+
+        monkeypatch.setattr(select, "_partitioned_threshold", spy)
+        return calls
+
+    @staticmethod
+    def scores(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        flat = torch.randn(21_000, generator=g, dtype=torch.float64)
+        return [t.to(dtype) for t in (flat[:3000].view(30, 100), flat[3000:3007], flat[3007:])]
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("keep", [1, 0.1, 0.5, 0.999])
+    def test_distinct_scores_are_partitioned(self, path, dtype, keep) -> None:
+        scores = self.scores(dtype)
+        total = sum(s.numel() for s in scores)
+        k = max(1, int(keep * total))
+        t = kth_largest(scores, k)[0]
+        for s in scores[::2]:  # more entries equal to the threshold than the budget keeps
+            s.view(-1)[: s.numel() // 50] = t
+        check(scores, k)
+        assert path  # the partition ran
+
+    def test_many_equal_scores_are_sorted(self, path) -> None:
+        scores = self.scores(torch.float32, seed=1)
+        for s in scores:
+            s[torch.rand(s.shape, generator=torch.Generator().manual_seed(2)) < 0.5] = 0.0
+        total = sum(s.numel() for s in scores)
+        for k in (total // 10, total // 2, total - 5):
+            check(scores, k)
+        assert not path
+
+    @pytest.mark.parametrize("where", ["above", "below", "last"])
+    def test_nan_raises_wherever_it_lies(self, path, where) -> None:
+        scores = self.scores(torch.float32, seed=3)
+        index = {"above": 100, "below": 5000, "last": -1}[where]
+        scores[2].view(-1)[index] = float("nan")
+        with pytest.raises(ValueError, match="NaN scores cannot be ranked"):
+            keep_masks(scores, 2000)
+        assert not path  # it raised inside
