@@ -418,6 +418,11 @@ class Graph:
         twin.history = list(self.history)
         return twin
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Graph:
+        """``copy.deepcopy(graph)`` is :meth:`copy` (a field-by-field copy would reach the fake
+        tensors of the node metadata and the cached code, which do not copy)."""
+        return self.copy()
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module. Tensors passed as traced (positionally or by keyword) go straight to
         its ``forward`` when nothing else hooks the call: torch.export's pre-hook would only

@@ -365,11 +365,21 @@ def test_a_model_that_exports_in_neither_mode_reports_the_train_mode_error():
     ("snip-momentum, iterative-snip{steps=2}", "mlp"),
 ])
 def test_a_copy_after_any_pass_computes_the_same_and_owns_its_parameters(pipeline, model, request):
+    check_copy(pipeline, model, request, lambda graph: graph.copy())
+
+
+def test_deepcopy_is_graph_copy(request):
+    check_copy("magnitude, mask{granularity=channel, sparsity=0.5}, shrink", "cnn", request,
+               copy.deepcopy)
+
+
+def check_copy(pipeline: str, model: str, request, copier) -> None:
     module = request.getfixturevalue(model)
     batches = request.getfixturevalue(f"{model}_batches")
     graph = chop.trace(module, (batches[0][0][:2],))
     chop.run(graph, pipeline, data=batches)
-    twin = graph.copy()
+    twin = copier(graph)
+    assert type(twin) is chop.Graph
     graph.eval()
     twin.eval()
     x = batches[1][0]
