@@ -136,7 +136,9 @@ class ChannelGroups:
         return self.groups[group_id]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "flow": None, "nodes": ()}
+        state = {**self.__dict__, "flow": None, "nodes": ()}
+        state.pop("_by_name", None)
+        return state
 
     def __deepcopy__(self, memo: dict) -> ChannelGroups:
         twin = ChannelGroups.__new__(ChannelGroups)
@@ -156,9 +158,20 @@ class ChannelGroups:
         return out
 
     def of(self, name: str, role: str | None = None) -> list[Group]:
-        """The groups parameter ``name`` is a member of (optionally with a given role)."""
-        return [g for g in self.groups
-                if any(m.name == name and (role is None or m.role == role) for m in g.members)]
+        """The groups parameter ``name`` is a member of (optionally with a given role), in
+        group order; from an index by name, built at the first call (``mask`` asks for every
+        weight's groups) and again should ``groups`` be replaced or resized."""
+        index = self.__dict__.get("_by_name")
+        if index is None or index[0] is not self.groups or index[1] != len(self.groups):
+            by_name: dict[str, list[tuple[Group, set[str]]]] = defaultdict(list)
+            for g in self.groups:
+                roles: dict[str, set[str]] = defaultdict(set)
+                for m in g.members:
+                    roles[m.name].add(m.role)
+                for member, its in roles.items():
+                    by_name[member].append((g, its))
+            index = self.__dict__["_by_name"] = (self.groups, len(self.groups), by_name)
+        return [g for g, roles in index[2].get(name, ()) if role is None or role in roles]
 
 
 def _walked(graph: Graph) -> tuple[Node, ...]:

@@ -264,3 +264,19 @@ def test_equal_rows_are_told_apart_from_rows_whose_hashes_collide():
     lengths = torch.tensor([len(values) for values in rows])
     labels = _same_rows(row, col, value, lengths, lengths.cumsum(0) - lengths).tolist()
     assert labels[0] == labels[2] and len({labels[0], labels[1], labels[3]}) == 3
+
+
+@pytest.mark.parametrize("name", ["resnet", "bert"])
+def test_groups_of_a_parameter_match_its_memberships(name):
+    groups = channel_groups(trace(name)[1])
+
+    def brute(param, role=None):
+        return [g.id for g in groups.groups
+                if any(m.name == param and role in (None, m.role) for m in g.members)]
+
+    names = {m.name for g in groups for m in g.members}
+    for _ in range(2):  # then again after the list of groups is replaced
+        for param in sorted(names) + ["missing.weight"]:
+            for role in (None, "out", "channel", "in"):
+                assert [g.id for g in groups.of(param, role)] == brute(param, role)
+        groups.groups = groups.groups[1:]
