@@ -443,16 +443,21 @@ def test_a_piece_must_fit_its_tensor() -> None:
 
 
 
-def _bracketed(monkeypatch) -> list:
-    """Record what each :func:`select._bracket` call returns (None: it fell back)."""
-    results, real = [], select._bracket
+def _recorded(monkeypatch, name: str) -> list:
+    """Record what each call of ``select.<name>`` returns (for ``_bracket``, None: it fell
+    back; a call that raises records nothing)."""
+    results, real = [], getattr(select, name)
 
     def spy(*args):
         results.append(real(*args))
         return results[-1]
 
-    monkeypatch.setattr(select, "_bracket", spy)
+    monkeypatch.setattr(select, name, spy)
     return results
+
+
+def _bracketed(monkeypatch) -> list:
+    return _recorded(monkeypatch, "_bracket")
 
 
 class TestBracket:
@@ -535,14 +540,7 @@ class TestPartition:
 
     @pytest.fixture(autouse=True)
     def path(self, monkeypatch) -> list:
-        calls, real = [], select._partitioned_threshold
-
-        def spy(*args):
-            calls.append(real(*args))
-            return calls[-1]
-
-        monkeypatch.setattr(select, "_partitioned_threshold", spy)
-        return calls
+        return _recorded(monkeypatch, "_partitioned_threshold")
 
     @staticmethod
     def scores(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
