@@ -47,6 +47,7 @@ from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_masks, select_weights
 from chop.kernels.csr import csr_linear
+from chop.kernels.reduce import has_nan
 from chop.kernels.select import (
     NaNScoresError,
     Piece,
@@ -244,7 +245,7 @@ def mask_weights(
     nm, block = _NM.match(granularity), _BLOCK.match(granularity)
     if granularity in ("channel", "head") or nm:  # the element path finds NaN as it selects
         for node, score in zip(nodes, scores):
-            if score.is_floating_point() and bool(torch.isnan(score).any()):
+            if has_nan(score):
                 raise _nan_scores(node.target)
     if granularity in ("channel", "head"):
         masks_by_name = _structured_masks(
@@ -295,7 +296,7 @@ def ranked_masks(names: list[str], scores: list[torch.Tensor], sparsity: float, 
         return layer_counts(scores, sparsity, scope, min_sparsity=min_sparsity,
                             max_sparsity=max_sparsity, min_keep=min_keep), None
     except NaNScoresError as e:
-        name = next(n for n, s in zip(names, scores) if bool(torch.isnan(s).any()))
+        name = next(n for n, s in zip(names, scores) if has_nan(s))
         raise _nan_scores(name) from e
 
 

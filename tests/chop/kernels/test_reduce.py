@@ -1,11 +1,12 @@
-"""any_nonzero: equal to ``(t != 0).any(dims)`` on every layout, dtype and special value."""
+"""any_nonzero: equal to ``(t != 0).any(dims)`` on every layout, dtype and special value;
+has_nan: equal to ``isnan(t).any()``, wherever the NaN lies."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from chop.kernels.reduce import any_nonzero
+from chop.kernels.reduce import any_nonzero, has_nan
 
 
 def sample(shape, dtype):
@@ -37,3 +38,21 @@ def test_a_transposed_view_and_a_tensor_that_requires_grad():
     t = sample((8, 6), torch.float32).requires_grad_()
     assert torch.equal(any_nonzero(t.T, 0), (t.T != 0).any(0))
     assert not any_nonzero(t, 1).requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 33, 1000, 70_001])  # vector tails and several threads' chunks
+def test_has_nan_wherever_it_lies(dtype, n):
+    t = torch.randn(n).to(dtype)
+    t[0] = float("inf")
+    assert not has_nan(t) and not has_nan(-t)
+    for i in {0, n // 2, n - 1}:
+        u = t.clone()
+        u[i] = float("nan")
+        assert has_nan(u) and has_nan(-u) and has_nan(u.view(1, n).T)  # a strided view too
+
+
+def test_has_nan_of_infinities_empty_and_integer_tensors():
+    assert not has_nan(torch.tensor([float("inf"), -float("inf")]))  # inf − inf is not in t
+    assert not has_nan(torch.empty(0)) and not has_nan(torch.arange(5))
+    assert has_nan(torch.tensor([[1.0, float("nan")]], requires_grad=True))
