@@ -203,8 +203,18 @@ class Graph:
             graph.train(False)
             return gm
 
+        _train.graph = graph  # type: ignore[attr-defined]  # see graph_of
         module.train = types.MethodType(_train, module)  # type: ignore[method-assign]
         module.eval = types.MethodType(_eval, module)  # type: ignore[method-assign]
+
+        def _copied(twin_module: GraphModule) -> None:  # after copy.deepcopy(module)
+            twin_module._deepcopy_hooks.remove(_copied)  # its own Graph registers its own
+            graph._adopt(twin_module)
+
+        _copied.chop = True  # type: ignore[attr-defined]
+        hooks = module.__dict__.setdefault("_deepcopy_hooks", [])
+        hooks[:] = [h for h in hooks if not getattr(h, "chop", False)]  # one Graph per module
+        hooks.append(_copied)
         self.train(training)
 
     # -- weights -----------------------------------------------------------------------------
@@ -354,23 +364,10 @@ class Graph:
         """Set the mode arguments of the graph's nodes to ``mode`` (batch_norm, dropout)."""
         if mode == self._nodes_mode:
             return
-        batch_norm, dropout = mode
-        train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
         if self._mode_nodes is None:
             self._mode_nodes = [(n, n.meta[_MODE_KEY]) for n in self.module.graph.nodes
                                 if _MODE_KEY in n.meta]
-        for node, (kind, index, keyword, train_value, eval_value) in self._mode_nodes:
-            value = train_value if train[kind] else eval_value
-            args, kwargs = node.args, node.kwargs
-            if kind == "counter":
-                node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
-            elif keyword in kwargs or len(args) <= index:
-                if kwargs.get(keyword) != value:
-                    # what `node.kwargs = ...` does, without fx's re-filing of the node
-                    # under its (op, target), which a constant argument does not change
-                    node._update_args_kwargs(args, {**kwargs, keyword: value})
-            elif args[index] != value:
-                node._update_args_kwargs(args[:index] + (value,) + args[index + 1:], kwargs)
+        _set_mode_args(self._mode_nodes, mode)
         self._nodes_mode = mode
 
     def _train_flags(self, flag: bool) -> None:
@@ -396,32 +393,51 @@ class Graph:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def copy(self) -> Graph:
+    def copy(self, memo: dict[int, Any] | None = None) -> Graph:
         """An independent copy: its own parameters, buffers and chop metadata, same mode. A node
         whose ``meta[COPY_TARGET]`` holds a target (one rewritten in place for the length of a
-        block, as :func:`~chop.training.loop.fast_masks` does) has that target in the copy."""
+        block, as :func:`~chop.training.loop.fast_masks` does) has that target in the copy.
+
+        ``memo``: the ``copy.deepcopy`` memo of a larger copy, so that what else it copies
+        (an optimizer, the traced model) shares the copy's parameters as the originals do."""
         traced = self.traced_training  # the copy starts with the arguments as traced
         with self.mode(batch_norm=traced, dropout=traced):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation
-                module = copy.deepcopy(self.module)
-        restored = False
-        for node in module.graph.nodes:  # fx copies node.meta shallowly
+                module = copy.deepcopy(self.module, {} if memo is None else memo)
+        twin = graph_of(module)  # made by the copy's hook (_adopt)
+        assert twin is not None, "a copy of a Graph's module has a Graph"
+        return twin.train(self.training)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Graph:
+        """``copy.deepcopy(graph)`` is :meth:`copy` (a field-by-field copy would reach the fake
+        tensors of the node metadata and the cached code, which do not copy)."""
+        twin = memo[id(self)] = self.copy(memo)
+        return twin
+
+    def _adopt(self, module: GraphModule) -> Graph:
+        """Make ``module``, a ``copy.deepcopy`` of this graph's module (fx's own, called directly
+        or by :meth:`copy`), a graph of its own: chop metadata of its own (fx copies
+        ``node.meta`` shallowly), the targets of ``COPY_TARGET``, the mode arguments as traced,
+        then a :class:`Graph` over it in this graph's mode, with its history; its ``train`` and
+        ``eval`` switch that graph's mode."""
+        edited = False
+        for node in module.graph.nodes:
             if "chop" in node.meta:
                 node.meta["chop"] = dict(node.meta["chop"])
             if COPY_TARGET in node.meta:  # rewritten in place for a while: not in the copy
-                node.target, restored = node.meta.pop(COPY_TARGET), True
-        if restored:
+                node.target, edited = node.meta.pop(COPY_TARGET), True
+        traced = (self.traced_training, self.traced_training)
+        if self._nodes_mode != traced:  # a Graph reads the traced mode off its nodes
+            _set_mode_args([(n, n.meta[_MODE_KEY]) for n in module.graph.nodes
+                            if _MODE_KEY in n.meta], traced)
+            edited = True
+        if edited:
             module.recompile()
         twin = Graph(module, training=self.training, name=self.name,
                      traced_training=self.traced_training)
         twin.history = list(self.history)
         return twin
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Graph:
-        """``copy.deepcopy(graph)`` is :meth:`copy` (a field-by-field copy would reach the fake
-        tensors of the node metadata and the cached code, which do not copy)."""
-        return self.copy()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module. Tensors passed as traced (positionally or by keyword) go straight to
@@ -564,6 +580,32 @@ class Graph:
 
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dim
+
+
+def _set_mode_args(nodes: list[tuple[Node, tuple]], mode: tuple[bool, bool]) -> None:
+    """Set the mode arguments of ``nodes`` (each with its ``meta[_MODE_KEY]``) to ``mode``
+    (batch_norm, dropout)."""
+    batch_norm, dropout = mode
+    train = {"batch_norm": batch_norm, "dropout": dropout, "counter": batch_norm}
+    for node, (kind, index, keyword, train_value, eval_value) in nodes:
+        value = train_value if train[kind] else eval_value
+        args, kwargs = node.args, node.kwargs
+        if kind == "counter":
+            node.target = value  # add_ (train) or an out-of-place add nobody reads (eval)
+        elif keyword in kwargs or len(args) <= index:
+            if kwargs.get(keyword) != value:
+                # what `node.kwargs = ...` does, without fx's re-filing of the node
+                # under its (op, target), which a constant argument does not change
+                node._update_args_kwargs(args, {**kwargs, keyword: value})
+        elif args[index] != value:
+            node._update_args_kwargs(args[:index] + (value,) + args[index + 1:], kwargs)
+
+
+def graph_of(module: nn.Module) -> Graph | None:
+    """The :class:`Graph` whose module ``module`` is (its ``train`` switches that graph's
+    mode), or None."""
+    train = module.__dict__.get("train")
+    return getattr(getattr(train, "__func__", None), "graph", None)
 
 
 def strides_of(shape: torch.Size, layout: torch.memory_format) -> tuple[int, ...]:

@@ -373,6 +373,58 @@ def test_deepcopy_is_graph_copy(request):
                copy.deepcopy)
 
 
+def test_a_deepcopy_with_what_shares_the_parameters_keeps_sharing(mlp, mlp_batches):
+    """One copy.deepcopy of the graph, an optimizer over it and the traced model: the copied
+    optimizer steps the copied graph, whose parameters the copied model holds."""
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    optimizer = torch.optim.SGD(graph.module.parameters(), lr=0.1)
+    twin, twin_optimizer, twin_model = copy.deepcopy((graph, optimizer, mlp))
+    ours = [p for group in twin_optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in ours} == {id(p) for p in twin.module.parameters()}
+    assert {id(p) for p in twin_model.parameters()} <= {id(p) for p in twin.module.parameters()}
+    before = {k: v.clone() for k, v in graph.module.state_dict().items()}
+    x, y = mlp_batches[0]
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    twin_optimizer.step()
+    name = next(iter(before))
+    assert not torch.equal(twin_model.state_dict()[name], before[name])
+    assert all(torch.equal(v, before[k]) for k, v in graph.module.state_dict().items())
+    held = copy.deepcopy({"graph": graph, "module": graph.module})
+    assert held["module"] is held["graph"].module
+
+
+def test_a_deepcopy_of_the_module_is_a_graph_of_its_own():
+    """copy.deepcopy(graph.module): its own chop metadata, and its eval() switches its dropout
+    off (the Graph's mode arguments), not the original's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(6, 8)
+    graph = chop.trace(model, (x,))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    module = copy.deepcopy(graph.module)
+    twin = graph_module.graph_of(module)
+    assert twin is not None and twin is not graph and twin.module is module
+
+    def kept(g: chop.Graph) -> list[int]:
+        return [int(meta.entries(n)["mask"].sum()) for n in g.weight_nodes()
+                if "mask" in meta.entries(n)]
+
+    before = kept(graph)
+    chop.run(twin, "random{seed=3}, mask{sparsity=0.9}")
+    assert kept(graph) == before and sum(before) == 96 and sum(kept(twin)) == 19
+    assert graph.training and module.training
+    module.eval()
+    assert graph.training and not twin.training
+    model.eval()
+    with torch.no_grad():  # no dropout: the masked model, deterministic
+        twin_masks = {n.target: meta.entries(n)["mask"] for n in twin.weight_nodes()
+                      if "mask" in meta.entries(n)}
+        expected = torch.func.functional_call(model, {k: p * twin_masks[k] if k in twin_masks else p
+                                                      for k, p in model.named_parameters()}, (x,))
+        torch.testing.assert_close(module(x), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(module(x), module(x), rtol=0, atol=0)
+
+
 def check_copy(pipeline: str, model: str, request, copier) -> None:
     module = request.getfixturevalue(model)
     batches = request.getfixturevalue(f"{model}_batches")
