@@ -98,6 +98,7 @@ _DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is 
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
 _PARTITIONED = 1 << 14  # from this many entries a direct selection may partition (_tied)
 _TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_tied)
+_GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
@@ -207,7 +208,7 @@ def keep_masks(
         ValueError: If ``k`` is out of range or any score is NaN.
         TypeError: If a tensor is not floating point.
     """
-    total = _validate(scores, k)
+    total, k = _validate(scores, k)
     locals_, counted = _locals(scores)
     if k in (0, total):
         _raise_if_nan(counted, reduce)
@@ -257,7 +258,7 @@ def keep_masks_and_flat(scores: Sequence[torch.Tensor], k: int
     flat copy of all the scores (fewer than ``_DIRECT`` entries: a small model), the same
     masks as one flat bool tensor in the scores' order (else None; over the same memory on
     CPU): a caller that reads every mask at once, as a Pruner's step does, reads that one."""
-    total = _validate(scores, k)
+    total, k = _validate(scores, k)
     if 0 < k < total and _direct(scores, total, None):
         return _direct_masks(list(scores), k, _common_dtype(scores))
     return keep_masks(scores, k), None
@@ -282,7 +283,7 @@ def kth_largest(
         ValueError: If ``k`` is out of range or any score is NaN.
         TypeError: If a tensor is not floating point.
     """
-    total = _validate(scores, k)
+    total, k = _validate(scores, k)
     locals_, counted = _locals(scores)
     if k == 0:
         _raise_if_nan(counted, reduce)
@@ -470,10 +471,12 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
 
 
 def _tied(values: np.ndarray) -> bool:
-    """Whether one value may fill a tenth of ``values`` (a sorted strided sample of ``_TIES``
-    of them says so): ``np.partition`` (introselect) slows by up to 20× near such a block of
-    equal entries (the zeros of pruned weights), where ``np.sort`` gets faster."""
-    sample = np.sort(values[:: max(1, values.size // _TIES)])
+    """Whether one value may fill a tenth of ``values`` (a sorted sample of ``_TIES`` of them
+    says so): ``np.partition`` (introselect) slows by up to 20× near such a block of equal
+    entries (the zeros of pruned weights), where ``np.sort`` gets faster. The sample's
+    positions follow the golden ratio, not a stride: a stride that is a multiple of a
+    weight's row length reads one column, and misses columns pruned to zero."""
+    sample = np.sort(values[(_GOLDEN * values.size).astype(np.int64)])
     width = sample.size // 10
     return bool((sample[width:] == sample[:-width]).any())
 
@@ -711,15 +714,16 @@ def _signed(value: int, bits: int) -> int:
 
 
 def _common_dtype(scores: Sequence[torch.Tensor]) -> torch.dtype:
-    dtype = scores[0].dtype
-    for s in scores[1:]:
-        dtype = torch.promote_types(dtype, s.dtype)
-    return dtype if dtype in _LAYOUT else torch.float32  # e.g. float8 upcasts exactly
+    """The scores' promoted dtype; one without a rankable layout (float8, which torch does not
+    promote with any other dtype) counts as float32, to which it upcasts exactly."""
+    dtypes = [s.dtype if s.dtype in _LAYOUT else torch.float32 for s in scores]
+    return functools.reduce(torch.promote_types, dtypes)
 
 
-def _validate(scores: Sequence[torch.Tensor | Piece], k: int) -> int:
-    """The total entries of the whole tensors, after checking the scores' dtypes, that each
-    piece fits in its tensor, and that ``0 <= k <= total``."""
+def _validate(scores: Sequence[torch.Tensor | Piece], k: int) -> tuple[int, int]:
+    """The total entries of the whole tensors and ``k`` as an int (given as any integer, e.g.
+    numpy's or a 0-dim tensor), after checking the scores' dtypes, that each piece fits in its
+    tensor, and that ``0 <= k <= total``."""
     total = 0
     for s in scores:
         local = s.local if isinstance(s, Piece) else s
@@ -737,7 +741,7 @@ def _validate(scores: Sequence[torch.Tensor | Piece], k: int) -> int:
     k = operator.index(k)
     if not 0 <= k <= total:
         raise ValueError(f"k must satisfy 0 <= k <= {total} (the total number of scores), got k={k}")
-    return total
+    return total, k
 
 
 def _locals(scores: Sequence[torch.Tensor | Piece]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,20 @@ def test_mixed_dtypes_compare_exactly() -> None:
     scores = [torch.tensor([1.0, 1.0001], dtype=torch.float32), torch.tensor([1.0], dtype=torch.float16)]
     assert kth_largest(scores, 2) == (1.0, 1)
     check(scores, 2)
+
+
+@pytest.mark.parametrize("other", [torch.float32, torch.float16, torch.float8_e5m2])
+def test_float8_mixed_with_another_dtype_upcasts_exactly(other: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    scores = [torch.randn(40, generator=g).to(torch.float8_e4m3fn),
+              torch.randn(3, 9, generator=g).to(other)]
+    check(scores, 20)
+
+
+@pytest.mark.parametrize("k", [np.int64(5), torch.tensor(5)])
+def test_k_of_another_integer_type_counts_as_an_int(k) -> None:
+    t, r = kth_largest([torch.tensor([3.0, 2.0, 2.0, 2.0, 2.0, 1.0])], k)
+    assert (t, r) == (2.0, 4) and type(r) is int
 
 
 def test_non_contiguous_and_requires_grad() -> None:
@@ -567,6 +582,16 @@ class TestPartition:
         total = sum(s.numel() for s in scores)
         for k in (total // 10, total // 2, total - 5):
             check(scores, k)
+        assert not path
+
+    @pytest.mark.parametrize("width", [64, 128, 250])
+    def test_zeroed_columns_are_seen_whatever_the_row_length(self, path, width) -> None:
+        """90% of a weight's input columns pruned to zero, the first column kept: a sample
+        that reads one column (a stride that is a multiple of the row length) misses them."""
+        g = torch.Generator().manual_seed(5)
+        w = torch.rand(2**16 // width + 1, width, generator=g)
+        w[:, 1 + torch.randperm(width - 1, generator=g)[: 9 * width // 10]] = 0.0
+        check([w], w.numel() // 20)
         assert not path
 
     @pytest.mark.parametrize("where", ["above", "below", "last"])
