@@ -135,15 +135,25 @@ class ChannelGroups:
     def __getitem__(self, group_id: int) -> Group:
         return self.groups[group_id]
 
-    def __getstate__(self) -> dict:
+    def _plain(self) -> dict:
         state = {**self.__dict__, "flow": None, "nodes": ()}
         state.pop("_by_name", None)
+        return state
+
+    def __getstate__(self) -> dict:
+        """For pickle: the signature's ops by name (torch's op objects do not pickle), so an
+        unpickled copy no longer matches a live graph's signature (:func:`stored_channel_groups`
+        recomputes)."""
+        state = self._plain()
+        if state["signature"]:
+            ops, shapes = state["signature"]
+            state["signature"] = (tuple(str(op) for op in ops), shapes)
         return state
 
     def __deepcopy__(self, memo: dict) -> ChannelGroups:
         twin = ChannelGroups.__new__(ChannelGroups)
         memo[id(self)] = twin
-        twin.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        twin.__dict__.update(copy.deepcopy(self._plain(), memo))
         return twin
 
     def unprunable(self) -> list[tuple[int, int, str]]:

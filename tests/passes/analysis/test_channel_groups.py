@@ -3,6 +3,8 @@ result is stored, and that it survives a copy and notices a changed graph."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -176,6 +178,17 @@ def test_a_copy_after_channel_groups_runs_and_carries_the_same_groups(name):
         expected = graph(*args, **kwargs)
         got = twin(*args, **kwargs)
     torch.testing.assert_close(getattr(got, "logits", got), getattr(expected, "logits", expected))
+
+
+def test_groups_pickle_and_an_unpickled_copy_is_not_taken_for_the_graphs():
+    graph = sequential()
+    chop.run(graph, "channel-groups")
+    stored = graph.module.meta["chop"][KEY]
+    twin = pickle.loads(pickle.dumps(stored))  # torch's op objects in its signature do not pickle
+    assert summary(twin) == summary(stored) and twin.flow is None
+    graph.module.meta["chop"][KEY] = twin
+    fresh = stored_channel_groups(graph)  # its signature names the ops: recomputed, the same
+    assert fresh is not twin and summary(fresh) == summary(stored)
 
 
 def test_stored_groups_survive_masks_and_are_recomputed_after_a_plain_shrink():
