@@ -83,8 +83,8 @@ def test_an_error_on_the_ranks_is_one_line_each_and_a_failed_run(tmp_path: Path)
     done = torchrun("transform", "--config", "c.toml", "missing.pt", "-o", "out", cwd=tmp_path)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: rank ")]
-    assert sorted(line[:14] for line in errors) == ["error: rank 0:", "error: rank 1:"]
-    assert all("passes.mask.sparsity" in line for line in errors)
+    assert sorted(line[:14] for line in errors) == ["error: rank 0:", "error: rank 1:"], done.stderr
+    assert all("passes.mask.sparsity" in line for line in errors), done.stderr
     # torchrun prints its own traceback of the failed launch; none comes from chop
     assert not any("chop/" in line and 'File "' in line for line in done.stderr.splitlines())
     assert not (tmp_path / "out").exists()
