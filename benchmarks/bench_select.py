@@ -17,11 +17,13 @@ process (median of ``--repeats`` interleaved runs):
 
 ``--cuts`` adds a second table: one cut of one tensor (what chop cuts: a small selection
 whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition``, ``np.sort``
-and chop's own cut (:func:`select._direct_threshold`: the partition unless a sample shows a
-block of equal values, then the sort; its copy and counts included) and the same cut always
-sorting, at 20K–4M scores, with no zeros
-and with 90% zeros (pruned weights score alike), keeping 10%; 1 thread, best of
-``--repeats`` timed loops.
+and chop's own cut (:func:`select._direct_threshold`: from ``_PARTITIONED`` scores the
+partition unless a sample shows a block of equal values, else the sort; its copy and counts
+included) and the same cut always sorting, at 20K–4M scores, with no zeros and with 90% zeros
+(pruned weights score alike), keeping 10%; 1 thread, best of ``--repeats`` timed loops (warm
+caches). Its last column times chop's cut and the sorting one as a Pruner meets them, once
+per training step: each call alone, right after a sweep over 64 MiB (the step's work in
+between evicts the caches), median of ``2 × --repeats + 1`` calls in alternating order.
 
 ``--masks`` adds a third table: the bool work around a selection, torch against numpy on the
 same memory (what :func:`select.true_counts`, the small selections' comparisons and the
@@ -121,9 +123,11 @@ def cut_table(repeats: int) -> None:
             "chop, sort only": _sorting_cut}
     print("\none cut of one tensor, 1 thread, keeping 10% (ms, best of "
           f"{repeats} loops)\n")
-    print("| scores | zeros | " + " | ".join(ways) + " | kthvalue ÷ np.sort | chop ÷ sort only |")
-    print("|---:|---:|" + "---:|" * (len(ways) + 2))
-    for n in (20_000, 131_072, 1 << 20, 1 << 22):
+    print("| scores | zeros | " + " | ".join(ways) + " | kthvalue ÷ np.sort | chop ÷ sort only "
+          "| chop ÷ sort only, cold |")
+    print("|---:|---:|" + "---:|" * (len(ways) + 3))
+    sweep = torch.zeros(1 << 24)  # 64 MiB
+    for n in (20_000, 50_000, 131_072, 1 << 20, 1 << 22):
         for zeros in (0.0, 0.9):
             x = torch.randn(n, generator=gen).abs_()
             x[torch.rand(n, generator=gen) < zeros] = 0.0
@@ -133,11 +137,28 @@ def cut_table(repeats: int) -> None:
                 values.add(way(x, j))
                 best[name] = min(_loop_seconds(way, x, j, loops) for _ in range(repeats))
             assert len(values) == 1, values
+            cold = _cold_seconds({w: ways[w] for w in ("chop", "chop, sort only")}, x, j,
+                                 sweep, 2 * repeats + 1)
             cells = " | ".join(f"{best[w] * 1e3:.3f}" for w in ways)
             print(f"| {n:,} | {zeros:.0%} | {cells} | "
                   f"{best['torch.kthvalue'] / best['np.sort']:.2f} | "
-                  f"{best['chop'] / best['chop, sort only']:.2f} |")
+                  f"{best['chop'] / best['chop, sort only']:.2f} | "
+                  f"{cold['chop'] / cold['chop, sort only']:.2f} |")
     torch.set_num_threads(threads)
+
+
+def _cold_seconds(ways: dict[str, Callable[[torch.Tensor, int], float]], x: torch.Tensor,
+                  j: int, sweep: torch.Tensor, calls: int) -> dict[str, float]:
+    """Median seconds of single calls of each way, each call right after ``sweep.add_(1)``
+    (which evicts the caches), the ways in alternating order."""
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for i in range(calls):
+        for name in (list(ways) if i % 2 else list(ways)[::-1]):
+            sweep.add_(1)
+            start = time.perf_counter()
+            ways[name](x, j)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def _sorting_cut(x: torch.Tensor, j: int) -> float:

@@ -96,7 +96,9 @@ _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
 _DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is faster
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
-_PARTITIONED = 1 << 14  # from this many entries a direct selection may partition (_tied)
+_PARTITIONED = 1 << 16  # from this many entries a direct selection may partition (_tied):
+# below it the sample costs more than the partition saves once caches are cold, as at a
+# Pruner's step (``bench_select.py --cuts``, last column)
 _TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_tied)
 _GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
@@ -163,14 +165,24 @@ def true_counts(masks: Sequence[torch.Tensor]) -> list[int]:
     return torch.stack([torch.count_nonzero(m) for m in masks]).tolist()
 
 
+def part_counts(flat: torch.Tensor, sizes: Sequence[int]) -> list[int]:
+    """:func:`true_counts` of the consecutive parts of the flat bool tensor ``flat``, of
+    ``sizes`` entries each (what :func:`keep_masks_and_flat` returns unsplit)."""
+    if not numpy_compares(flat):
+        return true_counts(flat.split(list(sizes)))
+    values = flat.numpy()
+    return [int(np.count_nonzero(values[start:start + n]))
+            for start, n in zip(itertools.accumulate(sizes, initial=0), sizes)]
+
+
 def numpy_compares(*tensors: torch.Tensor) -> bool:
     """Whether bool work on ``tensors`` (comparisons into bool, counts) goes to numpy: for
     plain CPU tensors (no subclass) while torch runs on at most ``_NUMPY_THREADS`` threads.
     numpy's loop is one thread and several times faster than torch's per thread; torch's runs
     on all of them, so with many threads it wins (``benchmarks/bench_select.py --masks``
     times both at the current thread count)."""
-    return torch.get_num_threads() <= _NUMPY_THREADS and (
-        {(type(t), t.device.type) for t in tensors} <= {(torch.Tensor, "cpu")})
+    return torch.get_num_threads() <= _NUMPY_THREADS and all(
+        type(t) is torch.Tensor and t.is_cpu for t in tensors)
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -215,7 +227,7 @@ def keep_masks(
         return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in locals_]
     dtype = _common_dtype(locals_)
     if _direct(scores, total, reduce):
-        return _direct_masks(counted, k, dtype)[0]
+        return split_flat(_direct_flat(counted, k, dtype), [s.shape for s in counted])
     pieces = _pieces(scores)
     t, ties, n_eq = _threshold(scores, counted, total, k, dtype, reduce)
     all_ties = ties == n_eq
@@ -252,15 +264,18 @@ def keep_masks(
     return masks
 
 
-def keep_masks_and_flat(scores: Sequence[torch.Tensor], k: int
-                        ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def keep_masks_and_flat(scores: Sequence[torch.Tensor], k: int, *, split: bool = True
+                        ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """:func:`keep_masks` of plain tensors on one process, and, when the selection ran on one
     flat copy of all the scores (fewer than ``_DIRECT`` entries: a small model), the same
     masks as one flat bool tensor in the scores' order (else None; over the same memory on
-    CPU): a caller that reads every mask at once, as a Pruner's step does, reads that one."""
+    CPU): a caller that reads every mask at once, as a Pruner's step does, reads that one.
+    With ``split`` False, when there is that flat tensor the masks are not made (None;
+    :func:`split_flat` makes them): on a small model making them costs as much as the sort."""
     total, k = _validate(scores, k)
     if 0 < k < total and _direct(scores, total, None):
-        return _direct_masks(list(scores), k, _common_dtype(scores))
+        flat = _direct_flat(list(scores), k, _common_dtype(scores))
+        return (split_flat(flat, [s.shape for s in scores]) if split else None), flat
     return keep_masks(scores, k), None
 
 
@@ -496,28 +511,36 @@ def _partitioned_threshold(values: np.ndarray, j: int) -> tuple[float, int, int]
     return t, int(np.count_nonzero(tail > t)), at_least
 
 
-def _direct_masks(scores: list[torch.Tensor], k: int, dtype: torch.dtype
-                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`keep_masks` by :func:`_direct_threshold`: entries above the threshold and the
-    first ties in position order; also all masks as one flat tensor. On CPU the comparisons
-    run in numpy, faster than torch's comparisons into bool there (``bench_select.py
-    --masks``); each mask wraps its own part of numpy's result, so no two share a storage (as
-    safetensors requires of tensors saved together)."""
+def _direct_flat(scores: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`keep_masks` by :func:`_direct_threshold`, all masks as one flat bool tensor (in
+    the scores' order; :func:`split_flat` cuts it): entries above the threshold and the first
+    ties in position order. On CPU the comparisons run in numpy, faster than torch's
+    comparisons into bool there (``bench_select.py --masks``)."""
     flat, t, above, at_least = _direct_threshold(scores, k, dtype)
-    sizes = [s.numel() for s in scores]
     if flat.device.type == "cpu":
         values = flat.numpy()
         keep = values >= t
         if at_least > k:  # more ties at t than the budget takes: drop the last ones
             keep[np.flatnonzero(values == t)[k - above:]] = False
-        bounds = itertools.accumulate(sizes, initial=0)
-        return [torch.from_numpy(keep[start:start + n].reshape(s.shape))
-                for start, n, s in zip(bounds, sizes, scores)], torch.from_numpy(keep)
+        return torch.from_numpy(keep)
     mask = flat >= t
     if at_least > k:
         eq = flat == t
         mask &= ~eq | (eq.cumsum(0, dtype=torch.int32) <= k - above)
-    return [m.view(s.shape).clone() for m, s in zip(mask.split(sizes), scores)], mask
+    return mask
+
+
+def split_flat(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """The masks of consecutive parts of the flat bool tensor ``flat``, one per shape, each on
+    a storage of its own, as safetensors requires of tensors saved together (on CPU each wraps
+    its own part of ``flat``'s memory; elsewhere each is a copy)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    if flat.device.type == "cpu":
+        keep = flat.numpy()
+        bounds = itertools.accumulate(sizes, initial=0)
+        return [torch.from_numpy(keep[start:start + n].reshape(shape))
+                for start, n, shape in zip(bounds, sizes, shapes)]
+    return [m.view(shape).clone() for m, shape in zip(flat.split(sizes), shapes)]
 
 
 def _select(

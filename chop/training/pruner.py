@@ -91,7 +91,7 @@ from chop.ir.graph import Graph, trace_inputs
 from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
 from chop.kernels import distributed
 from chop.kernels.distributed import local
-from chop.kernels.select import numpy_compares, true_counts
+from chop.kernels.select import numpy_compares, part_counts, split_flat, true_counts
 from chop.passes.analysis.criterion import Criterion
 from chop.passes.transform.iterative_snip import pruned_last
 from chop.passes.transform.mask import Mask, ranked_masks, warn_emptied
@@ -220,7 +220,8 @@ class Pruner:
         self._factor_list: list[torch.Tensor] = []  # the factors of _applied, in order
         self._targets: list[nn.Parameter] | None = None  # its parameters, when none is sharded
         self._counts: list[int] | None = None  # the eager path's kept counts of _masks
-        self._current: dict[str, torch.Tensor] = {}  # the eager path's masks, as last made
+        self._current: dict[str, torch.Tensor] | None = {}  # the eager path's masks, as last
+        self._current_flat: torch.Tensor | None = None  # made (None: made from this, see masks)
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
         self._factors: dict[nn.Parameter, torch.Tensor] = {}  # the same, for mask_grad
         self._records: list[Any] = []  # the graph.history records of the last pruning step
@@ -340,13 +341,20 @@ class Pruner:
         """Mask to ``sparsity`` now, scoring first unless ``score`` is False (the saliency
         already on the graph is used); returns the masks by name (on a sharded model, this
         rank's shard of each)."""
+        masks = self._prune(sparsity, batch, score)
+        return self.masks if masks is None else masks
+
+    def _prune(self, sparsity: float, batch: Any, score: bool) -> dict[str, torch.Tensor] | None:
+        """:meth:`prune`; None on the eager path, whose masks :attr:`masks` makes when asked
+        for (a Pruner's step does not)."""
         if not self._pattern and not 0.0 <= sparsity < 1.0:
             self._selection.replace(sparsity=sparsity)  # raises mask's error, before scoring
         self._check_same_parameters()
         if self.sharded is not None:
             return self._prune_sharded(sparsity, batch, score)
         if self._eager_weights(batch) is not None:
-            return self._prune_eager(sparsity, batch, score)
+            self._prune_eager(sparsity, batch, score)
+            return None
         graph = self._graph(batch)
         first = len(graph.history)
         if score:
@@ -399,6 +407,9 @@ class Pruner:
         if self.sharded is not None:
             return dict(self._masks)
         if self._eager is not None:
+            if self._current is None:  # the last step's, made from its flat mask when asked
+                self._current = dict(zip(self._eager, split_flat(
+                    self._current_flat, [p.shape for p in self._eager.values()])))
             return dict(self._current)
         if self.graph is None:
             return {}
@@ -412,7 +423,7 @@ class Pruner:
             return  # nothing is pruned before start_step
         target = self.schedule.sparsity_at(self.step)
         if target > self.sparsity:
-            self.prune(target, self._batch, score=score)
+            self._prune(target, self._batch, score)
 
     def _prune_sharded(self, sparsity: float, batch: Any, score: bool) -> dict[str, torch.Tensor]:
         if score:
@@ -452,7 +463,7 @@ class Pruner:
             self._eager = {n.target: self.model.get_parameter(n.target) for n in nodes}
         return self._eager
 
-    def _prune_eager(self, sparsity: float, batch: Any, score: bool) -> dict[str, torch.Tensor]:
+    def _prune_eager(self, sparsity: float, batch: Any, score: bool) -> None:
         """:meth:`prune` on the eager path (:meth:`_eager_weights`)."""
         if score:
             self.score(batch)
@@ -468,7 +479,8 @@ class Pruner:
                      if pruned_last else scores)  # as Pruner._select ranks
             return ranked_masks(names, ranks, sparsity, options.scope,
                                 min_sparsity=options.min_sparsity,
-                                max_sparsity=options.max_sparsity, min_keep=options.min_keep)
+                                max_sparsity=options.max_sparsity, min_keep=options.min_keep,
+                                split=False)
 
         alone = _ranks_alone(options)
         kept, flat = ranked(pruned_last=bool(self._masks) and not alone)
@@ -476,16 +488,20 @@ class Pruner:
                 [self._held] if self._held is not None else list(self._masks.values()),
                 [flat] if flat is not None else kept):
             kept, flat = ranked(pruned_last=True)
-        masks = dict(zip(names, kept))
-        self._keep(masks, flat)
-        sizes, before = [m.numel() for m in kept], self._counts
-        self._counts = true_counts(kept)
+        sizes, before = [s.numel() for s in scores], self._counts
+        if kept is None and self._held is not None and names == list(self._masks):
+            self._held.copy_(flat)  # the same parameters, in order (a flat mask has their sizes)
+            self._factors_follow()
+        else:
+            self._keep(dict(zip(names, kept if kept is not None else split_flat(
+                flat, [s.shape for s in scores]))))
+        self._counts = true_counts(kept) if kept is not None else part_counts(flat, sizes)
         warn_emptied(names, sizes, self._counts, lambda i: before is None or before[i] > 0)
-        self._current = masks
+        self._current = dict(zip(names, kept)) if kept is not None else None
+        self._current_flat = flat
         self.sparsity = sparsity
         self.history.append({"step": self.step, "sparsity": sparsity, "kept": sum(self._counts),
                              "numel": sum(sizes)})
-        return masks
 
     def _run(self, graph: Graph, p: Pass, batch: Any) -> None:
         run(graph, [p], data=self._data(batch), loss=self.loss)
@@ -586,14 +602,11 @@ class Pruner:
                                   f"tensor of the parameter's shape {list(weight.shape)}; give "
                                   "one (True = kept)")
 
-    def _keep(self, masks: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
-        """Hold ``masks`` (copies, on the parameters' devices) and apply them; ``flat``: the
-        same masks as one flat tensor, copied in one call."""
+    def _keep(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Hold ``masks`` (copies, on the parameters' devices) and apply them."""
         if isinstance(self.model, Graph):
             return
-        if flat is not None and self._held is not None and list(masks) == list(self._masks):
-            self._held.copy_(flat)  # the same parameters, in order (a flat mask has their sizes)
-        elif masks.keys() == self._masks.keys() and all(
+        if masks.keys() == self._masks.keys() and all(
             mask.shape == self._masks[name].shape for name, mask in masks.items()
         ):  # the same parameters as at the last step: update the masks in place
             torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
@@ -628,6 +641,10 @@ class Pruner:
             self._targets = None if any(map(distributed.is_dtensor, params)) else params
             self.apply_masks()
             return
+        self._factors_follow()
+
+    def _factors_follow(self) -> None:
+        """After the held masks changed in place: the factors follow them; apply them."""
         if self._copied is not None:
             self._copied.copy_(self._held.view(torch.uint8))
         self.apply_masks()
@@ -707,6 +724,9 @@ def _came_back(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
     (:func:`_gained`: no concatenated copy), else by torch in one comparison over all masks
     (mask by mask where they lie on several devices)."""
     if numpy_compares(*before, *after):
+        if len(before) == len(after) == 1:  # one flat mask each, as a Pruner's step holds
+            return _gained(after[0].numpy().reshape(-1), before[0].numpy().reshape(-1))
+
         def parts(masks: list[torch.Tensor]) -> Iterator[np.ndarray]:
             for m in masks:
                 yield m.numpy().reshape(-1)

@@ -283,16 +283,17 @@ def mask_weights(
 
 
 def ranked_masks(names: list[str], scores: list[torch.Tensor], sparsity: float, scope: str, *,
-                 min_sparsity: float = 0.0, max_sparsity: float = 1.0, min_keep: int = 0
-                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+                 min_sparsity: float = 0.0, max_sparsity: float = 1.0, min_keep: int = 0,
+                 split: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """:func:`layer_counts` over the weights ``names`` (their unit scores, on this process),
     NaN scores refused with the name of a weight that holds them; and, for one global ranking
     without bounds on a small model, the masks as one flat tensor too
-    (:func:`~chop.kernels.select.keep_masks_and_flat`; else None)."""
+    (:func:`~chop.kernels.select.keep_masks_and_flat`, which with ``split`` False leaves the
+    masks unmade then; else None)."""
     try:
         if scope == "global" and (min_sparsity, max_sparsity, min_keep) == (0.0, 1.0, 0):
             total = sum(s.numel() for s in scores)
-            return keep_masks_and_flat(scores, kept_count(total, sparsity))
+            return keep_masks_and_flat(scores, kept_count(total, sparsity), split=split)
         return layer_counts(scores, sparsity, scope, min_sparsity=min_sparsity,
                             max_sparsity=max_sparsity, min_keep=min_keep), None
     except NaNScoresError as e:

@@ -431,6 +431,17 @@ def test_keep_masks_and_flat_gives_the_masks_also_as_one_flat_tensor(path: str) 
             assert flat.tolist() == flat_mask(masks)
         else:
             assert flat is None
+        unsplit, alone = keep_masks_and_flat(scores, k, split=False)
+        if flat is not None:  # the masks left to split_flat
+            assert unsplit is None and torch.equal(alone, flat)
+            split = select.split_flat(alone, [s.shape for s in scores])
+            assert [m.shape for m in split] == [s.shape for s in scores]
+            assert flat_mask(split) == flat_mask(masks)
+            assert len({m.untyped_storage().data_ptr() for m in split}) == len(split)
+            split[0].fill_(True)  # each its own part: the other mask unchanged
+            assert flat_mask(split[1:]) == flat_mask(masks[1:])
+        else:
+            assert alone is None and flat_mask(unsplit) == flat_mask(masks)
 
 
 @pytest.mark.parametrize("kind", ["plain", "view", "subclass", "many threads"])
@@ -448,6 +459,12 @@ def test_true_counts_equal_torch_counts(kind: str, monkeypatch, path: str) -> No
                                                and path != "bracket-torch")
     assert select.true_counts(masks) == [int(torch.count_nonzero(m)) for m in masks]
     assert select.true_counts([]) == []
+    if kind != "view":  # the same counts of the parts of one flat mask
+        flat = torch.cat([m.reshape(-1) for m in masks])
+        if kind == "subclass":
+            flat = torch.nn.Parameter(flat, requires_grad=False)
+        sizes = [m.numel() for m in masks]
+        assert select.part_counts(flat, sizes) == [int(torch.count_nonzero(m)) for m in masks]
 
 
 def test_a_piece_must_fit_its_tensor() -> None:
@@ -560,7 +577,7 @@ class TestPartition:
     @staticmethod
     def scores(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        flat = torch.randn(21_000, generator=g, dtype=torch.float64)
+        flat = torch.randn(select._PARTITIONED + 5_000, generator=g, dtype=torch.float64)
         return [t.to(dtype) for t in (flat[:3000].view(30, 100), flat[3000:3007], flat[3007:])]
 
     @pytest.mark.parametrize("dtype", DTYPES)
@@ -574,6 +591,13 @@ class TestPartition:
             s.view(-1)[: s.numel() // 50] = t
         check(scores, k)
         assert path  # the partition ran
+
+    def test_fewer_scores_are_sorted(self, path) -> None:
+        """A small model's 60,000 distinct scores: the sample that looks for equal values
+        costs more than the partition saves once caches are cold (a Pruner's step): one sort."""
+        scores = [s.reshape(-1)[:60_000] for s in self.scores(torch.float32)[2:]]
+        check(scores, 100)
+        assert not path
 
     def test_many_equal_scores_are_sorted(self, path) -> None:
         scores = self.scores(torch.float32, seed=1)

@@ -94,6 +94,36 @@ def test_progressive_pruning_never_returns_a_weight(mlp, mlp_batches):
         previous = {k: v.clone() for k, v in masks.items()}
 
 
+@pytest.mark.parametrize("read", ["masks", "prune"])
+def test_masks_read_at_a_step_stay_as_they_were(mlp, mlp_batches, read, tmp_path):
+    """The masks :attr:`Pruner.masks` and :meth:`Pruner.prune` give are the step's own: later
+    steps (which update the Pruner's held masks in place) leave them as they were, and each
+    mask has a storage of its own (safetensors saves them side by side)."""
+    from safetensors.torch import save_file
+
+    pruner = Pruner(mlp, 0.95, criterion="magnitude", schedule="linear", start_step=0,
+                    end_step=4, frequency=1, example_inputs=mlp_batches[0][0])
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    held, copies = [], []
+    for step in range(5):
+        x, y = mlp_batches[step % 3]
+        pruner.on_step_begin(step)
+        F.cross_entropy(mlp(x), y).backward()
+        pruner.on_before_optimizer_step()
+        optimizer.step()
+        pruner.on_after_optimizer_step()
+        optimizer.zero_grad()
+        masks = pruner.masks if read == "masks" else pruner.prune(0.5 + 0.1 * step)
+        held.append(masks)
+        copies.append({k: v.clone() for k, v in masks.items()})
+    assert len({sum(int(m.sum()) for m in c.values()) for c in copies}) == 5
+    for masks, copy in zip(held, copies):
+        assert masks.keys() == copy.keys()
+        assert all(torch.equal(masks[k], copy[k]) for k in masks)
+    assert len({m.untyped_storage().data_ptr() for m in held[-1].values()}) == 3
+    save_file(held[-1], tmp_path / "masks.safetensors")
+
+
 @pytest.mark.parametrize("options", [{}, {"scope": "local"}, {"max_sparsity": 0.97}])
 def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
         mlp, mlp_batches, monkeypatch, options):
