@@ -46,7 +46,11 @@ def checked_export(
     before a BatchNorm: both the model and a folded copy lose four digits to cancellation).
     When the outputs differ, the rewritten graph runs once more in float64 (a copy): a
     difference within :data:`ROUND_OFF_MARGIN` times its own float32 round-off passes, with a
-    warning and ``check_round_off`` in the report; a larger one is the error."""
+    warning and ``check_round_off`` in the report; a larger one is the error.
+
+    A buffer the forward writes in place (a call counter, a cache) is put back as it was
+    before each check forward, and after the last: both forwards see the same state, and the
+    check leaves none of its own."""
     if ctx.data is None:
         return apply(), {}
     inputs = next(iter(ctx.data))[0]
@@ -56,6 +60,7 @@ def checked_export(
         return call(graph.module, inputs)
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
+        state = _State(graph.module)
         start = time.perf_counter()
         sample = check_inputs(graph, inputs)
         try:
@@ -63,18 +68,23 @@ def checked_export(
         except Exception:  # noqa: BLE001 - e.g. a guard the bounds did not show: run them whole
             if sample is inputs:
                 raise
+            state.restore()
             start, sample = time.perf_counter(), inputs
             before = call(graph.module, sample)
         checking = time.perf_counter() - start
+        state.restore()
         if timing:
             info["model_latency_us"] = [median_seconds(run) * 1e6]
+            state.restore()
     result = apply()
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         start = time.perf_counter()
         after = call(graph.module, sample)
         info["check_s"] = checking + time.perf_counter() - start
+        state.restore()
         if timing:
             info["model_latency_us"].append(median_seconds(run) * 1e6)
+            state.restore()
     try:
         check_same_outputs(f"the {who} graph", after, before)
     except InternalError:
@@ -92,6 +102,43 @@ def checked_export(
 
 
 ROUND_OFF_MARGIN = 10.0  # how many times its own float32 round-off a rewrite may differ by
+
+
+class _State:
+    """The buffers a module's fx graph writes in place (an in-place op's written argument, or
+    a view of it, read from a buffer), copied now; :meth:`restore` puts them back, by name
+    (an export pass may replace a module's tensors, not these)."""
+
+    def __init__(self, module: GraphModule):
+        buffers = dict(module.named_buffers())
+        written = set()
+        for node in module.graph.nodes:
+            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+            if schema is None or not schema.is_mutable:
+                continue
+            for arg, value in zip(schema.arguments, node.args):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    base = _viewed_base(value)
+                    if base is not None and base.op == "get_attr" and base.target in buffers:
+                        written.add(base.target)
+        self.module = module
+        self.saved = {name: buffers[name].clone() for name in sorted(written)}
+
+    def restore(self) -> None:
+        for name, value in self.saved.items():
+            self.module.get_buffer(name).copy_(value)
+
+
+def _viewed_base(value: Any) -> torch.fx.Node | None:
+    """The node ``value`` is a view of (following ops whose result aliases their first
+    argument, as ``slice`` and ``select``), or ``value`` itself; None if not a node."""
+    while isinstance(value, torch.fx.Node) and value.op == "call_function":
+        schema = getattr(value.target, "_schema", None)
+        if (schema is None or not schema.returns or schema.returns[0].alias_info is None
+                or not value.args):
+            break
+        value = value.args[0]
+    return value if isinstance(value, torch.fx.Node) else None
 
 
 def _largest_difference(got: Any, expected: Any) -> float | None:

@@ -256,6 +256,48 @@ def test_the_export_check_tells_float32_round_off_of_an_ill_conditioned_model_fr
         checked_export(graph, Context(data=data), wrong, False, "wrong")
 
 
+class _Counting(nn.Module):
+    """Adds to its output a buffer it bumps at every call, and writes a slice of a cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("cache", torch.zeros(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        y = self.b(torch.relu(self.a(x))) + self.calls
+        self.cache[1].copy_(y[0].detach())
+        return y + self.cache.sum()
+
+
+@pytest.mark.parametrize("timing", [False, True])
+def test_the_export_check_runs_both_forwards_on_the_same_state_and_leaves_it(timing, caplog):
+    """A forward that writes buffers in place: the check's two forwards start from the same
+    state, so an exact rewrite passes without a round-off warning and a wrong one is refused
+    (it was waved through as round-off); the buffers end as the check found them."""
+    from chop.passes.export.common import checked_export
+    from chop.pipeline.pass_base import Context
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    graph = chop.trace(_Counting(), (x,))
+    ctx = Context(data=[(x, None)])
+    state = {name: b.clone() for name, b in graph.module.named_buffers()}
+    with caplog.at_level("WARNING", logger="chop"):
+        _, info = checked_export(graph, ctx, lambda: None, timing, "same")
+    assert "check_round_off" not in info and "round-off" not in caplog.text
+    assert all(torch.equal(b, state[name]) for name, b in graph.module.named_buffers())
+
+    def wrong() -> None:
+        with torch.no_grad():
+            graph.parameter("b.bias").add_(0.05)
+
+    with pytest.raises(chop.InternalError, match="the wrong graph"):
+        checked_export(graph, ctx, wrong, timing, "wrong")
+
+
 def test_the_export_check_runs_inputs_whole_when_they_are_not_the_graphs(cnn_graph):
     from chop.passes.export.common import check_inputs
 
