@@ -140,16 +140,24 @@ def _scipy_times(values: torch.Tensor, col: torch.Tensor, crow: torch.Tensor,
 
 
 def _check(x: torch.Tensor, values: torch.Tensor) -> None:
+    """Raise unless ``x`` and the weights ``values`` are on CPU, float32 or float64, of one
+    dtype: :class:`PassError` for the weights (the export's choice), :class:`DataError` for an
+    input of another dtype than theirs."""
     if x.device.type != "cpu" or values.device.type != "cpu":
         raise PassError(
             f"chop.csr_linear is a CPU kernel; got x on {x.device} and weights on "
             f"{values.device}: run the sparse graph on CPU (on CUDA use 2:4 semi-structured "
             "weights instead)"
         )
-    if x.dtype != values.dtype or x.dtype not in (torch.float32, torch.float64):
+    if values.dtype not in (torch.float32, torch.float64):
         raise PassError(
-            f"chop.csr_linear supports float32/float64 inputs matching the weights; got x "
-            f"{x.dtype} and weights {values.dtype}: cast the input, or keep this layer dense"
+            f"chop.csr_linear supports float32/float64 weights; got {values.dtype}: keep this "
+            "layer dense"
+        )
+    if x.dtype != values.dtype:
+        raise DataError(
+            f"chop.csr_linear takes inputs of its weights' dtype {values.dtype}; got x "
+            f"{x.dtype}: cast the input"
         )
 
 
@@ -225,11 +233,11 @@ def bind(
     """``x ↦ csr_linear_forward(x, values, …)`` for one layer whose weight has ``shape``, with
     what does not depend on ``x`` done once: the CSR tensor (over the same storage: in-place
     changes to ``values`` show, nothing is copied), the bias column, the plan's check. Per call
-    it checks nothing else (a wrong dtype fails inside torch's op): for serving, where each
-    microsecond of a small layer counts (:func:`chop.passes.export.common.deployable`), except
-    the input's width against ``shape`` (a :class:`DataError`: the kernels would read past a
-    narrower input's end)."""
-    _check(values, values)  # on CPU, float32/float64 (the input is not checked per call)
+    it checks only the input's width against ``shape`` (the kernels would read past a narrower
+    input's end) and its dtype against the weights' (scipy's kernel would compute in another
+    dtype, or fail with numpy's message), each a :class:`DataError`: for serving, where each
+    microsecond of a small layer counts (:func:`chop.passes.export.common.deployable`)."""
+    _check(values, values)  # on CPU, float32/float64
     if bias is not None and bias.dtype != values.dtype:
         raise PassError(f"chop.csr_linear: bias dtype {bias.dtype} differs from the weights' "
                         f"{values.dtype}: cast one of them")
@@ -238,9 +246,12 @@ def bind(
     csr, weight, column = _prepared(values, col_indices, crow_indices, shape, bias)
     kernels, from_rows = list(kernels or ()), list(from_rows or ())
 
+    dtype = values.dtype
+
     def sparse_linear(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != shape[1]:
+        if x.shape[-1] != shape[1] or x.dtype != dtype:
             _check_width(x.shape[-1], shape[1], col_indices)
+            _check(x, values)
         return _product(x, weight, csr, bias, column, kernels, from_rows, transposed)
 
     return sparse_linear

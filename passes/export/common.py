@@ -251,8 +251,8 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
     - the pytree flattening of inputs and outputs, when the graph takes positional tensors and
       returns tensors in tuples, lists or dicts (other calling conventions, keyword inputs and
       Hugging Face outputs, keep it);
-    - for each ``chop::csr_linear``: the dispatcher, the input checks and the rebuilding of the
-      CSR tensor: the node calls a function made once by :func:`~chop.kernels.csr.bind`, which
+    - for each ``chop::csr_linear``: the dispatcher, the input checks but the width and dtype,
+      and the rebuilding of the CSR tensor: the node calls a function made once by :func:`~chop.kernels.csr.bind`, which
       holds the layer's tensors itself (they are no longer the module's attributes, and it
       sees in-place changes to them; it is not re-bound when buffers are replaced).
 

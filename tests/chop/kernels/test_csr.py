@@ -405,11 +405,25 @@ def test_plan_kernels_times_real_kernels_and_refuses_unknown_ones():
 
 def test_csr_linear_refuses_mismatched_or_unsupported_dtypes():
     csr = sparse_ops.to_csr(torch.randn(4, 8), torch.ones(4, 8, dtype=torch.bool))
-    with pytest.raises(PassError, match="float32/float64 inputs matching the weights; got x torch.float64"):
+    with pytest.raises(DataError, match="dtype torch.float32; got x torch.float64: cast"):
         sparse_ops.csr_linear(torch.randn(2, 8, dtype=torch.float64), *csr, 4, None)
     half = sparse_ops.to_csr(torch.randn(4, 8).half(), torch.ones(4, 8, dtype=torch.bool))
-    with pytest.raises(PassError, match="float32/float64"):
+    with pytest.raises(PassError, match="float32/float64 weights; got torch.float16"):
         sparse_ops.csr_linear(torch.randn(2, 8).half(), *half, 4, None)
+
+
+@pytest.mark.parametrize("kernel", ["scipy", "torch-linear", "torch-mm", "torch-mv"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64])
+def test_a_bound_layer_refuses_an_input_of_another_dtype_whatever_its_kernel(kernel, dtype):
+    """Per call, the same error on every kernel (scipy's computed in the input's dtype, or
+    failed with numpy's message)."""
+    if kernel == "scipy" and not sparse_ops.have_scipy():
+        pytest.skip("scipy is not installed")
+    csr = sparse_ops.to_csr(torch.randn(4, 8), torch.rand(4, 8) > 0.5)
+    layer = sparse_ops.bind(*csr, (4, 8), kernels=[sparse_ops.KERNELS.index(kernel)])
+    assert layer(torch.ones(3, 8)).dtype == torch.float32
+    with pytest.raises(DataError, match=f"got x {dtype}: cast the input"):
+        layer(torch.ones(3, 8, dtype=dtype))
 
 
 def test_have_scipy_and_require_scipy(monkeypatch):
