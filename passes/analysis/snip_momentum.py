@@ -103,6 +103,10 @@ class SnipMomentum(DataCriterion):
         for all weights: an accumulating criterion runs at every training step."""
         if self.beta != 1.0:
             torch._foreach_mul_(current, self.beta)
+        if all(before is not None and before.dtype == now.dtype
+               for now, before in zip(current, previous, strict=True)):  # every later step
+            torch._foreach_add_(current, previous, alpha=self.alpha)
+            return current
         pairs = [(now, before.to(now.dtype)) for now, before in zip(current, previous, strict=True)
                  if before is not None]
         if pairs:
@@ -115,6 +119,8 @@ def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None], n
                 ) -> list[torch.Tensor]:
     """w ⊙ g for each weight (0 where it has no gradient, with a warning naming those, once
     per set of names), refusing when none has one."""
+    if all(g is not None for g in grads):  # each weight has one (a training step's usual case)
+        return torch._foreach_mul([w.detach() for w in weights], grads)
     if all(g is None for g in grads):
         raise DataError(
             "snip-momentum{source=grad} found no .grad on the parameters: call "

@@ -252,9 +252,10 @@ def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:
       returns tensors in tuples, lists or dicts (other calling conventions, keyword inputs and
       Hugging Face outputs, keep it);
     - for each ``chop::csr_linear``: the dispatcher, the input checks but the width and dtype,
-      and the rebuilding of the CSR tensor: the node calls a function made once by :func:`~chop.kernels.csr.bind`, which
-      holds the layer's tensors itself (they are no longer the module's attributes, and it
-      sees in-place changes to them; it is not re-bound when buffers are replaced).
+      and the rebuilding of the CSR tensor: the node calls a function made once by
+      :func:`~chop.kernels.csr.bind`, which holds the layer's tensors itself (they are no
+      longer the module's attributes, and it sees in-place changes to them; it is not re-bound
+      when buffers are replaced).
 
     With ``contiguous_outputs=False`` a sparse layer whose result is an output of the graph, and
     read by no other op of it, returns it in the layout its kernel produced (the transpose of a row-major matrix, as
