@@ -245,7 +245,9 @@ class Pruner:
         :attr:`masks` saved with the checkpoint), else the zero pattern of the weights the
         selection covers (a plain module's pruned weights are zeros), so the next step prunes
         exactly as the run that never stopped would (a criterion's scores accumulated over
-        earlier steps, as ``snip-momentum``'s, start afresh).
+        earlier steps, as ``snip-momentum``'s, start afresh). On a Pruner that ran on past
+        ``step`` (a run rolled back in-process), the records of later steps are dropped, and
+        before the first pruning step every weight is kept again.
 
         Raises:
             DataError: without ``masks``, when the weights are less sparse than the schedule
@@ -253,9 +255,18 @@ class Pruner:
                 graph and leaves them dense, or the checkpoint is not this run's).
         """
         self.step = step
+        self._scores = {}
+        if self.graph is not None:
+            for node in self.graph.weight_nodes():
+                meta.entries(node).pop("saliency", None)
+        self.history = [record for record in self.history if record["step"] < step]
         if self.mode != "progressive" or step < 1 or (
                 self.schedule.last_pruning_step(step - 1) is None):
-            return  # nothing was pruned yet
+            if self.mode == "progressive" and self.sparsity > 0:  # nothing was pruned by then
+                self.sparsity = 0.0
+                self._adopt({name: torch.ones_like(mask) for name, mask in self.masks.items()},
+                            batch)
+            return
         self.sparsity = self.schedule.sparsity_at(step - 1)
         if masks is None and self.sharded is None:
             found = self._current_masks(self._graph(batch))
@@ -278,6 +289,7 @@ class Pruner:
         if step is not None:
             self.step = step
         self._batch = batch
+        self._check_same_parameters()  # at every step: the masks are applied at every step
         if not self.score_every_step:
             self._maybe_prune(score=True)
 
@@ -341,6 +353,7 @@ class Pruner:
         """Mask to ``sparsity`` now, scoring first unless ``score`` is False (the saliency
         already on the graph is used); returns the masks by name (on a sharded model, this
         rank's shard of each)."""
+        self._check_same_parameters()
         masks = self._prune(sparsity, batch, score)
         return self.masks if masks is None else masks
 
@@ -349,7 +362,6 @@ class Pruner:
         for (a Pruner's step does not)."""
         if not self._pattern and not 0.0 <= sparsity < 1.0:
             self._selection.replace(sparsity=sparsity)  # raises mask's error, before scoring
-        self._check_same_parameters()
         if self.sharded is not None:
             return self._prune_sharded(sparsity, batch, score)
         if self._eager_weights(batch) is not None:
@@ -569,19 +581,25 @@ class Pruner:
 
     def _check_same_parameters(self) -> None:
         """Raise :class:`DataError` when the plain module's masked parameters are not the ones
-        the Pruner holds (one looked up per pruning step): ``load_state_dict(assign=True)`` or
-        a conversion with ``set_overwrite_module_params_on_conversion`` made new ones, which
+        the Pruner holds (each looked up, at every step): ``load_state_dict(assign=True)`` (of
+        the model or of one of its modules), a conversion with
+        ``set_overwrite_module_params_on_conversion`` or a module replaced made new ones, which
         the masks (and the traced graph) do not reach, so the model would train dense."""
         if isinstance(self.model, Graph) or not self._applied:
             return
-        name, (param, _) = next(iter(self._masks)), self._applied[0]
-        owner, _, attr = name.rpartition(".")
-        if self.model.get_submodule(owner)._parameters.get(attr) is not param:
-            raise DataError(
-                f"Pruner: the model's parameter {name} is not the one the Pruner masks: the "
-                "parameters were replaced (load_state_dict(assign=True), or a conversion with "
-                "torch.__future__.set_overwrite_module_params_on_conversion); make a new "
-                "Pruner on the model and call resume(step, masks=old_pruner.masks)")
+        for name, (param, _) in zip(self._masks, self._applied):
+            owner, _, attr = name.rpartition(".")
+            try:
+                same = self.model.get_submodule(owner)._parameters.get(attr) is param
+            except AttributeError:  # the module is gone
+                same = False
+            if not same:
+                raise DataError(
+                    f"Pruner: the model's parameter {name} is not the one the Pruner masks: "
+                    "the parameters were replaced (load_state_dict(assign=True), a conversion "
+                    "with torch.__future__.set_overwrite_module_params_on_conversion, or a new "
+                    "module); make a new Pruner on the model and call "
+                    "resume(step, masks=old_pruner.masks)")
 
     def _check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Raise :class:`OptionError` unless every mask names a weight of the (unsharded) model

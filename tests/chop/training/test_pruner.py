@@ -478,16 +478,31 @@ def test_eager_prune_without_scores_names_the_missing_saliency(mlp, mlp_batches)
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "snip"])  # eager path, graph path
-def test_replaced_parameters_are_refused_not_left_dense(mlp, mlp_batches, criterion):
-    """load_state_dict(assign=True) makes new parameters, which the masks did not reach: the
-    model trained dense while the history said 90%."""
+@pytest.mark.parametrize("replaced", ["model", "last layer", "last module"])
+def test_replaced_parameters_are_refused_not_left_dense(mlp, mlp_batches, criterion, replaced):
+    """load_state_dict(assign=True) (of the model or one of its modules) or a new module makes
+    new parameters, which the masks did not reach: the model trained dense while the history
+    said 90%. Refused at the next step, pruning or not, and by prune()."""
     pruner = Pruner(mlp, 0.9, criterion=criterion, data=mlp_batches[:1],
                     example_inputs=mlp_batches[0][0])
     pruner.prune(0.5)
-    mlp.load_state_dict({k: v.clone() for k, v in mlp.state_dict().items()}, assign=True)
-    with pytest.raises(DataError, match=r"^Pruner: the model's parameter layers\.0\.weight is "
-                                        r"not the one the Pruner masks.*resume\(step, masks="):
+    saved = {k: v.clone() for k, v in mlp.state_dict().items()}
+    last = mlp.layers[2]
+    if replaced == "model":
+        mlp.load_state_dict(saved, assign=True)
+    elif replaced == "last layer":
+        last.load_state_dict({k: v.clone() for k, v in last.state_dict().items()}, assign=True)
+    else:
+        mlp.layers[2] = torch.nn.Linear(last.in_features, last.out_features)
+    name = "layers.0.weight" if replaced == "model" else "layers.2.weight"
+    message = (rf"^Pruner: the model's parameter {name} is not the one the Pruner masks.*"
+               r"resume\(step, masks=")
+    with pytest.raises(DataError, match=message):
+        pruner.on_step_begin(7)  # not a pruning step (no schedule reaches it)
+    with pytest.raises(DataError, match=message):
         pruner.prune(0.6)
+    if replaced != "model":
+        return
     fresh = Pruner(mlp, 0.9, criterion=criterion, data=mlp_batches[:1],
                    example_inputs=mlp_batches[0][0])
     fresh.resume(1, masks=pruner.masks)
@@ -625,6 +640,47 @@ def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches, cr
     for name, mask in whole.masks.items():
         assert torch.equal(second.masks[name], mask), name
     for a, b in zip(straight.parameters(), restarted.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("criterion", ["snip-momentum{source=grad}", "snip-momentum",
+                                       "magnitude"])  # eager, graph (accumulating), eager
+@pytest.mark.parametrize("back_to", [1, 5])  # before start_step, after its first pruning
+def test_a_pruner_rolled_back_in_process_prunes_as_one_resumed_afresh(
+        mlp, mlp_batches, criterion, back_to):
+    """resume() on a Pruner that ran on past the checkpoint: it kept the scores accumulated
+    after it (snip-momentum) and, before start_step, the later masks and sparsity."""
+    import copy
+
+    def pruner(model):
+        return Pruner(model, 0.9, criterion=criterion, schedule="linear", start_step=2,
+                      end_step=8, frequency=2, data=mlp_batches[:1])
+
+    model = copy.deepcopy(mlp)
+    ran = pruner(model)
+    train(ran, model, mlp_batches, back_to, momentum=0.0)
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = {k: m.clone() for k, m in ran.masks.items()}
+    train(ran, model, mlp_batches, range(back_to, 7), momentum=0.0, begin=False)
+    assert ran.sparsity > 0.5
+    model.load_state_dict(checkpoint)
+    ran.resume(back_to, mlp_batches[0], masks=saved or None)
+    assert ran.sparsity == (0.0 if back_to < 2 else ran.schedule.sparsity_at(back_to - 1))
+    assert [h["step"] for h in ran.history] == [h for h in (4,) if h < back_to]
+
+    again = copy.deepcopy(mlp)
+    again.load_state_dict(checkpoint)
+    fresh = pruner(again)
+    fresh.on_train_begin()
+    fresh.resume(back_to, mlp_batches[0], masks=saved or None)
+    for p in (ran, fresh):
+        train(p, model if p is ran else again, mlp_batches, range(back_to, 9), momentum=0.0,
+              begin=False)
+    assert ran.history == [h for h in ran.history if h["step"] < back_to] + fresh.history
+    assert ran.masks.keys() == fresh.masks.keys()
+    for name, mask in fresh.masks.items():
+        assert torch.equal(ran.masks[name], mask), name
+    for a, b in zip(model.parameters(), again.parameters()):
         assert torch.equal(a, b)
 
 
