@@ -53,6 +53,7 @@ from torch.nn.modules import module as torch_module
 
 from chop.errors import LintError, TraceError
 from chop.ir import meta
+from chop.ir.replay import WrittenBuffers, output_difference
 
 log = logging.getLogger("chop")
 aten = torch.ops.aten
@@ -922,18 +923,27 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
                                 ", ".join(random), _first_line(e))
     finally:
         model.train(was_training)
+    graph = _graph_of(program, name, was_training, traced_training)
+    if traced_training:
+        problem = _eval_difference(model, graph, args, kwargs)
+        if problem is not None:
+            try:
+                program = _export(model, args, kwargs, training=False)
+            except Exception as e:  # noqa: BLE001 - keep the train-mode graph, say so
+                log.warning("%s: in eval mode its train-mode graph does not reproduce the model "
+                            "(%s: training-only code besides BatchNorm and dropout, such as an "
+                            "`if self.training:` branch), and the eval-mode export failed (%s)",
+                            name, problem, _first_line(e))
+            else:
+                graph = _graph_of(program, name, was_training, traced_training=False)
+                why = (f"in eval mode its train-mode graph does not reproduce the model "
+                       f"({problem}): its forward has training-only code besides BatchNorm and "
+                       f"dropout, such as an `if self.training:` branch")
+            finally:
+                model.train(was_training)
     if why is not None:
         log.info("%s: traced in eval mode because %s; BatchNorm and dropout still switch to "
                  "train mode, other training-only behaviour stays off", name, why)
-    try:
-        graph = Graph(program.module(), training=was_training, name=name,
-                      traced_training=traced_training)
-    except SyntaxError as e:  # torch writes names into the Python code it generates
-        raise TraceError(
-            f"{name}: torch.export cannot turn the captured graph back into Python code ({e.msg}"
-            f"); a submodule or parameter name with a quote, backslash or line break does "
-            f"this: rename it (e.g. the keys of an nn.ModuleDict)"
-        ) from e
     for node in graph.module.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -957,6 +967,43 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
                 int(value.shape[1]),
             )
     return graph
+
+
+def _graph_of(program: Any, name: str, training: bool, traced_training: bool) -> Graph:
+    try:
+        return Graph(program.module(), training=training, name=name,
+                     traced_training=traced_training)
+    except SyntaxError as e:  # torch writes names into the Python code it generates
+        raise TraceError(
+            f"{name}: torch.export cannot turn the captured graph back into Python code ({e.msg}"
+            f"); a submodule or parameter name with a quote, backslash or line break does "
+            f"this: rename it (e.g. the keys of an nn.ModuleDict)"
+        ) from e
+
+
+def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) -> str | None:
+    """How the train-mode ``graph`` in eval mode fails to reproduce ``model`` in eval mode on
+    the example inputs (:func:`~chop.ir.replay.output_difference`), or None; None also when
+    either cannot run them. Both run from the same random seed, in a forked random state, and
+    the buffers their forwards write are put back, so the model is left as it was."""
+    was_training = model.training
+    try:
+        model_state = WrittenBuffers(graph.module, model)
+        graph_state = WrittenBuffers(graph.module)
+        with torch.no_grad(), torch.random.fork_rng():
+            model.eval()
+            torch.manual_seed(0)
+            expected = model(*args, **kwargs)
+            model_state.restore()
+            with graph.mode(batch_norm=False, dropout=False):
+                torch.manual_seed(0)
+                got = graph.module(*args, **kwargs)
+            graph_state.restore()
+    except Exception:  # noqa: BLE001 - a model that cannot run the example inputs: no verdict
+        return None
+    finally:
+        model.train(was_training)
+    return output_difference(got, expected)
 
 
 def _fixed(size: Any) -> bool:

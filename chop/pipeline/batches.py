@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from chop.errors import ChopError, DataError, InternalError
 from chop.ir.graph import Graph
+from chop.ir.replay import output_difference
 from chop.kernels import distributed
 
 
@@ -225,39 +226,10 @@ def _first_line(error: BaseException) -> str:
 
 def check_same_outputs(what: str, got: Any, expected: Any, *, rtol: float = 1e-4) -> None:
     """Raise :class:`InternalError` unless ``got`` reproduces ``expected`` (two model outputs:
-    tensors or nested structures of them) up to float round-off.
-
-    The tolerance is relative to each output's scale: ``max |got − expected| <= rtol · max(1e-6,
-    max |expected|)`` per tensor, so logits near zero in a large-valued output do not fail on
-    float32 round-off (an element-wise ``atol`` did, on ResNet-50), while a real difference of
-    even one in ten thousand of the output's range does. In half precision the tolerance is
-    four of the dtype's epsilon (bfloat16: 0.031, float16: 0.0039): a rewrite that rounds
-    differently (folded BatchNorm) differs by about one epsilon there. NaN must meet NaN.
-    """
-    a = [x for x in torch.utils._pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
-    b = [x for x in torch.utils._pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
-    problem = f"{len(a)} outputs instead of {len(b)}" if len(a) != len(b) else None
-    for i, (x, y) in enumerate(zip(a, b)):
-        if problem is not None:
-            break
-        if x.shape != y.shape:
-            problem = f"output {i} has shape {tuple(x.shape)} instead of {tuple(y.shape)}"
-        elif x.is_floating_point() or y.is_floating_point():
-            low = min((t.dtype for t in (x, y) if t.is_floating_point()),
-                      key=lambda d: torch.finfo(d).bits)
-            tolerance = max(rtol, 4 * torch.finfo(low).eps)
-            x, y = x.detach().double(), y.detach().double()
-            if not torch.equal(x.isnan(), y.isnan()):
-                problem = f"output {i} has NaN where the original has none (or the reverse)"
-                continue
-            finite = ~y.isnan()
-            error = float((x - y)[finite].abs().max()) if bool(finite.any()) else 0.0
-            scale = float(y[finite].abs().max()) if bool(finite.any()) else 0.0
-            if error > tolerance * max(scale, 1e-6):
-                problem = (f"output {i} differs by up to {error:.3g} (the output's scale is "
-                           f"{scale:.3g}, tolerance {tolerance:.2g} of it)")
-        elif not torch.equal(x, y):
-            problem = f"output {i} (integer) differs"
+    tensors or nested structures of them) up to float round-off
+    (:func:`chop.ir.replay.output_difference`, whose tolerance is relative to each output's
+    scale)."""
+    problem = output_difference(got, expected, rtol=rtol)
     if problem is not None:
         raise InternalError(
             f"{what} does not reproduce the pruned graph's outputs: {problem}. This is a bug in "

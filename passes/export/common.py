@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 
 from chop.errors import InternalError
 from chop.ir.graph import Graph, droppable_guards
+from chop.ir.replay import WrittenBuffers
 from chop.kernels.csr import bind, csr_linear_forward
 from chop.kernels.timing import median_seconds
 from chop.pipeline.batches import call, check_same_outputs
@@ -60,7 +61,7 @@ def checked_export(
         return call(graph.module, inputs)
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
-        state = _State(graph.module)
+        state = WrittenBuffers(graph.module)
         start = time.perf_counter()
         sample = check_inputs(graph, inputs)
         try:
@@ -104,41 +105,6 @@ def checked_export(
 ROUND_OFF_MARGIN = 10.0  # how many times its own float32 round-off a rewrite may differ by
 
 
-class _State:
-    """The buffers a module's fx graph writes in place (an in-place op's written argument, or
-    a view of it, read from a buffer), copied now; :meth:`restore` puts them back, by name
-    (an export pass may replace a module's tensors, not these)."""
-
-    def __init__(self, module: GraphModule):
-        buffers = dict(module.named_buffers())
-        written = set()
-        for node in module.graph.nodes:
-            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-            if schema is None or not schema.is_mutable:
-                continue
-            for arg, value in zip(schema.arguments, node.args):
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    base = _viewed_base(value)
-                    if base is not None and base.op == "get_attr" and base.target in buffers:
-                        written.add(base.target)
-        self.module = module
-        self.saved = {name: buffers[name].clone() for name in sorted(written)}
-
-    def restore(self) -> None:
-        for name, value in self.saved.items():
-            self.module.get_buffer(name).copy_(value)
-
-
-def _viewed_base(value: Any) -> torch.fx.Node | None:
-    """The node ``value`` is a view of (following ops whose result aliases their first
-    argument, as ``slice`` and ``select``), or ``value`` itself; None if not a node."""
-    while isinstance(value, torch.fx.Node) and value.op == "call_function":
-        schema = getattr(value.target, "_schema", None)
-        if (schema is None or not schema.returns or schema.returns[0].alias_info is None
-                or not value.args):
-            break
-        value = value.args[0]
-    return value if isinstance(value, torch.fx.Node) else None
 
 
 def _largest_difference(got: Any, expected: Any) -> float | None:

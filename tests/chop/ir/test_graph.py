@@ -188,11 +188,14 @@ def test_lint_reports_inconsistent_metadata(cnn_graph):
 
 
 class Patterns(nn.Module):
-    """In-place dropout, BatchNorm, a torchvision-style stochastic depth on a residual branch and
-    a LayerDrop-style skipped layer, each optional."""
+    """In-place dropout, BatchNorm, a torchvision-style stochastic depth on a residual branch, a
+    LayerDrop-style skipped layer and a deterministic training-only branch, each optional; a
+    call counter in a buffer."""
 
-    def __init__(self, drop_path: float = 0.0, layerdrop: float = 0.0):
+    def __init__(self, drop_path: float = 0.0, layerdrop: float = 0.0, shift: bool = False):
         super().__init__()
+        self.shift = shift
+        self.register_buffer("calls", torch.zeros(()))
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.branch = nn.Conv2d(8, 8, 1)
@@ -203,7 +206,10 @@ class Patterns(nn.Module):
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
+        self.calls.add_(1)
         x = torch.relu(self.bn(self.conv(x)))
+        if self.shift and self.training:  # no mode argument switches it
+            x = x * 0.5 + 0.1
         x = x + self.drop_path(self.branch(x))
         if not (self.layerdrop and self.training and torch.rand([]) < self.layerdrop):  # LayerDrop
             x = x + self.extra(x)
@@ -223,15 +229,22 @@ def patterned(**options):
     ({}, True),  # in-place dropout only: switched by the mode argument
     ({"drop_path": 0.3}, False),  # stochastic depth: bernoulli_ in the train-mode graph
     ({"layerdrop": 0.3}, False),  # if training and rand() < p: the train-mode export fails
+    ({"shift": True}, False),  # if training: deterministic, found by running both in eval mode
 ])
 def test_eval_outputs_are_deterministic_and_equal_the_eager_models(options, traced_training, caplog):
     model = patterned(**options)
     x = torch.randn(4, 3, 6, 6)
+    state, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     with caplog.at_level("INFO", logger="chop"):
         graph = chop.trace(model, (x[:2],))
     assert graph.traced_training is traced_training
     said = [r.getMessage() for r in caplog.records if "traced in eval mode" in r.getMessage()]
     assert len(said) == (0 if traced_training else 1)
+    if options.get("shift"):
+        assert "an `if self.training:` branch" in said[0]
+    # tracing (and the eval-mode run it compares) leaves the model's state and the RNG alone
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
     graph.eval()
     model.eval()
     with torch.no_grad():
