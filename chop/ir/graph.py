@@ -944,6 +944,16 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
     if why is not None:
         log.info("%s: traced in eval mode because %s; BatchNorm and dropout still switch to "
                  "train mode, other training-only behaviour stays off", name, why)
+    if not graph.traced_training:
+        cumulative = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm
+                      ._BatchNorm) and m.momentum is None and m.track_running_stats]
+        if cumulative:  # a warning when the model came in train mode, to train the graph
+            log.log(logging.WARNING if was_training else logging.INFO,
+                    "%s: BatchNorm %s has momentum=None (a cumulative average), which an "
+                    "eval-mode export cannot update: when the graph trains, its running "
+                    "statistics stay as they are; give it a momentum (e.g. 0.1) for statistics "
+                    "that follow training", name, ", ".join(cumulative[:5])
+                    + (f", … ({len(cumulative) - 5} more)" if len(cumulative) > 5 else ""))
     for node in graph.module.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() == 0:

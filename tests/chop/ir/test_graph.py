@@ -722,3 +722,18 @@ def test_a_one_dimensional_input_is_called_unbatched_not_a_fixed_batch(caplog):
         caplog.text)
     assert "fixed batch size" not in caplog.text
     assert graph(torch.randn(16)).shape == (3,)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_cumulative_batch_norm_that_forces_an_eval_export_is_named(training, caplog):
+    """BatchNorm(momentum=None) does not export in train mode (its factor is 1 / a counter);
+    the eval-mode graph cannot update its statistics when it trains: said, as a warning when
+    the model came in train mode (to be trained), else as information."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None),
+                          nn.BatchNorm1d(4)).train(training)
+    with caplog.at_level("INFO", logger="chop"):
+        graph = chop.trace(model, (torch.randn(5, 3),))
+    assert not graph.traced_training
+    said = [r for r in caplog.records if "momentum=None" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == ("WARNING" if training else "INFO")
+    assert said[0].getMessage().startswith("Sequential: BatchNorm 1 has momentum=None")
