@@ -264,8 +264,11 @@ class Pruner:
                 self.schedule.last_pruning_step(step - 1) is None):
             if self.mode == "progressive" and self.sparsity > 0:  # nothing was pruned by then
                 self.sparsity = 0.0
-                self._adopt({name: torch.ones_like(mask) for name, mask in self.masks.items()},
-                            batch)
+                kept = {name: torch.ones_like(mask) for name, mask in self.masks.items()}
+                if self.sharded is not None:  # this rank's shards, which _keep takes as such
+                    self._keep(kept)
+                else:
+                    self._adopt(kept, batch)
             return
         self.sparsity = self.schedule.sparsity_at(step - 1)
         if masks is None and self.sharded is None:
