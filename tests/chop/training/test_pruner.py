@@ -106,13 +106,8 @@ def test_masks_read_at_a_step_stay_as_they_were(mlp, mlp_batches, read, tmp_path
     optimizer = torch.optim.SGD(mlp.parameters(), lr=0.5)
     held, copies = [], []
     for step in range(5):
-        x, y = mlp_batches[step % 3]
-        pruner.on_step_begin(step)
-        F.cross_entropy(mlp(x), y).backward()
-        pruner.on_before_optimizer_step()
-        optimizer.step()
-        pruner.on_after_optimizer_step()
-        optimizer.zero_grad()
+        train(pruner, mlp, mlp_batches, range(step, step + 1), optimizer=optimizer,
+              begin=step == 0)
         masks = pruner.masks if read == "masks" else pruner.prune(0.5 + 0.1 * step)
         held.append(masks)
         copies.append({k: v.clone() for k, v in masks.items()})
