@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from chop.cli.report import build_report
 from chop.cli.viz import layer_graph, render_fragment
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_nodes, mask_of
+
+log = logging.getLogger("chop")
 
 
 def save(graph: Graph, outdir: str | Path, inputs: Any, *, model: nn.Module | None = None,
@@ -60,6 +63,8 @@ def save(graph: Graph, outdir: str | Path, inputs: Any, *, model: nn.Module | No
 
         def extra(tmp: Path, state: dict, reshaped: bool, expected: Any) -> dict[str, Any]:
             why = write_folder(folder, state, reshaped, tmp / "hf", inputs, expected)
+            if why is not None:  # asked for (a transformers model), so said
+                log.warning("hf/ was not written: %s", why)
             return {"hf": {"written": why is None, **({"reason": why} if why else {})}}
 
     with Output(out, force=force, shown=Path(outdir)) as reserved:

@@ -72,6 +72,21 @@ def test_save_writes_a_transformers_model_folder(tmp_path):
         "input_ids"] == tokenizer("a cat")["input_ids"]
 
 
+def test_save_says_why_it_did_not_write_the_transformers_folder(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    model, tokenizer = zoo.hf_model("gpt2"), zoo.hf_tokenizer()
+    model.config.use_cache = False
+    inputs = dict(tokenizer(["the cat was good", "a dog is so bad"], padding=True,
+                            return_tensors="pt"))
+    graph = chop.trace(model, (), kwargs=inputs)
+    chop.run(graph, "magnitude, mask{granularity=channel, sparsity=0.5}, shrink")
+    with caplog.at_level("WARNING", logger="chop"):
+        report = chop.save(graph, tmp_path / "out", inputs, model=model)
+    assert report["hf"]["written"] is False and not (tmp_path / "out" / "hf").exists()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hf/ was not")]
+    assert said == [f"hf/ was not written: {report['hf']['reason']}"]
+
+
 def test_summary_is_the_table_and_a_picture(mlp, mlp_batches):
     graph = pruned(mlp, mlp_batches)
     summary = chop.summary(graph)
