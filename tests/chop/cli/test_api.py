@@ -53,14 +53,20 @@ def test_save_writes_what_the_cli_writes_and_leaves_the_graph(mlp, mlp_batches, 
     chop.save(graph, tmp_path / "out", mlp_batches[0][0], force=True)
 
 
-def test_save_writes_a_transformers_model_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def _gpt2(pipeline: str):
+    """A tiny GPT-2, its tokenizer, two padded sentences and its graph after ``pipeline``."""
     model, tokenizer = zoo.hf_model("gpt2"), zoo.hf_tokenizer()
     model.config.use_cache = False
     inputs = dict(tokenizer(["the cat was good", "a dog is so bad"], padding=True,
                             return_tensors="pt"))
     graph = chop.trace(model, (), kwargs=inputs)
-    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    chop.run(graph, pipeline)
+    return model, tokenizer, inputs, graph
+
+
+def test_save_writes_a_transformers_model_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer, inputs, graph = _gpt2("magnitude, mask{sparsity=0.5}")
     report = chop.save(graph, tmp_path / "out", inputs, model=model, tokenizer=tokenizer)
     assert report["hf"] == {"written": True}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf").eval()
@@ -74,12 +80,7 @@ def test_save_writes_a_transformers_model_folder(tmp_path):
 
 def test_save_says_why_it_did_not_write_the_transformers_folder(tmp_path, caplog):
     pytest.importorskip("transformers")
-    model, tokenizer = zoo.hf_model("gpt2"), zoo.hf_tokenizer()
-    model.config.use_cache = False
-    inputs = dict(tokenizer(["the cat was good", "a dog is so bad"], padding=True,
-                            return_tensors="pt"))
-    graph = chop.trace(model, (), kwargs=inputs)
-    chop.run(graph, "magnitude, mask{granularity=channel, sparsity=0.5}, shrink")
+    model, _, inputs, graph = _gpt2("magnitude, mask{granularity=channel, sparsity=0.5}, shrink")
     with caplog.at_level("WARNING", logger="chop"):
         report = chop.save(graph, tmp_path / "out", inputs, model=model)
     assert report["hf"]["written"] is False and not (tmp_path / "out" / "hf").exists()
