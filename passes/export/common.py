@@ -105,8 +105,6 @@ def checked_export(
 ROUND_OFF_MARGIN = 10.0  # how many times its own float32 round-off a rewrite may differ by
 
 
-
-
 def _largest_difference(got: Any, expected: Any) -> float | None:
     """max |got − expected| over the floating-point tensors of two outputs of the same
     structure (NaN where both have NaN ignored), or None when they are not alike."""
