@@ -151,4 +151,5 @@ class Binary(Computed):
         if len(varying) < len(dims):
             return walk.box(atoms, tuple(i for i, d in enumerate(dims) if d not in varying))
         walk.block(atoms, f"{node.name} ({node.target}): combines these channels with {a.name}, "
-                          "whose channels are not tracked (e.g. a model input)")
+                          "whose channels are not tracked (e.g. a model input, a constant or a "
+                          "reshaped buffer)")
