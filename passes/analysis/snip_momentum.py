@@ -25,6 +25,7 @@ beta = 1.0) decays the previous score instead of summing: ``snip-momentum{alpha=
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -76,7 +77,8 @@ class SnipMomentum(DataCriterion):
                                     over_ranks=self.data_parallel())
         else:
             weights = [graph.parameter(n) for n in nodes]
-            current = _grad_terms(weights, [w.grad for w in weights], [n.target for n in nodes])
+            current = _grad_terms(weights, [w.grad for w in weights],
+                                  lambda: [n.target for n in nodes])
             self.sum_over_ranks(current)
             torch._foreach_abs_(current)
         return self._momentum(current, [meta.entries(n).get("saliency") for n in nodes])
@@ -89,36 +91,41 @@ class SnipMomentum(DataCriterion):
         else:
             weights = [distributed.local(p) for p in params]
             grads = [distributed.local_grad(p) for p in params]
-            names = {}  # for the warning about weights without .grad (a walk of the module)
-            if any(g is None for g in grads):
-                names = {id(p): name for name, p in module.named_parameters()}
-            current = _grad_terms(weights, grads, [names.get(id(p), "?") for p in params])
+            current = _grad_terms(weights, grads, lambda: _names(module, params))
             torch._foreach_abs_(current)
         return self._momentum(current, previous)
 
     def _momentum(self, current: list[torch.Tensor], previous: list[torch.Tensor | None]
                   ) -> list[torch.Tensor]:
-        """alpha·previous + beta·current (beta·current where there is no previous score),
-        computed in place in ``current`` (this step's own fresh terms), with one multi-tensor op
-        for all weights: an accumulating criterion runs at every training step."""
-        if self.beta != 1.0:
-            torch._foreach_mul_(current, self.beta)
+        """alpha·previous + beta·current (beta·current where there is no previous score), with
+        as few multi-tensor ops as the constants allow: an accumulating criterion runs at every
+        training step, where each op's fixed cost shows. ``current`` holds this step's own fresh
+        terms and may be overwritten; ``previous`` (the stored scores) is left as it was."""
+        alpha, beta = self.alpha, self.beta
         if all(before is not None and before.dtype == now.dtype
                for now, before in zip(current, previous, strict=True)):  # every later step
-            torch._foreach_add_(current, previous, alpha=self.alpha)
+            if beta == 1.0:  # INC's constants
+                torch._foreach_add_(current, previous, alpha=alpha)
+                return current
+            if alpha == 1.0:  # the defaults: one fused op, new tensors
+                return torch._foreach_add(previous, current, alpha=beta)
+            torch._foreach_mul_(current, beta)
+            torch._foreach_add_(current, previous, alpha=alpha)
             return current
+        if beta != 1.0:
+            torch._foreach_mul_(current, beta)
         pairs = [(now, before.to(now.dtype)) for now, before in zip(current, previous, strict=True)
                  if before is not None]
         if pairs:
             torch._foreach_add_([now for now, _ in pairs], [before for _, before in pairs],
-                                alpha=self.alpha)
+                                alpha=alpha)
         return current
 
 
-def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None], names: list[str]
-                ) -> list[torch.Tensor]:
+def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None],
+                names: Callable[[], list[str]]) -> list[torch.Tensor]:
     """w ⊙ g for each weight (0 where it has no gradient, with a warning naming those, once
-    per set of names), refusing when none has one."""
+    per set of ``names()``), refusing when none has one."""
     if all(g is not None for g in grads):  # each weight has one (a training step's usual case)
         return torch._foreach_mul([w.detach() for w in weights], grads)
     if all(g is None for g in grads):
@@ -127,7 +134,7 @@ def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None], n
             "loss.backward() before scoring, or use source=data with data=... batches"
         )
     present = [i for i, g in enumerate(grads) if g is not None]
-    missing = tuple(name for name, g in zip(names, grads) if g is None)
+    missing = tuple(name for name, g in zip(names(), grads, strict=True) if g is None)
     if missing and missing not in _WARNED:
         _WARNED.add(missing)
         log.warning("snip-momentum{source=grad}: %d weight(s) have no .grad (frozen, or unused "
@@ -139,6 +146,12 @@ def _grad_terms(weights: list[torch.Tensor], grads: list[torch.Tensor | None], n
                                                     [grads[i] for i in present])))
     return [products[i] if i in products else torch.zeros_like(w.detach())
             for i, w in enumerate(weights)]
+
+
+def _names(module: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """The names of ``params`` in ``module`` ("?" for one it does not hold)."""
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    return [by_id.get(id(p), "?") for p in params]
 
 
 _WARNED: set[tuple[str, ...]] = set()  # names already warned about (a Pruner scores each step)

@@ -49,6 +49,27 @@ def test_source_grad_reads_the_training_loops_gradients(mlp, mlp_batches, salien
     assert graph.weight_node("layers.0.weight").meta["chop"]["mask"].sum() > 0
 
 
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.9), (0.9, 1.0), (0.5, 2.0)])
+def test_source_grad_accumulates_without_touching_the_stored_scores(mlp, mlp_batches,
+                                                                    saliency_of, alpha, beta):
+    """The defaults, INC's constants and neither: each takes its own multi-tensor path."""
+    graph = chop.trace(mlp, (mlp_batches[0][0],))
+    criterion = f"snip-momentum{{source=grad, alpha={alpha}, beta={beta}}}"
+    terms = []
+    for x, y in mlp_batches[:2]:
+        graph.module.zero_grad()
+        nn.functional.cross_entropy(graph.module(x), y).backward()
+        terms.append({name: (p.detach() * p.grad).abs() for name, p in mlp.named_parameters()})
+        chop.run(graph, criterion)
+        if len(terms) == 1:
+            first = saliency_of(graph)
+            kept = {name: value.clone() for name, value in first.items()}
+    for name, value in saliency_of(graph).items():
+        expected = alpha * beta * terms[0][name] + beta * terms[1][name]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-9)
+        assert torch.equal(first[name], kept[name])  # a step's scores are new tensors
+
+
 def test_source_grad_without_gradients_says_what_to_do(mlp, mlp_batches):
     graph = chop.trace(mlp, (mlp_batches[0][0],))
     with pytest.raises(chop.DataError, match=r"call loss.backward\(\) before scoring"):
