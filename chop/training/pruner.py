@@ -223,6 +223,8 @@ class Pruner:
         self._current: dict[str, torch.Tensor] | None = {}  # the eager path's masks, as last
         self._current_flat: torch.Tensor | None = None  # made (None: made from this, see masks)
         self._applied: list[tuple[nn.Parameter, torch.Tensor]] = []  # factor(_masks) by param
+        # (name, owner module's path, attribute, parameter) of each in _applied
+        self._owners: list[tuple[str, tuple[str, ...], str, nn.Parameter]] = []
         self._factors: dict[nn.Parameter, torch.Tensor] = {}  # the same, for mask_grad
         self._records: list[Any] = []  # the graph.history records of the last pruning step
         self._scored: list[Any] = []  # those of the last scoring
@@ -590,13 +592,14 @@ class Pruner:
         the masks (and the traced graph) do not reach, so the model would train dense."""
         if isinstance(self.model, Graph) or not self._applied:
             return
-        for name, (param, _) in zip(self._masks, self._applied):
-            owner, _, attr = name.rpartition(".")
-            try:
-                same = self.model.get_submodule(owner)._parameters.get(attr) is param
-            except AttributeError:  # the module is gone
-                same = False
-            if not same:
+        root = self.model
+        for name, path, attr, param in self._owners:
+            module = root
+            for part in path:  # the walk get_submodule makes, without its per-call costs
+                module = module._modules.get(part)
+                if module is None:  # the module is gone
+                    break
+            if module is None or module._parameters.get(attr) is not param:
                 raise DataError(
                     f"Pruner: the model's parameter {name} is not the one the Pruner masks: "
                     "the parameters were replaced (load_state_dict(assign=True), a conversion "
@@ -657,6 +660,9 @@ class Pruner:
                 factors = [part.view(f.shape) for part, f in zip(
                     self._copied.split([f.numel() for f in factors]), factors)]
             self._applied = list(zip(params, factors))
+            self._owners = [(name, tuple(owner.split(".")) if owner else (), attr, param)
+                            for name, param in zip(self._masks, params)
+                            for owner, _, attr in [name.rpartition(".")]]
             self._factors = dict(self._applied)
             self._factor_list = factors
             self._targets = None if any(map(distributed.is_dtensor, params)) else params

@@ -473,11 +473,12 @@ def test_eager_prune_without_scores_names_the_missing_saliency(mlp, mlp_batches)
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "snip"])  # eager path, graph path
-@pytest.mark.parametrize("replaced", ["model", "last layer", "last module"])
+@pytest.mark.parametrize("replaced", ["model", "last layer", "last module", "gone"])
 def test_replaced_parameters_are_refused_not_left_dense(mlp, mlp_batches, criterion, replaced):
     """load_state_dict(assign=True) (of the model or one of its modules) or a new module makes
     new parameters, which the masks did not reach: the model trained dense while the history
-    said 90%. Refused at the next step, pruning or not, and by prune()."""
+    said 90%. Refused at the next step, pruning or not, and by prune(); so is a masked layer
+    that left the model."""
     pruner = Pruner(mlp, 0.9, criterion=criterion, data=mlp_batches[:1],
                     example_inputs=mlp_batches[0][0])
     pruner.prune(0.5)
@@ -487,8 +488,10 @@ def test_replaced_parameters_are_refused_not_left_dense(mlp, mlp_batches, criter
         mlp.load_state_dict(saved, assign=True)
     elif replaced == "last layer":
         last.load_state_dict({k: v.clone() for k, v in last.state_dict().items()}, assign=True)
-    else:
+    elif replaced == "last module":
         mlp.layers[2] = torch.nn.Linear(last.in_features, last.out_features)
+    else:  # the masked layer is no longer in the model
+        mlp.layers = torch.nn.Sequential(*list(mlp.layers)[:2])
     name = "layers.0.weight" if replaced == "model" else "layers.2.weight"
     message = (rf"^Pruner: the model's parameter {name} is not the one the Pruner masks.*"
                r"resume\(step, masks=")
