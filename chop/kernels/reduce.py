@@ -14,9 +14,9 @@ def any_nonzero(t: torch.Tensor, dims: int | Sequence[int]) -> torch.Tensor:
     On CPU ``any`` is not vectorised and ``t != 0`` first writes a bool copy of ``t``; the
     largest and the smallest entry of a slice are both 0 exactly when every entry is, and
     ``amax``/``amin`` are vectorised reductions without a copy, several times faster. Empty
-    tensors, bool and complex ones take ``any``."""
+    tensors, bool, complex and float8 ones (no ``amax`` on CPU) take ``any``."""
     t = t.detach()
-    if t.numel() == 0 or t.dtype == torch.bool or t.is_complex():
+    if t.numel() == 0 or t.dtype == torch.bool or t.is_complex() or is_float8(t):
         return (t != 0).any(dims)
     return (t.amax(dims) != 0) | (t.amin(dims) != 0)
 
@@ -29,4 +29,11 @@ def has_nan(t: torch.Tensor) -> bool:
     6 ms against 38 ms)."""
     if t.numel() == 0 or not t.is_floating_point():
         return False
+    if is_float8(t):  # no amax for float8 on CPU
+        return bool(torch.isnan(t.detach()).any())
     return bool(t.detach().amax().isnan())
+
+
+def is_float8(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one of torch's one-byte floats, which ``amax``/``amin`` reject."""
+    return t.dtype.is_floating_point and t.dtype.itemsize == 1

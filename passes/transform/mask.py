@@ -47,7 +47,7 @@ from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_masks, select_weights
 from chop.kernels.csr import csr_linear
-from chop.kernels.reduce import has_nan
+from chop.kernels.reduce import has_nan, is_float8
 from chop.kernels.select import (
     NaNScoresError,
     Piece,
@@ -243,6 +243,8 @@ def mask_weights(
             )
         scores.append(score)
     nm, block = _NM.match(granularity), _BLOCK.match(granularity)
+    if nm or block:  # torch neither sorts nor sums one-byte floats; float32 holds them exactly
+        scores = [s.float() if is_float8(s) else s for s in scores]
     if granularity in ("channel", "head") or nm:  # the element path finds NaN as it selects
         for node, score in zip(nodes, scores):
             if has_nan(score):

@@ -585,18 +585,42 @@ def test_mask_after_sparse_is_refused(mlp, mlp_batches):
         chop.run(graph, "snip, mask{sparsity=0.95}", data=mlp_batches)
 
 
+PIPELINES = {"element": "mask{sparsity=0.5}", "2:4": "mask{granularity=2:4}",
+             "2x1": "mask{granularity=2x1, sparsity=0.5}",
+             "channel": "channel-groups, mask{granularity=channel, sparsity=0.5}"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e5m2])
 @pytest.mark.parametrize("granularity", ["element", "channel", "2:4"])
-def test_nan_scores_are_a_data_error_naming_the_layer(cnn_graph, granularity):
+def test_nan_scores_are_a_data_error_naming_the_layer(cnn_graph, granularity, dtype):
     """NaN saliency (a NaN in the data) was an InternalError ("a bug in chop") on the element
     path, and the channel and N:M paths built masks from NaN's place in a sort."""
     for node in cnn_graph.weight_nodes():
         weight = cnn_graph.parameter(node)
         meta.entries(node)["saliency"] = torch.rand(weight.shape)
     meta.entries(cnn_graph.weight_node("conv2.weight"))["saliency"][0, 0, 0, 0] = math.nan
-    pipeline = {"element": "mask{sparsity=0.5}", "2:4": "mask{granularity=2:4}",
-                "channel": "channel-groups, mask{granularity=channel, sparsity=0.5}"}[granularity]
+    for node in cnn_graph.weight_nodes():
+        meta.entries(node)["saliency"] = meta.entries(node)["saliency"].to(dtype)
     with pytest.raises(chop.DataError, match="the saliency of conv2.weight holds NaN"):
-        chop.run(cnn_graph, pipeline)
+        chop.run(cnn_graph, PIPELINES[granularity])
+
+
+@pytest.mark.parametrize("granularity", list(PIPELINES))
+def test_float8_scores_mask_as_the_float32_values_they_hold(cnn_graph, granularity):
+    """torch sorts, sums and takes amax of no one-byte float: such scores (from a criterion run
+    in float8) rank as their values upcast, exactly, where they failed as a bug in chop."""
+    got = {}
+    for dtype in (torch.float8_e4m3fn, torch.float32):
+        graph = cnn_graph.copy()
+        generator = torch.Generator().manual_seed(0)
+        for node in graph.weight_nodes():
+            score = torch.rand(graph.parameter(node).shape, generator=generator)
+            meta.entries(node)["saliency"] = score.to(torch.float8_e4m3fn).to(dtype)
+        chop.run(graph, PIPELINES[granularity])
+        got[dtype] = masks(graph)
+    assert got[torch.float32] and got[torch.float8_e4m3fn].keys() == got[torch.float32].keys()
+    for name, mask in got[torch.float32].items():
+        assert torch.equal(got[torch.float8_e4m3fn][name], mask), name
 
 
 class Transposed(nn.Module):
