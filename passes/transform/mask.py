@@ -488,7 +488,9 @@ class Mask(Pass):
                 "%d channels or fewer keeps them all; lower round_to (or leave it out)",
                 self.round_to, 100 * removed["params"] / removed["of"], asked, self.round_to,
                 self.round_to, self.round_to)
-        if not kept and report["unprunable"]:  # a structured mask with no unit it may remove
+        if not kept and report["unprunable"] and not removed.get("of"):
+            # a structured mask with no layer it may prune (a budget that removes nothing, as
+            # at sparsity 0, also leaves no mask: then "of" counts the prunable layers' weights)
             reasons = list(report["unprunable"].items())
             raise PassError(
                 f"mask{{granularity={self.granularity}}}: no weight of {graph.name} can be pruned "

@@ -340,6 +340,31 @@ def test_a_structured_mask_that_can_remove_nothing_says_why():
         chop.run(graph, "magnitude, mask{granularity=channel, sparsity=0.5}")
 
 
+class ResidualThenMLP(nn.Module):
+    """A layer whose output meets the model's input (its channels cannot go), then two that can
+    lose channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.res, self.l2, self.l3 = nn.Linear(10, 10), nn.Linear(10, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(x + self.res(x))))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.001])
+def test_a_structured_budget_that_removes_nothing_is_not_called_unprunable(sparsity):
+    """A budget under one channel removes nothing; that is not "no weight can be pruned" when a
+    selected layer cannot be, as a larger budget shows."""
+    graph = chop.trace(ResidualThenMLP(), (torch.randn(4, 10),))
+    chop.run(graph, f"magnitude, mask{{granularity=channel, sparsity={sparsity}}}")
+    info = graph.history[-1].info
+    assert info["kept"] == {} and list(info["unprunable"]) == ["res.weight"]
+    assert info["removed"] == {"params": 0, "of": 16 * 10 + 4 * 16, "units": 0}  # the weights
+    chop.run(graph, "mask{granularity=channel, sparsity=0.5}")
+    assert set(graph.history[-1].info["kept"]) == {"l2.weight", "l3.weight"}
+
+
 def sharded_layer_counts(rank, world, scores, splits, configs):
     """layer_counts over this rank's pieces of ``scores`` (row or column ranges, or copies),
     for each (sparsity, scope, bounds) of ``configs``; returns the masks and the boxes."""
