@@ -633,7 +633,8 @@ class Pruner:
         if masks.keys() == self._masks.keys() and all(
             mask.shape == self._masks[name].shape for name, mask in masks.items()
         ):  # the same parameters as at the last step: update the masks in place
-            torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
+            if masks:  # (none yet: resumed before the first pruning step took effect)
+                torch._foreach_copy_([self._masks[name] for name in masks], list(masks.values()))
         else:  # one flat buffer, each mask a view: read whole by a step's came-back check
             devices = {name: local(self.model.get_parameter(name)).device for name in masks}
             self._held = held = None if len(set(devices.values())) > 1 else torch.empty(

@@ -641,6 +641,35 @@ def test_a_resumed_run_prunes_as_the_run_that_never_stopped(mlp, mlp_batches, cr
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("criterion", ["snip", "magnitude"])  # graph path, eager path
+def test_resuming_with_the_masks_saved_before_any_pruning(mlp, mlp_batches, criterion):
+    """pruner.masks is {} until a step prunes (the schedule's first step, at sparsity 0, does
+    not); resume(step, masks={}) after it failed inside torch on the graph path (a multi-tensor
+    copy of no tensors)."""
+    import copy
+
+    def pruner(model):
+        return Pruner(model, 0.8, criterion=criterion, schedule="linear", start_step=1,
+                      end_step=7, frequency=3, data=mlp_batches[:1])
+
+    straight = copy.deepcopy(mlp)
+    whole = pruner(straight)
+    train(whole, straight, mlp_batches, 8, momentum=0.0)
+    stopped = copy.deepcopy(mlp)
+    first = pruner(stopped)
+    train(first, stopped, mlp_batches, 3, momentum=0.0)
+    assert first.masks == {}
+    restarted = copy.deepcopy(stopped)
+    second = pruner(restarted)
+    second.on_train_begin()
+    second.resume(3, masks=first.masks)
+    assert second.masks == {}
+    train(second, restarted, mlp_batches, range(3, 8), momentum=0.0, begin=False)
+    assert second.masks.keys() == whole.masks.keys()
+    for name, mask in whole.masks.items():
+        assert torch.equal(second.masks[name], mask), name
+
+
 @pytest.mark.parametrize("criterion", ["snip-momentum{source=grad}", "snip-momentum",
                                        "magnitude"])  # eager, graph (accumulating), eager
 @pytest.mark.parametrize("back_to", [1, 5])  # before start_step, after its first pruning
