@@ -93,7 +93,7 @@ from chop.kernels import distributed
 from chop.kernels.distributed import local
 from chop.kernels.select import numpy_compares, part_counts, split_flat, true_counts
 from chop.passes.analysis.criterion import Criterion
-from chop.passes.transform.iterative_snip import pruned_last
+from chop.passes.transform.iterative_snip import below_kept, pruned_last
 from chop.passes.transform.mask import Mask, ranked_masks, warn_emptied
 from chop.pipeline import registry
 from chop.pipeline.manager import as_passes, run
@@ -492,7 +492,7 @@ class Pruner:
         options, scores = self._selection, [self._scores[name] for name in names]
 
         def ranked(pruned_last: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-            ranks = ([torch.where(self._masks[n], s, -1.0) for n, s in zip(names, scores)]
+            ranks = ([below_kept(s, self._masks[n]) for n, s in zip(names, scores)]
                      if pruned_last else scores)  # as Pruner._select ranks
             return ranked_masks(names, ranks, sparsity, options.scope,
                                 min_sparsity=options.min_sparsity,

@@ -35,6 +35,7 @@ from chop.ir.masks import PRUNABLE_ROLES
 from chop.kernels import distributed
 from chop.kernels.select import mask_counts, whole_numel
 from chop.passes.analysis.criterion import Criterion
+from chop.passes.transform.iterative_snip import below_kept
 from chop.passes.transform.mask import Mask, layer_counts
 from chop.pipeline.batches import take
 from chop.pipeline.pass_base import Pass
@@ -139,7 +140,7 @@ class ShardedModel:
         for name, param in self.params.items():
             score = self.scores[name]
             if name in masks:
-                score = torch.where(masks[name], score, torch.full_like(score, -1.0))
+                score = below_kept(score, masks[name])
             pieces.append(distributed.piece(param, score, name))
         kept = layer_counts(
             pieces, sparsity, options.scope, min_sparsity=options.min_sparsity,

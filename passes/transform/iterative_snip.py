@@ -38,6 +38,7 @@ from chop.errors import OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.ir.masks import mask_nodes, mask_of, select_weights
+from chop.kernels.reduce import is_float8
 from chop.kernels.select import kept_count
 from chop.passes.analysis.snip import snip_saliency
 from chop.passes.transform.mask import Mask
@@ -50,18 +51,25 @@ def step_sparsity(sparsity: float, step: int, steps: int) -> float:
     return sparsity if step >= steps else 1.0 - (1.0 - sparsity) ** (step / steps)
 
 
+def below_kept(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``score`` with its masked-out entries (``mask`` False) at −∞, below every kept entry's
+    score, negative ones included (GraSP's are); float8 scores come back as float32, which
+    holds them exactly and has −∞."""
+    return torch.where(mask, score.float() if is_float8(score) else score, -torch.inf)
+
+
 @contextmanager
 def pruned_last(graph: Graph) -> Iterator[None]:
-    """While inside, the saliency of every masked-out weight reads −1 (below any real score,
-    which is ≥ 0), so a selection never prefers a pruned weight to a kept one; the true scores
-    are restored on exit."""
+    """While inside, the saliency of every masked-out weight reads −∞ (:func:`below_kept`), so
+    a selection never prefers a pruned weight to a kept one; the true scores are restored on
+    exit."""
     saved = []
     for node in graph.weight_nodes():
         entry = meta.entries(node)
         score, mask = entry.get("saliency"), entry.get("mask")
         if score is not None and mask is not None:
             saved.append((entry, score))
-            entry["saliency"] = torch.where(mask, score, -1.0)
+            entry["saliency"] = below_kept(score, mask)
     try:
         yield
     finally:

@@ -131,8 +131,10 @@ def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
     g = torch.Generator().manual_seed(5)
     drawn: dict[tuple[str, float], torch.Tensor] = {}  # the same draws for both runs
     # per step: scores of the masked weights (pruned ones 0, as magnitude's), stale scores
-    # (pruned ones may be high), or masked scores of 0 and 1 that tie at the threshold 0
-    kinds = {0.3: "masked", 0.5: "masked", 0.6: "stale", 0.7: "ties", 0.8: "masked"}
+    # (pruned ones may be high), masked scores of 0 and 1 that tie at the threshold 0, or
+    # masked negative scores (GraSP's can be), all below the pruned weights' 0
+    kinds = {0.3: "masked", 0.5: "masked", 0.6: "stale", 0.7: "ties", 0.75: "signed",
+             0.8: "masked"}
 
     def steps(always_rewrite: bool) -> tuple[list[dict[str, torch.Tensor]], int]:
         graph = chop.trace(mlp, (mlp_batches[0][0],))
@@ -157,7 +159,8 @@ def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
                     key = (node.target, sparsity)
                     if key not in drawn:
                         drawn[key] = torch.rand(graph.parameter(node).shape, generator=g)
-                    score = drawn[key].round() if kind == "ties" else drawn[key]
+                    score = {"ties": drawn[key].round(),
+                             "signed": drawn[key] - 2.0}.get(kind, drawn[key])
                     mask = meta.entries(node).get("mask")
                     if kind != "stale" and mask is not None:
                         score = score * mask
@@ -172,8 +175,8 @@ def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for earlier, later in zip(plain, plain[1:]):  # nothing pruned came back
         assert all(not (later[k] & ~earlier[k]).any() for k in later)
-    # the first step (nothing pruned yet), the stale and the tied step rewrite
-    assert rewrites == (5 if "max_sparsity" in options else 3)
+    # the first step (nothing pruned yet), the stale, the tied and the signed step rewrite
+    assert rewrites == (6 if "max_sparsity" in options else 4)
 
 
 def test_a_discarded_plain_ranking_does_not_warn_twice(mlp, mlp_batches, caplog):
@@ -384,11 +387,11 @@ def test_eager_steps_rank_pruned_weights_last(mlp, mlp_batches, options):
     g = torch.Generator().manual_seed(5)
     previous = None
     for sparsity, kind in {0.3: "masked", 0.5: "masked", 0.6: "stale", 0.7: "ties",
-                           0.8: "masked"}.items():
+                           0.75: "signed", 0.8: "masked"}.items():
         scores = {}
         for name in names:
             score = torch.rand(mlp.get_parameter(name).shape, generator=g)
-            score = score.round() if kind == "ties" else score
+            score = {"ties": score.round(), "signed": score - 2.0}.get(kind, score)
             if kind != "stale" and previous is not None:
                 score = score * previous[name]
             scores[name] = score
