@@ -53,6 +53,9 @@ class Schedule:
             object.__setattr__(self, key, int(value))
         for key in ("target", "initial"):
             value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise OptionError(f"schedule: {key} sparsity {value!r} is not a number; give "
+                                  "one in [0, 1), e.g. 0.9")
             if not 0.0 <= value < 1.0:
                 raise OptionError(
                     f"schedule: {key} sparsity {value} is out of range; it must be in [0, 1)"

@@ -7,8 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from chop.errors import OptionError
+from chop.training.pruner import Pruner
 from chop.training.schedule import CURVES, Schedule
 
 FORMULAS = {  # the curves, written independently of chop.training.schedule
@@ -77,6 +79,8 @@ def test_start_equal_to_end_prunes_once_to_the_target():
     ({"start_step": True}, r"start_step=True must be a whole number of steps"),
     ({"initial": 0.99}, r"initial sparsity 0.99 is above the target 0.9"),
     ({"initial": -0.1}, r"initial sparsity -0.1 is out of range; it must be in \[0, 1\)"),
+    ({"initial": None}, r"initial sparsity None is not a number; give one in \[0, 1\)"),
+    ({"initial": "0.1"}, r"initial sparsity '0.1' is not a number"),
 ])
 def test_schedule_rejects_bad_settings(kwargs, message):
     with pytest.raises(OptionError, match=r"^schedule: " + message):
@@ -87,6 +91,13 @@ def test_schedule_rejects_bad_settings(kwargs, message):
 def test_target_must_be_in_range(target):
     with pytest.raises(OptionError, match=r"target sparsity .* is out of range"):
         Schedule(target)
+
+
+def test_a_pruner_without_a_target_says_so():
+    """Pruner(model, None) passed mask's check (its sparsity may be None) and failed comparing
+    None in the schedule, a TypeError."""
+    with pytest.raises(OptionError, match=r"^schedule: target sparsity None is not a number"):
+        Pruner(torch.nn.Linear(4, 4), None)
 
 
 def test_numpy_integers_are_steps():
