@@ -13,7 +13,8 @@ from a conv/linear whose weight and bias are parameters of their own (shared wei
 folded; nor are transposed convolutions), and a warning names the first few.
 
 Masks still in the graph are folded first (as ``fold`` does): folding scales whole rows, so the
-pruned entries stay zero and the ``mask`` metadata stays true; the other analyses (saliency,
+pruned entries of a weight stay zero and its ``mask`` metadata stays true; a pruned bias entry
+becomes ``−μ·γ/σ + β``, so a folded bias loses its mask. The other analyses (saliency,
 channel groups, collapse) describe the graph before folding and are dropped. The folded graph
 computes what the graph computed in eval mode (checked on the first samples of the first batch, given data).
 
@@ -146,6 +147,7 @@ def _fold(graph: Graph, bn: Node, producer: Node) -> None:
     g = graph.module.graph
     if bias_node is not None:
         graph.replace_parameter(bias_node.target, bias)
+        meta.entries(bias_node).pop("mask", None)  # (b − μ)·γ/σ + β: nonzero where b was pruned
     else:
         target = add_tensor(graph, weight_node.target, "bias", torch.nn.Parameter(
             bias, requires_grad=weight.requires_grad), parameter=True)

@@ -181,9 +181,13 @@ def test_batch_norms_that_cannot_fold_are_reported_and_kept(caplog):
 
 
 def test_masks_are_folded_first_and_stay_true(cnn, cnn_batches):
+    """A weight's mask stays true (its rows are scaled); a folded bias's does not ((b − μ)·γ/σ
+    + β is nonzero where b was pruned), so it is dropped: its mask said pruned, its values
+    were not zero."""
     randomise_statistics(cnn)
     graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
-    chop.run(graph, "magnitude, mask{sparsity=0.7}")
+    chop.run(graph, "magnitude, mask{sparsity=0.7, biases=true}")
+    assert {"conv1.bias", "conv2.bias"} <= set(graph.history[-1].info["kept"])
     graph.eval()
     x = cnn_batches[1][0]
     with torch.no_grad():
@@ -195,6 +199,9 @@ def test_masks_are_folded_first_and_stay_true(cnn, cnn_batches):
         mask = node.meta["chop"]["mask"]  # preserved: the pruned entries are still zero
         assert "saliency" not in node.meta["chop"]  # dropped: it described the unfolded weights
         assert not graph.parameter(name)[~mask].any() and graph.parameter(name)[mask].all()
+    for name in ("conv1.bias", "conv2.bias"):
+        assert "mask" not in graph.weight_node(name).meta["chop"]
+        assert graph.parameter(name).all()
     with torch.no_grad():
         torch.testing.assert_close(graph(x), masked)
 
