@@ -48,6 +48,7 @@ from chop.cli.spine import Hooks, Loaded, Result
 from chop.errors import CheckpointError, ConfigError, DataError
 from chop.ir.graph import Graph
 from chop.ir.masks import insert_mask, is_mask_of, restore_masks
+from chop.passes.export.channels_last import to_channels_last
 from chop.passes.export.sparse import csr_weights
 from chop.passes.transform.iterative_snip import IterativeSnip
 from chop.passes.transform.mask import Mask
@@ -286,4 +287,7 @@ def _masked_graph(folder: Path, loaded: Loaded, config: Config, inputs: Any
                 "chop transform to write the OUTDIR again")
         insert_mask(graph, graph.weight_node(name), mask.to(torch.bool))
     graph.recompile()
+    if "channels-last" in loaded.info.get("pipeline", ()):
+        # [model] and hf/ build the weights row-major: give them the OUTDIR's layout back
+        to_channels_last(graph)
     return graph, keys

@@ -1168,6 +1168,29 @@ def test_outputs_get_the_modes_of_files_made_as_usual(project: Path, capfd) -> N
     assert modes and set(modes.values()) == {0o644}, modes
 
 
+def test_train_keeps_a_channels_last_outdirs_layout(project: Path) -> None:
+    """[model] builds the weights row-major (safetensors keeps no strides): the trained model
+    lost the layout that the OUTDIR's report still listed."""
+    (project / "widenet.py").write_text(MODEL_PY.replace(
+        "nn.Conv2d(1, width, 3, padding=1)",
+        "nn.Sequential(nn.Conv2d(1, 3, 1), nn.Conv2d(3, width, 3, padding=1))"))
+    namespace: dict = {}
+    exec(compile((project / "widenet.py").read_text(), "widenet.py", "exec"), namespace)
+    torch.save(namespace["Tiny"]().state_dict(), project / "wide.ckpt")
+    config = write_config(project, '["snip", "mask", "channels-last"]', name="cl.toml",
+                          extra="\n[train]\nepochs = 1\n")
+    config.write_text(config.read_text().replace("tinynet:Tiny", "widenet:Tiny"))
+    out = project / "out"
+    assert main(["transform", "--config", str(config), str(project / "wide.ckpt"),
+                 "-o", str(out), "--quiet"]) == 0
+    assert main(["train", "--config", str(config), str(out), "-o", str(project / "t"),
+                 "--quiet"]) == 0
+    for folder in (out, project / "t"):
+        weight = torch.export.load(folder / "model.pt2").state_dict["conv.1.weight"]
+        assert weight.is_contiguous(memory_format=torch.channels_last), folder
+        assert not weight.is_contiguous(), folder
+
+
 def test_train_refuses_a_fold_bn_outdir(project: Path, capfd) -> None:
     config = write_config(project, '["snip", "mask", "fold-bn"]', name="folded.toml")
     out = project / "out"
