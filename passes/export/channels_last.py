@@ -21,31 +21,72 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
+from torch.fx import Node
+
 from chop.ir import meta
 from chop.ir.graph import CHANNELS_LAST, Graph, strides_of
+from chop.ir.masks import mask_of
 from chop.passes.export.common import checked_export
 from chop.pipeline.pass_base import Context, Pass, PassResult, option
 
+aten = torch.ops.aten
 log = logging.getLogger("chop")
+_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+          aten.conv2d.padding, aten.conv1d.padding, aten.conv3d.padding,
+          aten.convolution.default, aten.conv_transpose1d.default,
+          aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+_VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
 def to_channels_last(graph: Graph) -> list[str]:
-    """Store every conv weight of ``graph`` channels-last; returns the names converted (those
-    already channels-last are left alone).
+    """Store every conv weight of ``graph`` that only convolutions read channels-last; returns
+    the names converted (those already channels-last are left alone).
 
     A weight counts as channels-last when its strides are the ones ``torch.channels_last``
-    gives its shape (:func:`~chop.ir.graph.strides_of`). Passes that replace such a weight
-    later keep its layout (:meth:`~chop.ir.graph.Graph.replace_parameter`)."""
-    converted = []
+    gives its shape (:func:`~chop.ir.graph.strides_of`). A weight some other op reads too (a
+    ``view`` of it, as a weight norm makes) stays as it is. The convolutions' results then come
+    out channels-last, where a ``view`` cannot flatten them (a decomposed ``nn.Flatten``): each
+    ``aten.view`` after a converted convolution becomes ``aten.reshape``, the same view
+    wherever one exists, a copy where the layout has none (export graphs are functional, so
+    no later in-place op can tell). Passes that replace such a weight later keep its layout
+    (:meth:`~chop.ir.graph.Graph.replace_parameter`)."""
+    converted, convs = [], []
     for node in graph.weight_nodes():
         weight = graph.parameter(node)
         layout = CHANNELS_LAST.get(weight.dim())
-        if meta.entries(node).get("role") != "conv" or layout is None:
+        readers = _readers(node)
+        if (meta.entries(node).get("role") != "conv" or layout is None
+                or not all(r.target in _CONVS for r in readers)):
             continue
+        convs += readers
         if weight.stride() != strides_of(weight.shape, layout):
             graph.replace_parameter(node.target, weight.detach().clone(memory_format=layout))
             converted.append(node.target)
+    views = [n for n in _after(convs) if n.target in _VIEWS]
+    for view in views:
+        view.target = aten.reshape.default
+    if views:
+        graph.recompile()
     return converted
+
+
+def _readers(weight: Node) -> list[Node]:
+    """The ops that read ``weight``, through its mask ``mul``."""
+    return [r for u in weight.users for r in (u.users if mask_of(u) else [u])]
+
+
+def _after(nodes: list[Node]) -> list[Node]:
+    """Every node that reads the result of one of ``nodes``, directly or not, in graph order."""
+    seen, todo = set(nodes), list(nodes)
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    if not nodes:
+        return []
+    return [n for n in nodes[0].graph.nodes if n in seen and n not in nodes]
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,42 @@ def test_a_graph_without_convs_is_told_so_and_not_blamed_on_masks(mlp, mlp_batch
     assert [m for m in caplog.messages if "changed nothing" in m] == [
         f"channels-last changed nothing: {graph.name} has no conv weight (it only changes the "
         "layout of convolutions); leave it out of the pipeline"]
+
+
+class WeightNorm(nn.Module):
+    """A conv whose weight another op reads too, through a view (a per-filter norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        norms = self.c.weight.view(8, -1).norm(dim=1)
+        return self.c(x).mean((2, 3)) / norms + self.d(x).mean((2, 3))
+
+
+def test_a_weight_another_op_views_keeps_its_layout():
+    """Restrided, the weight's view failed at run time (without data) or as a bug in chop."""
+    x = torch.randn(2, 3, 6, 6)
+    model = WeightNorm().eval()
+    graph = chop.run(chop.trace(model, (x,)), "channels-last", data=[(x, torch.tensor([0, 1]))])
+    assert graph.history[-1].info["converted"] == ["d.weight"]
+    assert graph.parameter("c.weight").is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(graph.eval()(x), model(x))
+
+
+def test_views_of_channels_last_results_become_reshapes():
+    """A decomposed program spells nn.Flatten as aten.view, which cannot flatten the
+    channels-last result the converted conv returns: the graph failed after the pass."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model.eval(), (x,)).run_decompositions()
+    graph = chop.Graph(program.module(), training=False)
+    views = [n for n in graph.module.graph.nodes if n.target is torch.ops.aten.view.default]
+    assert views  # (else this tests nothing)
+    chop.run(graph, "channels-last")  # no data: nothing would have caught it
+    assert graph.history[-1].info["converted"] == ["0.weight"]
+    assert not [n for n in graph.module.graph.nodes if n.target is torch.ops.aten.view.default]
+    with torch.no_grad():
+        torch.testing.assert_close(graph.module(x), model(x))
