@@ -97,7 +97,7 @@ from chop.passes.transform.iterative_snip import below_kept, pruned_last
 from chop.passes.transform.mask import Mask, ranked_masks, warn_emptied
 from chop.pipeline import registry
 from chop.pipeline.manager import as_passes, run
-from chop.pipeline.pass_base import Pass
+from chop.pipeline.pass_base import Context, Pass
 from chop.training.schedule import Curve, Schedule
 from chop.training.sharded import ShardedModel, is_sharded
 
@@ -336,11 +336,11 @@ class Pruner:
             self.sharded.score(self.criterion, self._data(batch), self.loss)
             return
         weights = self._eager_weights(batch)
-        if weights is not None:
-            scores = self.criterion.score_module(
-                self.model, list(weights.values()), self._data(batch), self.loss,
-                [self._scores.get(name) for name in weights])
-            self._scores = dict(zip(weights, scores))
+        if weights is not None:  # its criteria read no data: score_module's setup is not needed
+            scores = self.criterion.module_scores(
+                self.model, self._eager_params, self._no_data,
+                list(self._scores.values()) if self._scores else [None] * len(weights))
+            self._scores = dict(zip(weights, scores))  # (in the order of weights)
             return
         graph = self._graph(batch)
         first = len(graph.history)
@@ -478,6 +478,8 @@ class Pruner:
         if not self._graph_path:
             nodes = self._selection.selected(self._graph(batch))
             self._eager = {n.target: self.model.get_parameter(n.target) for n in nodes}
+            self._eager_params = list(self._eager.values())
+            self._no_data = Context(loss=self.loss)
         return self._eager
 
     def _prune_eager(self, sparsity: float, batch: Any, score: bool) -> None:
