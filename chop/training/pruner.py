@@ -205,6 +205,11 @@ class Pruner:
         if score_every_step is None:
             score_every_step = self.criterion is not None and self.criterion.accumulates
         self.score_every_step = score_every_step
+        if data is not None and iter(data) is data:  # a generator: read once, then empty
+            raise OptionError(
+                f"Pruner: data= is a one-pass iterator ({type(data).__name__}), which the "
+                "first trace or scoring would use up; pass batches it can read at every "
+                "scoring: a list of (inputs, targets) or a DataLoader")
         self.data, self.loss, self.example_inputs = data, loss, example_inputs
         self.model = model
         self.graph: Graph | None = model if isinstance(model, Graph) else None

@@ -465,6 +465,16 @@ def test_prune_refuses_a_sparsity_out_of_range_before_scoring(mlp, mlp_batches, 
     assert all(torch.count_nonzero(p) == p.numel() for p in mlp.parameters())
 
 
+def test_one_pass_data_is_refused_up_front(mlp, mlp_batches):
+    """A generator lost its first batch to the trace, then scoring said "snip asked for 2
+    batches but data gave 1" of the 2 the user gave."""
+    with pytest.raises(OptionError, match=r"^Pruner: data= is a one-pass iterator \(generator\)"
+                                          r".*a list of \(inputs, targets\) or a DataLoader"):
+        Pruner(mlp, 0.9, criterion="snip{batches=2}", data=(b for b in mlp_batches[:2]))
+    pruner = Pruner(mlp, 0.9, criterion="snip{batches=2}", data=mlp_batches[:2])
+    assert sum(int(m.sum()) for m in pruner.prune(0.5).values()) == kept(1664, 0.5)
+
+
 def test_eager_prune_without_scores_names_the_missing_saliency(mlp, mlp_batches):
     from chop.errors import MissingMetadataError
 
