@@ -102,8 +102,12 @@ class ChannelsLast(Pass):
         converted, info = checked_export(graph, ctx, lambda: to_channels_last(graph), self.timing,
                                          "channels-last")
         info["converted"] = converted
-        if not converted and not any(meta.entries(n).get("role") == "conv"
-                                     for n in graph.weight_nodes()):
+        convs = [n for n in graph.weight_nodes() if meta.entries(n).get("role") == "conv"]
+        if not converted and not convs:
             log.warning("channels-last changed nothing: %s has no conv weight (it only changes "
                         "the layout of convolutions); leave it out of the pipeline", graph.name)
+        elif not converted and all(graph.parameter(n).dim() not in CHANNELS_LAST for n in convs):
+            log.warning("channels-last changed nothing: the convolutions of %s are 1-D, for which "
+                        "torch has no channels-last layout; leave it out of the pipeline",
+                        graph.name)
         return PassResult(modified=bool(converted), info=info)

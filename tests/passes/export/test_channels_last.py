@@ -143,6 +143,16 @@ def test_a_graph_without_convs_is_told_so_and_not_blamed_on_masks(mlp, mlp_batch
         "layout of convolutions); leave it out of the pipeline"]
 
 
+def test_a_graph_of_1d_convolutions_is_told_so(caplog):
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.Conv1d(4, 2, 1))
+    graph = chop.trace(model, (torch.randn(2, 3, 8),))
+    with caplog.at_level("WARNING", logger="chop"):
+        chop.run(graph, "channels-last")
+    assert [m for m in caplog.messages if "changed nothing" in m] == [
+        f"channels-last changed nothing: the convolutions of {graph.name} are 1-D, for which "
+        "torch has no channels-last layout; leave it out of the pipeline"]
+
+
 class WeightNorm(nn.Module):
     """A conv whose weight another op reads too, through a view (a per-filter norm)."""
 
