@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule, Node
@@ -994,26 +995,38 @@ def _graph_of(program: Any, name: str, training: bool, traced_training: bool) ->
 def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) -> str | None:
     """How the train-mode ``graph`` in eval mode fails to reproduce ``model`` in eval mode on
     the example inputs (:func:`~chop.ir.replay.output_difference`), or None; None also when
-    either cannot run them. Both run from the same random seed, in a forked random state, and
-    the buffers their forwards write are put back, so the model is left as it was."""
+    either cannot run them. Both run from the same random seed, in a forked random state, each
+    on its own copy of the inputs, and the tensors their forwards write are put back, so the
+    model and the inputs are left as they were (Python attributes a forward sets are not).
+    The eager forward runs without the fast path of torch's Transformer layers, which under
+    ``no_grad`` in eval mode computes padded positions differently from the layers' code that
+    the export captured."""
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model_state = WrittenBuffers(graph.module, model)
         graph_state = WrittenBuffers(graph.module)
         with torch.no_grad(), torch.random.fork_rng():
+            torch.backends.mha.set_fastpath_enabled(False)
             model.eval()
             torch.manual_seed(0)
-            expected = model(*args, **kwargs)
+            expected = model(*_copied(args), **_copied(kwargs))
             model_state.restore()
             with graph.mode(batch_norm=False, dropout=False):
                 torch.manual_seed(0)
-                got = graph.module(*args, **kwargs)
+                got = graph.module(*_copied(args), **_copied(kwargs))
             graph_state.restore()
+        return output_difference(got, expected)
     except Exception:  # noqa: BLE001 - a model that cannot run the example inputs: no verdict
         return None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
-    return output_difference(got, expected)
+
+
+def _copied(inputs: Any) -> Any:
+    """``inputs`` with each tensor replaced by a copy (a forward may write its inputs)."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
 
 
 def _fixed(size: Any) -> bool:

@@ -9,44 +9,77 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 
 class WrittenBuffers:
-    """The buffers ``graph_module``'s fx graph writes in place (an in-place op's written
-    argument, or a view of it, read from a buffer), copied now from ``module`` (default: the
-    graph module itself; any module with buffers of the same names, as the model a graph was
-    traced from); :meth:`restore` puts them back, by name (a rewrite may have replaced the
+    """The buffers and parameters ``graph_module``'s fx graph writes in place (an in-place op's
+    written argument, or a view of it, read from one), in the graph itself or in the graph of a
+    higher-order op's submodule (a ``torch.no_grad()`` or ``torch.autocast`` block: an EMA
+    update, a weight clamp, a power iteration's vector), copied now from ``module`` (default:
+    the graph module itself; any module with tensors of the same names, as the model a graph
+    was traced from); :meth:`restore` puts them back, by name (a rewrite may have replaced the
     module's other tensors, not these)."""
 
     def __init__(self, graph_module: GraphModule, module: nn.Module | None = None):
-        buffers = dict(graph_module.named_buffers())
-        written = set()
-        for node in graph_module.graph.nodes:
-            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-            if schema is None or not schema.is_mutable:
-                continue
-            for arg, value in zip(schema.arguments, node.args):
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    base = _viewed_base(value)
-                    if base is not None and base.op == "get_attr" and base.target in buffers:
-                        written.add(base.target)
+        state = {name for name, _ in graph_module.named_buffers()}
+        state |= {name for name, _ in graph_module.named_parameters()}
+        written = {base.target for base in _written(graph_module, graph_module.graph)
+                   if base.op == "get_attr" and base.target in state}
         self.names = sorted(written)
         self.module = graph_module if module is None else module
-        self.saved = {name: self.module.get_buffer(name).clone() for name in self.names}
+        self.saved = {name: _state(self.module, name).detach().clone() for name in self.names}
 
     def restore(self, module: nn.Module | None = None) -> None:
-        """Put the saved values back into ``module``'s buffers of those names (default: the
+        """Put the saved values back into ``module``'s tensors of those names (default: the
         module they were saved from)."""
         module = self.module if module is None else module
         with torch.no_grad():
             for name, value in self.saved.items():
-                module.get_buffer(name).copy_(value)
+                _state(module, name).copy_(value)
+
+
+def _state(module: nn.Module, name: str) -> torch.Tensor:
+    """``module``'s parameter or buffer ``name`` (a dotted path)."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+def _written(owner: nn.Module, graph: Graph) -> Iterator[Node]:
+    """The nodes of ``graph`` (a graph of ``owner``) whose tensors its ops write in place,
+    following writes inside the submodules of higher-order ops back to their operands."""
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and not isinstance(node.target, torch._ops.HigherOrderOperator):
+            if schema.is_mutable:
+                for i, arg in enumerate(schema.arguments):
+                    if arg.alias_info is not None and arg.alias_info.is_write:
+                        base = _viewed_base(node.args[i] if i < len(node.args)
+                                            else node.kwargs.get(arg.name))  # out=...
+                        if base is not None:
+                            yield base
+            continue
+        subs = [i for i, a in enumerate(node.args) if isinstance(a, Node) and a.op == "get_attr"
+                and isinstance(getattr(owner, a.target, None), GraphModule)]
+        if not subs:
+            continue
+        operands = pytree.tree_leaves(list(node.args[subs[-1] + 1:]))
+        for i in subs:
+            sub = getattr(owner, node.args[i].target)
+            inputs = sub.graph.find_nodes(op="placeholder")
+            for base in _written(sub, sub.graph):
+                at = inputs.index(base) if base in inputs else len(operands)
+                outer = _viewed_base(operands[at]) if at < len(operands) else None
+                if outer is not None:
+                    yield outer
 
 
 def _viewed_base(value: Any) -> Node | None:
@@ -69,12 +102,19 @@ def output_difference(got: Any, expected: Any, *, rtol: float = 1e-4) -> str | N
     float32 round-off (an element-wise ``atol`` did, on ResNet-50), while a real difference of
     even one in ten thousand of the output's range does. In half precision the tolerance is
     four of the dtype's epsilon (bfloat16: 0.031, float16: 0.0039): a rewrite that rounds
-    differently (folded BatchNorm) differs by about one epsilon there. NaN must meet NaN.
+    differently (folded BatchNorm) differs by about one epsilon there. NaN must meet NaN, and an
+    infinity the same infinity. Outputs that are not tensors (a flag, a constant) must be equal.
     """
-    a = [x for x in pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
-    b = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    leaves_got, leaves_expected = pytree.tree_leaves(got), pytree.tree_leaves(expected)
+    a = [x for x in leaves_got if isinstance(x, torch.Tensor)]
+    b = [x for x in leaves_expected if isinstance(x, torch.Tensor)]
     if len(a) != len(b):
         return f"{len(a)} outputs instead of {len(b)}"
+    others = [x for x in leaves_got if not isinstance(x, torch.Tensor)]
+    for x, y in zip(others, [y for y in leaves_expected if not isinstance(y, torch.Tensor)]):
+        if type(x) is not type(y) or (isinstance(x, (bool, int, float, str, type(None)))
+                                      and x != y and not (x != x and y != y)):
+            return f"an output that is not a tensor is {x!r} instead of {y!r}"
     for i, (x, y) in enumerate(zip(a, b)):
         if x.shape != y.shape:
             return f"output {i} has shape {tuple(x.shape)} instead of {tuple(y.shape)}"
@@ -85,7 +125,10 @@ def output_difference(got: Any, expected: Any, *, rtol: float = 1e-4) -> str | N
             x, y = x.detach().double(), y.detach().double()
             if not torch.equal(x.isnan(), y.isnan()):
                 return f"output {i} has NaN where the original has none (or the reverse)"
-            finite = ~y.isnan()
+            infinite = y.isinf()
+            if not torch.equal(x.isinf(), infinite) or not torch.equal(x[infinite], y[infinite]):
+                return f"output {i} has an infinity where the original has none (or the reverse)"
+            finite = y.isfinite()
             error = float((x - y)[finite].abs().max()) if bool(finite.any()) else 0.0
             scale = float(y[finite].abs().max()) if bool(finite.any()) else 0.0
             if error > tolerance * max(scale, 1e-6):

@@ -254,6 +254,114 @@ def test_eval_outputs_are_deterministic_and_equal_the_eager_models(options, trac
         torch.testing.assert_close(graph.copy()(x), expected, rtol=0, atol=0)  # a copy too
 
 
+class WritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.mul_(2))
+
+
+class QuietWrites(nn.Module):
+    """An EMA under no_grad, a counter under autocast, a weight clamp (WGAN's) under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("ema", torch.zeros(4))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(x.mean(0), alpha=0.1)
+            self.fc.weight.clamp_(-0.1, 0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.fc(x)
+            self.calls.add_(1)
+        return y.float() + self.calls
+
+
+class PaddedEncoder(nn.Module):
+    """torch's encoder takes its fast path in eval mode under no_grad, where padded positions
+    come out differently from the layers' code the export captures."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, x, pad):
+        return self.enc(x, src_key_padding_mask=pad)
+
+
+class TrainingOnly(nn.Module):
+    """Training-only behaviour hidden from the tensor comparison: behind a -inf logit, or in
+    an output that is not a tensor."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.fc = kind, nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.kind == "inf":
+            y = torch.cat([y * (10.0 if self.training else 1.0), torch.full_like(y[:, :1],
+                                                                             -torch.inf)], 1)
+            return y
+        return {"logits": y, "aux_weight": 0.4 if self.training else 0.0}
+
+
+def _padded():
+    x, pad = torch.randn(3, 6, 16), torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    return x, pad
+
+
+@pytest.mark.parametrize(("build", "inputs", "traced_training"), [
+    (WritesItsInput, lambda: (torch.ones(2, 4),), True),
+    (QuietWrites, lambda: (torch.randn(2, 4) * 10,), True),
+    (PaddedEncoder, _padded, True),
+    (lambda: TrainingOnly("inf"), lambda: (torch.randn(2, 4),), False),
+    (lambda: TrainingOnly("constant"), lambda: (torch.randn(2, 4),), False),
+], ids=["input written", "writes under no_grad and autocast", "encoder fast path",
+        "-inf output", "constant output"])
+def test_the_eval_check_leaves_model_and_inputs_alone_and_sees_every_output(
+        build, inputs, traced_training):
+    """What the eval-mode comparison of chop.trace missed: writes to the inputs (done twice,
+    then taken for training-only code), writes inside no_grad/autocast blocks and to
+    parameters (left in the model), the encoder's fast path (a false difference), differences
+    behind an infinity or in a non-tensor output (missed)."""
+    torch.manual_seed(0)
+    model = build()
+    args = inputs()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    given = [a.clone() for a in args]
+    graph = chop.trace(model, args)
+    assert graph.traced_training is traced_training
+    assert all(torch.equal(a, b) for a, b in zip(args, given))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    if not traced_training:  # the eval-mode graph computes what the model does in eval mode
+        model.eval()
+        with torch.no_grad():
+            expected, got = model(*args), graph.eval()(*args)
+        assert chop.ir.replay.output_difference(got, expected) is None
+
+
+def test_writes_inside_no_grad_and_autocast_blocks_and_to_parameters_are_found():
+    from chop.ir.replay import WrittenBuffers
+
+    graph = chop.trace(QuietWrites(), (torch.randn(2, 4),))
+    assert WrittenBuffers(graph.module).names == ["calls", "ema", "fc.weight"]
+
+
+def test_the_eval_check_gives_no_verdict_on_the_meta_device():
+    with torch.device("meta"):
+        model, x = nn.Linear(4, 3), torch.empty(2, 4)
+    graph = chop.trace(model, (x,))
+    assert graph.traced_training
+
+
 def test_a_failed_train_mode_export_prints_no_partial_graph(capsys):
     # torch prints the graph it captured before the data-dependent branch to stderr; chop
     # retries in eval mode, so that dump goes to chop's debug log, and other writes go through

@@ -54,3 +54,17 @@ def test_output_difference_is_relative_to_the_output_scale_and_says_what() -> No
     assert output_difference([y["logits"]], y) == "1 outputs instead of 2"
     assert output_difference(torch.tensor([float("nan")]), torch.tensor([0.0])) == (
         "output 0 has NaN where the original has none (or the reverse)")
+
+
+def test_output_difference_sees_past_infinities_and_compares_constants() -> None:
+    inf = float("inf")
+    y = torch.tensor([[1.0, 2.0, -inf]])
+    assert output_difference(y.clone(), y) is None
+    assert output_difference(torch.tensor([[100.0, -50.0, -inf]]), y) == (
+        "output 0 differs by up to 99 (the output's scale is 2, tolerance 0.0001 of it)")
+    assert output_difference(torch.tensor([[1.0, 2.0, inf]]), y) == (
+        "output 0 has an infinity where the original has none (or the reverse)")
+    assert output_difference({"y": y, "w": 0.4, "on": True}, {"y": y, "w": 0.0, "on": True}) == (
+        "an output that is not a tensor is 0.4 instead of 0.0")
+    assert output_difference((y, float("nan")), (y, float("nan"))) is None
+
