@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule, Node
@@ -54,7 +53,7 @@ from torch.nn.modules import module as torch_module
 
 from chop.errors import LintError, TraceError
 from chop.ir import meta
-from chop.ir.replay import WrittenBuffers, output_difference
+from chop.ir.replay import WrittenBuffers, copied_inputs, output_difference
 
 log = logging.getLogger("chop")
 aten = torch.ops.aten
@@ -1010,11 +1009,11 @@ def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) 
             torch.backends.mha.set_fastpath_enabled(False)
             model.eval()
             torch.manual_seed(0)
-            expected = model(*_copied(args), **_copied(kwargs))
+            expected = model(*copied_inputs(args), **copied_inputs(kwargs))
             model_state.restore()
             with graph.mode(batch_norm=False, dropout=False):
                 torch.manual_seed(0)
-                got = graph.module(*_copied(args), **_copied(kwargs))
+                got = graph.module(*copied_inputs(args), **copied_inputs(kwargs))
             graph_state.restore()
         return output_difference(got, expected)
     except Exception:  # noqa: BLE001 - a model that cannot run the example inputs: no verdict
@@ -1023,10 +1022,6 @@ def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) 
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
 
-
-def _copied(inputs: Any) -> Any:
-    """``inputs`` with each tensor replaced by a copy (a forward may write its inputs)."""
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
 
 
 def _fixed(size: Any) -> bool:

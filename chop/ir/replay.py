@@ -5,6 +5,7 @@
   runs start from the same state and the comparison leaves none of its own.
 - :func:`output_difference`: how two model outputs (tensors or nested structures of them)
   differ beyond float round-off, in words, or None.
+- :func:`copied_inputs`: inputs with each tensor copied, for a forward that may write them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class WrittenBuffers:
         with torch.no_grad():
             for name, value in self.saved.items():
                 _state(module, name).copy_(value)
+
+
+def copied_inputs(inputs: Any) -> Any:
+    """``inputs`` (any nesting) with each tensor replaced by a copy of it: a forward may write
+    its inputs in place, which would change the caller's data and the next run's inputs."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
 
 
 def _state(module: nn.Module, name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from chop.errors import InternalError
 from chop.ir.graph import Graph, droppable_guards
-from chop.ir.replay import WrittenBuffers
+from chop.ir.replay import WrittenBuffers, copied_inputs
 from chop.kernels.csr import bind, csr_linear_forward
 from chop.kernels.timing import median_seconds
 from chop.pipeline.batches import call, check_same_outputs
@@ -50,28 +50,30 @@ def checked_export(
     warning and ``check_round_off`` in the report; a larger one is the error.
 
     A buffer the forward writes in place (a call counter, a cache) is put back as it was
-    before each check forward, and after the last: both forwards see the same state, and the
-    check leaves none of its own."""
+    before each check forward, and after the last, and each forward reads its own copy of the
+    inputs: both forwards see the same state, and the check leaves none of its own."""
     if ctx.data is None:
         return apply(), {}
     inputs = next(iter(ctx.data))[0]
     info: dict[str, Any] = {}
 
+    timed = copied_inputs(inputs) if timing else None  # (a forward may write its inputs)
+
     def run() -> Any:
-        return call(graph.module, inputs)
+        return call(graph.module, timed)
 
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         state = WrittenBuffers(graph.module)
         start = time.perf_counter()
         sample = check_inputs(graph, inputs)
         try:
-            before = call(graph.module, sample)
+            before = call(graph.module, copied_inputs(sample))
         except Exception:  # noqa: BLE001 - e.g. a guard the bounds did not show: run them whole
             if sample is inputs:
                 raise
             state.restore()
             start, sample = time.perf_counter(), inputs
-            before = call(graph.module, sample)
+            before = call(graph.module, copied_inputs(sample))
         checking = time.perf_counter() - start
         state.restore()
         if timing:
@@ -80,7 +82,7 @@ def checked_export(
     result = apply()
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         start = time.perf_counter()
-        after = call(graph.module, sample)
+        after = call(graph.module, copied_inputs(sample))
         info["check_s"] = checking + time.perf_counter() - start
         state.restore()
         if timing:

@@ -298,6 +298,29 @@ def test_the_export_check_runs_both_forwards_on_the_same_state_and_leaves_it(tim
         checked_export(graph, ctx, wrong, timing, "wrong")
 
 
+class _WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x.mul_(2))))
+
+
+@pytest.mark.parametrize("timing", [False, True])
+def test_the_export_check_gives_each_forward_its_own_inputs(timing):
+    """The second forward read inputs the first had doubled (a false "bug in chop"), and the
+    user's batch came back changed."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    graph = chop.trace(_WritesItsInput(), (x.clone(),))
+    batch = x.clone()
+    chop.run(graph, f"magnitude, mask{{sparsity=0.5, granularity=channel}}, "
+                    f"shrink{{timing={str(timing).lower()}}}",
+             data=[(batch, None)])
+    assert torch.equal(batch, x)
+
+
 def test_the_export_check_runs_inputs_whole_when_they_are_not_the_graphs(cnn_graph):
     from chop.passes.export.common import check_inputs
 
