@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from arguments import at_least
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import at_least  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "reuse")
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch-forward", type=at_least(1), default=32)
     parser.add_argument("--batch-train", type=at_least(1), default=16)
     parser.add_argument("--worker", nargs=2, metavar=("SETTING", "WORKLOAD"), default=None,
-                        help="internal: one measuring process")
+                        help=argparse.SUPPRESS)  # internal: one measuring process
     args = parser.parse_args()
     if args.worker and (args.worker[0] not in SETTINGS or args.worker[1] not in WORKLOADS):
         parser.error(f"--worker {' '.join(args.worker)}: SETTING is one of {', '.join(SETTINGS)}, "

@@ -46,17 +46,21 @@ import multiprocessing
 import os
 import queue
 import resource
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from arguments import at_least, percent, sparsity_arg
 from torch import nn
 
-import chop
-from chop.kernels.distributed import local
-from chop.training.pruner import Pruner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import at_least, percent, sparsity_arg  # noqa: E402
+
+import chop  # noqa: E402
+from chop.kernels.distributed import local  # noqa: E402
+from chop.training.pruner import Pruner  # noqa: E402
 
 GiB = 1 << 30
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from arguments import at_least, percent, sparsity_arg, unique  # noqa: E402
 
 from chop.errors import ChopError  # noqa: E402
@@ -110,7 +111,7 @@ def checked(parser: argparse.ArgumentParser, args: argparse.Namespace, models: d
             ) -> tuple[list[str], dict[str, str]]:
     """``--models``: known names (else a parser error before anything runs), those whose
     optional dependency is absent set apart, with why; exits when no model can run."""
-    keys = args.models.split(",")
+    keys = unique(args.models.split(","))
     for key in keys:
         if key not in models:
             parser.error(f"unknown model {key!r}; choose from {', '.join(models)}")
@@ -248,6 +249,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     criteria = unique([c.strip() for c in args.criteria.split(";") if c.strip()])
+    if not criteria:
+        parser.error(f"--criteria {args.criteria!r}: no criterion given")
     for c in criteria:  # before any model is built
         try:
             criterion_pass(c)

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import at_least  # noqa: E402
 
 from chop.kernels import select  # noqa: E402

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import at_least, percent, sparsity_arg, unique  # noqa: E402
 
 import chop  # noqa: E402

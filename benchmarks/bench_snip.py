@@ -41,11 +41,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from arguments import at_least, check_bert_seq, number_at_least
 from torch import nn
 
-import chop
-from chop.pipeline.batches import call, cross_entropy, logits_of
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import at_least, check_bert_seq, number_at_least, unique  # noqa: E402
+
+import chop  # noqa: E402
+from chop.pipeline.batches import call, cross_entropy, logits_of  # noqa: E402
 
 TARGET = 1.15  # BERT-base-size models
 SMALL_TARGET = 1.3  # every model of the structured-coverage table, at batch 2
@@ -106,7 +108,6 @@ def table_case(name: str):
     """A model of benchmarks/coverage.py's table at batch 2, with class targets for its logits
     and the loss both runs use: the default cross-entropy, or for a contrastive model (CLIP,
     whose output has no ``logits``) cross-entropy of its image-to-text similarities."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import coverage
 
     model, make = coverage.MODELS[name]()
@@ -220,7 +221,6 @@ def main() -> None:
         "bert": ("BERT-base (seq-cls)", lambda: bert_case(opts.batch, opts.seq)),
         "cnn": ("ResNet-18 (32x32)", lambda: cnn_case(opts.cnn_batch)),
     }
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import coverage
 
     table = {}  # key -> coverage name ("bert" there is a tiny BERT: "bert-tiny" here)
@@ -228,11 +228,20 @@ def main() -> None:
         key = f"{name}-tiny" if name in cases else name
         table[key] = name
         cases[key] = (key, lambda name=name: table_case(name))  # rows say the key typed
-    keys = [k for key in opts.models.split(",") for k in (list(table) if key == "table" else [key])]
-    rows = []
-    for key in keys:
+    keys = unique([k for key in opts.models.split(",")
+                   for k in (list(table) if key == "table" else [key])])
+    for key in keys:  # all known before anything is measured
         if key not in cases:
             parser.error(f"unknown model {key!r}; choose from bert, cnn, table, " + ", ".join(table))
+    needs = {"bert": "transformers", **{k: coverage.NEEDS[n] for k, n in table.items()
+                                        if n in coverage.NEEDS}}
+    keys, skipped = coverage.absent(keys, needs)
+    if not keys:
+        raise SystemExit("\n".join(skipped))
+    for line in skipped:
+        print(line)
+    rows = []
+    for key in keys:
         torch.manual_seed(0)
         name, make = cases[key]
         try:

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arguments import at_least, share, sparsity_arg  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import at_least, share, sparsity_arg, unique  # noqa: E402
 
 import chop  # noqa: E402
 from chop.kernels.csr import (  # noqa: E402
@@ -296,6 +297,8 @@ def main() -> None:
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic over the repeats (min: least disturbed by other load)")
     args = parser.parse_args()
+    args.cases, args.batches = unique(args.cases), unique(args.batches)  # one row each
+    args.sparsities = unique(args.sparsities)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "

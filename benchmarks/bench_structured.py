@@ -57,7 +57,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import at_least, check_bert_seq, sparsity_arg  # noqa: E402
+from arguments import at_least, check_bert_seq, sparsity_arg, unique  # noqa: E402
 from bench_shrink import ResNet50  # noqa: E402
 
 import chop  # noqa: E402
@@ -105,8 +105,9 @@ def torchvision_model(name: str):
 MODELS = {"resnet50": resnet50, "bert": bert}
 
 
-def model_builder(name: str):
-    """The builder of ``--models`` entry ``name``; None (said why) when it cannot run here."""
+def model_builder(parser: argparse.ArgumentParser, name: str):
+    """The builder of ``--models`` entry ``name``; None (said why) when it cannot run here; a
+    parser error when there is no such model."""
     if name == "bert":
         try:
             import transformers  # noqa: F401
@@ -117,13 +118,17 @@ def model_builder(name: str):
         return MODELS[name]
     if name.startswith("torchvision:"):
         try:
-            import torchvision  # noqa: F401
+            import torchvision
         except ImportError:
             print(f"{name}: torchvision absent, skipped\n")
             return None
+        known = torchvision.models.list_models(module=torchvision.models)  # its classifiers
+        if name.removeprefix("torchvision:").lower() not in known:
+            parser.error(f"unknown model {name!r}; torchvision {torchvision.__version__} has no "
+                         "such classifier (see torchvision.models.list_models(torchvision.models))")
         return torchvision_model(name.removeprefix("torchvision:"))
-    raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)} or "
-                     "torchvision:<name> (e.g. torchvision:mobilenet_v2)")
+    parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)} or "
+                 "torchvision:<name> (e.g. torchvision:mobilenet_v2)")
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -316,19 +321,21 @@ def main() -> None:
                         help="cProfile one chop run of this model instead of benchmarking")
     parser.add_argument("--profile-lines", type=at_least(1), default=40)
     args = parser.parse_args()
+    args.models = unique(args.models)
     if "bert" in ([args.profile] if args.profile else args.models):
         check_bert_seq(parser, args.seq)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.profile:
-        build = model_builder(args.profile)
+        build = model_builder(parser, args.profile)
         if build is None:
             raise SystemExit(1)
         model, inputs, targets, _ = build(args.batch, args.seq)
         profile(model, inputs, targets, args)
         return
-    builds = [(name, model_builder(name)) for name in args.models]  # says why one is skipped
+    # says why one is skipped; an unknown one is a parser error
+    builds = [(name, model_builder(parser, name)) for name in args.models]
     if not any(build for _, build in builds):
         raise SystemExit(1)
     version = have_tp()

@@ -42,7 +42,8 @@ Per model, with random saliency (seeded) and every pass at its defaults:
   ``timeout`` past ``--tp-timeout`` seconds (constructor and step; ``signal.setitimer``).
 
 A line under the table counts the models chop handles (``head`` and ``params @50%`` without
-"fails") and those where Torch-Pruning gave a usable model.
+"fails") and those where Torch-Pruning gave a usable model. Models whose package (transformers,
+torchvision) is absent are said once above the table and left out of both.
 
 Usage::
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import logging
 import signal
 import sys
@@ -72,7 +74,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from arguments import number_at_least
+from arguments import number_at_least, unique
 
 import chop
 from chop.passes.analysis.channel_groups import channel_groups
@@ -226,10 +228,10 @@ def _torchvision(name: str, size: int) -> Build:
     return build
 
 
+HF = ("llama", "mistral", "qwen2", "phi3", "phi", "gpt2", "bert", "roberta", "distilbert", "t5",
+      "bart", "whisper", "vit-hf", "swin-hf", "clip", "wav2vec2", "mamba")  # need transformers
 MODELS: dict[str, Build] = {
-    **{k: _hf(k) for k in ("llama", "mistral", "qwen2", "phi3", "phi", "gpt2", "bert", "roberta",
-                           "distilbert", "t5", "bart", "whisper", "vit-hf", "swin-hf", "clip",
-                           "wav2vec2", "mamba")},
+    **{k: _hf(k) for k in HF},
     **{f"{k} (block)": _zoo(k) for k in ("vgg", "resnet", "mobilenet", "inception", "mobilenetv3",
                                          "efficientnet", "convnext", "vit", "swin")},
     "lstm+gru (block)": _recurrent,
@@ -241,6 +243,22 @@ TORCHVISION = {
     "squeezenet1_0": 64, "googlenet": 64, "convnext_tiny": 64, "vit_b_16": 224, "swin_t": 224,
     "maxvit_t": 224,
 }
+NEEDS = {**dict.fromkeys(HF, "transformers"), **dict.fromkeys(TORCHVISION, "torchvision")}
+INSTALL = {"transformers": " (pip install 'chop[hf]')"}  # torchvision: no extra of chop's
+
+
+def absent(names: list[str], needs: dict[str, str]) -> tuple[list[str], list[str]]:
+    """``names`` less those whose optional package (``needs[name]``) is not importable, and a
+    line per such package: "<names>: <package> absent, skipped (how to install it)"."""
+    missing = []
+    for module in unique([needs[n] for n in names if n in needs]):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    lines = [f"{', '.join(n for n in names if needs.get(n) == m)}: {m} absent, skipped"
+             f"{INSTALL.get(m, '')}" for m in missing]
+    return [n for n in names if needs.get(n) not in missing], lines
 
 
 # -- the measurements ----------------------------------------------------------------------------
@@ -553,7 +571,7 @@ def main() -> None:
     if args.list:
         print("\n".join(models))
         return
-    names = args.models.split(",") if args.models else [
+    names = unique(args.models.split(",")) if args.models else [
         k for k in models if args.torchvision or k not in TORCHVISION]
     for name in names:
         if name not in models:
@@ -562,6 +580,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     for name in ("chop", "torch", "torch._dynamo", "torch.export", "transformers"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    names, skipped = absent(names, NEEDS)  # left out of the table and of the count
+    if not names:
+        raise SystemExit("\n".join(skipped))
+    for line in skipped:
+        print(line + "\n")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     tp: str | float | None = None
     if not args.no_torch_pruning:

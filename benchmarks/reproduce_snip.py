@@ -548,8 +548,11 @@ def plot(runs: list[Run], path: Path) -> bool:
 
 
 def _sparsities(text: str) -> list[float]:
-    """Comma-separated sparsities, each in [0, 1), without repeats."""
-    return unique([sparsity_arg(x) for x in text.split(",") if x.strip()])
+    """Comma-separated sparsities, each in [0, 1), without repeats; at least one."""
+    values = unique([sparsity_arg(x) for x in text.split(",") if x.strip()])
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: no sparsity given")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -572,14 +575,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "training (masks-only analyses it lacks are computed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = [m for m in args.models.split(",") if m]
-    criteria = [c for c in args.criteria.split(",") if c]
+    models = unique([m for m in args.models.split(",") if m])
+    criteria = unique([c for c in args.criteria.split(",") if c])
+    if not models:
+        parser.error(f"--models {args.models!r}: no model given")
+    if not criteria:
+        parser.error(f"--criteria {args.criteria!r}: no criterion given")
     for m in models:
         if m not in MODELS:
             parser.error(f"unknown model {m!r}; known: {', '.join(MODELS)}")
     for c in criteria:
         if c not in CRITERIA:
             parser.error(f"unknown criterion {c!r}; known: {', '.join(CRITERIA)}")
+    if args.from_json is not None and not args.from_json.is_file():
+        parser.error(f"--from-json {args.from_json}: no such file")
     try:
         import sklearn  # noqa: F401  (load_data: the digits and their split)
     except ImportError:
@@ -589,7 +598,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     data = load_data()
-    args.out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     seeds = list(range(args.seeds))
 
     def progress(r: Run) -> None:
@@ -630,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = saved.get("seconds", time.perf_counter() - start)
     text = markdown(runs, fractions, sizes, scan, effective, epochs=args.epochs, seconds=seconds)
     print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     (args.out / "reproduction.md").write_text(text, encoding="utf-8")
     (args.out / "results.json").write_text(json.dumps({
         "epochs": args.epochs, "seconds": seconds, "runs": [asdict(r) for r in runs],

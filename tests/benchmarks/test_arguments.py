@@ -90,6 +90,11 @@ def run_script(name: str, *argv: str, cwd: Path, timeout: float = 120
     ("reproduce_snip.py", ["--sparsities", "0.9,1"], "error: argument --sparsities: must be in"),
     ("reproduce_snip.py", ["--seeds", "0"], "error: argument --seeds: must be at least 1"),
     ("reproduce_snip.py", ["--threads", "0"], "error: argument --threads: must be at least 1"),
+    # before: exit 1 without usage; a traceback and an empty folder; a run with no criterion
+    ("bench_structured.py", ["--models", "resnet50", "bogus"], "error: unknown model 'bogus'"),
+    ("reproduce_snip.py", ["--from-json", "missing.json", "--out", "out"],
+     "error: --from-json missing.json: no such file"),
+    ("bench_pruner.py", ["--criteria", ";"], "error: --criteria ';': no criterion given"),
 ])
 def test_scripts_refuse_values_they_cannot_run(script: str, argv: list[str], message: str,
                                               tmp_path: Path) -> None:
