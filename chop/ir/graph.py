@@ -1023,7 +1023,6 @@ def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) 
         model.train(was_training)
 
 
-
 def _fixed(size: Any) -> bool:
     """Whether a traced size is a number (torch.export may keep a size it specialised as a
     SymInt whose expression is a number)."""

@@ -235,6 +235,8 @@ class Pruner:
         self._scored: list[Any] = []  # those of the last scoring
         self._batch: Any = None  # the batch given to the current step
         self._eager: dict[str, nn.Parameter] | None = None  # see _eager_weights
+        self._eager_params: list[nn.Parameter] = []  # its values, and the Context its criterion
+        self._no_data = Context(loss=loss)  # scores with (it reads no data)
         self._graph_path = False  # decided (by _eager_weights): every step runs passes
         self._scores: dict[str, torch.Tensor] = {}  # the eager path's last scores, by name
 
@@ -484,7 +486,6 @@ class Pruner:
             nodes = self._selection.selected(self._graph(batch))
             self._eager = {n.target: self.model.get_parameter(n.target) for n in nodes}
             self._eager_params = list(self._eager.values())
-            self._no_data = Context(loss=self.loss)
         return self._eager
 
     def _prune_eager(self, sparsity: float, batch: Any, score: bool) -> None:
