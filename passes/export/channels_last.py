@@ -78,14 +78,14 @@ def _readers(weight: Node) -> list[Node]:
 
 def _after(nodes: list[Node]) -> list[Node]:
     """Every node that reads the result of one of ``nodes``, directly or not, in graph order."""
+    if not nodes:
+        return []
     seen, todo = set(nodes), list(nodes)
     while todo:
         for user in todo.pop().users:
             if user not in seen:
                 seen.add(user)
                 todo.append(user)
-    if not nodes:
-        return []
     return [n for n in nodes[0].graph.nodes if n in seen and n not in nodes]
 
 
