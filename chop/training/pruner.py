@@ -556,7 +556,7 @@ class Pruner:
                 meta.entries(graph.weight_node(name)).pop("mask")
             for name, old in before.items():  # the masks the rewrite ranks by
                 meta.entries(graph.weight_node(name))["mask"] = old
-        with pruned_last(graph):
+        with pruned_last(graph, step_mask.granularity):
             self._run(graph, step_mask, batch)
 
     def _data(self, batch: Any) -> Iterable | None:

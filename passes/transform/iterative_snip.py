@@ -27,6 +27,7 @@ over the ranks' batches (as ``snip`` does), so every rank makes the same masks i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,25 +52,30 @@ def step_sparsity(sparsity: float, step: int, steps: int) -> float:
     return sparsity if step >= steps else 1.0 - (1.0 - sparsity) ** (step / steps)
 
 
-def below_kept(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``score`` with its masked-out entries (``mask`` False) at −∞, below every kept entry's
-    score, negative ones included (GraSP's are); float8 scores come back as float32, which
-    holds them exactly and has −∞."""
-    return torch.where(mask, score.float() if is_float8(score) else score, -torch.inf)
+def below_kept(score: torch.Tensor, mask: torch.Tensor, floor: float = -math.inf
+               ) -> torch.Tensor:
+    """``score`` with its masked-out entries (``mask`` False) at ``floor``: by default −∞,
+    below every kept entry's score, negative ones included (GraSP's are); float8 scores come
+    back as float32, which holds them exactly and has −∞."""
+    return torch.where(mask, score.float() if is_float8(score) else score, floor)
 
 
 @contextmanager
-def pruned_last(graph: Graph) -> Iterator[None]:
+def pruned_last(graph: Graph, granularity: str = "element") -> Iterator[None]:
     """While inside, the saliency of every masked-out weight reads −∞ (:func:`below_kept`), so
     a selection never prefers a pruned weight to a kept one; the true scores are restored on
-    exit."""
+    exit. For channel and head granularity, where a unit's score sums its members' (a kept
+    channel's members include entries of rows another layer pruned), a pruned entry reads −1
+    instead: −∞ would make those kept units' sums −∞ as well, and tie them with pruned ones
+    (a score below −1, as GraSP's can be, may then still rank a kept unit under a pruned one)."""
+    floor = -1.0 if granularity in ("channel", "head") else -math.inf
     saved = []
     for node in graph.weight_nodes():
         entry = meta.entries(node)
         score, mask = entry.get("saliency"), entry.get("mask")
         if score is not None and mask is not None:
             saved.append((entry, score))
-            entry["saliency"] = below_kept(score, mask)
+            entry["saliency"] = below_kept(score, mask, floor)
     try:
         yield
     finally:
@@ -193,7 +199,8 @@ class IterativeSnip(Mask):
                     accumulate=self.accumulate, distributed=self.distributed, track=ctx.track,
                     shared_data=ctx.shared_data,
                 )
-            selecting = _nothing() if self.allow_regrowth else pruned_last(graph)
+            selecting = (_nothing() if self.allow_regrowth
+                         else pruned_last(graph, self.granularity))
             with selecting:
                 result = self.mask_pass(step_sparsity(target, step, self.steps)).apply(
                     graph, ctx

@@ -406,6 +406,24 @@ def test_eager_steps_rank_pruned_weights_last(mlp, mlp_batches, options):
         previous = {k: v.clone() for k, v in got.items()}
 
 
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_channel_steps_bring_no_pruned_channel_back(scope):
+    """A kept channel's members include entries of rows the next layer pruned: ranked at −∞,
+    they made its sum −∞ too, and pruned channels came back from the tie."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for a, b in [(8, 16), (16, 16), (16, 16)]
+                                  for m in (torch.nn.Linear(a, b), torch.nn.ReLU())],
+                                torch.nn.Linear(16, 4))
+    x = torch.randn(8, 8)
+    pruner = Pruner(model, 0.75, criterion="magnitude", example_inputs=x,
+                    mask_options={"granularity": "channel", "scope": scope})
+    before: dict[str, torch.Tensor] = {}
+    for sparsity in (0.25, 0.5, 0.75):
+        masks = {k: m.clone() for k, m in pruner.prune(sparsity).items()}
+        assert all(not (masks[k] & ~before[k]).any() for k in before if k in masks), sparsity
+        before = masks
+
+
 def test_eager_resume_refuses_masks_of_weights_it_does_not_select(mlp, mlp_batches):
     pruner = Pruner(mlp, 0.8, criterion="magnitude", example_inputs=mlp_batches[0][0],
                     schedule="linear", start_step=0, end_step=4)
