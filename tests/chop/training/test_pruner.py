@@ -141,9 +141,9 @@ def test_plain_ranking_first_gives_the_masks_of_ranking_pruned_weights_last(
         pruner = Pruner(graph, 0.9, criterion="random", mask_options=options)
         rewrites, real = [], pruner_module.pruned_last
 
-        def counting(graph):
+        def counting(graph, *granularity):
             rewrites.append(1)
-            return real(graph)
+            return real(graph, *granularity)
 
         monkeypatch.setattr(pruner_module, "pruned_last", counting)
         if always_rewrite:
