@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import torch
+
 from chop.errors import (
     ChopError,
     InternalError,
@@ -278,6 +280,7 @@ class PassManager:
             # graph is edited) is not linted again, unless it reshapes parameters
             linted = ("linted", type(p))
             lint = verify and (p.reshapes or linted not in graph.memo())
+            grad = torch.is_grad_enabled()  # a graph's no_grad block that raises keeps it off
             try:
                 structure = graph.structure() if lint else None
                 result = p.apply(graph, ctx)
@@ -294,6 +297,8 @@ class PassManager:
                 if wrapped is e:
                     raise
                 raise wrapped from e
+            finally:
+                torch.set_grad_enabled(grad)
             seconds = time.perf_counter() - start
             graph.history.append(PassRecord(p.name, p.options(), seconds, result.modified,
                                             result.info, reshaped=p.reshapes))

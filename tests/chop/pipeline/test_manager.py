@@ -138,6 +138,28 @@ def test_failure_while_visiting_a_node_names_it(cnn_graph):
     assert isinstance(info.value.__cause__, ValueError)
 
 
+def test_a_pass_that_fails_with_grad_off_leaves_grad_mode_as_it_was(cnn_graph, cnn_batches):
+    """torch's no_grad block of an exported graph does not turn grad back on when its body
+    raises: every later snip in the process then failed ("the loss does not depend on the
+    model's weights")."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class GradOff(chop.Pass):
+        name: ClassVar[str] = "grad-off"
+        kind: ClassVar[str] = "analysis"
+
+        def apply(self, graph, ctx):
+            torch.set_grad_enabled(False)
+            raise ValueError("failed inside a no_grad block")
+
+    with pytest.raises(chop.InternalError, match="failed inside a no_grad block"):
+        chop.run(cnn_graph, [GradOff()])
+    assert torch.is_grad_enabled()
+    chop.run(cnn_graph, "snip", data=cnn_batches)
+
+
 def test_run_needs_a_traced_graph(cnn, cnn_batches):
     """Hole 6: chop.run(nn.Module, ...) raised a raw AttributeError."""
     with pytest.raises(chop.TraceError, match=r"^chop\.run needs a chop\.Graph, got a ResidualCNN; "
