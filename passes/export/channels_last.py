@@ -18,11 +18,12 @@ before and after is reported, so measure before shipping. The memory format surv
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 
 from chop.ir import meta
 from chop.ir.graph import CHANNELS_LAST, Graph, strides_of
@@ -47,10 +48,10 @@ def to_channels_last(graph: Graph) -> list[str]:
     gives its shape (:func:`~chop.ir.graph.strides_of`). A weight some other op reads too (a
     ``view`` of it, as a weight norm makes) stays as it is. The convolutions' results then come
     out channels-last, where a ``view`` cannot flatten them (a decomposed ``nn.Flatten``): each
-    ``aten.view`` after a converted convolution becomes ``aten.reshape``, the same view
-    wherever one exists, a copy where the layout has none (export graphs are functional, so
-    no later in-place op can tell). Passes that replace such a weight later keep its layout
-    (:meth:`~chop.ir.graph.Graph.replace_parameter`)."""
+    ``aten.view`` after a converted convolution (in a ``no_grad`` or ``autocast`` block too)
+    becomes ``aten.reshape``, the same view wherever one exists, a copy where the layout has
+    none (export graphs are functional, so no later in-place op can tell). Passes that replace
+    such a weight later keep its layout (:meth:`~chop.ir.graph.Graph.replace_parameter`)."""
     converted, convs = [], []
     for node in graph.weight_nodes():
         weight = graph.parameter(node)
@@ -63,12 +64,30 @@ def to_channels_last(graph: Graph) -> list[str]:
         if weight.stride() != strides_of(weight.shape, layout):
             graph.replace_parameter(node.target, weight.detach().clone(memory_format=layout))
             converted.append(node.target)
-    views = [n for n in _after(convs) if n.target in _VIEWS]
+    changed = list(_reshaped(graph.module, _after(convs)))
+    if changed:
+        graph.recompile()
+        for module in changed:
+            if module is not graph.module:
+                module.recompile()
+    return converted
+
+
+def _reshaped(owner: GraphModule, nodes: list[Node]) -> Iterator[GraphModule]:
+    """Make each ``view`` among ``nodes`` (of ``owner``'s graph) a ``reshape``, and every view
+    in the submodules of the higher-order ops among them (a ``no_grad`` or ``autocast``
+    block); yields each module whose graph changed."""
+    views = [n for n in nodes if n.target in _VIEWS]
     for view in views:
         view.target = aten.reshape.default
     if views:
-        graph.recompile()
-    return converted
+        yield owner
+    for node in nodes:
+        for arg in node.args if isinstance(node.target, torch._ops.HigherOrderOperator) else ():
+            sub = (getattr(owner, arg.target, None)
+                   if isinstance(arg, Node) and arg.op == "get_attr" else None)
+            if isinstance(sub, GraphModule):
+                yield from _reshaped(sub, list(sub.graph.nodes))
 
 
 def _readers(weight: Node) -> list[Node]:

@@ -190,3 +190,32 @@ def test_views_of_channels_last_results_become_reshapes():
     assert not [n for n in graph.module.graph.nodes if n.target is torch.ops.aten.view.default]
     with torch.no_grad():
         torch.testing.assert_close(graph.module(x), model(x))
+
+
+class ViewsInBlocks(nn.Module):
+    """Views of a conv's result inside an autocast block and a no_grad buffer update, which
+    export puts in submodules of higher-order ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 64, 3)
+        self.register_buffer("stat", torch.zeros(8 * 64))
+
+    def forward(self, x):
+        y = self.c(x)
+        with torch.no_grad():
+            self.stat.copy_(y.view(y.shape[0], -1).mean(0))
+        with torch.autocast("cpu", enabled=False):
+            z = y.view(y.shape[0], -1)
+        return self.fc(z) + self.stat.sum()
+
+
+def test_views_inside_no_grad_and_autocast_blocks_become_reshapes_too():
+    x = torch.randn(2, 3, 8, 8)
+    model = ViewsInBlocks()
+    graph = chop.trace(model, (x,))
+    chop.run(graph, "channels-last", data=[(x, torch.tensor([0, 1]))])
+    assert graph.history[-1].info["converted"] == ["c.weight"]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(graph.eval()(x), model(x))
