@@ -786,11 +786,14 @@ def _is_counter(arg: Any) -> bool:
 # -- the frontend --------------------------------------------------------------------------------
 
 
-def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     """Dim.AUTO on the batch dim of every tensor input, and on dim 1 of integer token inputs.
 
     Keyed by the forward's parameter names, the form torch.export documents for mixing
-    positional and keyword inputs.
+    positional and keyword inputs. None (every shape as in the example) when an input lands in
+    the forward's ``**kwargs`` (transformers' ``output_hidden_states=True``): torch.export
+    2.13 fails on any dynamic shapes then ("Must provide a tree_name"); :func:`trace` says so
+    in its warning about the sizes the graph keeps.
     """
 
     def spec(x: Any) -> Any:
@@ -801,8 +804,18 @@ def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any
             dims[1] = Dim.AUTO  # (batch, sequence) token ids / attention masks
         return dims
 
+    if _var_keyword_inputs(model, args, kwargs):
+        return None
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.items()}
+
+
+def _var_keyword_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The names of the inputs that land in ``model.forward``'s ``**kwargs``."""
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    return [key for name, value in bound.items()
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD for key in value]
 
 
 def widen_batch_of_one(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -954,6 +967,10 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
                     "statistics stay as they are; give it a momentum (e.g. 0.1) for statistics "
                     "that follow training", name, ", ".join(cumulative[:5])
                     + (f", … ({len(cumulative) - 5} more)" if len(cumulative) > 5 else ""))
+    extra = _var_keyword_inputs(model, args, kwargs)
+    fixer = ("the model's code fixes it" if not extra else
+             f"the inputs {', '.join(extra)} go through its forward's **kwargs, for which "
+             "torch.export takes no dynamic shapes")
     for node in graph.module.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -966,15 +983,14 @@ def trace(model: nn.Module, example_inputs: Any = (), kwargs: dict[str, Any] | N
             )
         elif _fixed(value.shape[0]):
             log.warning(
-                "%s: input %r keeps a fixed batch size of %d (the model's code fixes it); the "
-                "graph only accepts that batch size", name, node.name, value.shape[0],
+                "%s: input %r keeps a fixed batch size of %d (%s); the graph only accepts "
+                "that batch size", name, node.name, value.shape[0], fixer,
             )
         elif (value.dim() == 2 and _fixed(value.shape[1]) and not value.is_floating_point()
               and value.dtype != torch.bool):  # token ids: dynamic_shapes marked dim 1
             log.warning(
-                "%s: input %r keeps a fixed sequence length of %d (the model's code fixes it); "
-                "the graph only accepts sequences of that length", name, node.name,
-                int(value.shape[1]),
+                "%s: input %r keeps a fixed sequence length of %d (%s); the graph only accepts "
+                "sequences of that length", name, node.name, int(value.shape[1]), fixer,
             )
     return graph
 

@@ -845,3 +845,30 @@ def test_a_cumulative_batch_norm_that_forces_an_eval_export_is_named(training, c
     said = [r for r in caplog.records if "momentum=None" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == ("WARNING" if training else "INFO")
     assert said[0].getMessage().startswith("Sequential: BatchNorm 1 has momentum=None")
+
+
+class VarKeywords(nn.Module):
+    """Keyword inputs that land in **kwargs, as transformers' output_hidden_states=True does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, **kwargs):
+        y = self.fc(x) * (2.0 if kwargs.get("double") else 1.0)
+        return y + kwargs["bias"] if "bias" in kwargs else y
+
+
+def test_inputs_through_var_keywords_trace_with_the_examples_shapes(caplog):
+    """torch.export fails on any dynamic shapes when an input goes through **kwargs, which
+    made chop.trace fail ("Must provide a tree_name")."""
+    x, bias = torch.randn(2, 4), torch.randn(2, 3)
+    model = VarKeywords()
+    with caplog.at_level("WARNING", logger="chop"):
+        graph = chop.trace(model, (x,), kwargs={"double": True, "bias": bias})
+    assert graph.traced_training
+    assert ("input 'x' keeps a fixed batch size of 2 (the inputs double, bias go through its "
+            "forward's **kwargs, for which torch.export takes no dynamic shapes)") in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(graph.eval()(x, double=True, bias=bias),
+                                   model.eval()(x, double=True, bias=bias))
