@@ -13,8 +13,10 @@ Variants, each on its own copy of the same model, 90% of the linear/conv weights
   pre-hook recomputes ``weight = weight_orig * weight_mask`` every step).
 
 Models: BERT-small (transformers ``BertForSequenceClassification``, hidden 512, 4 layers,
-8 heads, intermediate 2048; 8×128 tokens) and a ResNet-18-style CNN written here (torchvision
-is not installed; BasicBlocks [2, 2, 2, 2], 64→512 channels, 32×32 inputs, batch 32). Steps of
+8 heads, intermediate 2048; 8×128 tokens), a ResNet-18-style CNN written here (torchvision
+is not installed; BasicBlocks [2, 2, 2, 2], 64→512 channels, 32×32 inputs, batch 32) and, with
+``--models mlp-4096``, an MLP with layers of an LLM's size (1024-4096-4096-4096-10, batch 64),
+where multiplying gradients by their masks is most of what masking costs. Steps of
 every variant are interleaved step by step, ``--rounds`` times, after ``--warmup`` steps each;
 per-step medians are compared with the dense median. Target (issue 13): ≤ 1.05× dense.
 
@@ -83,8 +85,20 @@ def bert_small(batch: int = 8, seq: int = 128):
     return model, batches[:2]
 
 
+def mlp_4096(batch: int = 64):
+    """Layers of an LLM's size (4096², 16.8M weights each), where multiplying a weight or a
+    gradient by its mask costs most."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 4096), nn.GELU(),
+                          nn.Linear(4096, 4096), nn.GELU(), nn.Linear(4096, 10))
+    return model, [(torch.randn(batch, 1024, generator=g),
+                    torch.randint(0, 10, (batch,), generator=g)) for _ in range(2)]
+
+
 MODELS = {"bert-small": ("BERT-small (4×512, 8×128 tokens)", bert_small),
-          "resnet18": ("ResNet-18-style CNN (32×32, batch 32)", resnet18)}
+          "resnet18": ("ResNet-18-style CNN (32×32, batch 32)", resnet18),
+          "mlp-4096": ("MLP 1024-4096-4096-4096-10 (batch 64)", mlp_4096)}
 
 
 class Variant:

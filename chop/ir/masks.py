@@ -14,7 +14,7 @@ Which weights are *prunable* by default (linear and conv weights, as roles recor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,45 @@ def factor(mask: torch.Tensor) -> torch.Tensor:
     ``x * factor(mask)`` is exactly ``x * mask`` (same values and dtype, in place too), but
     faster on CPU, where torch does not vectorise a multiplication by a bool operand."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+# multiply_masks_: the entries of a large tensor multiplied by its mask at a time
+_CHUNK = 1 << 18
+
+
+def multiply_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                    out: Sequence[torch.Tensor] | None = None) -> None:
+    """``tensors[i] * masks[i]`` for every i, in place (or into ``out[i]``), with the very
+    values of ``tensors[i].mul_(masks[i])``. A mask is bool or a factor (see :func:`factor`).
+
+    On CPU torch multiplies a large float tensor by a uint8 operand several times slower
+    than by a float one: a 30522×512 float32 embedding by its mask's uint8 view takes 38.7 ms
+    over 2 threads, against 6.6 ms by a float copy of the mask. In pieces of ``_CHUNK``
+    entries, all in one multi-tensor multiply, it takes 8.6 ms, with no copy of the mask; so
+    each large contiguous CPU tensor is multiplied piece by piece."""
+    out = tensors if out is None else out
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for tensor, mask, into in zip(tensors, masks, out, strict=True):
+        mask = factor(mask)
+        if (tensor.numel() > _CHUNK and tensor.device.type == "cpu"
+                and mask.shape == tensor.shape == into.shape and tensor.is_contiguous()
+                and mask.is_contiguous() and into.is_contiguous()):
+            parts.extend(zip(tensor.view(-1).split(_CHUNK), mask.view(-1).split(_CHUNK),
+                             into.view(-1).split(_CHUNK)))
+        else:
+            parts.append((tensor, mask, into))
+    if parts and out is tensors:
+        torch._foreach_mul_([t for t, _, _ in parts], [m for _, m, _ in parts])
+    else:
+        for tensor, mask, into in parts:
+            torch.mul(tensor, mask, out=into)
+
+
+def masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``tensor * mask`` as a new tensor (the values of :func:`multiply_masks_`, as fast)."""
+    into = torch.empty_like(tensor)
+    multiply_masks_([tensor], [mask], [into])
+    return into
 
 
 def mask_nodes(graph: Graph) -> Iterator[Node]:

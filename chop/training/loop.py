@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from chop.errors import DataError, OptionError
 from chop.ir.graph import COPY_TARGET, Graph
-from chop.ir.masks import current_masks, factor, mask_nodes, mask_of
+from chop.ir.masks import current_masks, mask_nodes, mask_of, masked, multiply_masks_
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
 
@@ -67,8 +67,20 @@ def _weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tensor hook: the gradient times ``mask`` (what the mask node's backward computes)."""
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * factor(mask)  # what the mask node's backward computes
+        return masked(grad, mask)
+    return hook
+
+
+def _accumulated_masker(mask: torch.Tensor) -> Callable[[nn.Parameter], None]:
+    """A post-accumulate-grad hook: ``.grad`` times ``mask``, in place. Once accumulated,
+    ``.grad`` is the weight's own tensor (autograd copies a gradient that anything else
+    holds), so unlike a tensor hook it needs no new tensor: on a 4096² layer that
+    allocation cost as much as the multiply."""
+    def hook(weight: nn.Parameter) -> None:
+        with torch.no_grad():
+            multiply_masks_([weight.grad], [mask])
     return hook
 
 
@@ -88,10 +100,12 @@ class FastMasks:
 
     - on entry, pruned weights are zeroed in place (``weight.mul_(mask)``, the very values the
       mask node computes) and so is the optimizer state of pruned entries (moments, momentum);
-    - in backward, each masked weight's gradient is multiplied by its mask before it reaches
-      ``.grad`` (a tensor hook: the mask node's own backward, moved onto the weight), so
-      anything between backward and the optimizer step (gradient clipping, accumulation) sees
-      the masked graph's gradients;
+    - in backward, each masked weight's ``.grad`` is multiplied by its mask in place as soon
+      as the gradient is accumulated into it (a post-accumulate-grad hook: the mask node's own
+      backward, moved onto the weight), so anything between backward and the optimizer step
+      (gradient clipping, accumulation) sees the masked graph's gradients. A gradient that
+      ``torch.autograd.grad`` returns is not accumulated: inside :meth:`scoring` a tensor hook
+      masks those too (chop's training loop runs its Pruner in it);
     - after each step of an optimizer other than SGD, Adam and AdamW, the weights are
       multiplied by their masks again (``mul_``). Those three need not: their
       update of an entry with zero weight, zero gradient and zero state is zero.
@@ -165,7 +179,8 @@ class FastMasks:
                 self.weights.append(weight)
                 self.masks.append(mask)
                 if weight.requires_grad:  # a frozen weight has no gradient to mask, yet
-                    self._handles.append(weight.register_hook(_grad_masker(mask)))
+                    self._handles.append(
+                        weight.register_post_accumulate_grad_hook(_accumulated_masker(mask)))
                 else:
                     self._frozen.append((weight, mask))
                 added.append(node)
@@ -174,9 +189,9 @@ class FastMasks:
             self._handles.append(self._watch)
         self._mask_weights()
         with torch.no_grad():
-            for weight, mask in zip(self.weights, self.masks):
-                if weight.grad is not None:
-                    weight.grad.mul_(factor(mask))
+            pairs = [(w.grad, mask) for w, mask in zip(self.weights, self.masks)
+                     if w.grad is not None]
+            multiply_masks_([g for g, _ in pairs], [mask for _, mask in pairs])
         for node in added:
             node.target = _weight
             node.meta[COPY_TARGET] = torch.ops.aten.mul.Tensor  # a graph.copy() multiplies
@@ -185,24 +200,38 @@ class FastMasks:
         if self.optimizer is None:
             return
         with torch.no_grad():
-            for weight, mask in zip(self.weights, self.masks):
-                for value in self.optimizer.state.get(weight, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                        value.mul_(factor(mask))
+            pairs = [(value, mask) for weight, mask in zip(self.weights, self.masks)
+                     for value in self.optimizer.state.get(weight, {}).values()
+                     if isinstance(value, torch.Tensor) and value.shape == weight.shape]
+            multiply_masks_([v for v, _ in pairs], [mask for _, mask in pairs])
 
     def _unfrozen(self) -> None:
         """Before a forward: mask the gradients of the frozen masked weights that require grad
         now (unfrozen inside the block), as those of the others are."""
         thawed = [(weight, mask) for weight, mask in self._frozen if weight.requires_grad]
         for weight, mask in thawed:
-            self._handles.append(weight.register_hook(_grad_masker(mask)))
+            self._handles.append(
+                weight.register_post_accumulate_grad_hook(_accumulated_masker(mask)))
         if thawed:
             self._frozen = [(w, m) for w, m in self._frozen if not w.requires_grad]
 
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        """A block in which the gradients that ``torch.autograd.grad`` takes of the masked
+        weights are masked too, as the masked graph's are: wrap scoring in it (a criterion
+        that does not multiply its gradients by the weights would otherwise see the pruned
+        entries' gradients). Outside, only ``.grad`` is masked (cheaper: in place)."""
+        handles = [w.register_hook(_grad_masker(mask))
+                   for w, mask in zip(self.weights, self.masks) if w.requires_grad]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _mask_weights(self) -> None:
         with torch.no_grad():
-            for weight, mask in zip(self.weights, self.masks):
-                weight.mul_(factor(mask))
+            multiply_masks_(self.weights, self.masks)
 
 
 def fast_masks(graph: Graph, optimizer: torch.optim.Optimizer | None = None) -> FastMasks:
@@ -370,14 +399,16 @@ def train_graph(
                 y = targets[index]
                 x = take_samples(inputs, index)
                 if pruner is not None:
-                    pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
+                    with _scoring(fast):
+                        pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
                     pruned = _refresh(fast, pruner, pruned)
                 outputs = call(graph, x)  # Graph.__call__: without torch.export's re-flattening
                 value = loss(outputs, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 if pruner is not None:
-                    pruner.on_before_optimizer_step()
+                    with _scoring(fast):
+                        pruner.on_before_optimizer_step()
                     pruned = _refresh(fast, pruner, pruned)
                 optimizer.step()
                 if pruner is not None:
@@ -411,6 +442,11 @@ def train_graph(
             if on_epoch is not None:
                 on_epoch(record)
     return records
+
+
+def _scoring(fast: Any) -> contextlib.AbstractContextManager:
+    """``fast.scoring()`` inside :func:`fast_masks`, else nothing."""
+    return fast.scoring() if isinstance(fast, FastMasks) else contextlib.nullcontext()
 
 
 def _refresh(fast: Any, pruner: Pruner, pruned: int) -> int:

@@ -88,7 +88,7 @@ from torch import nn
 from chop.errors import DataError, MissingMetadataError, OptionError, did_you_mean
 from chop.ir import meta
 from chop.ir.graph import Graph, trace_inputs
-from chop.ir.masks import factor, insert_mask, is_mask_of, select_weights
+from chop.ir.masks import factor, insert_mask, is_mask_of, multiply_masks_, select_weights
 from chop.kernels import distributed
 from chop.kernels.distributed import local
 from chop.kernels.select import numpy_compares, part_counts, split_flat, true_counts
@@ -222,6 +222,7 @@ class Pruner:
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
         self._held: torch.Tensor | None = None  # the same, one flat buffer (see _keep)
         self._copied: torch.Tensor | None = None  # a small model's factors (see _keep)
+        self._multiply: Callable[..., None] = multiply_masks_  # by _factor_list (see _keep)
         self._factor_list: list[torch.Tensor] = []  # the factors of _applied, in order
         self._targets: list[nn.Parameter] | None = None  # its parameters, when none is sharded
         self._counts: list[int] | None = None  # the eager path's kept counts of _masks
@@ -319,13 +320,13 @@ class Pruner:
             grads = [param.grad for param in self._targets]
             if all(g is not None for g in grads):
                 with torch.no_grad():
-                    torch._foreach_mul_(grads, self._factor_list)
+                    self._multiply(grads, self._factor_list)
                 return
         grads = [(local(param.grad), mask) for param, mask in self._applied
                  if param.grad is not None]
         if grads:
             with torch.no_grad():
-                torch._foreach_mul_([g for g, _ in grads], [mask for _, mask in grads])
+                self._multiply([g for g, _ in grads], [mask for _, mask in grads])
 
     def on_after_optimizer_step(self) -> None:
         """After the optimizer step: re-apply the masks (plain modules); count the step."""
@@ -412,7 +413,7 @@ class Pruner:
         mask = self._factors.get(param)
         if mask is not None and param.grad is not None:
             with torch.no_grad():
-                param.grad.mul_(mask)
+                self._multiply([param.grad], [mask])
 
     def apply_masks(self) -> None:
         """Multiply the plain module's pruned parameters (their local shards) by their masks,
@@ -420,9 +421,8 @@ class Pruner:
         if isinstance(self.model, Graph) or not self._applied:
             return
         with torch.no_grad():
-            torch._foreach_mul_(self._targets if self._targets is not None
-                                else [local(param) for param, _ in self._applied],
-                                self._factor_list)
+            self._multiply(self._targets if self._targets is not None
+                           else [local(param) for param, _ in self._applied], self._factor_list)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -668,6 +668,8 @@ class Pruner:
                 self._copied = held.view(torch.uint8).to(next(iter(dtypes)))
                 factors = [part.view(f.shape) for part, f in zip(
                     self._copied.split([f.numel() for f in factors]), factors)]
+            # float factors: one multi-tensor multiply; uint8 views: chunk by chunk (large ones)
+            self._multiply = torch._foreach_mul_ if self._copied is not None else multiply_masks_
             self._applied = list(zip(params, factors))
             self._owners = [(name, tuple(owner.split(".")) if owner else (), attr, param)
                             for name, param in zip(self._masks, params)

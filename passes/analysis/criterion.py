@@ -57,7 +57,7 @@ from torch.fx import Node
 from chop.errors import OptionError, PassError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.ir.masks import factor, select_weights
+from chop.ir.masks import masked, select_weights
 from chop.kernels import distributed as dist
 from chop.pipeline import registry
 from chop.pipeline.batches import take
@@ -95,7 +95,7 @@ def effective_weight(graph: Graph, node: Node) -> torch.Tensor:
     a new tensor (the caller may edit it in place), an unmasked one's the parameter's memory."""
     weight = graph.parameter(node).detach()
     mask = meta.entries(node).get("mask")
-    return weight * factor(mask) if mask is not None else weight
+    return masked(weight, mask) if mask is not None else weight
 
 
 @dataclass(frozen=True)

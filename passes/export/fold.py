@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 
 from chop.ir.graph import Graph
-from chop.ir.masks import factor, mask_nodes, mask_of
+from chop.ir.masks import mask_nodes, mask_of, masked
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 
@@ -30,7 +30,7 @@ def fold_masks(graph: Graph, *, recompile: bool = True) -> list[str]:
         with torch.no_grad():
             weight = graph.parameter(name)
             mask = owner.get_buffer(attr)
-            graph.replace_parameter(name, weight.detach() * factor(mask))
+            graph.replace_parameter(name, masked(weight.detach(), mask))
         mul.replace_all_uses_with(weight_node)
         graph.module.graph.erase_node(mul)
         if not mask_node.users:

@@ -246,3 +246,39 @@ def test_factor_multiplies_exactly_as_the_bool_mask(dtype):
     inplace = x.clone().mul_(masks.factor(mask))
     assert torch.equal(inplace.nan_to_num(), by_mask.nan_to_num())
     assert masks.factor(mask).data_ptr() == mask.data_ptr()  # a view, no copy
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns: equal bits, equal values (NaN and -0.0 included)."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_multiply_masks_gives_the_bits_of_mul_by_the_bool_mask(dtype):
+    """Sizes around the chunk (one over, several chunks plus a tail), a small tensor, a
+    transposed one and a mask given as its uint8 factor: each as ``mul_`` by the bool mask."""
+    gen = torch.Generator().manual_seed(0)
+    chunk = masks._CHUNK
+    shapes = [(chunk + 1,), (3, chunk // 2 + 7), (5, 7), (4, 1000)]
+    tensors = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    tensors.append(torch.randn(600, 700, generator=gen).to(dtype).t())  # not contiguous
+    tensors[0][:5] = torch.tensor([float("nan"), -2.0, float("inf"), -0.0, 1.0])
+    kept = [torch.rand(t.shape, generator=gen) > 0.5 for t in tensors]
+    kept[0][:5] = torch.tensor([False, False, True, True, False])
+    expected = [t.clone().mul_(m) for t, m in zip(tensors, kept)]
+    given = [m if i % 2 else masks.factor(m) for i, m in enumerate(kept)]
+
+    into = [torch.full_like(t, 7.0) for t in tensors]
+    masks.multiply_masks_(tensors, given, into)
+    for got, want in zip(into, expected):
+        assert torch.equal(_bits(got), _bits(want))
+    copies = [t.clone() for t in tensors]
+    masks.multiply_masks_(copies, given)
+    for got, want in zip(copies, expected):
+        assert torch.equal(_bits(got), _bits(want))
+    for t, m, want in zip(tensors, kept, expected):
+        got = masks.masked(t, m)
+        assert torch.equal(_bits(got), _bits(want)) and got.stride() == want.stride()
+    masks.multiply_masks_([], [])  # nothing to do
+    with pytest.raises(ValueError):
+        masks.multiply_masks_(tensors, kept[:1])

@@ -417,12 +417,14 @@ def test_fast_masks_zero_the_state_of_pruned_entries_on_entry_and_refresh(mlp, m
         assert not weight[~newer].any()
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "snip-momentum{source=grad}"])
+@pytest.mark.parametrize("criterion", ["magnitude", "snip-momentum{source=grad}",
+                                       "gradient"])
 def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp, criterion):
     """train_graph with a Pruner on an unmasked graph: the mask nodes the first pruning step
     adds are passed through too, and the records equal training without fast_masks; with a
     criterion that prunes after backward (from the step's gradients), the gradients of newly
-    pruned weights are masked before the optimizer step."""
+    pruned weights are masked before the optimizer step; a criterion that reads gradients
+    without the weights (gradient) reads the masked graph's, zero where pruned."""
     x, y = easy_task(64)
     twin = copy.deepcopy(mlp)
     spec = TrainSpec(lr=0.01, epochs=2, seed=0, weight_decay=0.01, prune_sparsity=0.8,
@@ -439,6 +441,12 @@ def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp, criterion):
     for name, value in plain.module.named_parameters():
         expected = value.detach() * masks[name] if name in masks else value.detach()
         assert torch.equal(fast.parameter(name).detach(), expected), name
+    def saliency(graph: chop.Graph) -> dict[str, torch.Tensor]:  # pruned entries' included
+        return {n.target: n.meta["chop"]["saliency"] for n in graph.weight_nodes()
+                if "saliency" in n.meta.get("chop", {})}
+
+    scores = saliency(plain)
+    assert scores and all(torch.equal(saliency(fast)[k], v) for k, v in scores.items())
 
 
 class Drift(torch.optim.Optimizer):
