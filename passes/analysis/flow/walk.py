@@ -91,6 +91,7 @@ class Walk:
         self.heads: set[int] = set()
         self.spaces: dict[tuple[str, int], torch.Tensor] = {}
         self.uses: dict[str, set[Node]] = {}
+        self.fixed: dict[tuple[str, int], str] = {}  # weight dims read along untracked channels
         self.boxes: list[tuple[torch.Tensor, tuple[int, ...] | None]] = []
         self.current: Node | None = None
         self.count = 0
@@ -155,6 +156,15 @@ class Walk:
         seen = old >= 0
         self.join(old[seen], atoms[seen])
         record.atoms[index[~seen]] = atoms[~seen]
+
+    def untracked(self, name: str, dim: int, x: Any) -> None:
+        """``name``'s ``dim`` meets ``x``'s channels, which the walk does not track (a model
+        input, an op it cannot follow): should another use of the weight (a layer applied
+        twice) make that dim a member, its indices still cannot go (see :meth:`check_uses`)."""
+        node = self.current.name if self.current is not None else "?"
+        where = x.name if isinstance(x, Node) else "a constant"
+        self.fixed.setdefault((name, dim), f"{name} (dim {dim}) is also applied by {node} to "
+                                            f"{where}, whose channels cannot be removed")
 
     def block(self, atoms: torch.Tensor, reason: str) -> None:
         for a in atoms.flatten().unique().tolist():
@@ -276,7 +286,13 @@ class Walk:
 
     def check_uses(self) -> None:
         """A member tensor also read by an op the flow does not model (a tied embedding, a
-        weight reused by hand) cannot be sliced: block its channels."""
+        weight reused by hand) cannot be sliced: block its channels. So are the indices of a
+        member dim that another use of the weight reads along untracked channels
+        (:meth:`untracked`): every use of a weight slices the same tensor."""
+        for key, reason in self.fixed.items():
+            if key in self.members:
+                atoms = self.members[key].atoms
+                self.block(atoms[atoms >= 0], reason)
         readers: dict[str, set[Node]] = {}
         for node in self.graph.module.graph.nodes:
             if node.op != "call_function" or mask_of(node):

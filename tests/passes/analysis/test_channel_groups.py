@@ -293,3 +293,57 @@ def test_groups_of_a_parameter_match_its_memberships(name):
             for role in (None, "out", "channel", "in"):
                 assert [g.id for g in groups.of(param, role)] == brute(param, role)
         groups.groups = groups.groups[1:]
+
+
+class ConvTwice(nn.Module):
+    """One conv applied twice: its output channels are its own input channels at the second
+    use, and the model input's at the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.c(torch.relu(self.c(x))).mean((2, 3)))
+
+
+def test_a_conv_applied_to_the_model_input_and_again_keeps_its_channels():
+    """Every use of a weight slices the same tensor: the first use reads the model input,
+    whose channels never go, so neither do c's input channels nor (through the second use)
+    its output channels; the mask pass says so instead of shrink failing."""
+    x = torch.randn(2, 8, 8, 8)
+    graph = chop.trace(ConvTwice().eval(), (x,))
+    group = group_with(channel_groups(graph), "c.weight")
+    assert {(m.name, m.dim) for m in group.members} >= {("c.weight", 0), ("c.weight", 1)}
+    assert not group.prunable.any()
+    assert group.blocked[0] == ("c.weight (dim 1) is also applied by conv2d to x, whose "
+                                "channels cannot be removed")
+    with pytest.raises(chop.errors.PassError, match=r"c\.weight \(dim 1\) is also applied by"):
+        chop.run(graph, "snip, mask{granularity=channel, sparsity=0.5}",
+                 data=[((x,), torch.tensor([0, 1]))])
+
+
+class SharedBranches(nn.Module):
+    """``c`` applied to ``relu(a(x))`` and to the model input ``x``, in either order."""
+
+    def __init__(self, input_first: bool):
+        super().__init__()
+        self.input_first = input_first
+        self.a, self.c = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.d, self.head = nn.Conv2d(6, 6, 1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        y = self.c(x) + self.c(h) if self.input_first else self.c(h) + self.c(x)
+        return self.head(torch.relu(self.d(torch.relu(y))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("input_first", [True, False], ids=["input-first", "input-second"])
+def test_a_shared_conv_in_parallel_branches_blocks_what_one_use_cannot_slice(input_first):
+    graph = chop.trace(SharedBranches(input_first).eval(), (torch.randn(2, 3, 8, 8),))
+    groups = channel_groups(graph)
+    fed = group_with(groups, "a.weight")  # a's channels are c's input channels, as x's are
+    assert fed.layers("in") == ["c.weight"] and not fed.prunable.any()
+    assert fed.blocked[0].startswith("c.weight (dim 1) is also applied by conv2d")
+    out = group_with(groups, "c.weight")  # c's output channels read nothing untracked
+    assert out.size == 6 and bool(out.prunable.all())

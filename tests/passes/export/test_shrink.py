@@ -417,3 +417,37 @@ def test_a_shrink_that_fails_leaves_the_folded_graph_runnable(monkeypatch):
     assert not is_masked(graph)  # the masks were folded before the error
     with torch.no_grad():
         torch.testing.assert_close(graph(*args), expected)  # the code reads the folded weights
+
+
+class SharedLayers(nn.Module):
+    """A square linear applied twice to the model input (``l(relu(l(x)))``), and a conv applied
+    both to the model input and to another conv's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.f, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(14, 4)
+        self.a, self.c = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.d = nn.Conv2d(6, 6, 1)
+
+    def forward(self, x, img):
+        h = torch.relu(self.f(torch.relu(self.l(torch.relu(self.l(x))))))
+        y = torch.relu(self.c(torch.relu(self.a(img))) + self.c(img))
+        return self.head(torch.cat([h, torch.relu(self.d(y)).mean((2, 3))], 1))
+
+
+def test_a_layer_applied_twice_shrinks_only_what_every_use_can_lose():
+    torch.manual_seed(0)
+    args = (torch.randn(2, 8), torch.randn(2, 3, 8, 8))
+    graph = chop.trace(SharedLayers().eval(), args)
+    chop.run(graph, "random{seed=0}, mask{granularity=channel, sparsity=0.5}")
+    with torch.no_grad():
+        expected = graph(*args)
+    shrink(graph)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*args), expected)
+    names = ("l.weight", "f.weight", "head.weight", "a.weight", "c.weight", "d.weight")
+    shapes = {name: tuple(graph.parameter(name).shape) for name in names}
+    # l reads x, and a's channels meet img's at c: those stay whole; f's, c's and d's outputs
+    # lose the channels the mask chose (and head and d the matching inputs)
+    assert shapes == {"l.weight": (8, 8), "f.weight": (4, 8), "head.weight": (4, 7),
+                      "a.weight": (3, 3, 3, 3), "c.weight": (4, 3, 1, 1), "d.weight": (3, 4, 1, 1)}

@@ -84,6 +84,8 @@ class Matmul(Producer):
         if tag is not None:
             walk.member(w, self.in_dim, tag.atoms, "in")
             walk.consumers.append(Consumer(node, w, x, self, folds=self.bias_at >= 0))
+        else:
+            walk.untracked(w, self.in_dim, x)
         out = walk.space(w, self.out_dim)
         walk.member(w, self.out_dim, out, "out")
         if bias is not None and value_of(bias) is not None and value_of(bias).shape[-1] == len(out):
@@ -191,6 +193,8 @@ class Conv(Producer):
             _join_groups(walk, tag.atoms, groups)  # the same relative index in every group
             walk.member(w, 1, tag.atoms[:in_g], "in")
             walk.consumers.append(Consumer(node, w, x, self, groups, folds=not padded))
+        else:
+            walk.untracked(w, 1, x)
         out = walk.space(w, 0)
         _join_groups(walk, out, groups)
         walk.member(w, 0, out, "out")
