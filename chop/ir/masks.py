@@ -73,7 +73,11 @@ def multiply_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tenso
 
 
 def masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``tensor * mask`` as a new tensor (the values of :func:`multiply_masks_`, as fast)."""
+    """``tensor * mask`` as a new tensor (the values of :func:`multiply_masks_`, as fast; a
+    tensor that requires grad, as a gradient taken with ``create_graph`` does, is multiplied
+    by autograd's own op, which records the product)."""
+    if tensor.requires_grad and torch.is_grad_enabled():
+        return tensor * factor(mask)
     into = torch.empty_like(tensor)
     multiply_masks_([tensor], [mask], [into])
     return into
@@ -82,6 +86,14 @@ def masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mask_nodes(graph: Graph) -> Iterator[Node]:
     """Every mask ``mul`` node of ``graph``, in graph order."""
     return (n for n in graph.module.graph.nodes if mask_of(n) is not None)
+
+
+def passed_through(graph: Graph) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``(weight, mask)`` of each mask node that passes its weight through instead of
+    multiplying (inside :func:`~chop.training.loop.fast_masks`, where the masks are kept in
+    the weights): the gradients such a weight gets are not multiplied by its mask."""
+    return [(graph.parameter(mask_of(n)), graph.module.get_buffer(n.args[1].target))
+            for n in mask_nodes(graph) if n.target is not torch.ops.aten.mul.Tensor]
 
 
 def is_masked(graph: Graph) -> bool:

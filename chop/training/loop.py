@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from chop.errors import DataError, OptionError
 from chop.ir.graph import COPY_TARGET, Graph
-from chop.ir.masks import current_masks, mask_nodes, mask_of, masked, multiply_masks_
+from chop.ir.masks import current_masks, factor, mask_nodes, mask_of, masked, multiply_masks_
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
 
@@ -77,11 +77,27 @@ def _accumulated_masker(mask: torch.Tensor) -> Callable[[nn.Parameter], None]:
     """A post-accumulate-grad hook: ``.grad`` times ``mask``, in place. Once accumulated,
     ``.grad`` is the weight's own tensor (autograd copies a gradient that anything else
     holds), so unlike a tensor hook it needs no new tensor: on a 4096² layer that
-    allocation cost as much as the multiply."""
+    allocation cost as much as the multiply. A ``.grad`` that requires grad (``backward``
+    with ``create_graph``) is replaced by the product, which autograd records."""
     def hook(weight: nn.Parameter) -> None:
+        grad = weight.grad
+        if grad is None:  # an earlier hook took it (an optimizer step in backward)
+            return
+        if grad.requires_grad:
+            weight.grad = grad * factor(mask)
+            return
         with torch.no_grad():
-            multiply_masks_([weight.grad], [mask])
+            multiply_masks_([grad], [mask])
     return hook
+
+
+def _grad_hook(weight: nn.Parameter, mask: torch.Tensor) -> Any:
+    """Mask ``weight``'s gradients in backward: in place once accumulated, or, when the weight
+    already has post-accumulate-grad hooks (which would run first and see them unmasked), in a
+    tensor hook before accumulation; returns the handle."""
+    if getattr(weight, "_post_accumulate_grad_hooks", None):
+        return weight.register_hook(_grad_masker(mask))
+    return weight.register_post_accumulate_grad_hook(_accumulated_masker(mask))
 
 
 # Optimizers whose update of an entry with zero weight, zero gradient and zero state is zero
@@ -103,9 +119,10 @@ class FastMasks:
     - in backward, each masked weight's ``.grad`` is multiplied by its mask in place as soon
       as the gradient is accumulated into it (a post-accumulate-grad hook: the mask node's own
       backward, moved onto the weight), so anything between backward and the optimizer step
-      (gradient clipping, accumulation) sees the masked graph's gradients. A gradient that
-      ``torch.autograd.grad`` returns is not accumulated: inside :meth:`scoring` a tensor hook
-      masks those too (chop's training loop runs its Pruner in it);
+      (gradient clipping, accumulation) sees the masked graph's gradients. (A weight that
+      has post-accumulate-grad hooks already gets a tensor hook instead, so that those hooks
+      see masked gradients too.) A gradient that ``torch.autograd.grad`` returns is not
+      accumulated, so it is not masked, except in chop's scoring passes, which mask it;
     - after each step of an optimizer other than SGD, Adam and AdamW, the weights are
       multiplied by their masks again (``mul_``). Those three need not: their
       update of an entry with zero weight, zero gradient and zero state is zero.
@@ -179,8 +196,7 @@ class FastMasks:
                 self.weights.append(weight)
                 self.masks.append(mask)
                 if weight.requires_grad:  # a frozen weight has no gradient to mask, yet
-                    self._handles.append(
-                        weight.register_post_accumulate_grad_hook(_accumulated_masker(mask)))
+                    self._handles.append(_grad_hook(weight, mask))
                 else:
                     self._frozen.append((weight, mask))
                 added.append(node)
@@ -210,24 +226,9 @@ class FastMasks:
         now (unfrozen inside the block), as those of the others are."""
         thawed = [(weight, mask) for weight, mask in self._frozen if weight.requires_grad]
         for weight, mask in thawed:
-            self._handles.append(
-                weight.register_post_accumulate_grad_hook(_accumulated_masker(mask)))
+            self._handles.append(_grad_hook(weight, mask))
         if thawed:
             self._frozen = [(w, m) for w, m in self._frozen if not w.requires_grad]
-
-    @contextlib.contextmanager
-    def scoring(self) -> Iterator[None]:
-        """A block in which the gradients that ``torch.autograd.grad`` takes of the masked
-        weights are masked too, as the masked graph's are: wrap scoring in it (a criterion
-        that does not multiply its gradients by the weights would otherwise see the pruned
-        entries' gradients). Outside, only ``.grad`` is masked (cheaper: in place)."""
-        handles = [w.register_hook(_grad_masker(mask))
-                   for w, mask in zip(self.weights, self.masks) if w.requires_grad]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _mask_weights(self) -> None:
         with torch.no_grad():
@@ -249,7 +250,9 @@ def fast_masks(graph: Graph, optimizer: torch.optim.Optimizer | None = None) -> 
 
     Give the optimizer that trains the graph (else pruned weights are only zeroed on entry and
     by :meth:`FastMasks.refresh`). Scoring and ``mask`` may run inside (the weights they read
-    are the masked ones); call ``fast.refresh()`` after masks change."""
+    are the masked ones, and chop's scoring passes mask the gradients they take; one taken by
+    your own ``torch.autograd.grad`` is not masked); call ``fast.refresh()`` after masks
+    change."""
     return FastMasks(graph, optimizer)
 
 
@@ -399,16 +402,14 @@ def train_graph(
                 y = targets[index]
                 x = take_samples(inputs, index)
                 if pruner is not None:
-                    with _scoring(fast):
-                        pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
+                    pruner.on_step_begin(batch=(x, y))  # prunes when the schedule says so
                     pruned = _refresh(fast, pruner, pruned)
                 outputs = call(graph, x)  # Graph.__call__: without torch.export's re-flattening
                 value = loss(outputs, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 if pruner is not None:
-                    with _scoring(fast):
-                        pruner.on_before_optimizer_step()
+                    pruner.on_before_optimizer_step()
                     pruned = _refresh(fast, pruner, pruned)
                 optimizer.step()
                 if pruner is not None:
@@ -442,11 +443,6 @@ def train_graph(
             if on_epoch is not None:
                 on_epoch(record)
     return records
-
-
-def _scoring(fast: Any) -> contextlib.AbstractContextManager:
-    """``fast.scoring()`` inside :func:`fast_masks`, else nothing."""
-    return fast.scoring() if isinstance(fast, FastMasks) else contextlib.nullcontext()
 
 
 def _refresh(fast: Any, pruner: Pruner, pruned: int) -> int:

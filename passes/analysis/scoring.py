@@ -33,6 +33,7 @@ from torch.fx import Node
 
 from chop.errors import DataError, InternalError
 from chop.ir.graph import Graph
+from chop.ir.masks import masked, passed_through
 from chop.kernels import distributed
 from chop.pipeline.batches import batch_loss
 
@@ -47,7 +48,9 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
     """Score ``nodes``' parameters on the graph itself: yields them with ``requires_grad`` on,
     BatchNorm in ``bn`` mode and dropout off; afterwards restores the flags, every buffer
     (BatchNorm running statistics and counters) and the graph's mode. Use only
-    ``torch.autograd.grad`` inside, never ``backward()``, so ``.grad`` stays untouched.
+    ``torch.autograd.grad`` inside, never ``backward()``, so ``.grad`` stays untouched. A
+    masked weight whose mask node passes it through (inside ``fast_masks``) gets its gradient
+    multiplied by its mask, as the mask node would.
 
     Buffers are saved by copy only where scoring may change them. An exported graph has no
     control flow, so which buffers a forward and backward change is a fact of the graph and
@@ -80,16 +83,21 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
     # batch_loss turns a mismatch into a DataError anyway, so skip that per-call cost here
     validate = getattr(graph.module, "validate_inputs", None)
     frozen = [p for p in params if not p.requires_grad]  # most already require grad
-    done = False
+    done, hooks = False, []
     try:
         for p in frozen:
             p.requires_grad_(True)
+        scored = {id(p) for p in params}  # gradients as the masked graph's mul gives them
+        hooks = [weight.register_hook(lambda grad, mask=mask: masked(grad, mask))
+                 for weight, mask in passed_through(graph) if id(weight) in scored]
         if validate:  # a plain attribute: set without nn.Module.__setattr__'s checks
             graph.module.__dict__["validate_inputs"] = False
         with graph.mode(batch_norm=bn == "train", dropout=False, lean=lean):
             yield params
         done = True
     finally:
+        for hook in hooks:
+            hook.remove()
         if validate:
             graph.module.__dict__["validate_inputs"] = validate
         changed = [i for i, (b, v) in enumerate(zip(buffers, versions)) if b._version != v]

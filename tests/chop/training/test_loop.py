@@ -418,13 +418,14 @@ def test_fast_masks_zero_the_state_of_pruned_entries_on_entry_and_refresh(mlp, m
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "snip-momentum{source=grad}",
-                                       "gradient"])
+                                       "gradient", "grasp"])
 def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp, criterion):
     """train_graph with a Pruner on an unmasked graph: the mask nodes the first pruning step
     adds are passed through too, and the records equal training without fast_masks; with a
     criterion that prunes after backward (from the step's gradients), the gradients of newly
     pruned weights are masked before the optimizer step; a criterion that reads gradients
-    without the weights (gradient) reads the masked graph's, zero where pruned."""
+    without the weights (gradient, and GraSP's, differentiated twice) reads the masked
+    graph's, zero where pruned."""
     x, y = easy_task(64)
     twin = copy.deepcopy(mlp)
     spec = TrainSpec(lr=0.01, epochs=2, seed=0, weight_decay=0.01, prune_sparsity=0.8,
@@ -447,6 +448,67 @@ def test_fast_masks_take_up_mask_nodes_a_pruner_adds(mlp, criterion):
 
     scores = saliency(plain)
     assert scores and all(torch.equal(saliency(fast)[k], v) for k, v in scores.items())
+
+
+def second_order_steps(graph: chop.Graph, optimizer: torch.optim.Optimizer, batches,
+                       count: int) -> list[torch.Tensor]:
+    """Steps whose loss adds a penalty on the gradients (backward with create_graph, the
+    penalty read from .grad and differentiated again): the masked gradient is in the graph."""
+    losses = []
+    graph.train()
+    weights = [p for name, p in graph.module.named_parameters() if name.endswith("weight")]
+    for i in range(count):
+        x, y = batches[i % len(batches)]
+        optimizer.zero_grad()
+        loss = F.cross_entropy(graph.module(x), y)
+        loss.backward(create_graph=True)
+        penalty = sum(torch.sin(w.grad).sum() for w in weights)
+        optimizer.zero_grad()
+        (loss + 0.1 * penalty).backward()
+        optimizer.step()
+        for p in graph.module.parameters():
+            p.grad = None  # backward with create_graph: break the cycle .grad <-> its graph
+        losses.append(loss.detach())
+    return losses
+
+
+def test_fast_masks_keep_the_masked_gradient_in_a_second_order_graph(mlp, mlp_batches):
+    plain, fast = masked_twins(mlp, mlp_batches[0][0][:2])
+    plain_opt = torch.optim.SGD(plain.module.parameters(), lr=0.05)
+    fast_opt = torch.optim.SGD(fast.module.parameters(), lr=0.05)
+    expected = second_order_steps(plain, plain_opt, mlp_batches, 3)
+    with fast_masks(fast, fast_opt):
+        got = second_order_steps(fast, fast_opt, mlp_batches, 3)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got)), (expected, got)
+    masks = current_masks(plain)
+    for name, value in plain.module.named_parameters():
+        expected = value.detach() * masks[name] if name in masks else value.detach()
+        assert torch.equal(fast.parameter(name).detach(), expected), name
+
+
+def test_post_accumulate_hooks_the_user_had_see_masked_gradients(mlp, mlp_batches):
+    """PyTorch's optimizer step in backward: a post-accumulate-grad hook that steps each
+    weight and drops its .grad, registered before fast_masks. It runs first, so fast_masks
+    masks those weights' gradients before accumulation instead: pruned weights stay 0."""
+    graph, _ = masked_twins(mlp, mlp_batches[0][0][:2])
+    masks = {k: v.clone() for k, v in current_masks(graph).items()}
+    steppers = {p: torch.optim.SGD([p], lr=0.1, momentum=0.9)
+                for p in graph.module.parameters()}
+
+    def step_in_backward(p: nn.Parameter) -> None:
+        steppers[p].step()
+        steppers[p].zero_grad()
+
+    for p in graph.module.parameters():
+        p.register_post_accumulate_grad_hook(step_in_backward)
+    with fast_masks(graph):
+        graph.train()
+        for x, y in mlp_batches[:3]:
+            F.cross_entropy(graph.module(x), y).backward()
+        for name, mask in masks.items():
+            assert graph.parameter(name).grad is None
+            assert torch.count_nonzero(graph.parameter(name).detach()[~mask]) == 0, name
+    assert any(state for stepper in steppers.values() for state in stepper.state.values())
 
 
 class Drift(torch.optim.Optimizer):
