@@ -56,6 +56,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -555,6 +556,20 @@ def _sparsities(text: str) -> list[float]:
     return values
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why the results could not be written into ``folder`` (None: they can), found without
+    creating it (it is made once there is something to write): the nearest path on its way
+    that exists must be a folder this user can write."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=at_least(1), default=3, help="seeds 0..N-1 (default 3)")
@@ -589,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown criterion {c!r}; known: {', '.join(CRITERIA)}")
     if args.from_json is not None and not args.from_json.is_file():
         parser.error(f"--from-json {args.from_json}: no such file")
+    unwritable = _unwritable(args.out)
+    if unwritable is not None:  # said now, not after the runs
+        parser.error(f"--out {args.out}: {unwritable}; give a folder this user can write")
     try:
         import sklearn  # noqa: F401  (load_data: the digits and their split)
     except ImportError:

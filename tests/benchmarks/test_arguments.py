@@ -104,6 +104,16 @@ def test_scripts_refuse_values_they_cannot_run(script: str, argv: list[str], mes
     assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_reproduction_refuses_an_output_folder_it_cannot_write_before_training(
+        tmp_path: Path) -> None:
+    # before: hours of training, then a traceback when writing the results
+    (tmp_path / "taken").write_text("a file, where --out needs a folder")
+    done = run_script("reproduce_snip.py", "--out", "taken/sub", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: --out taken/sub: taken is not a folder" in done.stderr
+    assert done.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
 def test_pruner_benchmark_runs_at_sparsity_zero_and_repeated_criteria(tmp_path: Path) -> None:
     # before: ZeroDivisionError at sparsity 0 (no masks), StopIteration for a repeated criterion
     done = run_script("bench_pruner.py", "--models", "lenet5", "--steps", "2", "--rounds", "1",
