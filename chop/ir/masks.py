@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx import Node
 
 from chop.ir import meta
-from chop.ir.graph import Graph
+from chop.ir.graph import COPY_TARGET, Graph
 
 MASK_OF = "mask_of"  # meta["chop"] entry on an inserted mul node: the masked parameter's name
 PRUNABLE_ROLES = ("linear", "conv")
@@ -89,11 +89,20 @@ def mask_nodes(graph: Graph) -> Iterator[Node]:
 
 
 def passed_through(graph: Graph) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """``(weight, mask)`` of each mask node that passes its weight through instead of
-    multiplying (inside :func:`~chop.training.loop.fast_masks`, where the masks are kept in
-    the weights): the gradients such a weight gets are not multiplied by its mask."""
-    return [(graph.parameter(mask_of(n)), graph.module.get_buffer(n.args[1].target))
-            for n in mask_nodes(graph) if n.target is not torch.ops.aten.mul.Tensor]
+    """``(weight, mask)`` of each mask node rewritten for a while to pass its weight through,
+    its bool mask still its second argument (inside :func:`~chop.training.loop.fast_masks`,
+    which keeps the masks in the weights, and whose nodes a copy turns back into the
+    ``mul``): the gradients such a weight gets are not multiplied by its mask. (A node that
+    computes something else, as iterative SNIP's straight-through estimator does, is not.)"""
+    found = []
+    for n in mask_nodes(graph):
+        if (n.target is torch.ops.aten.mul.Tensor
+                or n.meta.get(COPY_TARGET) is not torch.ops.aten.mul.Tensor):
+            continue
+        mask = graph.module.get_buffer(n.args[1].target)
+        if mask.dtype == torch.bool:
+            found.append((graph.parameter(mask_of(n)), mask))
+    return found
 
 
 def is_masked(graph: Graph) -> bool:
