@@ -88,16 +88,22 @@ def mask_nodes(graph: Graph) -> Iterator[Node]:
     return (n for n in graph.module.graph.nodes if mask_of(n) is not None)
 
 
+def weight_through(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The target a mask node takes while its mask is kept in the weight instead (inside
+    :func:`~chop.training.loop.fast_masks`, which zeroes the pruned weights and masks their
+    gradients itself): the weight, already masked, passed through unchanged."""
+    return weight
+
+
 def passed_through(graph: Graph) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """``(weight, mask)`` of each mask node rewritten for a while to pass its weight through,
-    its bool mask still its second argument (inside :func:`~chop.training.loop.fast_masks`,
-    which keeps the masks in the weights, and whose nodes a copy turns back into the
-    ``mul``): the gradients such a weight gets are not multiplied by its mask. (A node that
-    computes something else, as iterative SNIP's straight-through estimator does, is not.)"""
+    """``(weight, mask)`` of each mask node that passes its weight through for a while
+    (:func:`weight_through`, its bool mask still its second argument, and a copy of the graph
+    turning it back into the ``mul``): the gradients such a weight gets are not multiplied by
+    its mask. (A node that computes something else, as iterative SNIP's straight-through
+    estimator does, is not.) An indexed lookup of the nodes by target, not a walk."""
     found = []
-    for n in mask_nodes(graph):
-        if (n.target is torch.ops.aten.mul.Tensor
-                or n.meta.get(COPY_TARGET) is not torch.ops.aten.mul.Tensor):
+    for n in graph.module.graph.find_nodes(op="call_function", target=weight_through):
+        if mask_of(n) is None or n.meta.get(COPY_TARGET) is not torch.ops.aten.mul.Tensor:
             continue
         mask = graph.module.get_buffer(n.args[1].target)
         if mask.dtype == torch.bool:

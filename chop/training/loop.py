@@ -31,7 +31,15 @@ from torch import nn
 
 from chop.errors import DataError, OptionError
 from chop.ir.graph import COPY_TARGET, Graph
-from chop.ir.masks import current_masks, factor, mask_nodes, mask_of, masked, multiply_masks_
+from chop.ir.masks import (
+    current_masks,
+    factor,
+    mask_nodes,
+    mask_of,
+    masked,
+    multiply_masks_,
+    weight_through,
+)
 from chop.pipeline.batches import batch_loss, call, cross_entropy, logits_of
 from chop.training.pruner import Pruner
 
@@ -59,11 +67,6 @@ class TrainSpec:
     prune_frequency: int = 1
     # train with the masks kept in the weights (fast_masks): the same results, faster steps
     fast_masks: bool = True
-
-
-def _weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """What a mask node computes inside :func:`fast_masks`: the weight itself (already masked)."""
-    return weight
 
 
 def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -209,7 +212,7 @@ class FastMasks:
                      if w.grad is not None]
             multiply_masks_([g for g, _ in pairs], [mask for _, mask in pairs])
         for node in added:
-            node.target = _weight
+            node.target = weight_through
             node.meta[COPY_TARGET] = torch.ops.aten.mul.Tensor  # a graph.copy() multiplies
         if added:
             self.graph.recompile()
