@@ -90,6 +90,15 @@ def _unscored(graph: Graph, params: str) -> list[Node]:
     return memo[key]
 
 
+def reusable(previous: list[torch.Tensor | None], new: list[torch.Tensor]) -> bool:
+    """Whether :meth:`Criterion.module_scores` can write scores like ``new`` into ``previous``
+    (given up by its caller): each is there, of the same shape, dtype and device. A Pruner
+    that scores at every step then writes into the same memory each time, where fresh
+    tensors as large as an embedding (tens of MB) would be mapped and zeroed anew."""
+    return all(old is not None and old.shape == now.shape and old.dtype == now.dtype
+               and old.device == now.device for old, now in zip(previous, new, strict=True))
+
+
 def effective_weight(graph: Graph, node: Node) -> torch.Tensor:
     """The weight as the graph computes with it: masked entries are zero. A masked weight's is
     a new tensor (the caller may edit it in place), an unmasked one's the parameter's memory."""
@@ -131,8 +140,11 @@ class Criterion(Pass, ABC):
     ) -> list[torch.Tensor]:
         """The score of each parameter's local shard (``to_local()`` of a DTensor, a plain
         tensor whole), computed eagerly on ``module``, for models whose parameters are sharded
-        (FSDP2, tensor parallel). ``previous``: the scores the parameters had (None: none),
-        for accumulating criteria. The default refuses: override it where the criterion can."""
+        (FSDP2, tensor parallel), or of a plain module a Pruner scores at every step.
+        ``previous``: the scores the parameters had (None: none), for accumulating criteria;
+        the caller gives them up, so a criterion may write its new scores into them (where
+        :func:`reusable`) rather than into fresh memory. The default refuses: override it
+        where the criterion can."""
         able = [name for name, cls in registry.all_passes().items()
                 if issubclass(cls, Criterion) and cls.module_scores is not Criterion.module_scores]
         raise OptionError(
@@ -150,7 +162,8 @@ class Criterion(Pass, ABC):
         previous: list[torch.Tensor | None] | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`module_scores` with this pass's batches of ``data``: the local-shard scores
-        of ``params`` of an eager (sharded) module."""
+        of ``params`` of an eager (sharded) module. ``previous`` is given up (its tensors may
+        be overwritten with the new scores)."""
         if self.normalize:
             raise OptionError(
                 f"{self.name}: normalize=true is not supported on sharded models; drop it (it "

@@ -12,7 +12,7 @@ from torch.fx import Node
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.kernels.distributed import local
-from chop.passes.analysis.criterion import Criterion, effective_weight
+from chop.passes.analysis.criterion import Criterion, effective_weight, reusable
 from chop.pipeline.pass_base import Context
 
 
@@ -28,7 +28,12 @@ class Magnitude(Criterion):
 
     def module_scores(self, module: nn.Module, params: list[nn.Parameter], ctx: Context,
                       previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        return torch._foreach_abs([local(p).detach() for p in params])  # masked: zero in place
+        weights = [local(p).detach() for p in params]  # masked: zero in place
+        if reusable(previous, weights):  # a Pruner's scores of the step before
+            for weight, old in zip(weights, previous):
+                torch.abs(weight, out=old)
+            return previous
+        return torch._foreach_abs(weights)
 
 
 magnitude_saliency = Magnitude.compute

@@ -37,7 +37,7 @@ from chop.errors import DataError, OptionError
 from chop.ir import meta
 from chop.ir.graph import Graph
 from chop.kernels import distributed
-from chop.passes.analysis.criterion import DataCriterion
+from chop.passes.analysis.criterion import DataCriterion, reusable
 from chop.passes.analysis.scoring import backward_sums, module_backward_sums
 from chop.pipeline.pass_base import Context, option
 
@@ -93,20 +93,24 @@ class SnipMomentum(DataCriterion):
             grads = [distributed.local_grad(p) for p in params]
             current = _grad_terms(weights, grads, lambda: _names(module, params))
             torch._foreach_abs_(current)
-        return self._momentum(current, previous)
+        return self._momentum(current, previous, given_up=True)
 
-    def _momentum(self, current: list[torch.Tensor], previous: list[torch.Tensor | None]
-                  ) -> list[torch.Tensor]:
+    def _momentum(self, current: list[torch.Tensor], previous: list[torch.Tensor | None],
+                  given_up: bool = False) -> list[torch.Tensor]:
         """alpha·previous + beta·current (beta·current where there is no previous score), with
         as few multi-tensor ops as the constants allow: an accumulating criterion runs at every
         training step, where each op's fixed cost shows. ``current`` holds this step's own fresh
-        terms and may be overwritten; ``previous`` (the stored scores) is left as it was."""
+        terms and may be overwritten; ``previous`` (the stored scores) is left as it was unless
+        ``given_up`` (see :meth:`module_scores`)."""
         alpha, beta = self.alpha, self.beta
         if all(before is not None and before.dtype == now.dtype
                for now, before in zip(current, previous, strict=True)):  # every later step
             if beta == 1.0:  # INC's constants
                 torch._foreach_add_(current, previous, alpha=alpha)
                 return current
+            if alpha == 1.0 and given_up and reusable(previous, current):  # the defaults
+                torch._foreach_add_(previous, current, alpha=beta)
+                return previous
             if alpha == 1.0:  # the defaults: one fused op, new tensors
                 return torch._foreach_add(previous, current, alpha=beta)
             torch._foreach_mul_(current, beta)

@@ -108,3 +108,26 @@ def test_options():
         SnipMomentum(alpha=-1.0)
     with pytest.raises(chop.OptionError, match="batches=0"):
         SnipMomentum(batches=0)
+
+
+def test_module_scores_write_the_given_up_previous_scores_in_place(mlp, mlp_batches):
+    """The eager path (a Pruner scoring at every step) hands its previous scores over: the
+    default constants write the new ones into them, no fresh tensors, same values."""
+    x, y = mlp_batches[0]
+    params = [p for p in mlp.parameters() if p.dim() == 2]
+    nn.functional.cross_entropy(mlp(x), y).backward()
+    previous = [torch.rand_like(p) for p in params]
+    expected = [torch.add(old, (p.detach() * p.grad).abs(), alpha=0.9)  # what fresh ones hold
+                for old, p in zip(previous, params)]
+    scores = SnipMomentum(source="grad").score_module(mlp, params, previous=previous)
+    assert [s.data_ptr() for s in scores] == [old.data_ptr() for old in previous]
+    for got, want in zip(scores, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # scores it cannot reuse (another dtype, a missing one) are left alone: fresh tensors
+    kept = [previous[0].double(), None] + previous[2:]
+    copies = [None if k is None else k.clone() for k in kept]
+    scores = SnipMomentum(source="grad").score_module(mlp, params, previous=kept)
+    assert scores[0].data_ptr() != kept[0].data_ptr() and scores[0].dtype == torch.float32
+    for old, copy_ in zip(kept, copies):
+        assert old is None or torch.equal(old, copy_)
+    mlp.zero_grad(set_to_none=True)
