@@ -10,7 +10,12 @@ Variants, each on its own copy of the same model, 90% of the linear/conv weights
 - ``chop fast_masks``: the same graph inside :func:`chop.training.loop.fast_masks` (masks kept
   in the weights: gradients masked in place, weights re-masked after the step);
 - ``torch prune``: ``torch.nn.utils.prune.custom_from_mask`` on the eager module (a forward
-  pre-hook recomputes ``weight = weight_orig * weight_mask`` every step).
+  pre-hook recomputes ``weight = weight_orig * weight_mask`` every step);
+- ``floor: dense + one gradient pass``: the dense step plus one in-place pass over the
+  gradients of the weights the masks cover (each multiplied by 1.0, read and written once),
+  between backward and the optimizer step. Masking gradients in a pass of its own, as
+  ``fast_masks`` does, costs at least that (and reads the masks as well); only a kernel that
+  fuses the mask into the backward or the optimizer step could cost less.
 
 Models: BERT-small (transformers ``BertForSequenceClassification``, hidden 512, 4 layers,
 8 heads, intermediate 2048; 8×128 tokens), a ResNet-18-style CNN written here (torchvision
@@ -68,7 +73,8 @@ from arguments import at_least, percent, sparsity_arg  # noqa: E402
 from bench_snip import ResNet18  # noqa: E402  (the same ResNet-18 for 32×32 inputs)
 
 TARGET = 1.05
-VARIANTS = ("dense", "masked graph", "chop fast_masks", "torch prune (custom_from_mask)")
+VARIANTS = ("dense", "masked graph", "chop fast_masks", "torch prune (custom_from_mask)",
+            "floor: dense + one gradient pass")
 CHOP = VARIANTS[1:3]  # chop's own variants: the target applies to them, not to the baselines
 
 
@@ -104,8 +110,9 @@ MODELS = {"bert-small": ("BERT-small (4×512, 8×128 tokens)", bert_small),
 class Variant:
     """One model copy, its optimizer and how one step runs."""
 
-    def __init__(self, name: str, forward, params, enter=None, fused: bool = False):
-        self.name, self.forward = name, forward
+    def __init__(self, name: str, forward, params, enter=None, fused: bool = False,
+                 after_backward=None):
+        self.name, self.forward, self.after_backward = name, forward, after_backward
         self.optimizer = torch.optim.Adam(params, lr=1e-4, fused=fused or None)
         self.context = enter(self.optimizer) if enter is not None else None
         if self.context is not None:
@@ -116,6 +123,8 @@ class Variant:
         start = time.perf_counter()
         loss = F.cross_entropy(logits_of(self.forward(inputs)), targets)
         loss.backward()
+        if self.after_backward is not None:
+            self.after_backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
@@ -136,6 +145,12 @@ def variants(model: nn.Module, batches, sparsity: float, fused: bool = False) ->
         prune.custom_from_mask(hooked.get_submodule(owner_name), attr, mask)
     masked.train()
     fast.train()
+    floor = copy.deepcopy(model)
+    floor.train()
+    covered = [floor.get_parameter(name) for name in masks]
+
+    def one_pass() -> None:  # what masking the gradients in a pass of their own reads and writes
+        torch._foreach_mul_([p.grad for p in covered if p.grad is not None], 1.0)
     return [
         Variant(VARIANTS[0], lambda x: call(dense, x), dense.parameters(), fused=fused),
         Variant(VARIANTS[1], lambda x: call(masked.module, x), masked.module.parameters(),
@@ -143,6 +158,8 @@ def variants(model: nn.Module, batches, sparsity: float, fused: bool = False) ->
         Variant(VARIANTS[2], lambda x: call(fast.module, x), fast.module.parameters(),
                 enter=lambda opt: fast_masks(fast, opt), fused=fused),
         Variant(VARIANTS[3], lambda x: call(hooked, x), hooked.parameters(), fused=fused),
+        Variant(VARIANTS[4], lambda x: call(floor, x), floor.parameters(), fused=fused,
+                after_backward=one_pass),
     ]
 
 
