@@ -222,7 +222,6 @@ class Pruner:
         self._masks: dict[str, torch.Tensor] = {}  # plain module: masks on the params' devices
         self._held: torch.Tensor | None = None  # the same, one flat buffer (see _keep)
         self._copied: torch.Tensor | None = None  # a small model's factors (see _keep)
-        self._multiply: Callable[..., None] = multiply_masks_  # by _factor_list (see _keep)
         self._factor_list: list[torch.Tensor] = []  # the factors of _applied, in order
         self._targets: list[nn.Parameter] | None = None  # its parameters, when none is sharded
         self._counts: list[int] | None = None  # the eager path's kept counts of _masks
@@ -414,6 +413,14 @@ class Pruner:
         if mask is not None and param.grad is not None:
             with torch.no_grad():
                 self._multiply([param.grad], [mask])
+
+    def _multiply(self, tensors: list[torch.Tensor], factors: list[torch.Tensor]) -> None:
+        """``tensors[i] *= factors[i]``: a small model's float factors (``_copied``) in one
+        multi-tensor multiply, uint8 views by :func:`multiply_masks_` (large ones in pieces)."""
+        if self._copied is not None:
+            torch._foreach_mul_(tensors, factors)
+        else:
+            multiply_masks_(tensors, factors)
 
     def apply_masks(self) -> None:
         """Multiply the plain module's pruned parameters (their local shards) by their masks,
@@ -668,8 +675,6 @@ class Pruner:
                 self._copied = held.view(torch.uint8).to(next(iter(dtypes)))
                 factors = [part.view(f.shape) for part, f in zip(
                     self._copied.split([f.numel() for f in factors]), factors)]
-            # float factors: one multi-tensor multiply; uint8 views: chunk by chunk (large ones)
-            self._multiply = torch._foreach_mul_ if self._copied is not None else multiply_masks_
             self._applied = list(zip(params, factors))
             self._owners = [(name, tuple(owner.split(".")) if owner else (), attr, param)
                             for name, param in zip(self._masks, params)
