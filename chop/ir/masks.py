@@ -14,7 +14,7 @@ Which weights are *prunable* by default (linear and conv weights, as roles recor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +81,14 @@ def masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     into = torch.empty_like(tensor)
     multiply_masks_([tensor], [mask], [into])
     return into
+
+
+def gradient_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tensor hook: the gradient times ``mask``, what a mask node's backward computes (for a
+    weight whose mask node passes it through, see :func:`weight_through`)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return masked(grad, mask)
+    return hook
 
 
 def mask_nodes(graph: Graph) -> Iterator[Node]:

@@ -34,9 +34,9 @@ from chop.ir.graph import COPY_TARGET, Graph
 from chop.ir.masks import (
     current_masks,
     factor,
+    gradient_masker,
     mask_nodes,
     mask_of,
-    masked,
     multiply_masks_,
     weight_through,
 )
@@ -69,13 +69,6 @@ class TrainSpec:
     fast_masks: bool = True
 
 
-def _grad_masker(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A tensor hook: the gradient times ``mask`` (what the mask node's backward computes)."""
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return masked(grad, mask)
-    return hook
-
-
 def _accumulated_masker(mask: torch.Tensor) -> Callable[[nn.Parameter], None]:
     """A post-accumulate-grad hook: ``.grad`` times ``mask``, in place. Once accumulated,
     ``.grad`` is the weight's own tensor (autograd copies a gradient that anything else
@@ -99,7 +92,7 @@ def _grad_hook(weight: nn.Parameter, mask: torch.Tensor) -> Any:
     already has post-accumulate-grad hooks (which would run first and see them unmasked), in a
     tensor hook before accumulation; returns the handle."""
     if getattr(weight, "_post_accumulate_grad_hooks", None):
-        return weight.register_hook(_grad_masker(mask))
+        return weight.register_hook(gradient_masker(mask))
     return weight.register_post_accumulate_grad_hook(_accumulated_masker(mask))
 
 

@@ -33,7 +33,7 @@ from torch.fx import Node
 
 from chop.errors import DataError, InternalError
 from chop.ir.graph import Graph
-from chop.ir.masks import masked, passed_through
+from chop.ir.masks import gradient_masker, passed_through
 from chop.kernels import distributed
 from chop.pipeline.batches import batch_loss
 
@@ -88,7 +88,7 @@ def scoring(graph: Graph, nodes: list[Node], *, bn: str = "eval") -> Iterator[li
         for p in frozen:
             p.requires_grad_(True)
         scored = {id(p) for p in params}  # gradients as the masked graph's mul gives them
-        hooks = [weight.register_hook(lambda grad, mask=mask: masked(grad, mask))
+        hooks = [weight.register_hook(gradient_masker(mask))
                  for weight, mask in passed_through(graph) if id(weight) in scored]
         if validate:  # a plain attribute: set without nn.Module.__setattr__'s checks
             graph.module.__dict__["validate_inputs"] = False
