@@ -53,7 +53,7 @@ from torch.nn.modules import module as torch_module
 
 from chop.errors import LintError, TraceError
 from chop.ir import meta
-from chop.ir.replay import WrittenBuffers, copied_inputs, output_difference
+from chop.ir.replay import WrittenBuffers, copied_inputs, cut_inputs, output_difference
 
 log = logging.getLogger("chop")
 aten = torch.ops.aten
@@ -1010,29 +1010,40 @@ def _graph_of(program: Any, name: str, training: bool, traced_training: bool) ->
 def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) -> str | None:
     """How the train-mode ``graph`` in eval mode fails to reproduce ``model`` in eval mode on
     the example inputs (:func:`~chop.ir.replay.output_difference`), or None; None also when
-    either cannot run them. Both run from the same random seed, in a forked random state, each
-    on its own copy of the inputs, and the tensors their forwards write are put back, so the
-    model and the inputs are left as they were (Python attributes a forward sets are not).
-    The eager forward runs without the fast path of torch's Transformer layers, which under
-    ``no_grad`` in eval mode computes padded positions differently from the layers' code that
-    the export captured."""
+    either cannot run them. Both run on the inputs cut to a few samples and positions
+    (:func:`~chop.ir.replay.cut_inputs`: two forwards of the whole example batch were most of
+    a trace's time on a large batch), or whole when the graph refuses the cut ones; from the
+    same random seed, in a forked random state, each on its own copy of the inputs, and the
+    tensors their forwards write are put back, so the model and the inputs are left as they
+    were (Python attributes a forward sets are not). The eager forward runs without the fast
+    path of torch's Transformer layers, which under ``no_grad`` in eval mode computes padded
+    positions differently from the layers' code that the export captured."""
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    cut = cut_inputs(graph.module, args, kwargs)
+    tries = [(args, kwargs)] if cut[0] is args and cut[1] is kwargs else [cut, (args, kwargs)]
     try:
         model_state = WrittenBuffers(graph.module, model)
         graph_state = WrittenBuffers(graph.module)
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.backends.mha.set_fastpath_enabled(False)
-            model.eval()
-            torch.manual_seed(0)
-            expected = model(*copied_inputs(args), **copied_inputs(kwargs))
-            model_state.restore()
-            with graph.mode(batch_norm=False, dropout=False):
-                torch.manual_seed(0)
-                got = graph.module(*copied_inputs(args), **copied_inputs(kwargs))
-            graph_state.restore()
-        return output_difference(got, expected)
-    except Exception:  # noqa: BLE001 - a model that cannot run the example inputs: no verdict
+        torch.backends.mha.set_fastpath_enabled(False)
+        model.eval()
+        for a, k in tries:
+            try:
+                with torch.no_grad(), torch.random.fork_rng():
+                    torch.manual_seed(0)
+                    expected = model(*copied_inputs(a), **copied_inputs(k))
+                    model_state.restore()
+                    with graph.mode(batch_norm=False, dropout=False):
+                        torch.manual_seed(0)
+                        got = graph.module(*copied_inputs(a), **copied_inputs(k))
+            except Exception:  # noqa: BLE001 - cut inputs refused: the whole ones; else no verdict
+                continue
+            finally:
+                model_state.restore()
+                graph_state.restore()
+            return output_difference(got, expected)
+        return None
+    except Exception:  # noqa: BLE001 - a model whose written tensors cannot be read: no verdict
         return None
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

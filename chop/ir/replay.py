@@ -6,6 +6,8 @@
 - :func:`output_difference`: how two model outputs (tensors or nested structures of them)
   differ beyond float round-off, in words, or None.
 - :func:`copied_inputs`: inputs with each tensor copied, for a forward that may write them.
+- :func:`cut_inputs`: inputs cut to a few samples and positions along the dims the graph
+  traced as dynamic: two runs compared on them cost a fraction of two runs of a whole batch.
 """
 
 from __future__ import annotations
@@ -50,6 +52,62 @@ def copied_inputs(inputs: Any) -> Any:
     """``inputs`` (any nesting) with each tensor replaced by a copy of it: a forward may write
     its inputs in place, which would change the caller's data and the next run's inputs."""
     return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
+
+
+CHECK_SAMPLES = 2  # samples a comparison keeps along a dynamic batch dim
+CHECK_LENGTH = 16  # positions it keeps along another dynamic dim (a token sequence)
+
+
+def cut_inputs(module: GraphModule, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """``(args, kwargs)``, the inputs of the exported ``module``, cut along every dim it traced
+    as a dynamic size of its own (a symbol): to the first ``CHECK_SAMPLES`` samples where the
+    symbol is a leading (batch) dim and to ``CHECK_LENGTH`` positions elsewhere (a sequence),
+    never below the smallest size the module accepts for it. The same two objects when nothing
+    is cut or they are not the module's inputs one to one.
+
+    Two runs compared on the cut inputs cost a fraction of two runs of the whole batch, and a
+    difference between two computations of one model (training-only code, a wrong rewrite)
+    shows on any sample and at any position. A module that refuses the cut inputs (a guard
+    its bounds did not show) is run on the whole inputs by the caller."""
+    spec = getattr(module, "_in_spec", None)
+    if spec is None or spec.num_children != 2:
+        return args, kwargs
+    positional, keywords = spec.children()
+    if len(args) != positional.num_children or set(kwargs) != set(keywords.context or ()):
+        return args, kwargs  # not the module's inputs: its own call says what is wrong
+    try:
+        leaves = torch.fx._pytree.tree_flatten_spec((args, kwargs), spec)
+    except Exception:  # noqa: BLE001 - nested otherwise than the module was traced with
+        return args, kwargs
+    vals = [n.meta.get("val") for n in module.graph.find_nodes(op="placeholder")]
+    if len(leaves) != len(vals):
+        return args, kwargs
+    dims = []  # (input tensor, dim, its size's symbol)
+    for leaf, val in zip(leaves, vals):
+        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
+            dims += [(leaf, d, size) for d, size in enumerate(val.shape[:leaf.dim()])
+                     if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol]
+    keep: dict[Any, int] = {}  # symbol -> how much of it the comparison runs
+    for _, d, size in dims:
+        bounds = size.node.shape_env.var_to_range.get(size.node.expr)
+        low = int(bounds.lower) if bounds is not None and bounds.lower.is_integer else None
+        if low is not None:
+            n = max(low, CHECK_SAMPLES if d == 0 else CHECK_LENGTH)
+            keep[size.node.expr] = min(keep.get(size.node.expr, n), n)
+    cuts: dict[int, dict[int, int]] = {}  # id of an input tensor -> {dim: new size}
+    for leaf, d, size in dims:
+        n = keep.get(size.node.expr)
+        if n is not None and n < leaf.shape[d]:
+            cuts.setdefault(id(leaf), {})[d] = n
+    if not cuts:
+        return args, kwargs
+
+    def cut(x: Any) -> Any:
+        for d, n in cuts.get(id(x), {}).items():
+            x = x.narrow(d, 0, n)
+        return x
+
+    return pytree.tree_map(cut, (args, kwargs))
 
 
 def _state(module: nn.Module, name: str) -> torch.Tensor:

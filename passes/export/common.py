@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from chop.errors import InternalError
 from chop.ir.graph import Graph, droppable_guards
-from chop.ir.replay import WrittenBuffers, copied_inputs
+from chop.ir.replay import WrittenBuffers, copied_inputs, cut_inputs
 from chop.kernels.csr import bind, csr_linear_forward
 from chop.kernels.timing import median_seconds
 from chop.pipeline.batches import call, check_same_outputs
@@ -150,57 +150,17 @@ def _round_off(graph: Graph, sample: Any, outputs: Any) -> float | None:
     return _largest_difference(outputs, exact)
 
 
-CHECK_SAMPLES = 2  # samples the export check keeps along a dynamic batch dim
-CHECK_LENGTH = 16  # positions it keeps along another dynamic dim (a token sequence)
-
-
 def check_inputs(graph: Graph, inputs: Any) -> Any:
-    """What the export check runs: ``inputs`` cut along every dim the graph traced as a
-    dynamic size of its own (a symbol), to their first ``CHECK_SAMPLES`` samples where the
-    symbol is a leading (batch) dim and to ``CHECK_LENGTH`` positions elsewhere (a sequence),
-    never below the smallest size the graph accepts for it; ``inputs`` itself when nothing is
-    cut or they are not the graph's inputs one to one (the check then runs them whole)."""
-    spec = getattr(graph.module, "_in_spec", None)
-    if spec is None or spec.num_children != 2:
-        return inputs
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (
-        (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {})
-    positional, keywords = spec.children()
-    if len(args) != positional.num_children or set(kwargs) != set(keywords.context or ()):
-        return inputs  # not the graph's inputs: its own call says what is wrong
-    try:
-        leaves = torch.fx._pytree.tree_flatten_spec((args, kwargs), spec)
-    except Exception:  # noqa: BLE001 - nested otherwise than the graph was traced with
-        return inputs
-    vals = [n.meta.get("val") for n in graph.module.graph.find_nodes(op="placeholder")]
-    if len(leaves) != len(vals):
-        return inputs
-    dims = []  # (input tensor, dim, its size's symbol)
-    for leaf, val in zip(leaves, vals):
-        if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
-            dims += [(leaf, d, size) for d, size in enumerate(val.shape[:leaf.dim()])
-                     if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol]
-    keep: dict[Any, int] = {}  # symbol -> how much of it the check runs
-    for _, d, size in dims:
-        bounds = size.node.shape_env.var_to_range.get(size.node.expr)
-        low = int(bounds.lower) if bounds is not None and bounds.lower.is_integer else None
-        if low is not None:
-            n = max(low, CHECK_SAMPLES if d == 0 else CHECK_LENGTH)
-            keep[size.node.expr] = min(keep.get(size.node.expr, n), n)
-    cuts: dict[int, dict[int, int]] = {}  # id of an input tensor -> {dim: new size}
-    for leaf, d, size in dims:
-        n = keep.get(size.node.expr)
-        if n is not None and n < leaf.shape[d]:
-            cuts.setdefault(id(leaf), {})[d] = n
-    if not cuts:
-        return inputs
-
-    def cut(x: Any) -> Any:
-        for d, n in cuts.get(id(x), {}).items():
-            x = x.narrow(d, 0, n)
-        return x
-
-    return pytree.tree_map(cut, inputs)
+    """What the export check runs: one batch's ``inputs`` (a tensor, a tuple/list, or a dict
+    of keyword inputs) cut to a few samples and positions by
+    :func:`~chop.ir.replay.cut_inputs`; ``inputs`` itself when nothing is cut."""
+    if isinstance(inputs, dict):
+        return cut_inputs(graph.module, (), inputs)[1]
+    if isinstance(inputs, (tuple, list)):
+        args = tuple(inputs)
+        cut = cut_inputs(graph.module, args, {})[0]
+        return inputs if cut is args else cut
+    return cut_inputs(graph.module, (inputs,), {})[0][0]
 
 
 def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:

@@ -254,6 +254,46 @@ def test_eval_outputs_are_deterministic_and_equal_the_eager_models(options, trac
         torch.testing.assert_close(graph.copy()(x), expected, rtol=0, atol=0)  # a copy too
 
 
+class SeesEval(nn.Module):
+    """Records the shape of each input its eval-mode forward runs on."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        if not self.training:
+            self.seen.append(tuple(x.shape))
+        return self.fc(x)
+
+
+def test_the_eval_check_runs_two_samples_of_a_large_example_batch():
+    model = SeesEval()
+    graph = chop.trace(model, (torch.randn(64, 4),))
+    assert model.seen == [(2, 4)]  # not the 64 samples: two forwards of those cost more
+    assert graph.traced_training
+    with torch.no_grad():  # the graph still takes any batch
+        torch.testing.assert_close(graph(torch.ones(64, 4)), model.train()(torch.ones(64, 4)))
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_training_only_code_is_found_on_the_cut_example_batch_or_else_the_whole(
+        refused, monkeypatch):
+    import chop.ir.graph as graph_module
+
+    if refused:  # cut inputs the graph refuses (a wrong width): the whole batch is compared
+        real = graph_module.cut_inputs
+        monkeypatch.setattr(graph_module, "cut_inputs", lambda module, args, kwargs: (
+            (args[0][:, :2],), real(module, args, kwargs)[1]))
+    x = torch.randn(16, 3, 6, 6)
+    graph = chop.trace(patterned(shift=True), (x,))
+    assert not graph.traced_training
+    model = patterned(shift=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(graph.eval()(x), model(x), rtol=0, atol=0)
+
+
 class WritesItsInput(nn.Module):
     def __init__(self):
         super().__init__()
