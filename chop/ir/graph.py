@@ -566,6 +566,7 @@ class Graph:
         self._retie()
         first = {id(p): name for name, p in self.module.named_parameters()}
         kept: dict[str, Node] = {}
+        edited = False
         for node in list(self.module.graph.find_nodes(op="get_attr")):
             try:
                 name = first[id(self.module.get_parameter(node.target))]
@@ -573,11 +574,13 @@ class Graph:
                 continue  # a buffer
             if name not in kept:
                 kept[name] = node
-                node.target = name
+                edited, node.target = edited or node.target != name, name
             else:
                 node.replace_all_uses_with(kept[name])
                 self.module.graph.erase_node(node)
-        self.module.recompile()
+                edited = True
+        if edited:  # else the module's code is the graph's already (fx's own rule)
+            self.module.recompile()
 
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dim

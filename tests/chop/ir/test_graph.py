@@ -485,6 +485,9 @@ def test_replacing_a_tied_parameter_replaces_it_under_every_name():
             return self.head(self.embed(ids))
 
     graph = chop.trace(Tied(), (torch.randint(0, 12, (2, 5)),))
+    # one node for the tied parameter, by its first name, and code generated from that graph
+    assert [n.target for n in graph.module.graph.find_nodes(op="get_attr")] == ["embed.weight"]
+    assert "embed" in graph.module.code and "head" not in graph.module.code
     chop.run(graph, "magnitude, mask{sparsity=0.5, embeddings=true}, fold")
     state = graph.module.state_dict()
     embed, head = state["embed.weight"], state["head.weight"]
