@@ -43,7 +43,8 @@ def save(graph: Graph, outdir: str | Path, inputs: Any, *, model: nn.Module | No
             copy: ``graph`` is left as it is).
         outdir: the output folder; it must not exist or be empty, unless ``force``.
         inputs: one batch's inputs (a tensor, a tuple, or a dict of keyword inputs): the
-            example ``model.pt2`` is exported with, and the input every file is checked on.
+            example ``model.pt2`` is exported with; every file is checked on their first two
+            samples (16 positions of a dynamic sequence), as the export passes check.
         model: the traced model: ``weights.safetensors`` is checked by loading it into a copy
             of it; a transformers model (with ``save_pretrained``) is also written as
             ``hf/``, with ``tokenizer`` when given.
@@ -61,8 +62,9 @@ def save(graph: Graph, outdir: str | Path, inputs: Any, *, model: nn.Module | No
         folder = Folder(Path(), model, tokenizer, copy.deepcopy(model.config),
                         task_of(type(model).__name__), {})
 
-        def extra(tmp: Path, state: dict, reshaped: bool, expected: Any) -> dict[str, Any]:
-            why = write_folder(folder, state, reshaped, tmp / "hf", inputs, expected)
+        def extra(tmp: Path, state: dict, reshaped: bool, sample: Any, expected: Any
+                  ) -> dict[str, Any]:
+            why = write_folder(folder, state, reshaped, tmp / "hf", sample, expected)
             if why is not None:  # asked for (a transformers model), so said
                 log.warning("hf/ was not written: %s", why)
             return {"hf": {"written": why is None, **({"reason": why} if why else {})}}

@@ -58,6 +58,7 @@ from chop.errors import ChopError, InternalError, OutputError, TraceError
 from chop.ir import meta
 from chop.ir.graph import Graph, dynamic_shapes, widen_batch_of_one
 from chop.ir.masks import is_masked
+from chop.passes.export.common import check_inputs
 from chop.passes.export.fold import fold_masks
 from chop.passes.export.sparse import csr_weights
 from chop.pipeline.batches import call, check_same_outputs
@@ -436,7 +437,7 @@ def write_outputs(
     inputs: Any,
     keys: Sequence[str],
     model: nn.Module | None = None,
-    extra: Callable[[Path, dict[str, torch.Tensor], bool, Any], dict[str, Any]] | None = None,
+    extra: Callable[[Path, dict[str, torch.Tensor], bool, Any, Any], dict[str, Any]] | None = None,
 ) -> None:
     """Write every output file of ``graph`` into ``out``'s temporary folder, check each model
     file, and commit it as OUTDIR.
@@ -446,24 +447,34 @@ def write_outputs(
             are stored pruned and without mask buffers.
         report: the report dict (``report.json``, the HTML page).
         out: OUTDIR, reserved (an entered :class:`Output`).
-        inputs: one batch's inputs: the export's example and the check's input.
+        inputs: one batch's inputs: the export's example; the files are checked on their first
+            samples (and positions), as the export passes check a rewrite
+            (:func:`~chop.passes.export.common.check_inputs`), or on all of them when the graph
+            refuses those.
         keys: the original state-dict keys, in order: ``weights.safetensors`` holds exactly
             these, so it loads into the original model class with ``strict=True``. After
             ``shrink`` or ``sparse``, which change shapes and storage, it holds the graph's own
             state dict instead, and that check is skipped (``model.pt2`` is still checked).
         model: the original model, if there is one: ``weights.safetensors`` is checked by
             loading it into a copy and comparing outputs.
-        extra: ``extra(folder, state, reshaped, expected)`` writes more files into the
-            temporary folder (the Hugging Face folder ``hf/``: :mod:`chop.cli.hf`) from the
+        extra: ``extra(folder, state, reshaped, sample, expected)`` writes more files into
+            the temporary folder (the Hugging Face folder ``hf/``: :mod:`chop.cli.hf`) from the
             pruned graph's ``state`` dict (``reshaped``: after ``shrink``/``sparse``) and
-            checks them against ``expected``, the graph's outputs on ``inputs``; what it
-            returns is added to the report.
+            checks them against ``expected``, the graph's outputs on ``sample``, the inputs
+            the files are checked on; what it returns is added to the report.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     with torch.no_grad(), graph.mode(batch_norm=False, dropout=False):
-        expected = call(graph.module, inputs)
+        sample = check_inputs(graph, inputs)
+        try:
+            expected = call(graph.module, sample)
+        except Exception:  # noqa: BLE001 - a guard the bounds did not show: the whole batch
+            if sample is inputs:
+                raise
+            sample = inputs
+            expected = call(graph.module, sample)
     masks = masks_of(graph)
     if is_masked(graph):
         fold_masks(graph)
@@ -497,7 +508,7 @@ def write_outputs(
             except SafetensorError as e:  # its own type for an OS error (a full disk)
                 raise OSError(errno.EIO, str(e), str(tmp / f"{name}.safetensors")) from e
         if extra is not None:
-            report.update(extra(tmp, state, bool(reshaped), expected))
+            report.update(extra(tmp, state, bool(reshaped), sample, expected))
         (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
         (tmp / "sparsity.html").write_text(render_html(report, layers), encoding="utf-8")
         (tmp / "graph.dot").write_text(to_dot(layers, report.get("model", "model")), "utf-8")
@@ -520,12 +531,12 @@ def write_outputs(
                     "memory, or save graph.module.state_dict() with safetensors"
                 ) from again
             raise InternalError(f"chop's own model.pt2 does not load untrusted: {e}") from e
-        check_same_outputs("model.pt2", call(saved.module(), inputs), expected)
+        check_same_outputs("model.pt2", call(saved.module(), sample), expected)
         if model is not None:
             copy = _copy(model)
             if copy is not None:
                 copy.load_state_dict(load_file(tmp / "weights.safetensors"), strict=True)
-                check_same_outputs("weights.safetensors", call(copy.eval(), inputs), expected)
+                check_same_outputs("weights.safetensors", call(copy.eval(), sample), expected)
     out.commit()
     log.info("wrote %s", ", ".join(FILES))
 

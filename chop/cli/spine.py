@@ -287,8 +287,9 @@ def write(graph: Graph, config: Config, out: Output, example: Any, keys: Sequenc
     extra = None
     folder = loaded.folder
     if folder is not None:
-        def extra(tmp: Path, state: dict, reshaped: bool, expected: Any) -> dict[str, Any]:
-            why = hf.write_folder(folder, state, reshaped, tmp / "hf", example, expected)
+        def extra(tmp: Path, state: dict, reshaped: bool, sample: Any, expected: Any
+                  ) -> dict[str, Any]:
+            why = hf.write_folder(folder, state, reshaped, tmp / "hf", sample, expected)
             if why is not None:
                 log.info("hf/ was not written: %s", why)  # the summary says it
                 return {"hf": {"written": False, "reason": why}}

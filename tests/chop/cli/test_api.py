@@ -53,6 +53,27 @@ def test_save_writes_what_the_cli_writes_and_leaves_the_graph(mlp, mlp_batches, 
     chop.save(graph, tmp_path / "out", mlp_batches[0][0], force=True)
 
 
+@pytest.mark.parametrize("refused", [False, True])
+def test_save_checks_each_file_on_two_samples_or_else_the_whole_batch(
+        refused, mlp, mlp_batches, tmp_path, monkeypatch):
+    from chop.cli import outputs
+
+    graph = pruned(mlp, mlp_batches)
+    seen = []
+
+    def spy(module, inputs):  # every forward that computes or checks a file's outputs
+        seen.append(tuple(inputs.shape))
+        return real(module, inputs)
+
+    real = outputs.call
+    monkeypatch.setattr(outputs, "call", spy)
+    if refused:  # cut inputs the graph refuses (a wrong width): the whole batch is run
+        monkeypatch.setattr(outputs, "check_inputs", lambda graph, x: x[:2, :3])
+    chop.save(graph, tmp_path / "out", mlp_batches[0][0], model=mlp)
+    # the graph's outputs, then model.pt2's and weights.safetensors' (the batch has 8 samples)
+    assert seen == ([(2, 3)] + [(8, 16)] * 3 if refused else [(2, 16)] * 3)
+
+
 def _gpt2(pipeline: str):
     """A tiny GPT-2, its tokenizer, two padded sentences and its graph after ``pipeline``."""
     model, tokenizer = zoo.hf_model("gpt2"), zoo.hf_tokenizer()
