@@ -41,6 +41,44 @@ def test_digits() -> None:
     assert y.dtype == torch.int64
 
 
+@pytest.mark.parametrize("shipped", [True, False])
+def test_the_digits_are_scikit_learns_read_from_its_file_or_else_through_it(
+        shipped: bool, tmp_path: Path, monkeypatch) -> None:
+    from sklearn.datasets import load_digits
+
+    import chop.cli.datasets as datasets
+
+    if not shipped:  # scikit-learn without the CSV where it keeps it: load_digits
+        monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: type(
+            "Spec", (), {"submodule_search_locations": [str(tmp_path)]})())
+    x, y = datasets.digits()
+    expected = load_digits()
+    assert torch.equal(x, torch.tensor(expected.data, dtype=torch.float32).reshape(-1, 1, 8, 8)
+                       / 16)
+    assert torch.equal(y, torch.tensor(expected.target, dtype=torch.int64))
+
+
+def test_the_digits_need_scikit_learn_installed(monkeypatch) -> None:
+    import chop.cli.datasets as datasets
+
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="needs scikit-learn: pip install scikit-learn"):
+        datasets.digits()
+
+
+def test_reading_the_digits_does_not_import_scikit_learn() -> None:
+    """Importing scikit-learn took 3.4 s, most of the README's first example."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    code = ("import sys; from chop.cli.datasets import digits; x, y = digits(); "
+            "assert x.shape == (1797, 1, 8, 8); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_synthetic_and_shape() -> None:
     batches = load_batches(spec(source="synthetic", shape=(3, 5), classes=4), Path("."))
     assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 5), (4, 3, 5)]
