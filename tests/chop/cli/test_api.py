@@ -74,6 +74,38 @@ def test_save_checks_each_file_on_two_samples_or_else_the_whole_batch(
     assert seen == ([(2, 3)] + [(8, 16)] * 3 if refused else [(2, 16)] * 3)
 
 
+class Counting(torch.nn.Module):
+    """Bumps a call counter its output depends on, and writes its input in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        x.mul_(2)
+        return self.fc(x) + self.calls
+
+
+def test_save_of_a_model_that_writes_its_state_and_inputs_holds_the_state_it_checked(
+        tmp_path):
+    """The check's forward bumped the counter: model.pt2 then held 1 and gave outputs one
+    higher than the graph's, a "bug in chop" error."""
+    torch.manual_seed(0)
+    model = Counting()
+    graph = chop.trace(model, (torch.randn(2, 4),))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    x = torch.randn(6, 4)
+    given = x.clone()
+    chop.save(graph, tmp_path / "out", x, model=model)
+    assert torch.equal(x, given)  # the inputs are left as they were
+    assert float(load_file(tmp_path / "out" / "weights.safetensors")["calls"]) == 0
+    program = torch.export.load(tmp_path / "out" / "model.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(given.clone()), graph.eval()(given.clone()))
+
+
 def _gpt2(pipeline: str):
     """A tiny GPT-2, its tokenizer, two padded sentences and its graph after ``pipeline``."""
     model, tokenizer = zoo.hf_model("gpt2"), zoo.hf_tokenizer()
