@@ -23,7 +23,10 @@ Which CSR kernel (``kernel``): ``measure`` (the default) times torch's three CSR
 loop on each converted layer at 1, 4, 16 and 64 input rows
 (:func:`~chop.kernels.csr.plan_kernels`) and stores the winners per row band as the op's plan;
 the measurement happens here, on the machine that runs the pass, so run it where the model will
-serve. A kernel name uses that kernel for every batch size (no timing).
+serve. A layer of the shape and dtype of one measured before, holding as many entries to
+within 10% (``_SHARE_NNZ``), takes that layer's plan (``shared_with`` in its row): the layers
+of a transformer's blocks are measured once per kind, not once each (0.1–2 s a layer).
+A kernel name uses that kernel for every batch size (no timing).
 
 Layout: a ``csr_linear`` whose result is read only by other ``csr_linear`` layers, directly or
 through elementwise ops (activations; sums, products and powers of such results with each other
@@ -176,20 +179,31 @@ def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[in
     return times["dense"], times["csr"]
 
 
-def _plan(csr: tuple, shape: tuple[int, int], kernel: str, row: dict[str, Any]
-          ) -> tuple[list[int], list[int]]:
-    """The layer's kernel plan: measured (``kernel="measure"``) or the one named; recorded in
-    ``row["kernels"]`` with the timings in µs per input row count."""
+def _plan(csr: tuple, shape: tuple[int, int], kernel: str, row: dict[str, Any], name: str,
+          planned: dict[tuple, list[tuple[str, int, tuple]]]) -> tuple[list[int], list[int]]:
+    """The layer ``name``'s kernel plan: the one named, or (``kernel="measure"``) that of a
+    layer in ``planned`` (by shape and dtype: name, entries, plan) holding as many entries to
+    within ``_SHARE_NNZ``, else measured and added there; recorded in ``row["kernels"]`` with
+    the timings in µs per input row count, or with the name of the layer it shares."""
     if kernel != "measure":
         plan: tuple[list[int], list[int]] = ([KERNELS.index(kernel)], [])
         row["kernels"] = {"plan": describe_plan(*plan)}
         return plan
+    entries, same = csr[0].numel(), planned.setdefault((shape, csr[0].dtype), [])
+    for other, kept, plan in same:
+        if abs(entries - kept) <= _SHARE_NNZ * kept:
+            row["kernels"] = {"plan": describe_plan(*plan), "shared_with": other}
+            return plan
     kernels, from_rows, seconds = plan_kernels(*csr, shape)
     row["kernels"] = {
         "plan": describe_plan(kernels, from_rows),
         "us": {rows: {k: t * 1e6 for k, t in times.items()} for rows, times in seconds.items()},
     }
+    same.append((name, entries, (kernels, from_rows)))
     return kernels, from_rows
+
+
+_SHARE_NNZ = 0.1  # relative difference in stored entries within which layers share a plan
 
 
 def _replace_with_csr(
@@ -262,6 +276,7 @@ def sparsify(
 ) -> dict[str, dict[str, Any]]:
     """Convert the masked weights of ``graph`` as the module doc says; returns a row per weight."""
     rows: dict[str, dict[str, Any]] = {}
+    planned: dict[tuple, list[tuple[str, int, tuple]]] = {}  # measured plans (see _plan)
     for mul in list(mask_nodes(graph)):
         name = mask_of(mul)
         weight_node, mask_node = mul.args
@@ -321,7 +336,7 @@ def sparsify(
                 row["latency_us"] = [median_seconds(lambda x=x, w=dense_w: F.linear(x, w)) * 1e6] * 2
             continue
         csr = to_csr(w, m)
-        plan = _plan(csr, tuple(w.shape), kernel, row)
+        plan = _plan(csr, tuple(w.shape), kernel, row, name, planned)
         if timing or mode == "measure":
             dense_s, sparse_s = _time_layer((w * m).contiguous(), csr, plan, timing_batch)
             row["latency_us"] = [dense_s * 1e6, sparse_s * 1e6]

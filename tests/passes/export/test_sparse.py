@@ -324,6 +324,39 @@ def test_each_layer_stores_its_measured_plan_in_the_op_and_the_info(mlp, mlp_bat
         torch.testing.assert_close(graph(x[:n]), masked[n - 1])
 
 
+def test_layers_of_one_shape_and_about_one_density_share_a_measured_plan(monkeypatch):
+    """A transformer's blocks hold layers of a few kinds: each kind is measured once."""
+    measured = []
+
+    def plan_kernels(values, col, crow, shape):
+        measured.append(values.numel())
+        return [len(measured) % 2], [], {1: {"torch-mm": 1e-6}}
+
+    monkeypatch.setattr("chop.passes.export.sparse.plan_kernels", plan_kernels)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())],
+                          nn.Linear(32, 16))
+    graph = chop.trace(model.eval(), (torch.randn(2, 32),))
+    x = torch.randn(5, 32)
+    chop.run(graph, "magnitude, mask{sparsity=0.8, include='^[024][.]'}, "
+                    "mask{sparsity=0.95, include='^[68][.]'}")
+    expected = graph.eval()(x)
+    chop.run(graph, "sparse{mode=all}")
+    layers = graph.history[-1].info["layers"]
+    kept = {k: round((1 - r["sparsity"]) * r["params"][0]) for k, r in layers.items()}
+    # 0, 2 and 4 (211, 207 and 196 of 1,024 entries: within 10% of 0's) share the plan
+    # measured on 0; 6 (50 entries) and 8 (of another shape) have their own
+    assert [kept[k] for k in ("0.weight", "2.weight", "4.weight", "6.weight")] == [
+        211, 207, 196, 50]
+    assert measured == [kept["0.weight"], kept["6.weight"], kept["8.weight"]]
+    assert [layers[k]["kernels"].get("shared_with") for k in kept] == [
+        None, "0.weight", "0.weight", None, None]
+    assert [layers[k]["kernels"]["plan"] for k in kept] == [
+        "torch-mm", "torch-mm", "torch-mm", "torch-linear", "torch-mm"]
+    assert [n.args[6] for n in csr_nodes(graph)] == [[1], [1], [1], [0], [1]]  # what they run
+    torch.testing.assert_close(graph(x), expected)
+
+
 class Branches(nn.Module):
     """Sparse results read by activations then a sparse layer (a, b), a view (c), a residual
     add (d), and the graph's output (e)."""
