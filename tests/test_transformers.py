@@ -214,6 +214,34 @@ def test_channel_pruning_shrinks_exactly_with_parameter_counts_from_the_architec
     torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-4, atol=1e-5)
 
 
+def test_falcon_loses_heads_where_transformers_splits_its_fused_projection_by_views():
+    """transformers 5.25's Falcon views its fused query_key_value per key/value group (before,
+    it indexed the heads out: no head could go, and the error says why)."""
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.25"):
+        pytest.skip("Falcon splits its fused query_key_value by indexing before transformers 5.25")
+    model, inputs, _ = family("falcon")
+    graph = chop.trace(model.eval(), (), inputs(2, 10))
+    graph.eval()
+    chop.run(graph, "random{seed=1}, mask{granularity=head, sparsity=0.5}")
+    other = inputs(3, 14)
+    with torch.no_grad():
+        expected = graph(**other).logits
+    dense = sum(p.numel() for p in graph.module.parameters())
+    chop.run(graph, "shrink")
+    layers = [f"transformer.h.{i}.self_attention" for i in range(2)]
+    # each layer keeps one of its two key/value groups (the floor): its 2 query heads, 1 key
+    # and 1 value head of 8 rows of query_key_value (64 -> 32 rows), 2 heads' columns of dense
+    assert [tuple(graph.parameter(f"{a}.query_key_value.weight").shape) for a in layers] == [
+        (32, 32), (32, 32)]
+    assert [tuple(graph.parameter(f"{a}.dense.weight").shape) for a in layers] == [
+        (32, 16), (32, 16)]
+    assert sum(p.numel() for p in graph.module.parameters()) == dense - 2 * (32 * 32 + 32 * 16)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(**other).logits, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_head_granularity_prunes_gqa_groups(name):
     """Qwen3 also normalises each head's q and k (q_norm/k_norm): a whole head still goes."""
