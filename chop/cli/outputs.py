@@ -59,10 +59,9 @@ from chop.ir import meta
 from chop.ir.graph import Graph, dynamic_shapes, widen_batch_of_one
 from chop.ir.masks import is_masked
 from chop.ir.replay import WrittenBuffers, copied_inputs
-from chop.passes.export.common import check_inputs
 from chop.passes.export.fold import fold_masks
 from chop.passes.export.sparse import csr_weights
-from chop.pipeline.batches import call, check_same_outputs
+from chop.pipeline.batches import call, check_same_outputs, cut_batch
 
 log = logging.getLogger("chop")
 
@@ -450,7 +449,7 @@ def write_outputs(
         out: OUTDIR, reserved (an entered :class:`Output`).
         inputs: one batch's inputs: the export's example; the files are checked on their first
             samples (and positions), as the export passes check a rewrite
-            (:func:`~chop.passes.export.common.check_inputs`), or on all of them when the graph
+            (:func:`~chop.pipeline.batches.cut_batch`), or on all of them when the graph
             refuses those.
         keys: the original state-dict keys, in order: ``weights.safetensors`` holds exactly
             these, so it loads into the original model class with ``strict=True``. After
@@ -471,7 +470,7 @@ def write_outputs(
         # the tensors a forward writes (a call counter, a cache) are put back: the files hold
         # the state the expected outputs were computed from
         written = WrittenBuffers(graph.module)
-        sample = check_inputs(graph, inputs)
+        sample = cut_batch(graph.module, inputs)
         try:
             expected = call(graph.module, copied_inputs(sample))
         except Exception:  # noqa: BLE001 - a guard the bounds did not show: the whole batch

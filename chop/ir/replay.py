@@ -58,12 +58,13 @@ CHECK_SAMPLES = 2  # samples a comparison keeps along a dynamic batch dim
 CHECK_LENGTH = 16  # positions it keeps along another dynamic dim (a token sequence)
 
 
-def cut_inputs(module: GraphModule, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+def cut_inputs(module: GraphModule, args: tuple, kwargs: dict[str, Any], *,
+               positions: bool = True) -> tuple[tuple, dict]:
     """``(args, kwargs)``, the inputs of the exported ``module``, cut along every dim it traced
     as a dynamic size of its own (a symbol): to the first ``CHECK_SAMPLES`` samples where the
-    symbol is a leading (batch) dim and to ``CHECK_LENGTH`` positions elsewhere (a sequence),
-    never below the smallest size the module accepts for it. The same two objects when nothing
-    is cut or they are not the module's inputs one to one.
+    symbol is a leading (batch) dim and, with ``positions``, to ``CHECK_LENGTH`` positions
+    elsewhere (a sequence), never below the smallest size the module accepts for it. The same
+    two objects when nothing is cut or they are not the module's inputs one to one.
 
     Two runs compared on the cut inputs cost a fraction of two runs of the whole batch, and a
     difference between two computations of one model (training-only code, a wrong rewrite)
@@ -86,7 +87,8 @@ def cut_inputs(module: GraphModule, args: tuple, kwargs: dict[str, Any]) -> tupl
     for leaf, val in zip(leaves, vals):
         if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
             dims += [(leaf, d, size) for d, size in enumerate(val.shape[:leaf.dim()])
-                     if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol]
+                     if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
+                     and (positions or d == 0)]
     keep: dict[Any, int] = {}  # symbol -> how much of it the comparison runs
     for _, d, size in dims:
         bounds = size.node.shape_env.var_to_range.get(size.node.expr)

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from chop.errors import ChopError, DataError, InternalError
 from chop.ir.graph import Graph
-from chop.ir.replay import output_difference
+from chop.ir.replay import cut_inputs, output_difference
 from chop.kernels import distributed
 
 
@@ -27,6 +27,20 @@ def call(module: Callable, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return module(*inputs)
     return module(inputs)
+
+
+def cut_batch(module: torch.fx.GraphModule, inputs: Any, *, positions: bool = True) -> Any:
+    """One batch's ``inputs`` (as :func:`call` takes them) for the exported ``module`` cut to
+    their first samples, and with ``positions`` to the first positions of a dynamic sequence
+    (:func:`chop.ir.replay.cut_inputs`): what a comparison of two computations of a model runs
+    (the export check, the output files' check). ``inputs`` itself when nothing is cut."""
+    if isinstance(inputs, dict):
+        return cut_inputs(module, (), inputs, positions=positions)[1]
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    cut = cut_inputs(module, args, {}, positions=positions)[0]
+    if cut is args:
+        return inputs
+    return cut if isinstance(inputs, (tuple, list)) else cut[0]
 
 
 def logits_of(outputs: Any) -> torch.Tensor:

@@ -11,7 +11,9 @@ mask (0/1), any other linear/conv/embedding weight by its non-zero pattern, norm
 by 1, biases (and other additive parameters, role ``bias``) by 0, BatchNorm statistics by
 mean 0 / variance 1, max-pooling by average pooling over the same windows (max-pooling routes
 the gradient to one element of a window, but every element of the window is connected), and
-every floating-point input by ones. Then every activation is ≥ 0 and is > 0 exactly when the
+every floating-point input by ones (on the batch's first two samples: all-ones samples are all
+the same one; a model with integer inputs runs the whole batch, whose tokens pick the rows
+reached). Then every activation is ≥ 0 and is > 0 exactly when the
 unit is reachable from the input, and the gradient of R = Σ outputs with respect to a kept weight
 w (from unit j to unit i) is the product of the number of paths input → j and i → output (summed
 over positions for a convolution). So a kept weight is effective iff ∂R/∂w > 0 — SynFlow's
@@ -42,7 +44,7 @@ from torch.fx import Node
 from chop.errors import CollapseError
 from chop.ir import meta
 from chop.ir.graph import Graph
-from chop.pipeline.batches import call, take
+from chop.pipeline.batches import call, cut_batch, take
 from chop.pipeline.pass_base import Context, Pass, PassResult
 
 log = logging.getLogger("chop")
@@ -152,6 +154,20 @@ def _example_inputs(graph: Graph, data: Iterable | None) -> Any:
     return tuple(inputs)
 
 
+def _path_grads(graph: Graph, params: list[nn.Parameter], inputs: Any) -> list:
+    """∂R/∂ each of ``params`` for R = Σ outputs of ``graph`` run on ``inputs`` with every
+    floating-point input replaced by ones (None where R does not use one)."""
+    ones = torch.utils._pytree.tree_map(
+        lambda x: torch.ones_like(x, dtype=torch.float64)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() else x, inputs)
+    outputs = [x for x in torch.utils._pytree.tree_leaves(call(graph.module, ones))
+               if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    total = sum(x.sum() for x in outputs)
+    if not isinstance(total, torch.Tensor) or not total.requires_grad:
+        return [torch.zeros_like(p) for p in params]  # no output depends on a mask
+    return list(torch.autograd.grad(total, params, allow_unused=True))
+
+
 def effective_masks(graph: Graph, data: Iterable | None = None) -> dict[str, torch.Tensor]:
     """Write ``effective`` (bool, True = kept and on an input→output path) on every masked
     weight node; returns them by name. ``data``: one batch gives the input shapes and integer
@@ -159,22 +175,22 @@ def effective_masks(graph: Graph, data: Iterable | None = None) -> dict[str, tor
     masked = [n for n in graph.weight_nodes() if "mask" in meta.entries(n)]
     if not masked:
         return {}
-    inputs = torch.utils._pytree.tree_map(
-        lambda x: torch.ones_like(x, dtype=torch.float64)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
-        _example_inputs(graph, data),
-    )
+    whole = _example_inputs(graph, data)
+    tensors = [x for x in torch.utils._pytree.tree_leaves(whole) if isinstance(x, torch.Tensor)]
+    # every sample of all-ones inputs is the same one: two give the counts' signs the whole
+    # batch gives (integer inputs, token ids, pick their rows: those are run whole)
+    cut = (cut_batch(graph.module, whole, positions=False)
+           if all(x.is_floating_point() for x in tensors) else whole)
     with ExitStack() as stack:
         stack.enter_context(graph.mode(batch_norm=False, dropout=False))
         stack.enter_context(_pooling_as_average(graph))
         params = stack.enter_context(_connectivity_weights(graph, masked))
-        outputs = [x for x in torch.utils._pytree.tree_leaves(call(graph.module, inputs))
-                   if isinstance(x, torch.Tensor) and x.is_floating_point()]
-        total = sum(x.sum() for x in outputs)
-        if not isinstance(total, torch.Tensor) or not total.requires_grad:
-            grads = [torch.zeros_like(p) for p in params]  # no output depends on a mask
-        else:
-            grads = torch.autograd.grad(total, params, allow_unused=True)
+        try:
+            grads = _path_grads(graph, params, cut)
+        except Exception:  # noqa: BLE001 - a guard the bounds did not show: the whole batch
+            if cut is whole:
+                raise
+            grads = _path_grads(graph, params, whole)
     result = {}
     for node, grad in zip(masked, grads):
         mask = meta.entries(node)["mask"]

@@ -17,10 +17,10 @@ from torch.fx import GraphModule
 
 from chop.errors import InternalError
 from chop.ir.graph import Graph, droppable_guards
-from chop.ir.replay import WrittenBuffers, copied_inputs, cut_inputs
+from chop.ir.replay import WrittenBuffers, copied_inputs
 from chop.kernels.csr import bind, csr_linear_forward
 from chop.kernels.timing import median_seconds
-from chop.pipeline.batches import call, check_same_outputs
+from chop.pipeline.batches import call, check_same_outputs, cut_batch
 from chop.pipeline.pass_base import Context
 
 log = logging.getLogger("chop")
@@ -31,7 +31,7 @@ def checked_export(
 ) -> tuple[Any, dict[str, Any]]:
     """Run ``apply()`` (the rewrite); when the pipeline has data, compare the outputs in eval
     mode before and after on the first two samples of the first batch, cut to their first 16
-    positions along a dynamic sequence dim (:func:`check_inputs`; an
+    positions along a dynamic sequence dim (:func:`~chop.pipeline.batches.cut_batch`; an
     :class:`~chop.errors.InternalError` from
     :func:`~chop.pipeline.batches.check_same_outputs` if they differ), reporting the seconds
     those two forwards took as ``check_s``, and, with ``timing``, report the model's median
@@ -65,7 +65,7 @@ def checked_export(
     with graph.mode(batch_norm=False, dropout=False), torch.no_grad():
         state = WrittenBuffers(graph.module)
         start = time.perf_counter()
-        sample = check_inputs(graph, inputs)
+        sample = cut_batch(graph.module, inputs)
         try:
             before = call(graph.module, copied_inputs(sample))
         except Exception:  # noqa: BLE001 - e.g. a guard the bounds did not show: run them whole
@@ -148,19 +148,6 @@ def _round_off(graph: Graph, sample: Any, outputs: Any) -> float | None:
     except Exception:  # noqa: BLE001 - a graph that cannot run in float64 keeps the error
         return None
     return _largest_difference(outputs, exact)
-
-
-def check_inputs(graph: Graph, inputs: Any) -> Any:
-    """What the export check runs: one batch's ``inputs`` (a tensor, a tuple/list, or a dict
-    of keyword inputs) cut to a few samples and positions by
-    :func:`~chop.ir.replay.cut_inputs`; ``inputs`` itself when nothing is cut."""
-    if isinstance(inputs, dict):
-        return cut_inputs(graph.module, (), inputs)[1]
-    if isinstance(inputs, (tuple, list)):
-        args = tuple(inputs)
-        cut = cut_inputs(graph.module, args, {})[0]
-        return inputs if cut is args else cut
-    return cut_inputs(graph.module, (inputs,), {})[0][0]
 
 
 def deployable(graph: Graph, *, contiguous_outputs: bool = True) -> GraphModule:

@@ -68,7 +68,7 @@ def test_save_checks_each_file_on_two_samples_or_else_the_whole_batch(
     real = outputs.call
     monkeypatch.setattr(outputs, "call", spy)
     if refused:  # cut inputs the graph refuses (a wrong width): the whole batch is run
-        monkeypatch.setattr(outputs, "check_inputs", lambda graph, x: x[:2, :3])
+        monkeypatch.setattr(outputs, "cut_batch", lambda module, x: x[:2, :3])
     chop.save(graph, tmp_path / "out", mlp_batches[0][0], model=mlp)
     # the graph's outputs, then model.pt2's and weights.safetensors' (the batch has 8 samples)
     assert seen == ([(2, 3)] + [(8, 16)] * 3 if refused else [(2, 16)] * 3)

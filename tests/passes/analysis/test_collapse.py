@@ -117,3 +117,47 @@ def test_empty_layer_disconnects_everything_and_is_reported(cnn, cnn_batches, ca
 def test_collapse_needs_masks(cnn_graph):
     with pytest.raises(MissingMetadataError, match="mask"):
         chop.run(cnn_graph, "collapse")
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_float_inputs_count_paths_on_two_samples_of_the_batch_or_else_all(
+        refused, cnn, cnn_batches, monkeypatch):
+    """All-ones samples are all one sample: the first two give what the whole batch gives."""
+    import chop.passes.analysis.collapse as collapse
+
+    graph = chop.trace(cnn, (cnn_batches[0][0][:2],))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    fc = meta.entries(graph.weight_node("fc.weight"))["mask"].clone()
+    fc[:, : fc.shape[1] // 2] = False  # half the last features read by nothing: their paths end
+    masked(graph, {"fc.weight": fc})
+    wanted = {k: v.clone() for k, v in effective_masks(graph, [cnn_batches[0]]).items()}
+    kept = sum(int(meta.entries(graph.weight_node(k))["mask"].sum()) for k in wanted)
+    whole = cnn_batches[0][0].shape[0]
+    real, seen = collapse.call, []
+
+    def spy(module, inputs):  # the batch each path count runs on
+        seen.append(inputs.shape[0])
+        return real(module, inputs)
+
+    monkeypatch.setattr(collapse, "call", spy)
+    if refused:  # cut inputs the graph refuses (a wrong width): the whole batch
+        monkeypatch.setattr(collapse, "cut_batch", lambda module, x, positions: x[:2, :1])
+    got = effective_masks(graph, [cnn_batches[0]])
+    assert seen == ([2, whole] if refused else [2])
+    assert got.keys() == wanted.keys() and all(torch.equal(got[k], wanted[k]) for k in got)
+    assert 0 < sum(int(m.sum()) for m in got.values()) < kept  # some kept weights lead nowhere
+
+
+def test_integer_inputs_count_paths_on_the_whole_batch(monkeypatch):
+    """Token ids pick the embedding rows a path starts from: no sample can stand for another."""
+    import chop.passes.analysis.collapse as collapse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    ids = torch.randint(0, 50, (6, 5))
+    graph = chop.trace(model, (ids,))
+    chop.run(graph, "magnitude, mask{sparsity=0.5}")
+    real, seen = collapse.call, []
+    monkeypatch.setattr(collapse, "call", lambda module, x: seen.append(x.shape) or real(module, x))
+    effective_masks(graph, [(ids, None)])
+    assert seen == [(6, 5)]

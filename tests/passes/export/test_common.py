@@ -322,15 +322,15 @@ def test_the_export_check_gives_each_forward_its_own_inputs(timing):
 
 
 def test_the_export_check_runs_inputs_whole_when_they_are_not_the_graphs(cnn_graph):
-    from chop.passes.export.common import check_inputs
+    from chop.pipeline.batches import cut_batch
 
     x = torch.randn(5, 3, 8, 8)
-    assert check_inputs(cnn_graph, x).shape[0] == 2
-    assert check_inputs(cnn_graph, (x, torch.randn(4)))[0].shape[0] == 5  # not its inputs
-    assert check_inputs(cnn_graph, x[:2]).shape[0] == 2
+    assert cut_batch(cnn_graph.module, x).shape[0] == 2
+    assert cut_batch(cnn_graph.module, (x, torch.randn(4)))[0].shape[0] == 5  # not its inputs
+    assert cut_batch(cnn_graph.module, x[:2]).shape[0] == 2
     placeholder = next(iter(cnn_graph.module.graph.find_nodes(op="placeholder")))
     placeholder.meta["val"] = torch.empty(5, 3, 8, 8)  # as if the batch size were static
-    assert check_inputs(cnn_graph, x).shape[0] == 5
+    assert cut_batch(cnn_graph.module, x).shape[0] == 5
 
 
 def _recording(graph):
@@ -367,7 +367,7 @@ def test_the_export_check_reads_sixteen_positions_of_a_token_sequence_and_still_
 
 
 def test_the_export_check_keeps_a_sequence_as_long_as_the_graph_needs():
-    from chop.passes.export.common import check_inputs
+    from chop.pipeline.batches import cut_batch
 
     class AtLeast20(nn.Module):
         def __init__(self):
@@ -380,11 +380,11 @@ def test_the_export_check_keeps_a_sequence_as_long_as_the_graph_needs():
 
     ids = torch.randint(0, 50, (2, 30))
     graph = chop.trace(AtLeast20(), (ids,))
-    assert check_inputs(graph, ids).shape == (2, 20)  # the smallest length it accepts
-    assert check_inputs(graph, ids[:, :18]).shape == (2, 18)  # never longer than given
+    assert cut_batch(graph.module, ids).shape == (2, 20)  # the smallest length it accepts
+    assert cut_batch(graph.module, ids[:, :18]).shape == (2, 18)  # never longer than given
     images = torch.randn(2, 3, 8, 8)
     _, cnn = zoo.trace("vgg")
-    assert check_inputs(cnn, images) is images  # static sizes: nothing to cut
+    assert cut_batch(cnn.module, images) is images  # static sizes: nothing to cut
 
 
 def test_the_export_check_runs_the_batch_whole_when_the_graph_refuses_it_cut(monkeypatch):
@@ -395,7 +395,7 @@ def test_the_export_check_runs_the_batch_whole_when_the_graph_refuses_it_cut(mon
     ids = torch.randint(0, 120, (5, 40), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     refused = {"input_ids": ids[:2, :16], "attention_mask": ids[:2, :7]}  # lengths disagree
-    monkeypatch.setattr(common, "check_inputs", lambda graph, x: refused)
+    monkeypatch.setattr(common, "cut_batch", lambda module, x: refused)
     seen = _recording(graph)
     _, info = common.checked_export(graph, Context(data=[(inputs, None)]), lambda: None, False,
                                     "same")
