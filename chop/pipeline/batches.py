@@ -33,7 +33,8 @@ def cut_batch(module: torch.fx.GraphModule, inputs: Any, *, positions: bool = Tr
     """One batch's ``inputs`` (as :func:`call` takes them) for the exported ``module`` cut to
     their first samples, and with ``positions`` to the first positions of a dynamic sequence
     (:func:`chop.ir.replay.cut_inputs`): what a comparison of two computations of a model runs
-    (the export check, the output files' check). ``inputs`` itself when nothing is cut."""
+    (the export check, the output files' check), and, without ``positions``, what ``collapse``
+    counts paths on. ``inputs`` itself when nothing is cut."""
     if isinstance(inputs, dict):
         return cut_inputs(module, (), inputs, positions=positions)[1]
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
