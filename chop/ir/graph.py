@@ -1013,9 +1013,10 @@ def _graph_of(program: Any, name: str, training: bool, traced_training: bool) ->
 def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) -> str | None:
     """How the train-mode ``graph`` in eval mode fails to reproduce ``model`` in eval mode on
     the example inputs (:func:`~chop.ir.replay.output_difference`), or None; None also when
-    either cannot run them. Both run on the inputs cut to a few samples and positions
+    either cannot run them. Both run on the first two samples of the inputs
     (:func:`~chop.ir.replay.cut_inputs`: two forwards of the whole example batch were most of
-    a trace's time on a large batch), or whole when the graph refuses the cut ones; from the
+    a trace's time on a large batch), or all of them when the graph refuses two; not on fewer
+    positions, which would hide length-dependent training code (a training-time crop); from the
     same random seed, in a forked random state, each on its own copy of the inputs, and the
     tensors their forwards write are put back, so the model and the inputs are left as they
     were (Python attributes a forward sets are not). The eager forward runs without the fast
@@ -1023,7 +1024,7 @@ def _eval_difference(model: nn.Module, graph: Graph, args: tuple, kwargs: dict) 
     positions differently from the layers' code that the export captured."""
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    cut = cut_inputs(graph.module, args, kwargs)
+    cut = cut_inputs(graph.module, args, kwargs, positions=False)
     tries = [(args, kwargs)] if cut[0] is args and cut[1] is kwargs else [cut, (args, kwargs)]
     try:
         model_state = WrittenBuffers(graph.module, model)

@@ -277,6 +277,32 @@ def test_the_eval_check_runs_two_samples_of_a_large_example_batch():
         torch.testing.assert_close(graph(torch.ones(64, 4)), model.train()(torch.ones(64, 4)))
 
 
+class CropsInTraining(nn.Module):
+    """A training-time crop of the token sequence to its first 20 positions (the later ones
+    zeroed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(30, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if self.training:
+            x = x * (torch.arange(x.shape[1]) < 20)[:, None]
+        return self.fc(x.mean(1))
+
+
+def test_training_only_code_that_depends_on_the_length_is_found_on_every_position():
+    """Cut to 16 positions, the crop to 20 changed nothing, and the eval-mode graph cropped."""
+    torch.manual_seed(0)
+    model = CropsInTraining()
+    ids = torch.randint(0, 30, (4, 24))
+    graph = chop.trace(model, (ids,))
+    assert not graph.traced_training
+    with torch.no_grad():
+        torch.testing.assert_close(graph.eval()(ids), model.eval()(ids), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("refused", [False, True])
 def test_training_only_code_is_found_on_the_cut_example_batch_or_else_the_whole(
         refused, monkeypatch):
@@ -284,7 +310,7 @@ def test_training_only_code_is_found_on_the_cut_example_batch_or_else_the_whole(
 
     if refused:  # cut inputs the graph refuses (a wrong width): the whole batch is compared
         real = graph_module.cut_inputs
-        monkeypatch.setattr(graph_module, "cut_inputs", lambda module, args, kwargs: (
+        monkeypatch.setattr(graph_module, "cut_inputs", lambda module, args, kwargs, **kw: (
             (args[0][:, :2],), real(module, args, kwargs)[1]))
     x = torch.randn(16, 3, 6, 6)
     graph = chop.trace(patterned(shift=True), (x,))
