@@ -1,5 +1,6 @@
 """chop.pipeline.batches: calling a model on a batch's inputs, finding logits, the default loss,
-taking batches, turning data and loss failures into DataError, and comparing two outputs."""
+taking batches, turning data and loss failures into DataError, comparing two outputs, and
+cutting a batch to the samples a comparison runs."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import chop
+import zoo
 from chop.errors import DataError, InternalError, OptionError
 from chop.pipeline.batches import (
     batch_loss,
     call,
     check_same_outputs,
     cross_entropy,
+    cut_batch,
     describe,
     expected_inputs,
     logits_of,
@@ -270,3 +274,33 @@ def test_check_same_outputs_tolerance_is_adjustable():
     check_same_outputs("x", torch.tensor([1.01]), torch.tensor([1.0]), rtol=0.02)
     with pytest.raises(InternalError):
         check_same_outputs("x", torch.tensor([1.01]), torch.tensor([1.0]), rtol=0.005)
+
+
+def test_cut_batch_leaves_inputs_that_are_not_the_graphs_and_static_sizes(cnn_graph):
+    x = torch.randn(5, 3, 8, 8)
+    assert cut_batch(cnn_graph.module, x).shape[0] == 2
+    assert cut_batch(cnn_graph.module, (x, torch.randn(4)))[0].shape[0] == 5  # not its inputs
+    assert cut_batch(cnn_graph.module, x[:2]).shape[0] == 2
+    placeholder = next(iter(cnn_graph.module.graph.find_nodes(op="placeholder")))
+    placeholder.meta["val"] = torch.empty(5, 3, 8, 8)  # as if the batch size were static
+    assert cut_batch(cnn_graph.module, x).shape[0] == 5
+
+
+def test_cut_batch_keeps_a_sequence_as_long_as_the_graph_needs():
+    class AtLeast20(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            torch._check(ids.shape[1] >= 20)
+            return self.fc(self.emb(ids)).mean(1)
+
+    ids = torch.randint(0, 50, (2, 30))
+    graph = chop.trace(AtLeast20(), (ids,))
+    assert cut_batch(graph.module, ids).shape == (2, 20)  # the smallest length it accepts
+    assert cut_batch(graph.module, ids[:, :18]).shape == (2, 18)  # never longer than given
+    assert cut_batch(graph.module, ids, positions=False).shape == (2, 30)  # samples only
+    images = torch.randn(2, 3, 8, 8)
+    _, cnn = zoo.trace("vgg")
+    assert cut_batch(cnn.module, images) is images  # static sizes: nothing to cut

@@ -321,18 +321,6 @@ def test_the_export_check_gives_each_forward_its_own_inputs(timing):
     assert torch.equal(batch, x)
 
 
-def test_the_export_check_runs_inputs_whole_when_they_are_not_the_graphs(cnn_graph):
-    from chop.pipeline.batches import cut_batch
-
-    x = torch.randn(5, 3, 8, 8)
-    assert cut_batch(cnn_graph.module, x).shape[0] == 2
-    assert cut_batch(cnn_graph.module, (x, torch.randn(4)))[0].shape[0] == 5  # not its inputs
-    assert cut_batch(cnn_graph.module, x[:2]).shape[0] == 2
-    placeholder = next(iter(cnn_graph.module.graph.find_nodes(op="placeholder")))
-    placeholder.meta["val"] = torch.empty(5, 3, 8, 8)  # as if the batch size were static
-    assert cut_batch(cnn_graph.module, x).shape[0] == 5
-
-
 def _recording(graph):
     """The shapes of every input tensor each call of ``graph``'s module gets, in call order."""
     seen = []
@@ -364,27 +352,6 @@ def test_the_export_check_reads_sixteen_positions_of_a_token_sequence_and_still_
     assert seen[0] == short and seen.count(short) == 2  # the check: two samples of 16 tokens
     whole = {"input_ids": (5, 40), "attention_mask": (5, 40)}
     assert all(s in (short, whole) for s in seen) and whole in seen  # the timing: all of it
-
-
-def test_the_export_check_keeps_a_sequence_as_long_as_the_graph_needs():
-    from chop.pipeline.batches import cut_batch
-
-    class AtLeast20(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
-
-        def forward(self, ids):
-            torch._check(ids.shape[1] >= 20)
-            return self.fc(self.emb(ids)).mean(1)
-
-    ids = torch.randint(0, 50, (2, 30))
-    graph = chop.trace(AtLeast20(), (ids,))
-    assert cut_batch(graph.module, ids).shape == (2, 20)  # the smallest length it accepts
-    assert cut_batch(graph.module, ids[:, :18]).shape == (2, 18)  # never longer than given
-    images = torch.randn(2, 3, 8, 8)
-    _, cnn = zoo.trace("vgg")
-    assert cut_batch(cnn.module, images) is images  # static sizes: nothing to cut
 
 
 def test_the_export_check_runs_the_batch_whole_when_the_graph_refuses_it_cut(monkeypatch):
