@@ -1,4 +1,5 @@
-"""Running a model twice and comparing: what :func:`chop.trace` and the export check need.
+"""Running a model twice and comparing: what :func:`chop.trace`, the export check and the
+output files' check need.
 
 - :class:`WrittenBuffers`: the buffers an fx graph's forward writes in place (a call counter,
   a cache, a power iteration's vector), saved once and put back after each run, so that two
