@@ -351,11 +351,15 @@ class Graph:
             # mode arguments stay as they are (editing them at every scoring is wasted work)
             # and are brought to the mode when code is generated or a plain mode is entered.
             self._edit_nodes(mode)
+        plain = not (lean or self._lean)
         self._mode, self._lean = mode, lean
         if code is not None:
             _install_code(self.module, code)
         elif lean:
             _install_code(self.module, _lean_code(self.module))
+        elif plain and not self._mode_args():
+            pass  # no argument depends on the mode (no BatchNorm with statistics, no dropout
+            # of p > 0: most LLM configs): the plain code we leave is this mode's code too
         else:
             self.module.recompile()
         self._code_installed = self.module._code
@@ -365,11 +369,16 @@ class Graph:
         """Set the mode arguments of the graph's nodes to ``mode`` (batch_norm, dropout)."""
         if mode == self._nodes_mode:
             return
+        _set_mode_args(self._mode_args(), mode)
+        self._nodes_mode = mode
+
+    def _mode_args(self) -> list[tuple[Node, tuple]]:
+        """The nodes with an argument that differs between train and eval mode, each with
+        its ``meta[_MODE_KEY]`` (remembered while the graph's structure holds)."""
         if self._mode_nodes is None:
             self._mode_nodes = [(n, n.meta[_MODE_KEY]) for n in self.module.graph.nodes
                                 if _MODE_KEY in n.meta]
-        _set_mode_args(self._mode_nodes, mode)
-        self._nodes_mode = mode
+        return self._mode_nodes
 
     def _train_flags(self, flag: bool) -> None:
         """``nn.Module.train(self.module, flag)`` without its recursion over the submodules."""
@@ -543,7 +552,12 @@ class Graph:
                     eval_value = train_value if not stats else False
                 else:
                     eval_value = 0.0 if isinstance(train_value, float) else False
-                node.meta[_MODE_KEY] = (kind, index, keyword, train_value, eval_value)
+                # dropout of p=0 (most LLM configs) is the identity in either mode
+                p = train_value if isinstance(train_value, float) else (
+                    node_arg(node, index - 1, "dropout" if _packet(node) in _RECURRENT else "p")
+                    if kind == "dropout" else None)
+                if train_value != eval_value and not (isinstance(p, (int, float)) and p == 0):
+                    node.meta[_MODE_KEY] = (kind, index, keyword, train_value, eval_value)
             elif node.target is aten.add_.Tensor and _is_counter(node.args[0]):
                 node.meta[_MODE_KEY] = ("counter", 0, "", aten.add_.Tensor, aten.add.Tensor)
 

@@ -656,6 +656,46 @@ def test_mode_switches_reuse_the_generated_code_and_compute_the_same(cnn_graph, 
                                rtol=0, atol=0)
 
 
+class _NoModeArgs(nn.Module):
+    """Dropout of p=0 (most LLM configs) and BatchNorm without running statistics: nothing it
+    computes depends on train or eval mode."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.norm = nn.BatchNorm1d(6, track_running_stats=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(self.fc(x))).relu()
+
+
+@pytest.mark.parametrize("p, codegens", [(0.0, 0), (0.5, 1)])
+def test_a_mode_switch_of_a_graph_without_mode_arguments_generates_no_code(p, codegens,
+                                                                           monkeypatch):
+    graph = chop.trace(_NoModeArgs(p), (torch.randn(4, 6),))
+    x = torch.randn(5, 6)
+    graph.module.graph.create_node("call_function", torch.ops.aten.relu.default,
+                                   (x.new_ones(()),))  # an edit (an unused node) ...
+    graph.module.graph.eliminate_dead_code()
+    graph.recompile()  # ... and its recompile: the cached code of every mode is stale now
+    calls = []
+    recompile = type(graph.module).recompile
+    monkeypatch.setattr(type(graph.module), "recompile",
+                        lambda self: calls.append(1) or recompile(self))
+    with torch.no_grad(), graph.mode(batch_norm=False, dropout=False):
+        assert not graph.module.training
+        evaluated = graph(x)
+    assert graph.module.training
+    assert len(calls) == codegens  # into eval (back: its cached code); none without mode args
+    if p == 0.0:
+        with torch.no_grad():
+            torch.testing.assert_close(evaluated, graph(x), rtol=0, atol=0)
+            model = _NoModeArgs(p)
+            model.load_state_dict(graph.module.state_dict(), strict=False)
+            torch.testing.assert_close(evaluated, model.eval()(x), rtol=0, atol=0)
+
+
 def test_a_lean_block_runs_its_cached_code_without_editing_the_nodes(cnn_graph, cnn_batches):
     x = cnn_batches[0][0]
     def training_args() -> list:  # the batch_norm nodes' training argument
