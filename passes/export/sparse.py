@@ -24,8 +24,10 @@ loop on each converted layer at 1, 4, 16 and 64 input rows
 (:func:`~chop.kernels.csr.plan_kernels`) and stores the winners per row band as the op's plan;
 the measurement happens here, on the machine that runs the pass, so run it where the model will
 serve. A layer of the shape and dtype of one measured before, holding as many entries to
-within 10% (``_SHARE_NNZ``), takes that layer's plan (``shared_with`` in its row): the layers
-of a transformer's blocks are measured once per kind, not once each (0.1–2 s a layer).
+within 10% (``_SHARE_NNZ``), takes that layer's plan (``shared_with`` in its row), and with
+``mode=measure`` (without ``timing``) its verdict, dense or CSR (``measured_on``): the layers
+of a transformer's blocks are measured once per kind, not once each (0.1–2 s a layer), and
+layers alike are decided alike rather than by the noise of their own timings.
 A kernel name uses that kernel for every batch size (no timing).
 
 Layout: a ``csr_linear`` whose result is read only by other ``csr_linear`` layers, directly or
@@ -179,27 +181,38 @@ def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[in
     return times["dense"], times["csr"]
 
 
+def _kind(kinds: dict[tuple, list[tuple[str, int]]], name: str, shape: tuple[int, int],
+          dtype: torch.dtype, entries: int) -> str:
+    """The first layer of ``name``'s kind converted so far: of its shape and dtype, holding as
+    many stored entries to within ``_SHARE_NNZ`` (``name`` itself when it is the first, which
+    ``kinds``, by shape and dtype: (name, entries), then records)."""
+    same = kinds.setdefault((shape, dtype), [])
+    for other, kept in same:
+        if abs(entries - kept) <= _SHARE_NNZ * kept:
+            return other
+    same.append((name, entries))
+    return name
+
+
 def _plan(csr: tuple, shape: tuple[int, int], kernel: str, row: dict[str, Any], name: str,
-          planned: dict[tuple, list[tuple[str, int, tuple]]]) -> tuple[list[int], list[int]]:
-    """The layer ``name``'s kernel plan: the one named, or (``kernel="measure"``) that of a
-    layer in ``planned`` (by shape and dtype: name, entries, plan) holding as many entries to
-    within ``_SHARE_NNZ``, else measured and added there; recorded in ``row["kernels"]`` with
-    the timings in µs per input row count, or with the name of the layer it shares."""
+          like: str, plans: dict[str, tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    """The layer ``name``'s kernel plan: the one named, or (``kernel="measure"``) that of the
+    layer ``like`` (its kind, see :func:`_kind`) from ``plans``, else measured and added there;
+    recorded in ``row["kernels"]`` with the timings in µs per input row count, or with the name
+    of the layer it shares."""
     if kernel != "measure":
         plan: tuple[list[int], list[int]] = ([KERNELS.index(kernel)], [])
         row["kernels"] = {"plan": describe_plan(*plan)}
         return plan
-    entries, same = csr[0].numel(), planned.setdefault((shape, csr[0].dtype), [])
-    for other, kept, plan in same:
-        if abs(entries - kept) <= _SHARE_NNZ * kept:
-            row["kernels"] = {"plan": describe_plan(*plan), "shared_with": other}
-            return plan
+    if like in plans:
+        row["kernels"] = {"plan": describe_plan(*plans[like]), "shared_with": like}
+        return plans[like]
     kernels, from_rows, seconds = plan_kernels(*csr, shape)
     row["kernels"] = {
         "plan": describe_plan(kernels, from_rows),
         "us": {rows: {k: t * 1e6 for k, t in times.items()} for rows, times in seconds.items()},
     }
-    same.append((name, entries, (kernels, from_rows)))
+    plans[name] = kernels, from_rows
     return kernels, from_rows
 
 
@@ -276,7 +289,9 @@ def sparsify(
 ) -> dict[str, dict[str, Any]]:
     """Convert the masked weights of ``graph`` as the module doc says; returns a row per weight."""
     rows: dict[str, dict[str, Any]] = {}
-    planned: dict[tuple, list[tuple[str, int, tuple]]] = {}  # measured plans (see _plan)
+    kinds: dict[tuple, list[tuple[str, int]]] = {}  # see _kind
+    plans: dict[str, tuple[list[int], list[int]]] = {}  # measured, by the first of each kind
+    verdicts: dict[str, tuple[float, float]] = {}  # dense and CSR seconds of a kind's first
     for mul in list(mask_nodes(graph)):
         name = mask_of(mul)
         weight_node, mask_node = mul.args
@@ -336,13 +351,19 @@ def sparsify(
                 row["latency_us"] = [median_seconds(lambda x=x, w=dense_w: F.linear(x, w)) * 1e6] * 2
             continue
         csr = to_csr(w, m)
-        plan = _plan(csr, tuple(w.shape), kernel, row, name, planned)
-        if timing or mode == "measure":
-            dense_s, sparse_s = _time_layer((w * m).contiguous(), csr, plan, timing_batch)
+        like = _kind(kinds, name, tuple(w.shape), w.dtype, kept)
+        plan = _plan(csr, tuple(w.shape), kernel, row, name, like, plans)
+        if mode == "measure" and not timing and like in verdicts:  # decided for its kind
+            dense_s, sparse_s = verdicts[like]
+            row.update(latency_us=[dense_s * 1e6, sparse_s * 1e6], measured_on=like)
+        elif timing or mode == "measure":
+            dense_s, sparse_s = verdicts[name] = _time_layer((w * m).contiguous(), csr, plan,
+                                                             timing_batch)
             row["latency_us"] = [dense_s * 1e6, sparse_s * 1e6]
         if mode == "measure":
-            reason = (f"measured at batch {timing_batch}: csr {sparse_s * 1e6:.1f} µs vs dense "
-                      f"{dense_s * 1e6:.1f} µs")
+            reason = (f"measured at batch {timing_batch}"
+                      + (f" on {row['measured_on']}" if "measured_on" in row else "")
+                      + f": csr {sparse_s * 1e6:.1f} µs vs dense {dense_s * 1e6:.1f} µs")
             if sparse_s >= dense_s:
                 row.update(decision="dense", reason=reason)
                 row["latency_us"][1] = row["latency_us"][0]

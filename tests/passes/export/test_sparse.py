@@ -357,6 +357,45 @@ def test_layers_of_one_shape_and_about_one_density_share_a_measured_plan(monkeyp
     torch.testing.assert_close(graph(x), expected)
 
 
+@pytest.mark.parametrize("timing", [False, True])
+def test_mode_measure_decides_a_kind_of_layer_once_unless_every_layer_is_timed(timing,
+                                                                               monkeypatch):
+    """Layers alike get the verdict measured on the first of them, not each its own noise."""
+    timed = []
+
+    def time_layer(weight, csr, plan, batch):  # the first layer timed is faster dense
+        timed.append(csr[0].numel())
+        return (1e-6, 2e-6) if len(timed) == 1 else (2e-6, 1e-6)
+
+    monkeypatch.setattr("chop.passes.export.sparse.plan_kernels",
+                        lambda *a: ([1], [], {1: {"torch-mm": 1e-6}}))
+    monkeypatch.setattr("chop.passes.export.sparse._time_layer", time_layer)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())],
+                          nn.Linear(32, 16))
+    graph = chop.trace(model.eval(), (torch.randn(2, 32),))
+    x = torch.randn(5, 32)
+    chop.run(graph, "magnitude, mask{sparsity=0.8, include='^[024][.]'}, "
+                    "mask{sparsity=0.95, include='^[68][.]'}")
+    expected = graph.eval()(x)
+    chop.run(graph, f"sparse{{mode=measure, timing={str(timing).lower()}}}")
+    layers = graph.history[-1].info["layers"]
+    names = ["0.weight", "2.weight", "4.weight", "6.weight", "8.weight"]
+    if timing:  # each layer timed, and decided, on its own
+        assert len(timed) == 5 and "measured_on" not in str(layers)
+        assert [layers[k]["decision"] for k in names] == ["dense"] + ["csr"] * 4
+    else:  # 2 and 4 are of 0's kind (see the test above); 6 and 8 kinds of their own
+        assert timed == [211, 50, layers["8.weight"]["params"][1]]
+        assert [layers[k].get("measured_on") for k in names] == [
+            None, "0.weight", "0.weight", None, None]
+        assert [layers[k]["decision"] for k in names] == ["dense"] * 3 + ["csr"] * 2
+        assert "measured at batch 1 on 0.weight: csr 2.0 µs vs dense 1.0 µs" in (
+            layers["2.weight"]["reason"])
+        assert layers["2.weight"]["latency_us"] == layers["0.weight"]["latency_us"]
+    assert len(csr_nodes(graph)) == (4 if timing else 2)
+    torch.testing.assert_close(graph(x), expected)
+
+
 class Branches(nn.Module):
     """Sparse results read by activations then a sparse layer (a, b), a view (c), a residual
     add (d), and the graph's output (e)."""
