@@ -28,7 +28,13 @@ Four CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2
   prints each kernel's time there) and loses from a handful of rows on;
 - ``scipy``: scipy's compiled single-threaded ``csr_matvecs`` (an optional extra, ``pip install
   'chop[sparse]'``), which walks each row's non-zeros once for all inputs and sometimes wins at
-  many rows, or when other processes hold the cores.
+  many rows, or when other processes hold the cores;
+- ``torch-dense``: the weight written out dense for the call (zeros, then the stored entries
+  put in place; freed after it), then ``F.linear``. The sparse products cost the same per
+  stored entry at any row count, where a dense product gets cheaper per entry as rows grow: at
+  hundreds of rows (a transformer's batch times its sequence) a layer 80% sparse runs 2–3×
+  slower in CSR than dense, and writing the weight out (tens of ms for 4096×4096) is cheaper
+  than that. It costs one dense weight of memory while it runs.
 
 Which one runs is the op's *plan*: ``kernels[i]`` (an index into :data:`KERNELS`) runs when the
 input has at least ``from_rows[i - 1]`` and fewer than ``from_rows[i]`` rows (``len(kernels) ==
@@ -77,9 +83,12 @@ from chop.kernels.timing import interleaved_seconds
 
 CSR_OP = "chop::csr_linear"
 # A plan's kernel ids index this tuple: append new kernels, never reorder (saved plans hold ids).
-KERNELS = ("torch-linear", "torch-mm", "scipy", "torch-mv")
-TORCH_LINEAR, TORCH_MM, SCIPY, TORCH_MV = range(4)
-PLAN_ROWS = (1, 4, 16, 64)  # row counts plan_kernels times; bands switch at their geometric means
+KERNELS = ("torch-linear", "torch-mm", "scipy", "torch-mv", "torch-dense")
+TORCH_LINEAR, TORCH_MM, SCIPY, TORCH_MV, TORCH_DENSE = range(5)
+PLAN_ROWS = (1, 4, 16, 64, 256)  # row counts plan_kernels times (see plan_kernels)
+_TIMED_FROM = {"torch-dense": 64}  # kernels timed only from these row counts (see plan_kernels)
+_FEW_REPEATS = 3  # repeats of a timing from _MANY_ROWS rows on (each call costs 0.1-1 s there)
+_MANY_ROWS = 256
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
@@ -278,6 +287,11 @@ def _product(
         outside = torch.is_inference_mode_enabled() and not weight.is_inference()
         with torch.inference_mode(False) if outside else contextlib.nullcontext():
             y = F.linear(rows, weight, bias)
+    elif kernel == TORCH_DENSE:
+        dense = dense_weight(*csr, (out_features, features))
+        y = (F.linear(rows, dense, bias) if not transposed  # computed in the promised layout
+             else (torch.mm(dense, rows.t()) if column is None
+                   else torch.addmm(column, dense, rows.t())).t())
     elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no loop
         row = rows[0]
         y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row))[None]
@@ -293,6 +307,18 @@ def _product(
              else torch.addmm(column, weight, rows.t())).t()
     y = _layout(y, transposed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def dense_weight(values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
+                 shape: tuple[int, int]) -> torch.Tensor:
+    """The ``shape`` weight that the CSR tensors store, written out dense (a new tensor): the
+    stored entries at their places, zeros elsewhere. Several times faster than torch's
+    ``to_dense()`` of the CSR tensor on CPU."""
+    dense = values.new_zeros(shape)
+    counts = crow_indices[1:] - crow_indices[:-1]
+    rows = torch.repeat_interleave(torch.arange(shape[0], dtype=counts.dtype), counts)
+    dense.index_put_((rows, col_indices), values)
+    return dense
 
 
 def _layout(y: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -423,17 +449,28 @@ def plan_kernels(
 
     Each row count is timed with the kernels interleaved, so load from elsewhere hits them
     alike, and each kernel's fastest of ``repeats`` rounds counts: its cost when least
-    disturbed. Load that lasts through the whole timing still skews the plan, and the
-    multi-threaded ``torch-mm`` most: with the other core of a 2-core machine busy, a plan chose
-    the one-thread ``torch-mv`` at every row count, far slower at 32 rows once the machine was
-    quiet. Plan where and when the model will serve. Between two timed row counts the plan switches at their geometric mean; above the
-    last, its winner runs. ``candidates`` defaults to every kernel (scipy only when
-    installed); a kernel more than 4× slower than the best at one row count is
-    not timed at the larger ones (it only falls further behind there, and costs the most),
-    except ``torch-mm``: one sparse product for all rows, whose cost per row falls as the rows
-    grow: it can trail ``torch-mv`` by several times at one row and still win from a few rows
-    on. A burst of load during the one-row timing once dropped it, and the plan ran
-    ``torch-mv`` at every batch size.
+    disturbed (from ``_MANY_ROWS`` rows on, of at most ``_FEW_REPEATS`` rounds: a call takes
+    0.1–1 s there on a large layer). Load that lasts through the whole timing still skews the
+    plan, and the multi-threaded ``torch-mm`` most: with the other core of a 2-core machine
+    busy, a plan chose the one-thread ``torch-mv`` at every row count, far slower at 32 rows
+    once the machine was quiet. Plan where and when the model will serve.
+
+    Between two timed row counts the plan switches where the lines through the two winners'
+    timings there cross (at the counts' geometric mean when one was not timed at both). Past
+    the last, each
+    kernel timed at the last two row counts is taken to cost what the line through those two
+    timings gives (a sparse product's cost grows in proportion to the rows, a dense one's
+    nearly so from tens of rows on, and writing the weight out costs the same at any count):
+    the last winner runs until a line of a smaller slope crosses its own, and so on.
+
+    ``candidates`` defaults to every kernel (scipy only when installed); ``torch-dense``, whose
+    writing out of the weight costs a sparse product of tens of rows, is timed only from 64
+    rows (``_TIMED_FROM``). A kernel more than 4× slower than the best at one row count is not
+    timed at the larger ones (it only falls further behind there, and costs the most), except
+    ``torch-mm`` and ``torch-dense``, whose cost per row falls as the rows grow: ``torch-mm``
+    can trail ``torch-mv`` by several times at one row and still win from a few rows on. A
+    burst of load during the one-row timing once dropped it, and the plan ran ``torch-mv`` at
+    every batch size.
     """
     names = list(candidates or [k for k in KERNELS if k != "scipy" or have_scipy()])
     unknown = [k for k in names if k not in KERNELS]
@@ -442,19 +479,70 @@ def plan_kernels(
     g = torch.Generator().manual_seed(0)
     winners, timings = [], {}
     for n in rows:
+        timed = [k for k in names if n >= _TIMED_FROM.get(k, 0)] or names
         x = torch.randn(n, shape[1], generator=g, dtype=values.dtype)
         fns = {k: _bound(x, values, col_indices, crow_indices, shape, KERNELS.index(k))
-               for k in names}
-        timings[n] = interleaved_seconds(fns, repeats=repeats, warmup=1, statistic="min")
+               for k in timed}
+        timings[n] = interleaved_seconds(
+            fns, repeats=repeats if n < _MANY_ROWS else min(repeats, _FEW_REPEATS), warmup=1,
+            statistic="min")
         best = min(timings[n].values())
         winners.append(KERNELS.index(min(timings[n], key=timings[n].get)))
-        names = [k for k in names if timings[n][k] <= 4 * best or k == "torch-mm"]
+        names = [k for k in names if timings[n].get(k, 0.0) <= 4 * best or k in _CHEAPER_PER_ROW]
     kernels, from_rows = [winners[0]], []
     for (low, high), kernel in zip(itertools.pairwise(rows), winners[1:]):
         if kernel != kernels[-1]:
             kernels.append(kernel)
-            from_rows.append(max(low + 1, round((low * high) ** 0.5)))
+            from_rows.append(_switch(timings, low, high, KERNELS[kernels[-2]], KERNELS[kernel]))
+    for kernel, start in _past_the_last(timings, list(rows)):
+        if kernel != kernels[-1]:
+            kernels.append(kernel)
+            from_rows.append(start)
     return kernels, from_rows, timings
+
+
+_CHEAPER_PER_ROW = ("torch-mm", "torch-dense")  # never dropped for trailing at few rows
+
+
+def _switch(timings: dict[int, dict[str, float]], low: int, high: int, before: str,
+            after: str) -> int:
+    """The row count from which ``after`` (the winner at ``high`` rows) runs instead of
+    ``before`` (the winner at ``low``): where the lines through their timings at ``low`` and
+    ``high`` cross, or the geometric mean of the two counts when one was not timed at both."""
+    if all(k in timings[low] and k in timings[high] for k in (before, after)):
+        lead = timings[low][after] - timings[low][before]  # > 0: `before` won at `low`
+        trail = timings[high][after] - timings[high][before]  # <= 0: `after` won at `high`
+        crossing = low + (high - low) * lead / (lead - trail) if lead > trail else high
+    else:
+        crossing = (low * high) ** 0.5
+    return min(high, max(low + 1, math.ceil(crossing)))
+
+
+def _past_the_last(timings: dict[int, dict[str, float]], rows: list[int]) -> list[tuple[int, int]]:
+    """The bands past the last timed row count, as ``(kernel, from_rows)``: each kernel timed at
+    the last two counts costs what the line through its two timings gives; from the last
+    winner on, the kernel whose line first drops below the running one's takes over."""
+    if len(rows) < 2:
+        return []
+    low, high = rows[-2], rows[-1]
+    both = [k for k in timings[high] if k in timings[low]]
+    at = {k: timings[high][k] for k in both}
+    slope = {k: (timings[high][k] - timings[low][k]) / (high - low) for k in both}
+    running = min(timings[high], key=timings[high].get)
+    if running not in both:
+        return []
+    bands, past = [], 0.0  # rows past `high` where the running kernel took over
+    while True:
+        crossings = [((at[k] - at[running]) / (slope[running] - slope[k]), slope[k], k)
+                     for k in both if slope[k] < slope[running]]
+        crossings = [c for c in crossings if c[0] >= past]
+        if not crossings:
+            return bands
+        past, _, running = min(crossings)
+        band = (KERNELS.index(running), high + max(1, math.ceil(past)))
+        if bands and bands[-1][1] == band[1]:  # two crossings within one row: the later holds
+            bands.pop()
+        bands.append(band)
 
 
 def _bound(x: torch.Tensor, values: torch.Tensor, col: torch.Tensor, crow: torch.Tensor,

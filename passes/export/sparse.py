@@ -19,9 +19,10 @@ sparsity and small layers never). ``measure`` times the dense and the CSR layer 
 ``timing_batch`` and keeps the faster. ``all`` converts every layer it can (for tests).
 Conv weights stay dense (no sparse conv kernel yet; reported as such).
 
-Which CSR kernel (``kernel``): ``measure`` (the default) times torch's three CSR forms and scipy's
-loop on each converted layer at 1, 4, 16 and 64 input rows
-(:func:`~chop.kernels.csr.plan_kernels`) and stores the winners per row band as the op's plan;
+Which CSR kernel (``kernel``): ``measure`` (the default) times torch's three CSR forms, scipy's
+loop and the weight written out dense for the call on each converted layer at 1, 4, 16, 64 and
+256 input rows (:func:`~chop.kernels.csr.plan_kernels`) and stores the winners per row band as
+the op's plan (past 256 rows, where the timings' lines cross);
 the measurement happens here, on the machine that runs the pass, so run it where the model will
 serve. A layer of the shape and dtype of one measured before, holding as many entries to
 within 10% (``_SHARE_NNZ``), takes that layer's plan (``shared_with`` in its row), and with
@@ -437,7 +438,8 @@ class Sparse(Pass):
     min_numel: int = option(65536, "auto: keep weights with fewer entries dense (call overhead)")
     timing: bool = option(False, "time each layer (and the model, given data) before and after")
     timing_batch: int = option(1, "batch size used to time layers (timing, mode=measure)")
-    kernel: Literal["measure", "torch-linear", "torch-mm", "scipy", "torch-mv"] = option(
+    kernel: Literal["measure", "torch-linear", "torch-mm", "scipy", "torch-mv",
+                    "torch-dense"] = option(
         "measure", "CSR kernel: measure (time each per row band, keep the fastest) or one by name"
     )
 

@@ -317,7 +317,7 @@ def test_the_fake_kernel_gives_the_output_shape_and_checks_the_plan():
 
 
 @pytest.mark.parametrize("kernels,from_rows", [
-    ([0, 1], []), ([4], []), ([-1], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]),
+    ([0, 1], []), ([5], []), ([-1], []), ([0, 1], [0]), ([0, 1, 2], [8, 4]), ([0, 1, 2], [4, 4]),
     ([], [4]),
 ])
 def test_check_plan_refuses_malformed_plans(kernels, from_rows):
@@ -326,7 +326,8 @@ def test_check_plan_refuses_malformed_plans(kernels, from_rows):
 
 
 def test_check_plan_accepts_valid_plans():
-    for plan in (([1], []), ([], []), (None, None), ([0, 1, 2], [2, 32]), ([3, 1], [2])):
+    for plan in (([1], []), ([], []), (None, None), ([0, 1, 2], [2, 32]), ([3, 1], [2]),
+                 ([3, 1, 4], [2, 300])):
         sparse_ops.check_plan(*plan)
 
 
@@ -344,22 +345,24 @@ def fake_timings(monkeypatch, script):
     return timed
 
 
-def test_plan_kernels_keeps_each_row_counts_winner_and_switches_at_geometric_means(monkeypatch):
+def test_plan_kernels_keeps_each_row_counts_winner_and_switches_where_their_lines_cross(
+        monkeypatch):
     script = {
         1: {"torch-linear": 1.0, "torch-mm": 1.2, "scipy": 3.0},
         4: {"torch-linear": 5.0, "torch-mm": 1.0, "scipy": 3.9},  # scipy 3.9x: still timed
         16: {"torch-linear": 9.0, "torch-mm": 2.0, "scipy": 9.0},  # scipy > 4x: dropped
-        64: {"torch-mm": 4.0},
+        64: {"torch-mm": 4.0}, 256: {"torch-mm": 10.0},
     }
     timed = fake_timings(monkeypatch, script)
     csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
     kernels, from_rows, times = sparse_ops.plan_kernels(
         *csr, (8, 8), candidates=["torch-linear", "torch-mm", "scipy"])
-    assert (kernels, from_rows) == ([0, 1], [2])  # torch-mm from sqrt(1 * 4) = 2 rows
+    # torch-linear leads by 0.2 at 1 row, trails by 4 at 4: the lines cross at 1 + 3 * 0.2 / 4.2
+    assert (kernels, from_rows) == ([0, 1], [2])
     assert timed == [(1, ["scipy", "torch-linear", "torch-mm"]),
                      (4, ["scipy", "torch-linear", "torch-mm"]),
                      (16, ["scipy", "torch-mm"]),  # torch-linear lost by 5x at 4 rows
-                     (64, ["torch-mm"])]
+                     (64, ["torch-mm"]), (256, ["torch-mm"])]
     assert times[16] == {"torch-mm": 2.0, "scipy": 9.0}
     assert sparse_ops.describe_plan(kernels, from_rows) == "torch-linear below 2 rows, torch-mm from 2"
 
@@ -369,26 +372,54 @@ def test_plan_kernels_keeps_timing_torch_mm_however_far_behind_at_one_row(monkey
     be timed at the larger row counts, where it wins; torch-linear, as far behind, is dropped."""
     script = {1: {"torch-mv": 1.0, "torch-mm": 5.0, "torch-linear": 5.0},
               4: {"torch-mv": 4.0, "torch-mm": 5.0}, 16: {"torch-mv": 16.0, "torch-mm": 6.0},
-              64: {"torch-mv": 64.0, "torch-mm": 9.0}}
+              64: {"torch-mv": 64.0, "torch-mm": 9.0}, 256: {"torch-mm": 21.0}}
     timed = fake_timings(monkeypatch, script)
     csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
     kernels, from_rows, _ = sparse_ops.plan_kernels(
         *csr, (8, 8), candidates=["torch-linear", "torch-mm", "torch-mv"])
     assert [names for _, names in timed] == [["torch-linear", "torch-mm", "torch-mv"]] + [
-        ["torch-mm", "torch-mv"]] * 3
-    assert (kernels, from_rows) == ([3, 1], [8])  # torch-mv below sqrt(4 * 16) = 8 rows
+        ["torch-mm", "torch-mv"]] * 3 + [["torch-mm"]]  # torch-mv 7x behind at 64 rows
+    assert (kernels, from_rows) == ([3, 1], [6])  # lines cross at 4 + 12 * 1 / 11 rows
 
 
 def test_plan_kernels_switches_back_and_forth_and_merges_equal_bands(monkeypatch):
     script = {1: {"torch-mm": 1.0, "scipy": 2.0}, 4: {"torch-mm": 2.0, "scipy": 1.0},
-              16: {"torch-mm": 1.0, "scipy": 2.0}, 64: {"torch-mm": 1.0, "scipy": 2.0}}
+              16: {"torch-mm": 1.0, "scipy": 2.0}, 64: {"torch-mm": 1.0, "scipy": 2.0},
+              256: {"torch-mm": 1.0, "scipy": 2.0}}
     fake_timings(monkeypatch, script)
     csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
     kernels, from_rows, _ = sparse_ops.plan_kernels(*csr, (8, 8), candidates=["torch-mm", "scipy"])
-    assert (kernels, from_rows) == ([1, 2, 1], [2, 8])
+    assert (kernels, from_rows) == ([1, 2, 1], [3, 10])  # crossings at 2.5 and 4 + 12 / 2
     sparse_ops.check_plan(kernels, from_rows)
     assert sparse_ops.describe_plan(kernels, from_rows) == (
-        "torch-mm below 2 rows, scipy from 2, torch-mm from 8")
+        "torch-mm below 3 rows, scipy from 3, torch-mm from 10")
+
+
+def test_torch_dense_is_timed_from_64_rows_and_takes_over_where_the_lines_cross(monkeypatch):
+    """Writing the weight out costs the same at any row count: the dense product wins only
+    at many rows, beyond the last timed count here (lines through 64 and 256 rows)."""
+    script = {1: {"torch-mm": 1.0}, 4: {"torch-mm": 2.0}, 16: {"torch-mm": 5.0},
+              64: {"torch-mm": 16.0, "torch-dense": 80.0},  # 20x behind: still timed
+              256: {"torch-mm": 64.0, "torch-dense": 96.0}}
+    timed = fake_timings(monkeypatch, script)
+    csr = sparse_ops.to_csr(torch.randn(8, 8), torch.ones(8, 8, dtype=torch.bool))
+    kernels, from_rows, _ = sparse_ops.plan_kernels(*csr, (8, 8),
+                                                    candidates=["torch-mm", "torch-dense"])
+    assert [names for _, names in timed] == [["torch-mm"]] * 3 + [["torch-dense", "torch-mm"]] * 2
+    # torch-mm: 0.25 per row, torch-dense 1/12 per row and 32 behind at 256 rows: they cross
+    # 32 / (1/4 - 1/12) = 192 rows later
+    assert (kernels, from_rows) == ([1, 4], [448])
+    assert sparse_ops.describe_plan(kernels, from_rows) == "torch-mm below 448 rows, torch-dense from 448"
+    script[256]["torch-dense"] = 128.0  # as steep as torch-mm: it never catches up
+    timed.clear()
+    assert sparse_ops.plan_kernels(*csr, (8, 8), candidates=["torch-mm", "torch-dense"])[:2] == (
+        [1], [])
+    script[256]["torch-dense"] = 48.0  # ahead at 256 rows: from where the lines cross
+    timed.clear()
+    kernels, from_rows, _ = sparse_ops.plan_kernels(*csr, (8, 8),
+                                                    candidates=["torch-mm", "torch-dense"])
+    # 64 behind at 64 rows, 16 ahead at 256: the lines cross at 64 + 192 * 64 / 80 = 217.6
+    assert (kernels, from_rows) == ([1, 4], [218])
 
 
 def test_plan_kernels_times_real_kernels_and_refuses_unknown_ones():

@@ -238,6 +238,22 @@ def test_a_tied_weight_stored_as_csr_leaves_no_dense_copy_under_its_other_name()
     assert "a.weight_values" in state and not {"a.weight", "b.weight"} & state.keys()
 
 
+def test_the_dense_kernel_computes_the_masked_graph_and_stores_only_the_kept_entries():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 8)).eval()
+    graph = chop.trace(model, (torch.randn(2, 24),))
+    chop.run(graph, "magnitude, mask{sparsity=0.8, scope=local}")
+    x = torch.randn(350, 24)  # many rows: what the dense kernel is for
+    expected = graph(x)
+    rows = chop.run(graph, "sparse{mode=all, kernel=torch-dense}").history[-1].info["layers"]
+    assert [n.args[6] for n in csr_nodes(graph)] == [[4], [4]]
+    assert {r["kernels"]["plan"] for r in rows.values()} == {"torch-dense"}
+    assert sorted(k for k, _ in graph.module.named_parameters()) == ["0.bias", "2.bias"]
+    assert sum(b.numel() for k, b in graph.module.named_buffers() if k.endswith("_values")) == (
+        sum(r["params"][1] for r in rows.values()))
+    torch.testing.assert_close(graph(x), expected)
+
+
 def test_state_dict_round_trip_into_a_fresh_sparse_graph(mlp_batches):
     x = mlp_batches[0][0]
 
@@ -287,7 +303,7 @@ def test_without_scipy_the_measured_plan_uses_torch_kernels_only(mlp, mlp_batche
     chop.run(graph, "magnitude, mask{sparsity=0.9}, sparse{mode=all}")
     for row in graph.history[-1].info["layers"].values():
         assert "scipy" not in row["kernels"]["plan"]
-        assert all(set(times) <= {"torch-linear", "torch-mm", "torch-mv"}
+        assert all(set(times) <= {"torch-linear", "torch-mm", "torch-mv", "torch-dense"}
                    for times in row["kernels"]["us"].values())
 
 
