@@ -409,7 +409,8 @@ def test_torch_dense_is_timed_from_64_rows_and_takes_over_where_the_lines_cross(
     # torch-mm: 0.25 per row, torch-dense 1/12 per row and 32 behind at 256 rows: they cross
     # 32 / (1/4 - 1/12) = 192 rows later
     assert (kernels, from_rows) == ([1, 4], [448])
-    assert sparse_ops.describe_plan(kernels, from_rows) == "torch-mm below 448 rows, torch-dense from 448"
+    assert sparse_ops.describe_plan(kernels, from_rows) == (
+        "torch-mm below 448 rows, torch-dense from 448")
     script[256]["torch-dense"] = 128.0  # as steep as torch-mm: it never catches up
     timed.clear()
     assert sparse_ops.plan_kernels(*csr, (8, 8), candidates=["torch-mm", "torch-dense"])[:2] == (
