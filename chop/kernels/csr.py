@@ -17,7 +17,7 @@ strides (:mod:`chop.passes.export.sparse`). On a 4096×4096 layer at 99%
 sparsity and 32 rows, the copy costs about a fifth of the product (``bench_sparse.py`` prints
 the copy's time).
 
-Four CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2 threads):
+Five CPU kernels (:data:`KERNELS`), none of which wins everywhere (4096×4096, 2 threads):
 
 - ``torch-linear``: ``F.linear(x, W_csr, bias)``, torch's CSR kernel on ``x @ W.T``; fast at
   one row, far slower than the others from a few rows on;
@@ -312,9 +312,15 @@ def _product(
 def dense_weight(values: torch.Tensor, col_indices: torch.Tensor, crow_indices: torch.Tensor,
                  shape: tuple[int, int]) -> torch.Tensor:
     """The ``shape`` weight that the CSR tensors store, written out dense (a new tensor): the
-    stored entries at their places, zeros elsewhere. Several times faster than torch's
-    ``to_dense()`` of the CSR tensor on CPU."""
+    stored entries at their places, zeros elsewhere. By scipy's compiled loop where installed
+    (4096×4096 at 70–90%: ~40 ms, most of it the fresh zeroed memory), else by ``index_put_``
+    (50–100 ms); torch's ``to_dense()`` of the CSR tensor takes 50–270 ms."""
     dense = values.new_zeros(shape)
+    tools = _sparsetools()
+    if tools is not None and col_indices.dtype == crow_indices.dtype:
+        tools.csr_todense(shape[0], shape[1], crow_indices.numpy(), col_indices.numpy(),
+                          values.detach().numpy(), dense.numpy())
+        return dense
     counts = crow_indices[1:] - crow_indices[:-1]
     rows = torch.repeat_interleave(torch.arange(shape[0], dtype=counts.dtype), counts)
     dense.index_put_((rows, col_indices), values)
@@ -457,11 +463,10 @@ def plan_kernels(
 
     Between two timed row counts the plan switches where the lines through the two winners'
     timings there cross (at the counts' geometric mean when one was not timed at both). Past
-    the last, each
-    kernel timed at the last two row counts is taken to cost what the line through those two
-    timings gives (a sparse product's cost grows in proportion to the rows, a dense one's
-    nearly so from tens of rows on, and writing the weight out costs the same at any count):
-    the last winner runs until a line of a smaller slope crosses its own, and so on.
+    the last, each kernel timed at the last two row counts is taken to cost what the line
+    through those two timings gives (a sparse product's cost grows in proportion to the rows,
+    a dense one's nearly so from tens of rows on, and writing the weight out costs the same at
+    any count): the last winner runs until a line of a smaller slope crosses its own, and so on.
 
     ``candidates`` defaults to every kernel (scipy only when installed); ``torch-dense``, whose
     writing out of the weight costs a sparse product of tens of rows, is timed only from 64

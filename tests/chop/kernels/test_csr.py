@@ -174,6 +174,23 @@ def test_scipy_fallbacks_give_the_same_result(monkeypatch):
     torch.testing.assert_close(sparse_ops.csr_linear(x, *csr, 9, bias, [2], []), reference)
 
 
+@pytest.mark.parametrize("scipy", [pytest.param(True, marks=needs_scipy), False])
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_the_weight_written_out_dense_holds_the_stored_entries_with_or_without_scipy(
+        scipy, index, monkeypatch):
+    if not scipy:
+        monkeypatch.setattr(sparse_ops, "_sparsetools", lambda: None)  # torch's index_put_
+    torch.manual_seed(3)
+    for shape in ((9, 13), (1, 5), (6, 1), (4, 4)):
+        weight, mask = torch.randn(shape, dtype=torch.float64), torch.rand(shape) < 0.4
+        mask[-1] = False  # an empty last row
+        values, col, crow = sparse_ops.to_csr(weight, mask)
+        dense = sparse_ops.dense_weight(values, col.to(index), crow.to(index), shape)
+        assert dense.dtype == torch.float64 and dense.is_contiguous()
+        assert torch.equal(dense, torch.where(mask, weight, 0.0))
+        assert torch.equal(dense, torch.sparse_csr_tensor(crow, col, values, shape).to_dense())
+
+
 def test_bias_gradient_and_no_gradient_for_the_stored_values():
     torch.manual_seed(1)
     weight, mask = torch.randn(6, 8), torch.rand(6, 8) < 0.5
