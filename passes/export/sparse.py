@@ -185,8 +185,8 @@ def _time_layer(weight: torch.Tensor, csr: tuple, plan: tuple[list[int], list[in
 def _kind(kinds: dict[tuple, list[tuple[str, int]]], name: str, shape: tuple[int, int],
           dtype: torch.dtype, entries: int) -> str:
     """The first layer of ``name``'s kind converted so far: of its shape and dtype, holding as
-    many stored entries to within ``_SHARE_NNZ`` (``name`` itself when it is the first, which
-    ``kinds``, by shape and dtype: (name, entries), then records)."""
+    many stored entries to within ``_SHARE_NNZ``. ``name`` itself when it is the first of its
+    kind, which ``kinds`` (by shape and dtype: ``[(name, entries), ...]``) then records."""
     same = kinds.setdefault((shape, dtype), [])
     for other, kept in same:
         if abs(entries - kept) <= _SHARE_NNZ * kept:
