@@ -340,6 +340,20 @@ def test_each_layer_stores_its_measured_plan_in_the_op_and_the_info(mlp, mlp_bat
         torch.testing.assert_close(graph(x[:n]), masked[n - 1])
 
 
+def layers_of_three_kinds() -> tuple[chop.Graph, torch.Tensor, torch.Tensor]:
+    """A masked graph whose layers 0, 2 and 4 (32x32, 211, 207 and 196 entries kept: within 10%
+    of 0's) are of one kind, 6 (32x32, 50 kept) and 8 (16x32) of their own; an input and the
+    masked graph's output on it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())],
+                          nn.Linear(32, 16))
+    graph = chop.trace(model.eval(), (torch.randn(2, 32),))
+    x = torch.randn(5, 32)
+    chop.run(graph, "magnitude, mask{sparsity=0.8, include='^[024][.]'}, "
+                    "mask{sparsity=0.95, include='^[68][.]'}")
+    return graph, x, graph.eval()(x)
+
+
 def test_layers_of_one_shape_and_about_one_density_share_a_measured_plan(monkeypatch):
     """A transformer's blocks hold layers of a few kinds: each kind is measured once."""
     measured = []
@@ -349,14 +363,7 @@ def test_layers_of_one_shape_and_about_one_density_share_a_measured_plan(monkeyp
         return [len(measured) % 2], [], {1: {"torch-mm": 1e-6}}
 
     monkeypatch.setattr("chop.passes.export.sparse.plan_kernels", plan_kernels)
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())],
-                          nn.Linear(32, 16))
-    graph = chop.trace(model.eval(), (torch.randn(2, 32),))
-    x = torch.randn(5, 32)
-    chop.run(graph, "magnitude, mask{sparsity=0.8, include='^[024][.]'}, "
-                    "mask{sparsity=0.95, include='^[68][.]'}")
-    expected = graph.eval()(x)
+    graph, x, expected = layers_of_three_kinds()
     chop.run(graph, "sparse{mode=all}")
     layers = graph.history[-1].info["layers"]
     kept = {k: round((1 - r["sparsity"]) * r["params"][0]) for k, r in layers.items()}
@@ -386,21 +393,14 @@ def test_mode_measure_decides_a_kind_of_layer_once_unless_every_layer_is_timed(t
     monkeypatch.setattr("chop.passes.export.sparse.plan_kernels",
                         lambda *a: ([1], [], {1: {"torch-mm": 1e-6}}))
     monkeypatch.setattr("chop.passes.export.sparse._time_layer", time_layer)
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())],
-                          nn.Linear(32, 16))
-    graph = chop.trace(model.eval(), (torch.randn(2, 32),))
-    x = torch.randn(5, 32)
-    chop.run(graph, "magnitude, mask{sparsity=0.8, include='^[024][.]'}, "
-                    "mask{sparsity=0.95, include='^[68][.]'}")
-    expected = graph.eval()(x)
+    graph, x, expected = layers_of_three_kinds()
     chop.run(graph, f"sparse{{mode=measure, timing={str(timing).lower()}}}")
     layers = graph.history[-1].info["layers"]
     names = ["0.weight", "2.weight", "4.weight", "6.weight", "8.weight"]
     if timing:  # each layer timed, and decided, on its own
         assert len(timed) == 5 and "measured_on" not in str(layers)
         assert [layers[k]["decision"] for k in names] == ["dense"] + ["csr"] * 4
-    else:  # 2 and 4 are of 0's kind (see the test above); 6 and 8 kinds of their own
+    else:  # 2 and 4 are of 0's kind; 6 and 8 kinds of their own
         assert timed == [211, 50, layers["8.weight"]["params"][1]]
         assert [layers[k].get("measured_on") for k in names] == [
             None, "0.weight", "0.weight", None, None]
