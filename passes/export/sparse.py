@@ -27,7 +27,7 @@ the measurement happens here, on the machine that runs the pass, so run it where
 serve. A layer of the shape and dtype of one measured before, holding as many entries to
 within 10% (``_SHARE_NNZ``), takes that layer's plan (``shared_with`` in its row), and with
 ``mode=measure`` (without ``timing``) its verdict, dense or CSR (``measured_on``): the layers
-of a transformer's blocks are measured once per kind, not once each (0.1–2 s a layer), and
+of a transformer's blocks are measured once per kind, not once each (0.1–8 s a layer), and
 layers alike are decided alike rather than by the noise of their own timings.
 A kernel name uses that kernel for every batch size (no timing).
 
