@@ -288,10 +288,9 @@ def _product(
         with torch.inference_mode(False) if outside else contextlib.nullcontext():
             y = F.linear(rows, weight, bias)
     elif kernel == TORCH_DENSE:
-        dense = dense_weight(*csr, (out_features, features))
-        y = (F.linear(rows, dense, bias) if not transposed  # computed in the promised layout
-             else (torch.mm(dense, rows.t()) if column is None
-                   else torch.addmm(column, dense, rows.t())).t())
+        # one product for both layouts, the transposed one copied (dense @ rows.T rounds
+        # otherwise than F.linear on some CPUs, and the layouts must hold the same values)
+        y = F.linear(rows, dense_weight(*csr, (out_features, features)), bias)
     elif kernel == TORCH_MV and rows.shape[0] == 1:  # no output buffer, no loop
         row = rows[0]
         y = (torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row))[None]
