@@ -282,3 +282,96 @@ def test_multiply_masks_gives_the_bits_of_mul_by_the_bool_mask(dtype):
     masks.multiply_masks_([], [])  # nothing to do
     with pytest.raises(ValueError):
         masks.multiply_masks_(tensors, kept[:1])
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return (got.dtype == want.dtype and got.stride() == want.stride()
+            and torch.equal(_bits(got), _bits(want)))
+
+
+# sizes for mask_product's ways: tiny, over a multi-tensor chunk, over _PIECES_FROM (in pieces),
+# a conv kernel channels-last, a transposed large weight (not contiguous: by the factor)
+_PRODUCT_CASES = [
+    ((5, 7), torch.contiguous_format, False),
+    ((600, 700), torch.contiguous_format, False),
+    ((2048, 1025), torch.contiguous_format, True),
+    ((64, 32, 3, 3), torch.channels_last, False),
+    ((1025, 2048), "transposed", False),
+]
+
+
+@pytest.mark.parametrize("shape, layout, pieces", _PRODUCT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_product_gives_the_bits_layout_and_gradients_of_aten_mul(shape, layout, pieces,
+                                                                      dtype):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    weight.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -2.0, 1.0])
+    weight = (weight.t().contiguous().t() if layout == "transposed"
+              else weight.contiguous(memory_format=layout))
+    mask = torch.rand(shape, generator=gen) > 0.5
+    mask.view(-1)[:4] = torch.tensor([False, False, False, True])
+    weight.requires_grad_(True)
+    want, got = torch.ops.aten.mul.Tensor(weight, mask), masks.mask_product(weight, mask)
+    assert _same(got, want)
+    assert (type(got.grad_fn).__name__ == "_MaskProductBackward") == pieces
+    upstream = torch.randn(shape, generator=gen).to(dtype).requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(want, weight, upstream, create_graph=True)
+    (got_grad,) = torch.autograd.grad(got, weight, upstream, create_graph=True)
+    assert _same(got_grad, want_grad)
+    # create_graph: the gradient is itself differentiable (by the upstream: the mask again)
+    (want_second,) = torch.autograd.grad(want_grad.float().sum(), upstream)
+    (got_second,) = torch.autograd.grad(got_grad.float().sum(), upstream)
+    assert _same(got_second, want_second)
+    with torch.no_grad():
+        assert _same(masks.mask_product(weight, mask), torch.ops.aten.mul.Tensor(weight, mask))
+
+
+def test_mask_product_under_vmap_and_fake_tensors_is_aten_mul():
+    """Under torch.func's transforms a large weight takes the factor (an autograd.Function
+    without a vmap rule would fail there); under fake tensors (torch.export) aten's ``mul``."""
+    gen = torch.Generator().manual_seed(4)
+    weights = torch.randn(2, 2048, 1025, generator=gen)
+    mask = torch.rand(2048, 1025, generator=gen) > 0.5
+    got = torch.func.vmap(masks.mask_product, in_dims=(0, None))(weights, mask)
+    assert torch.equal(got, weights * mask)
+    grad = torch.func.grad(lambda w: masks.mask_product(w, mask).square().sum())(weights[0])
+    assert torch.equal(grad, 2 * weights[0] * mask * mask)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    fake_weight, fake_mask = mode.from_tensor(weights[0]), mode.from_tensor(mask)
+    with mode:
+        fake = masks.mask_product(fake_weight, fake_mask)
+    assert fake.shape == (2048, 1025) and fake.dtype == torch.float32
+
+
+def test_a_masked_graph_runs_mask_product_and_keeps_its_mul_nodes():
+    """The generated code (plain, lean, a copy's) calls mask_product; the fx graph keeps its
+    aten ``mul`` nodes, so a re-export holds aten ops only; a training step computes the bits
+    the same graph computes with aten's ``mul`` in its code."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1025, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    x, y = torch.randn(4, 1025), torch.tensor([1, 2, 3, 4])
+    graph = chop.run(chop.trace(model, (x,)), "random{seed=1}, mask{sparsity=0.5}")
+    nodes = list(masks.mask_nodes(graph))
+    assert len(nodes) == 2 and all(n.target is torch.ops.aten.mul.Tensor for n in nodes)
+    assert graph.module.code.count("mask_product(") == 2
+    assert graph.copy().module.code.count("mask_product(") == 2
+    with graph.mode(batch_norm=False, dropout=False, lean=True):
+        assert graph.module.code.count("mask_product(") == 2
+    reference = graph.copy()
+    plain = torch.fx.graph._PyTreeCodeGen.__new__(torch.fx.graph._PyTreeCodeGen)
+    plain.__dict__.update(reference.module.graph._codegen.__dict__)
+    reference.module.graph.set_codegen(plain)
+    reference.recompile()
+    assert "mask_product" not in reference.module.code
+
+    def step(g: chop.Graph) -> list[torch.Tensor]:
+        F.cross_entropy(g.module(x), y).backward()
+        return [p.grad for p in g.module.parameters()]
+
+    for got, want in zip(step(graph), step(reference), strict=True):
+        assert torch.equal(_bits(got), _bits(want))
+    program = torch.export.export(graph.module, (x,))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.mul.Tensor in targets and masks.mask_product not in targets
