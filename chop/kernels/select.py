@@ -27,11 +27,12 @@ single-threaded, which matters when local pruning calls this once per tensor.
 Below ``_DIRECT`` entries on one process, the fixed cost of those passes is more
 than the work: such inputs are concatenated (a small copy) and the threshold and
 its counts read from one sort of it (:func:`_direct_threshold`), with the same
-threshold, tie order and masks. On CPU, from ``_PARTITIONED`` entries, scores with
-no large block of equal values (a sample says so) are partitioned instead of
-sorted: linear time, about 2× faster on distinct scores (``snip`` on a dense model,
-the band a bracket gathers), while the zeros of pruned weights keep the sort, which
-they make faster and the partition slower.
+threshold, tie order and masks. On CPU, from ``_PARTITIONED`` entries, the
+threshold is cut in linear time instead (:func:`_cut`): a value that a sample shows
+filling a tenth of the scores (the zeros of pruned weights) is counted, and either
+is the threshold or is set aside, and what remains is partitioned (``np.partition``
+slows by up to 20× near such a block; the sort it replaces is 2× slower on distinct
+scores, and a Pruner's threshold often lies in the block of its pruned weights).
 
 Larger inputs on one process first try a **bracket** (:func:`_bracket`, after
 Floyd and Rivest): the k-th largest of a strided sample of ``_SAMPLE`` entries,
@@ -96,10 +97,9 @@ _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
 _DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is faster
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
-_PARTITIONED = 1 << 16  # from this many entries a direct selection may partition (_tied):
-# below it the sample costs more than the partition saves once caches are cold, as at a
-# Pruner's step (``bench_select.py --cuts``, last column)
-_TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_tied)
+_PARTITIONED = 1 << 13  # from this many entries a direct selection cuts in linear time (_cut):
+# below it one sort is as fast, once caches are cold as at a Pruner's step (timed by hand)
+_TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_block_value)
 _GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
 _PIECE = 1 << 16  # entries numpy compares at a time in a bracket's band scan (_band_by_numpy)
@@ -460,19 +460,18 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
     """All scores as one flat tensor (in a dtype :func:`_rankable` keeps), the k-th largest
     ``t`` (``0 < k <= numel``), and how many scores are above ``t`` and at least ``t``.
 
-    On CPU, all of it comes from one ``np.sort`` of the copy: ``t`` by index, the two counts by
-    binary search, and NaN (sorted last) from its last entry; no pass over the scores beyond
-    the copy and the sort. Or, when no value fills a tenth of the copy (:func:`_tied`), from
-    :func:`_partitioned_threshold`. Elsewhere ``torch.kthvalue``, then both counts and a NaN
-    check in one read-back."""
+    On CPU, from :func:`_cut`; below ``_PARTITIONED`` scores from one ``np.sort`` of the
+    copy: ``t`` by index, the two counts by binary search, and NaN (sorted last) from its
+    last entry. Elsewhere ``torch.kthvalue``, then both counts and a NaN check in one
+    read-back."""
     flat = _rankable(torch.cat([s.detach().reshape(-1).to(dtype)
                                 if s.requires_grad or s.dtype != dtype else s.reshape(-1)
                                 for s in scores]))
     j = flat.numel() - k  # 0-based rank of t from the smallest
     if flat.device.type == "cpu":
         values = flat.numpy()
-        if values.size >= _PARTITIONED and not _tied(values):
-            return (flat, *_partitioned_threshold(values, j))
+        if values.size >= _PARTITIONED:
+            return (flat, *_cut(values, j))
         ordered = np.sort(values)
         if math.isnan(ordered[-1]):
             _raise_if_nan([flat], None)
@@ -490,22 +489,37 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
     return flat, t.item(), int(above), int(at_least)
 
 
-def _tied(values: np.ndarray) -> bool:
-    """Whether one value may fill a tenth of ``values`` (a sorted sample of ``_TIES`` of them
-    says so): ``np.partition`` (introselect) slows by up to 20× near such a block of equal
-    entries (the zeros of pruned weights), where ``np.sort`` gets faster. The sample's
-    positions follow the golden ratio, not a stride: a stride that is a multiple of a
-    weight's row length reads one column, and misses columns pruned to zero."""
+def _block_value(values: np.ndarray) -> float | None:
+    """A value that may fill a tenth of ``values`` (a sorted sample of ``_TIES`` of them
+    says so), or None. The sample's positions follow the golden ratio, not a stride: a stride
+    that is a multiple of a weight's row length reads one column, and misses columns pruned
+    to zero."""
     sample = np.sort(values[(_GOLDEN * values.size).astype(np.int64)])
     width = sample.size // 10
-    return bool((sample[width:] == sample[:-width]).any())
+    found = np.flatnonzero(sample[width:] == sample[:-width])  # NaN equals nothing
+    return sample[found[0]].item() if found.size else None
 
 
-def _partitioned_threshold(values: np.ndarray, j: int) -> tuple[float, int, int]:
+def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
     """:func:`_direct_threshold`'s ``t`` (the entry of 0-based rank ``j`` from the smallest),
-    and how many of ``values`` are above it and at least it, from one ``np.partition`` (linear
-    time; ``bench_select.py --cuts`` prints it against the sort) and two counts. Raises on
-    NaN, which the partition places last, as the sort does."""
+    and how many of ``values`` are above it and at least it, in linear time. A block of equal
+    values (:func:`_block_value`) is counted in three comparisons: ``t`` is its value when
+    rank ``j`` falls in it, else ``t`` is cut from the values on rank ``j``'s side of it (a
+    copy); with no block, by one ``np.partition`` and two counts (``bench_select.py --cuts``
+    prints it against the sort). Raises on NaN, which both place last."""
+    block = _block_value(values)
+    if block is not None:
+        below = int(np.count_nonzero(values < block))
+        equal = int(np.count_nonzero(values == block))
+        above = int(np.count_nonzero(values > block))
+        if below + equal + above < values.size:  # NaN compares False
+            _raise_if_nan([torch.from_numpy(values)], None)
+        if below <= j < below + equal:
+            return block, above, above + equal
+        if j >= below + equal:
+            return _cut(values[values > block], j - below - equal)
+        t, over, at_least = _cut(values[values < block], j)
+        return t, over + equal + above, at_least + equal + above
     parted = np.partition(values, j)
     t, head, tail = parted[j].item(), parted[:j], parted[j:]  # tail: t and all ranked above
     at_least = int(np.count_nonzero(tail >= t))

@@ -566,13 +566,18 @@ class TestBracket:
 
 
 class TestPartition:
-    """A direct selection (one process, fewer than ``_DIRECT`` entries) of scores with no large
-    block of equal values finds its threshold by ``np.partition`` instead of a sort: the same
-    masks, ties at the threshold cut in position order, and NaN refused wherever it lies."""
+    """A direct selection (one process, fewer than ``_DIRECT`` entries) from ``_PARTITIONED``
+    entries cuts its threshold in linear time (``_cut``) instead of sorting: a block of equal
+    values (the zeros of pruned weights) is counted and set aside, the rest partitioned. The
+    same masks, ties at the threshold cut in position order, and NaN refused wherever it lies."""
 
     @pytest.fixture(autouse=True)
     def path(self, monkeypatch) -> list:
-        return _recorded(monkeypatch, "_partitioned_threshold")
+        return _recorded(monkeypatch, "_cut")
+
+    @pytest.fixture
+    def blocks(self, monkeypatch) -> list:
+        return _recorded(monkeypatch, "_block_value")
 
     @staticmethod
     def scores(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -582,41 +587,61 @@ class TestPartition:
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("keep", [1, 0.1, 0.5, 0.999])
-    def test_distinct_scores_are_partitioned(self, path, dtype, keep) -> None:
+    def test_distinct_scores_are_partitioned(self, path, blocks, dtype, keep) -> None:
         scores = self.scores(dtype)
         total = sum(s.numel() for s in scores)
         k = max(1, int(keep * total))
         t = kth_largest(scores, k)[0]
         for s in scores[::2]:  # more entries equal to the threshold than the budget keeps
             s.view(-1)[: s.numel() // 50] = t
+        blocks.clear()
         check(scores, k)
-        assert path  # the partition ran
+        assert path and set(blocks) == {None}  # the partition ran, on no block
 
     def test_fewer_scores_are_sorted(self, path) -> None:
-        """A small model's 60,000 distinct scores: the sample that looks for equal values
-        costs more than the partition saves once caches are cold (a Pruner's step): one sort."""
-        scores = [s.reshape(-1)[:60_000] for s in self.scores(torch.float32)[2:]]
+        scores = [s.reshape(-1)[: select._PARTITIONED - 1] for s in self.scores(torch.float32)[2:]]
         check(scores, 100)
         assert not path
 
-    def test_many_equal_scores_are_sorted(self, path) -> None:
+    @pytest.mark.parametrize("part", ["above", "in", "below"])
+    def test_a_block_of_equal_scores_is_counted_and_set_aside(self, path, blocks, part) -> None:
+        """Half the scores 0 (a quarter negative, a quarter positive): a threshold in the block
+        is the block's value with no partition; one above or below it is cut from that side."""
         scores = self.scores(torch.float32, seed=1)
         for s in scores:
             s[torch.rand(s.shape, generator=torch.Generator().manual_seed(2)) < 0.5] = 0.0
         total = sum(s.numel() for s in scores)
-        for k in (total // 10, total // 2, total - 5):
-            check(scores, k)
-        assert not path
+        k = {"above": total // 10, "in": total // 2, "below": total - 5}[part]
+        check(scores, k)
+        blocks.clear()
+        path.clear()
+        keep_masks(scores, k)
+        assert blocks[0] == 0.0
+        assert len(path) == (1 if part == "in" else 2)  # the cut, and one of a side's values
+        assert (path[0][0] == 0.0) == (part == "in")
+
+    def test_two_blocks_are_set_aside_one_after_the_other(self, path, blocks) -> None:
+        g = torch.Generator().manual_seed(6)
+        x = torch.rand(select._PARTITIONED * 4, generator=g) * 3
+        which = torch.rand(x.shape, generator=g)
+        x[which < 0.3] = 0.0
+        x[(which >= 0.3) & (which < 0.6)] = 1.0
+        for k, seen in ((x.numel() // 20, [0.0, 1.0, None]), (x.numel() // 2, [0.0, 1.0]),
+                        (int(x.numel() * 0.9), [0.0])):
+            check([x], k)
+            blocks.clear()
+            keep_masks([x], k)
+            assert blocks == seen  # 0 and 1 set aside and the rest cut; in 1's block; in 0's
 
     @pytest.mark.parametrize("width", [64, 128, 250])
-    def test_zeroed_columns_are_seen_whatever_the_row_length(self, path, width) -> None:
+    def test_zeroed_columns_are_seen_whatever_the_row_length(self, blocks, width) -> None:
         """90% of a weight's input columns pruned to zero, the first column kept: a sample
         that reads one column (a stride that is a multiple of the row length) misses them."""
         g = torch.Generator().manual_seed(5)
         w = torch.rand(2**16 // width + 1, width, generator=g)
         w[:, 1 + torch.randperm(width - 1, generator=g)[: 9 * width // 10]] = 0.0
         check([w], w.numel() // 20)
-        assert not path
+        assert blocks[0] == 0.0
 
     @pytest.mark.parametrize("where", ["above", "below", "last"])
     def test_nan_raises_wherever_it_lies(self, path, where) -> None:
