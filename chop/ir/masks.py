@@ -4,7 +4,9 @@ A *mask node* is ``mul(weight, mask)`` inserted right after a weight node; the w
 read the ``mul`` instead, and ``mul.meta["chop"]["mask_of"]`` names the masked parameter. The
 mask itself is a bool buffer ``<param>_mask`` on the parameter's own submodule, so it is in
 ``state_dict`` and survives save and load. Masked entries then get zero gradient and contribute
-zero: training needs no re-masking after optimizer steps.
+zero: training needs no re-masking after optimizer steps. The graph keeps the ``mul`` nodes;
+the code generated from it runs each by :func:`mask_product`, aten's ``mul`` bit for bit but
+faster on CPU (:func:`fast_mask_code`).
 
 Which weights are *prunable* by default (linear and conv weights, as roles recorded by
 :func:`chop.trace`) is decided here once, for the ``mask`` pass, the criteria's
