@@ -460,26 +460,14 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
     """All scores as one flat tensor (in a dtype :func:`_rankable` keeps), the k-th largest
     ``t`` (``0 < k <= numel``), and how many scores are above ``t`` and at least ``t``.
 
-    On CPU, from :func:`_cut`; below ``_PARTITIONED`` scores from one ``np.sort`` of the
-    copy: ``t`` by index, the two counts by binary search, and NaN (sorted last) from its
-    last entry. Elsewhere ``torch.kthvalue``, then both counts and a NaN check in one
-    read-back."""
+    On CPU, from :func:`_cut`. Elsewhere ``torch.kthvalue``, then both counts and a NaN
+    check in one read-back."""
     flat = _rankable(torch.cat([s.detach().reshape(-1).to(dtype)
                                 if s.requires_grad or s.dtype != dtype else s.reshape(-1)
                                 for s in scores]))
     j = flat.numel() - k  # 0-based rank of t from the smallest
     if flat.device.type == "cpu":
-        values = flat.numpy()
-        if values.size >= _PARTITIONED:
-            return (flat, *_cut(values, j))
-        ordered = np.sort(values)
-        if math.isnan(ordered[-1]):
-            _raise_if_nan([flat], None)
-        t, n = ordered[j].item(), flat.numel()
-        if (j == 0 or ordered[j - 1] < t) and (j + 1 == n or ordered[j + 1] > t):
-            return flat, t, n - j - 1, n - j  # t is not tied: no search
-        return (flat, t, n - int(np.searchsorted(ordered, t, "right")),
-                n - int(np.searchsorted(ordered, t, "left")))
+        return (flat, *_cut(flat.numpy(), j))
     t = torch.kthvalue(flat, j + 1).values
     # the sum is NaN when a score is (or when +inf and -inf meet: then the exact check passes)
     total, above, at_least = torch.stack([flat.sum().double(), torch.count_nonzero(flat > t),
@@ -506,13 +494,24 @@ def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
     values (:func:`_block_value`) is counted in three comparisons: ``t`` is its value when
     rank ``j`` falls in it, else ``t`` is cut from the values on rank ``j``'s side of it (a
     copy); with no block, by one ``np.partition`` and two counts (``bench_select.py --cuts``
-    prints it against the sort). Raises on NaN, which both place last."""
+    prints it against the sort). Below ``_PARTITIONED`` values, by one ``np.sort``: ``t`` by
+    index, the two counts by binary search. Raises on NaN, which all three place last."""
+    n = values.size
+    if n < _PARTITIONED:
+        ordered = np.sort(values)
+        if math.isnan(ordered[-1]):
+            _raise_if_nan([torch.from_numpy(values)], None)
+        t = ordered[j].item()
+        if (j == 0 or ordered[j - 1] < t) and (j + 1 == n or ordered[j + 1] > t):
+            return t, n - j - 1, n - j  # t is not tied: no search
+        return (t, n - int(np.searchsorted(ordered, t, "right")),
+                n - int(np.searchsorted(ordered, t, "left")))
     block = _block_value(values)
     if block is not None:
         below = int(np.count_nonzero(values < block))
         equal = int(np.count_nonzero(values == block))
         above = int(np.count_nonzero(values > block))
-        if below + equal + above < values.size:  # NaN compares False
+        if below + equal + above < n:  # NaN compares False
             _raise_if_nan([torch.from_numpy(values)], None)
         if below <= j < below + equal:
             return block, above, above + equal

@@ -598,10 +598,10 @@ class TestPartition:
         check(scores, k)
         assert path and set(blocks) == {None}  # the partition ran, on no block
 
-    def test_fewer_scores_are_sorted(self, path) -> None:
+    def test_fewer_scores_are_sorted(self, path, blocks) -> None:
         scores = [s.reshape(-1)[: select._PARTITIONED - 1] for s in self.scores(torch.float32)[2:]]
         check(scores, 100)
-        assert not path
+        assert path and not blocks  # no sample looked for a block
 
     @pytest.mark.parametrize("part", ["above", "in", "below"])
     def test_a_block_of_equal_scores_is_counted_and_set_aside(self, path, blocks, part) -> None:
