@@ -111,6 +111,11 @@ _MUL = torch.ops.aten.mul.Tensor
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
+def _forward_ad_active() -> bool:
+    """Whether forward-mode AD may be on (``mul``'s ``out=`` form has no forward derivative)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def mask_product(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """What a mask node computes, ``aten.mul(weight, mask)``: the same values (NaN and -0.0
     included), layout and gradient, faster on CPU, where torch does not vectorise a multiply
@@ -120,13 +125,14 @@ def mask_product(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     threads, product / product and gradient: a 768×768 float32 weight 289 / 660 µs by aten's
     ``mul``, 111 / 370 µs here; 4096×4096 59 / 116 ms against 34 / 67 ms (most of that the
     fresh memory of the results). Anything else
-    (another device, a fake or traced tensor under ``torch.export``, torch.compile or
-    ``torch.func`` transforms for the pieces) takes aten's ``mul``, or the factor."""
+    (another device, a fake or traced tensor under ``torch.export``; torch.compile,
+    ``torch.func`` transforms or forward-mode AD for the pieces) takes aten's ``mul``, or the
+    factor."""
     if type(mask) is not torch.Tensor or mask.dtype is not torch.bool or mask.device.type != "cpu":
         return _MUL(weight, mask)
     if (weight.numel() > _PIECES_FROM and weight.shape == mask.shape and weight.is_contiguous()
             and mask.is_contiguous() and not torch.compiler.is_compiling()
-            and not _functorch_active()):
+            and not _functorch_active() and not _forward_ad_active()):
         if weight.requires_grad and torch.is_grad_enabled():
             return _MaskProduct.apply(weight, mask)
         return masked(weight, mask)

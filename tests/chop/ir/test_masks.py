@@ -325,6 +325,11 @@ def test_mask_product_gives_the_bits_layout_and_gradients_of_aten_mul(shape, lay
     assert _same(got_second, want_second)
     with torch.no_grad():
         assert _same(masks.mask_product(weight, mask), torch.ops.aten.mul.Tensor(weight, mask))
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD: the tangent times the mask
+        dual = torch.autograd.forward_ad.make_dual(weight.detach(), upstream.detach())
+        got, want = (torch.autograd.forward_ad.unpack_dual(product(dual, mask)).tangent
+                     for product in (masks.mask_product, torch.ops.aten.mul.Tensor))
+        assert _same(got, want)
 
 
 def test_mask_product_under_vmap_and_fake_tensors_is_aten_mul():
