@@ -18,9 +18,10 @@ process (median of ``--repeats`` interleaved runs):
 ``--cuts`` adds a second table: one cut of one tensor (what chop cuts: a small selection
 whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition``, ``np.sort``
 and chop's own cut (:func:`select._direct_threshold`: from ``_PARTITIONED`` scores
-:func:`select._cut`, which counts and sets aside a block of equal values that a sample shows,
-then partitions the rest; its copy and counts included) and the same cut always sorting, at 20K–4M scores, with no zeros and with 90% zeros
-(pruned weights score alike), keeping 10%; 1 thread, best of ``--repeats`` timed loops (warm
+:func:`select._cut`, which counts a block of equal values that a sample shows, then cuts the
+threshold from the band of values that the sample brackets, the block left out; its copy and
+counts included) and the same cut always sorting, at 20K–4M scores, with no zeros and with
+90% zeros (pruned weights score alike), keeping 10%; 1 thread, best of ``--repeats`` timed loops (warm
 caches). Its last column times chop's cut and the sorting one as a Pruner meets them, once
 per training step: each call alone, right after a sweep over 64 MiB (the step's work in
 between evicts the caches), median of ``2 × --repeats + 1`` calls in alternating order.
@@ -118,8 +119,9 @@ def cut_table(repeats: int) -> None:
     ways = {"torch.kthvalue": lambda x, j: torch.kthvalue(x, j + 1).values.item(),
             "np.partition": lambda x, j: np.partition(x.numpy(), j)[j].item(),
             "np.sort": lambda x, j: np.sort(x.numpy())[j].item(),
-            # chop's cut, copy and counts included: a block of equal values a sample shows set
-            # aside, the rest partitioned; and the same always sorting (as before round 36)
+            # chop's cut, copy and counts included: a block of equal values a sample shows
+            # counted, the band a sample brackets cut; and the same always sorting (as before
+            # round 36)
             "chop": lambda x, j: select._direct_threshold([x], x.numel() - j, x.dtype)[1],
             "chop, sort only": _sorting_cut}
     print("\none cut of one tensor, 1 thread, keeping 10% (ms, best of "

@@ -28,11 +28,13 @@ Below ``_DIRECT`` entries on one process, the fixed cost of those passes is more
 than the work: such inputs are concatenated (a small copy) and the threshold and
 its counts read from one sort of it (:func:`_direct_threshold`), with the same
 threshold, tie order and masks. On CPU, from ``_PARTITIONED`` entries, the
-threshold is cut in linear time instead (:func:`_cut`): a value that a sample shows
-filling a tenth of the scores (the zeros of pruned weights) is counted, and either
-is the threshold or is set aside, and what remains is partitioned (``np.partition``
-slows by up to 20× near such a block; the sort it replaces is 2× slower on distinct
-scores, and a Pruner's threshold often lies in the block of its pruned weights).
+threshold is cut in linear time instead (:func:`_cut`), from a sorted sample of
+``_TIES`` entries: a value that fills a tenth of the sample (the zeros of pruned
+weights) is counted, and is the threshold when its entries hold the threshold's
+rank (where a Pruner's threshold often lies); else the sample brackets the rank, as
+below, and the few values in the bracket (the block left out) are cut the same way.
+Comparisons and counts are most of the work: ``np.partition`` slows by up to 20× near
+a block of equal values, and takes 30 times a comparison per value on some machines.
 
 Larger inputs on one process first try a **bracket** (:func:`_bracket`, after
 Floyd and Rivest): the k-th largest of a strided sample of ``_SAMPLE`` entries,
@@ -95,10 +97,10 @@ import torch
 
 _CHUNK = 1 << 22  # elements streamed at a time; 2**22 measured fastest on CPU
 _SMALL = 1 << 15  # up to this many entries, use 8-bit digits (torch's parallel grain size)
-_DIRECT = 1 << 17  # below this many entries (no pieces), one sort of a copy is faster
+_DIRECT = 1 << 19  # below this many entries (no pieces), one cut of a copy is faster
 _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger selection
-_PARTITIONED = 1 << 13  # from this many entries a direct selection cuts in linear time (_cut):
-# below it one sort is as fast, once caches are cold as at a Pruner's step (timed by hand)
+_PARTITIONED = 1 << 11  # from this many entries a direct selection cuts in linear time (_cut):
+# below it one sort is as fast (bench_select.py --cuts)
 _TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_block_value)
 _GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
@@ -477,12 +479,16 @@ def _direct_threshold(scores: list[torch.Tensor], k: int, dtype: torch.dtype
     return flat, t.item(), int(above), int(at_least)
 
 
-def _block_value(values: np.ndarray) -> float | None:
-    """A value that may fill a tenth of ``values`` (a sorted sample of ``_TIES`` of them
-    says so), or None. The sample's positions follow the golden ratio, not a stride: a stride
-    that is a multiple of a weight's row length reads one column, and misses columns pruned
-    to zero."""
-    sample = np.sort(values[(_GOLDEN * values.size).astype(np.int64)])
+def _sample(values: np.ndarray) -> np.ndarray:
+    """``_TIES`` of ``values``, sorted. Their positions follow the golden ratio, not a stride:
+    a stride that is a multiple of a weight's row length reads one column, and misses columns
+    pruned to zero."""
+    return np.sort(values[(_GOLDEN * values.size).astype(np.int64)])
+
+
+def _block_value(sample: np.ndarray) -> float | None:
+    """A value that may fill a tenth of the values the sorted ``sample`` was drawn from (it
+    fills a tenth of the sample), or None."""
     width = sample.size // 10
     found = np.flatnonzero(sample[width:] == sample[:-width])  # NaN equals nothing
     return sample[found[0]].item() if found.size else None
@@ -490,12 +496,21 @@ def _block_value(values: np.ndarray) -> float | None:
 
 def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
     """:func:`_direct_threshold`'s ``t`` (the entry of 0-based rank ``j`` from the smallest),
-    and how many of ``values`` are above it and at least it, in linear time. A block of equal
-    values (:func:`_block_value`) is counted in three comparisons: ``t`` is its value when
-    rank ``j`` falls in it, else ``t`` is cut from the values on rank ``j``'s side of it (a
-    copy); with no block, by one ``np.partition`` and two counts (``bench_select.py --cuts``
-    prints it against the sort). Below ``_PARTITIONED`` values, by one ``np.sort``: ``t`` by
-    index, the two counts by binary search. Raises on NaN, which all three place last."""
+    and how many of ``values`` are above it and at least it, in linear time and a few passes of
+    comparisons (``bench_select.py --cuts`` prints it against the sort). Raises on NaN.
+
+    - Below ``_PARTITIONED`` values, one ``np.sort``: ``t`` by index, the counts by binary
+      search.
+    - A block of equal values (:func:`_block_value` of a sorted sample) is counted in three
+      comparisons: ``t`` is its value when rank ``j`` falls in it; else ``t`` is cut from the
+      values on rank ``j``'s side of it (a copy, with the sample's part on that side).
+    - Else the sample brackets rank ``j`` (:func:`_banded`) and ``t`` is cut from the values in
+      the bracket, about a seventh of them; ``np.partition`` of all of them only when the
+      bracket misses, or no bracket narrows them.
+
+    ``np.partition`` is not the linear-time cut it could be: it slows by up to 20× near a block
+    of equal values, and on some machines (AMD's with AVX-512) it takes 9 ns a value where a
+    comparison takes 0.3."""
     n = values.size
     if n < _PARTITIONED:
         ordered = np.sort(values)
@@ -506,7 +521,8 @@ def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
             return t, n - j - 1, n - j  # t is not tied: no search
         return (t, n - int(np.searchsorted(ordered, t, "right")),
                 n - int(np.searchsorted(ordered, t, "left")))
-    block = _block_value(values)
+    sample = _sample(values)
+    block, floor, ceiling = _block_value(sample), None, None
     if block is not None:
         below = int(np.count_nonzero(values < block))
         equal = int(np.count_nonzero(values == block))
@@ -515,10 +531,54 @@ def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
             _raise_if_nan([torch.from_numpy(values)], None)
         if below <= j < below + equal:
             return block, above, above + equal
+        kind = values.dtype.type
         if j >= below + equal:
-            return _cut(values[values > block], j - below - equal)
-        t, over, at_least = _cut(values[values < block], j)
-        return t, over + equal + above, at_least + equal + above
+            floor = np.nextafter(kind(block), kind(math.inf))  # the band starts above the block
+        else:
+            ceiling = np.nextafter(kind(block), kind(-math.inf))
+    banded = _banded(values, j, sample, floor, ceiling)
+    if banded is not None:
+        return banded
+    if block is None:
+        return _partitioned(values, j)
+    if floor is not None:  # the bracket missed (rarely): cut the block's side alone
+        return _cut(np.compress(values > block, values), j - below - equal)
+    t, over, at_least = _cut(np.compress(values < block, values), j)
+    return t, over + equal + above, at_least + equal + above
+
+
+def _banded(values: np.ndarray, j: int, sample: np.ndarray, floor: np.floating | None,
+            ceiling: np.floating | None) -> tuple[float, int, int] | None:
+    """:func:`_cut` from the values between two entries of the sorted ``sample`` that bracket
+    rank ``j``: the entries three standard deviations of a sample's rank on either side of
+    where rank ``j`` falls in it (no bound where that lies past an end of the sample), the
+    bracket kept at or above ``floor`` and at or below ``ceiling`` (a block's neighbours: the
+    band then leaves the block out). None when the bracket misses rank ``j``, or holds all
+    the values."""
+    s, n = sample.size, values.size
+    i = (j + 0.5) * s / n  # where rank j falls in the sample
+    margin = 3 * math.sqrt(i * (1 - i / s)) + 2
+    first, last = math.floor(i - margin), math.floor(i + margin)
+    lo = sample[first] if first >= 0 else None
+    hi = sample[last] if last < s else None
+    if floor is not None and (lo is None or lo < floor):
+        lo = floor
+    if ceiling is not None and (hi is None or hi > ceiling):
+        hi = ceiling
+    if lo is None and hi is None:
+        return None
+    lower = values < lo if lo is not None else np.zeros(n, dtype=bool)
+    upper = values > hi if hi is not None else np.zeros(n, dtype=bool)
+    below, above = int(np.count_nonzero(lower)), int(np.count_nonzero(upper))
+    band = np.compress(~(lower | upper), values)  # NaN, which compares False, too
+    if not below <= j < n - above or band.size == n:
+        return None
+    t, over, at_least = _cut(band, j - below)
+    return t, over + above, at_least + above
+
+
+def _partitioned(values: np.ndarray, j: int) -> tuple[float, int, int]:
+    """:func:`_cut` by one ``np.partition`` and two counts."""
     parted = np.partition(values, j)
     t, head, tail = parted[j].item(), parted[:j], parted[j:]  # tail: t and all ranked above
     at_least = int(np.count_nonzero(tail >= t))

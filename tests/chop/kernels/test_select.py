@@ -565,11 +565,24 @@ class TestBracket:
         assert found[2] is None  # the threshold is 0: the radix passes found it
 
 
+def _called(monkeypatch, name: str) -> list:
+    """Record the arguments of each call of ``select.<name>``."""
+    calls, real = [], getattr(select, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(select, name, spy)
+    return calls
+
+
 class TestPartition:
     """A direct selection (one process, fewer than ``_DIRECT`` entries) from ``_PARTITIONED``
     entries cuts its threshold in linear time (``_cut``) instead of sorting: a block of equal
-    values (the zeros of pruned weights) is counted and set aside, the rest partitioned. The
-    same masks, ties at the threshold cut in position order, and NaN refused wherever it lies."""
+    values (the zeros of pruned weights) is counted, and the threshold is its value or is cut
+    from a band that a sample brackets, which leaves the block out. The same masks, ties at the
+    threshold cut in position order, and NaN refused wherever it lies."""
 
     @pytest.fixture(autouse=True)
     def path(self, monkeypatch) -> list:
@@ -579,24 +592,34 @@ class TestPartition:
     def blocks(self, monkeypatch) -> list:
         return _recorded(monkeypatch, "_block_value")
 
+    @pytest.fixture
+    def bands(self, monkeypatch) -> list:
+        return _recorded(monkeypatch, "_banded")
+
     @staticmethod
     def scores(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        flat = torch.randn(select._PARTITIONED + 5_000, generator=g, dtype=torch.float64)
+        flat = torch.randn(20_000, generator=g, dtype=torch.float64)
+        assert flat.numel() > 4 * select._PARTITIONED
         return [t.to(dtype) for t in (flat[:3000].view(30, 100), flat[3000:3007], flat[3007:])]
 
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("keep", [1, 0.1, 0.5, 0.999])
-    def test_distinct_scores_are_partitioned(self, path, blocks, dtype, keep) -> None:
+    @pytest.mark.parametrize("keep", [0.9999, 0.1, 0.5, 0.999, 1 / 20_000])
+    def test_distinct_scores_are_cut_from_a_band(self, monkeypatch, path, blocks, bands, dtype,
+                                                 keep) -> None:
         scores = self.scores(dtype)
         total = sum(s.numel() for s in scores)
         k = max(1, int(keep * total))
         t = kth_largest(scores, k)[0]
         for s in scores[::2]:  # more entries equal to the threshold than the budget keeps
             s.view(-1)[: s.numel() // 50] = t
-        blocks.clear()
         check(scores, k)
-        assert path and set(blocks) == {None}  # the partition ran, on no block
+        blocks.clear()
+        bands.clear()
+        parted = _called(monkeypatch, "_partitioned")
+        keep_masks(scores, k)
+        assert blocks[0] is None  # the sample shows no block (a band's may: the ties at t)
+        assert bands and None not in bands and not parted  # the bracket held the threshold
 
     def test_fewer_scores_are_sorted(self, path, blocks) -> None:
         scores = [s.reshape(-1)[: select._PARTITIONED - 1] for s in self.scores(torch.float32)[2:]]
@@ -604,34 +627,98 @@ class TestPartition:
         assert path and not blocks  # no sample looked for a block
 
     @pytest.mark.parametrize("part", ["above", "in", "below"])
-    def test_a_block_of_equal_scores_is_counted_and_set_aside(self, path, blocks, part) -> None:
+    def test_a_block_of_equal_scores_is_counted_and_left_out(self, monkeypatch, path, blocks,
+                                                             part) -> None:
         """Half the scores 0 (a quarter negative, a quarter positive): a threshold in the block
-        is the block's value with no partition; one above or below it is cut from that side."""
+        is the block's value with no band; one just above or below it (where a Pruner's step
+        puts it) is cut from a band of the values on its side that holds no 0."""
         scores = self.scores(torch.float32, seed=1)
         for s in scores:
             s[torch.rand(s.shape, generator=torch.Generator().manual_seed(2)) < 0.5] = 0.0
         total = sum(s.numel() for s in scores)
-        k = {"above": total // 10, "in": total // 2, "below": total - 5}[part]
+        positive = sum(int(torch.count_nonzero(s > 0)) for s in scores)
+        negative = sum(int(torch.count_nonzero(s < 0)) for s in scores)
+        k = {"above": positive - 40, "in": total // 2, "below": total - negative + 40}[part]
         check(scores, k)
         blocks.clear()
         path.clear()
+        cuts = _called(monkeypatch, "_cut")
         keep_masks(scores, k)
         assert blocks[0] == 0.0
-        assert len(path) == (1 if part == "in" else 2)  # the cut, and one of a side's values
-        assert (path[0][0] == 0.0) == (part == "in")
+        assert (path[-1][0] == 0.0) == (part == "in")  # the first call returns last
+        if part == "in":
+            assert len(cuts) == 1
+        else:
+            band = cuts[1][0]
+            assert 0 < band.size < total // 4 and not np.any(band == 0.0)
+            assert np.all(band > 0) == (part == "above")
 
-    def test_two_blocks_are_set_aside_one_after_the_other(self, path, blocks) -> None:
+    def test_a_block_away_from_the_threshold_is_left_alone(self, path, blocks) -> None:
+        """30% zeros and 30% ones: the sample shows the zeros first, and the ones are counted
+        only when the threshold lies in them; above both, the band holds neither."""
         g = torch.Generator().manual_seed(6)
-        x = torch.rand(select._PARTITIONED * 4, generator=g) * 3
+        x = torch.rand(select._PARTITIONED * 16, generator=g) * 3
         which = torch.rand(x.shape, generator=g)
         x[which < 0.3] = 0.0
         x[(which >= 0.3) & (which < 0.6)] = 1.0
-        for k, seen in ((x.numel() // 20, [0.0, 1.0, None]), (x.numel() // 2, [0.0, 1.0]),
-                        (int(x.numel() * 0.9), [0.0])):
+        n = x.numel()
+        for k, t in ((n // 20, None), (n // 2, 1.0), (int(n * 0.9), 0.0)):
             check([x], k)
             blocks.clear()
+            path.clear()
             keep_masks([x], k)
-            assert blocks == seen  # 0 and 1 set aside and the rest cut; in 1's block; in 0's
+            assert blocks[0] == 0.0
+            if t is None:
+                assert path[-1][0] > 1.0 and 1.0 not in blocks
+            else:
+                assert path[-1][0] == t and blocks[-1] == t
+
+    @pytest.mark.parametrize("block", [False, True])
+    def test_a_bracket_that_misses_still_cuts_exactly(self, monkeypatch, bands, block) -> None:
+        """The sample's entries lie in a narrow range far from the threshold: the bracket
+        misses it, and the values (or the block's side of them) are cut whole."""
+        g = torch.Generator().manual_seed(8)
+        n = select._PARTITIONED * 8
+        x = torch.rand(n, generator=g)
+        sampled = torch.from_numpy((select._GOLDEN * n).astype(np.int64))
+        x[sampled] = 0.9 + torch.rand(sampled.numel(), generator=g) * 1e-4
+        if block:  # 40% zeros, which the sample shows too
+            x[torch.rand(n, generator=g) < 0.4] = 0.0
+            x[sampled[: 2 * sampled.numel() // 5]] = 0.0
+        check([x], int(n * 0.3))
+        bands.clear()
+        parted = _called(monkeypatch, "_partitioned")
+        cuts = _called(monkeypatch, "_cut")
+        keep_masks([x], int(n * 0.3))
+        assert bands[0] is None  # missed
+        assert bool(parted) != block  # whole by np.partition, or the side alone
+        assert block == (len(cuts) > 1 and not np.any(cuts[1][0] == 0.0))
+
+    @pytest.mark.parametrize("seed", range(40))
+    def test_cuts_equal_a_sort(self, seed: int) -> None:
+        """``_cut`` on values drawn to reach every branch: distinct, a few levels, blocks at
+        random values (±0.0 among them), infinities, float32 and float64, sizes around
+        ``_PARTITIONED`` and a band's."""
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(select._PARTITIONED // 2, select._PARTITIONED * 24))
+        dtype = (np.float32, np.float64)[seed % 2]
+        values = rng.standard_normal(n).astype(dtype)
+        kind = seed % 5
+        if kind == 1:  # a few levels
+            values = np.round(values * 4) / 4
+        elif kind in (2, 3):  # blocks
+            for _ in range(int(rng.integers(1, 4))):
+                values[rng.random(n) < rng.uniform(0.05, 0.5)] = rng.choice(
+                    [0.0, -0.0, rng.standard_normal(), np.inf, -np.inf])
+        elif kind == 4:  # a block of zeros in column order, and infinities
+            values.reshape(-1)[: n - n % 50].reshape(-1, 50)[:, 5:45] = 0.0
+            values[rng.integers(0, n, 20)] = np.inf
+        ordered = np.sort(values)
+        for j in {0, n - 1, *rng.integers(0, n, 6).tolist()}:
+            t, above, at_least = select._cut(values, j)
+            assert t == ordered[j]
+            assert above == int(np.count_nonzero(values > ordered[j]))
+            assert at_least == int(np.count_nonzero(values >= ordered[j]))
 
     @pytest.mark.parametrize("width", [64, 128, 250])
     def test_zeroed_columns_are_seen_whatever_the_row_length(self, blocks, width) -> None:
