@@ -42,7 +42,9 @@ widened by four standard deviations of a sample quantile on each side, gives two
 values ``lo <= hi``; one pass counts the entries above ``hi`` and gathers those
 in ``(lo, hi]``, and when the k-th largest is among them (the counts say so
 exactly) one sort of the gathered few finds it. That is one pass
-over the scores instead of the radix selection's two. When the counts say the
+over the scores instead of the radix selection's two; a threshold equal to ``lo`` (a
+block of equal scores, such as the zeros of pruned weights) takes one more, which counts
+the entries equal to it. When the counts say the
 bracket missed, or it would gather more than ``_CHUNK`` entries (many equal
 scores), the radix selection runs as above: the result is the same either way.
 
@@ -349,7 +351,11 @@ def _bracket(chunks: Callable[[], Iterable[torch.Tensor]], total: int, k: int,
     if found is None:
         return None
     n_above, band = found
-    if not n_above < k <= n_above + band.numel():
+    over_lo = n_above + band.numel()
+    if k > over_lo:  # the threshold may be lo itself (a block's value): count its entries
+        equal = sum(int(torch.count_nonzero(c == lo)) for c in chunks()) if lo > -math.inf else 0
+        return (0.0 if lo == 0 else lo, k - over_lo, equal) if k <= over_lo + equal else None
+    if not n_above < k:
         return None
     wanted = k - n_above  # the wanted-th largest of the band
     _, t, n_over, at_least = _direct_threshold([band], wanted, dtype)
@@ -364,7 +370,7 @@ def _band_by_torch(chunks: Callable[[], Iterable[torch.Tensor]], hi: float, lo: 
     ``lo`` is left out: progressive pruning asks, step after step, for a threshold just above
     the pruned weights' scores (all 0 for magnitude), where a sample's ``lo`` is that very
     value, and gathering every pruned weight would fail the bracket. When the threshold is
-    ``lo`` itself, the counts miss and the radix selection finds it."""
+    ``lo`` itself, :func:`_bracket` counts the entries equal to it in one more pass."""
     above, sums, band, gathered, device = [], [], [], 0, None
     for c in chunks():
         if device is None:

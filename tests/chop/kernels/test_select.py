@@ -537,20 +537,40 @@ class TestBracket:
         assert torch.equal(masks[0], keep_masks([scores], k)[0])
 
     def test_a_bracket_over_many_equal_scores_gathers_at_most_a_chunk(self, monkeypatch) -> None:
+        """The threshold just below a block of 2^17 ones: the band (lo, hi] holds every one,
+        more than a chunk (2^16 here), and the radix passes find the threshold. A threshold of
+        1.0 (half the ones kept, or the first 10) is lo: the band leaves the ones out, and one
+        more pass counts them."""
         monkeypatch.setattr(select, "_CHUNK", 1 << 16)
-        scores = [torch.ones(1 << 17), torch.full((1 << 16,), 2.0)]
+        g = torch.Generator().manual_seed(3)
+        scores = [torch.rand(1 << 16, generator=g) * 0.5, torch.ones(1 << 17),
+                  2 + torch.rand(1 << 16, generator=g)]
         found = _bracketed(monkeypatch)
-        masks = keep_masks(scores, 3 << 15)
-        assert found == [None]  # the band at 1.0 is larger than a chunk
-        assert int(masks[1].sum()) == 1 << 16 and int(masks[0][: 1 << 15].sum()) == 1 << 15
-        assert int(masks[0].sum()) == 1 << 15
+        for k in ((3 << 16) + 10, 1 << 17, (1 << 16) + 10):  # below the ones, in them
+            check(scores, k)  # (a bracket for its masks, one for its threshold)
+        assert found[0] is None  # the band at 1.0 is larger than a chunk
+        assert found[2] == (1.0, 1 << 16, 1 << 17)  # lo is 1.0: its entries counted
+        assert found[4] == (1.0, 10, 1 << 17)
+        masks = keep_masks(scores, (1 << 16) + 10)
+        assert int(masks[1][:10].sum()) == 10 and int(masks[1].sum()) == 10  # the first ones
+
+    def test_a_threshold_below_a_lower_bracket_of_equal_scores_misses(self, monkeypatch) -> None:
+        """Every sampled entry is 1.0, the rest below: lo is 1.0 and the threshold lies below
+        it, 3 entries past the ones; counting the ones shows the miss."""
+        n = 1 << 18
+        x = torch.rand(n, generator=torch.Generator().manual_seed(4)) * 0.5
+        step = n // select._SAMPLE
+        x[step // 2::step] = 1.0
+        found = _bracketed(monkeypatch)
+        check([x], select._SAMPLE + 3)
+        assert found == [None, None]
 
     @pytest.mark.parametrize("path_", ["numpy", "torch"])
     def test_a_threshold_just_above_many_zeros_is_bracketed(self, monkeypatch, path_) -> None:
         """Progressive pruning: most scores are the pruned weights' 0 and the step keeps a few
         fewer than the rest, so the sample's lower bracket is 0; gathering every 0 missed the
-        bracket and the radix passes ran at every step. 0 itself is out of the band, and
-        when the threshold is 0 the bracket misses, and the radix passes give the masks."""
+        bracket and the radix passes ran at every step. 0 itself is out of the band; when the
+        threshold is 0, one more pass counts the zeros (the radix passes ran before)."""
         if path_ == "torch":
             monkeypatch.setattr(select, "_NUMPY_THREADS", 0)
         g = torch.Generator().manual_seed(6)
@@ -561,8 +581,9 @@ class TestBracket:
         for k in (positive - 40, positive - 2_000, positive + 1_000):
             masks = keep_masks([scores], k)
             assert flat_mask(masks) == reference_mask([scores], k), k
-        assert found[0] is not None and found[1] is not None  # no radix pass
-        assert found[2] is None  # the threshold is 0: the radix passes found it
+        zeros = scores.numel() - positive
+        assert found[:2] == [(*found[0][:2], 1), (*found[1][:2], 1)]  # no radix pass
+        assert found[2] == (0.0, 1_000, zeros)  # the threshold is 0, among `zeros` ties
 
 
 def _called(monkeypatch, name: str) -> list:
