@@ -104,6 +104,7 @@ _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger select
 _PARTITIONED = 1 << 11  # from this many entries a direct selection cuts in linear time (_cut):
 # below it one sort is as fast (bench_select.py --cuts)
 _TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_block_value)
+_SIDE = 16  # a cut copies a block's side holding the threshold when it is under 1/_SIDE of all
 _GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
 _PIECE = 1 << 16  # entries numpy compares at a time in a bracket's band scan (_band_by_numpy)
@@ -508,11 +509,13 @@ def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
     - Below ``_PARTITIONED`` values, one ``np.sort``: ``t`` by index, the counts by binary
       search.
     - A block of equal values (:func:`_block_value` of a sorted sample) is counted in three
-      comparisons: ``t`` is its value when rank ``j`` falls in it; else ``t`` is cut from the
-      values on rank ``j``'s side of it (a copy, with the sample's part on that side).
-    - Else the sample brackets rank ``j`` (:func:`_banded`) and ``t`` is cut from the values in
-      the bracket, about a seventh of them; ``np.partition`` of all of them only when the
-      bracket misses, or no bracket narrows them.
+      comparisons: ``t`` is its value when rank ``j`` falls in it; else, when rank ``j``'s
+      side of it holds under ``1/_SIDE`` of the values, ``t`` is cut from a copy of that side
+      (:func:`_side`).
+    - Else the sample brackets rank ``j`` (:func:`_banded`, the block left out) and ``t`` is
+      cut from the values in the bracket, at most about a seventh of them; ``np.partition``
+      of all of them (or a copy of the block's side) only when the bracket misses, or no
+      bracket narrows them.
 
     ``np.partition`` is not the linear-time cut it could be: it slows by up to 20× near a block
     of equal values, and on some machines (AMD's with AVX-512) it takes 9 ns a value where a
@@ -537,8 +540,11 @@ def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
             _raise_if_nan([torch.from_numpy(values)], None)
         if below <= j < below + equal:
             return block, above, above + equal
+        upward = j >= below + equal
+        if (above if upward else below) * _SIDE < n:  # few values on rank j's side: a copy
+            return _side(values, j, block, upward, below + equal, equal + above)
         kind = values.dtype.type
-        if j >= below + equal:
+        if upward:
             floor = np.nextafter(kind(block), kind(math.inf))  # the band starts above the block
         else:
             ceiling = np.nextafter(kind(block), kind(-math.inf))
@@ -547,10 +553,18 @@ def _cut(values: np.ndarray, j: int) -> tuple[float, int, int]:
         return banded
     if block is None:
         return _partitioned(values, j)
-    if floor is not None:  # the bracket missed (rarely): cut the block's side alone
-        return _cut(np.compress(values > block, values), j - below - equal)
+    return _side(values, j, block, upward, below + equal, equal + above)  # missed (rarely)
+
+
+def _side(values: np.ndarray, j: int, block: float, upward: bool, up_to: int, from_: int
+          ) -> tuple[float, int, int]:
+    """:func:`_cut` from a copy of the values on rank ``j``'s side of a block of equal values
+    (above it when ``upward``): ``up_to`` values are at most the block's value, ``from_`` at
+    least it."""
+    if upward:
+        return _cut(np.compress(values > block, values), j - up_to)
     t, over, at_least = _cut(np.compress(values < block, values), j)
-    return t, over + equal + above, at_least + equal + above
+    return t, over + from_, at_least + from_
 
 
 def _banded(values: np.ndarray, j: int, sample: np.ndarray, floor: np.floating | None,

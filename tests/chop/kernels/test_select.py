@@ -674,6 +674,22 @@ class TestPartition:
             assert 0 < band.size < total // 4 and not np.any(band == 0.0)
             assert np.all(band > 0) == (part == "above")
 
+    @pytest.mark.parametrize("sign", [1, -1])
+    def test_a_small_side_of_a_block_is_cut_from_a_copy(self, monkeypatch, bands, sign) -> None:
+        """95% of the scores 0 and the threshold among the rest (above the zeros, or below
+        them): the few values on its side are copied and cut, with no band of all values."""
+        g = torch.Generator().manual_seed(9)
+        x = sign * torch.rand(20_000, generator=g)
+        x[torch.rand(x.shape, generator=g) < 0.95] = 0.0
+        k = (int(torch.count_nonzero(x > 0)) - 40 if sign > 0
+             else int(torch.count_nonzero(x >= 0)) + 40)
+        check([x], k)
+        bands.clear()
+        sides = _called(monkeypatch, "_side")
+        keep_masks([x], k)
+        assert len(sides) == 1 and sides[0][3] == (sign > 0)  # upward when above the zeros
+        assert len(bands) <= 1  # at most the copy's own band, not one over all the scores
+
     def test_a_block_away_from_the_threshold_is_left_alone(self, path, blocks) -> None:
         """30% zeros and 30% ones: the sample shows the zeros first, and the ones are counted
         only when the threshold lies in them; above both, the band holds neither."""
