@@ -124,6 +124,10 @@ def test_pruner_benchmark_runs_at_sparsity_zero_and_repeated_criteria(tmp_path: 
             if line.startswith("| LeNet-5")]
     assert rows == ["no Pruner", "hand-written magnitude (floor)", "magnitude"]
     assert "pruning every step to 0%" in done.stdout
+    table = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # as many cells as header columns
+    floor = next(line for line in table if "(floor)" in line).split(" | ")
+    assert floor[4] == "1.00"  # the × floor column: the floor against itself
 
 
 def test_shrink_benchmark_prints_one_column_per_batch(tmp_path: Path) -> None:
