@@ -104,7 +104,7 @@ _SAMPLE = 1 << 15  # entries sampled to bracket the threshold of a larger select
 _PARTITIONED = 1 << 11  # from this many entries a direct selection cuts in linear time (_cut):
 # below it one sort is as fast (bench_select.py --cuts)
 _TIES = 1 << 9  # entries sampled to look for a large block of equal scores (_block_value)
-_SIDE = 16  # a cut copies a block's side holding the threshold when it is under 1/_SIDE of all
+_SIDE = 8  # a cut copies a block's side holding the threshold when it is under 1/_SIDE of all
 _GOLDEN = np.arange(1, _TIES + 1) * ((5**0.5 - 1) / 2) % 1  # where, as fractions of the length
 _NUMPY_THREADS = 2  # up to this many torch threads, bool work runs in numpy (numpy_compares)
 _PIECE = 1 << 16  # entries numpy compares at a time in a bracket's band scan (_band_by_numpy)
