@@ -19,12 +19,13 @@ process (median of ``--repeats`` interleaved runs):
 whole, the bracket's sample and band) by ``torch.kthvalue``, ``np.partition``, ``np.sort``
 and chop's own cut (:func:`select._direct_threshold`: from ``_PARTITIONED`` scores
 :func:`select._cut`, which counts a block of equal values that a sample shows, then cuts the
-threshold from the band of values that the sample brackets, the block left out; its copy and
-counts included) and the same cut always sorting, at 20K–4M scores, with no zeros and with
-90% zeros (pruned weights score alike), keeping 10%; 1 thread, best of ``--repeats`` timed loops (warm
-caches). Its last column times chop's cut and the sorting one as a Pruner meets them, once
-per training step: each call alone, right after a sweep over 64 MiB (the step's work in
-between evicts the caches), median of ``2 × --repeats + 1`` calls in alternating order.
+threshold from the band of values that the sample brackets, the block left out, or from a copy
+of a small side of the block; its copy and counts included) and the same cut always sorting,
+at 20K–4M scores, with no zeros and with 90% zeros (pruned weights score alike), keeping 10%;
+1 thread, best of ``--repeats`` timed loops (warm caches). Its last column times chop's cut and
+the sorting one as a Pruner meets them, once per training step: each call alone, right after a
+sweep over 64 MiB (the step's work in between evicts the caches), median of ``2 × --repeats +
+1`` calls in alternating order.
 
 ``--masks`` adds a third table: the bool work around a selection, torch against numpy on the
 same memory (what :func:`select.true_counts`, the small selections' comparisons and the

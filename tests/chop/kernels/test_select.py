@@ -475,12 +475,15 @@ def test_a_piece_must_fit_its_tensor() -> None:
 
 
 
-def _recorded(monkeypatch, name: str) -> list:
+def _recorded(monkeypatch, name: str, *, arguments: bool = False) -> list:
     """Record what each call of ``select.<name>`` returns (for ``_bracket``, None: it fell
-    back; a call that raises records nothing)."""
+    back; a call that raises records nothing), or with ``arguments`` what it is passed."""
     results, real = [], getattr(select, name)
 
     def spy(*args):
+        if arguments:
+            results.append(args)
+            return real(*args)
         results.append(real(*args))
         return results[-1]
 
@@ -586,18 +589,6 @@ class TestBracket:
         assert found[2] == (0.0, 1_000, zeros)  # the threshold is 0, among `zeros` ties
 
 
-def _called(monkeypatch, name: str) -> list:
-    """Record the arguments of each call of ``select.<name>``."""
-    calls, real = [], getattr(select, name)
-
-    def spy(*args):
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(select, name, spy)
-    return calls
-
-
 class TestPartition:
     """A direct selection (one process, fewer than ``_DIRECT`` entries) from ``_PARTITIONED``
     entries cuts its threshold in linear time (``_cut``) instead of sorting: a block of equal
@@ -637,7 +628,7 @@ class TestPartition:
         check(scores, k)
         blocks.clear()
         bands.clear()
-        parted = _called(monkeypatch, "_partitioned")
+        parted = _recorded(monkeypatch, "_partitioned", arguments=True)
         keep_masks(scores, k)
         assert blocks[0] is None  # the sample shows no block (a band's may: the ties at t)
         assert bands and None not in bands and not parted  # the bracket held the threshold
@@ -663,7 +654,7 @@ class TestPartition:
         check(scores, k)
         blocks.clear()
         path.clear()
-        cuts = _called(monkeypatch, "_cut")
+        cuts = _recorded(monkeypatch, "_cut", arguments=True)
         keep_masks(scores, k)
         assert blocks[0] == 0.0
         assert (path[-1][0] == 0.0) == (part == "in")  # the first call returns last
@@ -685,7 +676,7 @@ class TestPartition:
              else int(torch.count_nonzero(x >= 0)) + 40)
         check([x], k)
         bands.clear()
-        sides = _called(monkeypatch, "_side")
+        sides = _recorded(monkeypatch, "_side", arguments=True)
         keep_masks([x], k)
         assert len(sides) == 1 and sides[0][3] == (sign > 0)  # upward when above the zeros
         assert len(bands) <= 1  # at most the copy's own band, not one over all the scores
@@ -724,8 +715,8 @@ class TestPartition:
             x[sampled[: 2 * sampled.numel() // 5]] = 0.0
         check([x], int(n * 0.3))
         bands.clear()
-        parted = _called(monkeypatch, "_partitioned")
-        cuts = _called(monkeypatch, "_cut")
+        parted = _recorded(monkeypatch, "_partitioned", arguments=True)
+        cuts = _recorded(monkeypatch, "_cut", arguments=True)
         keep_masks([x], int(n * 0.3))
         assert bands[0] is None  # missed
         assert bool(parted) != block  # whole by np.partition, or the side alone
