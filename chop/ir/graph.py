@@ -689,13 +689,12 @@ def _lean_code(module: GraphModule) -> tuple:
                 _whole_slice(node)):
             node.replace_all_uses_with(node.args[0])
             fx.erase_node(node)
-    lean = GraphModule(module, fx)
-    lean.graph.eliminate_dead_code()  # pure ops only: random and in-place ops stay
-    for node in lean.graph.nodes:
+    fx.owning_module = module  # whose submodules dead-code elimination judges call_module by
+    fx.eliminate_dead_code()  # pure ops only: random and in-place ops stay
+    for node in fx.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target in _BINDINGS:
             node.target = _BINDINGS[node.target]
-    lean.recompile()
-    return _code_of(lean)
+    return _code_of(GraphModule(module, fx))  # its code generated once, from the final graph
 
 
 def _whole_slice(node: Node) -> bool:
