@@ -111,6 +111,24 @@ def test_cnn_keeps_convs_dense_with_folded_masks_and_converts_the_head(cnn, cnn_
     assert not cnn_graph.parameter("conv2.weight")[~masks["conv2.weight"]].any()
 
 
+@pytest.mark.parametrize("sparsity, decision", [(0.7, "csr"), (0.6, "dense")])
+def test_auto_takes_a_layer_masked_at_min_sparsity_whatever_the_rounding(sparsity, decision):
+    # 32 weights at 0.7 keep round(9.6) = 10: a sparsity of 0.6875, under 0.7 as a float
+    model = nn.Sequential(nn.Linear(16, 2)).eval()
+    x = torch.randn(3, 16)
+    graph = chop.run(chop.trace(model, (x,)), f"magnitude, mask{{sparsity={sparsity}}}")
+    masked = graph(x)
+    chop.run(graph, "sparse{min_sparsity=0.7, min_numel=0}")
+    row = graph.history[-1].info["layers"]["0.weight"]
+    assert row["decision"] == decision, row["reason"]
+    if decision == "csr":
+        assert row["reason"] == ("sparsity 0.688: 10 of 32 kept, no more than a mask at "
+                                 "min_sparsity 0.7 keeps")
+    else:
+        assert row["reason"] == "sparsity 0.594 < min_sparsity 0.7"
+    torch.testing.assert_close(graph(x), masked)
+
+
 def test_auto_keeps_low_sparsity_and_small_layers_dense(mlp, mlp_batches):
     graph = chop.trace(mlp, (mlp_batches[0][0],))
     chop.run(graph, "magnitude, mask{sparsity=0.95, scope=local, include='layers\\.0'}, "
