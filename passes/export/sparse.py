@@ -17,9 +17,9 @@ Which one (``mode``): ``auto`` chooses CSR when a layer keeps no more weights th
 ``min_sparsity`` qualifies, whatever the rounding) and has at least ``min_numel`` weights (a
 model of CPU latency: a CSR kernel costs a few dense multiply-adds per stored weight plus ~10–20
 µs per call, so small layers never win; on a 4096×4096 layer ``bench_sparse.py`` measured CSR
-1.4× faster than dense at 50% sparsity at 1 row but 0.9× at 32 rows, 1.8× at 70%). ``measure``
-times the dense and the CSR layer at batch ``timing_batch`` and keeps the faster. ``all``
-converts every layer it can (for tests).
+against dense at 1 and 32 rows: 1.4× and 0.9× at 50% sparsity, 2.1× and 1.8× at 70%).
+``measure`` times the dense and the CSR layer at batch ``timing_batch`` and keeps the faster.
+``all`` converts every layer it can (for tests).
 Conv weights stay dense (no sparse conv kernel yet; reported as such).
 
 Which CSR kernel (``kernel``): ``measure`` (the default) times torch's three CSR forms, scipy's
