@@ -8,6 +8,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from chop.kernels.allocator import reuse_freed_memory
+
 
 def at_least(low: int) -> Callable[[str], int]:
     """An ``argparse`` type: a whole number ``>= low``."""
@@ -80,3 +82,20 @@ def check_bert_seq(parser: argparse.ArgumentParser, seq: int) -> None:
         parser.error(f"--seq {seq}: BERT-base takes at most {BERT_POSITIONS} tokens "
                      "(its max_position_embeddings)")
 
+
+
+def add_reuse_freed_memory(parser: argparse.ArgumentParser) -> None:
+    """``--reuse-freed-memory``: run with glibc keeping freed memory for reuse, as the chop
+    command line does (see ``benchmarks/bench_allocator.py``); :func:`apply_reuse_freed_memory`
+    turns it on."""
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="first call chop.kernels.allocator.reuse_freed_memory(), as the "
+                             "chop command line does (see benchmarks/bench_allocator.py)")
+
+
+def apply_reuse_freed_memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With ``--reuse-freed-memory``, turn the setting on; a parser error where it cannot be
+    (not glibc, or the environment already chose how the allocator behaves)."""
+    if args.reuse_freed_memory and not reuse_freed_memory():
+        parser.error("--reuse-freed-memory: reuse_freed_memory() did nothing here (not glibc, "
+                     "or the environment chose the allocator)")

@@ -38,12 +38,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import at_least, percent, sparsity_arg, unique  # noqa: E402
+from arguments import (  # noqa: E402
+    add_reuse_freed_memory,
+    apply_reuse_freed_memory,
+    at_least,
+    percent,
+    sparsity_arg,
+    unique,
+)
 
 import chop  # noqa: E402
 from chop.ir import meta  # noqa: E402
 from chop.ir.masks import insert_mask  # noqa: E402
-from chop.kernels.allocator import reuse_freed_memory  # noqa: E402
 from chop.kernels.timing import interleaved_seconds  # noqa: E402
 from chop.passes.analysis.channel_groups import channel_groups  # noqa: E402
 from chop.passes.analysis.group_select import group_masks, group_scores  # noqa: E402
@@ -187,17 +193,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic over the repeats (min: least disturbed by other load)")
-    parser.add_argument("--reuse-freed-memory", action="store_true",
-                        help="first call chop.kernels.allocator.reuse_freed_memory(), as the "
-                        "chop command line does (see benchmarks/bench_allocator.py)")
+    add_reuse_freed_memory(parser)
     args = parser.parse_args()
     if "vgg" in args.models and len(args.widths) > 11:
         parser.error(f"--widths: at most 11 layers, got {len(args.widths)} (a 2×2 max-pool "
                      "follows every second one, and the inputs are 32×32)")
     args.models, args.batches = unique(args.models), unique(args.batches)  # one column each
-    if args.reuse_freed_memory and not reuse_freed_memory():
-        raise SystemExit("--reuse-freed-memory: reuse_freed_memory() did nothing here (not "
-                         "glibc, or the environment chose the allocator)")
+    apply_reuse_freed_memory(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

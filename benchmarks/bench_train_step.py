@@ -37,8 +37,13 @@ second moment runs far slower on zeros, which every pruned entry's moment is (it
 0), so with the default Adam the masked variants pay for that in the optimizer step; the fused
 kernel does not.
 
+``--reuse-freed-memory`` runs the process as ``chop train`` does, with glibc keeping freed
+memory for reuse (:func:`chop.kernels.allocator.reuse_freed_memory`). Without it, every block
+over 32 MiB (a 4096² weight's product with its mask, or its gradient) is fresh memory at each
+step, and its page faults slow the dense step too, which makes every ratio smaller.
+
 Usage: ``python benchmarks/bench_train_step.py [--models bert-small,resnet18] [--steps 20]
-[--rounds 3] [--threads N] [--fused] [--memory]``
+[--rounds 3] [--threads N] [--fused] [--memory] [--reuse-freed-memory]``
 """
 
 from __future__ import annotations
@@ -69,7 +74,13 @@ from chop.training.loop import fast_masks  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_pruner  # noqa: E402
-from arguments import at_least, percent, sparsity_arg  # noqa: E402
+from arguments import (  # noqa: E402
+    add_reuse_freed_memory,
+    apply_reuse_freed_memory,
+    at_least,
+    percent,
+    sparsity_arg,
+)
 from bench_snip import ResNet18  # noqa: E402  (the same ResNet-18 for 32×32 inputs)
 
 TARGET = 1.05
@@ -200,6 +211,8 @@ def memory_table(args: argparse.Namespace, keys: list[str]) -> None:
                 command += ["--threads", str(args.threads)]
             if args.fused:
                 command.append("--fused")
+            if args.reuse_freed_memory:
+                command.append("--reuse-freed-memory")
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             peaks.append(float(out.split()[-1]))
         for name, peak in zip(VARIANTS, peaks):
@@ -243,8 +256,10 @@ def main() -> None:
                              "entries, where the default Adam's sqrt does)")
     parser.add_argument("--memory", action="store_true",
                         help="also each variant's peak memory, in a fresh process per variant")
+    add_reuse_freed_memory(parser)
     parser.add_argument("--peak-of", type=at_least(0), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    apply_reuse_freed_memory(parser, args)
     keys, skipped = bench_pruner.checked(parser, args, MODELS)
     if args.peak_of is not None and args.peak_of >= len(VARIANTS):
         parser.error(f"--peak-of {args.peak_of}: a variant index from 0 to {len(VARIANTS) - 1}")
@@ -260,7 +275,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{percent(args.sparsity)} sparsity, Adam{' (fused)' if args.fused else ''}; "
           f"{args.steps} steps × {args.rounds} rounds, "
-          f"interleaved step by step; load average {load()}\n")
+          f"interleaved step by step; "
+          f"{'freed memory reused (as chop train runs); ' if args.reuse_freed_memory else ''}"
+          f"load average {load()}\n")
     zeros, positive = sqrt_ms()
     print(f"torch.sqrt of 2^20 float32: {zeros:.3f} ms on zeros, {positive:.3f} ms on positive "
           "values (the default Adam's sqrt meets the zero moments of pruned entries)\n")

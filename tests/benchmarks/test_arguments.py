@@ -104,6 +104,18 @@ def test_scripts_refuse_values_they_cannot_run(script: str, argv: list[str], mes
     assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("script", ["bench_shrink.py", "bench_train_step.py"])
+def test_reusing_freed_memory_where_the_process_chose_its_allocator_is_a_parser_error(
+        script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench_shrink.py exited 1 without its usage; bench_train_step.py had no such option
+    monkeypatch.setenv("CHOP_MALLOC", "system")  # what reuse_freed_memory() leaves alone
+    done = run_script(script, "--reuse-freed-memory", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert ("error: --reuse-freed-memory: reuse_freed_memory() did nothing here (not glibc, "
+            "or the environment chose the allocator)") in done.stderr
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_reproduction_refuses_an_output_folder_it_cannot_write_before_training(
         tmp_path: Path) -> None:
     # before: hours of training, then a traceback when writing the results
