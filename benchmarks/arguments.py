@@ -1,6 +1,6 @@
-"""Argument types the benchmark scripts share: a number out of range is a parser error that
-names the option and the range, before anything runs (not a traceback from deep inside a
-measurement, or an empty table)."""
+"""Argument types and options the benchmark scripts share: a number out of range (or an option
+that cannot take effect here) is a parser error that names the option, before anything runs
+(not a traceback from deep inside a measurement, or an empty table)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ def check_bert_seq(parser: argparse.ArgumentParser, seq: int) -> None:
     if seq > BERT_POSITIONS:
         parser.error(f"--seq {seq}: BERT-base takes at most {BERT_POSITIONS} tokens "
                      "(its max_position_embeddings)")
-
 
 
 def add_reuse_freed_memory(parser: argparse.ArgumentParser) -> None:
